@@ -1,0 +1,39 @@
+# The two commands: `make test` and `make bench`. Each creates .venv when missing, installs the
+# pinned environment (the tested one, ../shared/VERIFYING.md) and the package, then runs.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+PINS   := torch==2.14.1 torchvision==0.29.1 triton==3.8.0 numpy==2.4.6 pytest==9.2.0 \
+          pytest-benchmark==5.3.1 ninja==1.13.2 hypothesis==6.170.15 tqdm==4.70.1 matplotlib==3.11.2
+DEPS_STAMP := $(VENV)/.fastsd-deps
+EXT_STAMP  := $(VENV)/.fastsd-ext
+CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu) setup.py pyproject.toml
+export CUDA_HOME ?= /usr/local/cuda
+
+.PHONY: test bench selftest install clean
+test: install
+	$(PY) -m pytest -q -ra tests
+	$(PY) -m fastsd.selftest
+
+bench: install
+	$(PY) -m fastsd.bench --quick
+
+selftest: install
+	$(PY) -m fastsd.selftest
+
+install: $(EXT_STAMP)
+
+$(DEPS_STAMP):
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --disable-pip-version-check -q $(PINS)
+	touch $@
+
+# --no-build-isolation: build fastsd._C against the torch just installed (not a second copy).
+$(EXT_STAMP): $(DEPS_STAMP) $(CSRC)
+	$(PIP) install --disable-pip-version-check -q --no-build-isolation -e .
+	$(PY) -m fastsd.info --short
+	touch $@
+
+clean:
+	rm -rf build *.egg-info fastsd/_C*.so fastsd/_build_log.txt $(EXT_STAMP)

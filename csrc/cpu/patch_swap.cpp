@@ -1,0 +1,127 @@
+// CPU kernels of patch swap, parallel over image rows with at::parallel_for.
+//
+// Both directions are one gather, `cell_select`: for each pixel of row (b, h), in cell (ch, cw),
+//   out = (keep ? x[b] : 0) + (take ? x[src[b]] : 0)
+//   keep = !mask[b, ch, cw],  take = mask[mask_row[b], ch, cw]
+// forward:  src = partner, mask_row = b  (exactly one of keep/take holds: a copy)
+// backward: src = mask_row = q, the inverse permutation of partner.
+// Within a row, the pixels of one cell are a contiguous run (W / gw pixels in NCHW, times C in
+// channels_last), so long runs are memcpy'd; short runs use a branch-free per-element select that
+// the compiler vectorises.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <vector>
+
+#include "../patch_swap.h"
+
+namespace fastsd {
+namespace {
+
+// Runs of at least this many elements are copied with memcpy; shorter ones by the select loop.
+constexpr int64_t kMinMemcpyRun = 16;
+
+template <typename T>
+inline void run(T* o, const T* self, const T* other, bool keep, bool take, int64_t n) {
+  if (keep && take) {
+    for (int64_t k = 0; k < n; ++k) o[k] = self[k] + other[k];
+  } else if (keep) {
+    std::memcpy(o, self, n * sizeof(T));
+  } else if (take) {
+    std::memcpy(o, other, n * sizeof(T));
+  } else {
+    std::memset(o, 0, n * sizeof(T));  // all-zero bits are 0 in every supported dtype
+  }
+}
+
+template <typename T>
+void cell_select(const T* x, T* out, const int64_t* src, const int64_t* mask_row, const uint8_t* mask,
+                 const PatchSwapGeometry& g) {
+  const int64_t pix = g.channels_last ? g.C : 1;     // elements per pixel in a row
+  const int64_t planes = g.channels_last ? 1 : g.C;  // NCHW: the C planes of a row share its cells
+  const int64_t row_len = g.W * pix;
+  const int64_t plane_stride = g.H * g.W;
+  const int64_t sample = g.C * g.H * g.W;
+  // First column of each cell along w: the run of cell cw is [col[cw], col[cw + 1]).
+  std::vector<int64_t> col(g.gw + 1);
+  for (int64_t cw = 0; cw <= g.gw; ++cw) col[cw] = (cw * g.W + g.gw - 1) / g.gw;
+  const bool by_runs = (g.W / g.gw) * pix >= kMinMemcpyRun;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, row_len * planes));
+
+  at::parallel_for(0, g.B * g.H, grain, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> keep(by_runs ? 0 : row_len), take(by_runs ? 0 : row_len);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / g.H, h = r % g.H, ch = h * g.gh / g.H;
+      const uint8_t* own_cells = mask + (b * g.gh + ch) * g.gw;
+      const uint8_t* other_cells = mask + (mask_row[b] * g.gh + ch) * g.gw;
+      const int64_t self_base = b * sample + h * row_len;
+      const int64_t other_base = src[b] * sample + h * row_len;
+      if (!by_runs) {
+        for (int64_t cw = 0; cw < g.gw; ++cw) {
+          const uint8_t k = own_cells[cw] == 0, t = other_cells[cw] != 0;
+          for (int64_t e = col[cw] * pix; e < col[cw + 1] * pix; ++e) {
+            keep[e] = k;
+            take[e] = t;
+          }
+        }
+      }
+      for (int64_t p = 0; p < planes; ++p) {
+        const T* self = x + self_base + p * plane_stride;
+        const T* other = x + other_base + p * plane_stride;
+        T* o = out + self_base + p * plane_stride;
+        if (by_runs) {
+          for (int64_t cw = 0; cw < g.gw; ++cw) {
+            const int64_t a = col[cw] * pix, n = (col[cw + 1] - col[cw]) * pix;
+            run(o + a, self + a, other + a, own_cells[cw] == 0, other_cells[cw] != 0, n);
+          }
+        } else {
+          for (int64_t e = 0; e < row_len; ++e) {
+            const T s = keep[e] ? self[e] : T(0);
+            const T t = take[e] ? other[e] : T(0);
+            o[e] = (keep[e] & take[e]) ? T(s + t) : (keep[e] ? s : t);
+          }
+        }
+      }
+    }
+  });
+}
+
+at::Tensor launch(const at::Tensor& x, const at::Tensor& partner, const at::Tensor& mask, bool backward) {
+  const PatchSwapGeometry g = patch_swap_geometry(x, partner, mask);
+  TORCH_CHECK(x.device().is_cpu() && partner.device().is_cpu() && mask.device().is_cpu(),
+              "fastsd_C.patch_swap (CPU): all tensors must be on the CPU");
+  at::Tensor out = patch_swap_empty_out(x, g);
+  if (x.numel() == 0) return out;
+  const at::Tensor p = partner.contiguous();
+  const int64_t* pp = p.data_ptr<int64_t>();
+  std::vector<int64_t> identity(g.B), inverse(g.B);
+  for (int64_t i = 0; i < g.B; ++i) {
+    identity[i] = i;
+    inverse[pp[i]] = i;  // partner is a permutation (checked by the caller)
+  }
+  const int64_t* src = backward ? inverse.data() : pp;
+  const int64_t* mask_row = backward ? inverse.data() : identity.data();
+  const uint8_t* m = reinterpret_cast<const uint8_t*>(mask.data_ptr());
+  AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kByte, x.scalar_type(), "patch_swap_cpu", [&] {
+    cell_select<scalar_t>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), src, mask_row, m, g);
+  });
+  return out;
+}
+
+at::Tensor patch_swap_cpu(const at::Tensor& x, const at::Tensor& partner, const at::Tensor& mask) {
+  return launch(x, partner, mask, /*backward=*/false);
+}
+
+at::Tensor patch_swap_backward_cpu(const at::Tensor& grad, const at::Tensor& partner, const at::Tensor& mask) {
+  return launch(grad, partner, mask, /*backward=*/true);
+}
+
+}  // namespace
+}  // namespace fastsd
+
+TORCH_LIBRARY_IMPL(fastsd_C, CPU, m) {
+  m.impl("patch_swap", &fastsd::patch_swap_cpu);
+  m.impl("patch_swap_backward", &fastsd::patch_swap_backward_cpu);
+}

@@ -1,0 +1,21 @@
+"""fastsd: fast, verified GPU and CPU kernels for self-distillation training in PyTorch.
+
+The contract of every public function is ../shared/SPEC.md; each docstring repeats the formula.
+Importing fastsd is light: Triton, torchvision and the compiled extension load on first use.
+"""
+from ._backend import BackendUnavailableError, use_backend
+from .pairing import box_mask, default_patch_size, intra_class_pairs, intra_class_patch_swap, patch_swap_mask
+from .patch_swap import patch_swap
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "box_mask",
+    "default_patch_size",
+    "intra_class_pairs",
+    "intra_class_patch_swap",
+    "patch_swap",
+    "patch_swap_mask",
+    "use_backend",
+]

@@ -1,0 +1,182 @@
+"""Backend choice for every op, in one place.
+
+Each op registers one implementation per backend with :func:`register`. At call time
+:func:`select` returns the implementation to run:
+
+* ``FASTSD_BACKEND=<name>`` (or the :func:`use_backend` context manager, which wins over the
+  environment) forces one backend; if it cannot run the inputs, :class:`BackendUnavailableError`
+  says why.
+* ``auto`` (the default) takes the first backend in :data:`PREFERENCE` that can run the inputs.
+
+A backend that cannot take given inputs says why with readable reasons (after xformers'
+``not_supported_reasons``); ``python -m fastsd.info`` prints them.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+BACKENDS = ("triton", "cuda", "cpp", "torch")
+# Fastest first. On CUDA tensors the fused Triton kernels come first; on CPU tensors the C++
+# kernels. Triton on CPU tensors (TRITON_INTERPRET=1) is for tests only and is never picked by
+# auto: the interpreter is orders of magnitude slower than the reference.
+PREFERENCE = ("triton", "cuda", "cpp", "torch")
+
+_forced: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("fastsd_backend", default=None)
+
+
+class BackendUnavailableError(RuntimeError):
+    """No backend (or not the forced one) can run the given inputs."""
+
+
+@dataclass
+class Impl:
+    fn: Callable
+    # Extra, op-specific reasons (e.g. dtypes the kernel lacks); returns [] when it can run.
+    reasons: Optional[Callable[..., List[str]]] = None
+
+
+_REGISTRY: Dict[str, Dict[str, Impl]] = {}
+
+
+def register(op: str, backend: str, reasons: Optional[Callable[..., List[str]]] = None):
+    """Decorator: register ``fn`` as ``op``'s implementation on ``backend``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+    def deco(fn):
+        _REGISTRY.setdefault(op, {})[backend] = Impl(fn, reasons)
+        return fn
+
+    return deco
+
+
+def ops() -> List[str]:
+    _load_all()
+    return sorted(_REGISTRY)
+
+
+@contextlib.contextmanager
+def use_backend(name: Optional[str]):
+    """Force ``name`` (or ``None``/``"auto"`` for automatic choice) inside the block."""
+    if name is not None and name != "auto" and name not in BACKENDS:
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {name!r}")
+    token = _forced.set(None if name == "auto" else name)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def forced_backend() -> Optional[str]:
+    name = _forced.get()
+    if name is not None:
+        return name
+    name = os.environ.get("FASTSD_BACKEND", "auto").strip().lower() or "auto"
+    if name == "auto":
+        return None
+    if name not in BACKENDS:
+        raise ValueError(f"FASTSD_BACKEND must be one of {('auto',) + BACKENDS}, got {name!r}")
+    return name
+
+
+# ---------------------------------------------------------------------------------------------
+# Availability of each backend, independent of the op.
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_import_error() -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # pragma: no cover - depends on the environment
+        return f"triton is not importable ({exc.__class__.__name__}: {exc})"
+    return None
+
+
+def _device_reasons(backend: str, devices: Sequence[torch.device]) -> List[str]:
+    from . import _ext
+
+    types = {d.type for d in devices}
+    reasons = []
+    if len(types) > 1 or len(set(devices)) > 1:
+        reasons.append(f"inputs are on several devices ({sorted(map(str, set(devices)))})")
+        return reasons
+    dev = next(iter(types), "cpu")
+    if backend == "triton":
+        err = triton_import_error()
+        if err:
+            reasons.append(err)
+        if dev == "cpu" and not triton_interpreting():
+            reasons.append("inputs are on cpu; Triton runs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1)")
+        elif dev not in ("cpu", "cuda"):
+            reasons.append(f"inputs are on {dev}; Triton runs CUDA tensors")
+    elif backend == "cuda":
+        if dev != "cuda":
+            reasons.append(f"inputs are on {dev}; the cuda backend runs CUDA tensors")
+        err = _ext.load_error()
+        if err:
+            reasons.append(err)
+        elif not _ext.has_cuda():
+            reasons.append("fastsd._C was built without CUDA kernels (set FASTSD_BUILD_CUDA=1 and reinstall)")
+    elif backend == "cpp":
+        if dev != "cpu":
+            reasons.append(f"inputs are on {dev}; the cpp backend runs CPU tensors")
+        err = _ext.load_error()
+        if err:
+            reasons.append(err)
+    return reasons
+
+
+def reasons(op: str, backend: str, *tensors: torch.Tensor, **kwargs) -> List[str]:
+    """Why ``backend`` cannot run ``op`` on these inputs ([] when it can)."""
+    _load_all()
+    impl = _REGISTRY.get(op, {}).get(backend)
+    if impl is None:
+        return [f"{op} has no {backend} implementation"]
+    devices = [t.device for t in tensors if isinstance(t, torch.Tensor)]
+    out = _device_reasons(backend, devices)
+    if impl.reasons is not None and not out:
+        out += impl.reasons(*tensors, **kwargs)
+    return out
+
+
+def select(op: str, *tensors: torch.Tensor, **kwargs) -> Callable:
+    """The implementation of ``op`` to run on these inputs (see the module docstring)."""
+    _load_all()
+    forced = forced_backend()
+    if forced is not None:
+        why = reasons(op, forced, *tensors, **kwargs)
+        if why:
+            raise BackendUnavailableError(
+                f"fastsd.{op}: the forced backend {forced!r} cannot run these inputs: " + "; ".join(why)
+            )
+        return _REGISTRY[op][forced].fn
+    collected = []
+    for name in PREFERENCE:
+        why = reasons(op, name, *tensors, **kwargs)
+        if name == "triton" and not why and all(t.device.type == "cpu" for t in tensors):
+            why = ["the Triton interpreter is for tests; auto does not pick it (FASTSD_BACKEND=triton does)"]
+        if not why:
+            return _REGISTRY[op][name].fn
+        collected.append(f"  {name}: " + "; ".join(why))
+    raise BackendUnavailableError(f"fastsd.{op}: no backend can run these inputs:\n" + "\n".join(collected))
+
+
+def available(op: str, *tensors: torch.Tensor, **kwargs) -> List[str]:
+    """Backends (in preference order) that can run ``op`` on these inputs."""
+    return [b for b in PREFERENCE if not reasons(op, b, *tensors, **kwargs)]
+
+
+def _load_all():
+    # Importing the op modules registers their implementations.
+    from . import patch_swap  # noqa: F401

@@ -1,0 +1,91 @@
+"""Argument checks shared by the public ops.
+
+Every check reads only tensor metadata (shape, dtype, device), never values, so it costs no host
+synchronisation and runs under torch.compile. Errors name the function, the argument and what
+was expected.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Iterable, Optional, Sequence, Tuple
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def _dtype_names(dtypes: Iterable[torch.dtype]) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def tensor(fn: str, name: str, value, *, ndim: Optional[int] = None, min_ndim: Optional[int] = None,
+           dtypes: Optional[Sequence[torch.dtype]] = None, what: str = "") -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor{what and ' ' + what}, got {type(value).__name__}")
+    if ndim is not None and value.dim() != ndim:
+        raise ValueError(
+            f"{fn}: {name} must be a {ndim}-D tensor{what and ' ' + what}, got shape {tuple(value.shape)}"
+        )
+    if min_ndim is not None and value.dim() < min_ndim:
+        raise ValueError(f"{fn}: {name} must have at least {min_ndim} dims, got shape {tuple(value.shape)}")
+    if dtypes is not None and value.dtype not in dtypes:
+        raise TypeError(f"{fn}: {name} must have dtype in ({_dtype_names(dtypes)}), got {value.dtype}")
+    return value
+
+
+def same_device(fn: str, ref_name: str, ref: torch.Tensor, **others: torch.Tensor) -> None:
+    for name, t in others.items():
+        if t.device != ref.device:
+            raise ValueError(f"{fn}: {name} is on {t.device} but {ref_name} is on {ref.device}; they must match")
+
+
+def unit_interval(fn: str, name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{fn}: {name} must be a number in [0, 1], got {type(value).__name__}")
+    value = float(value)
+    if not (0.0 <= value <= 1.0):
+        raise ValueError(f"{fn}: {name} must be in [0, 1], got {value}")
+    return value
+
+
+def positive_int_pair(fn: str, name: str, value) -> Tuple[int, int]:
+    """An int or a pair of ints, each >= 1."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = (int(value), int(value))
+    if (
+        not isinstance(value, (tuple, list, torch.Size))
+        or len(value) != 2
+        or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value)
+    ):
+        raise TypeError(f"{fn}: {name} must be an int or a pair of ints, got {value!r}")
+    if min(value) < 1:
+        raise ValueError(f"{fn}: {name} must be >= 1, got {tuple(value)}")
+    return int(value[0]), int(value[1])
+
+
+def positive_float(fn: str, name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{fn}: {name} must be a positive number, got {type(value).__name__}")
+    value = float(value)
+    if not (value > 0.0 and math.isfinite(value)):
+        raise ValueError(f"{fn}: {name} must be a finite number > 0, got {value}")
+    return value
+
+
+def generator(fn: str, gen, device: torch.device):
+    if gen is None:
+        return None
+    if not isinstance(gen, torch.Generator):
+        raise TypeError(f"{fn}: generator must be a torch.Generator or None, got {type(gen).__name__}")
+    if gen.device.type != device.type:
+        raise ValueError(f"{fn}: generator is on {gen.device} but the tensors are on {device}; they must match")
+    return gen
+
+
+def memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The layout an op's output keeps: channels_last when x is in it, else contiguous."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format

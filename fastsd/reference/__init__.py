@@ -1,0 +1,8 @@
+"""Pure-PyTorch reference of every fastsd op: the fallback backend and the test oracle.
+
+Written for clarity, not speed: each function is the formula of ../shared/SPEC.md as directly as
+PyTorch says it.
+"""
+from .patch_swap import cell_index, inverse_partner, patch_swap, patch_swap_backward, upsample_mask
+
+__all__ = ["cell_index", "inverse_partner", "patch_swap", "patch_swap_backward", "upsample_mask"]

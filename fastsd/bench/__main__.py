@@ -1,0 +1,186 @@
+"""``python -m fastsd.bench``: the microbenchmark and parity report.
+
+For every op and case: each fastsd backend that can run here and the baselines, median time and
+spread (IQR) over repeats, effective GB/s (minimum bytes / time) beside the machine's measured
+copy bandwidth, speedups against the baselines, and max error against the float64 reference.
+All timings of one report come from one process, so the ratios compare like with like.
+The table goes to stdout and, with the environment, to a JSON file.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib
+import json
+import os
+import platform
+import subprocess
+import sys
+from typing import List
+
+import torch
+
+from .core import Row, run_bench
+
+SUITES = ("patch_swap", "losses", "icp", "train_step")
+
+
+def _suite_modules(ops):
+    mods = []
+    for name in SUITES:
+        if ops and name not in ops:
+            continue
+        try:
+            mods.append(importlib.import_module(f"fastsd.bench.{name}"))
+        except ModuleNotFoundError as exc:
+            if exc.name != f"fastsd.bench.{name}":
+                raise
+    return mods
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """GB/s of x.clone() on a 64 MiB tensor (read + write): the memory limit of this machine."""
+    from .core import measure
+
+    x = torch.empty(16 * 2**20, dtype=torch.float32, device=device).fill_(1.0)
+    times = measure(lambda: x.clone(), device, min_time=0.2)
+    return 2 * x.numel() * 4 / sorted(times)[len(times) // 2] / 1e9
+
+
+def environment(device: torch.device) -> dict:
+    env = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu": _cpu_name(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "commit": _commit(),
+    }
+    for mod in ("triton", "torchvision"):
+        try:
+            env[mod] = importlib.import_module(mod).__version__
+        except Exception:
+            env[mod] = None
+    from .. import _ext
+
+    env["fastsd_C"] = _ext.load_error() or "loaded"
+    return env
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _commit() -> str:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                              timeout=5).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def format_table(rows: List[Row], copy_gbps: float) -> str:
+    vs = []
+    for r in rows:
+        for k in r.speedup:
+            if k not in vs:
+                vs.append(k)
+    head = ["op", "case", "impl", "median ms", "IQR ms", "GB/s", "% copy"] + [f"x vs {k}" for k in vs] + ["max err"]
+    lines = []
+    for r in rows:
+        lines.append([
+            r.op, r.case, r.impl + ("" if r.kind == "backend" else "*"), f"{r.median_ms:.3f}", f"{r.iqr_ms:.3f}",
+            f"{r.gbps:.1f}" if r.gbps else "-", f"{100 * r.gbps / copy_gbps:.0f}%" if r.gbps else "-",
+        ] + [f"{r.speedup[k]:.2f}" if k in r.speedup else "-" for k in vs] + [
+            f"{r.max_err:.2e}" if r.max_err is not None else "-"
+        ])
+    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(head)]
+    fmt = "  ".join("{:<%d}" % w for w in widths)
+    out = [fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*line) for line in lines]
+    return "\n".join(out) + "\n(* = baseline; x vs B = B's median time / this row's; GB/s = minimum bytes / median time)"
+
+
+def compare(rows: List[Row], old_path: str, threshold: float) -> int:
+    """Print each row's time against an earlier run; 1 when any backend row regressed beyond threshold."""
+    with open(old_path) as f:
+        old = {(r["op"], r["case"], r["impl"]): r for r in json.load(f)["rows"]}
+    worst = 1.0
+    print(f"\ncompared with {old_path} (ratio = new / old median time; > {threshold:.2f} is a regression):")
+    for r in rows:
+        o = old.get((r.op, r.case, r.impl))
+        if o is None:
+            continue
+        ratio = r.median_ms / o["median_ms"]
+        flag = " REGRESSION" if ratio > threshold and r.kind == "backend" else ""
+        if r.kind == "backend":
+            worst = max(worst, ratio)
+        print(f"  {r.op:<14} {r.case:<28} {r.impl:<12} {ratio:6.2f}{flag}")
+    return 1 if worst > threshold else 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fastsd.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_true", help="short timings (default)")
+    g.add_argument("--full", action="store_true", help="longer timings and every case")
+    p.add_argument("--ops", nargs="*", help=f"suites to run (default all of {', '.join(SUITES)})")
+    p.add_argument("--backends", nargs="*", help="fastsd backends to time (default: all that can run)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--json", default=None, help="where to write the JSON report (default bench-results/bench-<device>.json)")
+    p.add_argument("--compare", metavar="OLD.json", help="print ratios against an earlier report; exit 1 on a regression")
+    p.add_argument("--threshold", type=float, default=1.25, help="regression threshold for --compare")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch.cuda.is_available() is False on this machine")
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    min_time = 1.0 if args.full else 0.25
+
+    env = environment(device)
+    copy_gbps = copy_bandwidth(device)
+    env["copy_gbps"] = copy_gbps
+    print(f"fastsd.bench on {env['device']} ({env['cpu']}, {env['cores']} cores, torch threads "
+          f"{env['torch_threads']}); torch {env['torch']}, commit {env['commit']}; {args.dtype}")
+    print(f"measured copy bandwidth (x.clone(), 64 MiB): {copy_gbps:.1f} GB/s\n")
+
+    benches = [b for m in _suite_modules(args.ops) for b in m.benches(device=device, dtype=dtype, quick=not args.full)]
+    try:
+        from tqdm import tqdm
+
+        progress = tqdm(benches, desc="bench", unit="case", file=sys.stderr, leave=False)
+    except ImportError:  # tqdm is optional
+        progress = benches
+    rows: List[Row] = []
+    for b in progress:
+        if hasattr(progress, "set_postfix_str"):
+            progress.set_postfix_str(f"{b.op}: {b.case}")
+        rows += run_bench(b, device, min_time=min_time, only=args.backends)
+
+    print(format_table(rows, copy_gbps))
+    path = args.json or os.path.join("bench-results", f"bench-{args.device}.json")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"environment": env, "dtype": args.dtype, "rows": [dataclasses.asdict(r) for r in rows]}, f,
+                  indent=1)
+    print(f"\nJSON report: {path}")
+    if args.compare:
+        return compare(rows, args.compare, args.threshold)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""The benchmark machinery shared by ``python -m fastsd.bench`` and the pytest-benchmark suites.
+
+An op's benchmark module (fastsd/bench/<op>.py) defines ``benches(device, dtype, quick) -> [Bench]``.
+A :class:`Bench` is one case: how to build its inputs, the fastsd backends that can run them, the
+baselines, the float64 reference, and the minimum bytes a pass must move. The runner times every
+implementation in one process, one after the other, so the ratios it prints compare like with like.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+
+
+@dataclass
+class Bench:
+    op: str
+    case: str
+    setup: Callable[[], Any]  # -> inputs, passed to every implementation
+    backends: Dict[str, Callable[[Any], Any]]  # fastsd backend name -> fn(inputs)
+    baselines: Dict[str, Callable[[Any], Any]] = field(default_factory=dict)  # name -> fn(inputs)
+    reference: Optional[Callable[[Any], Any]] = None  # fn(inputs) -> float64 result for the error column
+    min_bytes: int = 0  # every input byte read once and every output byte written once
+    speedup_vs: Sequence[str] = ()  # baselines the speedup columns are taken against
+    note: str = ""
+
+
+@dataclass
+class Row:
+    op: str
+    case: str
+    impl: str
+    kind: str  # "backend" or "baseline"
+    median_ms: float
+    iqr_ms: float
+    gbps: Optional[float]
+    max_err: Optional[float]
+    peak_mb: Optional[float] = None
+    speedup: Dict[str, float] = field(default_factory=dict)
+
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn: Callable[[], Any], device: torch.device, min_time: float = 0.3, min_repeats: int = 5,
+            max_repeats: int = 200) -> List[float]:
+    """Wall times (seconds) of fn over repeats after one warm-up call; at least min_time in all."""
+    fn()
+    _sync(device)
+    times: List[float] = []
+    total = 0.0
+    while len(times) < min_repeats or (total < min_time and len(times) < max_repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            t = start.elapsed_time(end) / 1e3
+        else:
+            t0 = time.perf_counter()
+            fn()
+            t = time.perf_counter() - t0
+        times.append(t)
+        total += t
+    return times
+
+
+def max_error(out, ref) -> Optional[float]:
+    """Largest absolute difference over the (possibly nested) results, in float64."""
+    if ref is None or out is None:
+        return None
+    if isinstance(out, dict):
+        out = [out[k] for k in sorted(out)]
+        ref = [ref[k] for k in sorted(ref)]
+    if isinstance(out, (tuple, list)):
+        errs = [max_error(o, r) for o, r in zip(out, ref)]
+        errs = [e for e in errs if e is not None]
+        return max(errs) if errs else None
+    if not isinstance(out, torch.Tensor):
+        return None
+    if out.numel() == 0:
+        return 0.0
+    return float((out.detach().double() - ref.detach().double().to(out.device)).abs().max())
+
+
+def _peak_mb(fn, device: torch.device) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    _sync(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def run_bench(bench: Bench, device: torch.device, min_time: float, only: Optional[Sequence[str]] = None) -> List[Row]:
+    inputs = bench.setup()
+    ref = bench.reference(inputs) if bench.reference is not None else None
+    impls = [(n, "baseline", f) for n, f in bench.baselines.items()] + [
+        (n, "backend", f) for n, f in bench.backends.items()
+    ]
+    rows = []
+    for name, kind, fn in impls:
+        if only and kind == "backend" and name not in only:
+            continue
+        times = measure(lambda: fn(inputs), device, min_time=min_time)
+        med = statistics.median(times)
+        q = statistics.quantiles(times, n=4) if len(times) >= 4 else [med, med, med]
+        out = fn(inputs)
+        rows.append(Row(
+            op=bench.op, case=bench.case, impl=name, kind=kind, median_ms=med * 1e3, iqr_ms=(q[2] - q[0]) * 1e3,
+            gbps=(bench.min_bytes / med / 1e9) if bench.min_bytes else None,
+            max_err=max_error(out, ref), peak_mb=_peak_mb(lambda: fn(inputs), device),
+        ))
+    by_name = {r.impl: r for r in rows}
+    for r in rows:
+        for b in bench.speedup_vs:
+            if b in by_name and b != r.impl:
+                r.speedup[b] = by_name[b].median_ms / r.median_ms
+    return rows

@@ -1,0 +1,76 @@
+"""Patch swap benchmark cases (issue 2): every backend that can run here against three baselines.
+
+* ``loop``: a per-pair Python loop, the way public trainers swap patches today (upsample the
+  pair's cell mask, then a ``torch.where`` per image of the pair);
+* ``eager_where``: eager ``torch.where`` over the whole batch with a mask upsampled by
+  ``F.interpolate`` (the best plain-PyTorch one-liner);
+* ``clone``: ``x.clone()``, the memory limit of any op that reads x once and writes once.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+import torch.nn.functional as F
+
+from .. import _backend, reference
+from ..patch_swap import patch_swap
+from .cases import PATCH_SWAP_BENCH, PatchSwapCase
+from .core import Bench
+
+
+def loop_patch_swap(x, partner, mask):
+    """Per-pair Python loop (the baseline public code resembles)."""
+    out = x.clone()
+    H, W = x.shape[-2:]
+    gh, gw = mask.shape[1:]
+    for i, j in enumerate(partner.tolist()):
+        if j <= i:
+            continue
+        m = mask[i].repeat_interleave(-(-H // gh), 0)[:H].repeat_interleave(-(-W // gw), 1)[:, :W]
+        if H % gh or W % gw:  # grids that do not divide the image: exact cell map
+            m = reference.upsample_mask(mask[i:i + 1], H, W)[0]
+        out[i] = torch.where(m, x[j], x[i])
+        out[j] = torch.where(m, x[i], x[j])
+    return out
+
+
+def eager_where_patch_swap(x, partner, mask):
+    m = F.interpolate(mask[:, None].to(x.dtype if x.is_floating_point() else torch.float32),
+                      size=x.shape[-2:], mode="nearest").bool()
+    return torch.where(m, x[partner], x)
+
+
+def _backend_fn(name):
+    def run(inputs):
+        with _backend.use_backend(name):
+            return patch_swap(*inputs)
+
+    return run
+
+
+def bench_case(case: PatchSwapCase, device, dtype) -> Bench:
+    def setup():
+        return case.make(dtype, device)
+
+    # the interpreter (triton on CPU tensors) is for parity tests, not timings
+    backends = {b: _backend_fn(b) for b in _backend.available("patch_swap", torch.empty(0, device=device))
+                if not (b == "triton" and torch.device(device).type == "cpu")}
+    return Bench(
+        op="patch_swap",
+        case=case.name,
+        setup=setup,
+        backends=backends,
+        baselines={
+            "loop": lambda i: loop_patch_swap(*i),
+            "eager_where": lambda i: eager_where_patch_swap(*i),
+            "clone": lambda i: i[0].clone(),
+        },
+        reference=lambda i: reference.patch_swap(i[0].double(), i[1], i[2]),
+        min_bytes=case.bytes(dtype),
+        speedup_vs=("loop", "eager_where", "clone"),
+    )
+
+
+def benches(device="cpu", dtype=torch.float32, quick=True) -> List[Bench]:
+    return [bench_case(c, device, dtype) for c in PATCH_SWAP_BENCH]

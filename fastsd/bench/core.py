@@ -25,6 +25,7 @@ class Bench:
     reference: Optional[Callable[[Any], Any]] = None  # fn(inputs) -> float64 result for the error column
     min_bytes: int = 0  # every input byte read once and every output byte written once
     speedup_vs: Sequence[str] = ()  # baselines the speedup columns are taken against
+    not_the_op: Sequence[str] = ()  # baselines that compute something else (e.g. a copy): no error column
     note: str = ""
 
 
@@ -116,7 +117,7 @@ def run_bench(bench: Bench, device: torch.device, min_time: float, only: Optiona
         rows.append(Row(
             op=bench.op, case=bench.case, impl=name, kind=kind, median_ms=med * 1e3, iqr_ms=(q[2] - q[0]) * 1e3,
             gbps=(bench.min_bytes / med / 1e9) if bench.min_bytes else None,
-            max_err=max_error(out, ref), peak_mb=_peak_mb(lambda: fn(inputs), device),
+            max_err=None if name in bench.not_the_op else max_error(out, ref), peak_mb=_peak_mb(lambda: fn(inputs), device),
         ))
     by_name = {r.impl: r for r in rows}
     for r in rows:

@@ -11,13 +11,17 @@ EXT_STAMP  := $(VENV)/.fastsd-ext
 CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu) setup.py pyproject.toml
 export CUDA_HOME ?= /usr/local/cuda
 
-.PHONY: test bench selftest install clean
+.PHONY: test bench selftest readme-bench install clean
 test: install
 	$(PY) -m pytest -q -ra tests
 	$(PY) -m fastsd.selftest
 
 bench: install
 	$(PY) -m fastsd.bench --quick
+
+# Regenerate the README's benchmark section from a run on this machine (no hand-edited numbers).
+readme-bench: install
+	$(PY) -m fastsd.bench --quick --readme README.md
 
 selftest: install
 	$(PY) -m fastsd.selftest

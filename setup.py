@@ -49,7 +49,7 @@ def _extension():
 
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     # No -std flag: cpp_extension picks the C++ standard this torch needs (C++17 or C++20).
-    cxx = ["-O3", "-fopenmp"] if os.name != "nt" else ["/O2", "/openmp"]
+    cxx = ["-O3", "-fopenmp", "-fno-strict-aliasing"] if os.name != "nt" else ["/O2", "/openmp"]
     extra = {"cxx": cxx}
     ext_cls = CppExtension
     define_macros = []

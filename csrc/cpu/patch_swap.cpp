@@ -6,13 +6,14 @@
 // forward:  src = partner, mask_row = b  (exactly one of keep/take holds: a copy)
 // backward: src = mask_row = q, the inverse permutation of partner.
 // Within a row, the pixels of one cell are a contiguous run (W / gw pixels in NCHW, times C in
-// channels_last), so long runs are memcpy'd; short runs use a branch-free per-element select that
-// the compiler vectorises.
+// channels_last), so long runs (neighbouring cells with the same choice merged) are memcpy'd;
+// short runs use a branch-free bitwise select that the compiler vectorises.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "../patch_swap.h"
@@ -20,8 +21,15 @@
 namespace fastsd {
 namespace {
 
-// Runs of at least this many elements are copied with memcpy; shorter ones by the select loop.
+// Runs of at least this many elements are copied with memcpy; shorter ones by a bitwise select.
 constexpr int64_t kMinMemcpyRun = 16;
+
+// Same-width unsigned integer, for a branch-free, bit-exact select that the compiler vectorises
+// (NaN payloads and -0.0 are copied as they are).
+template <typename T>
+using Bits = std::conditional_t<sizeof(T) == 1, uint8_t,
+                                std::conditional_t<sizeof(T) == 2, uint16_t,
+                                                   std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>>>;
 
 template <typename T>
 inline void run(T* o, const T* self, const T* other, bool keep, bool take, int64_t n) {
@@ -39,6 +47,7 @@ inline void run(T* o, const T* self, const T* other, bool keep, bool take, int64
 template <typename T>
 void cell_select(const T* x, T* out, const int64_t* src, const int64_t* mask_row, const uint8_t* mask,
                  const PatchSwapGeometry& g) {
+  using U = Bits<T>;
   const int64_t pix = g.channels_last ? g.C : 1;     // elements per pixel in a row
   const int64_t planes = g.channels_last ? 1 : g.C;  // NCHW: the C planes of a row share its cells
   const int64_t row_len = g.W * pix;
@@ -51,7 +60,8 @@ void cell_select(const T* x, T* out, const int64_t* src, const int64_t* mask_row
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, row_len * planes));
 
   at::parallel_for(0, g.B * g.H, grain, [&](int64_t begin, int64_t end) {
-    std::vector<uint8_t> keep(by_runs ? 0 : row_len), take(by_runs ? 0 : row_len);
+    std::vector<U> keep_bits(by_runs ? 0 : row_len), take_bits(by_runs ? 0 : row_len);
+    std::vector<int64_t> both;  // cells where keep and take hold (backward only): s + t
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / g.H, h = r % g.H, ch = h * g.gh / g.H;
       const uint8_t* own_cells = mask + (b * g.gh + ch) * g.gw;
@@ -59,11 +69,14 @@ void cell_select(const T* x, T* out, const int64_t* src, const int64_t* mask_row
       const int64_t self_base = b * sample + h * row_len;
       const int64_t other_base = src[b] * sample + h * row_len;
       if (!by_runs) {
+        both.clear();
         for (int64_t cw = 0; cw < g.gw; ++cw) {
-          const uint8_t k = own_cells[cw] == 0, t = other_cells[cw] != 0;
+          const bool k = own_cells[cw] == 0, t = other_cells[cw] != 0;
+          if (k && t) both.push_back(cw);
+          const U kb = k ? U(~U(0)) : U(0), tb = t ? U(~U(0)) : U(0);
           for (int64_t e = col[cw] * pix; e < col[cw + 1] * pix; ++e) {
-            keep[e] = k;
-            take[e] = t;
+            keep_bits[e] = kb;
+            take_bits[e] = tb;
           }
         }
       }
@@ -72,15 +85,25 @@ void cell_select(const T* x, T* out, const int64_t* src, const int64_t* mask_row
         const T* other = x + other_base + p * plane_stride;
         T* o = out + self_base + p * plane_stride;
         if (by_runs) {
-          for (int64_t cw = 0; cw < g.gw; ++cw) {
-            const int64_t a = col[cw] * pix, n = (col[cw + 1] - col[cw]) * pix;
-            run(o + a, self + a, other + a, own_cells[cw] == 0, other_cells[cw] != 0, n);
+          // merge neighbouring cells with the same choice into one longer run
+          int64_t cw = 0;
+          while (cw < g.gw) {
+            const bool k = own_cells[cw] == 0, t = other_cells[cw] != 0;
+            int64_t stop = cw + 1;
+            while (stop < g.gw && (own_cells[stop] == 0) == k && (other_cells[stop] != 0) == t) ++stop;
+            const int64_t a = col[cw] * pix, n = (col[stop] - col[cw]) * pix;
+            run(o + a, self + a, other + a, k, t, n);
+            cw = stop;
           }
         } else {
-          for (int64_t e = 0; e < row_len; ++e) {
-            const T s = keep[e] ? self[e] : T(0);
-            const T t = take[e] ? other[e] : T(0);
-            o[e] = (keep[e] & take[e]) ? T(s + t) : (keep[e] ? s : t);
+          const U* su = reinterpret_cast<const U*>(self);
+          const U* tu = reinterpret_cast<const U*>(other);
+          U* ou = reinterpret_cast<U*>(o);
+          const U* kb = keep_bits.data();
+          const U* tb = take_bits.data();
+          for (int64_t e = 0; e < row_len; ++e) ou[e] = (su[e] & kb[e]) | (tu[e] & tb[e]);
+          for (const int64_t cw : both) {
+            for (int64_t e = col[cw] * pix; e < col[cw + 1] * pix; ++e) o[e] = self[e] + other[e];
           }
         }
       }

@@ -112,6 +112,22 @@ def format_table(rows: List[Row], copy_gbps: float) -> str:
     return "\n".join(out) + "\n(* = baseline; x vs B = B's median time / this row's; GB/s = minimum bytes / median time)"
 
 
+def write_readme(path: str, env: dict, dtype: str, table: str) -> None:
+    """Replace the text between <!-- bench:start --> and <!-- bench:end --> with this run's table."""
+    start, end = "<!-- bench:start -->", "<!-- bench:end -->"
+    with open(path) as f:
+        text = f.read()
+    if start not in text or end not in text:
+        raise SystemExit(f"{path} has no {start} ... {end} section")
+    body = (f"Measured by `make readme-bench` on {env['date'][:10]}: {env['device']} ({env['cpu']}, "
+            f"{env['cores']} cores, {env['torch_threads']} torch threads), torch {env['torch']}, commit "
+            f"{env['commit']}, {dtype}; copy bandwidth {env['copy_gbps']:.1f} GB/s.\n\n```\n{table}\n```")
+    head, rest = text.split(start, 1)
+    tail = rest.split(end, 1)[1]
+    with open(path, "w") as f:
+        f.write(f"{head}{start}\n{body}\n{end}{tail}")
+
+
 def compare(rows: List[Row], old_path: str, threshold: float) -> int:
     """Print each row's time against an earlier run; 1 when any backend row regressed beyond threshold."""
     with open(old_path) as f:
@@ -143,6 +159,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="where to write the JSON report (default bench-results/bench-<device>.json)")
     p.add_argument("--compare", metavar="OLD.json", help="print ratios against an earlier report; exit 1 on a regression")
     p.add_argument("--threshold", type=float, default=1.25, help="regression threshold for --compare")
+    p.add_argument("--readme", metavar="README.md",
+                   help="also write the table, with the machine it ran on, between the bench markers of this file")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch.cuda.is_available() is False on this machine")
@@ -177,6 +195,9 @@ def main(argv=None) -> int:
         json.dump({"environment": env, "dtype": args.dtype, "rows": [dataclasses.asdict(r) for r in rows]}, f,
                   indent=1)
     print(f"\nJSON report: {path}")
+    if args.readme:
+        write_readme(args.readme, env, args.dtype, format_table(rows, copy_gbps))
+        print(f"benchmark section of {args.readme} regenerated")
     if args.compare:
         return compare(rows, args.compare, args.threshold)
     return 0

@@ -97,19 +97,26 @@ def format_table(rows: List[Row], copy_gbps: float) -> str:
         for k in r.speedup:
             if k not in vs:
                 vs.append(k)
-    head = ["op", "case", "impl", "median ms", "IQR ms", "GB/s", "% copy"] + [f"x vs {k}" for k in vs] + ["max err"]
+    head = (["op", "case", "impl", "median ms", "IQR ms", "GB/s", "% copy"] + [f"x vs {k}" for k in vs]
+            + ["max err", "peak MB", "kernels", "moved MB"])
     lines = []
     for r in rows:
         lines.append([
             r.op, r.case, r.impl + ("" if r.kind == "backend" else "*"), f"{r.median_ms:.3f}", f"{r.iqr_ms:.3f}",
             f"{r.gbps:.1f}" if r.gbps else "-", f"{100 * r.gbps / copy_gbps:.0f}%" if r.gbps else "-",
         ] + [f"{r.speedup[k]:.2f}" if k in r.speedup else "-" for k in vs] + [
-            f"{r.max_err:.2e}" if r.max_err is not None else "-"
+            f"{r.max_err:.2e}" if r.max_err is not None else "-",
+            f"{r.peak_mb:.1f}" if r.peak_mb is not None else "-",
+            str(r.kernels) if r.kernels is not None else "-",
+            f"{r.moved_mb:.1f}" if r.moved_mb is not None else "-",
         ])
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(head)]
     fmt = "  ".join("{:<%d}" % w for w in widths)
     out = [fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*line) for line in lines]
-    return "\n".join(out) + "\n(* = baseline; x vs B = B's median time / this row's; GB/s = minimum bytes / median time)"
+    return "\n".join(out) + (
+        "\n(* = baseline; x vs B = B's median time / this row's; GB/s = minimum bytes / median time;"
+        "\n peak MB = peak extra memory of one call; kernels, moved MB = aten ops dispatched by one eager call"
+        "\n and the bytes of their inputs and outputs, a fastsd op counting as one kernel)")
 
 
 def write_readme(path: str, env: dict, dtype: str, table: str) -> None:

@@ -25,6 +25,9 @@ class Bench:
     reference: Optional[Callable[[Any], Any]] = None  # fn(inputs) -> float64 result for the error column
     min_bytes: int = 0  # every input byte read once and every output byte written once
     speedup_vs: Sequence[str] = ()  # baselines the speedup columns are taken against
+    # impl -> fn(inputs) to count kernels and bytes with, where the impl hides its ops (the torch
+    # backend runs the reference inside one custom op: count the reference itself)
+    count_with: Dict[str, Callable[[Any], Any]] = field(default_factory=dict)
     not_the_op: Sequence[str] = ()  # baselines that compute something else (e.g. a copy): no error column
     note: str = ""
 
@@ -39,7 +42,9 @@ class Row:
     iqr_ms: float
     gbps: Optional[float]
     max_err: Optional[float]
-    peak_mb: Optional[float] = None
+    peak_mb: Optional[float] = None  # peak extra memory of one call
+    kernels: Optional[int] = None  # aten ops dispatched by one call (a fastsd op counts as one)
+    moved_mb: Optional[float] = None  # bytes of those ops' inputs and outputs: eager traffic
     speedup: Dict[str, float] = field(default_factory=dict)
 
 
@@ -92,12 +97,24 @@ def max_error(out, ref) -> Optional[float]:
 
 def _peak_mb(fn, device: torch.device) -> Optional[float]:
     if device.type != "cuda":
-        return None
+        from .traffic import peak_cpu_memory
+
+        return peak_cpu_memory(fn) / 2**20
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
     fn()
     _sync(device)
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def _count(fn):
+    """Eager dispatch count of one call; None where the call is compiled (dynamo does its own dispatch)."""
+    from .traffic import count
+
+    try:
+        return count(fn)
+    except Exception:  # torch.compile'd callables refuse to run under a dispatch mode
+        return None
 
 
 def run_bench(bench: Bench, device: torch.device, min_time: float, only: Optional[Sequence[str]] = None) -> List[Row]:
@@ -114,10 +131,12 @@ def run_bench(bench: Bench, device: torch.device, min_time: float, only: Optiona
         med = statistics.median(times)
         q = statistics.quantiles(times, n=4) if len(times) >= 4 else [med, med, med]
         out = fn(inputs)
+        counted = _count(lambda: bench.count_with.get(name, fn)(inputs))
         rows.append(Row(
             op=bench.op, case=bench.case, impl=name, kind=kind, median_ms=med * 1e3, iqr_ms=(q[2] - q[0]) * 1e3,
             gbps=(bench.min_bytes / med / 1e9) if bench.min_bytes else None,
             max_err=None if name in bench.not_the_op else max_error(out, ref), peak_mb=_peak_mb(lambda: fn(inputs), device),
+            kernels=counted.kernels if counted else None, moved_mb=counted.bytes_moved / 2**20 if counted else None,
         ))
     by_name = {r.impl: r for r in rows}
     for r in rows:

@@ -4,6 +4,7 @@
   pair's cell mask, then a ``torch.where`` per image of the pair);
 * ``eager_where``: eager ``torch.where`` over the whole batch with a mask upsampled by
   ``F.interpolate`` (the best plain-PyTorch one-liner);
+* ``compiled_ref``: ``torch.compile`` of the reference (compile time not counted);
 * ``clone``: ``x.clone()``, the memory limit of any op that reads x once and writes once.
 """
 from __future__ import annotations
@@ -64,12 +65,14 @@ def bench_case(case: PatchSwapCase, device, dtype) -> Bench:
         baselines={
             "loop": lambda i: loop_patch_swap(*i),
             "eager_where": lambda i: eager_where_patch_swap(*i),
+            "compiled_ref": lambda i, f=torch.compile(reference.patch_swap, dynamic=False): f(*i),
             "clone": lambda i: i[0].clone(),
         },
         reference=lambda i: reference.patch_swap(i[0].double(), i[1], i[2]),
         min_bytes=case.bytes(dtype),
-        speedup_vs=("loop", "eager_where", "clone"),
+        speedup_vs=("loop", "eager_where", "compiled_ref", "clone"),
         not_the_op=("clone",),
+        count_with={"torch": lambda i: reference.patch_swap(*i)},
     )
 
 

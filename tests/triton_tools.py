@@ -1,0 +1,295 @@
+"""Shared helpers for the Triton tests: ahead-of-time compilation and memory-traffic counting.
+
+Ahead-of-time compilation (VERIFYING.md, check 2)
+-------------------------------------------------
+Every ``kernels/<op>.py`` module defines ``AOT_SPECS``, a list of dicts::
+
+    {"name": str,                 # unique over all modules, used as the test id
+     "fn": kernel,                # the @triton.jit function
+     "signature": {...},          # arg name -> "*fp32", "i32", ..., or "constexpr"
+     "constexprs": {...},         # constexpr arg name -> value
+     "attrs": {...},              # optional: {(arg index,): [["tt.divisibility", 16]]}, what the JIT
+                                  #   would specialise on (alignment), so the PTX is what a GPU runs
+     "options": {...}}            # optional: triton.compile options, e.g. {"num_warps": 4}
+
+covering every kernel with every dtype / layout flag combination its launcher uses.
+:func:`all_aot_specs` imports every module of ``fastsd.kernels`` and collects them, so kernels
+added later are picked up with no change here.
+
+The tests run with ``TRITON_INTERPRET=1`` (tests/conftest.py). With it set, ``@triton.jit``
+returns an ``InterpretedFunction``: ``triton.compile`` cannot lower it (re-wrapping its ``.fn`` in a
+``JITFunction`` works for a lone kernel but not for one that calls other ``@triton.jit`` helpers,
+which stay interpreted). So compilation runs in worker subprocesses with ``TRITON_INTERPRET``
+unset, which import the kernel modules afresh, exactly as on a GPU machine, and write each
+result's PTX, TTIR and cubin to a temporary directory. Results are cached per process
+(:func:`aot_compile_all`), and triton's own disk cache (``~/.triton/cache``) makes repeated runs
+cheap: one worker start-up (~3 s) plus ~5 ms per cached kernel, 0.2-1 s per kernel and arch when
+the disk cache is cold (new or edited kernels). One worker by default: on this 2-core machine a
+second one (``FASTSD_AOT_WORKERS=2``) only pays off when most kernels are cold.
+
+Memory traffic (VERIFYING.md, check 3)
+--------------------------------------
+:func:`count_traffic` runs a function while every load and store of the Triton interpreter adds up
+its bytes per named tensor. In Triton 3.8 ``InterpreterBuilder.create_load``/``create_store`` and the
+tensor-descriptor loads/stores all go through ``create_masked_load``/``create_masked_store``;
+those two and the atomics (``create_atomic_rmw``, ``create_atomic_cas``) are wrapped.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import importlib
+import json
+import os
+import pkgutil
+import subprocess
+import sys
+import tempfile
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+ARCHS = (80, 90)
+AOT_WORKERS = int(os.environ.get("FASTSD_AOT_WORKERS", "1"))
+
+
+# --- ahead-of-time compilation ---------------------------------------------------------------------
+
+
+def kernel_modules() -> List[str]:
+    """Names of every module of the fastsd.kernels package."""
+    import fastsd.kernels as pkg
+
+    return sorted(f"{pkg.__name__}.{m.name}" for m in pkgutil.iter_modules(pkg.__path__))
+
+
+def all_aot_specs() -> List[dict]:
+    """Every ``AOT_SPECS`` entry of every fastsd.kernels module, each with ``"module"`` added."""
+    specs = []
+    for name in kernel_modules():
+        module = importlib.import_module(name)
+        for spec in getattr(module, "AOT_SPECS", ()):
+            specs.append({**spec, "module": name})
+    names = [s["name"] for s in specs]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"AOT spec names must be unique; repeated: {repeated}")
+    return specs
+
+
+class AOTResult:
+    """One spec compiled for one arch: ``ptx``/``ttir`` (str), ``cubin`` (bytes), or ``error`` (str)."""
+
+    def __init__(self, name: str, arch: int, ptx=None, ttir=None, cubin=None, error=None):
+        self.name, self.arch = name, arch
+        self.ptx, self.ttir, self.cubin, self.error = ptx, ttir, cubin, error
+
+    @property
+    def asm(self) -> Dict[str, object]:
+        return {"ptx": self.ptx, "ttir": self.ttir, "cubin": self.cubin}
+
+    def __repr__(self):
+        state = self.error or f"ptx {len(self.ptx)} chars, cubin {len(self.cubin)} bytes"
+        return f"AOTResult({self.name}, sm_{self.arch}: {state})"
+
+
+def _compile_here(spec: dict, arch: int):
+    """triton.compile one spec in this process (needs TRITON_INTERPRET unset at import)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    src = ASTSource(fn=spec["fn"], signature=spec["signature"], constexprs=spec.get("constexprs"),
+                    attrs=spec.get("attrs"))
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=spec.get("options"))
+
+
+def _worker(request_path: str, out_dir: str) -> None:
+    """Subprocess entry point: compile the requested [name, arch] pairs into out_dir."""
+    with open(request_path) as f:
+        request = json.load(f)
+    specs = {s["name"]: s for s in all_aot_specs()}
+    results = {}
+    for name, arch in request:
+        key = f"{name}.sm_{arch}"
+        try:
+            compiled = _compile_here(specs[name], arch)
+        except Exception as exc:  # reported per spec, so one failure does not hide the others
+            results[key] = {"error": f"{exc.__class__.__name__}: {exc}"}
+            continue
+        paths = {}
+        for kind, mode in (("ptx", "w"), ("ttir", "w"), ("cubin", "wb")):
+            paths[kind] = os.path.join(out_dir, f"{key}.{kind}")
+            with open(paths[kind], mode) as f:
+                f.write(compiled.asm[kind])
+        results[key] = paths
+    with open(request_path + ".results.json", "w") as f:
+        json.dump(results, f)
+
+
+def _run_worker(pairs: List[Tuple[str, int]], out_dir: str, index: int) -> dict:
+    request_path = os.path.join(out_dir, f"request{index}.json")
+    with open(request_path, "w") as f:
+        json.dump(pairs, f)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [tests_dir, env.get("PYTHONPATH")]))
+    code = "import sys, triton_tools; triton_tools._worker(sys.argv[1], sys.argv[2])"
+    proc = subprocess.run([sys.executable, "-c", code, request_path, out_dir], env=env,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"AOT compile worker failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
+    with open(request_path + ".results.json") as f:
+        return json.load(f)
+
+
+_AOT_CACHE: Dict[Tuple[str, int], AOTResult] = {}
+
+
+def aot_compile_all(pairs: Iterable[Tuple[str, int]]) -> Dict[Tuple[str, int], AOTResult]:
+    """Compile (spec name, arch) pairs in worker subprocesses (see the module docstring); cached."""
+    pairs = list(pairs)
+    todo = sorted({(n, a) for n, a in pairs if (n, a) not in _AOT_CACHE})
+    if todo:
+        with tempfile.TemporaryDirectory(prefix="fastsd_aot_") as out_dir:
+            # A second worker pays off only when there is more to compile than its start-up costs.
+            workers = AOT_WORKERS if len(todo) > 8 else 1
+            chunks = [todo[i::workers] for i in range(workers)]
+            with concurrent.futures.ThreadPoolExecutor(len(chunks)) as pool:
+                outputs = list(pool.map(_run_worker, chunks, [out_dir] * len(chunks), range(len(chunks))))
+            results = {k: v for out in outputs for k, v in out.items()}
+            for name, arch in todo:
+                info = results[f"{name}.sm_{arch}"]
+                if "error" in info:
+                    _AOT_CACHE[(name, arch)] = AOTResult(name, arch, error=info["error"])
+                    continue
+                read = {}
+                for kind, mode in (("ptx", "r"), ("ttir", "r"), ("cubin", "rb")):
+                    with open(info[kind], mode) as f:
+                        read[kind] = f.read()
+                _AOT_CACHE[(name, arch)] = AOTResult(name, arch, **read)
+    return {(n, a): _AOT_CACHE[(n, a)] for n, a in pairs}
+
+
+def aot_compile(spec: dict, arch: int) -> AOTResult:
+    """Compile one AOT spec for sm_<arch> (80 or 90). Works with or without TRITON_INTERPRET=1."""
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        try:
+            compiled = _compile_here(spec, arch)
+        except Exception as exc:
+            return AOTResult(spec["name"], arch, error=f"{exc.__class__.__name__}: {exc}")
+        return AOTResult(spec["name"], arch, **{k: compiled.asm[k] for k in ("ptx", "ttir", "cubin")})
+    return aot_compile_all([(spec["name"], arch)])[(spec["name"], arch)]
+
+
+# --- memory traffic under the interpreter -------------------------------------------------------------
+
+
+def _address_range(t: torch.Tensor) -> Tuple[int, int]:
+    storage = t.untyped_storage()
+    return storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+
+
+class _Counter:
+    """Adds up bytes per named address range; unmatched pointers are kept for naming later."""
+
+    def __init__(self, tensors: Dict[str, torch.Tensor]):
+        self.ranges = [(name,) + _address_range(t) for name, t in tensors.items()]
+        self.bytes = {name: {"load": 0, "store": 0} for name in tensors}
+        self.unmatched: List[Tuple[str, np.ndarray, int]] = []
+
+    def add(self, kind: str, ptrs: np.ndarray, mask: Optional[np.ndarray], itemsize: int) -> None:
+        ptrs = np.asarray(ptrs).astype(np.uint64)
+        if mask is not None:
+            ptrs = ptrs[np.broadcast_to(np.asarray(mask, dtype=bool), ptrs.shape)]
+        ptrs = ptrs.ravel()
+        rest = self._attribute(self.ranges, kind, ptrs, itemsize)
+        if rest.size:
+            self.unmatched.append((kind, rest, itemsize))
+
+    def _attribute(self, ranges, kind, ptrs, itemsize) -> np.ndarray:
+        for name, lo, hi in ranges:
+            hit = (ptrs >= lo) & (ptrs < hi)
+            n = int(hit.sum())
+            if n:
+                self.bytes.setdefault(name, {"load": 0, "store": 0})[kind] += n * itemsize
+                ptrs = ptrs[~hit]
+        return ptrs
+
+    def finish(self, late: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, int]]:
+        """Attribute the unmatched accesses to ``late`` tensors (e.g. outputs), the rest to "other"."""
+        ranges = [(name,) + _address_range(t) for name, t in late.items()]
+        for name in late:
+            self.bytes.setdefault(name, {"load": 0, "store": 0})
+        self.bytes["other"] = {"load": 0, "store": 0}
+        for kind, ptrs, itemsize in self.unmatched:
+            rest = self._attribute(ranges, kind, ptrs, itemsize)
+            self.bytes["other"][kind] += int(rest.size) * itemsize
+        self.unmatched = []
+        return self.bytes
+
+
+def _itemsize(handle) -> int:
+    return max(1, handle.get_element_ty().primitive_bitwidth // 8)
+
+
+@contextlib.contextmanager
+def _wrapped_builder(counter: _Counter):
+    from triton.runtime.interpreter import InterpreterBuilder as builder
+
+    names = ("create_masked_load", "create_masked_store", "create_atomic_rmw", "create_atomic_cas")
+    originals = {name: builder.__dict__[name] for name in names}
+
+    def create_masked_load(self, ptrs, mask, other, *args, **kwargs):
+        counter.add("load", ptrs.data, mask.data, _itemsize(ptrs))
+        return originals["create_masked_load"](self, ptrs, mask, other, *args, **kwargs)
+
+    def create_masked_store(self, ptrs, value, mask, *args, **kwargs):
+        counter.add("store", ptrs.data, mask.data, _itemsize(ptrs))
+        return originals["create_masked_store"](self, ptrs, value, mask, *args, **kwargs)
+
+    def create_atomic_rmw(self, rmw_op, ptr, val, mask, *args, **kwargs):
+        for kind in ("load", "store"):
+            counter.add(kind, ptr.data, mask.data, _itemsize(ptr))
+        return originals["create_atomic_rmw"](self, rmw_op, ptr, val, mask, *args, **kwargs)
+
+    def create_atomic_cas(self, ptr, cmp, val, *args, **kwargs):
+        for kind in ("load", "store"):  # the store is counted even where the compare fails: an upper bound
+            counter.add(kind, ptr.data, None, _itemsize(ptr))
+        return originals["create_atomic_cas"](self, ptr, cmp, val, *args, **kwargs)
+
+    wrappers = dict(create_masked_load=create_masked_load, create_masked_store=create_masked_store,
+                    create_atomic_rmw=create_atomic_rmw, create_atomic_cas=create_atomic_cas)
+    try:
+        for name, fn in wrappers.items():
+            setattr(builder, name, fn)
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(builder, name, fn)
+
+
+def _result_tensors(result) -> Dict[str, torch.Tensor]:
+    if isinstance(result, torch.Tensor):
+        return {"out": result}
+    if isinstance(result, (tuple, list)):
+        return {f"out{i}": r for i, r in enumerate(result) if isinstance(r, torch.Tensor)}
+    return {}
+
+
+def count_traffic(fn, *args, tensors: Dict[str, torch.Tensor], **kwargs):
+    """Run ``fn(*args, **kwargs)`` under the Triton interpreter, counting the bytes its kernels move.
+
+    Returns ``(result, traffic)`` with ``traffic[name] == {"load": bytes, "store": bytes}`` for each
+    entry of ``tensors`` (matched by address range: the tensor's whole storage), for the result
+    (``"out"``, or ``"out0"``, ``"out1"``, ... for a tuple; matched after the call, since ops
+    allocate their outputs), and ``"other"`` for bytes that hit none of them (temporaries such as
+    an inverse permutation). A byte counts as ``mask.sum() * itemsize`` of each masked load/store.
+    The interpreter's builder is restored on exit, also when ``fn`` raises.
+    """
+    counter = _Counter(tensors)
+    with _wrapped_builder(counter):
+        result = fn(*args, **kwargs)
+    late = {k: v for k, v in _result_tensors(result).items() if k not in tensors}
+    return result, counter.finish(late)

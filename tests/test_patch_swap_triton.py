@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import fastsd
+from conftest import backward_tolerance
 import triton_tools
 from fastsd import _validate, reference
 from fastsd.kernels import patch_swap as kernels
@@ -86,11 +87,12 @@ def test_backward_matches_reference(shape, dtype, layout):
         out.backward(grad_out)
     expected = reference.patch_swap_backward(grad_out.contiguous(memory_format=LAYOUTS[layout]), partner, mask)
     assert x.grad.dtype == dtype
-    torch.testing.assert_close(x.grad, expected)
+    tol = backward_tolerance("triton", dtype)  # exact, but for the interpreter's bf16 truncation
+    torch.testing.assert_close(x.grad, expected, **tol)
     # The same through autograd of the reference forward (torch.where + indexing).
     x_ref = x.detach().clone().requires_grad_(True)
     reference.patch_swap(x_ref, partner, mask).backward(grad_out)
-    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(x.grad, x_ref.grad, **tol)
 
 
 def test_shapes_cover_vector_widths():
@@ -123,7 +125,7 @@ def test_launchers_do_not_sync_with_the_host(monkeypatch):
     got = (kernels.patch_swap(x, partner, mask), kernels.patch_swap_backward(x, partner, mask))
     monkeypatch.undo()
     for g, e in zip(got, expected):
-        torch.testing.assert_close(g, e)
+        assert torch.equal(g, e)
 
 
 def test_non_contiguous_partner():

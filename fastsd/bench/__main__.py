@@ -166,6 +166,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="where to write the JSON report (default bench-results/bench-<device>.json)")
     p.add_argument("--compare", metavar="OLD.json", help="print ratios against an earlier report; exit 1 on a regression")
     p.add_argument("--threshold", type=float, default=1.25, help="regression threshold for --compare")
+    p.add_argument("--plots", metavar="DIR", default=None,
+                   help="write PNG plots here (default: beside the JSON report); --no-plots to skip")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--readme", metavar="README.md",
                    help="also write the table, with the machine it ran on, between the bench markers of this file")
     args = p.parse_args(argv)
@@ -202,6 +205,11 @@ def main(argv=None) -> int:
         json.dump({"environment": env, "dtype": args.dtype, "rows": [dataclasses.asdict(r) for r in rows]}, f,
                   indent=1)
     print(f"\nJSON report: {path}")
+    if not args.no_plots:
+        from .plots import write_plots
+
+        for png in write_plots(rows, args.plots or os.path.dirname(path) or ".", env, device, dtype):
+            print(f"plot: {png}")
     if args.readme:
         write_readme(args.readme, env, args.dtype, format_table(rows, copy_gbps))
         print(f"benchmark section of {args.readme} regenerated")

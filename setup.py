@@ -20,8 +20,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 BUILD_LOG = os.path.join(ROOT, "fastsd", "_build_log.txt")
 
 
-def _write_log(text, append=False):
-    with open(BUILD_LOG, "a" if append else "w") as f:
+def _write_log(text):
+    with open(BUILD_LOG, "w") as f:
         f.write(text.rstrip() + "\n")
 
 
@@ -60,31 +60,21 @@ def _extension():
         ext_cls = CUDAExtension
 
     class OptionalBuildExtension(BuildExtension):
-        """Build the extension, but never fail the install because of it."""
+        """Build the extension, but never fail the install because of it; log the outcome."""
 
         def run(self):
             try:
                 super().run()
+                _write_log(f"fastsd._C built with torch {torch.__version__}"
+                           f" ({'CPU + CUDA' if with_cuda else 'CPU only'} kernels)")
             except Exception:
-                self._failed(traceback.format_exc())
-
-        def build_extension(self, ext):
-            try:
-                super().build_extension(ext)
-                _write_log(
-                    f"fastsd._C built with torch {torch.__version__}"
-                    f" ({'CPU + CUDA' if with_cuda else 'CPU only'} kernels)"
-                )
-            except Exception:
-                self._failed(traceback.format_exc())
-
-        @staticmethod
-        def _failed(tb):
-            # run() reports again after build_extension failed: keep the first, root cause.
-            again = os.path.exists(BUILD_LOG) and open(BUILD_LOG).read().startswith("fastsd._C failed")
-            _write_log(("" if again else "fastsd._C failed to build; the torch/triton backends still work.\n") + tb,
-                       append=again)
-            print("WARNING: fastsd._C failed to build; see fastsd/_build_log.txt", flush=True)
+                _write_log("fastsd._C failed to build; the torch/triton backends still work.\n"
+                           + traceback.format_exc())
+                print("WARNING: fastsd._C failed to build; see fastsd/_build_log.txt", flush=True)
+            # build_py ran before us: put the log beside the package in the wheel too
+            if not self.inplace:
+                os.makedirs(os.path.join(self.build_lib, "fastsd"), exist_ok=True)
+                self.copy_file(BUILD_LOG, os.path.join(self.build_lib, "fastsd", "_build_log.txt"))
 
     ext = ext_cls(
         name="fastsd._C",

@@ -1,0 +1,87 @@
+"""Backend choice (fastsd/_backend.py), the extension's status, and python -m fastsd.info."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastsd
+from fastsd import _backend, _ext, info
+
+X = torch.randn(2, 3, 8, 8)
+P = torch.tensor([1, 0])
+M = torch.ones(2, 2, 2, dtype=torch.bool)
+
+
+def test_auto_picks_fastest_runnable_on_cpu():
+    fn = _backend.select("patch_swap", X, P, M)
+    expected = "cpp" if _ext.load_error() is None else "torch"
+    assert fn is _backend._REGISTRY["patch_swap"][expected].fn
+    # the interpreter is never chosen automatically, even when TRITON_INTERPRET=1 (tests)
+    assert "triton" in _backend.available("patch_swap", X) or _backend.triton_import_error()
+
+
+def test_env_var_forces_a_backend(monkeypatch):
+    monkeypatch.setenv("FASTSD_BACKEND", "torch")
+    assert _backend.select("patch_swap", X, P, M) is _backend._REGISTRY["patch_swap"]["torch"].fn
+    monkeypatch.setenv("FASTSD_BACKEND", "cuda")
+    with pytest.raises(fastsd.BackendUnavailableError, match="cuda.*inputs are on cpu"):
+        fastsd.patch_swap(X, P, M)
+    monkeypatch.setenv("FASTSD_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="FASTSD_BACKEND"):
+        fastsd.patch_swap(X, P, M)
+    # the context manager wins over the environment
+    with fastsd.use_backend("torch"):
+        assert torch.equal(fastsd.patch_swap(X, P, M), X[P])
+
+
+def test_use_backend_validates_and_restores():
+    with pytest.raises(ValueError, match="backend"):
+        with fastsd.use_backend("gpu"):
+            pass
+    with fastsd.use_backend("torch"):
+        with fastsd.use_backend("auto"):
+            assert _backend.forced_backend() is None
+        assert _backend.forced_backend() == "torch"
+    assert _backend.forced_backend() is None
+
+
+def test_error_lists_every_backend_when_none_can_run(monkeypatch):
+    monkeypatch.setitem(_backend._REGISTRY, "only_cuda", {"cuda": _backend.Impl(lambda *a: None)})
+    with pytest.raises(fastsd.BackendUnavailableError) as err:
+        _backend.select("only_cuda", X)
+    text = str(err.value)
+    for name in _backend.PREFERENCE:
+        assert f"  {name}:" in text
+    assert "inputs are on cpu" in text and "has no torch implementation" in text
+
+
+def test_several_devices_is_a_reason():
+    assert "several devices" in " ".join(_backend.reasons("patch_swap", "torch", X, P.to("meta")) +
+                                          _backend.reasons("patch_swap", "cpp", X, P.to("meta")))
+
+
+def test_missing_extension_is_explained(monkeypatch):
+    _ext.load_error.cache_clear()
+    _ext.has_cuda.cache_clear()
+    monkeypatch.setitem(sys.modules, "fastsd._C", None)  # import fastsd._C now raises ImportError
+    monkeypatch.delattr(fastsd, "_C", raising=False)
+    try:
+        err = _ext.load_error()
+        assert err is not None and "fastsd._C is not available" in err
+        assert any("fastsd._C is not available" in r for r in _backend.reasons("patch_swap", "cpp", X))
+        with fastsd.use_backend("auto"):  # falls back to the reference
+            assert torch.equal(fastsd.patch_swap(X, P, M), X[P])
+    finally:
+        monkeypatch.delitem(sys.modules, "fastsd._C")
+        _ext.load_error.cache_clear()
+        _ext.has_cuda.cache_clear()
+
+
+def test_info_command_runs(capsys):
+    assert info.main([]) == 0
+    out = capsys.readouterr().out
+    assert "torch" in out and "patch_swap" in out and "fastsd._C" in out
+    assert "cuda: inputs are on cpu" in out  # the reasons for unavailable backends are printed
+    proc = subprocess.run([sys.executable, "-m", "fastsd.info", "--short"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "available:" in proc.stdout

@@ -4,6 +4,9 @@
 // csrc/<op>.cpp with TORCH_LIBRARY_FRAGMENT and registers kernels in csrc/cpu/<op>.cpp and
 // csrc/cuda/<op>.cu with TORCH_LIBRARY_IMPL (the torchvision layout). The differentiable public
 // ops are the Python torch.library ops in the `fastsd` namespace, which call these.
+#ifndef Py_LIMITED_API  // torch >= 2.6 defines it for py_limited_api extensions; older ones do not
+#define Py_LIMITED_API 0x03090000
+#endif
 #include <Python.h>
 #include <torch/library.h>
 

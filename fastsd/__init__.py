@@ -6,6 +6,7 @@ Importing fastsd is light: Triton, torchvision and the compiled extension load o
 from ._backend import BackendUnavailableError, use_backend
 from .pairing import box_mask, default_patch_size, intra_class_pairs, intra_class_patch_swap, patch_swap_mask
 from .patch_swap import patch_swap
+from .losses import feature_alignment_loss, kd_loss, pair_kd_loss
 from . import data, nn  # noqa: E402  (fastsd.nn modules, fastsd.data.ClassPairSampler)
 
 __version__ = "0.1.0"
@@ -14,6 +15,9 @@ __all__ = [
     "BackendUnavailableError",
     "box_mask",
     "default_patch_size",
+    "feature_alignment_loss",
+    "kd_loss",
+    "pair_kd_loss",
     "intra_class_pairs",
     "intra_class_patch_swap",
     "patch_swap",

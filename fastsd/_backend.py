@@ -180,3 +180,4 @@ def available(op: str, *tensors: torch.Tensor, **kwargs) -> List[str]:
 def _load_all():
     # Importing the op modules registers their implementations.
     from . import patch_swap  # noqa: F401
+    from . import losses  # noqa: F401

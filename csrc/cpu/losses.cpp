@@ -13,8 +13,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace fastsd {
@@ -22,6 +25,29 @@ namespace {
 
 // Sums of a loop are split over this many lanes so that the compiler can vectorise them.
 constexpr int kLanes = 8;
+
+// exp for the float paths: Cody-Waite range reduction and the Cephes expf polynomial (relative
+// error ~1e-7, like libm's), written without branches or calls so that loops over it vectorise.
+// Arguments here are <= 0 up to rounding (logits minus their max or log-sum-exp); below -87.3
+// the result is 0, as exp(-inf) is.
+inline float vexp(float x) {
+  const float xc = std::min(std::max(x, -87.3f), 88.7f);
+  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x < -87.3f ? 0.0f : y * scale;
+}
+inline double vexp(double x) { return std::exp(x); }
 
 // Statistics of one row of logits: m = max z, log_s1 = log sum exp(z - m),
 // log_st = log sum exp((z - m) / T), zy = z[y] (0 when y is out of the row).
@@ -33,32 +59,44 @@ struct RowStats {
 template <typename scalar_t>
 RowStats row_stats(const scalar_t* z, int64_t K, double inv_t, int64_t y, bool with_t1) {
   using acc_t = at::opmath_type<scalar_t>;
-  acc_t m = -std::numeric_limits<acc_t>::infinity();
-  for (int64_t k = 0; k < K; ++k) m = std::max(m, static_cast<acc_t>(z[k]));
+  const acc_t inf = std::numeric_limits<acc_t>::infinity();
+  acc_t ml[kLanes];
+  for (int l = 0; l < kLanes; ++l) ml[l] = -inf;
+  const int64_t K8 = K - K % kLanes;
+  for (int64_t k = 0; k < K8; k += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const acc_t v = static_cast<acc_t>(z[k + l]);
+      ml[l] = v > ml[l] ? v : ml[l];
+    }
+  acc_t m = -inf;
+  for (int l = 0; l < kLanes; ++l) m = std::max(m, ml[l]);
+  for (int64_t k = K8; k < K; ++k) m = std::max(m, static_cast<acc_t>(z[k]));
   const acc_t it = static_cast<acc_t>(inv_t);
-  acc_t s1[kLanes] = {}, st[kLanes] = {};
   double s1_total = 0, st_total = 0;
-  int64_t k = 0;
   // Blocks of kLanes lanes; each lane sums at most 512 terms in acc_t before they go to double.
-  for (; k + kLanes <= K;) {
-    const int64_t stop = std::min(K - (K - k) % kLanes, k + 512 * kLanes);
-    for (; k < stop; k += kLanes) {
-      for (int l = 0; l < kLanes; ++l) {
-        const acc_t d = static_cast<acc_t>(z[k + l]) - m;
-        if (with_t1) s1[l] += std::exp(d);
-        st[l] += std::exp(d * it);
-      }
+  for (int64_t k0 = 0; k0 < K8; k0 += 512 * kLanes) {
+    const int64_t k1 = std::min(K8, k0 + 512 * kLanes);
+    acc_t s1[kLanes] = {}, st[kLanes] = {};
+    if (with_t1) {
+      for (int64_t k = k0; k < k1; k += kLanes)
+        for (int l = 0; l < kLanes; ++l) {
+          const acc_t d = static_cast<acc_t>(z[k + l]) - m;
+          s1[l] += vexp(d);
+          st[l] += vexp(d * it);
+        }
+    } else {
+      for (int64_t k = k0; k < k1; k += kLanes)
+        for (int l = 0; l < kLanes; ++l) st[l] += vexp((static_cast<acc_t>(z[k + l]) - m) * it);
     }
     for (int l = 0; l < kLanes; ++l) {
       s1_total += s1[l];
       st_total += st[l];
-      s1[l] = st[l] = 0;
     }
   }
-  for (; k < K; ++k) {
+  for (int64_t k = K8; k < K; ++k) {
     const acc_t d = static_cast<acc_t>(z[k]) - m;
-    if (with_t1) s1_total += std::exp(d);
-    st_total += std::exp(d * it);
+    if (with_t1) s1_total += vexp(d);
+    st_total += vexp(d * it);
   }
   RowStats r;
   r.m = m;
@@ -109,29 +147,53 @@ double pair_kd_pair(const scalar_t* logits, scalar_t* grad, const int64_t* label
   scalar_t* gi = grad ? grad + i * K : nullptr;
   scalar_t* gj = grad ? grad + j * K : nullptr;
   if (has_j) {
-    for (int64_t k0 = 0; k0 < K; k0 += 512) {
-      const int64_t k1 = std::min(K, k0 + 512);
-      acc_t a = 0, b = 0;
-      for (int64_t k = k0; k < k1; ++k) {
-        const acc_t xi = static_cast<acc_t>(zi[k]), xj = static_cast<acc_t>(zj[k]);
-        const acc_t lpi = (xi - mi) * it - lsti, lpj = (xj - mj) * it - lstj;
-        const acc_t pi = std::exp(lpi), pj = std::exp(lpj);
-        a += pj * (lpj - lpi);  // KL(p_j || p_i): row i learns from j
-        b += pi * (lpi - lpj);
-        if (gi) {
-          const acc_t ce_i = cei * (std::exp(xi - lse1i) - acc_t(k == yi));
-          const acc_t ce_j = cej * (std::exp(xj - lse1j) - acc_t(k == yj));
-          gi[k] = static_cast<scalar_t>(ce_i + gi_kd * (pi - pj));
-          gj[k] = static_cast<scalar_t>(ce_j + gj_kd * (pj - pi));
+    // One element: the two KL terms and, when asked, both gradient entries (the one-hot of the
+    // label is subtracted after the loop, which keeps the loop free of integer compares).
+    auto element = [&](int64_t k, acc_t& a, acc_t& b, auto with_grad) {
+      const acc_t xi = static_cast<acc_t>(zi[k]), xj = static_cast<acc_t>(zj[k]);
+      const acc_t lpi = (xi - mi) * it - lsti, lpj = (xj - mj) * it - lstj;
+      const acc_t pi = vexp(lpi), pj = vexp(lpj);
+      a += pj * (lpj - lpi);  // KL(p_j || p_i): row i learns from j
+      b += pi * (lpi - lpj);
+      if constexpr (decltype(with_grad)::value) {
+        gi[k] = static_cast<scalar_t>(cei * vexp(xi - lse1i) + gi_kd * (pi - pj));
+        gj[k] = static_cast<scalar_t>(cej * vexp(xj - lse1j) + gj_kd * (pj - pi));
+      }
+    };
+    auto sweep = [&](auto with_grad) {
+      const int64_t K8 = K - K % kLanes;
+      for (int64_t k0 = 0; k0 < K8; k0 += 512 * kLanes) {
+        const int64_t k1 = std::min(K8, k0 + 512 * kLanes);
+        acc_t a[kLanes] = {}, b[kLanes] = {};
+        for (int64_t k = k0; k < k1; k += kLanes)
+          for (int l = 0; l < kLanes; ++l) element(k + l, a[l], b[l], with_grad);
+        for (int l = 0; l < kLanes; ++l) {
+          kl_i += a[l];
+          kl_j += b[l];
         }
       }
+      acc_t a = 0, b = 0;
+      for (int64_t k = K8; k < K; ++k) element(k, a, b, with_grad);
       kl_i += a;
       kl_j += b;
+    };
+    if (gi) {
+      sweep(std::true_type{});
+      // Rewrite the label entries with the one-hot term (from scratch: no second rounding).
+      for (const int64_t k : {yi, yj}) {
+        if (k < 0) continue;
+        const acc_t xi = static_cast<acc_t>(zi[k]), xj = static_cast<acc_t>(zj[k]);
+        const acc_t pi = vexp((xi - mi) * it - lsti), pj = vexp((xj - mj) * it - lstj);
+        gi[k] = static_cast<scalar_t>(cei * (vexp(xi - lse1i) - acc_t(k == yi)) + gi_kd * (pi - pj));
+        gj[k] = static_cast<scalar_t>(cej * (vexp(xj - lse1j) - acc_t(k == yj)) + gj_kd * (pj - pi));
+      }
+    } else {
+      sweep(std::false_type{});
     }
   } else if (gi) {  // a singleton: its CE gradient only
     for (int64_t k = 0; k < K; ++k) {
       const acc_t xi = static_cast<acc_t>(zi[k]);
-      gi[k] = static_cast<scalar_t>(cei * (std::exp(xi - lse1i) - acc_t(k == yi)));
+      gi[k] = static_cast<scalar_t>(cei * (vexp(xi - lse1i) - acc_t(k == yi)));
     }
   }
   return loss + kd_loss_scale * (ci * kl_i + cj * kl_j);
@@ -195,19 +257,25 @@ double kd_row(const scalar_t* zs, const scalar_t* zt, scalar_t* g, int64_t K, do
   const acc_t ms = static_cast<acc_t>(ss.m), mt = static_cast<acc_t>(st.m);
   const acc_t ls = static_cast<acc_t>(ss.log_st), lt = static_cast<acc_t>(st.log_st);
   const acc_t gs = static_cast<acc_t>(grad_scale);
+  auto element = [&](int64_t k, acc_t& a) {
+    const acc_t lq = (static_cast<acc_t>(zs[k]) - ms) * it - ls;
+    const acc_t lp = (static_cast<acc_t>(zt[k]) - mt) * it - lt;
+    const acc_t q = vexp(lq), pt = vexp(lp);
+    a += pt * (lp - lq);
+    if (g) g[k] = static_cast<scalar_t>(gs * (q - pt));
+  };
   double kl = 0;
-  for (int64_t k0 = 0; k0 < K; k0 += 512) {
-    const int64_t k1 = std::min(K, k0 + 512);
-    acc_t a = 0;
-    for (int64_t k = k0; k < k1; ++k) {
-      const acc_t lq = (static_cast<acc_t>(zs[k]) - ms) * it - ls;
-      const acc_t lp = (static_cast<acc_t>(zt[k]) - mt) * it - lt;
-      const acc_t q = std::exp(lq), pt = std::exp(lp);
-      a += pt * (lp - lq);
-      if (g) g[k] = static_cast<scalar_t>(gs * (q - pt));
-    }
-    kl += a;
+  const int64_t K8 = K - K % kLanes;
+  for (int64_t k0 = 0; k0 < K8; k0 += 512 * kLanes) {
+    const int64_t k1 = std::min(K8, k0 + 512 * kLanes);
+    acc_t a[kLanes] = {};
+    for (int64_t k = k0; k < k1; k += kLanes)
+      for (int l = 0; l < kLanes; ++l) element(k + l, a[l]);
+    for (int l = 0; l < kLanes; ++l) kl += a[l];
   }
+  acc_t a = 0;
+  for (int64_t k = K8; k < K; ++k) element(k, a);
+  kl += a;
   return kl;
 }
 
@@ -255,35 +323,60 @@ struct Task {
   int64_t layer, begin, end;  // elements [begin, end) (elementwise kinds) or positions (cosine)
 };
 
-template <typename acc_t>
-inline void elementwise(int64_t kind, acc_t d, acc_t& e, acc_t& g) {
+template <int64_t KIND, typename acc_t>
+inline void elementwise(acc_t d, acc_t& e, acc_t& g) {
   const acc_t ad = std::abs(d);
   const acc_t sgn = acc_t((d > 0) - (d < 0));
-  switch (kind) {
-    case kMse: e = d * d; g = acc_t(2) * d; break;
-    case kL1: e = ad; g = sgn; break;
-    default: e = ad < acc_t(1) ? acc_t(0.5) * d * d : ad - acc_t(0.5); g = ad < acc_t(1) ? d : sgn; break;
+  if (KIND == kMse) {
+    e = d * d;
+    g = acc_t(2) * d;
+  } else if (KIND == kL1) {
+    e = ad;
+    g = sgn;
+  } else {
+    e = ad < acc_t(1) ? acc_t(0.5) * d * d : ad - acc_t(0.5);
+    g = ad < acc_t(1) ? d : sgn;
   }
+}
+
+template <int64_t KIND, typename scalar_t>
+double elementwise_task(const scalar_t* s, const scalar_t* t, scalar_t* g, int64_t begin, int64_t end,
+                        double scale) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t sc = static_cast<acc_t>(scale);
+  auto element = [&](int64_t k, acc_t& a) {
+    acc_t e, gk;
+    elementwise<KIND, acc_t>(static_cast<acc_t>(s[k]) - static_cast<acc_t>(t[k]), e, gk);
+    a += e;
+    if (g) g[k] = static_cast<scalar_t>(sc * gk);
+  };
+  double total = 0;
+  const int64_t end8 = end - (end - begin) % kLanes;
+  for (int64_t k0 = begin; k0 < end8; k0 += 256 * kLanes) {
+    const int64_t k1 = std::min(end8, k0 + 256 * kLanes);
+    acc_t a[kLanes] = {};
+    if (g) {
+      for (int64_t k = k0; k < k1; k += kLanes)
+        for (int l = 0; l < kLanes; ++l) element(k + l, a[l]);
+    } else {
+      for (int64_t k = k0; k < k1; k += kLanes)
+        for (int l = 0; l < kLanes; ++l) element(k + l, a[l]);
+    }
+    for (int l = 0; l < kLanes; ++l) total += a[l];
+  }
+  acc_t a = 0;
+  for (int64_t k = end8; k < end; ++k) element(k, a);
+  return scale * (total + a);
 }
 
 template <typename scalar_t>
 double elementwise_task(const scalar_t* s, const scalar_t* t, scalar_t* g, int64_t begin, int64_t end,
                         int64_t kind, double scale) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const acc_t sc = static_cast<acc_t>(scale);
-  double total = 0;
-  for (int64_t k0 = begin; k0 < end; k0 += 1024) {
-    const int64_t k1 = std::min(end, k0 + 1024);
-    acc_t a = 0;
-    for (int64_t k = k0; k < k1; ++k) {
-      acc_t e, gk;
-      elementwise<acc_t>(kind, static_cast<acc_t>(s[k]) - static_cast<acc_t>(t[k]), e, gk);
-      a += e;
-      if (g) g[k] = static_cast<scalar_t>(sc * gk);
-    }
-    total += a;
+  switch (kind) {
+    case kMse: return elementwise_task<kMse, scalar_t>(s, t, g, begin, end, scale);
+    case kL1: return elementwise_task<kL1, scalar_t>(s, t, g, begin, end, scale);
+    default: return elementwise_task<kSmoothL1, scalar_t>(s, t, g, begin, end, scale);
   }
-  return scale * total;
 }
 
 // Cosine over positions [begin, end) of a layer [N, C, *spatial] with S spatial positions per sample.
@@ -421,9 +514,6 @@ std::tuple<at::Tensor, at::Tensor> feature_alignment_loss_cpu(at::TensorList stu
   });
   std::vector<double> layer_loss(L, 0.0);
   for (size_t k = 0; k < tasks.size(); ++k) layer_loss[tasks[k].layer] += partial[k];
-  // An empty layer's mean is 0 / 0 (NaN), as in torch; its scale carries the NaN.
-  for (int64_t l = 0; l < L; ++l)
-    if (std::isnan(scales[l])) layer_loss[l] = scales[l];
   if (per_layer) {
     at::Tensor out = at::empty({L}, student[0].options().dtype(at::kDouble));
     std::copy(layer_loss.begin(), layer_loss.end(), out.data_ptr<double>());

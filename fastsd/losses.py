@@ -1,0 +1,468 @@
+"""Fused distillation losses (SPEC section 4): the public ops, their torch.library registration and backends.
+
+Layers, top to bottom:
+
+* :func:`pair_kd_loss`, :func:`kd_loss`, :func:`feature_alignment_loss` - validate the arguments
+  (metadata only) and call the registered ops;
+* ``torch.ops.fastsd.pair_kd_loss`` / ``kd_loss`` / ``feature_alignment_loss`` - ``torch.library``
+  custom ops returning ``(loss, grad)``: the gradient of the loss with respect to the student input,
+  computed in the same pass as the loss when that input requires grad. Their autograd formula only
+  multiplies the saved gradient by grad_output, on the device: no host synchronisation anywhere;
+* one implementation per backend, chosen by :mod:`fastsd._backend`: the Triton kernels in
+  ``fastsd.kernels.losses``, the C++ kernels ``torch.ops.fastsd_C.<op>`` (csrc/cpu/losses.cpp), and
+  the reference in :mod:`fastsd.reference.losses` (differentiated with autograd).
+
+Second derivatives are not supported (the saved gradient is treated as a constant).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from . import _backend, _ext
+from . import _validate as V
+from . import reference
+from .reference import losses as _reference_losses  # noqa: F401  (reference.losses)
+
+LOSS_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+TEACHERS = ("confident", "symmetric")
+KD_REDUCTIONS = ("batchmean", "sum", "mean", "none")
+FEATURE_KINDS = ("mse", "l1", "smooth_l1", "cosine")
+FEATURE_REDUCTIONS = ("mean", "sum", "none")
+_KIND_CODE = {k: i for i, k in enumerate(FEATURE_KINDS)}
+
+
+def _device_check(fn: str, name: str, ok: torch.Tensor, message: str) -> None:
+    """Assert ``ok`` on the device without a host sync (like patch_swap's partner check).
+
+    On CUDA a failure is an asynchronous device-side assert; on the CPU it raises ValueError at once.
+    """
+    try:
+        torch._assert_async(ok, f"{fn}: {message}")
+    except RuntimeError as exc:
+        raise ValueError(f"{fn}: {name}: {message} ({exc})") from None
+
+
+def _check_labels(labels: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    ok = ((labels >= 0) & (labels < num_classes)) | (labels == ignore_index)
+    _device_check("fastsd.pair_kd_loss", "labels", ok.all(),
+                  f"labels must be in [0, K={num_classes}) or equal ignore_index={ignore_index}")
+
+
+def _check_involution(partner: torch.Tensor) -> None:
+    n = partner.numel()
+    in_range = (partner >= 0) & (partner < n)
+    p = partner.clamp(0, max(n - 1, 0))
+    ok = in_range & (p[p] == torch.arange(n, device=partner.device))
+    _device_check("fastsd.pair_kd_loss", "partner", ok.all(),
+                  "partner must pair rows: partner[partner[i]] == i for every i (e.g. from intra_class_pairs)")
+
+
+def _number(fn: str, name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+        raise TypeError(f"{fn}: {name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _choice(fn: str, name: str, value, choices) -> str:
+    if value not in choices:
+        raise ValueError(f"{fn}: {name} must be one of {choices}, got {value!r}")
+    return value
+
+
+# ------------------------------------------------------------------------------------------------
+# Autograd shared by the three ops: the op returns (loss, grad); backward is grad * grad_output.
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _scaled(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
+    """grad * grad_output (a scalar, or one value per row for per-row losses), on the device."""
+    if grad.dim() == 1 and grad.numel() == 0:
+        raise RuntimeError("fastsd: this loss was computed with compute_grad=False; call the public function "
+                           "(it sets compute_grad when the input requires grad)")
+    if grad_loss.dim() == 1:
+        return grad * grad_loss.to(grad.dtype)[:, None]
+    return grad * grad_loss.to(grad.dtype)
+
+
+# --- pair KD ------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastsd::pair_kd_loss", mutates_args=())
+def _pair_kd_op(logits: torch.Tensor, labels: torch.Tensor, partner: torch.Tensor, temperature: float,
+                kd_weight: float, ce_weight: float, symmetric: bool, ignore_index: int,
+                compute_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    B, K = logits.shape
+    if B == 0:
+        return logits.new_zeros(()), logits.new_zeros(logits.shape if compute_grad else (0,))
+    _check_labels(labels, K, ignore_index)
+    _check_involution(partner)
+    fn = _backend.select("pair_kd_loss", logits, labels, partner)
+    return fn(logits.contiguous(), labels.contiguous(), partner.contiguous(), temperature, kd_weight, ce_weight,
+              symmetric, ignore_index, compute_grad)
+
+
+@_pair_kd_op.register_fake
+def _(logits, labels, partner, temperature, kd_weight, ce_weight, symmetric, ignore_index, compute_grad):
+    return logits.new_empty(()), logits.new_empty(logits.shape if compute_grad else (0,))
+
+
+def _pair_kd_backward(ctx, grad_loss, _grad_grad):
+    (grad,) = ctx.saved_tensors
+    return _scaled(grad, grad_loss), None, None, None, None, None, None, None, None
+
+
+_pair_kd_op.register_autograd(_pair_kd_backward, setup_context=_setup_context)
+
+
+def pair_kd_loss(logits: torch.Tensor, labels: torch.Tensor, partner: torch.Tensor, temperature: float = 4.0,
+                 kd_weight: float = 1.0, ce_weight: float = 1.0, teacher: str = "confident",
+                 ignore_index: int = -100) -> torch.Tensor:
+    """Cross-entropy plus the intra-class pair distillation term of ICPS, fused.
+
+    ``ce_weight * mean_i CE(z_i, y_i)`` over rows whose label is not ``ignore_index``, plus
+    ``kd_weight * T^2 * mean_pairs KL(stopgrad(softmax(z_t / T)) || softmax(z_s / T))``: in each pair
+    (i, partner[i]) with i != partner[i], the teacher t is the member with the higher temperature-1
+    probability of its own label (ties: the lower index) and s the other. ``teacher="symmetric"``
+    takes both directions, each with the target side detached, averaged. The teacher row gets no KD
+    gradient; every row gets its CE gradient.
+
+    Choices where SPEC is silent: a pair with an ignored label contributes no KD term (it is not
+    counted among the pairs); a mean over nothing (no labelled row, no pair) is 0, not NaN.
+
+    Args:
+        logits: ``[B, K]`` float32/float16/bfloat16/float64 (rows made contiguous if they are not).
+        labels: integer ``[B]``, each in ``[0, K)`` or ``ignore_index``.
+        partner: integer ``[B]`` with ``partner[partner[i]] == i`` (e.g. :func:`intra_class_pairs`);
+            ``partner[i] == i`` is a singleton.
+        temperature: T > 0 of the KD term.
+
+    labels and partner are checked on the device without a host sync: on the CPU a bad value raises
+    ValueError at once; on CUDA it triggers an asynchronous device-side assert.
+
+    Returns:
+        A scalar in logits' dtype (computed in float32, or float64 for float64 logits). Its gradient
+        is computed in the forward pass when logits requires grad.
+    """
+    fn = "fastsd.pair_kd_loss"
+    V.tensor(fn, "logits", logits, ndim=2, dtypes=LOSS_DTYPES, what="[B, K]")
+    V.tensor(fn, "labels", labels, ndim=1, dtypes=V.INT_DTYPES, what="[B]")
+    V.tensor(fn, "partner", partner, ndim=1, dtypes=V.INT_DTYPES, what="[B]")
+    V.same_device(fn, "logits", logits, labels=labels, partner=partner)
+    B, K = logits.shape
+    if labels.shape[0] != B:
+        raise ValueError(f"{fn}: labels must have length B={B} (logits.shape[0]), got {labels.shape[0]}")
+    if partner.shape[0] != B:
+        raise ValueError(f"{fn}: partner must have length B={B} (logits.shape[0]), got {partner.shape[0]}")
+    if K < 1:
+        raise ValueError(f"{fn}: logits must have at least one class, got shape {tuple(logits.shape)}")
+    temperature = V.positive_float(fn, "temperature", temperature)
+    kd_weight = _number(fn, "kd_weight", kd_weight)
+    ce_weight = _number(fn, "ce_weight", ce_weight)
+    _choice(fn, "teacher", teacher, TEACHERS)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"{fn}: ignore_index must be an int, got {ignore_index!r}")
+    compute_grad = torch.is_grad_enabled() and logits.requires_grad
+    loss, _ = _pair_kd_op(logits, labels.long(), partner.long(), temperature, kd_weight, ce_weight,
+                          teacher == "symmetric", int(ignore_index), compute_grad)
+    return loss
+
+
+# --- classic KD ---------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastsd::kd_loss", mutates_args=())
+def _kd_op(student: torch.Tensor, teacher: torch.Tensor, temperature: float, reduction: str,
+           compute_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    B, K = student.shape
+    grad_shape = student.shape if compute_grad else (0,)
+    if B == 0:  # as F.kl_div: a mean over nothing is NaN, a sum 0
+        loss = student.new_full((), float("nan") if reduction in ("batchmean", "mean") else 0.0)
+        return (student.new_empty(0) if reduction == "none" else loss), student.new_zeros(grad_shape)
+    red = {"batchmean": 1.0 / B, "mean": 1.0 / (B * K), "sum": 1.0, "none": 1.0}[reduction]
+    fn = _backend.select("kd_loss", student, teacher)
+    return fn(student.contiguous(), teacher.contiguous(), temperature, temperature ** 2 * red, temperature * red,
+              reduction == "none", compute_grad)
+
+
+@_kd_op.register_fake
+def _(student, teacher, temperature, reduction, compute_grad):
+    loss = student.new_empty((student.shape[0],) if reduction == "none" else ())
+    return loss, student.new_empty(student.shape if compute_grad else (0,))
+
+
+def _kd_backward(ctx, grad_loss, _grad_grad):
+    (grad,) = ctx.saved_tensors
+    return _scaled(grad, grad_loss), None, None, None, None
+
+
+_kd_op.register_autograd(_kd_backward, setup_context=_setup_context)
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0,
+            reduction: str = "batchmean") -> torch.Tensor:
+    """Classic distillation: ``T^2 * KL(softmax(t / T) || softmax(s / T))``, the teacher detached.
+
+    Args:
+        student_logits, teacher_logits: ``[B, K]``, one float dtype. The teacher never receives a
+            gradient, even when it requires grad.
+        reduction: ``"batchmean"`` (sum / B, the default, as ``F.kl_div``'s), ``"sum"``, ``"mean"``
+            (sum / (B * K), as ``F.kl_div``'s), or ``"none"``: one value per row, ``[B]`` (not per
+            element as ``F.kl_div``: that would write a full [B, K] tensor).
+
+    Returns:
+        The loss in the logits' dtype; its gradient is computed in the forward pass.
+    """
+    fn = "fastsd.kd_loss"
+    V.tensor(fn, "student_logits", student_logits, ndim=2, dtypes=LOSS_DTYPES, what="[B, K]")
+    V.tensor(fn, "teacher_logits", teacher_logits, ndim=2, dtypes=LOSS_DTYPES, what="[B, K]")
+    V.same_device(fn, "student_logits", student_logits, teacher_logits=teacher_logits)
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(f"{fn}: teacher_logits must have student_logits' shape {tuple(student_logits.shape)}, "
+                         f"got {tuple(teacher_logits.shape)}")
+    if teacher_logits.dtype != student_logits.dtype:
+        raise TypeError(f"{fn}: teacher_logits must have student_logits' dtype {student_logits.dtype}, "
+                        f"got {teacher_logits.dtype}")
+    if student_logits.shape[1] < 1:
+        raise ValueError(f"{fn}: student_logits must have at least one class, got shape {tuple(student_logits.shape)}")
+    temperature = V.positive_float(fn, "temperature", temperature)
+    _choice(fn, "reduction", reduction, KD_REDUCTIONS)
+    compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    loss, _ = _kd_op(student_logits, teacher_logits.detach(), temperature, reduction, compute_grad)
+    return loss
+
+
+# --- feature alignment ----------------------------------------------------------------------------
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    """Dense with dim 1 innermost (channels_last / channels_last_3d, and their any-rank analogue)."""
+    return x.dim() > 2 and x.movedim(1, -1).is_contiguous()
+
+
+def _normalise(student: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, bool]:
+    """The layout the kernels take: student contiguous or channels-last (else made contiguous),
+    target in the same layout (a copy only when it differs)."""
+    if student.is_contiguous():
+        return student, target.contiguous(), False
+    if _channels_last(student):
+        return student, target.movedim(1, -1).contiguous().movedim(-1, 1), True
+    return student.contiguous(), target.contiguous(), False
+
+
+def _grad_views(flat: torch.Tensor, shapes, channels_last) -> List[torch.Tensor]:
+    """Layer gradients as views of the flat buffer, each in its student's memory order."""
+    out, offset = [], 0
+    for shape, cl in zip(shapes, channels_last):
+        n = math.prod(shape)
+        seg = flat[offset:offset + n]
+        offset += n
+        if cl:
+            moved = (shape[0],) + tuple(shape[2:]) + (shape[1],)
+            out.append(seg.view(moved).movedim(-1, 1))
+        else:
+            out.append(seg.view(shape))
+    return out
+
+
+@torch.library.custom_op("fastsd::feature_alignment_loss", mutates_args=())
+def _feature_op(student: List[torch.Tensor], target: List[torch.Tensor], channels_last: List[bool], kind: str,
+                scales: List[float], reduction: str, compute_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    fn = _backend.select("feature_alignment_loss", *student, *target, kind=kind)
+    return fn(list(student), list(target), list(channels_last), kind, list(scales), reduction == "none",
+              compute_grad)
+
+
+@_feature_op.register_fake
+def _(student, target, channels_last, kind, scales, reduction, compute_grad):
+    loss = student[0].new_empty((len(student),) if reduction == "none" else ())
+    return loss, student[0].new_empty(sum(s.numel() for s in student) if compute_grad else 0)
+
+
+def _feature_setup_context(ctx, inputs, output):
+    student, _target, channels_last, _kind, _scales, reduction, _compute_grad = inputs
+    ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.shapes = [tuple(s.shape) for s in student]
+    ctx.channels_last = list(channels_last)
+    ctx.per_layer = reduction == "none"
+
+
+def _feature_backward(ctx, grad_loss, _grad_grad):
+    (flat,) = ctx.saved_tensors
+    if ctx.per_layer:  # one grad_output per layer: scale each layer's segment
+        segments, offset = [], 0
+        for l, shape in enumerate(ctx.shapes):
+            n = math.prod(shape)
+            segments.append(flat[offset:offset + n] * grad_loss[l].to(flat.dtype))
+            offset += n
+        scaled = torch.cat(segments)
+    else:
+        scaled = flat * grad_loss.to(flat.dtype)
+    no_grad = [None] * len(ctx.shapes)  # the targets are constants
+    return _grad_views(scaled, ctx.shapes, ctx.channels_last), no_grad, None, None, None, None, None
+
+
+_feature_op.register_autograd(_feature_backward, setup_context=_feature_setup_context)
+
+
+def feature_alignment_loss(student: Union[torch.Tensor, Sequence[torch.Tensor]],
+                           target: Union[torch.Tensor, Sequence[torch.Tensor]], kind: str = "mse",
+                           weights: Union[None, str, Sequence[float]] = None,
+                           reduction: str = "mean") -> torch.Tensor:
+    """Layer-wise feature alignment of ICP: ``sum_l w_l * loss_l``, all layers in one kernel launch.
+
+    Args:
+        student: one tensor or a sequence (one per layer) of float tensors of rank >= 2, ``[N, C, ...]``.
+        target: the same number of tensors, each of its student's shape and all of one dtype; a
+            constant (it never receives a gradient, even when it requires grad).
+        kind: ``"mse"``, ``"l1"``, ``"smooth_l1"`` (beta 1), or ``"cosine"``: ``1 - cos`` along dim 1
+            (``a.b / (max(|a|, 1e-8) * max(|b|, 1e-8))``), averaged over the remaining positions.
+        weights: None (all 1), ``"cosine"`` (``w_l = cos(l * pi / (4 * (L - 1)))``, ``[1]`` for one
+            layer), or one float per layer.
+        reduction: ``"mean"`` or ``"sum"`` of each layer's per-element (per-position for cosine)
+            losses; ``"none"`` returns ``[w_l * mean_l]``, a 1-D tensor of length L (its sum is the
+            ``"mean"`` result).
+
+    Contiguous and channels-last maps are read in place (a target in the other layout is copied to
+    its student's); other layouts are made contiguous. Layers must not be empty.
+
+    Returns:
+        The loss in the inputs' dtype. The gradient of every layer is computed in the forward pass
+        into one buffer; the backward multiplies it by grad_output (one multiply for all layers).
+    """
+    fn = "fastsd.feature_alignment_loss"
+    single = isinstance(student, torch.Tensor)
+    if single != isinstance(target, torch.Tensor):
+        raise TypeError(f"{fn}: student and target must both be tensors or both sequences of tensors, "
+                        f"got {type(student).__name__} and {type(target).__name__}")
+    students = [student] if single else list(student)
+    targets = [target] if single else list(target)
+    if not students:
+        raise ValueError(f"{fn}: student must hold at least one layer")
+    if len(targets) != len(students):
+        raise ValueError(f"{fn}: target must have one tensor per student layer ({len(students)}), got {len(targets)}")
+    L = len(students)
+    names = ["student", "target"] if single else None
+    dtype = None
+    for l, (s, t) in enumerate(zip(students, targets)):
+        sn, tn = names or (f"student[{l}]", f"target[{l}]")
+        V.tensor(fn, sn, s, min_ndim=2, dtypes=LOSS_DTYPES)
+        V.tensor(fn, tn, t, min_ndim=2, dtypes=LOSS_DTYPES)
+        dtype = dtype or s.dtype
+        for name, x in ((sn, s), (tn, t)):
+            if x.dtype != dtype:
+                raise TypeError(f"{fn}: every student and target tensor must have one dtype ({dtype}), "
+                                f"{name} has {x.dtype}")
+        if t.shape != s.shape:
+            raise ValueError(f"{fn}: {tn} must have {sn}'s shape {tuple(s.shape)}, got {tuple(t.shape)}")
+        if s.numel() == 0:
+            raise ValueError(f"{fn}: {sn} is empty (shape {tuple(s.shape)})")
+        V.same_device(fn, "student" if single else "student[0]", students[0], **{sn: s, tn: t})
+    _choice(fn, "kind", kind, FEATURE_KINDS)
+    _choice(fn, "reduction", reduction, FEATURE_REDUCTIONS)
+    if weights is not None and not isinstance(weights, str):
+        if isinstance(weights, torch.Tensor) or not isinstance(weights, Sequence):
+            raise TypeError(f"{fn}: weights must be None, 'cosine' or a sequence of floats, got {type(weights).__name__}")
+        if len(weights) != L:
+            raise ValueError(f"{fn}: weights must have one value per layer ({L}), got {len(weights)}")
+        weights = [_number(fn, f"weights[{l}]", w) for l, w in enumerate(weights)]
+    elif isinstance(weights, str) and weights != "cosine":
+        raise ValueError(f"{fn}: weights must be None, 'cosine' or a sequence of floats, got {weights!r}")
+    w = reference.layer_weights(weights, L)
+
+    norm = [_normalise(s, t.detach()) for s, t in zip(students, targets)]
+    students = [n[0] for n in norm]
+    targets = [n[1] for n in norm]
+    channels_last = [n[2] for n in norm]
+    if kind == "cosine":
+        counts = [s.numel() // s.shape[1] for s in students]  # positions
+    else:
+        counts = [s.numel() for s in students]
+    scales = [wl if reduction == "sum" else wl / n for wl, n in zip(w, counts)]
+    compute_grad = torch.is_grad_enabled() and any(s.requires_grad for s in students)
+    loss, _ = _feature_op(students, targets, channels_last, kind, scales, reduction, compute_grad)
+    return loss
+
+
+# --- backends ------------------------------------------------------------------------------------
+
+
+_backend.register("pair_kd_loss", "torch")(reference.losses.pair_kd_loss_and_grad)
+_backend.register("kd_loss", "torch")(reference.losses.kd_loss_and_grad)
+
+
+@_backend.register("pair_kd_loss", "cpp")
+def _pair_kd_cpp(*args):
+    return _ext.ops().pair_kd_loss(*args)
+
+
+@_backend.register("kd_loss", "cpp")
+def _kd_cpp(*args):
+    return _ext.ops().kd_loss(*args)
+
+
+@_backend.register("feature_alignment_loss", "torch")
+def _feature_torch(student, target, channels_last, kind, scales, per_layer, compute_grad):
+    per, grads = [], []
+    for s, t, scale in zip(student, target, scales):
+        loss, g = reference.losses.feature_layer_loss_and_grad(s, t, kind, scale, compute_grad)
+        per.append(loss)
+        grads.append(g)
+    per = torch.stack(per)
+    flat = student[0].new_empty(sum(s.numel() for s in student) if compute_grad else 0)
+    if compute_grad:
+        for view, g in zip(_grad_views(flat, [tuple(s.shape) for s in student], channels_last), grads):
+            view.copy_(g)
+    return (per if per_layer else per.sum()).to(student[0].dtype), flat
+
+
+@_backend.register("feature_alignment_loss", "cpp")
+def _feature_cpp(student, target, channels_last, kind, scales, per_layer, compute_grad):
+    return _ext.ops().feature_alignment_loss(student, target, channels_last, _KIND_CODE[kind], scales, per_layer,
+                                             compute_grad)
+
+
+def _triton_dtype_reasons(*tensors, **kwargs) -> List[str]:
+    bad = sorted({str(t.dtype) for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()
+                  and t.dtype == torch.float64})
+    return [f"the Triton kernels take float32/float16/bfloat16, not {', '.join(bad)}"] if bad else []
+
+
+def _triton_feature_reasons(*tensors, kind="mse") -> List[str]:
+    why = _triton_dtype_reasons(*tensors)
+    if kind == "cosine":
+        from .kernels import losses as k
+
+        wide = [t.shape[1] for t in tensors if t.shape[1] > k.MAX_COSINE_CHANNELS]
+        if wide:
+            why.append(f"the Triton cosine kernel holds at most {k.MAX_COSINE_CHANNELS} channels, got {max(wide)}")
+    return why
+
+
+@_backend.register("pair_kd_loss", "triton", reasons=_triton_dtype_reasons)
+def _pair_kd_triton(*args):
+    from .kernels import losses as k
+
+    return k.pair_kd_loss(*args)
+
+
+@_backend.register("kd_loss", "triton", reasons=_triton_dtype_reasons)
+def _kd_triton(*args):
+    from .kernels import losses as k
+
+    return k.kd_loss(*args)
+
+
+@_backend.register("feature_alignment_loss", "triton", reasons=_triton_feature_reasons)
+def _feature_triton(student, target, channels_last, kind, scales, per_layer, compute_grad):
+    from .kernels import losses as k
+
+    return k.feature_alignment_loss(student, target, channels_last, kind, scales, per_layer, compute_grad)

@@ -7,12 +7,15 @@ from ._backend import BackendUnavailableError, use_backend
 from .pairing import box_mask, default_patch_size, intra_class_pairs, intra_class_patch_swap, patch_swap_mask
 from .patch_swap import patch_swap
 from .losses import feature_alignment_loss, kd_loss, pair_kd_loss
+from .icp import ICPDistiller, ICPRefiner
 from . import data, nn  # noqa: E402  (fastsd.nn modules, fastsd.data.ClassPairSampler)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "ICPDistiller",
+    "ICPRefiner",
     "box_mask",
     "default_patch_size",
     "feature_alignment_loss",

@@ -181,3 +181,4 @@ def _load_all():
     # Importing the op modules registers their implementations.
     from . import patch_swap  # noqa: F401
     from . import losses  # noqa: F401
+    from . import icp  # noqa: F401

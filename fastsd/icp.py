@@ -1,0 +1,601 @@
+"""ICP refinement (SPEC section 5): :class:`ICPRefiner` and :class:`ICPDistiller`.
+
+Layers, top to bottom:
+
+* :class:`ICPRefiner` - validates, puts the model in eval mode (restoring every module's mode
+  afterwards), and runs the K steps either eagerly or as one replayed CUDA graph. Both paths run
+  the same step function, :meth:`ICPRefiner._run_steps`.
+* ``torch.ops.fastsd.icp_update_`` - the fused in-place input update (x, m, v, m2 read once and
+  written once), a ``torch.library`` custom op with a fake kernel;
+* one implementation per backend, chosen by :mod:`fastsd._backend`: the Triton kernels in
+  ``fastsd.kernels.icp_update`` (CUDA), and the reference :mod:`fastsd.reference.icp` ("torch",
+  what runs on CPU tensors: the update is a few percent of a refinement step there, see
+  ``fastsd.bench``).
+
+The step counter never lives on the device: step t's bias corrections are Python floats computed
+from t, so the eager path needs no host sync and a captured graph bakes in each step's constants
+(K is fixed per refiner, so they are the same on every replay).
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import math
+import numbers
+import warnings
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import _backend
+from . import _validate as V
+from .reference import icp as ref
+
+METHODS = ref.METHODS
+CUDA_GRAPH_MODES = ("auto", "never", "always")
+FEATURE_KINDS = ("mse", "l1", "smooth_l1", "cosine")
+
+
+# --- the fused update op -------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastsd::icp_update_", mutates_args=("x", "m", "v", "m2"))
+def _icp_update_op(
+    x: torch.Tensor,
+    g: torch.Tensor,
+    m: Optional[torch.Tensor],
+    v: Optional[torch.Tensor],
+    m2: Optional[torch.Tensor],
+    method: str,
+    step: int,
+    step_size: float,
+    beta1: float,
+    beta2: float,
+    beta3: float,
+    alpha: float,
+    eps: float,
+    clamp_lo: Optional[float],
+    clamp_hi: Optional[float],
+) -> None:
+    tensors = [t for t in (x, g, m, v, m2) if t is not None]
+    fn = _backend.select("icp_update", *tensors)
+    fn(x, g, m, v, m2, method, step, step_size, beta1, beta2, beta3, alpha, eps, clamp_lo, clamp_hi)
+
+
+@_icp_update_op.register_fake
+def _(x, g, m, v, m2, method, step, step_size, beta1, beta2, beta3, alpha, eps, clamp_lo, clamp_hi):
+    return None
+
+
+def new_state(x: torch.Tensor, method: str):
+    """Fresh optimiser state ``(m, v, m2)`` for ``method`` (None where unused): zeros of dtype
+    ``compute_dtype(x.dtype)`` (float32, float64 for float64 x) with x's layout."""
+    if method == "sgd":
+        return None, None, None
+    dtype = ref.compute_dtype(x.dtype)
+    m = torch.zeros_like(x, dtype=dtype, memory_format=torch.preserve_format)
+    v = torch.zeros_like(m, memory_format=torch.preserve_format)
+    m2 = torch.zeros_like(m, memory_format=torch.preserve_format) if method == "ademamix" else None
+    return m, v, m2
+
+
+def icp_update_(x, g, m, v, m2, *, method: str, step: int, step_size: float, betas=(0.9, 0.999, 0.9999),
+                alpha: float = 5.0, eps: float = 1e-8, clamp: Optional[Tuple[Optional[float], Optional[float]]] = None):
+    """One fused in-place step of the ICP input update (formulas: :mod:`fastsd.reference.icp`).
+
+    ``x`` (any float dtype) and ``m, v, m2`` (from :func:`new_state`) are updated in place; ``g`` is
+    x's gradient (copied to x's layout if its strides differ). ``step`` is 1-based.
+    """
+    if g.dtype != x.dtype or g.stride() != x.stride():
+        g = torch.empty_like(x).copy_(g)
+    lo, hi = clamp if clamp is not None else (None, None)
+    b1, b2 = betas[0], betas[1]
+    b3 = betas[2] if len(betas) > 2 else 0.9999
+    _icp_update_op(x, g, m, v, m2, method, int(step), float(step_size), float(b1), float(b2), float(b3),
+                   float(alpha), float(eps), None if lo is None else float(lo), None if hi is None else float(hi))
+
+
+def _triton_reasons(x, *others) -> List[str]:
+    # others: g and the state tensors (absent when asked about x alone, e.g. by fastsd.info)
+    out = []
+    if x.dtype not in V.FLOAT_DTYPES:
+        out.append(f"x has dtype {x.dtype}; the kernel takes float32/float16/bfloat16/float64")
+    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        out.append("x is not dense (contiguous or channels_last)")
+    if any(t.shape != x.shape or t.stride() != x.stride() for t in others):
+        out.append("g and the state must have x's shape and strides")
+    if any(t.dtype != ref.compute_dtype(x.dtype) for t in others[1:]):
+        out.append("the state must be float32 (float64 for float64 x)")
+    return out
+
+
+_backend.register("icp_update", "torch")(ref.icp_update_)
+
+
+@_backend.register("icp_update", "triton", reasons=_triton_reasons)
+def _icp_update_triton(*args):
+    from .kernels import icp_update as k
+
+    k.icp_update_(*args)
+
+
+# --- model state -------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _modes(model: nn.Module, training: bool):
+    """Every module in ``training`` mode inside; each module's own previous flag restored after,
+    also on exceptions (flags are set directly so train() overrides do not run twice)."""
+    saved = [(mod, mod.training) for mod in model.modules()]
+    model.train(training)
+    try:
+        yield
+    finally:
+        for mod, mode in saved:
+            mod.training = mode
+
+
+@contextlib.contextmanager
+def _buffers_swapped(model: nn.Module):
+    """Every buffer replaced by a copy inside, the original tensors put back after: BatchNorm's
+    running statistics are left as they were, without an in-place write (that would bump their
+    version counters and break a graph that saved them)."""
+    saved = []
+    for mod in model.modules():
+        for name, b in mod._buffers.items():
+            if b is not None:
+                saved.append((mod, name, b))
+    with torch.no_grad():
+        for mod, name, b in saved:
+            mod._buffers[name] = b.clone()
+    try:
+        yield
+    finally:
+        for mod, name, b in saved:
+            mod._buffers[name] = b
+
+
+def _default_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, y)
+
+
+# --- the refiner -------------------------------------------------------------------------------
+
+
+@dataclass
+class _Graph:
+    graph: "torch.cuda.CUDAGraph"
+    x_in: torch.Tensor
+    y_in: torch.Tensor
+    x_buf: torch.Tensor
+    state: tuple
+
+
+class ICPRefiner:
+    """Move x a few steps *down* the loss: ``x_refined = refiner(x, y)`` (SPEC section 5).
+
+    ``x_0 = x``; for t = 0..K-1: ``g_t = d loss_fn(model(x_t), y) / d x_t``, then
+    ``x_{t+1} = x_t - step_size * u_t`` with
+
+    * ``sgd``: ``u_t = g_t``;
+    * ``adam``: ``m_hat / (sqrt(v_hat) + eps)``, bias-corrected (the first step is ``~ sign(g)``:
+      exactly ``g / (|g| + eps)``);
+    * ``ademamix``: ``(m1_hat + alpha * m2) / (sqrt(v_hat) + eps)``, slow EMA m2 with
+      ``beta3 = 0.9999`` (or ``betas[2]``) and ``alpha = 5`` (``ademamix_alpha``), no bias
+      correction on m2;
+
+    then ``x_{t+1} = clamp(x_{t+1}, *clamp)`` when ``clamp=(lo, hi)`` is given (either may be
+    None). The optimiser state is fresh for every call; it is float32 for 16/32-bit x and float64
+    for float64 x. The update of x, m, v (m2) is one fused pass (``torch.ops.fastsd.icp_update_``).
+    x itself keeps its dtype and is rounded to it after every step: for float16/bfloat16 x, steps
+    smaller than half an ulp (bfloat16 near 1: 2^-9) round away; refine float32 x under
+    ``torch.autocast`` instead.
+
+    Args:
+        model: the network; run in eval mode while refining. Every module's training flag is
+            restored afterwards, also when an exception is raised. Parameters' ``.grad`` and all
+            buffers are left untouched (the input gradient is ``torch.autograd.grad(loss, x)``).
+        steps: K >= 0. ``steps=0`` returns a copy of x.
+        step_size: > 0.
+        method: ``"sgd"``, ``"adam"`` or ``"ademamix"``.
+        betas: ``(beta1, beta2)`` or, for ademamix, ``(beta1, beta2, beta3)``; each in [0, 1).
+        eps: >= 0, added to ``sqrt(v_hat)``.
+        loss_fn: ``loss_fn(model(x), y) -> scalar``; default mean cross-entropy.
+        clamp: None or ``(lo, hi)``.
+        cuda_graph: ``"auto"``: on CUDA, the K steps are captured once per (shape, strides,
+            dtype, device, labels, autocast state, parameter storage) into one CUDA graph over
+            static buffers (warm-up on a side stream first) and replayed for every later batch;
+            at most ``max_graphs`` graphs are kept (least recently used dropped). If capture fails
+            (a model with host syncs, ...), ``auto`` warns once and runs eagerly. ``"never"``:
+            always eager. ``"always"``: the graph or an error (CPU tensors, capture failure).
+            The graph reads the model's parameters in place: optimiser steps and
+            ``load_state_dict`` are seen by later replays; parameters replaced by new tensors
+            change the key and cause a recapture. Python side effects of the model's forward
+            (hooks, counters) happen at capture only, not on replays. Call :meth:`reset` to drop
+            the graphs.
+        ademamix_alpha: AdEMAMix's alpha (5).
+        max_graphs: size of the graph cache (4).
+
+    Returns (from ``refiner(x, y)``): a new tensor with x's shape, dtype, device and layout that
+    does not require grad; x itself is never modified. Works under ``torch.no_grad()`` callers (grad
+    is enabled for x inside) and under ``torch.autocast``.
+    """
+
+    def __init__(self, model: nn.Module, steps: int = 5, step_size: float = 2e-3, method: str = "adam",
+                 betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-8,
+                 loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+                 clamp: Optional[Tuple[Optional[float], Optional[float]]] = None, cuda_graph: str = "auto", *,
+                 ademamix_alpha: float = 5.0, max_graphs: int = 4):
+        fn = "fastsd.ICPRefiner"
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{fn}: model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
+            raise TypeError(f"{fn}: steps must be an int >= 0, got {type(steps).__name__}")
+        if steps < 0:
+            raise ValueError(f"{fn}: steps must be >= 0, got {steps}")
+        if not isinstance(method, str) or method not in METHODS:
+            raise ValueError(f"{fn}: method must be one of {METHODS}, got {method!r}")
+        betas = _betas(fn, betas, method)
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (0.0 <= eps < math.inf):
+            raise ValueError(f"{fn}: eps must be a finite number >= 0, got {eps!r}")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"{fn}: loss_fn must be callable or None, got {type(loss_fn).__name__}")
+        if cuda_graph not in CUDA_GRAPH_MODES:
+            raise ValueError(f"{fn}: cuda_graph must be one of {CUDA_GRAPH_MODES}, got {cuda_graph!r}")
+        if isinstance(max_graphs, bool) or not isinstance(max_graphs, numbers.Integral) or max_graphs < 1:
+            raise ValueError(f"{fn}: max_graphs must be an int >= 1, got {max_graphs!r}")
+        self.model = model
+        self.steps = int(steps)
+        self.step_size = V.positive_float(fn, "step_size", step_size)
+        self.method = method
+        self.betas = betas
+        self.eps = float(eps)
+        self.loss_fn = loss_fn if loss_fn is not None else _default_loss
+        self.clamp = _clamp(fn, clamp)
+        self.cuda_graph = cuda_graph
+        self.ademamix_alpha = float(ademamix_alpha)
+        self.max_graphs = int(max_graphs)
+        self._graphs: "collections.OrderedDict[tuple, _Graph]" = collections.OrderedDict()
+        self._uncapturable: set = set()
+
+    def __repr__(self) -> str:
+        return (f"ICPRefiner(steps={self.steps}, step_size={self.step_size}, method={self.method!r}, "
+                f"betas={self.betas}, eps={self.eps}, clamp={self.clamp}, cuda_graph={self.cuda_graph!r})")
+
+    def reset(self) -> None:
+        """Drop every captured CUDA graph (and its memory pool)."""
+        self._graphs.clear()
+        self._uncapturable.clear()
+
+    # -- the step function, shared by the eager path and the captured graph ----------------------
+
+    def _run_steps(self, x_buf: torch.Tensor, y: torch.Tensor, state: tuple) -> None:
+        """K in-place steps on ``x_buf`` (and the state); no host sync, no data-dependent allocation."""
+        m, v, m2 = state
+        betas = self.betas + (0.9999,) if len(self.betas) == 2 else self.betas
+        for step in range(1, self.steps + 1):
+            xt = x_buf.detach().requires_grad_(True)
+            with torch.enable_grad():
+                loss = self.loss_fn(self.model(xt), y)
+                if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+                    raise ValueError("fastsd.ICPRefiner: loss_fn must return a scalar tensor, got "
+                                     + (f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor)
+                                        else type(loss).__name__))
+                (g,) = torch.autograd.grad(loss, xt, allow_unused=True, materialize_grads=True)
+            with torch.no_grad():
+                icp_update_(x_buf, g, m, v, m2, method=self.method, step=step, step_size=self.step_size,
+                            betas=betas, alpha=self.ademamix_alpha, eps=self.eps, clamp=self.clamp)
+
+    # -- public call ------------------------------------------------------------------------------
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        fn = "fastsd.ICPRefiner"
+        V.tensor(fn, "x", x, min_ndim=1)
+        if not x.is_floating_point():
+            raise TypeError(f"{fn}: x must be a floating-point tensor, got {x.dtype}")
+        V.tensor(fn, "y", y, min_ndim=1)
+        if y.shape[0] != x.shape[0]:
+            raise ValueError(f"{fn}: y must have x's batch size {x.shape[0]} as its first dim, "
+                             f"got shape {tuple(y.shape)}")
+        V.same_device(fn, "x", x, y=y)
+        use_graph = self._use_graph(x)
+        with torch.inference_mode(False):
+            if self.steps == 0:
+                return x.detach().clone()
+            with _modes(self.model, False):
+                if not use_graph:
+                    return self._eager(x, y)
+                with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
+                    return self._replay(x, y)
+
+    # -- CUDA graphs --------------------------------------------------------------------------
+
+    def _use_graph(self, x: torch.Tensor) -> bool:
+        if self.cuda_graph == "never":
+            return False
+        if x.device.type != "cuda":
+            if self.cuda_graph == "always":
+                raise ValueError(f"fastsd.ICPRefiner: cuda_graph='always' needs CUDA tensors, x is on "
+                                 f"{x.device}; use cuda_graph='auto' or 'never'")
+            return False
+        # Called inside the caller's own capture: run eagerly, the caller's graph records it.
+        return not torch.cuda.is_current_stream_capturing()
+
+    def _key(self, x: torch.Tensor, y: torch.Tensor) -> tuple:
+        dev = x.device.type
+        autocast = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        storage = tuple(t.data_ptr() for t in self.model.parameters()) + tuple(
+            t.data_ptr() for t in self.model.buffers())
+        hparams = (self.steps, self.step_size, self.method, self.betas, self.eps, self.clamp,
+                   self.ademamix_alpha, self.loss_fn)
+        return (tuple(x.shape), x.stride(), x.dtype, x.device, tuple(y.shape), y.stride(), y.dtype,
+                autocast, hparams, storage)
+
+    def _replay(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        key = self._key(x, y)
+        entry = self._graphs.get(key)
+        if entry is None:
+            if key in self._uncapturable:
+                return self._eager(x, y)
+            try:
+                entry = self._capture(x, y)
+            except _CaptureError as exc:
+                if self.cuda_graph == "always":
+                    raise RuntimeError(f"fastsd.ICPRefiner: cuda_graph='always' but the refinement could "
+                                       f"not be captured into a CUDA graph: {exc.__cause__!r}. Models with "
+                                       f"host syncs (.item(), data-dependent shapes) cannot be captured; "
+                                       f"use cuda_graph='auto' or 'never'.") from exc.__cause__
+                warnings.warn(f"fastsd.ICPRefiner: CUDA graph capture failed ({exc.__cause__!r}); "
+                              f"running this shape eagerly", RuntimeWarning, stacklevel=3)
+                self._uncapturable.add(key)
+                return self._eager(x, y)
+            self._graphs[key] = entry
+            while len(self._graphs) > self.max_graphs:
+                self._graphs.popitem(last=False)
+        else:
+            self._graphs.move_to_end(key)
+        entry.x_in.copy_(x)
+        entry.y_in.copy_(y)
+        entry.graph.replay()
+        return entry.x_buf.clone()
+
+    def _eager(self, x, y):
+        x_buf = x.detach().clone()
+        self._run_steps(x_buf, y, new_state(x_buf, self.method))
+        return x_buf
+
+    def _capture(self, x: torch.Tensor, y: torch.Tensor) -> _Graph:
+        dev = x.device
+        x_in = x.detach().clone()
+        y_in = y.detach().clone()
+        x_buf = torch.empty_like(x_in)
+        state = new_state(x_in, self.method)
+
+        def body():
+            x_buf.copy_(x_in)
+            for s in state:
+                if s is not None:
+                    s.zero_()
+            self._run_steps(x_buf, y_in, state)
+
+        return _Graph(_cuda_graph_of(body, dev), x_in, y_in, x_buf, state)
+
+
+def _cuda_graph_of(body: Callable[[], None], dev: torch.device) -> "torch.cuda.CUDAGraph":
+    """Warm ``body`` up on a side stream, then capture one call of it into a CUDA graph."""
+    # autocast's weight-cast cache would hand the graph tensors cast outside it: mirror the
+    # caller's autocast state with the cache off (as torch.cuda.make_graphed_callables requires).
+    enabled, dtype = torch.is_autocast_enabled(dev.type), torch.get_autocast_dtype(dev.type)
+
+    def autocast():
+        return torch.autocast(dev.type, dtype=dtype, enabled=enabled, cache_enabled=False)
+
+    # Warm-up on a side stream: lazy initialisation (cuDNN/cuBLAS handles, autograd, Triton
+    # compilation) must not happen inside the capture.
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side), autocast():
+        for _ in range(2):
+            body()
+    torch.cuda.current_stream(dev).wait_stream(side)
+
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph), autocast():
+            body()
+    except Exception as exc:
+        raise _CaptureError() from exc
+    return graph
+
+
+class _CaptureError(Exception):
+    pass
+
+
+def _betas(fn: str, betas, method: str) -> tuple:
+    n_allowed = (2, 3) if method == "ademamix" else (2,)
+    if not isinstance(betas, (tuple, list)) or len(betas) not in n_allowed:
+        raise ValueError(f"{fn}: betas must be a pair (beta1, beta2)"
+                         + (" or a triple (beta1, beta2, beta3)" if method == "ademamix" else "")
+                         + f", got {betas!r}")
+    for b in betas:
+        if isinstance(b, bool) or not isinstance(b, numbers.Real) or not (0.0 <= b < 1.0):
+            raise ValueError(f"{fn}: betas must be numbers in [0, 1), got {tuple(betas)!r}")
+    return tuple(float(b) for b in betas)
+
+
+def _clamp(fn: str, clamp):
+    if clamp is None:
+        return None
+    if not isinstance(clamp, (tuple, list)) or len(clamp) != 2:
+        raise ValueError(f"{fn}: clamp must be None or a pair (lo, hi), got {clamp!r}")
+    lo, hi = clamp
+    for b in (lo, hi):
+        if b is not None and (isinstance(b, bool) or not isinstance(b, numbers.Real)):
+            raise TypeError(f"{fn}: clamp bounds must be numbers or None, got {clamp!r}")
+    if lo is not None and hi is not None and not lo <= hi:
+        raise ValueError(f"{fn}: clamp must have lo <= hi, got {clamp!r}")
+    return (None if lo is None else float(lo), None if hi is None else float(hi))
+
+
+# --- the distiller -------------------------------------------------------------------------------
+
+
+def _reference_feature_alignment_loss(student, target, kind="mse", weights=None, reduction="mean"):
+    """SPEC section 4's feature_alignment_loss, plainly (used until ``fastsd.feature_alignment_loss`` lands)."""
+    if isinstance(student, torch.Tensor):
+        student, target = [student], [target]
+    L = len(student)
+    if weights is None:
+        w = [1.0] * L
+    elif isinstance(weights, str):
+        w = [1.0] if L == 1 else [math.cos(l * math.pi / (4 * (L - 1))) for l in range(L)]
+    else:
+        w = [float(a) for a in weights]
+    losses = []
+    for s, t in zip(student, target):
+        t = t.detach()
+        if kind == "mse":
+            loss = F.mse_loss(s, t, reduction=reduction if reduction != "none" else "mean")
+        elif kind == "l1":
+            loss = F.l1_loss(s, t, reduction=reduction if reduction != "none" else "mean")
+        elif kind == "smooth_l1":
+            loss = F.smooth_l1_loss(s, t, beta=1.0, reduction=reduction if reduction != "none" else "mean")
+        else:
+            per = 1 - F.cosine_similarity(s, t, dim=1, eps=1e-8)
+            loss = per.sum() if reduction == "sum" else per.mean()
+        losses.append(loss)
+    if reduction == "none":
+        return torch.stack(losses)
+    return sum(wl * loss for wl, loss in zip(w, losses))
+
+
+def _feature_alignment_loss():
+    """``fastsd.feature_alignment_loss`` once it exists, else fastsd.reference's, else the one above."""
+    import fastsd
+    from fastsd import reference
+
+    return (getattr(fastsd, "feature_alignment_loss", None) or getattr(reference, "feature_alignment_loss", None)
+            or _reference_feature_alignment_loss)
+
+
+class ICPDistiller:
+    """One ICP self-distillation loss: ``out = distiller(x, y, progress)`` (SPEC section 5).
+
+    ``out = dict(loss, task, feature, alpha)``:
+
+    * x goes through the model in train mode (a model in eval mode is put in train mode for the
+      call and every module's flag restored after; a model already in train mode is left as it is,
+      so submodules the user froze in eval mode stay so); ``task = CE(model(x), y)``;
+    * if ``progress > warmup``: ``x_r = refiner(x, y)`` (eval mode, see :class:`ICPRefiner`), the
+      refined input runs under ``torch.no_grad()`` in the same mode as x to give the target
+      features (BatchNorm buffers are left as they were by this pass, so the running statistics see
+      each real batch once), and ``feature = feature_alignment_loss(features(x), targets, kind,
+      layer_weights)``; else ``feature = 0``;
+    * ``alpha = 1`` while ``progress <= warmup``, else ``cos(pi/2 * (progress - warmup) / (1 - warmup))``;
+      ``loss = alpha * task + (1 - alpha) * feature``.
+
+    The targets carry no graph, so gradient reaches the model only through x's own branch.
+    Features are the outputs of the named modules, caught with forward hooks that exist only during
+    the call (a module called several times contributes its last output).
+
+    Args:
+        model: the network.
+        layers: names from ``model.named_modules()`` (e.g. ``["layer1", ..., "layer4"]``); unknown
+            names raise ValueError listing the valid ones.
+        refiner: an :class:`ICPRefiner` (or any ``callable(x, y) -> x_refined``); default
+            ``ICPRefiner(model)``.
+        kind, layer_weights: as ``fastsd.feature_alignment_loss``'s ``kind`` and ``weights``.
+        warmup: in [0, 1].
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[str], refiner: Optional[Callable] = None,
+                 kind: str = "mse", layer_weights="cosine", warmup: float = 0.25):
+        fn = "fastsd.ICPDistiller"
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{fn}: model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(layers, str):
+            layers = [layers]
+        if not isinstance(layers, (list, tuple)) or not layers or not all(isinstance(n, str) for n in layers):
+            raise TypeError(f"{fn}: layers must be a non-empty sequence of module names, got {layers!r}")
+        modules = dict(model.named_modules())
+        modules.pop("", None)
+        unknown = [n for n in layers if n not in modules]
+        if unknown:
+            raise ValueError(f"{fn}: unknown layers {unknown} in layers; valid names: {list(modules)}")
+        if kind not in FEATURE_KINDS:
+            raise ValueError(f"{fn}: kind must be one of {FEATURE_KINDS}, got {kind!r}")
+        if layer_weights is not None and not (isinstance(layer_weights, str) and layer_weights == "cosine"):
+            if isinstance(layer_weights, str) or not isinstance(layer_weights, (list, tuple)) \
+                    or len(layer_weights) != len(layers):
+                raise ValueError(f"{fn}: layer_weights must be None, 'cosine' or {len(layers)} numbers "
+                                 f"(one per layer), got {layer_weights!r}")
+        if refiner is None:
+            refiner = ICPRefiner(model)
+        elif not callable(refiner):
+            raise TypeError(f"{fn}: refiner must be an ICPRefiner (or callable(x, y)), got {type(refiner).__name__}")
+        self.model = model
+        self.layers = tuple(layers)
+        self.refiner = refiner
+        self.kind = kind
+        self.layer_weights = layer_weights
+        self.warmup = V.unit_interval(fn, "warmup", warmup)
+        self._modules = [modules[n] for n in self.layers]
+
+    def alpha(self, progress: float) -> float:
+        """Weight of the task loss at ``progress`` in [0, 1]."""
+        progress = V.unit_interval("fastsd.ICPDistiller", "progress", progress)
+        if progress <= self.warmup:
+            return 1.0
+        return math.cos(math.pi / 2 * (progress - self.warmup) / (1.0 - self.warmup))
+
+    @contextlib.contextmanager
+    def _features(self):
+        feats: List[Optional[torch.Tensor]] = [None] * len(self._modules)
+
+        def hook_for(i):
+            def hook(module, inputs, output):
+                if not isinstance(output, torch.Tensor):
+                    raise TypeError(f"fastsd.ICPDistiller: layer {self.layers[i]!r} returned "
+                                    f"{type(output).__name__}; only tensor outputs can be aligned")
+                feats[i] = output
+            return hook
+
+        handles = [mod.register_forward_hook(hook_for(i)) for i, mod in enumerate(self._modules)]
+        try:
+            yield feats
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [n for n, f in zip(self.layers, feats) if f is None]
+        if missing:
+            raise RuntimeError(f"fastsd.ICPDistiller: layers {missing} were not called by the model's forward")
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, progress: float) -> dict:
+        fn = "fastsd.ICPDistiller"
+        V.tensor(fn, "x", x, min_ndim=1)
+        if not x.is_floating_point():
+            raise TypeError(f"{fn}: x must be a floating-point tensor, got {x.dtype}")
+        V.tensor(fn, "y", y, min_ndim=1)
+        if y.shape[0] != x.shape[0]:
+            raise ValueError(f"{fn}: y must have x's batch size {x.shape[0]} as its first dim, "
+                             f"got shape {tuple(y.shape)}")
+        alpha = self.alpha(progress)
+        active = progress > self.warmup
+        modes = _modes(self.model, True) if not self.model.training else contextlib.nullcontext()
+        with modes:
+            if not active:
+                task = F.cross_entropy(self.model(x), y)
+                return {"loss": task, "task": task, "feature": task.new_zeros(()).detach(), "alpha": alpha}
+            with self._features() as student:
+                logits = self.model(x)
+            task = F.cross_entropy(logits, y)
+            x_refined = self.refiner(x, y)
+            with torch.no_grad(), _buffers_swapped(self.model), self._features() as targets:
+                self.model(x_refined)
+            feature = _feature_alignment_loss()(student, targets, kind=self.kind, weights=self.layer_weights)
+            loss = alpha * task + (1.0 - alpha) * feature
+        return {"loss": loss, "task": task, "feature": feature, "alpha": alpha}

@@ -444,42 +444,11 @@ def _clamp(fn: str, clamp):
 # --- the distiller -------------------------------------------------------------------------------
 
 
-def _reference_feature_alignment_loss(student, target, kind="mse", weights=None, reduction="mean"):
-    """SPEC section 4's feature_alignment_loss, plainly (used until ``fastsd.feature_alignment_loss`` lands)."""
-    if isinstance(student, torch.Tensor):
-        student, target = [student], [target]
-    L = len(student)
-    if weights is None:
-        w = [1.0] * L
-    elif isinstance(weights, str):
-        w = [1.0] if L == 1 else [math.cos(l * math.pi / (4 * (L - 1))) for l in range(L)]
-    else:
-        w = [float(a) for a in weights]
-    losses = []
-    for s, t in zip(student, target):
-        t = t.detach()
-        if kind == "mse":
-            loss = F.mse_loss(s, t, reduction=reduction if reduction != "none" else "mean")
-        elif kind == "l1":
-            loss = F.l1_loss(s, t, reduction=reduction if reduction != "none" else "mean")
-        elif kind == "smooth_l1":
-            loss = F.smooth_l1_loss(s, t, beta=1.0, reduction=reduction if reduction != "none" else "mean")
-        else:
-            per = 1 - F.cosine_similarity(s, t, dim=1, eps=1e-8)
-            loss = per.sum() if reduction == "sum" else per.mean()
-        losses.append(loss)
-    if reduction == "none":
-        return torch.stack(losses)
-    return sum(wl * loss for wl, loss in zip(w, losses))
-
-
 def _feature_alignment_loss():
-    """``fastsd.feature_alignment_loss`` once it exists, else fastsd.reference's, else the one above."""
-    import fastsd
-    from fastsd import reference
+    """The fused :func:`fastsd.feature_alignment_loss` (looked up at call time, so tests can spy on it)."""
+    from .losses import feature_alignment_loss
 
-    return (getattr(fastsd, "feature_alignment_loss", None) or getattr(reference, "feature_alignment_loss", None)
-            or _reference_feature_alignment_loss)
+    return feature_alignment_loss
 
 
 class ICPDistiller:

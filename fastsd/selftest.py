@@ -61,6 +61,26 @@ def _patch_swap(backend: str, device: str) -> Tuple[float, float]:
     return worst, 0.0  # a gather: bit-exact
 
 
+@check("icp_update")
+def _icp_update(backend: str, device: str) -> Tuple[float, float]:
+    from .icp import icp_update_, new_state
+    from .reference import icp as ref
+
+    worst = 0.0
+    for method in ("sgd", "adam", "ademamix"):
+        for dtype in (torch.float32, torch.float64):
+            x = torch.randn(3, 5, 7, 9, device=device).to(dtype)
+            x_ref = x.clone()
+            state, state_ref = new_state(x, method), new_state(x, method)
+            for step in (1, 2, 3):
+                g = torch.randn(x.shape, device=device).to(dtype)
+                with _backend.use_backend(backend):
+                    icp_update_(x, g, *state, method=method, step=step, step_size=0.01, clamp=(-2.0, 2.0))
+                ref.icp_update_(x_ref, g, *state_ref, method, step, 0.01, 0.9, 0.999, 0.9999, 5.0, 1e-8, -2.0, 2.0)
+            worst = max(worst, _err(x, x_ref))
+    return worst, 1e-5  # |x| ~ 1: a few float32 ulps
+
+
 def _devices() -> List[str]:
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

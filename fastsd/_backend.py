@@ -18,7 +18,7 @@ import contextvars
 import functools
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -137,14 +137,24 @@ def _device_reasons(backend: str, devices: Sequence[torch.device]) -> List[str]:
     return reasons
 
 
+def _devices(tensors) -> Tuple[torch.device, ...]:
+    return tuple(dict.fromkeys(t.device for t in tensors if isinstance(t, torch.Tensor)))
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_device_reasons(backend: str, devices: Tuple[torch.device, ...], interpreting: bool) -> Tuple[str, ...]:
+    # What a backend needs of the devices does not change within a process, but for the
+    # interpreter switch, which is part of the key.
+    return tuple(_device_reasons(backend, list(devices)))
+
+
 def reasons(op: str, backend: str, *tensors: torch.Tensor, **kwargs) -> List[str]:
     """Why ``backend`` cannot run ``op`` on these inputs ([] when it can)."""
     _load_all()
     impl = _REGISTRY.get(op, {}).get(backend)
     if impl is None:
         return [f"{op} has no {backend} implementation"]
-    devices = [t.device for t in tensors if isinstance(t, torch.Tensor)]
-    out = _device_reasons(backend, devices)
+    out = list(_cached_device_reasons(backend, _devices(tensors), triton_interpreting()))
     if impl.reasons is not None and not out:
         out += impl.reasons(*tensors, **kwargs)
     return out
@@ -152,7 +162,6 @@ def reasons(op: str, backend: str, *tensors: torch.Tensor, **kwargs) -> List[str
 
 def select(op: str, *tensors: torch.Tensor, **kwargs) -> Callable:
     """The implementation of ``op`` to run on these inputs (see the module docstring)."""
-    _load_all()
     forced = forced_backend()
     if forced is not None:
         why = reasons(op, forced, *tensors, **kwargs)
@@ -161,15 +170,39 @@ def select(op: str, *tensors: torch.Tensor, **kwargs) -> Callable:
                 f"fastsd.{op}: the forced backend {forced!r} cannot run these inputs: " + "; ".join(why)
             )
         return _REGISTRY[op][forced].fn
+    devices = _devices(tensors)
+    for name in _auto_candidates(op, devices, triton_interpreting()):
+        impl = _REGISTRY[op][name]
+        if impl.reasons is None or not impl.reasons(*tensors, **kwargs):
+            return impl.fn
     collected = []
     for name in PREFERENCE:
-        why = reasons(op, name, *tensors, **kwargs)
-        if name == "triton" and not why and all(t.device.type == "cpu" for t in tensors):
-            why = ["the Triton interpreter is for tests; auto does not pick it (FASTSD_BACKEND=triton does)"]
-        if not why:
-            return _REGISTRY[op][name].fn
+        why = reasons(op, name, *tensors, **kwargs) or [_NOT_AUTO]
         collected.append(f"  {name}: " + "; ".join(why))
     raise BackendUnavailableError(f"fastsd.{op}: no backend can run these inputs:\n" + "\n".join(collected))
+
+
+_NOT_AUTO = "the Triton interpreter is for tests; auto does not pick it (FASTSD_BACKEND=triton does)"
+
+
+@functools.lru_cache(maxsize=None)
+def _auto_candidates(op: str, devices: Tuple[torch.device, ...], interpreting: bool) -> Tuple[str, ...]:
+    """Backends auto may pick for ``op`` on these devices, fastest first (op-specific reasons,
+    such as dtypes, are checked per call)."""
+    _load_all()
+    on_cpu = all(d.type == "cpu" for d in devices)
+    return tuple(
+        name for name in PREFERENCE
+        if name in _REGISTRY.get(op, {})
+        and not _cached_device_reasons(name, devices, interpreting)
+        and not (name == "triton" and on_cpu)
+    )
+
+
+def clear_caches() -> None:
+    """Forget cached availability (for tests that fake a missing extension or library)."""
+    _cached_device_reasons.cache_clear()
+    _auto_candidates.cache_clear()
 
 
 def available(op: str, *tensors: torch.Tensor, **kwargs) -> List[str]:

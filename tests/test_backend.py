@@ -64,6 +64,7 @@ def test_several_devices_is_a_reason():
 def test_missing_extension_is_explained(monkeypatch):
     _ext.load_error.cache_clear()
     _ext.has_cuda.cache_clear()
+    _backend.clear_caches()
     monkeypatch.setitem(sys.modules, "fastsd._C", None)  # import fastsd._C now raises ImportError
     monkeypatch.delattr(fastsd, "_C", raising=False)
     try:
@@ -76,6 +77,7 @@ def test_missing_extension_is_explained(monkeypatch):
         monkeypatch.delitem(sys.modules, "fastsd._C")
         _ext.load_error.cache_clear()
         _ext.has_cuda.cache_clear()
+        _backend.clear_caches()
 
 
 def test_info_command_runs(capsys):

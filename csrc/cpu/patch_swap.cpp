@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -44,40 +45,51 @@ inline void run(T* o, const T* self, const T* other, bool keep, bool take, int64
   }
 }
 
+// out = (s & keep) | (t & take), element by element. __restrict and plain arguments let the
+// compiler vectorise it (csrc is built with -fno-strict-aliasing for the bit casts, so without
+// them every store could alias every loaded bound).
+template <typename U>
+inline void select_bits(U* __restrict o, const U* __restrict s, const U* __restrict t, const U* __restrict keep,
+                        const U* __restrict take, int64_t n) {
+  for (int64_t e = 0; e < n; ++e) o[e] = (s[e] & keep[e]) | (t[e] & take[e]);
+}
+
 template <typename T>
 void cell_select(const T* x, T* out, const int64_t* src, const int64_t* mask_row, const uint8_t* mask,
-                 const PatchSwapGeometry& g) {
+                 const PatchSwapGeometry& geometry) {
   using U = Bits<T>;
-  const int64_t pix = g.channels_last ? g.C : 1;     // elements per pixel in a row
-  const int64_t planes = g.channels_last ? 1 : g.C;  // NCHW: the C planes of a row share its cells
-  const int64_t row_len = g.W * pix;
-  const int64_t plane_stride = g.H * g.W;
-  const int64_t sample = g.C * g.H * g.W;
+  const int64_t B = geometry.B, C = geometry.C, H = geometry.H, W = geometry.W, gh = geometry.gh, gw = geometry.gw;
+  const bool channels_last = geometry.channels_last;
+  const int64_t pix = channels_last ? C : 1;     // elements per pixel in a row
+  const int64_t planes = channels_last ? 1 : C;  // NCHW: the C planes of a row share its cells
+  const int64_t row_len = W * pix;
+  const int64_t plane_stride = H * W;
+  const int64_t sample = C * H * W;
   // First column of each cell along w: the run of cell cw is [col[cw], col[cw + 1]).
-  std::vector<int64_t> col(g.gw + 1);
-  for (int64_t cw = 0; cw <= g.gw; ++cw) col[cw] = (cw * g.W + g.gw - 1) / g.gw;
-  const bool by_runs = (g.W / g.gw) * pix >= kMinMemcpyRun;
+  std::vector<int64_t> col(gw + 1);
+  for (int64_t cw = 0; cw <= gw; ++cw) col[cw] = (cw * W + gw - 1) / gw;
+  const bool by_runs = (W / gw) * pix >= kMinMemcpyRun;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, row_len * planes));
 
-  at::parallel_for(0, g.B * g.H, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
+    // Select path: the keep / take bits of one cell row (b, ch), rebuilt only when it changes.
     std::vector<U> keep_bits(by_runs ? 0 : row_len), take_bits(by_runs ? 0 : row_len);
     std::vector<int64_t> both;  // cells where keep and take hold (backward only): s + t
+    int64_t cached = -1;
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t b = r / g.H, h = r % g.H, ch = h * g.gh / g.H;
-      const uint8_t* own_cells = mask + (b * g.gh + ch) * g.gw;
-      const uint8_t* other_cells = mask + (mask_row[b] * g.gh + ch) * g.gw;
+      const int64_t b = r / H, h = r % H, ch = h * gh / H;
+      const uint8_t* own_cells = mask + (b * gh + ch) * gw;
+      const uint8_t* other_cells = mask + (mask_row[b] * gh + ch) * gw;
       const int64_t self_base = b * sample + h * row_len;
       const int64_t other_base = src[b] * sample + h * row_len;
-      if (!by_runs) {
+      if (!by_runs && b * gh + ch != cached) {
+        cached = b * gh + ch;
         both.clear();
-        for (int64_t cw = 0; cw < g.gw; ++cw) {
+        for (int64_t cw = 0; cw < gw; ++cw) {
           const bool k = own_cells[cw] == 0, t = other_cells[cw] != 0;
           if (k && t) both.push_back(cw);
-          const U kb = k ? U(~U(0)) : U(0), tb = t ? U(~U(0)) : U(0);
-          for (int64_t e = col[cw] * pix; e < col[cw + 1] * pix; ++e) {
-            keep_bits[e] = kb;
-            take_bits[e] = tb;
-          }
+          std::fill(keep_bits.begin() + col[cw] * pix, keep_bits.begin() + col[cw + 1] * pix, k ? U(~U(0)) : U(0));
+          std::fill(take_bits.begin() + col[cw] * pix, take_bits.begin() + col[cw + 1] * pix, t ? U(~U(0)) : U(0));
         }
       }
       for (int64_t p = 0; p < planes; ++p) {
@@ -87,21 +99,17 @@ void cell_select(const T* x, T* out, const int64_t* src, const int64_t* mask_row
         if (by_runs) {
           // merge neighbouring cells with the same choice into one longer run
           int64_t cw = 0;
-          while (cw < g.gw) {
+          while (cw < gw) {
             const bool k = own_cells[cw] == 0, t = other_cells[cw] != 0;
             int64_t stop = cw + 1;
-            while (stop < g.gw && (own_cells[stop] == 0) == k && (other_cells[stop] != 0) == t) ++stop;
+            while (stop < gw && (own_cells[stop] == 0) == k && (other_cells[stop] != 0) == t) ++stop;
             const int64_t a = col[cw] * pix, n = (col[stop] - col[cw]) * pix;
             run(o + a, self + a, other + a, k, t, n);
             cw = stop;
           }
         } else {
-          const U* su = reinterpret_cast<const U*>(self);
-          const U* tu = reinterpret_cast<const U*>(other);
-          U* ou = reinterpret_cast<U*>(o);
-          const U* kb = keep_bits.data();
-          const U* tb = take_bits.data();
-          for (int64_t e = 0; e < row_len; ++e) ou[e] = (su[e] & kb[e]) | (tu[e] & tb[e]);
+          select_bits(reinterpret_cast<U*>(o), reinterpret_cast<const U*>(self), reinterpret_cast<const U*>(other),
+                      keep_bits.data(), take_bits.data(), row_len);
           for (const int64_t cw : both) {
             for (int64_t e = col[cw] * pix; e < col[cw + 1] * pix; ++e) o[e] = self[e] + other[e];
           }

@@ -23,6 +23,30 @@ def pytest_report_header(config):
             f"fastsd._C: {fastsd._ext.load_error() or 'loaded'}"]
 
 
+class NoHostSync:
+    """Patch the Python-level ways of reading a tensor's value on the host to raise inside the block
+    (a host sync on a CUDA tensor stalls the GPU and breaks CUDA-graph capture)."""
+
+    NAMES = ["item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__"]
+
+    def __enter__(self):
+        self.saved = {n: getattr(torch.Tensor, n) for n in self.NAMES}
+        self.saved_equal = torch.equal
+
+        def boom(*a, **k):
+            raise AssertionError("host synchronisation inside a fastsd op")
+
+        for n in self.NAMES:
+            setattr(torch.Tensor, n, boom)
+        torch.equal = boom
+        return self
+
+    def __exit__(self, *exc):
+        for n, f in self.saved.items():
+            setattr(torch.Tensor, n, f)
+        torch.equal = self.saved_equal
+
+
 def backward_tolerance(backend, dtype):
     """Tolerance of the patch swap backward (a gather plus, where two cells meet, one addition).
 

@@ -17,7 +17,7 @@ import fastsd
 from fastsd import reference as R
 from fastsd.losses import _KIND_CODE  # noqa: F401  (the C++ kind codes follow FEATURE_KINDS)
 
-from conftest import CPU_BACKENDS
+from conftest import CPU_BACKENDS, NoHostSync
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter: inf - inf in masked lanes
 
@@ -361,43 +361,20 @@ def test_torch_compile_fullgraph_matches_eager():
         torch.testing.assert_close(a, b)
 
 
-class _NoHostSync:
-    """Patch the Python-level ways of reading a tensor's value on the host to raise."""
-
-    NAMES = ["item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__"]
-
-    def __enter__(self):
-        self.saved = {n: getattr(torch.Tensor, n) for n in self.NAMES}
-        self.saved_equal = torch.equal
-
-        def boom(*a, **k):
-            raise AssertionError("host synchronisation inside a fastsd op")
-
-        for n in self.NAMES:
-            setattr(torch.Tensor, n, boom)
-        torch.equal = boom
-        return self
-
-    def __exit__(self, *exc):
-        for n, f in self.saved.items():
-            setattr(torch.Tensor, n, f)
-        torch.equal = self.saved_equal
-
-
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_no_host_sync(backend):
     logits, labels, partner = pair_inputs(12, 10, 3)
     z = logits.float().requires_grad_()
     s, t = feature_inputs(torch.float32, layers=FEATURE_SHAPES[:3])
     s = [x.requires_grad_() for x in s]
-    with fastsd.use_backend(backend), _NoHostSync():
+    with fastsd.use_backend(backend), NoHostSync():
         loss = fastsd.pair_kd_loss(z, labels, partner, teacher="symmetric") + fastsd.kd_loss(z, z.detach().flip(0))
         for kind in ("mse", "cosine"):
             loss = loss + fastsd.feature_alignment_loss(s, t, kind=kind, weights="cosine")
         loss = loss + fastsd.feature_alignment_loss(s, t, reduction="none").sum()
         loss.backward(torch.tensor(1.7))
     assert z.grad is not None and all(x.grad is not None for x in s)
-    with pytest.raises(AssertionError), _NoHostSync():
+    with pytest.raises(AssertionError), NoHostSync():
         torch.ones(1).item()
 
 

@@ -12,7 +12,7 @@ import fastsd
 from fastsd import reference as R
 from fastsd.bench.cases import DTYPES, PATCH_SWAP_PARITY
 
-from conftest import CPU_BACKENDS
+from conftest import CPU_BACKENDS, NoHostSync
 
 COMPILED = [b for b in CPU_BACKENDS if b != "triton"]  # triton: test_patch_swap_triton.py
 FLOAT_DTYPES = ["float32", "float16", "bfloat16", "float64"]
@@ -204,35 +204,12 @@ def test_torch_compile_fullgraph_matches_eager():
     torch.testing.assert_close(gc, ge)
 
 
-class _NoHostSync:
-    """Patch the Python-level ways of reading a tensor's value on the host to raise."""
-
-    NAMES = ["item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__"]
-
-    def __enter__(self):
-        self.saved = {n: getattr(torch.Tensor, n) for n in self.NAMES}
-        self.saved_equal = torch.equal
-
-        def boom(*a, **k):
-            raise AssertionError("host synchronisation inside a fastsd op")
-
-        for n in self.NAMES:
-            setattr(torch.Tensor, n, boom)
-        torch.equal = boom
-        return self
-
-    def __exit__(self, *exc):
-        for n, f in self.saved.items():
-            setattr(torch.Tensor, n, f)
-        torch.equal = self.saved_equal
-
-
 @pytest.mark.parametrize("backend", COMPILED)
 def test_no_host_sync(backend):
     x = torch.randn(12, 3, 17, 19, requires_grad=True)
     labels = torch.randint(0, 3, (12,))
     g = torch.Generator().manual_seed(0)
-    with fastsd.use_backend(backend), _NoHostSync():
+    with fastsd.use_backend(backend), NoHostSync():
         partner = fastsd.intra_class_pairs(labels, generator=g)
         mask = fastsd.patch_swap_mask(partner, (5, 4), ratio=0.3, prob=0.7, generator=g)
         box = fastsd.box_mask(partner, (17, 19), generator=g)
@@ -240,7 +217,7 @@ def test_no_host_sync(backend):
         y.backward(torch.ones_like(y))
         fastsd.intra_class_patch_swap(x.detach(), labels, patch_size=3, generator=g)
     # and the guard itself works:
-    with pytest.raises(AssertionError), _NoHostSync():
+    with pytest.raises(AssertionError), NoHostSync():
         torch.ones(1).item()
 
 

@@ -174,6 +174,16 @@ class _Graph:
     state: tuple
 
 
+def _check_batch(fn: str, x, y) -> None:
+    """x: a floating-point batch; y: targets with x's batch size (metadata only)."""
+    V.tensor(fn, "x", x, min_ndim=1)
+    if not x.is_floating_point():
+        raise TypeError(f"{fn}: x must be a floating-point tensor, got {x.dtype}")
+    V.tensor(fn, "y", y, min_ndim=1)
+    if y.shape[0] != x.shape[0]:
+        raise ValueError(f"{fn}: y must have x's batch size {x.shape[0]} as its first dim, got shape {tuple(y.shape)}")
+
+
 class ICPRefiner:
     """Move x a few steps *down* the loss: ``x_refined = refiner(x, y)`` (SPEC section 5).
 
@@ -293,13 +303,7 @@ class ICPRefiner:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         fn = "fastsd.ICPRefiner"
-        V.tensor(fn, "x", x, min_ndim=1)
-        if not x.is_floating_point():
-            raise TypeError(f"{fn}: x must be a floating-point tensor, got {x.dtype}")
-        V.tensor(fn, "y", y, min_ndim=1)
-        if y.shape[0] != x.shape[0]:
-            raise ValueError(f"{fn}: y must have x's batch size {x.shape[0]} as its first dim, "
-                             f"got shape {tuple(y.shape)}")
+        _check_batch(fn, x, y)
         V.same_device(fn, "x", x, y=y)
         use_graph = self._use_graph(x)
         with torch.inference_mode(False):
@@ -545,13 +549,7 @@ class ICPDistiller:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, progress: float) -> dict:
         fn = "fastsd.ICPDistiller"
-        V.tensor(fn, "x", x, min_ndim=1)
-        if not x.is_floating_point():
-            raise TypeError(f"{fn}: x must be a floating-point tensor, got {x.dtype}")
-        V.tensor(fn, "y", y, min_ndim=1)
-        if y.shape[0] != x.shape[0]:
-            raise ValueError(f"{fn}: y must have x's batch size {x.shape[0]} as its first dim, "
-                             f"got shape {tuple(y.shape)}")
+        _check_batch(fn, x, y)
         alpha = self.alpha(progress)
         active = progress > self.warmup
         modes = _modes(self.model, True) if not self.model.training else contextlib.nullcontext()

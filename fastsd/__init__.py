@@ -9,6 +9,7 @@ from .patch_swap import patch_swap
 from .losses import feature_alignment_loss, kd_loss, pair_kd_loss
 from .icp import ICPDistiller, ICPRefiner
 from . import data, nn  # noqa: E402  (fastsd.nn modules, fastsd.data.ClassPairSampler)
+from . import recipes  # noqa: E402  (fastsd.recipes.PatchSwapDistillation, ICPDistillation)
 
 __version__ = "0.1.0"
 

@@ -517,6 +517,9 @@ class ICPDistiller:
         self.layer_weights = layer_weights
         self.warmup = V.unit_interval(fn, "warmup", warmup)
         self._modules = [modules[n] for n in self.layers]
+        self._capture: Optional[List[Optional[torch.Tensor]]] = None
+        self._handles = [mod.register_forward_hook(self._hook(i)) for i, mod in enumerate(self._modules)]
+        self._hooked = True
 
     def alpha(self, progress: float) -> float:
         """Weight of the task loss at ``progress`` in [0, 1]."""
@@ -525,24 +528,35 @@ class ICPDistiller:
             return 1.0
         return math.cos(math.pi / 2 * (progress - self.warmup) / (1.0 - self.warmup))
 
+    def _hook(self, i: int):
+        def hook(module, inputs, output):
+            if self._capture is None:  # outside a capture (e.g. the refiner's passes): nothing to do
+                return
+            if not isinstance(output, torch.Tensor):
+                raise TypeError(f"fastsd.ICPDistiller: layer {self.layers[i]!r} returned "
+                                f"{type(output).__name__}; only tensor outputs can be aligned")
+            self._capture[i] = output
+        return hook
+
+    def remove_hooks(self) -> None:
+        """Detach the distiller's forward hooks from the model (it cannot be called afterwards)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._hooked = False
+
     @contextlib.contextmanager
     def _features(self):
+        # The hooks are registered once, in __init__: registering them per call would make
+        # torch.compile break the graph (RemovableHandle bumps a class attribute).
+        if not self._hooked:  # (a bool: torch.compile cannot trace hook handles made outside it)
+            raise RuntimeError("fastsd.ICPDistiller: remove_hooks() was called; make a new distiller")
         feats: List[Optional[torch.Tensor]] = [None] * len(self._modules)
-
-        def hook_for(i):
-            def hook(module, inputs, output):
-                if not isinstance(output, torch.Tensor):
-                    raise TypeError(f"fastsd.ICPDistiller: layer {self.layers[i]!r} returned "
-                                    f"{type(output).__name__}; only tensor outputs can be aligned")
-                feats[i] = output
-            return hook
-
-        handles = [mod.register_forward_hook(hook_for(i)) for i, mod in enumerate(self._modules)]
+        self._capture = feats
         try:
             yield feats
         finally:
-            for h in handles:
-                h.remove()
+            self._capture = None
         missing = [n for n, f in zip(self.layers, feats) if f is None]
         if missing:
             raise RuntimeError(f"fastsd.ICPDistiller: layers {missing} were not called by the model's forward")

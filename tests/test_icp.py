@@ -754,3 +754,19 @@ def test_graph_capture_failure():
     with pytest.warns(RuntimeWarning, match="capture failed"):
         out = fastsd.ICPRefiner(model, steps=2, cuda_graph="auto")(x, y)
     torch.testing.assert_close(out, fastsd.ICPRefiner(model, steps=2, cuda_graph="never")(x, y))
+
+
+def test_distiller_hooks_are_registered_once_and_removable():
+    model = small_cnn()
+    distiller = fastsd.ICPDistiller(model, ["conv1", "bn2"], refiner=fastsd.ICPRefiner(model, steps=1))
+    x, y = _batch((2, 3, 16, 16))
+    hooks_before = sum(len(m._forward_hooks) for m in model.modules())
+    assert hooks_before == 2
+    distiller(x, y, 0.9)
+    model(x)  # outside a distiller call the hooks capture nothing and change nothing
+    assert distiller._capture is None
+    assert sum(len(m._forward_hooks) for m in model.modules()) == hooks_before
+    distiller.remove_hooks()
+    assert sum(len(m._forward_hooks) for m in model.modules()) == 0
+    with pytest.raises(RuntimeError, match="remove_hooks"):
+        distiller(x, y, 0.9)

@@ -201,8 +201,5 @@ def test_compile_fullgraph_patch_swap_step_matches_eager():
     _compiled_vs_eager(lambda model: recipes.PatchSwapDistillation(model, patch_size=2))
 
 
-@pytest.mark.xfail(strict=True, raises=torch._dynamo.exc.Unsupported,
-                   reason="graph break in fastsd.ICPDistiller: it registers forward hooks on every call "
-                          "(RemovableHandle.next_id += 1 is a setattr on a class, unsupported by Dynamo)")
 def test_compile_fullgraph_icp_step_matches_eager():
     _compiled_vs_eager(lambda model: recipes.ICPDistillation(model, ["stem", "block"], steps=2, warmup=0.25))

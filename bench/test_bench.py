@@ -1,16 +1,21 @@
 """pytest-benchmark suites: the same cases as ``python -m fastsd.bench`` (one case table, no copy).
 
-    .venv/bin/python -m pytest bench/ --benchmark-group-by=param:case
+    .venv/bin/python -m pytest bench/
+    FASTSD_BENCH_FULL=1 .venv/bin/python -m pytest bench/    # also the whole-training-step suite
 
 Each (op, case) is a group; its rows are the fastsd backends that can run here and the baselines.
 """
+import os
+
 import pytest
 import torch
 
 from fastsd.bench.__main__ import _suite_modules
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-BENCHES = [b for m in _suite_modules(None) for b in m.benches(device=DEVICE, dtype=torch.float32, quick=True)]
+FULL = os.environ.get("FASTSD_BENCH_FULL") == "1"
+BENCHES = [b for m in _suite_modules(None, quick=not FULL)
+           for b in m.benches(device=DEVICE, dtype=torch.float32, quick=not FULL)]
 PARAMS = [
     pytest.param(b, name, fn, id=f"{b.op}[{b.case}]-{name}")
     for b in BENCHES

@@ -24,12 +24,14 @@ import torch
 from .core import Row, run_bench
 
 SUITES = ("patch_swap", "losses", "icp", "train_step")
+# Whole training steps of a ResNet-18 take seconds each on a CPU: --full or --ops train_step only.
+QUICK_SUITES = ("patch_swap", "losses", "icp")
 
 
-def _suite_modules(ops):
+def _suite_modules(ops, quick: bool = True):
     mods = []
     for name in SUITES:
-        if ops and name not in ops:
+        if (ops and name not in ops) or (not ops and quick and name not in QUICK_SUITES):
             continue
         try:
             mods.append(importlib.import_module(f"fastsd.bench.{name}"))
@@ -159,7 +161,8 @@ def main(argv=None) -> int:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true", help="short timings (default)")
     g.add_argument("--full", action="store_true", help="longer timings and every case")
-    p.add_argument("--ops", nargs="*", help=f"suites to run (default all of {', '.join(SUITES)})")
+    p.add_argument("--ops", nargs="*", help=f"suites to run (of {', '.join(SUITES)}; default: all with --full, "
+                                             f"{', '.join(QUICK_SUITES)} otherwise)")
     p.add_argument("--backends", nargs="*", help="fastsd backends to time (default: all that can run)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
@@ -185,7 +188,7 @@ def main(argv=None) -> int:
           f"{env['torch_threads']}); torch {env['torch']}, commit {env['commit']}; {args.dtype}")
     print(f"measured copy bandwidth (x.clone(), 64 MiB): {copy_gbps:.1f} GB/s\n")
 
-    benches = [b for m in _suite_modules(args.ops) for b in m.benches(device=device, dtype=dtype, quick=not args.full)]
+    benches = [b for m in _suite_modules(args.ops, quick=not args.full) for b in m.benches(device=device, dtype=dtype, quick=not args.full)]
     try:
         from tqdm import tqdm
 

@@ -14,8 +14,8 @@ export CUDA_HOME ?= /usr/local/cuda
 
 .PHONY: test bench selftest readme-bench install clean
 test: install
-	$(PY) -m pytest -q -ra tests
 	$(PY) -m fastsd.selftest
+	$(PY) -m pytest -q -ra tests
 
 bench: install
 	$(PY) -m fastsd.bench --quick

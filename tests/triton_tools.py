@@ -37,7 +37,6 @@ those two and the atomics (``create_atomic_rmw``, ``create_atomic_cas``) are wra
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import importlib
 import json
 import os
@@ -45,9 +44,8 @@ import pkgutil
 import subprocess
 import sys
 import tempfile
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Tuple
 
-import numpy as np
 import torch
 
 ARCHS = (80, 90)
@@ -183,113 +181,6 @@ def aot_compile(spec: dict, arch: int) -> AOTResult:
     return aot_compile_all([(spec["name"], arch)])[(spec["name"], arch)]
 
 
-# --- memory traffic under the interpreter -------------------------------------------------------------
+# --- memory traffic under the interpreter: in the package (the benchmark report uses it too) ----------
 
-
-def _address_range(t: torch.Tensor) -> Tuple[int, int]:
-    storage = t.untyped_storage()
-    return storage.data_ptr(), storage.data_ptr() + storage.nbytes()
-
-
-class _Counter:
-    """Adds up bytes per named address range; unmatched pointers are kept for naming later."""
-
-    def __init__(self, tensors: Dict[str, torch.Tensor]):
-        self.ranges = [(name,) + _address_range(t) for name, t in tensors.items()]
-        self.bytes = {name: {"load": 0, "store": 0} for name in tensors}
-        self.unmatched: List[Tuple[str, np.ndarray, int]] = []
-
-    def add(self, kind: str, ptrs: np.ndarray, mask: Optional[np.ndarray], itemsize: int) -> None:
-        ptrs = np.asarray(ptrs).astype(np.uint64)
-        if mask is not None:
-            ptrs = ptrs[np.broadcast_to(np.asarray(mask, dtype=bool), ptrs.shape)]
-        ptrs = ptrs.ravel()
-        rest = self._attribute(self.ranges, kind, ptrs, itemsize)
-        if rest.size:
-            self.unmatched.append((kind, rest, itemsize))
-
-    def _attribute(self, ranges, kind, ptrs, itemsize) -> np.ndarray:
-        for name, lo, hi in ranges:
-            hit = (ptrs >= lo) & (ptrs < hi)
-            n = int(hit.sum())
-            if n:
-                self.bytes.setdefault(name, {"load": 0, "store": 0})[kind] += n * itemsize
-                ptrs = ptrs[~hit]
-        return ptrs
-
-    def finish(self, late: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, int]]:
-        """Attribute the unmatched accesses to ``late`` tensors (e.g. outputs), the rest to "other"."""
-        ranges = [(name,) + _address_range(t) for name, t in late.items()]
-        for name in late:
-            self.bytes.setdefault(name, {"load": 0, "store": 0})
-        self.bytes["other"] = {"load": 0, "store": 0}
-        for kind, ptrs, itemsize in self.unmatched:
-            rest = self._attribute(ranges, kind, ptrs, itemsize)
-            self.bytes["other"][kind] += int(rest.size) * itemsize
-        self.unmatched = []
-        return self.bytes
-
-
-def _itemsize(handle) -> int:
-    return max(1, handle.get_element_ty().primitive_bitwidth // 8)
-
-
-@contextlib.contextmanager
-def _wrapped_builder(counter: _Counter):
-    from triton.runtime.interpreter import InterpreterBuilder as builder
-
-    names = ("create_masked_load", "create_masked_store", "create_atomic_rmw", "create_atomic_cas")
-    originals = {name: builder.__dict__[name] for name in names}
-
-    def create_masked_load(self, ptrs, mask, other, *args, **kwargs):
-        counter.add("load", ptrs.data, mask.data, _itemsize(ptrs))
-        return originals["create_masked_load"](self, ptrs, mask, other, *args, **kwargs)
-
-    def create_masked_store(self, ptrs, value, mask, *args, **kwargs):
-        counter.add("store", ptrs.data, mask.data, _itemsize(ptrs))
-        return originals["create_masked_store"](self, ptrs, value, mask, *args, **kwargs)
-
-    def create_atomic_rmw(self, rmw_op, ptr, val, mask, *args, **kwargs):
-        for kind in ("load", "store"):
-            counter.add(kind, ptr.data, mask.data, _itemsize(ptr))
-        return originals["create_atomic_rmw"](self, rmw_op, ptr, val, mask, *args, **kwargs)
-
-    def create_atomic_cas(self, ptr, cmp, val, *args, **kwargs):
-        for kind in ("load", "store"):  # the store is counted even where the compare fails: an upper bound
-            counter.add(kind, ptr.data, None, _itemsize(ptr))
-        return originals["create_atomic_cas"](self, ptr, cmp, val, *args, **kwargs)
-
-    wrappers = dict(create_masked_load=create_masked_load, create_masked_store=create_masked_store,
-                    create_atomic_rmw=create_atomic_rmw, create_atomic_cas=create_atomic_cas)
-    try:
-        for name, fn in wrappers.items():
-            setattr(builder, name, fn)
-        yield
-    finally:
-        for name, fn in originals.items():
-            setattr(builder, name, fn)
-
-
-def _result_tensors(result) -> Dict[str, torch.Tensor]:
-    if isinstance(result, torch.Tensor):
-        return {"out": result}
-    if isinstance(result, (tuple, list)):
-        return {f"out{i}": r for i, r in enumerate(result) if isinstance(r, torch.Tensor)}
-    return {}
-
-
-def count_traffic(fn, *args, tensors: Dict[str, torch.Tensor], **kwargs):
-    """Run ``fn(*args, **kwargs)`` under the Triton interpreter, counting the bytes its kernels move.
-
-    Returns ``(result, traffic)`` with ``traffic[name] == {"load": bytes, "store": bytes}`` for each
-    entry of ``tensors`` (matched by address range: the tensor's whole storage), for the result
-    (``"out"``, or ``"out0"``, ``"out1"``, ... for a tuple; matched after the call, since ops
-    allocate their outputs), and ``"other"`` for bytes that hit none of them (temporaries such as
-    an inverse permutation). A byte counts as ``mask.sum() * itemsize`` of each masked load/store.
-    The interpreter's builder is restored on exit, also when ``fn`` raises.
-    """
-    counter = _Counter(tensors)
-    with _wrapped_builder(counter):
-        result = fn(*args, **kwargs)
-    late = {k: v for k, v in _result_tensors(result).items() if k not in tensors}
-    return result, counter.finish(late)
+from fastsd.bench.triton_traffic import count_traffic  # noqa: E402,F401

@@ -137,6 +137,28 @@ def write_readme(path: str, env: dict, dtype: str, table: str) -> None:
         f.write(f"{head}{start}\n{body}\n{end}{tail}")
 
 
+def triton_traffic_rows():
+    """Run the counted-traffic report in a subprocess with TRITON_INTERPRET=1 (it must be set before
+    triton is imported); None, with the reason printed, when it cannot run."""
+    import tempfile
+
+    from .. import _backend
+
+    if _backend.triton_import_error():
+        print(f"\n(counted Triton traffic skipped: {_backend.triton_import_error()})")
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "traffic.json")
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        proc = subprocess.run([sys.executable, "-m", "fastsd.bench.triton_traffic", "--json", out], env=env,
+                              capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            print(f"\n(counted Triton traffic failed: {proc.stderr.strip().splitlines()[-1:]})")
+            return None
+        with open(out) as f:
+            return json.load(f)
+
+
 def compare(rows: List[Row], old_path: str, threshold: float) -> int:
     """Print each row's time against an earlier run; 1 when any backend row regressed beyond threshold."""
     with open(old_path) as f:
@@ -172,6 +194,8 @@ def main(argv=None) -> int:
     p.add_argument("--plots", metavar="DIR", default=None,
                    help="write PNG plots here (default: beside the JSON report); --no-plots to skip")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--no-traffic", action="store_true",
+                   help="skip the counted-bytes table (Triton under the interpreter vs eager dispatch)")
     p.add_argument("--readme", metavar="README.md",
                    help="also write the table, with the machine it ran on, between the bench markers of this file")
     args = p.parse_args(argv)
@@ -201,12 +225,24 @@ def main(argv=None) -> int:
             progress.set_postfix_str(f"{b.op}: {b.case}")
         rows += run_bench(b, device, min_time=min_time, only=args.backends)
 
-    print(format_table(rows, copy_gbps))
+    table = format_table(rows, copy_gbps)
+    print(table)
+    traffic = None
+    if not args.no_traffic:
+        traffic = triton_traffic_rows()
+        if traffic is not None:
+            from .triton_traffic import format_rows
+
+            print("\nBytes moved per call, counted: Triton kernels under the interpreter (every load and store)")
+            print("against eager PyTorch (inputs and outputs of every aten op); min = each input read once,")
+            print("each output written once. On a GPU, time ~ bytes / bandwidth: the GPU-side figure of this report.")
+            print(format_rows(traffic))
+            table += "\n\nCounted bytes per call (Triton under the interpreter vs eager dispatch):\n" + format_rows(traffic)
     path = args.json or os.path.join("bench-results", f"bench-{args.device}.json")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
-        json.dump({"environment": env, "dtype": args.dtype, "rows": [dataclasses.asdict(r) for r in rows]}, f,
-                  indent=1)
+        json.dump({"environment": env, "dtype": args.dtype, "rows": [dataclasses.asdict(r) for r in rows],
+                   "traffic": traffic}, f, indent=1)
     print(f"\nJSON report: {path}")
     if not args.no_plots:
         from .plots import write_plots
@@ -214,7 +250,7 @@ def main(argv=None) -> int:
         for png in write_plots(rows, args.plots or os.path.dirname(path) or ".", env, device, dtype):
             print(f"plot: {png}")
     if args.readme:
-        write_readme(args.readme, env, args.dtype, format_table(rows, copy_gbps))
+        write_readme(args.readme, env, args.dtype, table)
         print(f"benchmark section of {args.readme} regenerated")
     if args.compare:
         return compare(rows, args.compare, args.threshold)

@@ -97,9 +97,26 @@ def triton_interpreting() -> bool:
 @functools.lru_cache(maxsize=None)
 def triton_import_error() -> Optional[str]:
     try:
-        import triton  # noqa: F401
+        import triton
     except Exception as exc:  # pragma: no cover - depends on the environment
         return f"triton is not importable ({exc.__class__.__name__}: {exc})"
+    return triton_version_reason(triton.__version__)
+
+
+# The oldest Triton the kernels are tested with (AOT for sm_80/sm_90 and the interpreter, in CI).
+# Older releases lack language features the kernels use (e.g. tuple arguments), so they are not
+# offered rather than failing to compile on the first call.
+TRITON_MIN_VERSION = (3, 8)
+
+
+def triton_version_reason(version: str) -> Optional[str]:
+    try:
+        parts = tuple(int(p) for p in version.split("+")[0].split(".")[:2])
+    except ValueError:
+        return None  # a development build: let it try
+    if parts < TRITON_MIN_VERSION:
+        want = ".".join(map(str, TRITON_MIN_VERSION))
+        return f"triton {version} is older than {want}, the oldest these kernels are tested with"
     return None
 
 

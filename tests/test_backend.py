@@ -87,3 +87,8 @@ def test_info_command_runs(capsys):
     assert "cuda: inputs are on cpu" in out  # the reasons for unavailable backends are printed
     proc = subprocess.run([sys.executable, "-m", "fastsd.info", "--short"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "available:" in proc.stdout
+
+
+def test_old_triton_is_not_offered():
+    assert _backend.triton_version_reason("3.8.0") is None and _backend.triton_version_reason("4.0.1+git") is None
+    assert "older than 3.8" in _backend.triton_version_reason("3.1.0")

@@ -69,21 +69,25 @@ void cell_select(const T* x, T* out, const int64_t* src, const int64_t* mask_row
   std::vector<int64_t> col(gw + 1);
   for (int64_t cw = 0; cw <= gw; ++cw) col[cw] = (cw * W + gw - 1) / gw;
   const bool by_runs = (W / gw) * pix >= kMinMemcpyRun;
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, row_len * planes));
+  // Work unit: one cell row (b, ch), i.e. image rows [h0, h1) that share the row's cells. Those rows
+  // are contiguous in memory (within a plane in NCHW, within the sample in channels_last), so the
+  // select path handles a whole unit-plane in one vectorised call.
+  const int64_t rows_per_unit = (H + gh - 1) / gh;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, rows_per_unit * row_len * planes));
 
-  at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
-    // Select path: the keep / take bits of one cell row (b, ch), rebuilt only when it changes.
-    std::vector<U> keep_bits(by_runs ? 0 : row_len), take_bits(by_runs ? 0 : row_len);
+  at::parallel_for(0, B * gh, grain, [&](int64_t begin, int64_t end) {
+    // Select path: keep / take bits of one cell row, tiled over its image rows.
+    std::vector<U> keep_bits(by_runs ? 0 : rows_per_unit * row_len), take_bits(by_runs ? 0 : rows_per_unit * row_len);
     std::vector<int64_t> both;  // cells where keep and take hold (backward only): s + t
-    int64_t cached = -1;
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t b = r / H, h = r % H, ch = h * gh / H;
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t b = u / gh, ch = u % gh;
+      const int64_t h0 = (ch * H + gh - 1) / gh, h1 = ((ch + 1) * H + gh - 1) / gh;
+      const int64_t block = (h1 - h0) * row_len;  // elements of the unit in one plane
       const uint8_t* own_cells = mask + (b * gh + ch) * gw;
       const uint8_t* other_cells = mask + (mask_row[b] * gh + ch) * gw;
-      const int64_t self_base = b * sample + h * row_len;
-      const int64_t other_base = src[b] * sample + h * row_len;
-      if (!by_runs && b * gh + ch != cached) {
-        cached = b * gh + ch;
+      const int64_t self_base = b * sample + h0 * row_len;
+      const int64_t other_base = src[b] * sample + h0 * row_len;
+      if (!by_runs) {
         both.clear();
         for (int64_t cw = 0; cw < gw; ++cw) {
           const bool k = own_cells[cw] == 0, t = other_cells[cw] != 0;
@@ -91,27 +95,35 @@ void cell_select(const T* x, T* out, const int64_t* src, const int64_t* mask_row
           std::fill(keep_bits.begin() + col[cw] * pix, keep_bits.begin() + col[cw + 1] * pix, k ? U(~U(0)) : U(0));
           std::fill(take_bits.begin() + col[cw] * pix, take_bits.begin() + col[cw + 1] * pix, t ? U(~U(0)) : U(0));
         }
+        for (int64_t r = 1; r < h1 - h0; ++r) {  // tile the row's pattern over the unit's rows
+          std::copy(keep_bits.begin(), keep_bits.begin() + row_len, keep_bits.begin() + r * row_len);
+          std::copy(take_bits.begin(), take_bits.begin() + row_len, take_bits.begin() + r * row_len);
+        }
       }
       for (int64_t p = 0; p < planes; ++p) {
         const T* self = x + self_base + p * plane_stride;
         const T* other = x + other_base + p * plane_stride;
         T* o = out + self_base + p * plane_stride;
-        if (by_runs) {
+        if (!by_runs) {
+          select_bits(reinterpret_cast<U*>(o), reinterpret_cast<const U*>(self), reinterpret_cast<const U*>(other),
+                      keep_bits.data(), take_bits.data(), block);
+          for (const int64_t cw : both) {
+            for (int64_t r = 0; r < block; r += row_len) {
+              for (int64_t e = r + col[cw] * pix; e < r + col[cw + 1] * pix; ++e) o[e] = self[e] + other[e];
+            }
+          }
+          continue;
+        }
+        for (int64_t r = 0; r < block; r += row_len) {
           // merge neighbouring cells with the same choice into one longer run
           int64_t cw = 0;
           while (cw < gw) {
             const bool k = own_cells[cw] == 0, t = other_cells[cw] != 0;
             int64_t stop = cw + 1;
             while (stop < gw && (own_cells[stop] == 0) == k && (other_cells[stop] != 0) == t) ++stop;
-            const int64_t a = col[cw] * pix, n = (col[stop] - col[cw]) * pix;
+            const int64_t a = r + col[cw] * pix, n = (col[stop] - col[cw]) * pix;
             run(o + a, self + a, other + a, k, t, n);
             cw = stop;
-          }
-        } else {
-          select_bits(reinterpret_cast<U*>(o), reinterpret_cast<const U*>(self), reinterpret_cast<const U*>(other),
-                      keep_bits.data(), take_bits.data(), row_len);
-          for (const int64_t cw : both) {
-            for (int64_t e = col[cw] * pix; e < col[cw + 1] * pix; ++e) o[e] = self[e] + other[e];
           }
         }
       }

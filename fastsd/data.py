@@ -32,7 +32,10 @@ class ClassPairSampler(Sampler[List[int]]):
     def __init__(self, labels, batch_size: int, shuffle: bool = True, drop_last: bool = False, seed: int = 0,
                  num_replicas: Optional[int] = None, rank: Optional[int] = None):
         fn = "fastsd.data.ClassPairSampler"
-        labels = torch.as_tensor(labels)
+        try:
+            labels = torch.as_tensor(labels)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise ValueError(f"{fn}: labels must be a 1-D sequence of integer class labels ({exc})") from None
         if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             raise ValueError(f"{fn}: labels must be a 1-D sequence of integer class labels, got {labels.dtype} "
                              f"of shape {tuple(labels.shape)}")
@@ -47,6 +50,8 @@ class ClassPairSampler(Sampler[List[int]]):
             raise ValueError(f"{fn}: num_replicas must be an int >= 1, got {num_replicas!r}")
         if not isinstance(rank, int) or not 0 <= rank < num_replicas:
             raise ValueError(f"{fn}: rank must be an int in [0, num_replicas={num_replicas}), got {rank!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"{fn}: seed must be an int, got {seed!r}")
         self.labels = labels.cpu().long()
         self.batch_size, self.shuffle, self.drop_last, self.seed = batch_size, shuffle, drop_last, int(seed)
         self.num_replicas, self.rank, self.epoch = num_replicas, rank, 0

@@ -266,6 +266,10 @@ class ICPRefiner:
         self.loss_fn = loss_fn if loss_fn is not None else _default_loss
         self.clamp = _clamp(fn, clamp)
         self.cuda_graph = cuda_graph
+        if isinstance(ademamix_alpha, bool) or not isinstance(ademamix_alpha, numbers.Real):
+            raise TypeError(f"{fn}: ademamix_alpha must be a number, got {type(ademamix_alpha).__name__}")
+        if not math.isfinite(ademamix_alpha):
+            raise ValueError(f"{fn}: ademamix_alpha must be finite, got {ademamix_alpha}")
         self.ademamix_alpha = float(ademamix_alpha)
         self.max_graphs = int(max_graphs)
         self._graphs: "collections.OrderedDict[tuple, _Graph]" = collections.OrderedDict()
@@ -506,6 +510,8 @@ class ICPDistiller:
                     or len(layer_weights) != len(layers):
                 raise ValueError(f"{fn}: layer_weights must be None, 'cosine' or {len(layers)} numbers "
                                  f"(one per layer), got {layer_weights!r}")
+            if not all(isinstance(w, numbers.Real) and not isinstance(w, bool) for w in layer_weights):
+                raise TypeError(f"{fn}: layer_weights must be numbers, got {layer_weights!r}")
         if refiner is None:
             refiner = ICPRefiner(model)
         elif not callable(refiner):

@@ -343,6 +343,9 @@ def feature_alignment_loss(student: Union[torch.Tensor, Sequence[torch.Tensor]],
     if single != isinstance(target, torch.Tensor):
         raise TypeError(f"{fn}: student and target must both be tensors or both sequences of tensors, "
                         f"got {type(student).__name__} and {type(target).__name__}")
+    for name, value in (("student", student), ("target", target)):
+        if not single and not isinstance(value, (list, tuple)):
+            raise TypeError(f"{fn}: {name} must be a tensor or a sequence of tensors, got {type(value).__name__}")
     students = [student] if single else list(student)
     targets = [target] if single else list(target)
     if not students:

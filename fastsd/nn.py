@@ -24,6 +24,9 @@ class IntraClassPatchSwap(nn.Module):
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor):
         if not self.training:
+            from . import _validate as V
+
+            V.tensor("fastsd.nn.IntraClassPatchSwap", "x", x, ndim=4, what="[B, C, H, W]")
             B = x.shape[0]
             partner = torch.arange(B, device=x.device)
             return x, partner, torch.zeros(B, 1, 1, dtype=torch.bool, device=x.device)

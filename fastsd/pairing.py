@@ -10,7 +10,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from . import _validate as V
-from .patch_swap import patch_swap
+from .patch_swap import check_permutation, patch_swap
 
 
 def intra_class_pairs(labels: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -55,7 +55,9 @@ def _pair_leader(partner: torch.Tensor) -> torch.Tensor:
 
 def _check_partner(fn: str, partner) -> torch.Tensor:
     V.tensor(fn, "partner", partner, ndim=1, dtypes=V.INT_DTYPES, what="[B]")
-    return partner.long()
+    partner = partner.long()
+    check_permutation(fn, partner)
+    return partner
 
 
 def _active_pairs(partner, leader, prob, generator) -> torch.Tensor:

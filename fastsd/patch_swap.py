@@ -23,7 +23,7 @@ from . import reference
 PATCH_SWAP_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uint8)
 
 
-def _check_permutation(partner: torch.Tensor) -> None:
+def check_permutation(fn: str, partner: torch.Tensor) -> None:
     """Assert on the device that partner is a permutation of range(B), without a host sync.
 
     On CUDA this is an asynchronous device-side assert (like PyTorch's own index checks); on the
@@ -33,9 +33,9 @@ def _check_permutation(partner: torch.Tensor) -> None:
     sorted_partner = torch.sort(partner).values
     is_perm = (sorted_partner == torch.arange(n, device=partner.device, dtype=partner.dtype)).all()
     try:
-        torch._assert_async(is_perm, "fastsd.patch_swap: partner must be a permutation of range(B)")
+        torch._assert_async(is_perm, f"{fn}: partner must be a permutation of range(B)")
     except RuntimeError as exc:
-        raise ValueError(f"fastsd.patch_swap: partner must be a permutation of range(B) ({exc})") from None
+        raise ValueError(f"{fn}: partner must be a permutation of range(B) ({exc})") from None
 
 
 def _empty_out(x: torch.Tensor) -> torch.Tensor:
@@ -49,7 +49,7 @@ def _empty_out(x: torch.Tensor) -> torch.Tensor:
 def _patch_swap_op(x: torch.Tensor, partner: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     if x.shape[0] == 0:
         return _empty_out(x)
-    _check_permutation(partner)
+    check_permutation("fastsd.patch_swap", partner)
     fn = _backend.select("patch_swap", x, partner, mask)
     return fn(x.contiguous(memory_format=V.memory_format(x)), partner, mask)
 

@@ -80,10 +80,15 @@ def _choice(fn: str, name: str, value, choices) -> str:
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1])
     ctx.mark_non_differentiable(output[1])
+    # The gradient output is never differentiated: don't let autograd fill a zero tensor of its
+    # size for it in the backward (a full-size allocation for nothing).
+    ctx.set_materialize_grads(False)
 
 
 def _scaled(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
     """grad * grad_output (a scalar, or one value per row for per-row losses), on the device."""
+    if grad_loss is None:  # only the (non-differentiable) gradient output was used downstream
+        return None
     if grad.dim() == 1 and grad.numel() == 0:
         raise RuntimeError("fastsd: this loss was computed with compute_grad=False; call the public function "
                            "(it sets compute_grad when the input requires grad)")
@@ -293,10 +298,14 @@ def _feature_setup_context(ctx, inputs, output):
     ctx.shapes = [tuple(s.shape) for s in student]
     ctx.channels_last = list(channels_last)
     ctx.per_layer = reduction == "none"
+    ctx.set_materialize_grads(False)  # as _setup_context: no zero tensor for the gradient output
 
 
 def _feature_backward(ctx, grad_loss, _grad_grad):
     (flat,) = ctx.saved_tensors
+    no_grad = [None] * len(ctx.shapes)  # the targets are constants
+    if grad_loss is None:  # only the (non-differentiable) gradient output was used downstream
+        return no_grad, no_grad, None, None, None, None, None
     if ctx.per_layer:  # one grad_output per layer: scale each layer's segment
         segments, offset = [], 0
         for l, shape in enumerate(ctx.shapes):
@@ -306,7 +315,6 @@ def _feature_backward(ctx, grad_loss, _grad_grad):
         scaled = torch.cat(segments)
     else:
         scaled = flat * grad_loss.to(flat.dtype)
-    no_grad = [None] * len(ctx.shapes)  # the targets are constants
     return _grad_views(scaled, ctx.shapes, ctx.channels_last), no_grad, None, None, None, None, None
 
 

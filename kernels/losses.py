@@ -59,8 +59,9 @@ def _online(m, s1, st, z, inv_t):
 
 @triton.jit
 def _safe_log(s):
-    # A row that was not read (masked out) has sum 0; log 1 keeps its unused statistics finite.
-    return tl.log(tl.where(s > 0, s, 1.0))
+    # A row that was not read (masked out) has sum exactly 0; log 1 keeps its unused statistics
+    # finite. Only that case: a NaN or +inf sum (NaN / inf logits) must propagate as in torch.
+    return tl.log(tl.where(s == 0.0, 1.0, s))
 
 
 @triton.jit
@@ -142,8 +143,8 @@ def _pair_kd_kernel(logits_ptr, labels_ptr, partner_ptr, counts_ptr, loss_ptr, g
         kl_i = tl.sum(tl.where(in_j, pj * (lpj - lpi), 0.0), 0)
         kl_j = tl.sum(tl.where(in_j, pi * (lpi - lpj), 0.0), 0)
         if COMPUTE_GRAD:
-            gi = ce_i * (tl.exp(zi - lse1i) - tl.where(offs == yi, 1.0, 0.0)) + kd_grad_scale * ci * (pi - pj)
-            gj = ce_j * (tl.exp(zj - lse1j) - tl.where(offs == yj, 1.0, 0.0)) + kd_grad_scale * cj * (pj - pi)
+            gi = ce_i * (tl.exp(zi - mi) / s1i - tl.where(offs == yi, 1.0, 0.0)) + kd_grad_scale * ci * (pi - pj)
+            gj = ce_j * (tl.exp(zj - mj) / s1j - tl.where(offs == yj, 1.0, 0.0)) + kd_grad_scale * cj * (pj - pi)
             tl.store(grad_i + offs, gi.to(grad_ptr.dtype.element_ty), mask=in_i)
             tl.store(grad_j + offs, gj.to(grad_ptr.dtype.element_ty), mask=in_j)
     else:
@@ -162,8 +163,8 @@ def _pair_kd_kernel(logits_ptr, labels_ptr, partner_ptr, counts_ptr, loss_ptr, g
             kl_i += tl.sum(tl.where(in_j, pj * (lpj - lpi), 0.0), 0)
             kl_j += tl.sum(tl.where(in_j, pi * (lpi - lpj), 0.0), 0)
             if COMPUTE_GRAD:
-                gi = ce_i * (tl.exp(zi - lse1i) - tl.where(offs == yi, 1.0, 0.0)) + kd_grad_scale * ci * (pi - pj)
-                gj = ce_j * (tl.exp(zj - lse1j) - tl.where(offs == yj, 1.0, 0.0)) + kd_grad_scale * cj * (pj - pi)
+                gi = ce_i * (tl.exp(zi - mi) / s1i - tl.where(offs == yi, 1.0, 0.0)) + kd_grad_scale * ci * (pi - pj)
+                gj = ce_j * (tl.exp(zj - mj) / s1j - tl.where(offs == yj, 1.0, 0.0)) + kd_grad_scale * cj * (pj - pi)
                 tl.store(grad_i + offs, gi.to(grad_ptr.dtype.element_ty), mask=in_i)
                 tl.store(grad_j + offs, gj.to(grad_ptr.dtype.element_ty), mask=in_j)
     kd_loss = kd_weight * temperature * temperature / n_pairs * (ci * kl_i + cj * kl_j)
@@ -250,7 +251,8 @@ def _feature_elementwise_kernel(students, targets, grads, numels, starts, scales
             else:
                 small = tl.abs(d) < 1.0
                 e = tl.where(small, 0.5 * d * d, tl.abs(d) - 0.5)
-                g = tl.where(small, d, sign)
+                # clamp(d, -1, 1), which keeps a NaN d (as torch's smooth_l1 backward does)
+                g = tl.where(d > 1.0, 1.0, tl.where(d < -1.0, -1.0, d))
             tl.store(partial_ptr + pid, scales[l] * tl.sum(e, 0))
             if COMPUTE_GRAD:
                 tl.store(grads[l] + offs, (scales[l] * g).to(grads[l].dtype.element_ty), mask=m)
@@ -284,7 +286,8 @@ def _feature_cosine_kernel(students, targets, grads, positions, channels, spatia
             dot = tl.sum(x * y, 1)
             nx = tl.sqrt(tl.sum(x * x, 1))
             ny = tl.sqrt(tl.sum(y * y, 1))
-            axy = tl.maximum(nx, 1e-8) * tl.maximum(ny, 1e-8)
+            # max(n, eps) that keeps NaN (tl.maximum would drop it)
+            axy = tl.where(nx < 1e-8, 1e-8, nx) * tl.where(ny < 1e-8, 1e-8, ny)
             cos = dot / axy
             tl.store(partial_ptr + pid, scales[l] * tl.sum(tl.where(in_q, 1.0 - cos, 0.0), 0))
             if COMPUTE_GRAD:

@@ -9,6 +9,7 @@ correct result to the output dtype costs up to half of that, and a result can be
 the kernel and once when scaled by grad_output).
 """
 import math
+import os
 
 import pytest
 import torch
@@ -261,6 +262,104 @@ def test_cosine_reference_matches_torch():
     a, b = torch.randn(4, 6, 3, dtype=torch.float64), torch.randn(4, 6, 3, dtype=torch.float64)
     a[0, :, 0] = 0
     torch.testing.assert_close(R.cosine_similarity(a, b), torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-8))
+
+
+# --- the C++ backend's vectorised kernels ---------------------------------------------------------------
+# csrc/cpu/losses.cpp has one copy of its float/half/bfloat16 kernels per instruction set (16 or 8
+# float lanes); these cases reach the paths the shapes above do not: float rows of whole vectors
+# (no staging copy), several summation blocks, cosine tasks of whole samples and runs that cross
+# samples.
+
+needs_cpp = pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="fastsd._C not built")
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", [(6, 64, 2), (9, 16, 3), (4, 8200, 2)], ids=lambda c: f"B{c[0]}xK{c[1]}")
+def test_cpp_vector_paths_pair_kd_and_kd(case, dtype):
+    logits, labels, partner = pair_inputs(*case, ignore=False)
+    go = torch.tensor(0.37)
+    ref, ref_g = _pair_run(logits, labels, partner, go, fn=R.pair_kd_loss, **PAIR_KW)
+    same, same_g = _pair_run(logits.to(dtype), labels, partner, go, fn=R.pair_kd_loss, **PAIR_KW)
+    got, got_g = _pair_run(logits.to(dtype), labels, partner, go, backend="cpp", **PAIR_KW)
+    assert_within("loss", got, same, ref)
+    assert_within("grad", got_g, same_g, ref_g)
+    teacher = logits.flip(0).contiguous()
+
+    def kd(x, fn, backend=None):
+        x = x.clone().requires_grad_()
+        with fastsd.use_backend(backend):
+            loss = fn(x, teacher.to(x.dtype), 3.0)
+        return loss, torch.autograd.grad(loss, x, go.to(loss.dtype))[0]
+
+    ref, ref_g = kd(logits, R.kd_loss)
+    same, same_g = kd(logits.to(dtype), R.kd_loss)
+    got, got_g = kd(logits.to(dtype), fastsd.kd_loss, "cpp")
+    assert_within("kd loss", got, same, ref)
+    assert_within("kd grad", got_g, same_g, ref_g)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["mse", "cosine"])
+def test_cpp_vector_paths_feature_alignment(kind, dtype):
+    layers = [((20, 8, 7, 7), False), ((2, 5, 20, 20), False), ((3, 24, 9, 11), True), ((70000, 3), False)]
+    s, t = feature_inputs(torch.float64, seed=3, layers=layers)
+    ref, ref_g = _feature_run(s, t, R.feature_alignment_loss, kind=kind)
+    sd, td = [x.to(dtype) for x in s], [x.to(dtype) for x in t]
+    same, same_g = _feature_run(sd, td, R.feature_alignment_loss, kind=kind)
+    got, got_g = _feature_run(sd, td, fastsd.feature_alignment_loss, "cpp", kind=kind)
+    assert_within("loss", got, same, ref)
+    for l, (a, b, c) in enumerate(zip(got_g, same_g, ref_g)):
+        assert_within(f"grad[{l}]", a, b, c)
+
+
+@needs_cpp
+def test_cpp_results_do_not_depend_on_thread_count():
+    logits, labels, partner = pair_inputs(64, 1000, 8)
+    s, t = feature_inputs(torch.float32, layers=[((16, 64, 16, 16), False), ((8, 32, 9, 9), True)])
+    threads = torch.get_num_threads()
+
+    def run():
+        out = []
+        with fastsd.use_backend("cpp"):
+            for dtype in (torch.float32, torch.bfloat16):
+                z = logits.to(dtype).requires_grad_()
+                loss = fastsd.pair_kd_loss(z, labels, partner) + fastsd.kd_loss(z, z.detach().flip(0))
+                out += [loss, *torch.autograd.grad(loss, z)]
+            for kind in ("mse", "cosine"):
+                xs = [x.clone().requires_grad_() for x in s]
+                loss = fastsd.feature_alignment_loss(xs, t, kind=kind)
+                out += [loss, *torch.autograd.grad(loss, xs)]
+        return out
+
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(max(threads, 3))
+        many = run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, many):
+        assert torch.equal(a, b)
+
+
+@needs_cpp
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_cpp_narrower_instruction_sets(capability):
+    """The kernels compiled for narrower instruction sets (picked by ATen's capability), through
+    the selftest's parity checks in a fresh process."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from fastsd.selftest import CHECKS\n"
+            "for op in ('pair_kd_loss', 'kd_loss', 'feature_alignment_loss'):\n"
+            "    err, tol = CHECKS[op]('cpp', 'cpu')\n"
+            "    print(op, err, tol)\n"
+            "    assert err <= tol, op\n")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 # --- inputs that do not require grad, gradcheck, opcheck, compile ----------------------------------

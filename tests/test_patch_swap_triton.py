@@ -182,21 +182,7 @@ def test_traffic_is_one_read_and_one_write(direction, case, layout, record_prope
 
 # --- 64-bit sample offsets ------------------------------------------------------------------------------
 
-_ARG_PTR = re.compile(r"%(\w+): !tt\.ptr<")
-_DERIVED = re.compile(r"%([\w.]+) = tt\.(?:splat|broadcast) %([\w.]+) ")
-_ADDPTR = re.compile(r"%[\w.]+ = tt\.addptr %([\w.]+), %[\w.]+ : [^,]+, (.+?)(?: loc\(|$)")
-
-
-def argument_offsets_are_64_bit(ttir: str):
-    """The offset types of every ``tt.addptr`` applied to a kernel argument pointer (directly or
-    through splat/broadcast) that are not 64-bit; [] when all are. Sample offsets such as
-    ``b * C * H * W`` pass 2**31 in big batches, so they must be added in int64 before any 32-bit
-    in-sample index."""
-    args = set(_ARG_PTR.findall(ttir))
-    for dst, src in _DERIVED.findall(ttir):
-        if src in args:
-            args.add(dst)
-    return [off for base, off in _ADDPTR.findall(ttir) if base in args and "i64" not in off]
+argument_offsets_are_64_bit = triton_tools.argument_offsets_are_64_bit  # shared with test_int64_offsets
 
 
 def test_ttir_check_catches_32_bit_offsets():

@@ -41,6 +41,7 @@ import importlib
 import json
 import os
 import pkgutil
+import re
 import subprocess
 import sys
 import tempfile
@@ -179,6 +180,33 @@ def aot_compile(spec: dict, arch: int) -> AOTResult:
             return AOTResult(spec["name"], arch, error=f"{exc.__class__.__name__}: {exc}")
         return AOTResult(spec["name"], arch, **{k: compiled.asm[k] for k in ("ptx", "ttir", "cubin")})
     return aot_compile_all([(spec["name"], arch)])[(spec["name"], arch)]
+
+
+# --- 64-bit offsets in the compiled kernels ----------------------------------------------------------
+
+_ARG_PTR = re.compile(r"%([\w.]+): !tt\.ptr<")  # tuple arguments are flattened: %students.0, ...
+_DERIVED = re.compile(r"%([\w.]+) = tt\.(?:splat|broadcast) %([\w.]+) ")
+_ADDPTR = re.compile(r"%[\w.]+ = tt\.addptr %([\w.]+), %[\w.]+ : [^,]+, (.+?)(?: loc\(|$)", re.M)
+
+
+def argument_pointer_offsets(ttir: str) -> List[Tuple[str, str]]:
+    """``(argument, offset type)`` of every ``tt.addptr`` applied to a kernel argument pointer, directly
+    or through splat/broadcast, from a kernel's TTIR. ``argument`` is the parameter name (a tuple
+    parameter's elements ``students.0``, ``students.1``, ... are reported as ``students``)."""
+    root = {a: a for a in _ARG_PTR.findall(ttir)}
+    for dst, src in _DERIVED.findall(ttir):
+        if src in root:
+            root[dst] = root[src]
+    return [(re.sub(r"\.\d+$", "", root[base]), off) for base, off in _ADDPTR.findall(ttir) if base in root]
+
+
+def argument_offsets_are_64_bit(ttir: str, exempt: Iterable[str] = ()) -> List[str]:
+    """The offset types of every ``tt.addptr`` applied to a kernel argument pointer (directly or
+    through splat/broadcast) that are not 64-bit; [] when all are. Sample offsets such as
+    ``b * C * H * W`` pass 2**31 in big batches, so they must be added in int64 before any 32-bit
+    in-sample index. Arguments in ``exempt`` (buffers that cannot reach 2**31 elements) are skipped."""
+    exempt = set(exempt)
+    return [off for arg, off in argument_pointer_offsets(ttir) if arg not in exempt and "i64" not in off]
 
 
 # --- memory traffic under the interpreter: in the package (the benchmark report uses it too) ----------

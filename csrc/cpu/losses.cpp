@@ -5,10 +5,23 @@
 // at::opmath_type (float for half/bfloat16/float, double for double); sums across elements are
 // accumulated per task in double and the per-task partials are added in a fixed order, so results
 // do not depend on the number of threads.
+//
+// Two implementations of each kernel:
+// * generic templates (first below), used for float64 and where the compiler has no GCC vector
+//   extensions;
+// * vectorised float/half/bfloat16 kernels (the FASTSD_LOSSES_ISA_PASS part at the end of this
+//   file), written with GCC vector extensions and compiled three times by including this file into
+//   itself: for AVX-512 (16 lanes), AVX2 + FMA (8 lanes) and the build's baseline (4 lanes, what the
+//   compiler makes of them). The widest one that both the CPU and ATen's CPU capability
+//   (ATEN_CPU_CAPABILITY=default|avx2|avx512 lowers it) allow is picked once, at the first call.
+//   half/bfloat16 rows are converted to float vectors in registers (or into a small per-task
+//   buffer for logits rows), so every loop runs on whole float vectors.
+#ifndef FASTSD_LOSSES_ISA_PASS
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -16,9 +29,16 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
+
+#if defined(__GNUC__)
+#pragma GCC diagnostic ignored "-Wpsabi"  // vector types in the signatures of inline helpers
+#define FASTSD_VECTOR_KERNELS 1
+#endif
 
 namespace fastsd {
 namespace {
@@ -199,52 +219,6 @@ double pair_kd_pair(const scalar_t* logits, scalar_t* grad, const int64_t* label
   return loss + kd_loss_scale * (ci * kl_i + cj * kl_j);
 }
 
-std::tuple<at::Tensor, at::Tensor> pair_kd_loss_cpu(const at::Tensor& logits, const at::Tensor& labels,
-                                                    const at::Tensor& partner, double temperature,
-                                                    double kd_weight, double ce_weight, bool symmetric,
-                                                    int64_t ignore_index, bool compute_grad) {
-  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous(), "fastsd_C.pair_kd_loss: logits must be contiguous [B, K]");
-  const int64_t B = logits.size(0), K = logits.size(1);
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == B && labels.scalar_type() == at::kLong && labels.is_contiguous(),
-              "fastsd_C.pair_kd_loss: labels must be contiguous int64 [B]");
-  TORCH_CHECK(partner.dim() == 1 && partner.size(0) == B && partner.scalar_type() == at::kLong &&
-                  partner.is_contiguous(),
-              "fastsd_C.pair_kd_loss: partner must be contiguous int64 [B]");
-  TORCH_CHECK(temperature > 0, "fastsd_C.pair_kd_loss: temperature must be > 0");
-  at::Tensor grad = compute_grad ? at::empty_like(logits) : at::empty({0}, logits.options());
-  const int64_t* y = labels.data_ptr<int64_t>();
-  const int64_t* p = partner.data_ptr<int64_t>();
-  int64_t n_valid = 0, n_paired = 0;
-  for (int64_t i = 0; i < B; ++i) {
-    TORCH_CHECK(p[i] >= 0 && p[i] < B && p[p[i]] == i, "fastsd_C.pair_kd_loss: partner must be an involution");
-    const bool valid = y[i] != ignore_index;
-    n_valid += valid;
-    n_paired += valid && p[i] != i && y[p[i]] != ignore_index;
-  }
-  const double ce_scale = ce_weight / static_cast<double>(std::max<int64_t>(n_valid, 1));
-  const double n_pairs = std::max(0.5 * static_cast<double>(n_paired), 1.0);
-  const double kd_loss_scale = kd_weight * temperature * temperature / n_pairs;
-  const double kd_grad_scale = kd_weight * temperature / n_pairs;
-  std::vector<double> rows(B, 0.0);
-  if (K > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "pair_kd_loss_cpu", [&] {
-      const scalar_t* z = logits.data_ptr<scalar_t>();
-      scalar_t* g = compute_grad ? grad.data_ptr<scalar_t>() : nullptr;
-      const int64_t grain = std::max<int64_t>(1, 8192 / K);
-      at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          if (p[i] < i) continue;  // the pair is led by its lower index
-          rows[i] = pair_kd_pair<scalar_t>(z, g, y, i, p[i], K, 1.0 / temperature, ignore_index, symmetric,
-                                           ce_scale, kd_loss_scale, kd_grad_scale);
-        }
-      });
-    });
-  }
-  double total = 0;
-  for (double r : rows) total += r;
-  return {at::scalar_tensor(total, logits.options()), grad};
-}
-
 // ---------------------------------------------------------------------------------------------
 // classic KD: one task per row.
 
@@ -279,45 +253,13 @@ double kd_row(const scalar_t* zs, const scalar_t* zt, scalar_t* g, int64_t K, do
   return kl;
 }
 
-std::tuple<at::Tensor, at::Tensor> kd_loss_cpu(const at::Tensor& student, const at::Tensor& teacher,
-                                               double temperature, double loss_scale, double grad_scale,
-                                               bool per_row, bool compute_grad) {
-  TORCH_CHECK(student.dim() == 2 && student.is_contiguous() && teacher.sizes() == student.sizes() &&
-                  teacher.is_contiguous() && teacher.scalar_type() == student.scalar_type(),
-              "fastsd_C.kd_loss: student and teacher must be contiguous [B, K] of one dtype");
-  TORCH_CHECK(temperature > 0, "fastsd_C.kd_loss: temperature must be > 0");
-  const int64_t B = student.size(0), K = student.size(1);
-  at::Tensor grad = compute_grad ? at::empty_like(student) : at::empty({0}, student.options());
-  std::vector<double> rows(B, 0.0);
-  if (K > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kd_loss_cpu", [&] {
-      const scalar_t* zs = student.data_ptr<scalar_t>();
-      const scalar_t* zt = teacher.data_ptr<scalar_t>();
-      scalar_t* g = compute_grad ? grad.data_ptr<scalar_t>() : nullptr;
-      at::parallel_for(0, B, std::max<int64_t>(1, 8192 / K), [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i)
-          rows[i] = kd_row<scalar_t>(zs + i * K, zt + i * K, g ? g + i * K : nullptr, K, 1.0 / temperature,
-                                     grad_scale);
-      });
-    });
-  }
-  if (per_row) {
-    at::Tensor out = at::empty({B}, student.options().dtype(at::kDouble));
-    double* o = out.data_ptr<double>();
-    for (int64_t i = 0; i < B; ++i) o[i] = loss_scale * rows[i];
-    return {out.to(student.scalar_type()), grad};
-  }
-  double total = 0;
-  for (double r : rows) total += r;
-  return {at::scalar_tensor(loss_scale * total, student.options()), grad};
-}
-
 // ---------------------------------------------------------------------------------------------
 // feature alignment: all layers in one parallel loop over (layer, chunk) tasks.
 
 enum Kind : int64_t { kMse = 0, kL1 = 1, kSmoothL1 = 2, kCosine = 3 };
 constexpr double kCosineEps = 1e-8;
 constexpr int64_t kChunk = 16384;  // elements (or positions x channels) per task
+constexpr int64_t kMinRun = 256;   // positions per cosine task, at least (channels first)
 
 struct Task {
   int64_t layer, begin, end;  // elements [begin, end) (elementwise kinds) or positions (cosine)
@@ -335,7 +277,7 @@ inline void elementwise(acc_t d, acc_t& e, acc_t& g) {
     g = sgn;
   } else {
     e = ad < acc_t(1) ? acc_t(0.5) * d * d : ad - acc_t(0.5);
-    g = ad < acc_t(1) ? d : sgn;
+    g = d > acc_t(1) ? acc_t(1) : (d < acc_t(-1) ? acc_t(-1) : d);  // clamp(d, -1, 1), keeps NaN as torch does
   }
 }
 
@@ -455,6 +397,203 @@ double cosine_task(const scalar_t* x, const scalar_t* y, scalar_t* g, int64_t be
   return scale * total;
 }
 
+// ---------------------------------------------------------------------------------------------
+// The vectorised kernels' interface: one table per instruction set (the part at the end of this
+// file); each entry runs one parallel task.
+
+enum Dt : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+
+template <typename scalar_t>
+constexpr Dt dt_of() {
+  return std::is_same<scalar_t, float>::value ? kF32 : std::is_same<scalar_t, c10::Half>::value ? kF16 : kBF16;
+}
+
+struct PairKdArgs {
+  const void* logits;
+  void* grad;  // nullptr: no gradient
+  const int64_t* labels;
+  const int64_t* partner;
+  int64_t K;
+  double inv_t;
+  int64_t ignore_index;
+  bool symmetric;
+  double ce_scale, kd_loss_scale, kd_grad_scale;
+  double* rows;  // rows[i]: the loss of the pair led by row i
+};
+
+struct KdArgs {
+  const void* student;
+  const void* teacher;
+  void* grad;  // nullptr: no gradient
+  int64_t K;
+  double inv_t, grad_scale;
+  double* rows;  // rows[i]: KL of row i
+};
+
+struct VecKernels {
+  void (*pair_kd_rows)(Dt, const PairKdArgs&, int64_t begin, int64_t end);
+  void (*kd_rows)(Dt, const KdArgs&, int64_t begin, int64_t end);
+  double (*elementwise)(Dt, int64_t kind, const void* s, const void* t, void* g, int64_t begin, int64_t end,
+                        double scale);
+  double (*cosine)(Dt, const void* x, const void* y, void* g, int64_t begin, int64_t end, int64_t C, int64_t S,
+                   bool channels_last, double scale);
+  const char* name;
+};
+
+}  // namespace
+}  // namespace fastsd
+
+#if defined(FASTSD_VECTOR_KERNELS)
+#define FASTSD_LOSSES_ISA_PASS
+#if defined(__x86_64__) && !defined(__clang__)
+#define FASTSD_MULTI_ISA 1
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")
+#define FASTSD_ISA avx512
+#define FASTSD_ISA_NAME "avx512"
+#define FASTSD_W 16
+#include "losses.cpp"
+#undef FASTSD_ISA
+#undef FASTSD_ISA_NAME
+#undef FASTSD_W
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define FASTSD_ISA avx2
+#define FASTSD_ISA_NAME "avx2"
+#define FASTSD_W 8
+#include "losses.cpp"
+#undef FASTSD_ISA
+#undef FASTSD_ISA_NAME
+#undef FASTSD_W
+#pragma GCC pop_options
+#endif
+#define FASTSD_ISA baseline
+#define FASTSD_ISA_NAME "baseline"
+#define FASTSD_W 4
+#include "losses.cpp"
+#undef FASTSD_ISA
+#undef FASTSD_ISA_NAME
+#undef FASTSD_W
+#undef FASTSD_LOSSES_ISA_PASS
+#endif
+
+namespace fastsd {
+namespace {
+
+// The vectorised kernels for this CPU, or nullptr (no vector extensions: the generic templates).
+const VecKernels* vec_kernels() {
+  static const VecKernels* const chosen = []() -> const VecKernels* {
+#if defined(FASTSD_MULTI_ISA)
+    const std::string capability = at::get_cpu_capability();  // honours ATEN_CPU_CAPABILITY
+    __builtin_cpu_init();
+    if (capability == "AVX512" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+      return &avx512::kernels;
+    if ((capability == "AVX512" || capability == "AVX2") && __builtin_cpu_supports("avx2") &&
+        __builtin_cpu_supports("fma"))
+      return &avx2::kernels;
+#endif
+#if defined(FASTSD_VECTOR_KERNELS)
+    return &baseline::kernels;
+#else
+    return nullptr;
+#endif
+  }();
+  return chosen;
+}
+
+// ---------------------------------------------------------------------------------------------
+// the ops
+
+std::tuple<at::Tensor, at::Tensor> pair_kd_loss_cpu(const at::Tensor& logits, const at::Tensor& labels,
+                                                    const at::Tensor& partner, double temperature,
+                                                    double kd_weight, double ce_weight, bool symmetric,
+                                                    int64_t ignore_index, bool compute_grad) {
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous(), "fastsd_C.pair_kd_loss: logits must be contiguous [B, K]");
+  const int64_t B = logits.size(0), K = logits.size(1);
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == B && labels.scalar_type() == at::kLong && labels.is_contiguous(),
+              "fastsd_C.pair_kd_loss: labels must be contiguous int64 [B]");
+  TORCH_CHECK(partner.dim() == 1 && partner.size(0) == B && partner.scalar_type() == at::kLong &&
+                  partner.is_contiguous(),
+              "fastsd_C.pair_kd_loss: partner must be contiguous int64 [B]");
+  TORCH_CHECK(temperature > 0, "fastsd_C.pair_kd_loss: temperature must be > 0");
+  at::Tensor grad = compute_grad ? at::empty_like(logits) : at::empty({0}, logits.options());
+  const int64_t* y = labels.data_ptr<int64_t>();
+  const int64_t* p = partner.data_ptr<int64_t>();
+  int64_t n_valid = 0, n_paired = 0;
+  for (int64_t i = 0; i < B; ++i) {
+    TORCH_CHECK(p[i] >= 0 && p[i] < B && p[p[i]] == i, "fastsd_C.pair_kd_loss: partner must be an involution");
+    const bool valid = y[i] != ignore_index;
+    TORCH_CHECK(!valid || (y[i] >= 0 && y[i] < K), "fastsd_C.pair_kd_loss: labels must be in [0, K) or ignore_index");
+    n_valid += valid;
+    n_paired += valid && p[i] != i && y[p[i]] != ignore_index;
+  }
+  const double ce_scale = ce_weight / static_cast<double>(std::max<int64_t>(n_valid, 1));
+  const double n_pairs = std::max(0.5 * static_cast<double>(n_paired), 1.0);
+  const double kd_loss_scale = kd_weight * temperature * temperature / n_pairs;
+  const double kd_grad_scale = kd_weight * temperature / n_pairs;
+  std::vector<double> rows(B, 0.0);
+  if (K > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "pair_kd_loss_cpu", [&] {
+      const scalar_t* z = logits.data_ptr<scalar_t>();
+      scalar_t* g = compute_grad ? grad.data_ptr<scalar_t>() : nullptr;
+      const int64_t grain = std::max<int64_t>(1, 8192 / K);
+      const VecKernels* vk = std::is_same<scalar_t, double>::value ? nullptr : vec_kernels();
+      const PairKdArgs args{z, g, y, p, K, 1.0 / temperature, ignore_index, symmetric, ce_scale, kd_loss_scale,
+                            kd_grad_scale, rows.data()};
+      at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+        if (vk != nullptr) return vk->pair_kd_rows(dt_of<scalar_t>(), args, begin, end);
+        for (int64_t i = begin; i < end; ++i) {
+          if (p[i] < i) continue;  // the pair is led by its lower index
+          rows[i] = pair_kd_pair<scalar_t>(z, g, y, i, p[i], K, 1.0 / temperature, ignore_index, symmetric,
+                                           ce_scale, kd_loss_scale, kd_grad_scale);
+        }
+      });
+    });
+  }
+  double total = 0;
+  for (double r : rows) total += r;
+  return {at::scalar_tensor(total, logits.options()), grad};
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_loss_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                               double temperature, double loss_scale, double grad_scale,
+                                               bool per_row, bool compute_grad) {
+  TORCH_CHECK(student.dim() == 2 && student.is_contiguous() && teacher.sizes() == student.sizes() &&
+                  teacher.is_contiguous() && teacher.scalar_type() == student.scalar_type(),
+              "fastsd_C.kd_loss: student and teacher must be contiguous [B, K] of one dtype");
+  TORCH_CHECK(temperature > 0, "fastsd_C.kd_loss: temperature must be > 0");
+  const int64_t B = student.size(0), K = student.size(1);
+  at::Tensor grad = compute_grad ? at::empty_like(student) : at::empty({0}, student.options());
+  std::vector<double> rows(B, 0.0);
+  if (K > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kd_loss_cpu", [&] {
+      const scalar_t* zs = student.data_ptr<scalar_t>();
+      const scalar_t* zt = teacher.data_ptr<scalar_t>();
+      scalar_t* g = compute_grad ? grad.data_ptr<scalar_t>() : nullptr;
+      const VecKernels* vk = std::is_same<scalar_t, double>::value ? nullptr : vec_kernels();
+      const KdArgs args{zs, zt, g, K, 1.0 / temperature, grad_scale, rows.data()};
+      at::parallel_for(0, B, std::max<int64_t>(1, 8192 / K), [&](int64_t begin, int64_t end) {
+        if (vk != nullptr) return vk->kd_rows(dt_of<scalar_t>(), args, begin, end);
+        for (int64_t i = begin; i < end; ++i)
+          rows[i] = kd_row<scalar_t>(zs + i * K, zt + i * K, g ? g + i * K : nullptr, K, 1.0 / temperature,
+                                     grad_scale);
+      });
+    });
+  }
+  if (per_row) {
+    at::Tensor out = at::empty({B}, student.options().dtype(at::kDouble));
+    double* o = out.data_ptr<double>();
+    for (int64_t i = 0; i < B; ++i) o[i] = loss_scale * rows[i];
+    return {out.to(student.scalar_type()), grad};
+  }
+  double total = 0;
+  for (double r : rows) total += r;
+  return {at::scalar_tensor(loss_scale * total, student.options()), grad};
+}
+
 std::tuple<at::Tensor, at::Tensor> feature_alignment_loss_cpu(at::TensorList student, at::TensorList target,
                                                               c10::List<bool> channels_last, int64_t kind,
                                                               at::ArrayRef<double> scales, bool per_layer,
@@ -483,7 +622,13 @@ std::tuple<at::Tensor, at::Tensor> feature_alignment_loss_cpu(at::TensorList stu
     positions[l] = channels[l] ? n / channels[l] : 0;
     spatial[l] = s.size(0) ? positions[l] / s.size(0) : 0;
     if (kind == kCosine) {
-      const int64_t step = std::max<int64_t>(1, kChunk / std::max<int64_t>(channels[l], 1));
+      // Channels first: a task reads a run of positions from every channel, so it takes at least
+      // kMinRun positions (whole samples where a sample has fewer) to read whole cache lines.
+      int64_t step = std::max<int64_t>(1, kChunk / std::max<int64_t>(channels[l], 1));
+      if (!cl && step < kMinRun) {
+        const int64_t S = std::max<int64_t>(spatial[l], 1);
+        step = S >= kMinRun ? kMinRun : S * (kMinRun / S);
+      }
       for (int64_t b = 0; b < positions[l]; b += step) tasks.push_back({l, b, std::min(positions[l], b + step)});
     } else {
       for (int64_t b = 0; b < n; b += kChunk) tasks.push_back({l, b, std::min(n, b + kChunk)});
@@ -498,12 +643,18 @@ std::tuple<at::Tensor, at::Tensor> feature_alignment_loss_cpu(at::TensorList stu
       tp[l] = target[l].data_ptr<scalar_t>();
     }
     scalar_t* gp = compute_grad ? grad.data_ptr<scalar_t>() : nullptr;
+    const VecKernels* vk = std::is_same<scalar_t, double>::value ? nullptr : vec_kernels();
     at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
         const Task& tk = tasks[k];
         const int64_t l = tk.layer;
         scalar_t* g = gp ? gp + offset[l] : nullptr;
-        if (kind == kCosine) {
+        if (vk != nullptr && kind == kCosine) {
+          partial[k] = vk->cosine(dt_of<scalar_t>(), sp[l], tp[l], g, tk.begin, tk.end, channels[l], spatial[l],
+                                  channels_last.get(l), scales[l]);
+        } else if (vk != nullptr) {
+          partial[k] = vk->elementwise(dt_of<scalar_t>(), kind, sp[l], tp[l], g, tk.begin, tk.end, scales[l]);
+        } else if (kind == kCosine) {
           partial[k] = cosine_task<scalar_t>(sp[l], tp[l], g, tk.begin, tk.end, channels[l], spatial[l],
                                              channels_last.get(l), scales[l]);
         } else {
@@ -524,6 +675,7 @@ std::tuple<at::Tensor, at::Tensor> feature_alignment_loss_cpu(at::TensorList stu
   return {at::scalar_tensor(total, student[0].options()), grad};
 }
 
+
 }  // namespace
 }  // namespace fastsd
 
@@ -532,3 +684,584 @@ TORCH_LIBRARY_IMPL(fastsd_C, CPU, m) {
   m.impl("kd_loss", &fastsd::kd_loss_cpu);
   m.impl("feature_alignment_loss", &fastsd::feature_alignment_loss_cpu);
 }
+
+#else  // FASTSD_LOSSES_ISA_PASS
+// ---------------------------------------------------------------------------------------------
+// The vectorised float / half / bfloat16 kernels, compiled once per instruction set (FASTSD_ISA,
+// FASTSD_W float lanes). GCC vector extensions: +, *, compares and ?: act lane-wise; casts
+// between vector types of one size reinterpret the bits. Arithmetic is in float (as
+// at::opmath_type says); every loop is over whole vectors, a row's last partial vector loaded
+// padded and its lanes past the end masked out of the sums. Sums run in float lanes over at most
+// kBlock vectors, then go to double in lane order, so a result depends on the instruction set
+// (the lane count) but never on the number of threads.
+
+namespace fastsd {
+namespace {
+namespace FASTSD_ISA {
+
+constexpr int W = FASTSD_W;
+constexpr int64_t kBlock = 256;  // vectors summed in float lanes before the sum goes to double
+typedef float vf __attribute__((vector_size(4 * W)));
+typedef int32_t vi __attribute__((vector_size(4 * W)));
+typedef uint32_t vu __attribute__((vector_size(4 * W)));
+typedef uint16_t vh __attribute__((vector_size(2 * W)));
+
+inline vf splat(float x) {
+  vf v;
+  for (int l = 0; l < W; ++l) v[l] = x;
+  return v;
+}
+inline vu splat_u(uint32_t x) {
+  vu v;
+  for (int l = 0; l < W; ++l) v[l] = x;
+  return v;
+}
+inline vf zero() { return splat(0.0f); }
+inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+inline vf vabs(vf x) { return (vf)((vu)x & splat_u(0x7FFFFFFFu)); }
+inline vf sign(vf d) {
+  const vf one = splat(1.0f), z = zero();
+  return (d > z ? one : z) - (d < z ? one : z);
+}
+inline vf select(vi mask, vf x) { return (vf)((vi)x & mask); }  // x where mask, else +0
+inline vi lanes_below(int64_t n) {  // lane l < n
+  vi m;
+  for (int l = 0; l < W; ++l) m[l] = l < n ? -1 : 0;
+  return m;
+}
+inline double hsum(vf v) {
+  double s = 0;
+  for (int l = 0; l < W; ++l) s += v[l];
+  return s;
+}
+inline float hmax(vf v) {
+  float m = v[0];
+  for (int l = 1; l < W; ++l) m = v[l] > m ? v[l] : m;
+  return m;
+}
+
+// exp: the scalar vexp above, lane-wise.
+inline vf vexp(vf x) {
+  const vf lo = splat(-87.3f), hi = splat(88.7f), magic = splat(12582912.0f);
+  vf xc = x < lo ? lo : x;
+  xc = xc > hi ? hi : xc;
+  const vf n = (xc * splat(1.44269504088896341f) + magic) - magic;
+  vf r = xc - n * splat(0.693359375f);
+  r = r - n * splat(-2.12194440e-4f);
+  vf p = splat(1.9875691500e-4f);
+  p = p * r + splat(1.3981999507e-3f);
+  p = p * r + splat(8.3334519073e-3f);
+  p = p * r + splat(4.1665795894e-2f);
+  p = p * r + splat(1.6666665459e-1f);
+  p = p * r + splat(5.0000001201e-1f);
+  const vf y = p * r * r + r + splat(1.0f);
+  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+  return x < lo ? zero() : y * (vf)bits;
+}
+
+// half <-> float as c10 converts them (c10/util/Half.h: fp16_ieee_to_fp32_value and
+// fp16_ieee_from_fp32_value, round to nearest even), bfloat16 <-> float as c10/util/BFloat16.h.
+inline vf half_to_float(vh h) {
+  const vu w = __builtin_convertvector(h, vu) << 16;
+  const vu sign_bits = w & splat_u(0x80000000u);
+  const vu two_w = w + w;
+  const vf normalized = (vf)((two_w >> 4) + splat_u(0xE0u << 23)) * splat(0x1.0p-112f);
+  const vf denormalized = (vf)((two_w >> 17) | splat_u(126u << 23)) - splat(0.5f);
+  return (vf)(sign_bits | (two_w < splat_u(1u << 27) ? (vu)denormalized : (vu)normalized));
+}
+inline vh float_to_half(vf f) {
+  const vu w = (vu)f;
+  vf base = (vabs(f) * splat(0x1.0p+112f)) * splat(0x1.0p-110f);
+  const vu shl1_w = w + w;
+  const vu sign_bits = w & splat_u(0x80000000u);
+  vu bias = shl1_w & splat_u(0xFF000000u);
+  bias = bias < splat_u(0x71000000u) ? splat_u(0x71000000u) : bias;
+  base = (vf)((bias >> 1) + splat_u(0x07800000u)) + base;
+  const vu bits = (vu)base;
+  const vu nonsign = ((bits >> 13) & splat_u(0x00007C00u)) + (bits & splat_u(0x00000FFFu));
+  const vu out = (sign_bits >> 16) | (shl1_w > splat_u(0xFF000000u) ? splat_u(0x7E00u) : nonsign);
+  return __builtin_convertvector(out, vh);
+}
+inline vf bf16_to_float(vh h) { return (vf)(__builtin_convertvector(h, vu) << 16); }
+inline vh float_to_bf16(vf f) {
+  const vu u = (vu)f;
+  const vu out = f != f ? splat_u(0x7FC0u) : (u + ((u >> 16) & splat_u(1u)) + splat_u(0x7FFFu)) >> 16;
+  return __builtin_convertvector(out, vh);
+}
+
+inline vf load(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline vf load(const c10::Half* p) {
+  vh h;
+  std::memcpy(&h, p, sizeof(h));
+  return half_to_float(h);
+}
+inline vf load(const c10::BFloat16* p) {
+  vh h;
+  std::memcpy(&h, p, sizeof(h));
+  return bf16_to_float(h);
+}
+inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
+inline void store(c10::Half* p, vf v) {
+  const vh h = float_to_half(v);
+  std::memcpy(p, &h, sizeof(h));
+}
+inline void store(c10::BFloat16* p, vf v) {
+  const vh h = float_to_bf16(v);
+  std::memcpy(p, &h, sizeof(h));
+}
+// The first n (< W) elements, the other lanes `pad`; and the store of the first n lanes.
+template <typename T>
+inline vf load_n(const T* p, int64_t n, float pad) {
+  float tmp[W];
+  for (int l = 0; l < W; ++l) tmp[l] = l < n ? static_cast<float>(p[l]) : pad;
+  return load(tmp);
+}
+template <typename T>
+inline void store_n(T* p, vf v, int64_t n) {
+  float tmp[W];
+  store(tmp, v);
+  for (int64_t l = 0; l < n; ++l) p[l] = static_cast<T>(tmp[l]);
+}
+
+inline int64_t padded(int64_t K) { return (K + W - 1) / W * W; }
+
+// A row as floats: z itself when it is float and whole vectors, else converted into buf (padded
+// with -inf to a whole vector). m: its max.
+template <typename T>
+const float* stage_row(const T* z, int64_t K, float* buf, float& m) {
+  const float inf = std::numeric_limits<float>::infinity();
+  const int64_t Kf = K - K % W;
+  vf vm = splat(-inf);
+  if (std::is_same<T, float>::value && Kf == K) {
+    for (int64_t k = 0; k < K; k += W) vm = vmax(vm, load(z + k));
+    m = hmax(vm);
+    return reinterpret_cast<const float*>(z);
+  }
+  for (int64_t k = 0; k < Kf; k += W) {
+    const vf v = load(z + k);
+    store(buf + k, v);
+    vm = vmax(vm, v);
+  }
+  if (Kf < K) {
+    const vf v = load_n(z + Kf, K - Kf, -inf);
+    store(buf + Kf, v);
+    vm = vmax(vm, v);
+  }
+  m = hmax(vm);
+  return buf;
+}
+
+// et[k] = exp((x[k] - m) * it) and, WITH1, e1[k] = exp(x[k] - m), over the padded row; their sums.
+template <bool WITH1>
+void exp_row(const float* x, int64_t Kp, float m, float it, float* e1, float* et, double& s1, double& st) {
+  const vf vm = splat(m), vit = splat(it);
+  s1 = st = 0;
+  for (int64_t k0 = 0; k0 < Kp; k0 += kBlock * W) {
+    const int64_t k1 = std::min(Kp, k0 + kBlock * W);
+    vf a1 = zero(), at = zero();
+    for (int64_t k = k0; k < k1; k += W) {
+      const vf d = load(x + k) - vm;
+      const vf vt = vexp(d * vit);
+      store(et + k, vt);
+      at += vt;
+      if (WITH1) {
+        const vf v1 = vexp(d);
+        store(e1 + k, v1);
+        a1 += v1;
+      }
+    }
+    s1 += hsum(a1);
+    st += hsum(at);
+  }
+}
+
+// Writes a staged float gradient row out in T (nothing to do when g is the buffer itself).
+template <typename T>
+void unstage_row(const float* buf, T* g, int64_t K) {
+  if (reinterpret_cast<const void*>(buf) == reinterpret_cast<const void*>(g)) return;
+  const int64_t Kf = K - K % W;
+  for (int64_t k = 0; k < Kf; k += W) store(g + k, load(buf + k));
+  if (Kf < K) store_n(g + Kf, load(buf + Kf), K - Kf);
+}
+
+// ---------------------------------------------------------------------------------------------
+// pair KD: as pair_kd_pair above. Per row: stage and max; the exps at temperatures 1 and T (kept);
+// then one joint sweep over both rows for the two KL terms and both gradients.
+
+template <typename T>
+double pair_kd_pair_vec(const PairKdArgs& a, const T* logits, T* grad, int64_t i, int64_t j, float* buf) {
+  const int64_t K = a.K, Kp = padded(K);
+  const bool has_j = j != i;
+  const bool valid_i = a.labels[i] != a.ignore_index, valid_j = has_j && a.labels[j] != a.ignore_index;
+  const int64_t yi = valid_i ? a.labels[i] : -1, yj = valid_j ? a.labels[j] : -1;
+  const float it = static_cast<float>(a.inv_t);
+  float* xbi = buf;
+  float* xbj = buf + Kp;
+  float* e1i = buf + 2 * Kp;
+  float* eti = buf + 3 * Kp;
+  float* e1j = buf + 4 * Kp;
+  float* etj = buf + 5 * Kp;
+  float mi = 0, mj = 0;
+  double s1i = 1, sti = 1, s1j = 1, stj = 1;
+  const float* xi = stage_row(logits + i * K, K, xbi, mi);
+  exp_row<true>(xi, Kp, mi, it, e1i, eti, s1i, sti);
+  const float* xj = xi;
+  if (has_j) {
+    xj = stage_row(logits + j * K, K, xbj, mj);
+    exp_row<true>(xj, Kp, mj, it, e1j, etj, s1j, stj);
+  }
+  const double lse1i = mi + std::log(s1i), lse1j = has_j ? mj + std::log(s1j) : 0.0;
+  double loss = 0;
+  if (valid_i) loss += a.ce_scale * (lse1i - static_cast<double>(xi[yi]));
+  if (valid_j) loss += a.ce_scale * (lse1j - static_cast<double>(xj[yj]));
+  const bool pair_on = valid_i && valid_j;
+  double ci = 0, cj = 0;  // weight of row i (j) as a student
+  if (pair_on) {
+    if (a.symmetric) {
+      ci = cj = 0.5;
+    } else {
+      const bool i_teaches = xi[yi] - lse1i >= xj[yj] - lse1j;  // ties: the lower index, i
+      ci = i_teaches ? 0.0 : 1.0;
+      cj = i_teaches ? 1.0 : 0.0;
+    }
+  }
+  if (!pair_on && grad == nullptr) return loss;
+
+  const bool direct = std::is_same<T, float>::value && K % W == 0;  // gradient straight to grad
+  float* gi = grad == nullptr ? nullptr : direct ? reinterpret_cast<float*>(grad + i * K) : e1i;
+  float* gj = grad == nullptr ? nullptr : direct ? reinterpret_cast<float*>(grad + j * K) : e1j;
+  const float cei = valid_i ? static_cast<float>(a.ce_scale / s1i) : 0.0f;  // CE gradient: cei * e1i
+  const float cej = valid_j ? static_cast<float>(a.ce_scale / s1j) : 0.0f;
+  const int64_t Kf = K - K % W;
+  if (!has_j) {  // a singleton: its CE gradient only
+    const float e1y = yi >= 0 ? e1i[yi] : 0.0f;
+    const vf vc = splat(cei);
+    for (int64_t k = 0; k < Kp; k += W) store(gi + k, vc * load(e1i + k));
+    if (yi >= 0) gi[yi] = static_cast<float>(a.ce_scale) * (e1y * static_cast<float>(1.0 / s1i) - 1.0f);
+    unstage_row(gi, grad + i * K, K);
+    return loss;
+  }
+  const float rsti = static_cast<float>(1.0 / sti), rstj = static_cast<float>(1.0 / stj);
+  const float gi_kd = static_cast<float>(a.kd_grad_scale * ci), gj_kd = static_cast<float>(a.kd_grad_scale * cj);
+  // The label entries get the one-hot term afterwards, from scratch (e1 is overwritten by g).
+  const float e1iy = yi >= 0 ? e1i[yi] : 0.0f, e1jy = yj >= 0 ? e1j[yj] : 0.0f;
+  const vf vmi = splat(mi), vmj = splat(mj), vit = splat(it);
+  const vf vrsti = splat(rsti), vrstj = splat(rstj), vcei = splat(cei), vcej = splat(cej);
+  const vf vgi = splat(gi_kd), vgj = splat(gj_kd);
+  // With u = (z - m) / T, log p = u - log st and p = et / st:
+  //   KL(p_j || p_i) = sum_k et_j (u_j - u_i) / st_j + log st_i - log st_j,
+  // the row constants applied once, in double (no rounded log st in every term).
+  double si = 0, sj = 0;  // sum et_j (u_j - u_i), sum et_i (u_i - u_j)
+  auto sweep = [&](auto with_grad) {
+    constexpr bool G = decltype(with_grad)::value;
+    auto element = [&](int64_t k, vf& A, vf& B, vi mask) {
+      const vf ui = (load(xi + k) - vmi) * vit, uj = (load(xj + k) - vmj) * vit;
+      const vf ei = load(eti + k), ej = load(etj + k);
+      A += select(mask, ej * (uj - ui));
+      B += select(mask, ei * (ui - uj));
+      if (G) {
+        const vf pi = ei * vrsti, pj = ej * vrstj;
+        store(gi + k, vcei * load(e1i + k) + vgi * (pi - pj));
+        store(gj + k, vcej * load(e1j + k) + vgj * (pj - pi));
+      }
+    };
+    const vi all = lanes_below(W);
+    for (int64_t k0 = 0; k0 < Kf; k0 += kBlock * W) {
+      const int64_t k1 = std::min(Kf, k0 + kBlock * W);
+      vf A = zero(), B = zero();
+      for (int64_t k = k0; k < k1; k += W) element(k, A, B, all);
+      si += hsum(A);
+      sj += hsum(B);
+    }
+    if (Kf < K) {
+      vf A = zero(), B = zero();
+      element(Kf, A, B, lanes_below(K - Kf));
+      si += hsum(A);
+      sj += hsum(B);
+    }
+  };
+  if (gi) {
+    sweep(std::true_type{});
+    const float ce = static_cast<float>(a.ce_scale);
+    if (yi >= 0)
+      gi[yi] = ce * (e1iy * static_cast<float>(1.0 / s1i) - 1.0f) + gi_kd * (eti[yi] * rsti - etj[yi] * rstj);
+    if (yj >= 0)
+      gj[yj] = ce * (e1jy * static_cast<float>(1.0 / s1j) - 1.0f) + gj_kd * (etj[yj] * rstj - eti[yj] * rsti);
+    unstage_row(gi, grad + i * K, K);
+    unstage_row(gj, grad + j * K, K);
+  } else {
+    sweep(std::false_type{});
+  }
+  const double log_ratio = std::log(sti / stj);  // log st_i - log st_j
+  const double kl_i = si / stj + log_ratio;  // row i learns from j
+  const double kl_j = sj / sti - log_ratio;
+  return loss + a.kd_loss_scale * (ci * kl_i + cj * kl_j);
+}
+
+template <typename T>
+void pair_kd_rows(const PairKdArgs& a, int64_t begin, int64_t end) {
+  std::unique_ptr<float[]> buf(new float[6 * padded(a.K)]);
+  const T* z = static_cast<const T*>(a.logits);
+  T* g = static_cast<T*>(a.grad);
+  for (int64_t i = begin; i < end; ++i) {
+    if (a.partner[i] < i) continue;  // the pair is led by its lower index
+    a.rows[i] = pair_kd_pair_vec<T>(a, z, g, i, a.partner[i], buf.get());
+  }
+}
+
+void pair_kd_rows_any(Dt dt, const PairKdArgs& a, int64_t begin, int64_t end) {
+  switch (dt) {
+    case kF32: return pair_kd_rows<float>(a, begin, end);
+    case kF16: return pair_kd_rows<c10::Half>(a, begin, end);
+    default: return pair_kd_rows<c10::BFloat16>(a, begin, end);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// classic KD, one row: stage both rows, their exps at temperature T, one sweep for KL and grad.
+
+template <typename T>
+void kd_rows(const KdArgs& a, int64_t begin, int64_t end) {
+  const int64_t K = a.K, Kp = padded(K), Kf = K - K % W;
+  std::unique_ptr<float[]> buf(new float[4 * Kp]);
+  float* xbs = buf.get();
+  float* xbt = xbs + Kp;
+  float* es = xbs + 2 * Kp;
+  float* et = xbs + 3 * Kp;
+  const float it = static_cast<float>(a.inv_t);
+  const bool direct = std::is_same<T, float>::value && K % W == 0;
+  for (int64_t i = begin; i < end; ++i) {
+    float ms, mt;
+    double ss, st, unused;
+    const float* xs = stage_row(static_cast<const T*>(a.student) + i * K, K, xbs, ms);
+    const float* xt = stage_row(static_cast<const T*>(a.teacher) + i * K, K, xbt, mt);
+    exp_row<false>(xs, Kp, ms, it, nullptr, es, unused, ss);
+    exp_row<false>(xt, Kp, mt, it, nullptr, et, unused, st);
+    T* gout = a.grad == nullptr ? nullptr : static_cast<T*>(a.grad) + i * K;
+    float* g = gout == nullptr ? nullptr : direct ? reinterpret_cast<float*>(gout) : es;
+    const vf vms = splat(ms), vmt = splat(mt), vit = splat(it);
+    const vf vrs = splat(static_cast<float>(1.0 / ss)), vrt = splat(static_cast<float>(1.0 / st));
+    const vf vgs = splat(static_cast<float>(a.grad_scale));
+    // KL(p || q) = sum_k et_k (ut_k - us_k) / st + log ss - log st, u = (z - m) / T (as in pair KD)
+    auto element = [&](int64_t k, vf& A, vi mask) {
+      const vf us = (load(xs + k) - vms) * vit, ut = (load(xt + k) - vmt) * vit;
+      const vf e = load(et + k);
+      A += select(mask, e * (ut - us));
+      if (g) store(g + k, vgs * (load(es + k) * vrs - e * vrt));
+    };
+    double sum = 0;
+    const vi all = lanes_below(W);
+    for (int64_t k0 = 0; k0 < Kf; k0 += kBlock * W) {
+      const int64_t k1 = std::min(Kf, k0 + kBlock * W);
+      vf A = zero();
+      for (int64_t k = k0; k < k1; k += W) element(k, A, all);
+      sum += hsum(A);
+    }
+    if (Kf < K) {
+      vf A = zero();
+      element(Kf, A, lanes_below(K - Kf));
+      sum += hsum(A);
+    }
+    const double kl = sum / st + std::log(ss / st);
+    if (g) unstage_row(g, gout, K);
+    a.rows[i] = kl;
+  }
+}
+
+void kd_rows_any(Dt dt, const KdArgs& a, int64_t begin, int64_t end) {
+  switch (dt) {
+    case kF32: return kd_rows<float>(a, begin, end);
+    case kF16: return kd_rows<c10::Half>(a, begin, end);
+    default: return kd_rows<c10::BFloat16>(a, begin, end);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// feature alignment
+
+template <int64_t KIND>
+inline void elementwise_vec(vf d, vf& e, vf& g) {
+  if (KIND == kMse) {
+    e = d * d;
+    g = d + d;
+  } else if (KIND == kL1) {
+    e = vabs(d);
+    g = sign(d);
+  } else {
+    const vf ad = vabs(d);
+    const vi small = ad < splat(1.0f);
+    e = small ? splat(0.5f) * d * d : ad - splat(0.5f);
+    const vf one = splat(1.0f), minus_one = splat(-1.0f);
+    g = d > one ? one : (d < minus_one ? minus_one : d);  // clamp(d, -1, 1), keeps NaN as torch does
+  }
+}
+
+template <int64_t KIND, bool G, typename T>
+double elementwise_vec_task(const T* s, const T* t, T* g, int64_t begin, int64_t end, double scale) {
+  const vf sc = splat(static_cast<float>(scale));
+  double total = 0;
+  const int64_t endf = end - (end - begin) % W;
+  for (int64_t k0 = begin; k0 < endf; k0 += kBlock * W) {
+    const int64_t k1 = std::min(endf, k0 + kBlock * W);
+    vf acc = zero();
+    for (int64_t k = k0; k < k1; k += W) {
+      vf e, gk;
+      elementwise_vec<KIND>(load(s + k) - load(t + k), e, gk);
+      acc += e;
+      if (G) store(g + k, sc * gk);
+    }
+    total += hsum(acc);
+  }
+  if (endf < end) {  // zero padding: d = 0 adds nothing
+    vf e, gk;
+    elementwise_vec<KIND>(load_n(s + endf, end - endf, 0.0f) - load_n(t + endf, end - endf, 0.0f), e, gk);
+    total += hsum(e);
+    if (G) store_n(g + endf, sc * gk, end - endf);
+  }
+  return scale * total;
+}
+
+template <typename T>
+double elementwise_typed(int64_t kind, const T* s, const T* t, T* g, int64_t begin, int64_t end, double scale) {
+  if (g) {
+    switch (kind) {
+      case kMse: return elementwise_vec_task<kMse, true>(s, t, g, begin, end, scale);
+      case kL1: return elementwise_vec_task<kL1, true>(s, t, g, begin, end, scale);
+      default: return elementwise_vec_task<kSmoothL1, true>(s, t, g, begin, end, scale);
+    }
+  }
+  switch (kind) {
+    case kMse: return elementwise_vec_task<kMse, false>(s, t, g, begin, end, scale);
+    case kL1: return elementwise_vec_task<kL1, false>(s, t, g, begin, end, scale);
+    default: return elementwise_vec_task<kSmoothL1, false>(s, t, g, begin, end, scale);
+  }
+}
+
+double elementwise_any(Dt dt, int64_t kind, const void* s, const void* t, void* g, int64_t begin, int64_t end,
+                       double scale) {
+  switch (dt) {
+    case kF32:
+      return elementwise_typed(kind, static_cast<const float*>(s), static_cast<const float*>(t),
+                               static_cast<float*>(g), begin, end, scale);
+    case kF16:
+      return elementwise_typed(kind, static_cast<const c10::Half*>(s), static_cast<const c10::Half*>(t),
+                               static_cast<c10::Half*>(g), begin, end, scale);
+    default:
+      return elementwise_typed(kind, static_cast<const c10::BFloat16*>(s), static_cast<const c10::BFloat16*>(t),
+                               static_cast<c10::BFloat16*>(g), begin, end, scale);
+  }
+}
+
+// Cosine over positions [begin, end) of a layer [N, C, *spatial], as cosine_task above.
+template <typename T>
+double cosine_vec_task(const T* x, const T* y, T* g, int64_t begin, int64_t end, int64_t C, int64_t S,
+                       bool channels_last, double scale) {
+  double total = 0;
+  auto finish = [&](double dot, double xx, double yy, float& ky, float& kx) {
+    const double nx = std::sqrt(xx);
+    const double ax = std::max(nx, kCosineEps);
+    const double ay = std::max(std::sqrt(yy), kCosineEps);
+    const double c = dot / (ax * ay);
+    total += 1.0 - c;
+    ky = static_cast<float>(-scale / (ax * ay));
+    kx = nx > kCosineEps ? static_cast<float>(scale * c / (nx * nx)) : 0.0f;
+  };
+  if (channels_last) {
+    const int64_t Cf = C - C % W;
+    for (int64_t q = begin; q < end; ++q) {
+      const T* xq = x + q * C;
+      const T* yq = y + q * C;
+      vf dot = zero(), xx = zero(), yy = zero();
+      for (int64_t c = 0; c < Cf; c += W) {
+        const vf a = load(xq + c), b = load(yq + c);
+        dot += a * b;
+        xx += a * a;
+        yy += b * b;
+      }
+      if (Cf < C) {
+        const vf a = load_n(xq + Cf, C - Cf, 0.0f), b = load_n(yq + Cf, C - Cf, 0.0f);
+        dot += a * b;
+        xx += a * a;
+        yy += b * b;
+      }
+      float ky, kx;
+      finish(hsum(dot), hsum(xx), hsum(yy), ky, kx);
+      if (g) {
+        const vf vky = splat(ky), vkx = splat(kx);
+        T* gq = g + q * C;
+        for (int64_t c = 0; c < Cf; c += W) store(gq + c, vky * load(yq + c) + vkx * load(xq + c));
+        if (Cf < C)
+          store_n(gq + Cf, vky * load_n(yq + Cf, C - Cf, 0.0f) + vkx * load_n(xq + Cf, C - Cf, 0.0f), C - Cf);
+      }
+    }
+    return scale * total;
+  }
+  // Channels first: a run of positions of one sample is contiguous in every channel; the sums of
+  // the run's positions are vectors across the run.
+  constexpr int64_t kRun = 256;
+  static_assert(kRun % W == 0, "runs are whole vectors");
+  alignas(64) float dot[kRun], xx[kRun], yy[kRun], ky[kRun], kx[kRun];
+  for (int64_t q0 = begin; q0 < end;) {
+    const int64_t n = q0 / S, s0 = q0 % S;
+    const int64_t len = std::min({kRun, S - s0, end - q0});
+    const int64_t lenf = len - len % W;
+    const int64_t base = n * C * S + s0;
+    std::fill(dot, dot + padded(len), 0.0f);
+    std::fill(xx, xx + padded(len), 0.0f);
+    std::fill(yy, yy + padded(len), 0.0f);
+    for (int64_t c = 0; c < C; ++c) {
+      const T* xc = x + base + c * S;
+      const T* yc = y + base + c * S;
+      auto accumulate = [&](int64_t r, vf a, vf b) {
+        store(dot + r, load(dot + r) + a * b);
+        store(xx + r, load(xx + r) + a * a);
+        store(yy + r, load(yy + r) + b * b);
+      };
+      for (int64_t r = 0; r < lenf; r += W) accumulate(r, load(xc + r), load(yc + r));
+      if (lenf < len) accumulate(lenf, load_n(xc + lenf, len - lenf, 0.0f), load_n(yc + lenf, len - lenf, 0.0f));
+    }
+    for (int64_t r = 0; r < len; ++r) finish(dot[r], xx[r], yy[r], ky[r], kx[r]);
+    if (g) {
+      for (int64_t c = 0; c < C; ++c) {
+        const T* xc = x + base + c * S;
+        const T* yc = y + base + c * S;
+        T* gc = g + base + c * S;
+        for (int64_t r = 0; r < lenf; r += W) store(gc + r, load(ky + r) * load(yc + r) + load(kx + r) * load(xc + r));
+        if (lenf < len) {
+          const int64_t m = len - lenf;
+          const vf gv = load(ky + lenf) * load_n(yc + lenf, m, 0.0f) + load(kx + lenf) * load_n(xc + lenf, m, 0.0f);
+          store_n(gc + lenf, gv, m);
+        }
+      }
+    }
+    q0 += len;
+  }
+  return scale * total;
+}
+
+double cosine_any(Dt dt, const void* x, const void* y, void* g, int64_t begin, int64_t end, int64_t C, int64_t S,
+                  bool channels_last, double scale) {
+  switch (dt) {
+    case kF32:
+      return cosine_vec_task(static_cast<const float*>(x), static_cast<const float*>(y), static_cast<float*>(g),
+                             begin, end, C, S, channels_last, scale);
+    case kF16:
+      return cosine_vec_task(static_cast<const c10::Half*>(x), static_cast<const c10::Half*>(y),
+                             static_cast<c10::Half*>(g), begin, end, C, S, channels_last, scale);
+    default:
+      return cosine_vec_task(static_cast<const c10::BFloat16*>(x), static_cast<const c10::BFloat16*>(y),
+                             static_cast<c10::BFloat16*>(g), begin, end, C, S, channels_last, scale);
+  }
+}
+
+const VecKernels kernels = {&pair_kd_rows_any, &kd_rows_any, &elementwise_any, &cosine_any, FASTSD_ISA_NAME};
+
+}  // namespace FASTSD_ISA
+}  // namespace
+}  // namespace fastsd
+
+#endif  // FASTSD_LOSSES_ISA_PASS

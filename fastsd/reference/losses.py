@@ -186,7 +186,8 @@ def feature_layer_loss_and_grad(s, t, kind, scale, compute_grad):
             e, g = d.abs(), d.sign()
         else:
             small = d.abs() < 1
-            e, g = torch.where(small, 0.5 * d * d, d.abs() - 0.5), torch.where(small, d, d.sign())
+            # the gradient is clamp(d, -1, 1): it keeps a NaN d, as torch's smooth_l1 backward does
+            e, g = torch.where(small, 0.5 * d * d, d.abs() - 0.5), d.clamp(-1.0, 1.0)
         loss = scale * e.sum()
         g = scale * g
     return loss, g

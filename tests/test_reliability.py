@@ -22,6 +22,15 @@ from conftest import CPU_BACKENDS
 COMPILED = [b for b in CPU_BACKENDS if b != "triton"]
 
 
+def _run_in_two_threads(worker):
+    """Start worker(0) and worker(1) together and wait for both."""
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def _swap_and_grad(backend, x, partner, mask, g):
     xr = x.clone().requires_grad_()
     with fastsd.use_backend(backend):
@@ -86,11 +95,7 @@ def test_two_python_threads_at_once(backend):
         except Exception as exc:  # reported below
             errors.append(repr(exc))
 
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _run_in_two_threads(worker)
     assert not errors, errors[:3]
 
 
@@ -305,11 +310,7 @@ def test_two_python_threads_call_the_losses_at_once(backend):
         except Exception as exc:  # reported below
             errors.append(repr(exc))
 
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _run_in_two_threads(worker)
     assert not errors, errors[:3]
 
 

@@ -49,6 +49,21 @@ def _warm_bn(model, x, n=3):
             model(x + 0.1 * torch.randn_like(x))
 
 
+def assert_updated_x_close(x, x_ref, step):
+    """x after a fused update step against the reference's x (which is resynchronised for 16 bits).
+
+    16-bit x is rounded once per step from an fp32 value that may differ from the reference's by an
+    fp32 ulp (torch fuses x - a*b with FMA, the kernel need not), so the rounding may go the other
+    way: at most one 16-bit ulp apart, then resynchronised.
+    """
+    if x.dtype.itemsize == 2:
+        ulps = (x.view(torch.int16).int() - x_ref.view(torch.int16).int()).abs()
+        assert ulps.max() <= 1, (ulps.max(), step)
+        x_ref.copy_(x)
+    else:
+        torch.testing.assert_close(x, x_ref)
+
+
 def small_cnn(dtype=torch.float32):
     model = SmallCNN().to(dtype)
     _warm_bn(model, torch.randn(8, 3, 16, 16, dtype=dtype))
@@ -209,15 +224,7 @@ def test_fused_update_triton_matches_reference(shape, dtype, method, clamp):
                                    alpha=5.0, eps=1e-8, clamp=clamp)
         R.icp_update_(x_ref, g, *state_ref, method, step, 0.01, 0.9, 0.999, 0.99, 5.0, 1e-8,
                       *(clamp or (None, None)))
-        if dtype.itemsize == 2:
-            # x is rounded to 16 bits once per step from an fp32 value that may differ from the
-            # reference's by an fp32 ulp (torch fuses x - a*b with FMA, the kernel need not), so the
-            # rounding may go the other way: at most one 16-bit ulp apart, then resynchronised.
-            ulps = (x.view(torch.int16).int() - x_ref.view(torch.int16).int()).abs()
-            assert ulps.max() <= 1, (ulps.max(), step)
-            x_ref.copy_(x)
-        else:
-            torch.testing.assert_close(x, x_ref)
+        assert_updated_x_close(x, x_ref, step)
         for s, s_ref in zip((m, v, m2), state_ref):
             if s is not None:
                 torch.testing.assert_close(s, s_ref)

@@ -110,17 +110,17 @@ def _timed(times: Dict[str, float], name: str, device, t0: float) -> float:
     return t
 
 
-def loop_patchswap_step(model, opt, x, y, grid=(8, 8), times=None):
+def _timed_patchswap_step(model, opt, x, y, swap, loss_fn, times):
+    """One step, each part timed into ``times``: ``swap(x, y) -> (swapped, partner)``, the forward,
+    ``loss_fn(logits, y, partner)``, the backward and the optimiser step."""
     device = x.device
     times = {} if times is None else times
     t = time.perf_counter()
-    partner = loop_pairs(y)
-    mask = loop_masks(partner, grid)
-    swapped = loop_patch_swap(x, partner, mask)
+    swapped, partner = swap(x, y)
     t = _timed(times, "swap (pair, mask, swap)", device, t)
     logits = model(swapped)
     t = _timed(times, "forward", device, t)
-    loss = eager_pair_kd_loss(logits, y, partner)
+    loss = loss_fn(logits, y, partner)
     t = _timed(times, "loss", device, t)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -128,6 +128,14 @@ def loop_patchswap_step(model, opt, x, y, grid=(8, 8), times=None):
     opt.step()
     _timed(times, "optimiser step", device, t)
     return loss.detach()
+
+
+def loop_patchswap_step(model, opt, x, y, grid=(8, 8), times=None):
+    def swap(x, y):
+        partner = loop_pairs(y)
+        return loop_patch_swap(x, partner, loop_masks(partner, grid)), partner
+
+    return _timed_patchswap_step(model, opt, x, y, swap, eager_pair_kd_loss, times)
 
 
 def fastsd_patchswap_step(model, opt, x, y, grid=(8, 8), times=None):
@@ -136,22 +144,11 @@ def fastsd_patchswap_step(model, opt, x, y, grid=(8, 8), times=None):
     from ..pairing import intra_class_pairs, patch_swap_mask
     from ..patch_swap import patch_swap
 
-    device = x.device
-    times = {} if times is None else times
-    t = time.perf_counter()
-    partner = intra_class_pairs(y)
-    swapped = patch_swap(x, partner, patch_swap_mask(partner, grid))
-    t = _timed(times, "swap (pair, mask, swap)", device, t)
-    logits = model(swapped)
-    t = _timed(times, "forward", device, t)
-    loss = pair_kd_loss(logits, y, partner)
-    t = _timed(times, "loss", device, t)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    t = _timed(times, "backward", device, t)
-    opt.step()
-    _timed(times, "optimiser step", device, t)
-    return loss.detach()
+    def swap(x, y):
+        partner = intra_class_pairs(y)
+        return patch_swap(x, partner, patch_swap_mask(partner, grid)), partner
+
+    return _timed_patchswap_step(model, opt, x, y, swap, pair_kd_loss, times)
 
 
 def recipe_patchswap_step(recipe, opt, x, y):

@@ -53,6 +53,24 @@ def _clamp(x, lo, hi, HAS_CLAMP: tl.constexpr):
 
 
 @triton.jit
+def _load_xg(x_ptr, g_ptr, n, BLOCK: tl.constexpr, F64: tl.constexpr):
+    # This program's block: int64 offsets, the tail mask, and x and g converted to the compute dtype.
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < n
+    cdt = tl.float64 if F64 else tl.float32
+    x = tl.load(x_ptr + offs, mask=valid, other=0).to(cdt)
+    g = tl.load(g_ptr + offs, mask=valid, other=0).to(cdt)
+    return offs, valid, x, g
+
+
+@triton.jit
+def _store_x(x_ptr, offs, valid, x, lo, hi, HAS_CLAMP: tl.constexpr):
+    # Clamp the updated x and store it back in x's dtype.
+    x = _clamp(x, lo, hi, HAS_CLAMP)
+    tl.store(x_ptr + offs, x.to(x_ptr.dtype.element_ty), mask=valid)
+
+
+@triton.jit
 def icp_sgd_update_kernel(
     x_ptr,  # input dtype, updated in place
     g_ptr,  # input dtype
@@ -64,13 +82,8 @@ def icp_sgd_update_kernel(
     F64: tl.constexpr,
     HAS_CLAMP: tl.constexpr,
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    valid = offs < n
-    cdt = tl.float64 if F64 else tl.float32
-    x = tl.load(x_ptr + offs, mask=valid, other=0).to(cdt)
-    g = tl.load(g_ptr + offs, mask=valid, other=0).to(cdt)
-    x = _clamp(x - step_size * g, lo, hi, HAS_CLAMP)
-    tl.store(x_ptr + offs, x.to(x_ptr.dtype.element_ty), mask=valid)
+    offs, valid, x, g = _load_xg(x_ptr, g_ptr, n, BLOCK, F64)
+    _store_x(x_ptr, offs, valid, x - step_size * g, lo, hi, HAS_CLAMP)
 
 
 @triton.jit
@@ -99,11 +112,7 @@ def icp_adam_update_kernel(
     ADEMAMIX: tl.constexpr,
     HAS_CLAMP: tl.constexpr,
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    valid = offs < n
-    cdt = tl.float64 if F64 else tl.float32
-    x = tl.load(x_ptr + offs, mask=valid, other=0).to(cdt)
-    g = tl.load(g_ptr + offs, mask=valid, other=0).to(cdt)
+    offs, valid, x, g = _load_xg(x_ptr, g_ptr, n, BLOCK, F64)
     m = tl.load(m_ptr + offs, mask=valid, other=0)
     v = tl.load(v_ptr + offs, mask=valid, other=0)
 
@@ -117,9 +126,8 @@ def icp_adam_update_kernel(
         numer = m * inv_bc1 + alpha * m2
     else:
         numer = m
-    x = _clamp(x - scale * _div(numer, denom, F64), lo, hi, HAS_CLAMP)
 
-    tl.store(x_ptr + offs, x.to(x_ptr.dtype.element_ty), mask=valid)
+    _store_x(x_ptr, offs, valid, x - scale * _div(numer, denom, F64), lo, hi, HAS_CLAMP)
     tl.store(m_ptr + offs, m, mask=valid)
     tl.store(v_ptr + offs, v, mask=valid)
 

@@ -13,6 +13,12 @@ def _rows(scale=1.0):
 def test_table_lists_every_row_and_column():
     text = format_table(_rows(), copy_gbps=10.0)
     assert "cpp" in text and "clone*" in text and "x vs clone" in text and "0.50" in text and "30%" in text
+    assert "% copy" in text
+
+
+def test_table_share_is_of_the_theoretical_peak_where_known():
+    text = format_table(_rows(), copy_gbps=10.0, peak_gbps=100.0)
+    assert "% peak" in text and "% copy" not in text and "3%" in text and "6%" in text
 
 
 def test_compare_flags_a_regression_beyond_threshold(tmp_path, capsys):

@@ -1,8 +1,10 @@
 """``python -m fastsd.bench``: the microbenchmark and parity report.
 
 For every op and case: each fastsd backend that can run here and the baselines, median time and
-spread (IQR) over repeats, effective GB/s (minimum bytes / time) beside the machine's measured
-copy bandwidth, speedups against the baselines, and max error against the float64 reference.
+spread (IQR) over repeats, effective GB/s (minimum bytes / time) as a share of the device's
+theoretical memory bandwidth on CUDA (of the measured copy bandwidth on CPU, or where the device
+does not report its memory clock and bus width), speedups against the baselines, and max error
+against the float64 reference.
 All timings of one report come from one process, so the ratios compare like with like.
 The table goes to stdout and, with the environment, to a JSON file.
 """
@@ -17,11 +19,11 @@ import os
 import platform
 import subprocess
 import sys
-from typing import List
+from typing import List, Optional
 
 import torch
 
-from .core import Row, run_bench
+from .core import Row, device_ops, measure, run_bench
 
 SUITES = ("patch_swap", "losses", "icp", "train_step")
 # Whole training steps of a ResNet-18 take seconds each on a CPU: --full or --ops train_step only.
@@ -43,14 +45,13 @@ def _suite_modules(ops, quick: bool = True):
 
 def copy_bandwidth(device: torch.device) -> float:
     """GB/s of x.clone() on a 64 MiB tensor (read + write): the memory limit of this machine."""
-    from .core import measure
-
     x = torch.empty(16 * 2**20, dtype=torch.float32, device=device).fill_(1.0)
     times = measure(lambda: x.clone(), device, min_time=0.2)
     return 2 * x.numel() * 4 / sorted(times)[len(times) // 2] / 1e9
 
 
 def environment(device: torch.device) -> dict:
+    ops = device_ops(device)
     env = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "python": platform.python_version(),
@@ -59,7 +60,8 @@ def environment(device: torch.device) -> dict:
         "cpu": _cpu_name(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device": ops.name(),
+        "peak_gbps": ops.peak_gbps(),  # theoretical memory bandwidth; None on CPU
         "commit": _commit(),
     }
     for mod in ("triton", "torchvision"):
@@ -93,19 +95,21 @@ def _commit() -> str:
         return "unknown"
 
 
-def format_table(rows: List[Row], copy_gbps: float) -> str:
+def format_table(rows: List[Row], copy_gbps: float, peak_gbps: Optional[float] = None) -> str:
+    """The report's table; the % column is GB/s as a share of peak_gbps where given, else of copy_gbps."""
+    ref_gbps, ref = (peak_gbps, "peak") if peak_gbps else (copy_gbps, "copy")
     vs = []
     for r in rows:
         for k in r.speedup:
             if k not in vs:
                 vs.append(k)
-    head = (["op", "case", "impl", "median ms", "IQR ms", "GB/s", "% copy"] + [f"x vs {k}" for k in vs]
+    head = (["op", "case", "impl", "median ms", "IQR ms", "GB/s", f"% {ref}"] + [f"x vs {k}" for k in vs]
             + ["max err", "peak MB", "kernels", "moved MB"])
     lines = []
     for r in rows:
         lines.append([
             r.op, r.case, r.impl + ("" if r.kind == "backend" else "*"), f"{r.median_ms:.3f}", f"{r.iqr_ms:.3f}",
-            f"{r.gbps:.1f}" if r.gbps else "-", f"{100 * r.gbps / copy_gbps:.0f}%" if r.gbps else "-",
+            f"{r.gbps:.1f}" if r.gbps else "-", f"{100 * r.gbps / ref_gbps:.0f}%" if r.gbps else "-",
         ] + [f"{r.speedup[k]:.2f}" if k in r.speedup else "-" for k in vs] + [
             f"{r.max_err:.2e}" if r.max_err is not None else "-",
             f"{r.peak_mb:.1f}" if r.peak_mb is not None else "-",
@@ -117,6 +121,8 @@ def format_table(rows: List[Row], copy_gbps: float) -> str:
     out = [fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*line) for line in lines]
     return "\n".join(out) + (
         "\n(* = baseline; x vs B = B's median time / this row's; GB/s = minimum bytes / median time;"
+        + ("\n % peak = share of the device's theoretical memory bandwidth;" if ref == "peak" else
+           "\n % copy = share of the measured copy bandwidth (x.clone());") +
         "\n peak MB = peak extra memory of one call; kernels, moved MB = aten ops dispatched by one eager call"
         "\n and the bytes of their inputs and outputs, a fastsd op counting as one kernel)")
 
@@ -124,13 +130,14 @@ def format_table(rows: List[Row], copy_gbps: float) -> str:
 def write_readme(path: str, env: dict, dtype: str, table: str) -> None:
     """Replace the text between <!-- bench:start --> and <!-- bench:end --> with this run's table."""
     start, end = "<!-- bench:start -->", "<!-- bench:end -->"
+    peak = f", theoretical peak {env['peak_gbps']:.0f} GB/s" if env.get("peak_gbps") else ""
     with open(path) as f:
         text = f.read()
     if start not in text or end not in text:
         raise SystemExit(f"{path} has no {start} ... {end} section")
     body = (f"Measured by `make readme-bench` on {env['date'][:10]}: {env['device']} ({env['cpu']}, "
             f"{env['cores']} cores, {env['torch_threads']} torch threads), torch {env['torch']}, commit "
-            f"{env['commit']}, {dtype}; copy bandwidth {env['copy_gbps']:.1f} GB/s.\n\n```\n{table}\n```")
+            f"{env['commit']}, {dtype}; copy bandwidth {env['copy_gbps']:.1f} GB/s{peak}.\n\n```\n{table}\n```")
     head, rest = text.split(start, 1)
     tail = rest.split(end, 1)[1]
     with open(path, "w") as f:
@@ -210,7 +217,10 @@ def main(argv=None) -> int:
     env["copy_gbps"] = copy_gbps
     print(f"fastsd.bench on {env['device']} ({env['cpu']}, {env['cores']} cores, torch threads "
           f"{env['torch_threads']}); torch {env['torch']}, commit {env['commit']}; {args.dtype}")
-    print(f"measured copy bandwidth (x.clone(), 64 MiB): {copy_gbps:.1f} GB/s\n")
+    print(f"measured copy bandwidth (x.clone(), 64 MiB): {copy_gbps:.1f} GB/s")
+    if env["peak_gbps"]:
+        print(f"theoretical memory bandwidth (2 x memory clock x bus width): {env['peak_gbps']:.0f} GB/s")
+    print()
 
     benches = [b for m in _suite_modules(args.ops, quick=not args.full) for b in m.benches(device=device, dtype=dtype, quick=not args.full)]
     try:
@@ -225,7 +235,7 @@ def main(argv=None) -> int:
             progress.set_postfix_str(f"{b.op}: {b.case}")
         rows += run_bench(b, device, min_time=min_time, only=args.backends)
 
-    table = format_table(rows, copy_gbps)
+    table = format_table(rows, copy_gbps, env["peak_gbps"])
     print(table)
     traffic = None
     if not args.no_traffic:

@@ -48,32 +48,95 @@ class Row:
     speedup: Dict[str, float] = field(default_factory=dict)
 
 
+class CPUOps:
+    """Everything device-specific the bench does, for CPU tensors: wall-clock timing, the
+    profiler's allocation events for peak memory, and no theoretical bandwidth (the report
+    compares with the measured copy bandwidth)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def sync(self) -> None:
+        pass
+
+    def time(self, fn: Callable[[], Any]) -> float:
+        """Seconds one call of fn takes."""
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    def peak_bytes(self, fn: Callable[[], Any]) -> int:
+        """Peak memory one call of fn allocates beyond what was live before."""
+        from .traffic import peak_cpu_memory
+
+        return peak_cpu_memory(fn)
+
+    def name(self) -> str:
+        return "cpu"
+
+    def peak_gbps(self) -> Optional[float]:
+        """The device's theoretical memory bandwidth; None where unknown."""
+        return None
+
+
+class CUDAOps(CPUOps):
+    """The same for CUDA tensors: CUDA events, the caching allocator's peak counter, and the
+    theoretical bandwidth from the device's properties (double data rate x memory clock x bus width)."""
+
+    def sync(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+    def time(self, fn: Callable[[], Any]) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+    def peak_bytes(self, fn: Callable[[], Any]) -> int:
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        fn()
+        self.sync()
+        return torch.cuda.max_memory_allocated(self.device) - base
+
+    def name(self) -> str:
+        return torch.cuda.get_device_name(self.device)
+
+    def peak_gbps(self) -> Optional[float]:
+        props = torch.cuda.get_device_properties(self.device)
+        clock_khz, bus_bits = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
+        return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9 if clock_khz and bus_bits else None
+
+
+def device_ops(device) -> CPUOps:
+    device = torch.device(device)
+    return CUDAOps(device) if device.type == "cuda" else CPUOps(device)
+
+
+def timed_backends(op: str, device, dtype: Optional[torch.dtype] = None) -> List[str]:
+    """The fastsd backends that can run op on device's tensors, less Triton on CPU tensors (the
+    interpreter is for parity tests, not timings)."""
+    from .. import _backend
+
+    probe = torch.empty(0, device=device, dtype=dtype)
+    return [b for b in _backend.available(op, probe) if not (b == "triton" and torch.device(device).type == "cpu")]
+
+
 def _sync(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    device_ops(device).sync()
 
 
 def measure(fn: Callable[[], Any], device: torch.device, min_time: float = 0.3, min_repeats: int = 5,
             max_repeats: int = 200) -> List[float]:
-    """Wall times (seconds) of fn over repeats after one warm-up call; at least min_time in all."""
+    """Times (seconds) of fn over repeats after one warm-up call; at least min_time in all."""
+    ops = device_ops(device)
     fn()
-    _sync(device)
+    ops.sync()
     times: List[float] = []
-    total = 0.0
-    while len(times) < min_repeats or (total < min_time and len(times) < max_repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            t = start.elapsed_time(end) / 1e3
-        else:
-            t0 = time.perf_counter()
-            fn()
-            t = time.perf_counter() - t0
-        times.append(t)
-        total += t
+    while len(times) < min_repeats or (sum(times) < min_time and len(times) < max_repeats):
+        times.append(ops.time(fn))
     return times
 
 
@@ -96,15 +159,7 @@ def max_error(out, ref) -> Optional[float]:
 
 
 def _peak_mb(fn, device: torch.device) -> Optional[float]:
-    if device.type != "cuda":
-        from .traffic import peak_cpu_memory
-
-        return peak_cpu_memory(fn) / 2**20
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    fn()
-    _sync(device)
-    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    return device_ops(device).peak_bytes(fn) / 2**20
 
 
 def _count(fn):

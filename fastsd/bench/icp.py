@@ -25,7 +25,7 @@ from .. import _backend
 from .. import icp as icp_module
 from ..icp import ICPRefiner
 from ..reference import icp as ref
-from .core import Bench
+from .core import Bench, timed_backends
 
 STEPS = 5
 STEP_SIZE = 2e-3
@@ -120,9 +120,7 @@ def bench_case(case: ICPCase, device, dtype) -> Bench:
 
     model, _, _ = setup()
     eager = ICPRefiner(model, steps=STEPS, step_size=STEP_SIZE, method="adam", cuda_graph="never")
-    probe = torch.empty(0, device=device, dtype=dtype)
-    backends = {b: _refiner_fn(eager, b) for b in _backend.available("icp_update", probe)
-                if not (b == "triton" and device.type == "cpu")}  # the interpreter is for tests
+    backends = {b: _refiner_fn(eager, b) for b in timed_backends("icp_update", device, dtype)}
     if device.type == "cuda":
         graphed = ICPRefiner(model, steps=STEPS, step_size=STEP_SIZE, method="adam", cuda_graph="always")
         backends["graph"] = lambda i: graphed(i[1], i[2])

@@ -27,7 +27,7 @@ from .. import _backend, reference
 from ..losses import _feature_torch, feature_alignment_loss, kd_loss, pair_kd_loss
 from ..pairing import intra_class_pairs
 from ..reference import losses as R
-from .core import Bench
+from .core import Bench, timed_backends
 
 TEMPERATURE = 4.0
 CIFAR_MAPS = [(128, 64, 32, 32), (128, 128, 16, 16), (128, 256, 8, 8), (128, 512, 4, 4)]
@@ -42,12 +42,6 @@ def _not_counted(_inputs):
     """count_with entry of the compiled baseline: under a dispatch mode dynamo runs the eager graph,
     so a count would repeat eager's figures; raising leaves the columns empty."""
     raise RuntimeError("compiled code is not counted")
-
-
-def _backends(op: str, device) -> List[str]:
-    # the interpreter (triton on CPU tensors) is for parity tests, not timings
-    return [b for b in _backend.available(op, torch.empty(0, device=device))
-            if not (b == "triton" and torch.device(device).type == "cpu")]
 
 
 def _with_backend(name: str, fn: Callable):
@@ -99,7 +93,7 @@ def pair_kd_bench(B: int, K: int, device, dtype) -> Bench:
     n = B * K * torch.empty((), dtype=dtype).element_size()
     return Bench(
         op="pair_kd_loss", case=f"{B}x{K} fwd+bwd", setup=setup,
-        backends={b: _with_backend(b, fused) for b in _backends("pair_kd_loss", device)},
+        backends={b: _with_backend(b, fused) for b in timed_backends("pair_kd_loss", device)},
         baselines={"eager": eager, "compiled_ref": lambda i: eager(i, loss_fn=compiled)},
         reference=ref, min_bytes=2 * n,  # logits read, gradient written
         speedup_vs=("eager", "compiled_ref"),
@@ -128,7 +122,7 @@ def kd_bench(B: int, K: int, device, dtype) -> Bench:
     return Bench(
         op="kd_loss", case=f"{B}x{K} fwd+bwd", setup=setup,
         backends={b: _with_backend(b, lambda i: _grads(kd_loss(i[0], i[1], TEMPERATURE), [i[0]]))
-                  for b in _backends("kd_loss", device)},
+                  for b in timed_backends("kd_loss", device)},
         baselines={"eager": eager, "compiled_ref": lambda i: eager(i, loss_fn=compiled)},
         reference=lambda i: eager((i[0].detach().double().requires_grad_(), i[1].double())),
         min_bytes=3 * n,  # student and teacher read, gradient written
@@ -173,7 +167,7 @@ def feature_bench(name: str, shapes, kind: str, device, dtype, weights="cosine")
     numel = sum(torch.Size(s).numel() for s in shapes)
     return Bench(
         op="feature_alignment_loss", case=f"{name} {kind} fwd+bwd", setup=setup,
-        backends={b: _with_backend(b, fused) for b in _backends("feature_alignment_loss", device)},
+        backends={b: _with_backend(b, fused) for b in timed_backends("feature_alignment_loss", device)},
         baselines={"eager": eager, "compiled_ref": lambda i: eager(i, loss_fn=compiled)},
         reference=ref,
         min_bytes=3 * numel * torch.empty((), dtype=dtype).element_size(),  # student, target read; grad written

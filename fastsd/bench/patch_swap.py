@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .. import _backend, reference
 from ..patch_swap import patch_swap
 from .cases import PATCH_SWAP_BENCH, PatchSwapCase
-from .core import Bench
+from .core import Bench, timed_backends
 
 
 def loop_patch_swap(x, partner, mask):
@@ -54,9 +54,7 @@ def bench_case(case: PatchSwapCase, device, dtype) -> Bench:
     def setup():
         return case.make(dtype, device)
 
-    # the interpreter (triton on CPU tensors) is for parity tests, not timings
-    backends = {b: _backend_fn(b) for b in _backend.available("patch_swap", torch.empty(0, device=device))
-                if not (b == "triton" and torch.device(device).type == "cpu")}
+    backends = {b: _backend_fn(b) for b in timed_backends("patch_swap", device)}
     return Bench(
         op="patch_swap",
         case=case.name,

@@ -6,7 +6,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from .core import Row, measure
+from .core import Row, measure, timed_backends
 
 
 def _plt():
@@ -56,8 +56,7 @@ def patch_swap_size_plot(device, dtype, path: str, title: str, batches: Sequence
     from .cases import PatchSwapCase
 
     plt = _plt()
-    backends = [b for b in _backend.available("patch_swap", torch.empty(0, device=device))
-                if not (b == "triton" and torch.device(device).type == "cpu")]
+    backends = timed_backends("patch_swap", device)
     curves: Dict[str, List[float]] = {b: [] for b in backends + ["clone"]}
     for B in batches:
         x, partner, mask = PatchSwapCase(f"b{B}", (B, 3, 32, 32), (8, 8), classes=10).make(dtype, device)

@@ -37,3 +37,25 @@ def test_readme_section_is_replaced(tmp_path):
     write_readme(str(readme), env, "float32", "NEW TABLE")
     text = readme.read_text()
     assert "old table" not in text and "NEW TABLE" in text and text.startswith("intro") and text.endswith("outro\n")
+
+
+def test_peak_cpu_memory_follows_allocations_and_frees_in_order():
+    import torch
+
+    from fastsd.bench.traffic import peak_cpu_memory
+
+    n = 1_000_000  # 4 MB of float32
+
+    def two_live():  # a and b live together, then a is freed before c is made
+        a = torch.empty(n)
+        b = a * 2
+        del a
+        return b + 1
+
+    def one_live():
+        a = torch.empty(n)
+        del a
+        return torch.empty(n)
+
+    assert 8_000_000 <= peak_cpu_memory(two_live) < 8_001_000
+    assert 4_000_000 <= peak_cpu_memory(one_live) < 4_001_000

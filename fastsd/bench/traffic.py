@@ -78,17 +78,19 @@ def _quiet_stderr():
 
 
 def peak_cpu_memory(fn: Callable[[], Any]) -> int:
-    """Peak bytes allocated by fn on the CPU beyond what was live before (the profiler's memory events:
-    every allocation through c10's CPU allocator, compiled and C++ code included)."""
+    """Peak bytes allocated by fn on the CPU beyond what was live before: the running sum of the
+    profiler's raw allocation and free events ("[memory]", signed sizes) in time order. Every
+    allocation through c10's CPU allocator is reported (compiled and C++ code included, and
+    fastsd's huge-page buffers, which report themselves the same way)."""
     from torch.profiler import ProfilerActivity, profile
 
     with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = fn()
         del out
-    # allocations show up as ops' self memory, frees (and orphans) as "[memory]" events
-    events = sorted(prof.events(), key=lambda e: e.time_range.start)
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
     live = peak = 0
-    for e in events:
-        live += e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        live += e.nbytes()
         peak = max(peak, live)
     return peak

@@ -28,9 +28,9 @@ inline PatchSwapGeometry patch_swap_geometry(const at::Tensor& x, const at::Tens
   return g;
 }
 
-inline at::Tensor patch_swap_empty_out(const at::Tensor& x, const PatchSwapGeometry& g) {
-  return at::empty(x.sizes(), x.options().memory_format(g.channels_last ? at::MemoryFormat::ChannelsLast
-                                                                         : at::MemoryFormat::Contiguous));
+// The output keeps x's layout.
+inline at::MemoryFormat patch_swap_out_format(const PatchSwapGeometry& g) {
+  return g.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
 
 }  // namespace fastsd

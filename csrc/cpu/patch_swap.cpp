@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "../patch_swap.h"
+#include "alloc.h"
 
 namespace fastsd {
 namespace {
@@ -147,7 +148,7 @@ at::Tensor launch(const at::Tensor& x, const at::Tensor& partner, const at::Tens
   const PatchSwapGeometry g = patch_swap_geometry(x, partner, mask);
   TORCH_CHECK(x.device().is_cpu() && partner.device().is_cpu() && mask.device().is_cpu(),
               "fastsd_C.patch_swap (CPU): all tensors must be on the CPU");
-  at::Tensor out = patch_swap_empty_out(x, g);
+  at::Tensor out = cpu::empty(x.sizes(), x.options(), patch_swap_out_format(g));  // huge pages when large
   if (x.numel() == 0) return out;
   const at::Tensor p = partner.contiguous();
   const int64_t* pp = p.data_ptr<int64_t>();

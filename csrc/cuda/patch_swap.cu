@@ -56,7 +56,7 @@ at::Tensor launch(const at::Tensor& x, const at::Tensor& partner, const at::Tens
   TORCH_CHECK(x.is_cuda() && partner.device() == x.device() && mask.device() == x.device(),
               "fastsd_C.patch_swap (CUDA): all tensors must be on the same CUDA device");
   const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor out = patch_swap_empty_out(x, g);
+  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(patch_swap_out_format(g)));
   const int64_t n = x.numel();
   if (n == 0) return out;
   const at::Tensor p = partner.contiguous();

@@ -1,0 +1,26 @@
+// Output buffers of the CPU kernels.
+//
+// glibc serves allocations above its mmap threshold (at most 32 MiB) with a fresh mmap each time,
+// so every call that returns a large tensor pays one page fault per 4 KiB page: on the machines
+// this was measured on, that is most of the time of a memory-bound kernel (60 MiB: 32 ms of
+// faults against an 8 ms write). fastsd::cpu::empty backs buffers of 2 MiB or more with
+// transparent huge pages (madvise(MADV_HUGEPAGE), as PyTorch's own allocator does under
+// THP_MEM_ALLOC_ENABLE=1): 512 times fewer faults. Smaller buffers, other platforms, and
+// FASTSD_HUGEPAGES=0 use at::empty. The allocations are reported to the profiler like c10's.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <optional>
+
+namespace fastsd {
+namespace cpu {
+
+// at::empty on the CPU, huge-page backed when large (see above).
+at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options,
+                 std::optional<at::MemoryFormat> memory_format = std::nullopt);
+
+// Whether buffers of nbytes come from huge pages in this process (FASTSD_HUGEPAGES, platform).
+bool uses_huge_pages(size_t nbytes);
+
+}  // namespace cpu
+}  // namespace fastsd

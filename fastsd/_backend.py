@@ -227,8 +227,16 @@ def available(op: str, *tensors: torch.Tensor, **kwargs) -> List[str]:
     return [b for b in PREFERENCE if not reasons(op, b, *tensors, **kwargs)]
 
 
+_loaded = False
+
+
 def _load_all():
-    # Importing the op modules registers their implementations.
+    # Importing the op modules registers their implementations (once: this runs on every call).
+    global _loaded
+    if _loaded:
+        return
     from . import patch_swap  # noqa: F401
     from . import losses  # noqa: F401
     from . import icp  # noqa: F401
+
+    _loaded = True

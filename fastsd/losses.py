@@ -16,6 +16,7 @@ Second derivatives are not supported (the saved gradient is treated as a constan
 """
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 from typing import List, Optional, Sequence, Tuple, Union
@@ -85,16 +86,65 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _scaled(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
-    """grad * grad_output (a scalar, or one value per row for per-row losses), on the device."""
+# scale_grad, the backward of the three losses: grad * scale, scale cast to grad's dtype (as torch's
+# multiply), a new tensor. scale is a scalar (0-d), one value per row of a 2-D grad (ends empty), or
+# one value per segment [ends[l-1], ends[l]) of a flat grad.
+# On CUDA tensors torch's multiply is one kernel that reads and writes each element once: the
+# triton backend uses it as it is.
+@_backend.register("scale_grad", "triton")
+@_backend.register("scale_grad", "torch")
+def _scale_grad_torch(grad: torch.Tensor, scale: torch.Tensor, ends: List[int],
+                      out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    scale = scale.to(grad.dtype)
+    if out is None and (scale.dim() == 0 or not ends):
+        return grad * (scale if scale.dim() == 0 else scale[:, None])
+    out = torch.empty_like(grad) if out is None else out
+    if scale.dim() == 0:
+        return torch.mul(grad, scale, out=out)
+    if not ends:
+        return torch.mul(grad, scale[:, None], out=out)
+    start = 0
+    for l, end in enumerate(ends):
+        torch.mul(grad[start:end], scale[l], out=out[start:end])
+        start = end
+    return out
+
+
+@_backend.register("scale_grad", "cpp")
+def _scale_grad_cpp(grad, scale, ends):
+    # The same multiply, into a huge-page backed buffer when large (csrc/cpu/alloc.h): no page fault
+    # per 4 KiB of a fresh gradient. A Meta kernel (csrc/cpu/scale_grad.cpp) lets torch.compile trace it.
+    return _ext.ops().scale_grad(grad, scale, ends)
+
+
+def _donated(grad: torch.Tensor) -> bool:
+    """True inside a backward after which autograd frees the graph (no retain_graph, no create_graph),
+    on a plain tensor outside any tracing: a saved tensor that nothing outside the graph holds is
+    then read for the last time and can be reused for the result (autograd's "donated buffers").
+    False while torch.compile or any dispatch mode traces (they plan memory themselves, and a traced
+    graph must not mutate what its forward saved) and on torch releases without the query (2.4)."""
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    if keep_graph is None or type(grad) is not torch.Tensor or torch.compiler.is_compiling():
+        return False
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return _get_current_dispatch_mode() is None and not keep_graph()
+
+
+def _scaled(grad: torch.Tensor, grad_loss: Optional[torch.Tensor], ends: Sequence[int] = ()) -> Optional[torch.Tensor]:
+    """grad * grad_output (a scalar, one value per row for per-row losses, or one per segment), on the device.
+
+    ``grad`` is the saved gradient output of a loss op, which the public functions never hand out:
+    when the graph is freed after this backward it is scaled in place (no allocation, peak memory
+    one gradient); else (retain_graph, create_graph, compile) into a new tensor."""
     if grad_loss is None:  # only the (non-differentiable) gradient output was used downstream
         return None
     if grad.dim() == 1 and grad.numel() == 0:
         raise RuntimeError("fastsd: this loss was computed with compute_grad=False; call the public function "
                            "(it sets compute_grad when the input requires grad)")
-    if grad_loss.dim() == 1:
-        return grad * grad_loss.to(grad.dtype)[:, None]
-    return grad * grad_loss.to(grad.dtype)
+    if _donated(grad):
+        return _scale_grad_torch(grad, grad_loss, list(ends), out=grad)
+    return _backend.select("scale_grad", grad, grad_loss)(grad, grad_loss, list(ends))
 
 
 # --- pair KD ------------------------------------------------------------------------------------
@@ -107,9 +157,10 @@ def _pair_kd_op(logits: torch.Tensor, labels: torch.Tensor, partner: torch.Tenso
     B, K = logits.shape
     if B == 0:
         return logits.new_zeros(()), logits.new_zeros(logits.shape if compute_grad else (0,))
-    _check_labels(labels, K, ignore_index)
-    _check_involution(partner)
     fn = _backend.select("pair_kd_loss", logits, labels, partner)
+    if not getattr(fn, "checks_labels_and_partner", False):
+        _check_labels(labels, K, ignore_index)
+        _check_involution(partner)
     return fn(logits.contiguous(), labels.contiguous(), partner.contiguous(), temperature, kd_weight, ce_weight,
               symmetric, ignore_index, compute_grad)
 
@@ -140,7 +191,10 @@ def pair_kd_loss(logits: torch.Tensor, labels: torch.Tensor, partner: torch.Tens
     gradient; every row gets its CE gradient.
 
     Choices where SPEC is silent: a pair with an ignored label contributes no KD term (it is not
-    counted among the pairs); a mean over nothing (no labelled row, no pair) is 0, not NaN.
+    counted among the pairs); a mean over nothing (no labelled row, no pair) is 0, not NaN; a NaN
+    confidence counts as a tie. Masked terms are selected out, never multiplied by 0: a row with an
+    ignored label is not read at all (its gradient is exactly 0 even if it holds NaN or Inf, where
+    ``F.cross_entropy`` leaves NaN), and NaN / Inf of a student never reach its teacher's gradient.
 
     Args:
         logits: ``[B, K]`` float32/float16/bfloat16/float64 (rows made contiguous if they are not).
@@ -149,8 +203,9 @@ def pair_kd_loss(logits: torch.Tensor, labels: torch.Tensor, partner: torch.Tens
             ``partner[i] == i`` is a singleton.
         temperature: T > 0 of the KD term.
 
-    labels and partner are checked on the device without a host sync: on the CPU a bad value raises
-    ValueError at once; on CUDA it triggers an asynchronous device-side assert.
+    labels and partner are checked without a host sync: on the CPU a bad value raises ValueError at
+    once (the C++ kernel checks them as it reads them); on CUDA it triggers an asynchronous
+    device-side assert.
 
     Returns:
         A scalar in logits' dtype (computed in float32, or float64 for float64 logits). Its gradient
@@ -306,15 +361,8 @@ def _feature_backward(ctx, grad_loss, _grad_grad):
     no_grad = [None] * len(ctx.shapes)  # the targets are constants
     if grad_loss is None:  # only the (non-differentiable) gradient output was used downstream
         return no_grad, no_grad, None, None, None, None, None
-    if ctx.per_layer:  # one grad_output per layer: scale each layer's segment
-        segments, offset = [], 0
-        for l, shape in enumerate(ctx.shapes):
-            n = math.prod(shape)
-            segments.append(flat[offset:offset + n] * grad_loss[l].to(flat.dtype))
-            offset += n
-        scaled = torch.cat(segments)
-    else:
-        scaled = flat * grad_loss.to(flat.dtype)
+    ends = list(itertools.accumulate(math.prod(shape) for shape in ctx.shapes)) if ctx.per_layer else []
+    scaled = _scaled(flat, grad_loss, ends)  # one grad_output per layer when per_layer
     return _grad_views(scaled, ctx.shapes, ctx.channels_last), no_grad, None, None, None, None, None
 
 
@@ -413,6 +461,11 @@ _backend.register("kd_loss", "torch")(reference.losses.kd_loss_and_grad)
 @_backend.register("pair_kd_loss", "cpp")
 def _pair_kd_cpp(*args):
     return _ext.ops().pair_kd_loss(*args)
+
+
+# The C++ kernel checks labels and partner as it reads them (a ValueError with _check_labels' and
+# _check_involution's messages): no extra passes over them on the CPU.
+_pair_kd_cpp.checks_labels_and_partner = True
 
 
 @_backend.register("kd_loss", "cpp")

@@ -3,8 +3,11 @@
 * ``_pair_kd_kernel``: one program per row i; the pair (i, partner[i]) is handled by its lower
   index, which reads both rows and writes both gradient rows, so every logit is read once. A row
   that fits one block (K <= ``MAX_SINGLE_BLOCK``) is loaded once; longer rows take two passes (online
-  max/sum, then loss and gradient), reading the logits twice.
-* ``_kd_kernel``: the same for a student row and a teacher row.
+  max/sum, then loss and gradient), reading the logits twice. Both forms run the same per-block
+  helpers (``_pair_block_stats``, ``_pair_block_kd``). A row with an ignored label is not read (its
+  gradient is 0, its partner a singleton), and terms a row does not have (CE of an ignored row, KD
+  of a teacher) are selected out, never multiplied by 0, so NaN / Inf do not leak into them.
+* ``_kd_kernel``: the same for a student row and a teacher row (per-block helper ``_kd_block``).
 * ``_feature_elementwise_kernel`` / ``_feature_cosine_kernel``: every layer of a call in one launch.
   The layers' pointers, sizes and first program index are tuples of kernel arguments (no table to
   copy to the device): program ``pid`` belongs to the layer whose range of programs holds it
@@ -65,6 +68,53 @@ def _safe_log(s):
 
 
 @triton.jit
+def _load_rows(row_i, row_j, offs, K, read_i, read_j):
+    """A block of two rows in float32; the entries past K, and all of a row not read, are -inf."""
+    zi = tl.load(row_i + offs, mask=(offs < K) & read_i, other=float("-inf")).to(tl.float32)
+    zj = tl.load(row_j + offs, mask=(offs < K) & read_j, other=float("-inf")).to(tl.float32)
+    return zi, zj
+
+
+@triton.jit
+def _pair_block_stats(row_i, row_j, offs, K, read_i, read_j, yi, yj, mi, s1i, sti, mj, s1j, stj, zyi, zyj, inv_t):
+    """Load a block of both rows and fold it into their statistics and z[y]."""
+    zi, zj = _load_rows(row_i, row_j, offs, K, read_i, read_j)
+    mi, s1i, sti = _online(mi, s1i, sti, zi, inv_t)
+    mj, s1j, stj = _online(mj, s1j, stj, zj, inv_t)
+    zyi += tl.sum(tl.where(offs == yi, zi, 0.0), 0)
+    zyj += tl.sum(tl.where(offs == yj, zj, 0.0), 0)
+    return zi, zj, mi, s1i, sti, mj, s1j, stj, zyi, zyj
+
+
+@triton.jit
+def _row_grad(z, offs, y, m, s1, ce_on, ce_scale, kd_on, kd):
+    """A row's gradient: its CE part where it has a label, plus ``kd`` where it is a student. The parts
+    it does not have are selected out (never multiplied by 0), so NaN / Inf in them do not leak."""
+    ce = ce_scale * (tl.exp(z - m) / s1 - tl.where(offs == y, 1.0, 0.0))
+    return tl.where(ce_on, ce, 0.0) + tl.where(kd_on, kd, 0.0)
+
+
+@triton.jit
+def _pair_block_kd(zi, zj, offs, K, pair_on, yi, yj, mi, mj, s1i, s1j, lsti, lstj, inv_t, vi, vj, kd_i, kd_j,
+                   ce_scale, kd_grad_scale, grad_i, grad_j, store_i, store_j, COMPUTE_GRAD: tl.constexpr):
+    """One block of pass 2: its parts of KL(p_j || p_i) and KL(p_i || p_j) at temperature T, and the
+    gradients of both rows (stored where store_i / store_j)."""
+    lpi = (zi - mi) * inv_t - lsti
+    lpj = (zj - mj) * inv_t - lstj
+    pi = tl.exp(lpi)
+    pj = tl.exp(lpj)
+    in_pair = (offs < K) & pair_on
+    kl_i = tl.sum(tl.where(in_pair, pj * (lpj - lpi), 0.0), 0)
+    kl_j = tl.sum(tl.where(in_pair, pi * (lpi - lpj), 0.0), 0)
+    if COMPUTE_GRAD:
+        gi = _row_grad(zi, offs, yi, mi, s1i, vi, ce_scale, kd_i, kd_grad_scale * (pi - pj))
+        gj = _row_grad(zj, offs, yj, mj, s1j, vj, ce_scale, kd_j, kd_grad_scale * (pj - pi))
+        tl.store(grad_i + offs, gi.to(grad_i.dtype.element_ty), mask=(offs < K) & store_i)
+        tl.store(grad_j + offs, gj.to(grad_j.dtype.element_ty), mask=(offs < K) & store_j)
+    return kl_i, kl_j
+
+
+@triton.jit
 def _pair_kd_kernel(logits_ptr, labels_ptr, partner_ptr, counts_ptr, loss_ptr, grad_ptr,
                     K, stride_row, temperature, kd_weight, ce_weight, ignore_index,
                     SYMMETRIC: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK: tl.constexpr,
@@ -75,6 +125,8 @@ def _pair_kd_kernel(logits_ptr, labels_ptr, partner_ptr, counts_ptr, loss_ptr, g
     has_j = lead & (j != i)
     yi = tl.load(labels_ptr + i).to(tl.int64)
     yj = tl.load(labels_ptr + j).to(tl.int64)
+    # A row with an ignored label has no term: it is not read and its gradient is 0 (its partner is
+    # then a singleton).
     vi = lead & (yi != ignore_index)
     vj = has_j & (yj != ignore_index)
     pair_on = vi & vj
@@ -85,19 +137,12 @@ def _pair_kd_kernel(logits_ptr, labels_ptr, partner_ptr, counts_ptr, loss_ptr, g
     row_j = logits_ptr + j * stride_row
     grad_i = grad_ptr + i * K
     grad_j = grad_ptr + j * K
-    k_end = tl.where(lead, K, 0)
 
     # Pass 1: max, sums at temperature 1 and T, and z[y] of both rows.
     if SINGLE:
         offs = tl.arange(0, BLOCK)
-        in_i = (offs < K) & lead
-        in_j = (offs < K) & has_j
-        zi = tl.load(row_i + offs, mask=in_i, other=float("-inf")).to(tl.float32)
-        zj = tl.load(row_j + offs, mask=in_j, other=float("-inf")).to(tl.float32)
-        mi, s1i, sti = _online(-1e30, 0.0, 0.0, zi, inv_t)
-        mj, s1j, stj = _online(-1e30, 0.0, 0.0, zj, inv_t)
-        zyi = tl.sum(tl.where(offs == yi, zi, 0.0), 0)
-        zyj = tl.sum(tl.where(offs == yj, zj, 0.0), 0)
+        zi, zj, mi, s1i, sti, mj, s1j, stj, zyi, zyj = _pair_block_stats(
+            row_i, row_j, offs, K, vi, vj, yi, yj, -1e30, 0.0, 0.0, -1e30, 0.0, 0.0, 0.0, 0.0, inv_t)
     else:
         mi = -1e30
         s1i = 0.0
@@ -107,68 +152,57 @@ def _pair_kd_kernel(logits_ptr, labels_ptr, partner_ptr, counts_ptr, loss_ptr, g
         stj = 0.0
         zyi = 0.0
         zyj = 0.0
-        for start in range(0, k_end, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            in_i = offs < K
-            in_j = in_i & has_j
-            zi = tl.load(row_i + offs, mask=in_i, other=float("-inf")).to(tl.float32)
-            zj = tl.load(row_j + offs, mask=in_j, other=float("-inf")).to(tl.float32)
-            mi, s1i, sti = _online(mi, s1i, sti, zi, inv_t)
-            mj, s1j, stj = _online(mj, s1j, stj, zj, inv_t)
-            zyi += tl.sum(tl.where(offs == yi, zi, 0.0), 0)
-            zyj += tl.sum(tl.where(offs == yj, zj, 0.0), 0)
+        for start in range(0, tl.where(vi | vj, K, 0), BLOCK):
+            _zi, _zj, mi, s1i, sti, mj, s1j, stj, zyi, zyj = _pair_block_stats(
+                row_i, row_j, start + tl.arange(0, BLOCK), K, vi, vj, yi, yj, mi, s1i, sti, mj, s1j, stj, zyi, zyj,
+                inv_t)
     lse1i = mi + _safe_log(s1i)
     lse1j = mj + _safe_log(s1j)
     lsti = _safe_log(sti)
     lstj = _safe_log(stj)
     ce_loss = tl.where(vi, lse1i - zyi, 0.0) + tl.where(vj, lse1j - zyj, 0.0)
-    # The teacher is the member more confident in its own label (ties: the lower index, i).
-    i_teaches = zyi - lse1i >= zyj - lse1j
+    # The teacher is the member more confident in its own label; ties (NaN too): the lower index, i.
+    j_teaches = zyj - lse1j > zyi - lse1i
     if SYMMETRIC:
-        ci = tl.where(pair_on, 0.5, 0.0)
-        cj = ci
+        kd_i = pair_on
+        kd_j = pair_on
+        w = 0.5
     else:
-        ci = tl.where(pair_on & (zyi - lse1i < zyj - lse1j), 1.0, 0.0)
-        cj = tl.where(pair_on & i_teaches, 1.0, 0.0)
-    kd_grad_scale = kd_weight * temperature / n_pairs
-    ce_i = tl.where(vi, ce_scale, 0.0)
-    ce_j = tl.where(vj, ce_scale, 0.0)
+        kd_i = pair_on & j_teaches
+        kd_j = pair_on & ~j_teaches
+        w = 1.0
+    kd_grad_scale = kd_weight * temperature / n_pairs * w
 
     # Pass 2: KL(p_j || p_i), KL(p_i || p_j) at temperature T, and the gradients.
     if SINGLE:
-        lpi = (zi - mi) * inv_t - lsti
-        lpj = (zj - mj) * inv_t - lstj
-        pi = tl.exp(lpi)
-        pj = tl.exp(lpj)
-        kl_i = tl.sum(tl.where(in_j, pj * (lpj - lpi), 0.0), 0)
-        kl_j = tl.sum(tl.where(in_j, pi * (lpi - lpj), 0.0), 0)
-        if COMPUTE_GRAD:
-            gi = ce_i * (tl.exp(zi - mi) / s1i - tl.where(offs == yi, 1.0, 0.0)) + kd_grad_scale * ci * (pi - pj)
-            gj = ce_j * (tl.exp(zj - mj) / s1j - tl.where(offs == yj, 1.0, 0.0)) + kd_grad_scale * cj * (pj - pi)
-            tl.store(grad_i + offs, gi.to(grad_ptr.dtype.element_ty), mask=in_i)
-            tl.store(grad_j + offs, gj.to(grad_ptr.dtype.element_ty), mask=in_j)
+        kl_i, kl_j = _pair_block_kd(zi, zj, offs, K, pair_on, yi, yj, mi, mj, s1i, s1j, lsti, lstj, inv_t, vi, vj,
+                                    kd_i, kd_j, ce_scale, kd_grad_scale, grad_i, grad_j, lead, has_j, COMPUTE_GRAD)
     else:
         kl_i = 0.0
         kl_j = 0.0
-        for start in range(0, k_end, BLOCK):
+        for start in range(0, tl.where(lead & (pair_on | COMPUTE_GRAD), K, 0), BLOCK):
             offs = start + tl.arange(0, BLOCK)
-            in_i = offs < K
-            in_j = in_i & has_j
-            zi = tl.load(row_i + offs, mask=in_i, other=float("-inf")).to(tl.float32)
-            zj = tl.load(row_j + offs, mask=in_j, other=float("-inf")).to(tl.float32)
-            lpi = (zi - mi) * inv_t - lsti
-            lpj = (zj - mj) * inv_t - lstj
-            pi = tl.exp(lpi)
-            pj = tl.exp(lpj)
-            kl_i += tl.sum(tl.where(in_j, pj * (lpj - lpi), 0.0), 0)
-            kl_j += tl.sum(tl.where(in_j, pi * (lpi - lpj), 0.0), 0)
-            if COMPUTE_GRAD:
-                gi = ce_i * (tl.exp(zi - mi) / s1i - tl.where(offs == yi, 1.0, 0.0)) + kd_grad_scale * ci * (pi - pj)
-                gj = ce_j * (tl.exp(zj - mj) / s1j - tl.where(offs == yj, 1.0, 0.0)) + kd_grad_scale * cj * (pj - pi)
-                tl.store(grad_i + offs, gi.to(grad_ptr.dtype.element_ty), mask=in_i)
-                tl.store(grad_j + offs, gj.to(grad_ptr.dtype.element_ty), mask=in_j)
-    kd_loss = kd_weight * temperature * temperature / n_pairs * (ci * kl_i + cj * kl_j)
-    tl.store(loss_ptr + i, ce_scale * ce_loss + kd_loss)
+            zi, zj = _load_rows(row_i, row_j, offs, K, vi, vj)
+            dkl_i, dkl_j = _pair_block_kd(zi, zj, offs, K, pair_on, yi, yj, mi, mj, s1i, s1j, lsti, lstj, inv_t,
+                                          vi, vj, kd_i, kd_j, ce_scale, kd_grad_scale, grad_i, grad_j, lead, has_j,
+                                          COMPUTE_GRAD)
+            kl_i += dkl_i
+            kl_j += dkl_j
+    kd = tl.where(kd_i, w * kl_i, 0.0) + tl.where(kd_j, w * kl_j, 0.0)
+    tl.store(loss_ptr + i, ce_scale * ce_loss + kd_weight * temperature * temperature / n_pairs * kd)
+
+
+@triton.jit
+def _kd_block(zs, zt, offs, K, ms, mt, lsts, lstt, inv_t, grad_scale, row_g, COMPUTE_GRAD: tl.constexpr):
+    """One block of a KD row: its part of KL(p || q) at temperature T, and its gradient (stored)."""
+    m = offs < K
+    lq = (zs - ms) * inv_t - lsts
+    lp = (zt - mt) * inv_t - lstt
+    q = tl.exp(lq)
+    p = tl.exp(lp)
+    if COMPUTE_GRAD:
+        tl.store(row_g + offs, (grad_scale * (q - p)).to(row_g.dtype.element_ty), mask=m)
+    return tl.sum(tl.where(m, p * (lp - lq), 0.0), 0)
 
 
 @triton.jit
@@ -182,18 +216,11 @@ def _kd_kernel(student_ptr, teacher_ptr, loss_ptr, grad_ptr, K, stride_s, stride
     inv_t = 1.0 / temperature
     if SINGLE:
         offs = tl.arange(0, BLOCK)
-        m = offs < K
-        zs = tl.load(row_s + offs, mask=m, other=float("-inf")).to(tl.float32)
-        zt = tl.load(row_t + offs, mask=m, other=float("-inf")).to(tl.float32)
+        zs, zt = _load_rows(row_s, row_t, offs, K, True, True)
         ms, _s1s, sts = _online(-1e30, 0.0, 0.0, zs, inv_t)
         mt, _s1t, stt = _online(-1e30, 0.0, 0.0, zt, inv_t)
-        lq = (zs - ms) * inv_t - _safe_log(sts)
-        lp = (zt - mt) * inv_t - _safe_log(stt)
-        q = tl.exp(lq)
-        p = tl.exp(lp)
-        kl = tl.sum(tl.where(m, p * (lp - lq), 0.0), 0)
-        if COMPUTE_GRAD:
-            tl.store(row_g + offs, (grad_scale * (q - p)).to(grad_ptr.dtype.element_ty), mask=m)
+        kl = _kd_block(zs, zt, offs, K, ms, mt, _safe_log(sts), _safe_log(stt), inv_t, grad_scale, row_g,
+                       COMPUTE_GRAD)
     else:
         ms = -1e30
         s1s = 0.0
@@ -202,10 +229,7 @@ def _kd_kernel(student_ptr, teacher_ptr, loss_ptr, grad_ptr, K, stride_s, stride
         s1t = 0.0
         stt = 0.0
         for start in range(0, K, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            m = offs < K
-            zs = tl.load(row_s + offs, mask=m, other=float("-inf")).to(tl.float32)
-            zt = tl.load(row_t + offs, mask=m, other=float("-inf")).to(tl.float32)
+            zs, zt = _load_rows(row_s, row_t, start + tl.arange(0, BLOCK), K, True, True)
             ms, s1s, sts = _online(ms, s1s, sts, zs, inv_t)
             mt, s1t, stt = _online(mt, s1t, stt, zt, inv_t)
         lsts = _safe_log(sts)
@@ -213,16 +237,8 @@ def _kd_kernel(student_ptr, teacher_ptr, loss_ptr, grad_ptr, K, stride_s, stride
         kl = 0.0
         for start in range(0, K, BLOCK):
             offs = start + tl.arange(0, BLOCK)
-            m = offs < K
-            zs = tl.load(row_s + offs, mask=m, other=float("-inf")).to(tl.float32)
-            zt = tl.load(row_t + offs, mask=m, other=float("-inf")).to(tl.float32)
-            lq = (zs - ms) * inv_t - lsts
-            lp = (zt - mt) * inv_t - lstt
-            q = tl.exp(lq)
-            p = tl.exp(lp)
-            kl += tl.sum(tl.where(m, p * (lp - lq), 0.0), 0)
-            if COMPUTE_GRAD:
-                tl.store(row_g + offs, (grad_scale * (q - p)).to(grad_ptr.dtype.element_ty), mask=m)
+            zs, zt = _load_rows(row_s, row_t, offs, K, True, True)
+            kl += _kd_block(zs, zt, offs, K, ms, mt, lsts, lstt, inv_t, grad_scale, row_g, COMPUTE_GRAD)
     tl.store(loss_ptr + i, kl)
 
 

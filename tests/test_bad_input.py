@@ -300,6 +300,9 @@ LABELS = torch.tensor([0, 0, 1, 1, 2, 2])
 PAIRS = torch.tensor([1, 0, 3, 2, 4, 5])  # two pairs and two singletons
 PAIR_SPECIALS = {
     "nan in a paired row": _with([NAN], [(0, 3)]),
+    # row 1's confidence is NaN: a tie, so row 0 (the lower index) teaches and row 1 is its student;
+    # the teacher's gradient is its CE gradient only, no NaN from its student
+    "nan in a pair's student": _with([NAN], [(1, 2)]),
     "nan in a singleton": _with([NAN], [(4, 1)]),
     "+inf in a paired row": _with([INF], [(2, 4)]),
     "-inf off the label (a masked class)": _with([-INF], [(3, 0)]),
@@ -316,31 +319,52 @@ def _run(fn, x, *args, backend=None, **kw):
     return loss, g
 
 
-LABEL_SETS = {"all valid": LABELS, "row 4 ignored": torch.tensor([0, 0, 1, 1, -100, 2])}
-
-
-def _pair_nan_params():
-    for backend in CPU_BACKENDS:
-        for special in PAIR_SPECIALS:
-            for labels in LABEL_SETS:
-                marks = []
-                if backend != "torch" and special == "nan in a singleton" and labels == "row 4 ignored":
-                    marks = [pytest.mark.xfail(strict=True, reason=(
-                        "open question (issue 7): NaN in an ignored row. The reference's loss is NaN "
-                        "(0 * NaN in its KD sum), the cpp and triton kernels skip the row (loss finite) "
-                        "but leave NaN in one of its gradient entries; the semantics is to be decided "
-                        "(F.cross_entropy skips ignored rows) and all backends made to agree"))]
-                yield pytest.param(backend, special, labels, marks=marks, id=f"{backend}-{special}-{labels}")
+# A row with an ignored label has no term (no CE, and it is in no pair: its partner is a singleton). It is
+# not read: the loss ignores its values and its gradient is exactly 0, NaN / Inf included.
+LABEL_SETS = {"all valid": LABELS,
+              "row 4 ignored": torch.tensor([0, 0, 1, 1, -100, 2]),  # a singleton
+              "row 1 ignored": torch.tensor([0, -100, 1, 1, 2, 2]),  # in a pair: row 0 is then a singleton
+              }
 
 
 @pytest.mark.parametrize("teacher", ["confident", "symmetric"])
-@pytest.mark.parametrize("backend,special,labels", list(_pair_nan_params()))
+@pytest.mark.parametrize("labels", list(LABEL_SETS))
+@pytest.mark.parametrize("special", list(PAIR_SPECIALS))
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_pair_kd_loss_nan_inf_as_reference(backend, special, labels, teacher):
     z = PAIR_SPECIALS[special](LOGITS)
     ref = _run(R.pair_kd_loss, z, LABEL_SETS[labels], PAIRS, teacher=teacher)
     got = _run(fastsd.pair_kd_loss, z, LABEL_SETS[labels], PAIRS, teacher=teacher, backend=backend)
     _same_specials(got[0], ref[0], "loss")
     _same_specials(got[1], ref[1], "grad")
+    ignored = LABEL_SETS[labels] == -100
+    assert not got[1][ignored].any(), "a row with an ignored label has a nonzero gradient"
+
+
+@pytest.mark.parametrize("teacher", ["confident", "symmetric"])
+@pytest.mark.parametrize("backend", [None] + CPU_BACKENDS)
+def test_pair_kd_loss_does_not_read_what_has_no_term(backend, teacher):
+    """Rows with an ignored label (a singleton, a pair's member) are not read: NaN / Inf there change
+    nothing, bit for bit, and their gradient is exactly 0. A teacher's gradient has no KD part: with CE
+    off it is exactly 0 even when its student's KL is infinite or NaN."""
+    labels = torch.tensor([0, -100, 1, 1, -100, 2])
+    fn = R.pair_kd_loss if backend is None else fastsd.pair_kd_loss
+    clean = _run(fn, LOGITS, labels, PAIRS, backend=backend, teacher=teacher)
+    for value in (NAN, INF, -INF):
+        z = LOGITS.clone()
+        z[1], z[4, 2] = value, value
+        got = _run(fn, z, labels, PAIRS, backend=backend, teacher=teacher)
+        assert torch.equal(got[0], clean[0]) and torch.equal(got[1], clean[1]), value
+        assert not got[1][labels == -100].any()
+    if teacher == "confident":
+        # pair (2, 3): -inf at row 3's label makes it the student (KL +inf); NaN in it, a tie, too
+        # (row 2, the lower index, teaches)
+        for value, where in ((-INF, (3, 1)), (NAN, (3, 0))):
+            z = LOGITS.clone()
+            z[where] = value
+            loss, g = _run(fn, z, LABELS, PAIRS, backend=backend, teacher=teacher, ce_weight=0.0)
+            assert not g[2].any(), f"the teacher got a KD gradient ({value} in its student)"
+            assert not torch.isfinite(loss), loss
 
 
 KD_SPECIALS = {

@@ -35,6 +35,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "alloc.h"
+
 #if defined(__GNUC__)
 #pragma GCC diagnostic ignored "-Wpsabi"  // vector types in the signatures of inline helpers
 #define FASTSD_VECTOR_KERNELS 1
@@ -128,95 +130,106 @@ RowStats row_stats(const scalar_t* z, int64_t K, double inv_t, int64_t y, bool w
 
 // ---------------------------------------------------------------------------------------------
 // pair KD: one task per pair, led by its lower index; it reads both rows and writes both gradients.
+//
+// Masked terms are skipped (branches / selects), never multiplied by 0, so NaN / Inf reach only
+// the terms that read them: a row with an ignored label is not read at all (its gradient is 0,
+// and its partner is a singleton); a teacher row gets no KD gradient and its KL term is not added.
+// In a pair (i < j) i teaches unless j is strictly more confident (a NaN confidence: a tie).
+
+// A row that contributes nothing: gradient exactly 0.
+template <typename T>
+void zero_row(T* g, int64_t K) {
+  std::memset(static_cast<void*>(g), 0, static_cast<size_t>(K) * sizeof(T));
+}
 
 template <typename scalar_t>
 double pair_kd_pair(const scalar_t* logits, scalar_t* grad, const int64_t* labels, int64_t i, int64_t j,
                     int64_t K, double inv_t, int64_t ignore_index, bool symmetric, double ce_scale,
                     double kd_loss_scale, double kd_grad_scale) {
   using acc_t = at::opmath_type<scalar_t>;
-  const bool has_j = j != i;
-  const bool vi = labels[i] != ignore_index, vj = has_j && labels[j] != ignore_index;
+  const bool vi = labels[i] != ignore_index, vj = j != i && labels[j] != ignore_index;
+  if (grad != nullptr && !vi) zero_row(grad + i * K, K);
+  if (grad != nullptr && j != i && !vj) zero_row(grad + j * K, K);
+  if (!vi && !vj) return 0.0;
+  if (!vi || !vj) {  // a singleton (or a pair with an ignored row): the valid row's CE only
+    const int64_t r = vi ? i : j, y = labels[r];
+    const scalar_t* zr = logits + r * K;
+    const RowStats sr = row_stats(zr, K, inv_t, y, true);
+    if (grad != nullptr) {
+      const acc_t lse1 = static_cast<acc_t>(sr.lse1()), ce = static_cast<acc_t>(ce_scale);
+      scalar_t* gr = grad + r * K;
+      for (int64_t k = 0; k < K; ++k)
+        gr[k] = static_cast<scalar_t>(ce * (vexp(static_cast<acc_t>(zr[k]) - lse1) - acc_t(k == y)));
+    }
+    return ce_scale * (sr.lse1() - sr.zy);
+  }
+  // A pair, both labels valid.
   const scalar_t* zi = logits + i * K;
   const scalar_t* zj = logits + j * K;
-  const RowStats si = row_stats(zi, K, inv_t, vi ? labels[i] : -1, true);
-  const RowStats sj = has_j ? row_stats(zj, K, inv_t, vj ? labels[j] : -1, true) : RowStats();
-  double loss = 0;
-  if (vi) loss += ce_scale * (si.lse1() - si.zy);
-  if (vj) loss += ce_scale * (sj.lse1() - sj.zy);
-  const bool pair_on = vi && vj;
-  double ci = 0, cj = 0;  // weight of row i (j) as a student
-  if (pair_on) {
-    if (symmetric) {
-      ci = cj = 0.5;
-    } else {
-      const bool i_teaches = si.zy - si.lse1() >= sj.zy - sj.lse1();  // ties: the lower index, i
-      ci = i_teaches ? 0.0 : 1.0;
-      cj = i_teaches ? 1.0 : 0.0;
-    }
-  }
-  if (!pair_on && grad == nullptr) return loss;
+  const int64_t yi = labels[i], yj = labels[j];
+  const RowStats si = row_stats(zi, K, inv_t, yi, true);
+  const RowStats sj = row_stats(zj, K, inv_t, yj, true);
+  double loss = ce_scale * (si.lse1() - si.zy) + ce_scale * (sj.lse1() - sj.zy);
+  const bool i_teaches = !(sj.zy - sj.lse1() > si.zy - si.lse1());
+  const bool kd_i = symmetric || !i_teaches, kd_j = symmetric || i_teaches;  // row i (j) is a student
+  const double w = symmetric ? 0.5 : 1.0;
 
   const acc_t it = static_cast<acc_t>(inv_t);
   const acc_t mi = static_cast<acc_t>(si.m), mj = static_cast<acc_t>(sj.m);
   const acc_t lsti = static_cast<acc_t>(si.log_st), lstj = static_cast<acc_t>(sj.log_st);
   const acc_t lse1i = static_cast<acc_t>(si.lse1()), lse1j = static_cast<acc_t>(sj.lse1());
-  const acc_t cei = vi ? static_cast<acc_t>(ce_scale) : acc_t(0), cej = vj ? static_cast<acc_t>(ce_scale) : acc_t(0);
-  const acc_t gi_kd = static_cast<acc_t>(kd_grad_scale * ci), gj_kd = static_cast<acc_t>(kd_grad_scale * cj);
-  const int64_t yi = vi ? labels[i] : -1, yj = vj ? labels[j] : -1;
+  const acc_t ce = static_cast<acc_t>(ce_scale);
+  const acc_t g_kd = static_cast<acc_t>(kd_grad_scale * w);
   double kl_i = 0, kl_j = 0;
   scalar_t* gi = grad ? grad + i * K : nullptr;
   scalar_t* gj = grad ? grad + j * K : nullptr;
-  if (has_j) {
-    // One element: the two KL terms and, when asked, both gradient entries (the one-hot of the
-    // label is subtracted after the loop, which keeps the loop free of integer compares).
-    auto element = [&](int64_t k, acc_t& a, acc_t& b, auto with_grad) {
+  // One element: the two KL terms and, when asked, both gradient entries (the one-hot of the
+  // label is subtracted after the loop, which keeps the loop free of integer compares).
+  auto kd_grad = [&](bool on, acc_t p, acc_t q) { return on ? g_kd * (p - q) : acc_t(0); };
+  auto element = [&](int64_t k, acc_t& a, acc_t& b, auto with_grad) {
+    const acc_t xi = static_cast<acc_t>(zi[k]), xj = static_cast<acc_t>(zj[k]);
+    const acc_t lpi = (xi - mi) * it - lsti, lpj = (xj - mj) * it - lstj;
+    const acc_t pi = vexp(lpi), pj = vexp(lpj);
+    a += pj * (lpj - lpi);  // KL(p_j || p_i): row i learns from j
+    b += pi * (lpi - lpj);
+    if constexpr (decltype(with_grad)::value) {
+      gi[k] = static_cast<scalar_t>(ce * vexp(xi - lse1i) + kd_grad(kd_i, pi, pj));
+      gj[k] = static_cast<scalar_t>(ce * vexp(xj - lse1j) + kd_grad(kd_j, pj, pi));
+    }
+  };
+  auto sweep = [&](auto with_grad) {
+    const int64_t K8 = K - K % kLanes;
+    for (int64_t k0 = 0; k0 < K8; k0 += 512 * kLanes) {
+      const int64_t k1 = std::min(K8, k0 + 512 * kLanes);
+      acc_t a[kLanes] = {}, b[kLanes] = {};
+      for (int64_t k = k0; k < k1; k += kLanes)
+        for (int l = 0; l < kLanes; ++l) element(k + l, a[l], b[l], with_grad);
+      for (int l = 0; l < kLanes; ++l) {
+        kl_i += a[l];
+        kl_j += b[l];
+      }
+    }
+    acc_t a = 0, b = 0;
+    for (int64_t k = K8; k < K; ++k) element(k, a, b, with_grad);
+    kl_i += a;
+    kl_j += b;
+  };
+  if (gi) {
+    sweep(std::true_type{});
+    // Rewrite the label entries with the one-hot term (from scratch: no second rounding).
+    for (const int64_t k : {yi, yj}) {
       const acc_t xi = static_cast<acc_t>(zi[k]), xj = static_cast<acc_t>(zj[k]);
-      const acc_t lpi = (xi - mi) * it - lsti, lpj = (xj - mj) * it - lstj;
-      const acc_t pi = vexp(lpi), pj = vexp(lpj);
-      a += pj * (lpj - lpi);  // KL(p_j || p_i): row i learns from j
-      b += pi * (lpi - lpj);
-      if constexpr (decltype(with_grad)::value) {
-        gi[k] = static_cast<scalar_t>(cei * vexp(xi - lse1i) + gi_kd * (pi - pj));
-        gj[k] = static_cast<scalar_t>(cej * vexp(xj - lse1j) + gj_kd * (pj - pi));
-      }
-    };
-    auto sweep = [&](auto with_grad) {
-      const int64_t K8 = K - K % kLanes;
-      for (int64_t k0 = 0; k0 < K8; k0 += 512 * kLanes) {
-        const int64_t k1 = std::min(K8, k0 + 512 * kLanes);
-        acc_t a[kLanes] = {}, b[kLanes] = {};
-        for (int64_t k = k0; k < k1; k += kLanes)
-          for (int l = 0; l < kLanes; ++l) element(k + l, a[l], b[l], with_grad);
-        for (int l = 0; l < kLanes; ++l) {
-          kl_i += a[l];
-          kl_j += b[l];
-        }
-      }
-      acc_t a = 0, b = 0;
-      for (int64_t k = K8; k < K; ++k) element(k, a, b, with_grad);
-      kl_i += a;
-      kl_j += b;
-    };
-    if (gi) {
-      sweep(std::true_type{});
-      // Rewrite the label entries with the one-hot term (from scratch: no second rounding).
-      for (const int64_t k : {yi, yj}) {
-        if (k < 0) continue;
-        const acc_t xi = static_cast<acc_t>(zi[k]), xj = static_cast<acc_t>(zj[k]);
-        const acc_t pi = vexp((xi - mi) * it - lsti), pj = vexp((xj - mj) * it - lstj);
-        gi[k] = static_cast<scalar_t>(cei * (vexp(xi - lse1i) - acc_t(k == yi)) + gi_kd * (pi - pj));
-        gj[k] = static_cast<scalar_t>(cej * (vexp(xj - lse1j) - acc_t(k == yj)) + gj_kd * (pj - pi));
-      }
-    } else {
-      sweep(std::false_type{});
+      const acc_t pi = vexp((xi - mi) * it - lsti), pj = vexp((xj - mj) * it - lstj);
+      gi[k] = static_cast<scalar_t>(ce * (vexp(xi - lse1i) - acc_t(k == yi)) + kd_grad(kd_i, pi, pj));
+      gj[k] = static_cast<scalar_t>(ce * (vexp(xj - lse1j) - acc_t(k == yj)) + kd_grad(kd_j, pj, pi));
     }
-  } else if (gi) {  // a singleton: its CE gradient only
-    for (int64_t k = 0; k < K; ++k) {
-      const acc_t xi = static_cast<acc_t>(zi[k]);
-      gi[k] = static_cast<scalar_t>(cei * (vexp(xi - lse1i) - acc_t(k == yi)));
-    }
+  } else {
+    sweep(std::false_type{});
   }
-  return loss + kd_loss_scale * (ci * kl_i + cj * kl_j);
+  double kd = 0;
+  if (kd_i) kd += w * kl_i;
+  if (kd_j) kd += w * kl_j;
+  return loss + kd_loss_scale * kd;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -519,14 +532,18 @@ std::tuple<at::Tensor, at::Tensor> pair_kd_loss_cpu(const at::Tensor& logits, co
                   partner.is_contiguous(),
               "fastsd_C.pair_kd_loss: partner must be contiguous int64 [B]");
   TORCH_CHECK(temperature > 0, "fastsd_C.pair_kd_loss: temperature must be > 0");
-  at::Tensor grad = compute_grad ? at::empty_like(logits) : at::empty({0}, logits.options());
+  at::Tensor grad = compute_grad ? cpu::empty(logits.sizes(), logits.options()) : at::empty({0}, logits.options());
   const int64_t* y = labels.data_ptr<int64_t>();
   const int64_t* p = partner.data_ptr<int64_t>();
   int64_t n_valid = 0, n_paired = 0;
   for (int64_t i = 0; i < B; ++i) {
-    TORCH_CHECK(p[i] >= 0 && p[i] < B && p[p[i]] == i, "fastsd_C.pair_kd_loss: partner must be an involution");
+    // The public function leaves these checks to this loop (ValueError, as its own checks raise).
+    TORCH_CHECK_VALUE(p[i] >= 0 && p[i] < B && p[p[i]] == i,
+                      "fastsd.pair_kd_loss: partner: partner must pair rows: partner[partner[i]] == i for every i "
+                      "(e.g. from intra_class_pairs); partner[", i, "] = ", p[i]);
     const bool valid = y[i] != ignore_index;
-    TORCH_CHECK(!valid || (y[i] >= 0 && y[i] < K), "fastsd_C.pair_kd_loss: labels must be in [0, K) or ignore_index");
+    TORCH_CHECK_VALUE(!valid || (y[i] >= 0 && y[i] < K), "fastsd.pair_kd_loss: labels: labels must be in [0, K=", K,
+                      ") or equal ignore_index=", ignore_index, "; labels[", i, "] = ", y[i]);
     n_valid += valid;
     n_paired += valid && p[i] != i && y[p[i]] != ignore_index;
   }
@@ -566,7 +583,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_cpu(const at::Tensor& student, const 
               "fastsd_C.kd_loss: student and teacher must be contiguous [B, K] of one dtype");
   TORCH_CHECK(temperature > 0, "fastsd_C.kd_loss: temperature must be > 0");
   const int64_t B = student.size(0), K = student.size(1);
-  at::Tensor grad = compute_grad ? at::empty_like(student) : at::empty({0}, student.options());
+  at::Tensor grad = compute_grad ? cpu::empty(student.sizes(), student.options()) : at::empty({0}, student.options());
   std::vector<double> rows(B, 0.0);
   if (K > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kd_loss_cpu", [&] {
@@ -634,7 +651,7 @@ std::tuple<at::Tensor, at::Tensor> feature_alignment_loss_cpu(at::TensorList stu
       for (int64_t b = 0; b < n; b += kChunk) tasks.push_back({l, b, std::min(n, b + kChunk)});
     }
   }
-  at::Tensor grad = compute_grad ? at::empty({offset[L]}, student[0].options()) : at::empty({0}, student[0].options());
+  at::Tensor grad = cpu::empty({compute_grad ? offset[L] : 0}, student[0].options());  // huge pages when large
   std::vector<double> partial(tasks.size(), 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "feature_alignment_loss_cpu", [&] {
     std::vector<const scalar_t*> sp(L), tp(L);
@@ -891,13 +908,20 @@ void unstage_row(const float* buf, T* g, int64_t K) {
 // ---------------------------------------------------------------------------------------------
 // pair KD: as pair_kd_pair above. Per row: stage and max; the exps at temperatures 1 and T (kept);
 // then one joint sweep over both rows for the two KL terms and both gradients.
+//
+// Equal rows give a KL and a KD gradient of exactly 0: every expression that compares the two
+// rows is a difference of like-rounded values, with no product beside it that the compiler could
+// contract into an FMA (which keeps the product unrounded for one row only): the KL terms use
+// d = z - m (1/T applied once, in double), and p_i - p_j = (et_i - et_j * (st_i / st_j)) / st_i.
 
 template <typename T>
 double pair_kd_pair_vec(const PairKdArgs& a, const T* logits, T* grad, int64_t i, int64_t j, float* buf) {
   const int64_t K = a.K, Kp = padded(K);
-  const bool has_j = j != i;
-  const bool valid_i = a.labels[i] != a.ignore_index, valid_j = has_j && a.labels[j] != a.ignore_index;
-  const int64_t yi = valid_i ? a.labels[i] : -1, yj = valid_j ? a.labels[j] : -1;
+  const bool valid_i = a.labels[i] != a.ignore_index, valid_j = j != i && a.labels[j] != a.ignore_index;
+  // A row with an ignored label is not read: its gradient is 0, and its partner is a singleton.
+  if (grad != nullptr && !valid_i) zero_row(grad + i * K, K);
+  if (grad != nullptr && j != i && !valid_j) zero_row(grad + j * K, K);
+  if (!valid_i && !valid_j) return 0.0;
   const float it = static_cast<float>(a.inv_t);
   float* xbi = buf;
   float* xbj = buf + Kp;
@@ -905,68 +929,65 @@ double pair_kd_pair_vec(const PairKdArgs& a, const T* logits, T* grad, int64_t i
   float* eti = buf + 3 * Kp;
   float* e1j = buf + 4 * Kp;
   float* etj = buf + 5 * Kp;
+  const bool direct = std::is_same<T, float>::value && K % W == 0;  // gradient straight to grad
+  if (!valid_i || !valid_j) {  // a singleton: the valid row's CE and its gradient
+    const int64_t r = valid_i ? i : j, y = a.labels[r];
+    float m = 0;
+    double s1 = 1, st = 1;
+    const float* x = stage_row(logits + r * K, K, xbi, m);
+    exp_row<true>(x, Kp, m, it, e1i, eti, s1, st);
+    const double loss = a.ce_scale * (m + std::log(s1) - static_cast<double>(x[y]));
+    if (grad == nullptr) return loss;
+    float* g = direct ? reinterpret_cast<float*>(grad + r * K) : e1i;
+    const float e1y = e1i[y];
+    const vf vc = splat(static_cast<float>(a.ce_scale / s1));
+    for (int64_t k = 0; k < Kp; k += W) store(g + k, vc * load(e1i + k));
+    g[y] = static_cast<float>(a.ce_scale) * (e1y * static_cast<float>(1.0 / s1) - 1.0f);
+    unstage_row(g, grad + r * K, K);
+    return loss;
+  }
+  // A pair, both labels valid.
+  const int64_t yi = a.labels[i], yj = a.labels[j];
   float mi = 0, mj = 0;
   double s1i = 1, sti = 1, s1j = 1, stj = 1;
   const float* xi = stage_row(logits + i * K, K, xbi, mi);
   exp_row<true>(xi, Kp, mi, it, e1i, eti, s1i, sti);
-  const float* xj = xi;
-  if (has_j) {
-    xj = stage_row(logits + j * K, K, xbj, mj);
-    exp_row<true>(xj, Kp, mj, it, e1j, etj, s1j, stj);
-  }
-  const double lse1i = mi + std::log(s1i), lse1j = has_j ? mj + std::log(s1j) : 0.0;
-  double loss = 0;
-  if (valid_i) loss += a.ce_scale * (lse1i - static_cast<double>(xi[yi]));
-  if (valid_j) loss += a.ce_scale * (lse1j - static_cast<double>(xj[yj]));
-  const bool pair_on = valid_i && valid_j;
-  double ci = 0, cj = 0;  // weight of row i (j) as a student
-  if (pair_on) {
-    if (a.symmetric) {
-      ci = cj = 0.5;
-    } else {
-      const bool i_teaches = xi[yi] - lse1i >= xj[yj] - lse1j;  // ties: the lower index, i
-      ci = i_teaches ? 0.0 : 1.0;
-      cj = i_teaches ? 1.0 : 0.0;
-    }
-  }
-  if (!pair_on && grad == nullptr) return loss;
+  const float* xj = stage_row(logits + j * K, K, xbj, mj);
+  exp_row<true>(xj, Kp, mj, it, e1j, etj, s1j, stj);
+  const double lse1i = mi + std::log(s1i), lse1j = mj + std::log(s1j);
+  const double loss = a.ce_scale * (lse1i - static_cast<double>(xi[yi])) +
+                      a.ce_scale * (lse1j - static_cast<double>(xj[yj]));
+  const bool i_teaches = !(xj[yj] - lse1j > xi[yi] - lse1i);  // ties (NaN too): the lower index, i
+  const bool kd_i = a.symmetric || !i_teaches, kd_j = a.symmetric || i_teaches;  // row i (j) a student
+  const double w = a.symmetric ? 0.5 : 1.0;
 
-  const bool direct = std::is_same<T, float>::value && K % W == 0;  // gradient straight to grad
   float* gi = grad == nullptr ? nullptr : direct ? reinterpret_cast<float*>(grad + i * K) : e1i;
   float* gj = grad == nullptr ? nullptr : direct ? reinterpret_cast<float*>(grad + j * K) : e1j;
-  const float cei = valid_i ? static_cast<float>(a.ce_scale / s1i) : 0.0f;  // CE gradient: cei * e1i
-  const float cej = valid_j ? static_cast<float>(a.ce_scale / s1j) : 0.0f;
+  const float cei = static_cast<float>(a.ce_scale / s1i);  // CE gradient: cei * e1i
+  const float cej = static_cast<float>(a.ce_scale / s1j);
+  const float ratio = static_cast<float>(sti / stj);
+  const float kg = static_cast<float>(a.kd_grad_scale * w / sti);  // KD gradient of i: kg (et_i - ratio et_j)
   const int64_t Kf = K - K % W;
-  if (!has_j) {  // a singleton: its CE gradient only
-    const float e1y = yi >= 0 ? e1i[yi] : 0.0f;
-    const vf vc = splat(cei);
-    for (int64_t k = 0; k < Kp; k += W) store(gi + k, vc * load(e1i + k));
-    if (yi >= 0) gi[yi] = static_cast<float>(a.ce_scale) * (e1y * static_cast<float>(1.0 / s1i) - 1.0f);
-    unstage_row(gi, grad + i * K, K);
-    return loss;
-  }
-  const float rsti = static_cast<float>(1.0 / sti), rstj = static_cast<float>(1.0 / stj);
-  const float gi_kd = static_cast<float>(a.kd_grad_scale * ci), gj_kd = static_cast<float>(a.kd_grad_scale * cj);
   // The label entries get the one-hot term afterwards, from scratch (e1 is overwritten by g).
-  const float e1iy = yi >= 0 ? e1i[yi] : 0.0f, e1jy = yj >= 0 ? e1j[yj] : 0.0f;
-  const vf vmi = splat(mi), vmj = splat(mj), vit = splat(it);
-  const vf vrsti = splat(rsti), vrstj = splat(rstj), vcei = splat(cei), vcej = splat(cej);
-  const vf vgi = splat(gi_kd), vgj = splat(gj_kd);
-  // With u = (z - m) / T, log p = u - log st and p = et / st:
-  //   KL(p_j || p_i) = sum_k et_j (u_j - u_i) / st_j + log st_i - log st_j,
+  const float e1iy = e1i[yi], e1jy = e1j[yj];
+  const vf vmi = splat(mi), vmj = splat(mj), vratio = splat(ratio), vkg = splat(kg);
+  const vf vcei = splat(cei), vcej = splat(cej);
+  const vi kdi = lanes_below(kd_i ? W : 0), kdj = lanes_below(kd_j ? W : 0);  // a teacher's KD part: +0
+  // With d = z - m, log p = d / T - log st and p = et / st:
+  //   KL(p_j || p_i) = (1/T) sum_k et_j (d_j - d_i) / st_j + log st_i - log st_j,
   // the row constants applied once, in double (no rounded log st in every term).
-  double si = 0, sj = 0;  // sum et_j (u_j - u_i), sum et_i (u_i - u_j)
+  double si = 0, sj = 0;  // sum et_j (d_j - d_i), sum et_i (d_i - d_j)
   auto sweep = [&](auto with_grad) {
     constexpr bool G = decltype(with_grad)::value;
     auto element = [&](int64_t k, vf& A, vf& B, vi mask) {
-      const vf ui = (load(xi + k) - vmi) * vit, uj = (load(xj + k) - vmj) * vit;
+      const vf di = load(xi + k) - vmi, dj = load(xj + k) - vmj;
       const vf ei = load(eti + k), ej = load(etj + k);
-      A += select(mask, ej * (uj - ui));
-      B += select(mask, ei * (ui - uj));
+      A += select(mask, ej * (dj - di));
+      B += select(mask, ei * (di - dj));
       if (G) {
-        const vf pi = ei * vrsti, pj = ej * vrstj;
-        store(gi + k, vcei * load(e1i + k) + vgi * (pi - pj));
-        store(gj + k, vcej * load(e1j + k) + vgj * (pj - pi));
+        const vf kd = vkg * (ei - ej * vratio);  // kd_grad_scale * w * (p_i - p_j)
+        store(gi + k, vcei * load(e1i + k) + select(kdi, kd));
+        store(gj + k, vcej * load(e1j + k) - select(kdj, kd));
       }
     };
     const vi all = lanes_below(W);
@@ -987,19 +1008,19 @@ double pair_kd_pair_vec(const PairKdArgs& a, const T* logits, T* grad, int64_t i
   if (gi) {
     sweep(std::true_type{});
     const float ce = static_cast<float>(a.ce_scale);
-    if (yi >= 0)
-      gi[yi] = ce * (e1iy * static_cast<float>(1.0 / s1i) - 1.0f) + gi_kd * (eti[yi] * rsti - etj[yi] * rstj);
-    if (yj >= 0)
-      gj[yj] = ce * (e1jy * static_cast<float>(1.0 / s1j) - 1.0f) + gj_kd * (etj[yj] * rstj - eti[yj] * rsti);
+    auto kd_at = [&](int64_t k) { return kg * (eti[k] - etj[k] * ratio); };
+    gi[yi] = ce * (e1iy * static_cast<float>(1.0 / s1i) - 1.0f) + (kd_i ? kd_at(yi) : 0.0f);
+    gj[yj] = ce * (e1jy * static_cast<float>(1.0 / s1j) - 1.0f) - (kd_j ? kd_at(yj) : 0.0f);
     unstage_row(gi, grad + i * K, K);
     unstage_row(gj, grad + j * K, K);
   } else {
     sweep(std::false_type{});
   }
   const double log_ratio = std::log(sti / stj);  // log st_i - log st_j
-  const double kl_i = si / stj + log_ratio;  // row i learns from j
-  const double kl_j = sj / sti - log_ratio;
-  return loss + a.kd_loss_scale * (ci * kl_i + cj * kl_j);
+  double kd = 0;
+  if (kd_i) kd += w * (a.inv_t * si / stj + log_ratio);  // KL(p_j || p_i): row i learns from j
+  if (kd_j) kd += w * (a.inv_t * sj / sti - log_ratio);
+  return loss + a.kd_loss_scale * kd;
 }
 
 template <typename T>
@@ -1043,15 +1064,15 @@ void kd_rows(const KdArgs& a, int64_t begin, int64_t end) {
     exp_row<false>(xt, Kp, mt, it, nullptr, et, unused, st);
     T* gout = a.grad == nullptr ? nullptr : static_cast<T*>(a.grad) + i * K;
     float* g = gout == nullptr ? nullptr : direct ? reinterpret_cast<float*>(gout) : es;
-    const vf vms = splat(ms), vmt = splat(mt), vit = splat(it);
-    const vf vrs = splat(static_cast<float>(1.0 / ss)), vrt = splat(static_cast<float>(1.0 / st));
-    const vf vgs = splat(static_cast<float>(a.grad_scale));
-    // KL(p || q) = sum_k et_k (ut_k - us_k) / st + log ss - log st, u = (z - m) / T (as in pair KD)
+    const vf vms = splat(ms), vmt = splat(mt);
+    // q - p = (es - et * (ss / st)) / ss; with d = z - m,
+    // KL(p || q) = (1/T) sum_k et_k (dt_k - ds_k) / st + log ss - log st (as in pair KD: equal rows give 0).
+    const vf vratio = splat(static_cast<float>(ss / st)), vk = splat(static_cast<float>(a.grad_scale / ss));
     auto element = [&](int64_t k, vf& A, vi mask) {
-      const vf us = (load(xs + k) - vms) * vit, ut = (load(xt + k) - vmt) * vit;
+      const vf ds = load(xs + k) - vms, dt = load(xt + k) - vmt;
       const vf e = load(et + k);
-      A += select(mask, e * (ut - us));
-      if (g) store(g + k, vgs * (load(es + k) * vrs - e * vrt));
+      A += select(mask, e * (dt - ds));
+      if (g) store(g + k, vk * (load(es + k) - e * vratio));
     };
     double sum = 0;
     const vi all = lanes_below(W);
@@ -1066,7 +1087,7 @@ void kd_rows(const KdArgs& a, int64_t begin, int64_t end) {
       element(Kf, A, lanes_below(K - Kf));
       sum += hsum(A);
     }
-    const double kl = sum / st + std::log(ss / st);
+    const double kl = a.inv_t * sum / st + std::log(ss / st);
     if (g) unstage_row(g, gout, K);
     a.rows[i] = kl;
   }

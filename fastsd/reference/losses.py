@@ -20,31 +20,38 @@ def pair_kd_loss(logits: torch.Tensor, labels: torch.Tensor, partner: torch.Tens
     """``ce_weight * mean_valid CE(z_i, y_i) + kd_weight * T^2 * mean_pairs KL(sg(p_t^T) || p_s^T)``.
 
     In each pair (i, partner[i]), i != partner[i], both labels valid: the teacher t is the member
-    with the higher temperature-1 probability of its own label (ties: the lower index), s the
-    other; ``teacher="symmetric"`` averages both directions. An empty mean (no valid row, no pair)
-    is 0.
+    with the higher temperature-1 probability of its own label (ties, NaN included: the lower
+    index), s the other; ``teacher="symmetric"`` averages both directions. An empty mean (no valid
+    row, no pair) is 0.
+
+    Masked terms are selected out, never multiplied by 0: a row with an ignored label (it has no CE
+    term and is in no pair) is not read, so its loss contribution and its whole gradient are exactly
+    0 whatever it holds (NaN / Inf included; F.cross_entropy would leave NaN in its gradient), and a
+    teacher row's gradient has no KD part, so NaN / Inf of its student never reach it.
     """
     B = logits.shape[0]
     labels, partner = labels.long(), partner.long()
     index = torch.arange(B, device=logits.device)
     valid = labels != ignore_index
-    log_p = F.log_softmax(logits, dim=1)
+    # Every term reads its rows through a where: autograd's backward of a where selects, so the
+    # gradient of a row that the term does not use is exactly 0 (no 0 * NaN from the log_softmax).
+    log_p = F.log_softmax(torch.where(valid[:, None], logits, 0), dim=1)
     ce_rows = -log_p.gather(1, torch.where(valid, labels, 0)[:, None]).squeeze(1)
     ce = torch.where(valid, ce_rows, 0).sum() / valid.sum().clamp(min=1).to(logits.dtype)
 
     paired = (partner != index) & valid & valid[partner]
     confidence = -ce_rows.detach()  # log p(y_i) at temperature 1
     other = confidence[partner]
-    is_teacher = (confidence > other) | ((confidence == other) & (index < partner))
-    if teacher == "confident":
-        coef = (paired & ~is_teacher).to(logits.dtype)
-    else:  # symmetric: every paired row is a student of its partner, half weight
-        coef = 0.5 * paired.to(logits.dtype)
-    log_q = F.log_softmax(logits / temperature, dim=1)
+    # The lower index teaches unless its partner is strictly more confident (NaN: a tie).
+    is_teacher = torch.where(index < partner, ~(other > confidence), confidence > other)
+    student = paired & ~is_teacher if teacher == "confident" else paired
+    weight = 1.0 if teacher == "confident" else 0.5  # symmetric: every paired row is a student, half weight
+    log_q = F.log_softmax(torch.where(student[:, None], logits, 0) / temperature, dim=1)
+    target = F.log_softmax(torch.where(paired[:, None], logits, 0) / temperature, dim=1)[partner].detach()
     # KL(p_partner || p_i) at temperature T, the partner's side detached.
-    kl_rows = F.kl_div(log_q, log_q[partner].detach(), reduction="none", log_target=True).sum(1)
+    kl_rows = F.kl_div(log_q, target, reduction="none", log_target=True).sum(1)
     n_pairs = (paired.sum() / 2).clamp(min=1).to(logits.dtype)
-    kd = temperature ** 2 * (coef * kl_rows).sum() / n_pairs
+    kd = temperature ** 2 * torch.where(student, weight * kl_rows, 0).sum() / n_pairs
     return ce_weight * ce + kd_weight * kd
 
 
@@ -122,7 +129,10 @@ def _opmath(x: torch.Tensor) -> torch.dtype:
 
 def pair_kd_loss_and_grad(logits, labels, partner, temperature, kd_weight, ce_weight, symmetric, ignore_index,
                           compute_grad):
-    """(loss, d loss / d logits) of :func:`pair_kd_loss`, in float32 (float64 for float64 logits)."""
+    """(loss, d loss / d logits) of :func:`pair_kd_loss`, in float32 (float64 for float64 logits).
+
+    As there, every masked term is selected out (torch.where), never multiplied by 0: NaN / Inf of
+    a row reach only the terms that read it."""
     x = logits.to(_opmath(logits))
     B, K = x.shape
     labels, partner = labels.long(), partner.long()
@@ -130,24 +140,24 @@ def pair_kd_loss_and_grad(logits, labels, partner, temperature, kd_weight, ce_we
     valid = labels != ignore_index
     safe = torch.where(valid, labels, 0)
     log_p = F.log_softmax(x, dim=1)
-    ce_rows = -log_p.gather(1, safe[:, None]).squeeze(1)
+    ce_rows = torch.where(valid, -log_p.gather(1, safe[:, None]).squeeze(1), 0)
     n_valid = valid.sum().clamp(min=1)
     paired = (partner != index) & valid & valid[partner]
     confidence, other = -ce_rows, -ce_rows[partner]
-    is_teacher = (confidence > other) | ((confidence == other) & (index < partner))
-    coef = (0.5 * paired) if symmetric else (paired & ~is_teacher)
-    coef = coef.to(x.dtype)
+    is_teacher = torch.where(index < partner, ~(other > confidence), confidence > other)
+    student = paired if symmetric else paired & ~is_teacher
+    weight = 0.5 if symmetric else 1.0
     n_pairs = (paired.sum() / 2).clamp(min=1)
     log_q = F.log_softmax(x / temperature, dim=1)
     q = log_q.exp()
-    kl_rows = (q[partner] * (log_q[partner] - log_q)).sum(1)
-    loss = (ce_weight * torch.where(valid, ce_rows, 0).sum() / n_valid
-            + kd_weight * temperature ** 2 * (coef * kl_rows).sum() / n_pairs)
+    kl_rows = torch.where(student, weight * (q[partner] * (log_q[partner] - log_q)).sum(1), 0)
+    loss = (ce_weight * ce_rows.sum() / n_valid
+            + kd_weight * temperature ** 2 * kl_rows.sum() / n_pairs)
     grad = logits.new_empty(0)
     if compute_grad:
         onehot = F.one_hot(safe, K).to(x.dtype)
-        g = (ce_weight / n_valid) * valid[:, None] * (log_p.exp() - onehot)
-        g = g + (kd_weight * temperature / n_pairs) * coef[:, None] * (q - q[partner])
+        g = torch.where(valid[:, None], (ce_weight / n_valid) * (log_p.exp() - onehot), 0)
+        g = g + torch.where(student[:, None], (kd_weight * temperature / n_pairs) * weight * (q - q[partner]), 0)
         grad = g.to(logits.dtype)
     return loss.to(logits.dtype), grad
 

@@ -20,7 +20,6 @@ from fastsd.losses import _KIND_CODE  # noqa: F401  (the C++ kind codes follow F
 
 from conftest import CPU_BACKENDS, NoHostSync
 
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter: inf - inf in masked lanes
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 COMPILED = [b for b in CPU_BACKENDS if b != "triton"]

@@ -18,6 +18,9 @@ namespace cpu {
 namespace {
 
 constexpr size_t kHugePage = size_t(2) << 20;
+// glibc's largest mmap threshold on 64-bit systems (DEFAULT_MMAP_THRESHOLD_MAX): smaller buffers
+// come from its heap, recycled without page faults.
+constexpr size_t kMinBytes = size_t(32) << 20;
 
 bool huge_pages_enabled() {
   static const bool enabled = [] {
@@ -59,7 +62,7 @@ struct HugePageAllocator final : c10::Allocator {
 
 }  // namespace
 
-bool uses_huge_pages(size_t nbytes) { return nbytes >= kHugePage && huge_pages_enabled(); }
+bool uses_huge_pages(size_t nbytes) { return nbytes > kMinBytes && huge_pages_enabled(); }
 
 at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options,
                  std::optional<at::MemoryFormat> memory_format) {

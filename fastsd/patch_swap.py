@@ -49,8 +49,9 @@ def _empty_out(x: torch.Tensor) -> torch.Tensor:
 def _patch_swap_op(x: torch.Tensor, partner: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     if x.shape[0] == 0:
         return _empty_out(x)
-    check_permutation("fastsd.patch_swap", partner)
     fn = _backend.select("patch_swap", x, partner, mask)
+    if not getattr(fn, "checks_partner", False):
+        check_permutation("fastsd.patch_swap", partner)
     return fn(x.contiguous(memory_format=V.memory_format(x)), partner, mask)
 
 
@@ -146,10 +147,19 @@ _backend.register("patch_swap", "torch")(reference.patch_swap)
 _backend.register("patch_swap_backward", "torch")(reference.patch_swap_backward)
 
 
-@_backend.register("patch_swap", "cpp")
 @_backend.register("patch_swap", "cuda")
 def _patch_swap_ext(x, partner, mask):
     return _ext.ops().patch_swap(x, partner, mask)
+
+
+@_backend.register("patch_swap", "cpp")
+def _patch_swap_cpp(x, partner, mask):
+    return _patch_swap_ext(x, partner, mask)
+
+
+# The CPU kernel checks that partner is a permutation as it inverts it (a ValueError with
+# check_permutation's message): no sort and compare in Python on the CPU.
+_patch_swap_cpp.checks_partner = True
 
 
 @_backend.register("patch_swap_backward", "cpp")

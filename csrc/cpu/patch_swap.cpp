@@ -152,10 +152,13 @@ at::Tensor launch(const at::Tensor& x, const at::Tensor& partner, const at::Tens
   if (x.numel() == 0) return out;
   const at::Tensor p = partner.contiguous();
   const int64_t* pp = p.data_ptr<int64_t>();
-  std::vector<int64_t> identity(g.B), inverse(g.B);
+  std::vector<int64_t> identity(g.B), inverse(g.B, -1);
   for (int64_t i = 0; i < g.B; ++i) {
     identity[i] = i;
-    inverse[pp[i]] = i;  // partner is a permutation (checked by the caller)
+    // The public function leaves this check to the C++ backend (a ValueError, as its own check).
+    TORCH_CHECK_VALUE(pp[i] >= 0 && pp[i] < g.B && inverse[pp[i]] < 0,
+                      "fastsd.patch_swap: partner must be a permutation of range(B); partner[", i, "] = ", pp[i]);
+    inverse[pp[i]] = i;
   }
   const int64_t* src = backward ? inverse.data() : pp;
   const int64_t* mask_row = backward ? inverse.data() : identity.data();

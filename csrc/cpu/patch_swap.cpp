@@ -85,7 +85,9 @@ void cell_select(const T* x, T* out, const int64_t* src, const int64_t* mask_row
 
   at::parallel_for(0, B * gh, grain, [&](int64_t begin, int64_t end) {
     // Select path: keep / take bits of one cell row, tiled over its image rows.
-    std::vector<U> keep_bits(by_runs ? 0 : rows_per_unit * row_len), take_bits(by_runs ? 0 : rows_per_unit * row_len);
+    // (The forward reads take bits only: keep == !take there.)
+    std::vector<U> keep_bits(by_runs || forward ? 0 : rows_per_unit * row_len);
+    std::vector<U> take_bits(by_runs ? 0 : rows_per_unit * row_len);
     std::vector<int64_t> both;  // cells where keep and take hold (backward only): s + t
     for (int64_t u = begin; u < end; ++u) {
       const int64_t b = u / gh, ch = u % gh;
@@ -100,11 +102,13 @@ void cell_select(const T* x, T* out, const int64_t* src, const int64_t* mask_row
         for (int64_t cw = 0; cw < gw; ++cw) {
           const bool k = own_cells[cw] == 0, t = other_cells[cw] != 0;
           if (k && t) both.push_back(cw);
-          std::fill(keep_bits.begin() + col[cw] * pix, keep_bits.begin() + col[cw + 1] * pix, k ? U(~U(0)) : U(0));
+          if (!forward) {
+            std::fill(keep_bits.begin() + col[cw] * pix, keep_bits.begin() + col[cw + 1] * pix, k ? U(~U(0)) : U(0));
+          }
           std::fill(take_bits.begin() + col[cw] * pix, take_bits.begin() + col[cw + 1] * pix, t ? U(~U(0)) : U(0));
         }
         for (int64_t r = 1; r < h1 - h0; ++r) {  // tile the row's pattern over the unit's rows
-          std::copy(keep_bits.begin(), keep_bits.begin() + row_len, keep_bits.begin() + r * row_len);
+          if (!forward) std::copy(keep_bits.begin(), keep_bits.begin() + row_len, keep_bits.begin() + r * row_len);
           std::copy(take_bits.begin(), take_bits.begin() + row_len, take_bits.begin() + r * row_len);
         }
       }

@@ -46,9 +46,6 @@ inline void run(T* o, const T* self, const T* other, bool keep, bool take, int64
   }
 }
 
-// out = (s & keep) | (t & take), element by element. __restrict and plain arguments let the
-// compiler vectorise it (csrc is built with -fno-strict-aliasing for the bit casts, so without
-// them every store could alias every loaded bound).
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 // One clone per vector width, picked at load time by the CPU (GCC function multiversioning).
 #define FASTSD_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -56,6 +53,9 @@ inline void run(T* o, const T* self, const T* other, bool keep, bool take, int64
 #define FASTSD_VECTOR_CLONES
 #endif
 
+// out = (s & keep) | (t & take), element by element. __restrict and plain arguments let the
+// compiler vectorise it (csrc is built with -fno-strict-aliasing for the bit casts, so without
+// them every store could alias every loaded bound).
 template <typename U>
 FASTSD_VECTOR_CLONES void select_bits(U* __restrict o, const U* __restrict s, const U* __restrict t, const U* __restrict keep,
                         const U* __restrict take, int64_t n) {

@@ -4,6 +4,7 @@ The contract of every public function is ../shared/SPEC.md; each docstring repea
 Importing fastsd is light: Triton, torchvision and the compiled extension load on first use.
 """
 from ._backend import BackendUnavailableError, use_backend
+from ._ext import empty_cache
 from .pairing import box_mask, default_patch_size, intra_class_pairs, intra_class_patch_swap, patch_swap_mask
 from .patch_swap import patch_swap
 from .losses import feature_alignment_loss, kd_loss, pair_kd_loss
@@ -19,6 +20,7 @@ __all__ = [
     "ICPRefiner",
     "box_mask",
     "default_patch_size",
+    "empty_cache",
     "feature_alignment_loss",
     "kd_loss",
     "pair_kd_loss",

@@ -36,6 +36,18 @@ def has_cuda() -> bool:
     return load_error() is None and bool(torch.ops.fastsd_C.built_with_cuda())
 
 
+def empty_cache() -> int:
+    """Free the large CPU buffers (over 32 MiB) that the C++ kernels keep for reuse; returns their bytes.
+
+    On Linux those outputs come from transparent huge pages, and up to 8 freed ones (2 GiB at
+    most) are kept, as CUDA's caching allocator keeps device memory: a training loop asks for the
+    same sizes every step, and a fresh mapping costs the kernel's zeroing and, on fragmented
+    memory, a compaction stall. 0 where nothing is kept (no extension, FASTSD_HUGEPAGES=0)."""
+    if load_error() is not None:
+        return 0
+    return int(torch.ops.fastsd_C.empty_cache())
+
+
 def build_log() -> str:
     path = os.path.join(os.path.dirname(__file__), "_build_log.txt")
     try:

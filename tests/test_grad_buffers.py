@@ -191,3 +191,46 @@ def test_profiler_sees_huge_page_buffers():
     # the forward's gradient buffer, seen by the profiler, and nothing else of its size: the
     # backward scales it in place
     assert nbytes <= peak < 1.5 * nbytes, f"peak {peak} B for a {nbytes} B gradient"
+
+
+MIB = 2**20
+
+
+def _scaled_copy(mib: float) -> torch.Tensor:
+    """A fresh C++ output of about mib MiB (scale_grad of a flat gradient)."""
+    n = int(mib * MIB) // 4
+    return _backend._REGISTRY["scale_grad"]["cpp"].fn(torch.ones(n), torch.tensor(2.0), [])
+
+
+@linux_cpp
+def test_freed_huge_buffers_are_reused_and_bounded():
+    fastsd.empty_cache()
+    first = _scaled_copy(40)
+    ptr = first.data_ptr()
+    del first
+    again = _scaled_copy(39)  # fits the freed 40 MiB block with less than 1/8 to spare
+    assert again.data_ptr() == ptr, "a freed buffer of the size asked for was not reused"
+    assert torch.equal(again, torch.full_like(again, 2.0)), "a reused buffer was not fully written"
+    del again
+    assert fastsd.empty_cache() == 40 * MIB
+    assert fastsd.empty_cache() == 0
+    # at most 8 blocks are kept, the oldest go first
+    sizes = [34 + 6 * i for i in range(10)]  # MiB, each more than 1/8 apart: no reuse among them
+    for mib in sizes:
+        _scaled_copy(mib)  # freed at once
+    assert fastsd.empty_cache() == sum(sizes[-8:]) * MIB
+
+
+@linux_cpp
+def test_reused_buffer_gives_the_reference_answer():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 3, 1024, 720, generator=gen)  # 33.75 MiB
+    partner = fastsd.intra_class_pairs(torch.tensor([0, 0, 1, 1]), generator=gen)
+    mask = fastsd.patch_swap_mask(partner, (8, 8), generator=gen)
+    with fastsd.use_backend("cpp"):
+        stale = fastsd.patch_swap(x * 0 + float("nan"), partner, mask)  # leaves NaN in the freed block
+        ptr = stale.data_ptr()
+        del stale
+        out = fastsd.patch_swap(x, partner, mask)
+    assert out.data_ptr() == ptr
+    torch.testing.assert_close(out, fastsd.reference.patch_swap(x, partner, mask), rtol=0, atol=0)

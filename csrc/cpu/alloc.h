@@ -8,8 +8,9 @@
 // (madvise(MADV_HUGEPAGE), as PyTorch's own allocator does for everything under
 // THP_MEM_ALLOC_ENABLE=1): 512 times fewer faults. Smaller buffers, which glibc recycles from its
 // heap without faults (huge pages there measured 4x slower: 3 MiB outputs re-faulted each call),
-// other platforms, and FASTSD_HUGEPAGES=0 use at::empty. The allocations are reported to the
-// profiler like c10's.
+// other platforms, and FASTSD_HUGEPAGES=0 use at::empty. Freed buffers are kept for reuse (a
+// bounded cache, like CUDA's caching allocator; alloc.cpp). The allocations are reported to the
+// profiler like c10's (a cached buffer counts as freed).
 #pragma once
 #include <ATen/ATen.h>
 
@@ -24,6 +25,10 @@ at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options,
 
 // Whether buffers of nbytes come from huge pages in this process (FASTSD_HUGEPAGES, platform).
 bool uses_huge_pages(size_t nbytes);
+
+// Frees the huge-page buffers kept for reuse (at most 8 and 2 GiB); returns their bytes.
+// torch.ops.fastsd_C.empty_cache(), fastsd.empty_cache().
+size_t empty_cache();
 
 }  // namespace cpu
 }  // namespace fastsd

@@ -46,7 +46,7 @@ inline void run(T* o, const T* self, const T* other, bool keep, bool take, int64
   }
 }
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)  // ifunc
 // One clone per vector width, picked at load time by the CPU (GCC function multiversioning).
 #define FASTSD_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else

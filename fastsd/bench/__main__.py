@@ -44,9 +44,15 @@ def _suite_modules(ops, quick: bool = True):
 
 
 def copy_bandwidth(device: torch.device) -> float:
-    """GB/s of x.clone() on a 64 MiB tensor (read + write): the memory limit of this machine."""
+    """GB/s of y.copy_(x) on 64 MiB tensors (read + write): the memory limit of this machine.
+
+    Into a buffer that already exists: a fresh 64 MiB output (x.clone()) would time glibc's mmap and
+    one page fault per 4 KiB page on the CPU, several times slower than the memory itself."""
+    from .core import measure
+
     x = torch.empty(16 * 2**20, dtype=torch.float32, device=device).fill_(1.0)
-    times = measure(lambda: x.clone(), device, min_time=0.2)
+    y = torch.empty_like(x).fill_(0.0)
+    times = measure(lambda: y.copy_(x), device, min_time=0.2)
     return 2 * x.numel() * 4 / sorted(times)[len(times) // 2] / 1e9
 
 
@@ -63,6 +69,8 @@ def environment(device: torch.device) -> dict:
         "device": ops.name(),
         "peak_gbps": ops.peak_gbps(),  # theoretical memory bandwidth; None on CPU
         "commit": _commit(),
+        # allocation settings that move CPU timings (page faults of fresh large buffers)
+        "env": {k: os.environ.get(k) for k in ("FASTSD_HUGEPAGES", "THP_MEM_ALLOC_ENABLE", "OMP_NUM_THREADS")},
     }
     for mod in ("triton", "torchvision"):
         try:
@@ -122,7 +130,7 @@ def format_table(rows: List[Row], copy_gbps: float, peak_gbps: Optional[float] =
     return "\n".join(out) + (
         "\n(* = baseline; x vs B = B's median time / this row's; GB/s = minimum bytes / median time;"
         + ("\n % peak = share of the device's theoretical memory bandwidth;" if ref == "peak" else
-           "\n % copy = share of the measured copy bandwidth (x.clone());") +
+           "\n % copy = share of the measured copy bandwidth (y.copy_(x), 64 MiB);") +
         "\n peak MB = peak extra memory of one call; kernels, moved MB = aten ops dispatched by one eager call"
         "\n and the bytes of their inputs and outputs, a fastsd op counting as one kernel)")
 
@@ -217,7 +225,10 @@ def main(argv=None) -> int:
     env["copy_gbps"] = copy_gbps
     print(f"fastsd.bench on {env['device']} ({env['cpu']}, {env['cores']} cores, torch threads "
           f"{env['torch_threads']}); torch {env['torch']}, commit {env['commit']}; {args.dtype}")
-    print(f"measured copy bandwidth (x.clone(), 64 MiB): {copy_gbps:.1f} GB/s")
+    print(f"measured copy bandwidth (y.copy_(x), 64 MiB): {copy_gbps:.1f} GB/s")
+    settings = ", ".join(f"{k}={v}" for k, v in env["env"].items() if v is not None)
+    if settings:
+        print(f"environment: {settings}")
     if env["peak_gbps"]:
         print(f"theoretical memory bandwidth (2 x memory clock x bus width): {env['peak_gbps']:.0f} GB/s")
     print()

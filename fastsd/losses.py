@@ -22,6 +22,7 @@ import numbers
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import _backend, _ext
 from . import _validate as V
@@ -96,8 +97,6 @@ def _setup_context(ctx, inputs, output):
 def _scale_grad_torch(grad: torch.Tensor, scale: torch.Tensor, ends: List[int],
                       out: Optional[torch.Tensor] = None) -> torch.Tensor:
     scale = scale.to(grad.dtype)
-    if out is None and (scale.dim() == 0 or not ends):
-        return grad * (scale if scale.dim() == 0 else scale[:, None])
     out = torch.empty_like(grad) if out is None else out
     if scale.dim() == 0:
         return torch.mul(grad, scale, out=out)
@@ -126,8 +125,6 @@ def _donated(grad: torch.Tensor) -> bool:
     keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
     if keep_graph is None or type(grad) is not torch.Tensor or torch.compiler.is_compiling():
         return False
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
     return _get_current_dispatch_mode() is None and not keep_graph()
 
 
@@ -158,7 +155,7 @@ def _pair_kd_op(logits: torch.Tensor, labels: torch.Tensor, partner: torch.Tenso
     if B == 0:
         return logits.new_zeros(()), logits.new_zeros(logits.shape if compute_grad else (0,))
     fn = _backend.select("pair_kd_loss", logits, labels, partner)
-    if not getattr(fn, "checks_labels_and_partner", False):
+    if not getattr(fn, "checks_indices", False):
         _check_labels(labels, K, ignore_index)
         _check_involution(partner)
     return fn(logits.contiguous(), labels.contiguous(), partner.contiguous(), temperature, kd_weight, ce_weight,
@@ -465,7 +462,7 @@ def _pair_kd_cpp(*args):
 
 # The C++ kernel checks labels and partner as it reads them (a ValueError with _check_labels' and
 # _check_involution's messages): no extra passes over them on the CPU.
-_pair_kd_cpp.checks_labels_and_partner = True
+_pair_kd_cpp.checks_indices = True
 
 
 @_backend.register("kd_loss", "cpp")

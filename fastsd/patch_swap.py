@@ -50,7 +50,7 @@ def _patch_swap_op(x: torch.Tensor, partner: torch.Tensor, mask: torch.Tensor) -
     if x.shape[0] == 0:
         return _empty_out(x)
     fn = _backend.select("patch_swap", x, partner, mask)
-    if not getattr(fn, "checks_partner", False):
+    if not getattr(fn, "checks_indices", False):  # as pair_kd_loss's C++ backend
         check_permutation("fastsd.patch_swap", partner)
     return fn(x.contiguous(memory_format=V.memory_format(x)), partner, mask)
 
@@ -159,7 +159,7 @@ def _patch_swap_cpp(x, partner, mask):
 
 # The CPU kernel checks that partner is a permutation as it inverts it (a ValueError with
 # check_permutation's message): no sort and compare in Python on the CPU.
-_patch_swap_cpp.checks_partner = True
+_patch_swap_cpp.checks_indices = True
 
 
 @_backend.register("patch_swap_backward", "cpp")

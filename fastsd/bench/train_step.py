@@ -110,6 +110,16 @@ def _timed(times: Dict[str, float], name: str, device, t0: float) -> float:
     return t
 
 
+def _timed_update(opt, loss, times: Dict[str, float], device, t: float) -> torch.Tensor:
+    """The end of every timed step: backward and optimiser step, each timed; the detached loss."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    t = _timed(times, "backward", device, t)
+    opt.step()
+    _timed(times, "optimiser step", device, t)
+    return loss.detach()
+
+
 def _timed_patchswap_step(model, opt, x, y, swap, loss_fn, times):
     """One step, each part timed into ``times``: ``swap(x, y) -> (swapped, partner)``, the forward,
     ``loss_fn(logits, y, partner)``, the backward and the optimiser step."""
@@ -122,12 +132,7 @@ def _timed_patchswap_step(model, opt, x, y, swap, loss_fn, times):
     t = _timed(times, "forward", device, t)
     loss = loss_fn(logits, y, partner)
     t = _timed(times, "loss", device, t)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    t = _timed(times, "backward", device, t)
-    opt.step()
-    _timed(times, "optimiser step", device, t)
-    return loss.detach()
+    return _timed_update(opt, loss, times, device, t)
 
 
 def loop_patchswap_step(model, opt, x, y, grid=(8, 8), times=None):
@@ -210,12 +215,7 @@ def reference_icp_step(model, opt, hooks: FeatureHooks, x, y, progress=0.8, step
     alpha = math.cos(math.pi / 2 * (progress - warmup) / (1 - warmup)) if progress > warmup else 1.0
     loss = alpha * task + (1 - alpha) * feature
     t = _timed(times, "feature loss", device, t)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    t = _timed(times, "backward", device, t)
-    opt.step()
-    _timed(times, "optimiser step", device, t)
-    return loss.detach()
+    return _timed_update(opt, loss, times, device, t)
 
 
 class _TimedRefiner:
@@ -245,12 +245,7 @@ def recipe_icp_step(recipe, opt, x, y, progress=0.8, times=None):
         recipe.distiller.refiner = recipe.refiner
     if timed:
         times["task + target forward, feature loss"] = times.pop("recipe call") - times["refine (K steps)"]
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    t = _timed(times, "backward", device, t)
-    opt.step()
-    _timed(times, "optimiser step", device, t)
-    return loss.detach()
+    return _timed_update(opt, loss, times, device, t)
 
 
 # --- the bench rows ----------------------------------------------------------------------------

@@ -525,7 +525,7 @@ class ICPRefiner:
                     s.zero_()
             self._run_steps(x_buf, y_in, state)
 
-        if self._pool is None:
+        if self._pool is None and x.device.type == "cuda":  # (CPU: stand-in graphs in tests)
             self._pool = torch.cuda.graph_pool_handle()
         return _Graph(_cuda_graph_of(body, x.device, self._pool), x_in, y_in, x_buf, state)
 

@@ -250,6 +250,17 @@ def test_two_threads_capture_one_at_a_time(cuda):
     assert FakeGraph.captures == 2 and all(len(g.ops) > 0 for g in cuda.graphs)
 
 
+def test_a_refiner_copies_without_its_lock_and_graphs(cuda):
+    model = Net()
+    refiner = fastsd.ICPRefiner(model, steps=2)
+    refine(refiner, *batch())
+    copied = copy.deepcopy(refiner)
+    assert copied.model is not model and not copied._graphs and copied.steps == 2
+    x, y = batch(seed=3)
+    torch.testing.assert_close(refine(copied, x, y), eager(copied.model, x, y))
+    assert len(copied._graphs) == 1
+
+
 # --- DataParallel, FSDP ---------------------------------------------------------------------------------------
 
 

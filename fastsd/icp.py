@@ -344,13 +344,14 @@ class ICPRefiner:
     def _init_graph_state(self) -> None:
         self._graphs: "collections.OrderedDict[tuple, _Graph]" = collections.OrderedDict()
         self._keys: "collections.OrderedDict[tuple, _KeyRecord]" = collections.OrderedDict()
-        self._pool = None  # the graphs' shared memory pool (a graph_pool_handle), made at the first capture
+        # device index -> the memory pool its graphs share (a graph_pool_handle), while one is alive
+        self._pools: Dict[int, tuple] = {}
         self._replay_streams: Dict[int, "torch.cuda.Stream"] = {}  # device index -> stream of the last replay
         self._graphs_off: Optional[str] = None  # why auto runs this model eagerly (warned once)
 
     def __getstate__(self):  # copy.deepcopy / pickle: no lock, no graphs
         state = {k: v for k, v in self.__dict__.items()
-                 if k not in ("_lock", "_graphs", "_keys", "_pool", "_replay_streams", "_graphs_off")}
+                 if k not in ("_lock", "_graphs", "_keys", "_pools", "_replay_streams", "_graphs_off")}
         return state
 
     def __setstate__(self, state):
@@ -481,6 +482,7 @@ class ICPRefiner:
         except _CaptureError as exc:
             record.failures += 1
             cause = exc.__cause__
+            self._drop_idle_pools()
             if self.cuda_graph == "always":
                 raise RuntimeError(f"fastsd.ICPRefiner: cuda_graph='always' but the refinement could "
                                    f"not be captured into a CUDA graph: {cause!r}. Models with "
@@ -496,6 +498,7 @@ class ICPRefiner:
         self._graphs[key] = entry
         while len(self._graphs) > self.max_graphs:
             self._graphs.popitem(last=False)
+        self._drop_idle_pools()
         return entry
 
     def _stop_graphs(self, reason: str) -> None:
@@ -525,9 +528,21 @@ class ICPRefiner:
                     s.zero_()
             self._run_steps(x_buf, y_in, state)
 
-        if self._pool is None and x.device.type == "cuda":  # (CPU: stand-in graphs in tests)
-            self._pool = torch.cuda.graph_pool_handle()
-        return _Graph(_cuda_graph_of(body, x.device, self._pool), x_in, y_in, x_buf, state)
+        pool = None
+        if x.device.type == "cuda":  # (CPU: stand-in graphs in tests)
+            pool = self._pools.get(x.device.index)
+            if pool is None:
+                pool = self._pools[x.device.index] = torch.cuda.graph_pool_handle()
+        return _Graph(_cuda_graph_of(body, x.device, pool), x_in, y_in, x_buf, state)
+
+    def _drop_idle_pools(self) -> None:
+        """Forget the pool of a device none of whose graphs is left (evicted, or a failed capture).
+        Each graph holds a use of its pool and the allocator frees a pool once no graph uses it;
+        the next capture must then ask for a new pool: beginning a capture into a freed pool's id
+        is an internal assertion failure in torch's allocator."""
+        live = {key[0][3].index for key in self._graphs}
+        for index in [i for i in self._pools if i not in live]:
+            del self._pools[index]
 
 
 def _data_parallel(model: nn.Module) -> Optional[str]:
@@ -568,18 +583,43 @@ def _graph_blocker(model: nn.Module) -> Optional[str]:
     return None
 
 
+def _discard(graph: "torch.cuda.CUDAGraph", dev: torch.device, pool, *, end: bool) -> None:
+    """Leave a failed capture: end it if capture_end was not called yet (the stream must leave
+    capture mode), take it off the allocator's captures underway and give back its use of the pool
+    now (the exception's traceback would keep the graph, and the pool's memory, until the next
+    garbage collection)."""
+    ended = False
+    if end:
+        try:
+            graph.capture_end()
+            ended = True
+        except Exception:
+            pass
+    if not ended:
+        _stop_allocating_to(dev, pool)
+    try:
+        graph.reset()  # gives the pool back if the capture ended
+    except Exception:
+        pass
+
+
 def _stop_allocating_to(dev: torch.device, pool) -> None:
-    """Take a failed capture off the allocator's list of captures underway. capture_end does it
-    only when the capture ended cleanly; a capture left there makes the caching allocator stop
+    """Take a failed capture off the allocator's list of captures underway, and give back its use
+    of the pool. capture_end does both (the second when the graph is destroyed) only when
+    cudaStreamEndCapture succeeded; a capture left underway makes the caching allocator stop
     processing its events (blocks freed on other streams are never reused) and test every
-    allocation against it."""
+    allocation against it, and the pool's use would keep its memory for good."""
     end = (getattr(torch._C, "_cuda_endAllocateToPool", None)
            or getattr(torch._C, "_cuda_endAllocateCurrentStreamToPool", None))  # torch < 2.6
-    if end is not None:
-        try:
-            end(dev.index, pool)
-        except RuntimeError:
-            pass  # capture_end got that far itself
+    release = getattr(torch._C, "_cuda_releasePool", None)
+    if end is None:
+        return
+    try:
+        end(dev.index, pool)
+    except RuntimeError:
+        return  # capture_end got that far itself: the graph gives the pool back when destroyed
+    if release is not None:
+        release(dev.index, pool)
 
 
 def _cuda_graph_of(body: Callable[[], None], dev: torch.device, pool) -> "torch.cuda.CUDAGraph":
@@ -621,17 +661,14 @@ def _cuda_graph_of(body: Callable[[], None], dev: torch.device, pool) -> "torch.
                     with autocast():
                         body()
                 except BaseException as exc:
-                    try:
-                        graph.capture_end()  # the stream must leave capture mode
-                    except Exception:
-                        _stop_allocating_to(dev, pool)
+                    _discard(graph, dev, pool, end=True)
                     if isinstance(exc, Exception):
                         raise _CaptureError() from exc
                     raise
                 try:
                     graph.capture_end()
                 except Exception as exc:
-                    _stop_allocating_to(dev, pool)
+                    _discard(graph, dev, pool, end=False)
                     raise _CaptureError() from exc
         finally:
             caller.wait_stream(side)

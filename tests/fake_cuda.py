@@ -10,9 +10,12 @@ path (ICPRefiner) and the bench's CUDA path to run on CPU tensors, with a CUDA g
 * :class:`FakeCuda` is the rest, installed by :meth:`FakeCuda.install`: devices (a current device
   per thread), streams (a current stream per thread and device, a default stream per device;
   ``torch.cuda.stream(s)`` makes s's device current too, as ``torch.cuda.set_stream`` does), the
-  graph memory pools (``graph_pool_handle``, and the allocator's list of captures underway, which a
-  successful ``capture_end`` or ``torch._C._cuda_endAllocateToPool`` leaves), and counters of the
-  device-wide calls (``synchronize``, ``empty_cache``, the pinned-host cache's ``_host_emptyCache``).
+  graph memory pools (``graph_pool_handle``; the allocator's list of captures underway, which a
+  successful ``capture_end`` or ``torch._C._cuda_endAllocateToPool`` leaves; each pool's use count
+  per device: one per capture begun, given back by a graph that ended its capture when it is
+  destroyed or by ``torch._C._cuda_releasePool``, and a capture into a pool whose count fell to 0
+  fails, as torch's allocator asserts), and counters of the device-wide calls (``synchronize``,
+  ``empty_cache``, the pinned-host cache's ``_host_emptyCache``).
   One capture at a time in the process, as torch documents: a second ``capture_begin`` while one is
   underway fails.
 
@@ -21,6 +24,7 @@ Tensors stay on the CPU; :class:`OnDevice` makes chosen tensors report a CUDA de
 import collections
 import contextlib
 import threading
+import types
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -70,9 +74,8 @@ class FakeGraph(TorchDispatchMode):
         super().__init__()
         self.ops = []
         self.stream = self.pool = self.invalid = None
-        runtime = FakeCuda.active
-        if runtime is not None:
-            runtime.graphs.append(self)
+        self.ended = False
+        self.runtime = None
 
     def _current_stream(self):
         runtime = FakeCuda.active
@@ -86,10 +89,13 @@ class FakeGraph(TorchDispatchMode):
                 raise RuntimeError("CUDA graphs must be captured on a non-default stream.")
             if runtime.capturing:
                 raise RuntimeError("another CUDA graph capture is underway in this process")
+            pool = ("private", id(self)) if pool is None else pool
+            runtime.use_pool(stream.device.index, pool)
             runtime.capturing.append(self)
             runtime.allocating_to_pool.append((stream.device.index, pool))
+            runtime.captures.append(types.SimpleNamespace(stream=stream, pool=pool, ops=self.ops))
             stream.capturing = self
-        self.stream, self.pool, self.capture_error_mode = stream, pool, capture_error_mode
+        self.stream, self.pool, self.capture_error_mode, self.runtime = stream, pool, capture_error_mode, runtime
         FakeGraph.captures += 1
         self.__enter__()
         if runtime is not None and runtime.on_capture_begin is not None:
@@ -121,6 +127,17 @@ class FakeGraph(TorchDispatchMode):
             raise RuntimeError(INVALIDATED_ERROR)
         if runtime is not None:
             runtime.allocating_to_pool.remove((self.stream.device.index, self.pool))
+        self.ended = True
+
+    def reset(self):
+        if self.ended and self.runtime is not None:
+            self.runtime.release_pool(self.stream.device.index, self.pool)
+        self.ended = False
+        self.ops = []
+
+    def __del__(self):
+        if self.ended and self.runtime is not None:
+            self.runtime.release_pool(self.stream.device.index, self.pool)
 
     def replay(self):
         FakeGraph.replays += 1
@@ -146,7 +163,8 @@ class FakeCuda:
         self.defaults = {i: FakeStream(i, default=True) for i in range(device_count)}
         self.capturing = []  # graphs capturing now
         self.allocating_to_pool = []  # (device index, pool) of the captures underway in the allocator
-        self.graphs = []  # every FakeGraph made
+        self.captures = []  # (stream, pool, ops) of every capture begun; not the graphs, which must die
+        self.pool_uses = {}  # (device index, pool) -> use count
         self.calls = collections.Counter()  # device-wide calls: synchronize, empty_cache, host_empty_cache
         self.pools = 0
         self.on_capture_begin = self.on_replay = None  # test hooks
@@ -167,6 +185,7 @@ class FakeCuda:
             monkeypatch.setattr(torch.cuda, name, value)
         monkeypatch.setattr(torch._C, "_host_emptyCache", runtime.counted("host_empty_cache"))
         monkeypatch.setattr(torch._C, "_cuda_endAllocateToPool", runtime.end_allocate_to_pool, raising=False)
+        monkeypatch.setattr(torch._C, "_cuda_releasePool", runtime.release_pool, raising=False)
         # torch.cuda.graph keeps the stream it made first (on the device current then) for good
         monkeypatch.setattr(torch.cuda.graph, "default_capture_stream", None)
         FakeGraph.captures = FakeGraph.replays = 0
@@ -225,6 +244,16 @@ class FakeCuda:
     def graph_pool_handle(self):
         self.pools += 1
         return (0, self.pools)
+
+    def use_pool(self, device, pool):
+        uses = self.pool_uses.get((device, pool))
+        if uses == 0:
+            raise RuntimeError("INTERNAL ASSERT FAILED: it->second->use_count > 0 (a capture into a freed pool)")
+        self.pool_uses[(device, pool)] = (uses or 0) + 1
+
+    def release_pool(self, device, pool):
+        assert self.pool_uses[(device, pool)] > 0
+        self.pool_uses[(device, pool)] -= 1
 
     def end_allocate_to_pool(self, device, pool):
         if (device, pool) not in self.allocating_to_pool:

@@ -147,12 +147,12 @@ def test_each_device_warms_up_and_captures_on_its_own_side_stream(cuda):
         model = Net()
         model.register_forward_pre_hook(note)
         refine(fastsd.ICPRefiner(model, steps=2), *batch(), device)
-        graph = cuda.graphs[-1]
+        graph = cuda.captures[-1]
         assert graph.stream.device == torch.device(device) and not graph.stream.default
         forwards = [(d, s) for m, d, s in seen if m is model]
         assert len(forwards) == 3 * 2  # two warm-up calls and the capture, two steps each
         assert all(d == torch.device(device).index and s is graph.stream for d, s in forwards)
-    assert cuda.graphs[1].stream is cuda.graphs[2].stream is not cuda.graphs[0].stream
+    assert cuda.captures[1].stream is cuda.captures[2].stream is not cuda.captures[0].stream
     assert_streams_restored(cuda)
 
 
@@ -163,12 +163,12 @@ def test_the_graphs_of_a_refiner_share_one_pool_and_nothing_syncs_the_device(cud
         x, y = batch(n)
         torch.testing.assert_close(refine(refiner, x, y), eager(model, x, y, steps=1))
     refine(fastsd.ICPRefiner(model, steps=1), *batch(2))
-    pools = [g.pool for g in cuda.graphs]
+    pools = [g.pool for g in cuda.captures]
     assert pools[0] is not None and pools[:3] == [pools[0]] * 3 and pools[3] not in (None, pools[0])
     assert not cuda.calls  # no synchronize, empty_cache or pinned-host empty_cache
     refiner.reset()
     refine(refiner, *batch(2))
-    assert cuda.graphs[-1].pool not in pools  # reset() drops the pool with the graphs
+    assert cuda.captures[-1].pool not in pools  # reset() drops the pool with the graphs
     assert_streams_restored(cuda)
 
 
@@ -183,6 +183,43 @@ def test_replays_on_another_stream_wait_for_the_last_replay(cuda):
     assert other.waited_on == [cuda.default_stream(0)]
     refine(refiner, x, y)
     assert cuda.default_stream(0).waited_on[-1] is other
+
+
+class RaiseInCapture(nn.Module):
+    """A Python error in the first capture only (the capture itself stays valid)."""
+
+    def __init__(self):
+        super().__init__()
+        self.raised = False
+
+    def forward(self, x):
+        if torch.cuda.is_current_stream_capturing() and not self.raised:
+            self.raised = True
+            raise ValueError("not during a capture")
+        return x
+
+
+def test_a_pool_no_graph_uses_is_not_captured_into_again(cuda):
+    model = Net()
+    refiner = fastsd.ICPRefiner(model, steps=1, max_graphs=1)
+    for device in ("cuda:0", "cuda:1", "cuda:0"):  # each capture evicts the other device's graph
+        x, y = batch()
+        torch.testing.assert_close(refine(refiner, x, y, device), eager(model, x, y, steps=1))
+    assert len({c.pool for c in cuda.captures}) == 3
+    assert sorted(cuda.pool_uses.values()) == [0, 0, 1]  # the evicted graphs gave their pools back
+
+
+@pytest.mark.parametrize("module,cause", [(HostSync(once=True), CAPTURE_ERROR), (RaiseInCapture(), "not during")])
+def test_a_failed_capture_gives_its_pool_back(cuda, module, cause):
+    model = nn.Sequential(module, Net())
+    refiner = fastsd.ICPRefiner(model, steps=1)
+    x, y = batch()
+    with pytest.warns(RuntimeWarning, match=cause):
+        refine(refiner, x, y)
+    assert list(cuda.pool_uses.values()) == [0]  # invalidated or not, the failed capture holds no pool
+    torch.testing.assert_close(refine(refiner, x, y), eager(model, x, y, steps=1))  # captured, into a new pool
+    assert list(cuda.pool_uses.values()) == [0, 1] and len(refiner._graphs) == 1
+    assert_streams_restored(cuda)
 
 
 # --- bounds on recapture and on failures -------------------------------------------------------------------
@@ -247,7 +284,7 @@ def test_two_threads_capture_one_at_a_time(cuda):
         out = in_threads(lambda r, x, y: refine(r, x, y, "cuda:1"), *calls)
     for o, e in zip(out, expected):
         torch.testing.assert_close(o, e)
-    assert FakeGraph.captures == 2 and all(len(g.ops) > 0 for g in cuda.graphs)
+    assert FakeGraph.captures == 2 and all(len(g.ops) > 0 for g in cuda.captures)
 
 
 def test_a_refiner_copies_without_its_lock_and_graphs(cuda):

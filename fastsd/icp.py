@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
+import importlib
 import math
 import numbers
+import threading
 import warnings
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -138,22 +141,39 @@ def _modes(model: nn.Module, training: bool):
             mod.training = mode
 
 
+_STOCK_BATCH_NORM_FORWARDS = (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward)
+
+
 @contextlib.contextmanager
-def _buffers_swapped(model: nn.Module):
-    """Every buffer replaced by a copy inside, the original tensors put back after: BatchNorm's
-    running statistics are left as they were, without an in-place write (that would bump their
-    version counters and break a graph that saved them)."""
-    saved = []
+def _buffers_kept(model: nn.Module):
+    """Every buffer left as it was by the forward passes inside, with no copy of the BatchNorm ones.
+
+    BatchNorm layers (torch's own forward: ``_BatchNorm`` and ``SyncBatchNorm``) in train mode get
+    ``track_running_stats = False`` inside: their forward then normalises with the batch's
+    statistics, as in train mode, and passes no running statistics to ``F.batch_norm``, so
+    ``running_mean``, ``running_var`` and ``num_batches_tracked`` are neither updated nor written in
+    place (an in-place write would bump their version counters and break an autograd graph that
+    saved them). BatchNorm in eval mode only reads them. The buffers of any other module (whose
+    forward we cannot read: InstanceNorm with running statistics, a BatchNorm subclass with its own
+    forward, a custom counter) are replaced by copies inside and the originals put back after.
+    """
+    frozen, saved = [], []
     for mod in model.modules():
-        for name, b in mod._buffers.items():
-            if b is not None:
-                saved.append((mod, name, b))
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and type(mod).forward in _STOCK_BATCH_NORM_FORWARDS:
+            if mod.training and mod.track_running_stats:
+                frozen.append(mod)
+        else:
+            saved.extend((mod, name, b) for name, b in mod._buffers.items() if b is not None)
+    for mod in frozen:
+        mod.track_running_stats = False
     with torch.no_grad():
         for mod, name, b in saved:
             mod._buffers[name] = b.clone()
     try:
         yield
     finally:
+        for mod in frozen:
+            mod.track_running_stats = True
         for mod, name, b in saved:
             mod._buffers[name] = b
 
@@ -172,6 +192,43 @@ class _Graph:
     y_in: torch.Tensor
     x_buf: torch.Tensor
     state: tuple
+
+
+@dataclass
+class _KeyRecord:
+    """What the graph cache remembers of one key without the parameter storage (shape, dtype,
+    device, labels, autocast, hyper-parameters)."""
+    captures: int = 0
+    failures: int = 0
+    eager: bool = False  # auto gave up on graphs for this key (warned when it did)
+
+
+# auto stops capturing a key after this many captures (each one a miss: new parameter storage, as
+# FSDP or ``param.data = ...`` give on every call, or an eviction by more keys than max_graphs) ...
+_MAX_CAPTURES = 3
+# ... or after this many failed captures (one may be transient; a host sync fails every time).
+_MAX_FAILURES = 2
+_MAX_KEY_RECORDS = 256
+# One capture at a time in the process (with its warm-up: both run on the shared side stream).
+_CAPTURE_LOCK = threading.RLock()
+_SIDE_STREAMS: Dict[int, "torch.cuda.Stream"] = {}  # device index -> the side stream of its captures
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _held(lock):
+    """``lock`` as a context manager, or nothing while torch.compile traces (Dynamo cannot enter a
+    lock; the compiled code is one frame that runs the refinement eagerly)."""
+    return contextlib.nullcontext() if _compiling() else lock
+
+
+def _on_device(x: torch.Tensor):
+    """x's CUDA device made current (for the graph path's streams and for launches), else nothing."""
+    if x.device.type != "cuda" or _compiling():
+        return contextlib.nullcontext()
+    return torch.cuda.device(x.device)
 
 
 def _check_batch(fn: str, x, y) -> None:
@@ -215,23 +272,32 @@ class ICPRefiner:
         eps: >= 0, added to ``sqrt(v_hat)``.
         loss_fn: ``loss_fn(model(x), y) -> scalar``; default mean cross-entropy.
         clamp: None or ``(lo, hi)``.
-        cuda_graph: ``"auto"``: on CUDA, the K steps are captured once per (shape, strides,
-            dtype, device, labels, autocast state, parameter storage) into one CUDA graph over
-            static buffers (warm-up on a side stream first) and replayed for every later batch;
-            at most ``max_graphs`` graphs are kept (least recently used dropped). If capture fails
-            (a model with host syncs, ...), ``auto`` warns once and runs eagerly. ``"never"``:
-            always eager. ``"always"``: the graph or an error (CPU tensors, capture failure).
+        cuda_graph: ``"auto"``: on CUDA, the K steps are captured into one CUDA graph over static
+            buffers (warm-up and capture on a side stream of x's device) and replayed for every
+            later call with the same key: x's shape, strides, dtype and device, y's shape, strides
+            and dtype, the autocast state, the hyper-parameters and ``loss_fn``, and the address of
+            every parameter and buffer. Anything else in the key is a new capture; at most
+            ``max_graphs`` graphs are kept (least recently used dropped). A key captured 3 times
+            (parameter storage that changes per call, as FSDP or ``param.data = ...`` give, or
+            more keys than ``max_graphs`` in turn) runs eagerly from then on, with one warning; so
+            does a key whose capture failed twice (a host sync, a data-dependent shape), with a
+            warning naming the cause at each failure. Models that contain ``nn.DataParallel`` over
+            several GPUs or FSDP always run eagerly (one warning). ``"never"``: always eager.
+            ``"always"``: the graph (recaptured as often as needed) or an error (CPU tensors,
+            capture failure, DataParallel, FSDP).
             The graph reads the model's parameters in place: optimiser steps and
-            ``load_state_dict`` are seen by later replays; parameters replaced by new tensors
-            change the key and cause a recapture. Python side effects of the model's forward
-            (hooks, counters) happen at capture only, not on replays. Call :meth:`reset` to drop
-            the graphs.
+            ``load_state_dict`` are seen by later replays. Python side effects of the model's
+            forward (hooks, counters) happen at capture only, not on replays. All graphs of a
+            refiner share one memory pool (per device); :meth:`reset` drops them and the pool.
+            Under torch.compile the refinement is traced eagerly.
         ademamix_alpha: AdEMAMix's alpha (5).
         max_graphs: size of the graph cache (4).
 
     Returns (from ``refiner(x, y)``): a new tensor with x's shape, dtype, device and layout that
     does not require grad; x itself is never modified. Works under ``torch.no_grad()`` callers (grad
-    is enabled for x inside) and under ``torch.autocast``.
+    is enabled for x inside) and under ``torch.autocast``. Threads may share a refiner: its calls
+    run one at a time (they share the model's training flags and the graphs' static buffers), and
+    one capture runs at a time in the process.
     """
 
     def __init__(self, model: nn.Module, steps: int = 5, step_size: float = 2e-3, method: str = "adam",
@@ -272,17 +338,35 @@ class ICPRefiner:
             raise ValueError(f"{fn}: ademamix_alpha must be finite, got {ademamix_alpha}")
         self.ademamix_alpha = float(ademamix_alpha)
         self.max_graphs = int(max_graphs)
+        self._lock = threading.RLock()
+        self._init_graph_state()
+
+    def _init_graph_state(self) -> None:
         self._graphs: "collections.OrderedDict[tuple, _Graph]" = collections.OrderedDict()
-        self._uncapturable: set = set()
+        self._keys: "collections.OrderedDict[tuple, _KeyRecord]" = collections.OrderedDict()
+        # device index -> the memory pool its graphs share (a graph_pool_handle), while one is alive
+        self._pools: Dict[int, tuple] = {}
+        self._replay_streams: Dict[int, "torch.cuda.Stream"] = {}  # device index -> stream of the last replay
+        self._graphs_off: Optional[str] = None  # why auto runs this model eagerly (warned once)
+
+    def __getstate__(self):  # copy.deepcopy / pickle: no lock, no graphs
+        state = {k: v for k, v in self.__dict__.items()
+                 if k not in ("_lock", "_graphs", "_keys", "_pools", "_replay_streams", "_graphs_off")}
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+        self._init_graph_state()
 
     def __repr__(self) -> str:
         return (f"ICPRefiner(steps={self.steps}, step_size={self.step_size}, method={self.method!r}, "
                 f"betas={self.betas}, eps={self.eps}, clamp={self.clamp}, cuda_graph={self.cuda_graph!r})")
 
     def reset(self) -> None:
-        """Drop every captured CUDA graph (and its memory pool)."""
-        self._graphs.clear()
-        self._uncapturable.clear()
+        """Drop every captured CUDA graph and their memory pool, and forget which keys run eagerly."""
+        with self._lock:
+            self._init_graph_state()
 
     # -- the step function, shared by the eager path and the captured graph ----------------------
 
@@ -309,15 +393,12 @@ class ICPRefiner:
         fn = "fastsd.ICPRefiner"
         _check_batch(fn, x, y)
         V.same_device(fn, "x", x, y=y)
-        use_graph = self._use_graph(x)
-        with torch.inference_mode(False):
+        with torch.inference_mode(False), _held(self._lock), _on_device(x):
+            use_graph = self._use_graph(x)
             if self.steps == 0:
                 return x.detach().clone()
             with _modes(self.model, False):
-                if not use_graph:
-                    return self._eager(x, y)
-                with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
-                    return self._replay(x, y)
+                return self._replay(x, y) if use_graph else self._eager(x, y)
 
     # -- CUDA graphs --------------------------------------------------------------------------
 
@@ -329,46 +410,105 @@ class ICPRefiner:
                 raise ValueError(f"fastsd.ICPRefiner: cuda_graph='always' needs CUDA tensors, x is on "
                                  f"{x.device}; use cuda_graph='auto' or 'never'")
             return False
-        # Called inside the caller's own capture: run eagerly, the caller's graph records it.
-        return not torch.cuda.is_current_stream_capturing()
+        # Inside the caller's own capture (or torch.compile's trace): eager, recorded by the caller.
+        return not _compiling() and not torch.cuda.is_current_stream_capturing()
 
-    def _key(self, x: torch.Tensor, y: torch.Tensor) -> tuple:
-        dev = x.device.type
-        autocast = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
-        storage = tuple(t.data_ptr() for t in self.model.parameters()) + tuple(
-            t.data_ptr() for t in self.model.buffers())
+    def _key(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[tuple, tuple]:
+        """(everything a graph depends on but the parameter storage, the parameter storage)."""
+        dev = x.device
+        autocast = (torch.is_autocast_enabled(dev.type), torch.get_autocast_dtype(dev.type))
         hparams = (self.steps, self.step_size, self.method, self.betas, self.eps, self.clamp,
                    self.ademamix_alpha, self.loss_fn)
-        return (tuple(x.shape), x.stride(), x.dtype, x.device, tuple(y.shape), y.stride(), y.dtype,
-                autocast, hparams, storage)
+        storage = tuple(t.data_ptr() for t in self.model.parameters()) + tuple(
+            t.data_ptr() for t in self.model.buffers())
+        return (tuple(x.shape), x.stride(), x.dtype, dev, tuple(y.shape), y.stride(), y.dtype, autocast,
+                hparams), storage
 
     def _replay(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        key = self._key(x, y)
-        entry = self._graphs.get(key)
+        entry = self._graph_for(x, y)
         if entry is None:
-            if key in self._uncapturable:
-                return self._eager(x, y)
-            try:
-                entry = self._capture(x, y)
-            except _CaptureError as exc:
-                if self.cuda_graph == "always":
-                    raise RuntimeError(f"fastsd.ICPRefiner: cuda_graph='always' but the refinement could "
-                                       f"not be captured into a CUDA graph: {exc.__cause__!r}. Models with "
-                                       f"host syncs (.item(), data-dependent shapes) cannot be captured; "
-                                       f"use cuda_graph='auto' or 'never'.") from exc.__cause__
-                warnings.warn(f"fastsd.ICPRefiner: CUDA graph capture failed ({exc.__cause__!r}); "
-                              f"running this shape eagerly", RuntimeWarning, stacklevel=3)
-                self._uncapturable.add(key)
-                return self._eager(x, y)
-            self._graphs[key] = entry
-            while len(self._graphs) > self.max_graphs:
-                self._graphs.popitem(last=False)
-        else:
-            self._graphs.move_to_end(key)
+            return self._eager(x, y)
+        self._after_last_replay(x.device)
         entry.x_in.copy_(x)
         entry.y_in.copy_(y)
         entry.graph.replay()
         return entry.x_buf.clone()
+
+    def _after_last_replay(self, dev: torch.device) -> None:
+        """Order this replay after the last one: the graphs share a memory pool (and each its static
+        buffers), so replays on two streams must not overlap."""
+        if dev.type != "cuda":  # (the graph path's bookkeeping tested with stand-in graphs on CPU)
+            return
+        stream = torch.cuda.current_stream(dev)
+        last = self._replay_streams.get(dev.index)
+        if last is not None and last != stream:
+            stream.wait_stream(last)
+        self._replay_streams[dev.index] = stream
+
+    def _graph_for(self, x: torch.Tensor, y: torch.Tensor) -> Optional[_Graph]:
+        """The graph for this call (captured now if need be), or None: run this call eagerly."""
+        if self._graphs_off is not None:
+            return None
+        try:
+            shape_key, storage = self._key(x, y)
+        except RuntimeError as exc:  # a parameter without a data pointer (FSDP2's DTensor, ...)
+            return self._stop_graphs(f"a parameter or buffer has no fixed address ({exc})")
+        key = (shape_key, storage)
+        entry = self._graphs.get(key)
+        if entry is not None:
+            self._graphs.move_to_end(key)
+            return entry
+        blocker = _graph_blocker(self.model)
+        if blocker is not None:
+            return self._stop_graphs(blocker)
+        record = self._keys.get(shape_key)
+        if record is None:
+            record = self._keys[shape_key] = _KeyRecord()
+            while len(self._keys) > _MAX_KEY_RECORDS:
+                self._keys.popitem(last=False)
+        else:
+            self._keys.move_to_end(shape_key)
+        if record.eager:
+            return None
+        if record.captures >= _MAX_CAPTURES and self.cuda_graph == "auto":
+            record.eager = True
+            warnings.warn(f"fastsd.ICPRefiner: this shape was captured into a CUDA graph {record.captures} "
+                          f"times (the parameters' storage changes between calls, as under FSDP or with "
+                          f"param.data = ..., or more shapes than max_graphs={self.max_graphs} take turns); "
+                          f"running it eagerly from now on", RuntimeWarning, stacklevel=4)
+            return None
+        try:
+            entry = self._capture(x, y)
+        except _CaptureError as exc:
+            record.failures += 1
+            cause = exc.__cause__
+            self._drop_idle_pools()
+            if self.cuda_graph == "always":
+                raise RuntimeError(f"fastsd.ICPRefiner: cuda_graph='always' but the refinement could "
+                                   f"not be captured into a CUDA graph: {cause!r}. Models with "
+                                   f"host syncs (.item(), data-dependent shapes) cannot be captured; "
+                                   f"use cuda_graph='auto' or 'never'.") from cause
+            record.eager = record.failures >= _MAX_FAILURES
+            then = ("running this shape eagerly from now on" if record.eager
+                    else "running this call eagerly; the next call of this shape tries again")
+            warnings.warn(f"fastsd.ICPRefiner: CUDA graph capture failed ({cause!r}); {then}",
+                          RuntimeWarning, stacklevel=4)
+            return None
+        record.captures += 1
+        self._graphs[key] = entry
+        while len(self._graphs) > self.max_graphs:
+            self._graphs.popitem(last=False)
+        self._drop_idle_pools()
+        return entry
+
+    def _stop_graphs(self, reason: str) -> None:
+        if self.cuda_graph == "always":
+            raise RuntimeError(f"fastsd.ICPRefiner: cuda_graph='always' but {reason}; use cuda_graph='auto' "
+                               f"or 'never'")
+        self._graphs_off = reason
+        warnings.warn(f"fastsd.ICPRefiner: no CUDA graphs for this model: {reason}; running eagerly",
+                      RuntimeWarning, stacklevel=5)
+        return None
 
     def _eager(self, x, y):
         x_buf = x.detach().clone()
@@ -376,7 +516,6 @@ class ICPRefiner:
         return x_buf
 
     def _capture(self, x: torch.Tensor, y: torch.Tensor) -> _Graph:
-        dev = x.device
         x_in = x.detach().clone()
         y_in = y.detach().clone()
         x_buf = torch.empty_like(x_in)
@@ -389,11 +528,112 @@ class ICPRefiner:
                     s.zero_()
             self._run_steps(x_buf, y_in, state)
 
-        return _Graph(_cuda_graph_of(body, dev), x_in, y_in, x_buf, state)
+        pool = None
+        if x.device.type == "cuda":  # (CPU: stand-in graphs in tests)
+            pool = self._pools.get(x.device.index)
+            if pool is None:
+                pool = self._pools[x.device.index] = torch.cuda.graph_pool_handle()
+        return _Graph(_cuda_graph_of(body, x.device, pool), x_in, y_in, x_buf, state)
+
+    def _drop_idle_pools(self) -> None:
+        """Forget the pool of a device none of whose graphs is left (evicted, or a failed capture).
+        Each graph holds a use of its pool and the allocator frees a pool once no graph uses it;
+        the next capture must then ask for a new pool: beginning a capture into a freed pool's id
+        is an internal assertion failure in torch's allocator."""
+        live = {key[0][3].index for key in self._graphs}
+        for index in [i for i in self._pools if i not in live]:
+            del self._pools[index]
 
 
-def _cuda_graph_of(body: Callable[[], None], dev: torch.device) -> "torch.cuda.CUDAGraph":
-    """Warm ``body`` up on a side stream, then capture one call of it into a CUDA graph."""
+def _data_parallel(model: nn.Module) -> Optional[str]:
+    """Where ``model`` runs ``nn.DataParallel`` over several devices (None: nowhere). With one
+    device (or none: CPU) DataParallel calls its module directly."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.DataParallel) and len(mod.device_ids) > 1:
+            return f"nn.DataParallel over {len(mod.device_ids)} devices at {name or 'the model itself'!r}"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _fsdp_types() -> tuple:
+    """FSDP's module classes in this torch (the wrapper, and the class fully_shard mixes in)."""
+    found = []
+    for module, name in (("torch.distributed.fsdp", "FullyShardedDataParallel"),
+                         ("torch.distributed.fsdp", "FSDPModule"),
+                         ("torch.distributed._composable.fsdp", "FSDPModule")):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
+
+
+def _graph_blocker(model: nn.Module) -> Optional[str]:
+    """Why the refinement of ``model`` must not be captured into a CUDA graph (None: it may be)."""
+    dp = _data_parallel(model)
+    if dp is not None:
+        return (f"the model runs {dp}: the replicas on the other devices run in other threads and "
+                f"streams, outside the capture, so replays would not rerun them")
+    fsdp = _fsdp_types()
+    for name, mod in model.named_modules():
+        if fsdp and isinstance(mod, fsdp):
+            return (f"the model is sharded by FSDP (at {name or 'the model itself'!r}): its forward gathers the "
+                    f"parameters with collectives, and a capture or a fallback on one rank but not the others "
+                    f"would leave the ranks waiting on different collectives")
+    return None
+
+
+def _discard(graph: "torch.cuda.CUDAGraph", dev: torch.device, pool, *, end: bool) -> None:
+    """Leave a failed capture: end it if capture_end was not called yet (the stream must leave
+    capture mode), take it off the allocator's captures underway and give back its use of the pool
+    now (the exception's traceback would keep the graph, and the pool's memory, until the next
+    garbage collection)."""
+    ended = False
+    if end:
+        try:
+            graph.capture_end()
+            ended = True
+        except Exception:
+            pass
+    if not ended:
+        _stop_allocating_to(dev, pool)
+    try:
+        graph.reset()  # gives the pool back if the capture ended
+    except Exception:
+        pass
+
+
+def _stop_allocating_to(dev: torch.device, pool) -> None:
+    """Take a failed capture off the allocator's list of captures underway, and give back its use
+    of the pool. capture_end does both (the second when the graph is destroyed) only when
+    cudaStreamEndCapture succeeded; a capture left underway makes the caching allocator stop
+    processing its events (blocks freed on other streams are never reused) and test every
+    allocation against it, and the pool's use would keep its memory for good."""
+    end = (getattr(torch._C, "_cuda_endAllocateToPool", None)
+           or getattr(torch._C, "_cuda_endAllocateCurrentStreamToPool", None))  # torch < 2.6
+    release = getattr(torch._C, "_cuda_releasePool", None)
+    if end is None:
+        return
+    try:
+        end(dev.index, pool)
+    except RuntimeError:
+        return  # capture_end got that far itself: the graph gives the pool back when destroyed
+    if release is not None:
+        release(dev.index, pool)
+
+
+def _cuda_graph_of(body: Callable[[], None], dev: torch.device, pool) -> "torch.cuda.CUDAGraph":
+    """Warm ``body`` up, then capture one call of it into a CUDA graph allocating from ``pool``;
+    both on ``dev``'s side stream, one capture at a time in the process.
+
+    Not ``torch.cuda.graph``: that context manager synchronises the device and empties the
+    allocator's and the pinned-host caches at every capture, captures every device's work on one
+    stream (made on whichever device came first), and when the capture fails it ends the capture
+    before restoring the stream (so the thread stays on the capture stream) and raises
+    capture_end's error instead of the cause. Here the caller's stream is restored on every exit,
+    a failure raises :class:`_CaptureError` from the body's own exception, and the allocator stops
+    sending allocations to the pool.
+    """
     # autocast's weight-cast cache would hand the graph tensors cast outside it: mirror the
     # caller's autocast state with the cache off (as torch.cuda.make_graphed_callables requires).
     enabled, dtype = torch.is_autocast_enabled(dev.type), torch.get_autocast_dtype(dev.type)
@@ -401,21 +641,37 @@ def _cuda_graph_of(body: Callable[[], None], dev: torch.device) -> "torch.cuda.C
     def autocast():
         return torch.autocast(dev.type, dtype=dtype, enabled=enabled, cache_enabled=False)
 
-    # Warm-up on a side stream: lazy initialisation (cuDNN/cuBLAS handles, autograd, Triton
-    # compilation) must not happen inside the capture.
-    side = torch.cuda.Stream(dev)
-    side.wait_stream(torch.cuda.current_stream(dev))
-    with torch.cuda.stream(side), autocast():
-        for _ in range(2):
-            body()
-    torch.cuda.current_stream(dev).wait_stream(side)
-
+    caller = torch.cuda.current_stream(dev)
     graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph), autocast():
-            body()
-    except Exception as exc:
-        raise _CaptureError() from exc
+    with _CAPTURE_LOCK:
+        side = _SIDE_STREAMS.get(dev.index)
+        if side is None:
+            side = _SIDE_STREAMS[dev.index] = torch.cuda.Stream(dev)
+        side.wait_stream(caller)
+        try:
+            with torch.cuda.stream(side):
+                # Warm-up: lazy initialisation (cuDNN/cuBLAS handles, autograd, Triton compilation)
+                # must not happen inside the capture. Its errors are the model's own: raised as they are.
+                with autocast():
+                    for _ in range(2):
+                        body()
+                # thread_local: other threads' CUDA calls (their eager steps) do not break this capture.
+                graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+                try:
+                    with autocast():
+                        body()
+                except BaseException as exc:
+                    _discard(graph, dev, pool, end=True)
+                    if isinstance(exc, Exception):
+                        raise _CaptureError() from exc
+                    raise
+                try:
+                    graph.capture_end()
+                except Exception as exc:
+                    _discard(graph, dev, pool, end=False)
+                    raise _CaptureError() from exc
+        finally:
+            caller.wait_stream(side)
     return graph
 
 
@@ -452,6 +708,12 @@ def _clamp(fn: str, clamp):
 # --- the distiller -------------------------------------------------------------------------------
 
 
+_DATA_PARALLEL = ("ICPDistiller aligns the features of one forward of the whole batch, caught by hooks in the "
+                  "calling thread; nn.DataParallel's replicas share those hooks and run in parallel threads on "
+                  "chunks of the batch. Use torch.nn.parallel.DistributedDataParallel (one process per GPU; "
+                  "fastsd.recipes.ICPDistillation takes the DDP wrapper).")
+
+
 def _feature_alignment_loss():
     """The fused :func:`fastsd.feature_alignment_loss` (looked up at call time, so tests can spy on it)."""
     from .losses import feature_alignment_loss
@@ -476,8 +738,14 @@ class ICPDistiller:
       ``loss = alpha * task + (1 - alpha) * feature``.
 
     The targets carry no graph, so gradient reaches the model only through x's own branch.
-    Features are the outputs of the named modules, caught with forward hooks that exist only during
-    the call (a module called several times contributes its last output).
+    Features are the outputs of the named modules, caught by forward hooks (registered once, in
+    ``__init__``) during the distiller's own forwards only (a module called several times
+    contributes its last output). Threads may share a distiller: its calls run one at a time. A
+    hooked layer that runs in another thread during a call (``nn.DataParallel``'s replicas, or the
+    same model used by another thread at that moment) raises RuntimeError: its output is not part
+    of this call's forward. A model containing ``nn.DataParallel`` over several GPUs is refused
+    (ValueError); use ``DistributedDataParallel`` (one process per GPU), as
+    :class:`fastsd.recipes.ICPDistillation` does.
 
     Args:
         model: the network.
@@ -503,6 +771,9 @@ class ICPDistiller:
         unknown = [n for n in layers if n not in modules]
         if unknown:
             raise ValueError(f"{fn}: unknown layers {unknown} in layers; valid names: {list(modules)}")
+        dp = _data_parallel(model)
+        if dp is not None:
+            raise ValueError(f"{fn}: the model runs {dp}. {_DATA_PARALLEL}")
         if kind not in FEATURE_KINDS:
             raise ValueError(f"{fn}: kind must be one of {FEATURE_KINDS}, got {kind!r}")
         if layer_weights is not None and not (isinstance(layer_weights, str) and layer_weights == "cosine"):
@@ -523,9 +794,18 @@ class ICPDistiller:
         self.layer_weights = layer_weights
         self.warmup = V.unit_interval(fn, "warmup", warmup)
         self._modules = [modules[n] for n in self.layers]
-        self._capture: Optional[List[Optional[torch.Tensor]]] = None
+        # (the calling thread's id, or None under torch.compile; the features caught so far)
+        self._capture: Optional[Tuple[Optional[int], List[Optional[torch.Tensor]]]] = None
         self._handles = [mod.register_forward_hook(self._hook(i)) for i, mod in enumerate(self._modules)]
         self._hooked = True
+        self._lock = threading.RLock()
+
+    def __getstate__(self):  # copy.deepcopy / pickle: no lock
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
 
     def alpha(self, progress: float) -> float:
         """Weight of the task loss at ``progress`` in [0, 1]."""
@@ -536,12 +816,21 @@ class ICPDistiller:
 
     def _hook(self, i: int):
         def hook(module, inputs, output):
-            if self._capture is None:  # outside a capture (e.g. the refiner's passes): nothing to do
+            capture = self._capture
+            if capture is None:  # outside the distiller's forwards (e.g. the refiner's passes): nothing to do
                 return
+            owner, feats = capture
+            # A replica (DataParallel copies modules with their hooks) or another thread: not this
+            # call's forward. (A thread id cannot be traced by torch.compile: owner is None there.)
+            if module is not self._modules[i] or (owner is not None and threading.get_ident() != owner):
+                raise RuntimeError(f"fastsd.ICPDistiller: layer {self.layers[i]!r} ran "
+                                   + ("in a replica of the model" if module is not self._modules[i]
+                                      else "in another thread")
+                                   + f" during the distiller's call. {_DATA_PARALLEL}")
             if not isinstance(output, torch.Tensor):
                 raise TypeError(f"fastsd.ICPDistiller: layer {self.layers[i]!r} returned "
                                 f"{type(output).__name__}; only tensor outputs can be aligned")
-            self._capture[i] = output
+            feats[i] = output
         return hook
 
     def remove_hooks(self) -> None:
@@ -558,7 +847,7 @@ class ICPDistiller:
         if not self._hooked:  # (a bool: torch.compile cannot trace hook handles made outside it)
             raise RuntimeError("fastsd.ICPDistiller: remove_hooks() was called; make a new distiller")
         feats: List[Optional[torch.Tensor]] = [None] * len(self._modules)
-        self._capture = feats
+        self._capture = (None if _compiling() else threading.get_ident(), feats)
         try:
             yield feats
         finally:
@@ -573,7 +862,7 @@ class ICPDistiller:
         alpha = self.alpha(progress)
         active = progress > self.warmup
         modes = _modes(self.model, True) if not self.model.training else contextlib.nullcontext()
-        with modes:
+        with _held(self._lock), modes:
             if not active:
                 task = F.cross_entropy(self.model(x), y)
                 return {"loss": task, "task": task, "feature": task.new_zeros(()).detach(), "alpha": alpha}
@@ -581,7 +870,7 @@ class ICPDistiller:
                 logits = self.model(x)
             task = F.cross_entropy(logits, y)
             x_refined = self.refiner(x, y)
-            with torch.no_grad(), _buffers_swapped(self.model), self._features() as targets:
+            with torch.no_grad(), _buffers_kept(self.model), self._features() as targets:
                 self.model(x_refined)
             feature = _feature_alignment_loss()(student, targets, kind=self.kind, weights=self.layer_weights)
             loss = alpha * task + (1.0 - alpha) * feature

@@ -7,10 +7,11 @@ asked for on "cuda" are made on the CPU. So the CUDA branches of fastsd.bench (C
 max_memory_allocated, the theoretical bandwidth and the "% peak" column; the Triton rows, which the
 interpreter runs; the CUDA-graph ICP row) run here as they do on a GPU; only the primitives differ.
 
-The stand-in graph records the aten ops run inside ``torch.cuda.graph(g)`` with the tensors they
-read and wrote, and ``replay()`` re-runs those ops on the same tensors, writing each result into the
-captured output's memory: a CUDA graph's semantics (fixed addresses, no Python re-run, a host read
-inside the capture is an error), so the graph row's error column checks the captured refinement.
+The stand-in graph (``fake_cuda.FakeGraph``) records the aten ops run between ``capture_begin()``
+and ``capture_end()`` with the tensors they read and wrote, and ``replay()`` re-runs those ops on the
+same tensors, writing each result into the captured output's memory: a CUDA graph's semantics (fixed
+addresses, no Python re-run, a host read inside the capture is an error), so the graph row's error
+column checks the captured refinement.
 """
 import contextlib
 import json
@@ -20,9 +21,9 @@ import types
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_map
 
+from fake_cuda import FakeGraph
 from fastsd import _backend
 from fastsd import icp as icp_module
 from fastsd.bench import __main__ as bench_main
@@ -85,40 +86,6 @@ class FakeStream:
         return False
 
 
-class FakeGraph(TorchDispatchMode):
-    """torch.cuda.CUDAGraph: records the aten ops of the capture; replay() re-runs them in place."""
-    captures = replays = 0
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.ops.aten._local_scalar_dense.default:
-            raise RuntimeError("operation not permitted when stream is capturing (a host read)")
-        out = func(*args, **kwargs)
-        self.ops.append((func, args, kwargs, out))
-        return out
-
-    def replay(self):
-        FakeGraph.replays += 1
-        with _disable_current_modes(), torch.no_grad():  # one launch: no aten op is dispatched outside
-            for func, args, kwargs, out in self.ops:
-                new = func(*args, **kwargs)
-                if not any(r.alias_info is not None for r in func._schema.returns):  # in-place ops, views
-                    for o, n in zip(tree_flatten(out)[0], tree_flatten(new)[0]):
-                        if isinstance(o, torch.Tensor):
-                            o.copy_(n)
-
-
-@contextlib.contextmanager
-def fake_capture(graph, **kwargs):
-    FakeGraph.captures += 1
-    with graph:
-        yield
-
-
 class CudaOnCPU(TorchFunctionMode):
     """Tensors asked for on "cuda" are made on the CPU."""
 
@@ -151,9 +118,10 @@ def fake_cuda(monkeypatch):
         reset_peak_memory_stats=alloc.reset_peak_memory_stats, memory_allocated=alloc.memory_allocated,
         max_memory_allocated=alloc.max_memory_allocated, Stream=FakeStream,
         current_stream=lambda device=None: FakeStream(), stream=lambda s: contextlib.nullcontext(),
-        CUDAGraph=FakeGraph, graph=fake_capture,
+        CUDAGraph=FakeGraph, graph_pool_handle=lambda: (0, 1),
     ).items():
         monkeypatch.setattr(torch.cuda, name, value)
+    monkeypatch.setattr(icp_module, "_SIDE_STREAMS", {})
     monkeypatch.setattr(torch.accelerator, "current_stream", lambda device=None: FakeStream())  # torch.optim asks
     monkeypatch.setattr(torch, "Generator", CPUGenerator)
     FakeEvent.made = FakeGraph.captures = FakeGraph.replays = 0

@@ -366,7 +366,7 @@ def test_icp_graph_cache_is_bounded_and_evicted_graphs_are_freed(monkeypatch):
     shapes; the cache keeps at most max_graphs entries and drops the evicted ones' buffers."""
     import weakref
 
-    def stand_in(body, dev):
+    def stand_in(body, dev, pool):
         body()
         return types.SimpleNamespace(replay=body)
 

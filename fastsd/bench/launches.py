@@ -114,19 +114,20 @@ def _triton_launchers():
 
 
 @contextlib.contextmanager
-def _counting_triton():
-    """Wrap each launcher's ``run`` so a launch is recorded by the innermost active counter."""
+def on_triton_launch(hook: Callable[[str, tuple, dict, Callable[[], Any]], Any]):
+    """Inside the block every Triton launch (not a ``warmup``, which only compiles) calls
+    ``hook(kernel_name, args, kwargs, launch)`` instead, where ``launch()`` launches and returns the
+    launcher's result; the hook returns it. Hooks nest (the innermost runs first)."""
     saved = []
     for cls in _triton_launchers():
         original = cls.__dict__["run"]
 
         def run(self, *args, _original=original, **kwargs):
-            if _active and not kwargs.get("warmup", False):
-                fn = getattr(self, "fn", None)
-                _active[-1].launches.append(f"triton.{getattr(fn, '__name__', type(self).__name__)}")
-            # The interpreter copies arguments with torch ops: they are not launches of the kernel.
-            with _disable_current_modes():
+            if kwargs.get("warmup", False):
                 return _original(self, *args, **kwargs)
+            fn = getattr(self, "fn", None)
+            return hook(getattr(fn, "__name__", type(self).__name__), args, kwargs,
+                        lambda: _original(self, *args, **kwargs))
 
         saved.append((cls, original))
         cls.run = run
@@ -135,6 +136,14 @@ def _counting_triton():
     finally:
         for cls, original in saved:
             cls.run = original
+
+
+def _count_launch(name, args, kwargs, launch):
+    if _active:
+        _active[-1].launches.append(f"triton.{name}")
+    # The interpreter copies arguments with torch ops: they are not launches of the kernel.
+    with _disable_current_modes():
+        return launch()
 
 
 @contextlib.contextmanager
@@ -156,7 +165,7 @@ def counting(cuda_paths: bool = True):
     counter = LaunchCounter()
     with contextlib.ExitStack() as stack:
         if not _active:
-            stack.enter_context(_counting_triton())
+            stack.enter_context(on_triton_launch(_count_launch))
         if cuda_paths:
             stack.enter_context(_cuda_paths())
         _active.append(counter)

@@ -11,6 +11,9 @@ those launcher arguments where the launchers take them (``fastsd._validate.launc
 they do, those budgets carry a strict known-fail marker whose condition is that missing argument, so
 the marker turns itself off when the kernels change; the tests of the glue below fake such launchers
 to check that the glue then passes the arguments and drops its host-side checks.
+
+Under torch.compile (the last tests), what Inductor fuses around the custom ops, read off its
+generated code.
 """
 import inspect
 
@@ -22,7 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fastsd
 from fastsd import _backend
 from fastsd import _validate as V
-from fastsd.bench.launches import count_launches, counting
+from fastsd.bench.launches import compiled_kernels, count_launches, counting
 
 pytestmark = pytest.mark.skipif(bool(_backend.triton_import_error()) or not _backend.triton_interpreting(),
                                 reason="counts the Triton path under the interpreter (tests/conftest.py sets it)")
@@ -266,3 +269,45 @@ def test_icp_distillation_step_copies_no_buffer():
     with _BufferCopies(buffers) as spy:
         distiller(x, y, 0.5)["loss"].backward()
     assert spy.copies == [], f"{len(spy.copies)} copies of {len(buffers)} buffers: {spy.copies}"
+
+
+# --- torch.compile: what Inductor fuses around the ops ---------------------------------------------
+# fastsd's ops are custom ops, opaque to Inductor: under torch.compile the ops and glue *around* them
+# fuse, what runs inside an op launches as in eager. Inductor writes Triton kernels for CUDA tensors
+# only on a machine with a GPU (its Triton code generation asks Triton's active driver for the target;
+# here there is none: "0 active drivers"), so the fusion is shown with its C++ code generation on CPU
+# tensors: the same graph, the same scheduler deciding what fuses.
+
+
+def test_compiled_pairing_glue_fuses():
+    import torch._inductor.config as inductor_config
+
+    inputs = _inputs()
+    x = inputs["x"]
+    swap = torch.compile(lambda: fastsd.intra_class_patch_swap(x, inputs["labels"], patch_size=4)[0], fullgraph=True)
+    torch._dynamo.reset()
+    with fastsd.use_backend("triton"), inductor_config.patch(fallback_random=False):
+        eager = _count("intra_class_patch_swap")
+        graphs = compiled_kernels(lambda: swap().backward(torch.ones_like(x)))
+    forward, backward = graphs
+    swap_ops = [c for c in forward["calls"] if c.startswith("torch.ops.fastsd")]
+    assert swap_ops == ["torch.ops.fastsd.patch_swap"], forward  # one op, one kernel inside (an involution)
+    # The pairing's arithmetic, its random draws and the mask's compares fuse into a few kernels around
+    # the sorts and binary searches (extern kernels): about half of eager's launches.
+    launches = forward["generated"] + len(forward["calls"])
+    assert launches <= 11 < eager["forward"], (forward, eager)
+    assert [c for c in backward["calls"] if c.startswith("torch.ops.fastsd")] == ["torch.ops.fastsd.patch_swap_backward"]
+
+
+def test_compiled_loss_backward_epilogues_fuse():
+    inputs = _inputs()
+    z, labels, partner, teacher = inputs["logits"], inputs["labels"], inputs["partner"], inputs["teacher"]
+    step = torch.compile(lambda: fastsd.pair_kd_loss(z, labels, partner) + 0.5 * fastsd.kd_loss(z, teacher),
+                         fullgraph=True)
+    torch._dynamo.reset()
+    with fastsd.use_backend("triton"):
+        forward, backward = compiled_kernels(lambda: step().backward())
+    assert sorted(forward["calls"]) == ["torch.ops.fastsd.kd_loss", "torch.ops.fastsd.pair_kd_loss"]
+    # Each loss's backward scales its saved gradient by grad_output; the two scalings and the sum of
+    # the two gradients are one kernel (eager: three launches).
+    assert backward == {"generated": 1, "calls": []}

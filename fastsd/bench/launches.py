@@ -38,10 +38,14 @@ What it cannot see, and how it errs:
   implicit grad_output) is not counted: the backward is run with ``torch.autograd.grad`` and
   grad_outputs made before counting, so only the op's backward formula counts.
 * CUDA graphs: a replayed graph is one launch; this counts the eager launches that were captured.
+
+Under ``torch.compile`` the ops around fastsd's custom ops fuse and what runs inside an op launches
+as in eager; :func:`compiled_kernels` reads the kernels off the code Inductor generates.
 """
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
@@ -220,3 +224,19 @@ def count_launches(fn: Callable[[], Any], *, backward: bool = True, cuda_paths: 
         "host_syncs": len(fwd.host_syncs) + len(bwd.host_syncs),
         "ops": {"forward": list(fwd.launches), "backward": list(bwd.launches)},
     }
+
+
+def compiled_kernels(fn: Callable[[], Any]) -> List[Dict[str, Any]]:
+    """Kernels of the code Inductor generates while ``fn()`` runs (``fn`` calls ``torch.compile``'d
+    code, compiled during the call): one entry per graph (forward, then backward), with
+    ``generated``, the number of kernels Inductor wrote (C++ on CPU tensors, Triton on CUDA ones),
+    and ``calls``, the ops the generated code calls as they are (extern aten kernels such as sort,
+    and fastsd's custom ops, each of which launches what :func:`count_launches` counts inside it).
+    """
+    from torch._inductor.utils import run_and_get_code
+
+    _, codes = run_and_get_code(fn)
+    return [{
+        "generated": len(re.findall(r"^\w+ = async_compile\.(?:triton|cpp_pybinding|cpp)\(", src, re.M)),
+        "calls": re.findall(r"\b(torch\.ops\.\w+\.\w+)(?:\.\w+)?\(", src) + re.findall(r"\b(extern_kernels\.\w+)\(", src),
+    } for src in codes]

@@ -3,8 +3,10 @@
 Layers, top to bottom:
 
 * :func:`patch_swap` - validates arguments (metadata only) and calls the registered op;
-* ``torch.ops.fastsd.patch_swap`` / ``torch.ops.fastsd.patch_swap_backward`` - ``torch.library``
-  custom ops with fake kernels and autograd, so ``torch.compile(fullgraph=True)`` sees them whole;
+* ``torch.ops.fastsd.patch_swap`` (returns ``(out, inverse_partner)``) /
+  ``torch.ops.fastsd.patch_swap_backward`` (takes ``inverse_partner`` when the caller has it) -
+  ``torch.library`` custom ops with fake kernels and autograd, so ``torch.compile(fullgraph=True)``
+  sees them whole;
 * one implementation per backend, chosen by :mod:`fastsd._backend`: the Triton kernels in
   ``fastsd.kernels.patch_swap``, the C++/CUDA kernels ``torch.ops.fastsd_C.patch_swap``, and the
   reference in :mod:`fastsd.reference.patch_swap`.

@@ -185,6 +185,21 @@ def test_pair_kd_glue_uses_device_checks(monkeypatch):
     assert calls == [True, None]
 
 
+@pytest.mark.parametrize("backend", ["triton", "cpp", "torch"])
+def test_opcheck_of_the_new_arguments(backend):
+    if _backend.reasons("patch_swap", backend, torch.empty(0)):
+        pytest.skip(f"{backend} cannot run here")
+    inputs = _inputs()
+    x, mask = inputs["x"][:4].detach().requires_grad_(), inputs["mask"][:4]
+    partner = torch.tensor([2, 0, 3, 1])
+    with fastsd.use_backend(backend):
+        out, inverse = torch.ops.fastsd.patch_swap(x, partner, mask)
+        assert torch.equal(inverse, torch.argsort(partner))
+        torch.library.opcheck(torch.ops.fastsd.patch_swap.default, (x, partner, mask))
+        torch.library.opcheck(torch.ops.fastsd.patch_swap.default, (x, torch.tensor([1, 0, 3, 2]), mask, True))
+        torch.library.opcheck(torch.ops.fastsd.patch_swap_backward.default, (x.detach(), partner, mask, inverse))
+
+
 # --- the counter ------------------------------------------------------------------------------
 
 

@@ -6,6 +6,8 @@ was expected.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import numbers
 from typing import Iterable, Optional, Sequence, Tuple
@@ -89,3 +91,36 @@ def memory_format(x: torch.Tensor) -> torch.memory_format:
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
+
+
+def kernel_asserts(*tensors: torch.Tensor) -> bool:
+    """Whether the Triton kernels check their index inputs themselves for these tensors.
+
+    On CUDA tensors the launchers compile their ``tl.device_assert`` checks in (an asynchronous
+    device-side assert, like PyTorch's own index checks); the interpreter (CPU tensors, tests) ignores
+    ``tl.device_assert``, so there the host glue checks instead. fastsd.bench.launches replaces this
+    function while it counts, so the count follows the CUDA branch.
+    """
+    return all(t.device.type == "cuda" for t in tensors)
+
+
+def device_check(fn: str, ok: torch.Tensor, message: str) -> None:
+    """Assert the one-element bool ``ok`` on its device, without a host sync (``message`` names the
+    argument and what was expected).
+
+    On CUDA a failure is an asynchronous device-side assert (reported at the next synchronising
+    call, like PyTorch's own index checks); on the CPU it raises ValueError at once.
+    """
+    try:
+        torch._assert_async(ok, f"{fn}: {message}")
+    except RuntimeError as exc:
+        raise ValueError(f"{fn}: {message} ({exc})") from None
+
+
+@functools.lru_cache(maxsize=None)
+def launcher_takes(launcher, arg: str) -> bool:
+    """Whether a Triton launcher takes ``arg``. Issue 12 adds index checks on the device and a saved
+    inverse permutation to the launchers in kernels/ (``sorted_partner`` and ``inverse_partner`` in
+    patch_swap, ``check_indices`` in pair_kd_loss); the glue uses them where the launchers have them
+    and checks on the host where they do not."""
+    return arg in inspect.signature(launcher).parameters

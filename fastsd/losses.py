@@ -37,30 +37,32 @@ FEATURE_REDUCTIONS = ("mean", "sum", "none")
 _KIND_CODE = {k: i for i, k in enumerate(FEATURE_KINDS)}
 
 
-def _device_check(fn: str, name: str, ok: torch.Tensor, message: str) -> None:
-    """Assert ``ok`` on the device without a host sync (like patch_swap's partner check).
+_LABELS = "labels must be in [0, K={K}) or equal ignore_index={ignore_index}"
+_PAIRS = "partner must pair rows: partner[partner[i]] == i for every i (e.g. from intra_class_pairs)"
 
-    On CUDA a failure is an asynchronous device-side assert; on the CPU it raises ValueError at once.
+
+def _assert_pair_indices(labels: torch.Tensor, partner: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """Assert labels and partner on the device in one check, without a host sync (10 small ops and
+    the assert; the C++ CPU kernel checks as it reads them, and the Triton kernel on CUDA where its
+    launcher takes ``check_indices``).
+
+    ``partner[clamp(partner, 0, B - 1)] == arange(B)`` holds exactly for involutions of range(B): c =
+    clamp(partner) then satisfies partner o c = id, so c is injective, a permutation, partner = c^-1
+    takes values in range(B), c = partner, and partner o partner = id.
+
+    On CUDA a failure is an asynchronous device-side assert naming both conditions; on the CPU a
+    ValueError at once naming the argument that failed.
     """
+    fn = "fastsd.pair_kd_loss"
+    B = partner.shape[0]
+    idx = torch.arange(B, device=partner.device)
+    paired = partner[partner.clamp(0, B - 1)] == idx
+    labelled = (labels.clamp(0, num_classes - 1) == labels) | (labels == ignore_index)
+    labels_message = _LABELS.format(K=num_classes, ignore_index=ignore_index)
     try:
-        torch._assert_async(ok, f"{fn}: {message}")
-    except RuntimeError as exc:
-        raise ValueError(f"{fn}: {name}: {message} ({exc})") from None
-
-
-def _check_labels(labels: torch.Tensor, num_classes: int, ignore_index: int) -> None:
-    ok = ((labels >= 0) & (labels < num_classes)) | (labels == ignore_index)
-    _device_check("fastsd.pair_kd_loss", "labels", ok.all(),
-                  f"labels must be in [0, K={num_classes}) or equal ignore_index={ignore_index}")
-
-
-def _check_involution(partner: torch.Tensor) -> None:
-    n = partner.numel()
-    in_range = (partner >= 0) & (partner < n)
-    p = partner.clamp(0, max(n - 1, 0))
-    ok = in_range & (p[p] == torch.arange(n, device=partner.device))
-    _device_check("fastsd.pair_kd_loss", "partner", ok.all(),
-                  "partner must pair rows: partner[partner[i]] == i for every i (e.g. from intra_class_pairs)")
+        torch._assert_async((paired & labelled).all(), f"{fn}: {labels_message}; {_PAIRS}")
+    except RuntimeError:  # the CPU raised at once: the error path may read values to say which one
+        raise ValueError(f"{fn}: {labels_message if not bool(labelled.all()) else _PAIRS}") from None
 
 
 def _number(fn: str, name: str, value) -> float:
@@ -155,11 +157,15 @@ def _pair_kd_op(logits: torch.Tensor, labels: torch.Tensor, partner: torch.Tenso
     if B == 0:
         return logits.new_zeros(()), logits.new_zeros(logits.shape if compute_grad else (0,))
     fn = _backend.select("pair_kd_loss", logits, labels, partner)
-    if not getattr(fn, "checks_indices", False):
-        _check_labels(labels, K, ignore_index)
-        _check_involution(partner)
-    return fn(logits.contiguous(), labels.contiguous(), partner.contiguous(), temperature, kd_weight, ce_weight,
-              symmetric, ignore_index, compute_grad)
+    args = (logits.contiguous(), labels.contiguous(), partner.contiguous(), temperature, kd_weight, ce_weight,
+            symmetric, ignore_index, compute_grad)
+    if getattr(fn, "checks_indices", False):  # the C++ CPU kernel checks as it reads them: a ValueError
+        return fn(*args)
+    asserts = getattr(fn, "asserts_on_device", None)
+    if asserts is not None and asserts(labels):  # the Triton kernel asserts them on the GPU
+        return fn(*args, check_indices=True)
+    _assert_pair_indices(labels, partner, K, ignore_index)
+    return fn(*args)
 
 
 @_pair_kd_op.register_fake
@@ -460,8 +466,8 @@ def _pair_kd_cpp(*args):
     return _ext.ops().pair_kd_loss(*args)
 
 
-# The C++ kernel checks labels and partner as it reads them (a ValueError with _check_labels' and
-# _check_involution's messages): no extra passes over them on the CPU.
+# The C++ kernel checks labels and partner as it reads them (a ValueError with _assert_pair_indices'
+# messages): no extra passes over them on the CPU.
 _pair_kd_cpp.checks_indices = True
 
 
@@ -509,10 +515,22 @@ def _triton_feature_reasons(*tensors, kind="mse") -> List[str]:
 
 
 @_backend.register("pair_kd_loss", "triton", reasons=_triton_dtype_reasons)
-def _pair_kd_triton(*args):
+def _pair_kd_triton(*args, check_indices=False):
     from .kernels import losses as k
 
-    return k.pair_kd_loss(*args)
+    return k.pair_kd_loss(*args, check_indices=True) if check_indices else k.pair_kd_loss(*args)
+
+
+def _pair_kd_triton_asserts(labels: torch.Tensor) -> bool:
+    """Issue 12: the Triton launcher's ``check_indices`` makes the counts kernel (which reads every
+    label and partner already) assert them with ``tl.device_assert`` on CUDA, where it is compiled in
+    (the interpreter ignores it: on CPU tensors the glue checks)."""
+    from .kernels import losses as k
+
+    return V.kernel_asserts(labels) and V.launcher_takes(k.pair_kd_loss, "check_indices")
+
+
+_pair_kd_triton.asserts_on_device = _pair_kd_triton_asserts
 
 
 @_backend.register("kd_loss", "triton", reasons=_triton_dtype_reasons)

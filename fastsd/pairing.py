@@ -1,7 +1,12 @@
 """Intra-class pairing and swap masks (SPEC sections 1-3).
 
 Everything here runs on the labels' / partner's device with no host synchronisation: random keys,
-sorts, cumulative maxima and comparisons only (no ``.item()``, no Python loop over classes).
+sorts, binary searches and comparisons only (no ``.item()``, no Python loop over classes).
+
+Launches on CUDA (issue 12, counted by tests/test_launches.py): every random number a call needs
+comes from one ``torch.rand``; the masks of a partner from :func:`intra_class_pairs` (inside
+:func:`intra_class_patch_swap`) skip the permutation check, and the swap skips it too (an
+involution is its own inverse).
 """
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from . import _validate as V
-from .patch_swap import check_permutation, patch_swap
+from .patch_swap import assert_permutation, swap_pairs
 
 
 def intra_class_pairs(labels: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -20,50 +25,49 @@ def intra_class_pairs(labels: torch.Tensor, generator: Optional[torch.Generator]
     ``labels[partner[i]] == labels[i]``. Inside each class of n members, floor(n/2) disjoint pairs
     are drawn uniformly at random; when n is odd one member is its own partner (a singleton).
 
-    How: one uniform key per sample, a sort by (label, key), then positions 2k and 2k+1 of each
-    class segment are paired. The same generator state gives the same result.
+    How: a random permutation, a stable sort of the permuted labels (so by label, then in random
+    order within a class), then positions 2k and 2k+1 of each class segment are paired: a position's
+    rank in its segment is its distance to the segment's start, which a binary search of the sorted
+    labels finds. The same generator state gives the same result.
     """
     fn = "fastsd.intra_class_pairs"
     V.tensor(fn, "labels", labels, ndim=1, dtypes=V.INT_DTYPES, what="[B] of class indices")
     generator = V.generator(fn, generator, labels.device)
+    return _pairs(labels, generator, torch.arange(labels.shape[0], device=labels.device))
+
+
+def _pairs(labels: torch.Tensor, generator: Optional[torch.Generator], idx: torch.Tensor) -> torch.Tensor:
+    """intra_class_pairs of validated labels; ``idx = arange(B)`` on their device (callers share it)."""
     n = labels.shape[0]
-    device = labels.device
-    idx = torch.arange(n, device=device)
     if n == 0:
         return idx
-    keys = torch.rand(n, generator=generator, device=device)
-    order = torch.argsort(keys)
-    order = order[torch.argsort(labels[order], stable=True)]  # by label, then by random key
-    sorted_labels = labels[order]
-    starts = torch.ones(n, dtype=torch.bool, device=device)
-    starts[1:] = sorted_labels[1:] != sorted_labels[:-1]
-    segment_start = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=0).values
-    rank = idx - segment_start  # position inside the class segment
-    next_same = torch.zeros(n, dtype=torch.bool, device=device)
-    next_same[:-1] = ~starts[1:]
-    even = rank % 2 == 0
-    partner_pos = torch.where(even, torch.where(next_same, idx + 1, idx), idx - 1)
-    partner = torch.empty_like(order)
-    partner[order] = order[partner_pos]
-    return partner
+    order = torch.randperm(n, generator=generator, device=labels.device)
+    sorted_labels, by_label = torch.sort(labels[order], stable=True)
+    order = order[by_label]  # the sample at each sorted position: by label, in random order within a class
+    start = torch.searchsorted(sorted_labels, sorted_labels)  # each position's class starts here
+    end = torch.searchsorted(sorted_labels, sorted_labels, right=True)  # and ends before here
+    # rank r = idx - start pairs with rank r ^ 1; the last member of an odd class (r ^ 1 past the
+    # class's end) stays alone
+    partner_pos = torch.minimum(((idx - start) ^ 1) + start, end - 1)
+    return torch.empty_like(order).index_put_((order,), order[partner_pos])
 
 
-def _pair_leader(partner: torch.Tensor) -> torch.Tensor:
+def _pair_leader(partner: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """The lower index of each pair: both members use the leader's random draws."""
-    return torch.minimum(partner, torch.arange(partner.shape[0], device=partner.device))
+    return torch.minimum(partner, idx)
 
 
-def _check_partner(fn: str, partner) -> torch.Tensor:
+def _check_partner(fn: str, partner) -> Tuple[torch.Tensor, torch.Tensor]:
+    """partner as int64, asserted to be a permutation, and ``arange(B)`` (the assert's, reused)."""
     V.tensor(fn, "partner", partner, ndim=1, dtypes=V.INT_DTYPES, what="[B]")
     partner = partner.long()
-    check_permutation(fn, partner)
-    return partner
+    return partner, assert_permutation(fn, torch.sort(partner).values)
 
 
-def _active_pairs(partner, leader, prob, generator) -> torch.Tensor:
-    draw = torch.rand(partner.shape[0], generator=generator, device=partner.device)
-    is_pair = partner != torch.arange(partner.shape[0], device=partner.device)
-    return (draw[leader] < prob) & is_pair
+def _active_pairs(partner, idx, draw, prob: float) -> torch.Tensor:
+    """Pairs (not singletons) whose leader's ``draw`` (uniform in [0, 1)) is below prob."""
+    is_pair = partner != idx
+    return is_pair if prob >= 1.0 else (draw < prob) & is_pair  # draw < 1 always holds
 
 
 def patch_swap_mask(
@@ -78,21 +82,27 @@ def patch_swap_mask(
     Each pair (i, partner[i]) is active with probability ``prob``; an active pair swaps exactly
     ``k = round(ratio * gh * gw)`` cells (Python's ``round``: halves go to the even integer)
     chosen uniformly at random. Both members get the same mask; singletons get an all-false mask.
+
+    How: ``gh * gw + 1`` uniform numbers per pair (its leader's row). The argsort of the first
+    ``gh * gw`` is a uniformly random permutation of the cells (the numbers are iid), so
+    ``argsort < k`` marks k cells chosen uniformly; the last number decides whether the pair is active.
     """
     fn = "fastsd.patch_swap_mask"
-    partner = _check_partner(fn, partner)
+    partner, idx = _check_partner(fn, partner)
     gh, gw = V.positive_int_pair(fn, "grid", grid)
     ratio = V.unit_interval(fn, "ratio", ratio)
     prob = V.unit_interval(fn, "prob", prob)
     generator = V.generator(fn, generator, partner.device)
-    B, cells = partner.shape[0], gh * gw
-    k = round(ratio * cells)
-    leader = _pair_leader(partner)
-    noise = torch.rand(B, cells, generator=generator, device=partner.device)[leader]
-    # rank of each cell's noise within its row; the k lowest ranks are swapped (exactly k cells)
-    rank = torch.argsort(torch.argsort(noise, dim=1), dim=1)
-    active = _active_pairs(partner, leader, prob, generator)
-    return ((rank < k) & active[:, None]).view(B, gh, gw)
+    return _cell_mask(partner, idx, (gh, gw), ratio, prob, generator)
+
+
+def _cell_mask(partner, idx, grid, ratio: float, prob: float, generator) -> torch.Tensor:
+    """patch_swap_mask of validated arguments; ``idx = arange(B)``."""
+    (gh, gw), B = grid, partner.shape[0]
+    cells = gh * gw
+    noise = torch.rand(B, cells + 1, generator=generator, device=partner.device)[_pair_leader(partner, idx)]
+    chosen = torch.argsort(noise[:, :cells], dim=1) < round(ratio * cells)
+    return (chosen & _active_pairs(partner, idx, noise[:, cells], prob)[:, None]).view(B, gh, gw)
 
 
 def box_mask(
@@ -110,7 +120,7 @@ def box_mask(
     it; singletons and inactive pairs get an all-false mask.
     """
     fn = "fastsd.box_mask"
-    partner = _check_partner(fn, partner)
+    partner, idx = _check_partner(fn, partner)
     H, W = V.positive_int_pair(fn, "size", size)
     if (
         not isinstance(area, (tuple, list))
@@ -124,14 +134,13 @@ def box_mask(
     prob = V.unit_interval(fn, "prob", prob)
     generator = V.generator(fn, generator, partner.device)
     B, device = partner.shape[0], partner.device
-    leader = _pair_leader(partner)
-    u = torch.rand(B, 3, generator=generator, device=device, dtype=torch.float64)[leader]
+    u = torch.rand(B, 4, generator=generator, device=device, dtype=torch.float64)[_pair_leader(partner, idx)]
     side = torch.sqrt(lo + (hi - lo) * u[:, 0])
     h = torch.round(H * side).long().clamp(1, H)
     w = torch.round(W * side).long().clamp(1, W)
     top = torch.floor(u[:, 1] * (H - h + 1)).long().clamp(max=H - 1)
     left = torch.floor(u[:, 2] * (W - w + 1)).long().clamp(max=W - 1)
-    active = _active_pairs(partner, leader, prob, generator)
+    active = _active_pairs(partner, idx, u[:, 3], prob)
     rows = torch.arange(H, device=device)[None, :]
     cols = torch.arange(W, device=device)[None, :]
     in_rows = (rows >= top[:, None]) & (rows < (top + h)[:, None])
@@ -165,7 +174,10 @@ def intra_class_patch_swap(
     """Pair, mask and swap in one call: returns ``(x_swapped, partner, mask)``.
 
     ``patch_size`` (int or (ph, pw), default :func:`default_patch_size`) sets the cell size; the
-    grid is ``(ceil(H / ph), ceil(W / pw))``.
+    grid is ``(ceil(H / ph), ceil(W / pw))``. The pairs are :func:`intra_class_pairs`', the masks
+    :func:`patch_swap_mask`'s (same distributions; the random draws differ from calling the two in
+    turn with one generator). The partner is an involution by construction: the masks and the
+    swap neither check nor invert it.
     """
     fn = "fastsd.intra_class_patch_swap"
     V.tensor(fn, "x", x, ndim=4, what="[B, C, H, W]")
@@ -177,7 +189,11 @@ def intra_class_patch_swap(
     ph, pw = default_patch_size(H, W) if patch_size is None else V.positive_int_pair(fn, "patch_size", patch_size)
     if ph > H or pw > W:
         raise ValueError(f"{fn}: patch_size ({ph}, {pw}) must not exceed the image size ({H}, {W})")
+    ratio = V.unit_interval(fn, "ratio", ratio)
+    prob = V.unit_interval(fn, "prob", prob)
+    generator = V.generator(fn, generator, labels.device)
     grid = (-(-H // ph), -(-W // pw))
-    partner = intra_class_pairs(labels, generator=generator)
-    mask = patch_swap_mask(partner, grid, ratio=ratio, prob=prob, generator=generator)
-    return patch_swap(x, partner, mask), partner, mask
+    idx = torch.arange(B, device=labels.device)
+    partner = _pairs(labels, generator, idx)
+    mask = _cell_mask(partner, idx, grid, ratio, prob, generator)
+    return swap_pairs(x, partner, mask), partner, mask

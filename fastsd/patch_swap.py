@@ -3,16 +3,27 @@
 Layers, top to bottom:
 
 * :func:`patch_swap` - validates arguments (metadata only) and calls the registered op;
-* ``torch.ops.fastsd.patch_swap`` / ``torch.ops.fastsd.patch_swap_backward`` - ``torch.library``
-  custom ops with fake kernels and autograd, so ``torch.compile(fullgraph=True)`` sees them whole;
+* ``torch.ops.fastsd.patch_swap`` (returns ``(out, inverse_partner)``) /
+  ``torch.ops.fastsd.patch_swap_backward`` (takes ``inverse_partner`` when the caller has it) -
+  ``torch.library`` custom ops with fake kernels and autograd, so ``torch.compile(fullgraph=True)``
+  sees them whole;
 * one implementation per backend, chosen by :mod:`fastsd._backend`: the Triton kernels in
   ``fastsd.kernels.patch_swap``, the C++/CUDA kernels ``torch.ops.fastsd_C.patch_swap``, and the
   reference in :mod:`fastsd.reference.patch_swap`.
 
 The backward pass is a gather (``grad_x[j] = g[j] * (1 - mask[j]) + g[q[j]] * mask[q[j]]``, q the
 inverse permutation): no atomics, bitwise deterministic on every backend.
+
+Launches on CUDA (issue 12, counted by tests/test_launches.py): the forward sorts partner once; the
+sorted values prove it a permutation (checked on the host side of the launch, or inside the Triton
+kernel where it asserts them on the device) and the sort's indices are the inverse permutation,
+which the forward returns for the backward to reuse (no second sort). A partner from fastsd's own
+pairing (:func:`fastsd.intra_class_patch_swap`) is an involution, its own inverse: neither sorted
+nor checked.
 """
 from __future__ import annotations
+
+from typing import Optional, Tuple
 
 import torch
 
@@ -21,21 +32,17 @@ from . import _validate as V
 from . import reference
 
 PATCH_SWAP_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uint8)
+_PERMUTATION = "partner must be a permutation of range(B)"
 
 
-def check_permutation(fn: str, partner: torch.Tensor) -> None:
-    """Assert on the device that partner is a permutation of range(B), without a host sync.
-
-    On CUDA this is an asynchronous device-side assert (like PyTorch's own index checks); on the
-    CPU it raises at once, as a ValueError.
-    """
-    n = partner.numel()
-    sorted_partner = torch.sort(partner).values
-    is_perm = (sorted_partner == torch.arange(n, device=partner.device, dtype=partner.dtype)).all()
-    try:
-        torch._assert_async(is_perm, f"{fn}: partner must be a permutation of range(B)")
-    except RuntimeError as exc:
-        raise ValueError(f"{fn}: partner must be a permutation of range(B) ({exc})") from None
+def assert_permutation(fn: str, sorted_partner: torch.Tensor) -> torch.Tensor:
+    """Assert on the device, without a host sync, that ``sorted_partner`` (partner sorted) is
+    ``range(B)``, i.e. that partner is a permutation (an arange, a compare, a reduction and the
+    assert), and return that ``arange(B)``. On CUDA a failure is an asynchronous device-side assert
+    (like PyTorch's own index checks); on the CPU a ValueError at once."""
+    idx = torch.arange(sorted_partner.numel(), device=sorted_partner.device, dtype=sorted_partner.dtype)
+    V.device_check(fn, (sorted_partner == idx).all(), _PERMUTATION)
+    return idx
 
 
 def _empty_out(x: torch.Tensor) -> torch.Tensor:
@@ -46,54 +53,82 @@ def _empty_out(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.custom_op("fastsd::patch_swap", mutates_args=())
-def _patch_swap_op(x: torch.Tensor, partner: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _patch_swap_op(x: torch.Tensor, partner: torch.Tensor, mask: torch.Tensor,
+                   partner_is_involution: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out, inverse_partner): ``inverse_partner[partner[i]] == i``, the indices of the sort that
+    checks partner, for the backward. ``partner_is_involution`` is the caller's promise that partner
+    is an involution (fastsd's own pairing): its own inverse, neither sorted nor checked, and
+    ``inverse_partner`` is then empty."""
     if x.shape[0] == 0:
-        return _empty_out(x)
+        return _empty_out(x), partner.new_empty(0)
     fn = _backend.select("patch_swap", x, partner, mask)
-    if not getattr(fn, "checks_indices", False):  # as pair_kd_loss's C++ backend
-        check_permutation("fastsd.patch_swap", partner)
-    return fn(x.contiguous(memory_format=V.memory_format(x)), partner, mask)
+    x = x.contiguous(memory_format=V.memory_format(x))
+    if partner_is_involution:
+        return fn(x, partner, mask), partner.new_empty(0)
+    sorted_partner, inverse_partner = torch.sort(partner)
+    if getattr(fn, "checks_indices", False):  # the C++ CPU kernel checks as it inverts: a ValueError
+        return fn(x, partner, mask), inverse_partner
+    if _asserts_on_device(fn, x):  # the Triton kernel asserts sorted_partner == range(B) on the GPU
+        return fn(x, partner, mask, sorted_partner=sorted_partner), inverse_partner
+    assert_permutation("fastsd.patch_swap", sorted_partner)
+    return fn(x, partner, mask), inverse_partner
 
 
 @_patch_swap_op.register_fake
-def _(x, partner, mask):
-    return _empty_out(x)
+def _(x, partner, mask, partner_is_involution=False):
+    return _empty_out(x), partner.new_empty(0 if partner_is_involution else partner.shape[0])
 
 
 @torch.library.custom_op("fastsd::patch_swap_backward", mutates_args=())
-def _patch_swap_backward_op(grad: torch.Tensor, partner: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _patch_swap_backward_op(grad: torch.Tensor, partner: torch.Tensor, mask: torch.Tensor,
+                            inverse_partner: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``inverse_partner``: q with ``q[partner[i]] == i`` where the caller has it; else the backend
+    inverts partner."""
     if grad.shape[0] == 0:
         return _empty_out(grad)
     fn = _backend.select("patch_swap_backward", grad, partner, mask)
-    return fn(grad.contiguous(memory_format=V.memory_format(grad)), partner, mask)
+    return fn(grad.contiguous(memory_format=V.memory_format(grad)), partner, mask, inverse_partner)
 
 
 @_patch_swap_backward_op.register_fake
-def _(grad, partner, mask):
+def _(grad, partner, mask, inverse_partner=None):
     return _empty_out(grad)
 
 
 def _setup_context(ctx, inputs, output):
-    x, partner, mask = inputs
-    ctx.save_for_backward(partner, mask)
+    x, partner, mask, involution = inputs
+    inverse_partner = partner if involution else output[1]
+    ctx.save_for_backward(partner, mask, inverse_partner)
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
     ctx.channels_last = V.memory_format(x) == torch.channels_last
 
 
-def _backward(ctx, grad):
-    partner, mask = ctx.saved_tensors
+def _backward(ctx, grad, _grad_inverse):
+    if grad is None:  # only the (non-differentiable) inverse was used downstream
+        return None, None, None, None
+    partner, mask, inverse_partner = ctx.saved_tensors
     fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
-    return _patch_swap_backward_op(grad.contiguous(memory_format=fmt), partner, mask), None, None
+    if inverse_partner.shape[0] != partner.shape[0]:  # B = 0
+        inverse_partner = None
+    return _patch_swap_backward_op(grad.contiguous(memory_format=fmt), partner, mask, inverse_partner), None, None, None
+
+
+def _setup_context_backward(ctx, inputs, output):
+    grad, partner, mask, _inverse_partner = inputs
+    ctx.save_for_backward(partner, mask)
+    ctx.channels_last = V.memory_format(grad) == torch.channels_last
 
 
 def _backward_of_backward(ctx, grad):
     # patch_swap_backward is linear in grad; its adjoint is the forward op.
     partner, mask = ctx.saved_tensors
     fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
-    return _patch_swap_op(grad.contiguous(memory_format=fmt), partner, mask), None, None
+    return _patch_swap_op(grad.contiguous(memory_format=fmt), partner, mask)[0], None, None, None
 
 
 _patch_swap_op.register_autograd(_backward, setup_context=_setup_context)
-_patch_swap_backward_op.register_autograd(_backward_of_backward, setup_context=_setup_context)
+_patch_swap_backward_op.register_autograd(_backward_of_backward, setup_context=_setup_context_backward)
 
 
 # --- the public function -------------------------------------------------------------------------
@@ -121,6 +156,17 @@ def patch_swap(x: torch.Tensor, partner: torch.Tensor, mask: torch.Tensor) -> to
         else contiguous. Differentiable in x: the backward pass is a gather (no atomics,
         bitwise deterministic).
     """
+    return _patch_swap(x, partner, mask, partner_is_involution=False)
+
+
+def swap_pairs(x: torch.Tensor, partner: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """:func:`patch_swap` for a partner from fastsd's own pairing (:func:`fastsd.intra_class_pairs`),
+    an involution by construction: it is its own inverse, so it is neither sorted nor checked (one
+    kernel forward, one backward on the Triton path)."""
+    return _patch_swap(x, partner, mask, partner_is_involution=True)
+
+
+def _patch_swap(x, partner, mask, partner_is_involution: bool) -> torch.Tensor:
     fn = "fastsd.patch_swap"
     V.tensor(fn, "x", x, ndim=4, dtypes=PATCH_SWAP_DTYPES, what="[B, C, H, W]")
     V.tensor(fn, "partner", partner, ndim=1, dtypes=V.INT_DTYPES, what="[B]")
@@ -138,13 +184,19 @@ def patch_swap(x: torch.Tensor, partner: torch.Tensor, mask: torch.Tensor) -> to
         )
     if x.requires_grad and not x.is_floating_point():
         raise TypeError(f"{fn}: x of dtype {x.dtype} cannot require grad")
-    return _patch_swap_op(x, partner.long(), mask.contiguous())
+    return _patch_swap_op(x, partner.long(), mask.contiguous(), partner_is_involution)[0]
 
 
 # --- backends ----------------------------------------------------------------------------------
+# Forward: fn(x, partner, mask) -> out (the Triton one also takes sorted_partner, below).
+# Backward: fn(grad, partner, mask, inverse_partner) -> grad_x; inverse_partner may be None.
 
 _backend.register("patch_swap", "torch")(reference.patch_swap)
-_backend.register("patch_swap_backward", "torch")(reference.patch_swap_backward)
+
+
+@_backend.register("patch_swap_backward", "torch")
+def _patch_swap_backward_torch(grad, partner, mask, inverse_partner):
+    return reference.patch_swap_backward(grad, partner, mask)  # the oracle inverts partner itself
 
 
 @_backend.register("patch_swap", "cuda")
@@ -158,25 +210,45 @@ def _patch_swap_cpp(x, partner, mask):
 
 
 # The CPU kernel checks that partner is a permutation as it inverts it (a ValueError with
-# check_permutation's message): no sort and compare in Python on the CPU.
+# assert_permutation's message): no compare in Python on the CPU.
 _patch_swap_cpp.checks_indices = True
 
 
 @_backend.register("patch_swap_backward", "cpp")
 @_backend.register("patch_swap_backward", "cuda")
-def _patch_swap_backward_ext(grad, partner, mask):
-    return _ext.ops().patch_swap_backward(grad, partner, mask)
+def _patch_swap_backward_ext(grad, partner, mask, inverse_partner):
+    return _ext.ops().patch_swap_backward(grad, partner, mask)  # inverts partner in C++
+
+
+def _asserts_on_device(fn, x: torch.Tensor) -> bool:
+    asserts = getattr(fn, "asserts_on_device", None)
+    return asserts is not None and asserts(x)
 
 
 @_backend.register("patch_swap", "triton")
-def _patch_swap_triton(x, partner, mask):
+def _patch_swap_triton(x, partner, mask, sorted_partner=None):
     from .kernels import patch_swap as k
 
-    return k.patch_swap(x, partner, mask)
+    if sorted_partner is None:
+        return k.patch_swap(x, partner, mask)
+    return k.patch_swap(x, partner, mask, sorted_partner=sorted_partner)
+
+
+def _triton_asserts(x: torch.Tensor) -> bool:
+    """The Triton forward asserts ``sorted_partner == range(B)`` itself on CUDA (``tl.device_assert``,
+    compiled in there; the interpreter ignores it, so on CPU tensors the glue checks)."""
+    from .kernels import patch_swap as k
+
+    return V.kernel_asserts(x) and V.launcher_takes(k.patch_swap, "sorted_partner")
+
+
+_patch_swap_triton.asserts_on_device = _triton_asserts
 
 
 @_backend.register("patch_swap_backward", "triton")
-def _patch_swap_backward_triton(grad, partner, mask):
+def _patch_swap_backward_triton(grad, partner, mask, inverse_partner):
     from .kernels import patch_swap as k
 
-    return k.patch_swap_backward(grad, partner, mask)
+    if inverse_partner is None or not V.launcher_takes(k.patch_swap_backward, "inverse_partner"):
+        return k.patch_swap_backward(grad, partner, mask)
+    return k.patch_swap_backward(grad, partner, mask, inverse_partner=inverse_partner)

@@ -159,7 +159,8 @@ TRAFFIC_CASES = [(4, 3, 32, 32, 8, 8, torch.float32), (4, 3, 32, 32, 8, 8, torch
 def test_traffic_is_one_read_and_one_write(direction, case, layout, record_property):
     *shape, dtype = case
     x, partner, mask = _make(tuple(shape), dtype, layout, specials=False)
-    op = torch.ops.fastsd.patch_swap if direction == "forward" else torch.ops.fastsd.patch_swap_backward
+    # the forward op returns (out, inverse_partner)
+    op = (lambda *a: torch.ops.fastsd.patch_swap(*a)[0]) if direction == "forward" else torch.ops.fastsd.patch_swap_backward
     with fastsd.use_backend("triton"):
         out, traffic = triton_tools.count_traffic(op, x, partner, mask,
                                                   tensors={"x": x, "partner": partner, "mask": mask})

@@ -1,0 +1,87 @@
+"""``make gpu-report`` (``python -m fastsd.bench.gpu_report``) run here, in its CPU-only form.
+
+The report's CUDA steps go through the fake CUDA layer of tests/test_bench_cuda_path.py (events,
+synchronize, device properties; tensors asked for on "cuda" made on the CPU; the interpreter runs the
+Triton kernels), so on a GPU the same code runs the first time. The GPU tests run for real in their
+subprocess: there no CUDA device exists, so each is skipped, and the report says so. The static model
+(``python -m fastsd.bench.sass --json``) is stood in for by fixed entries where its module is absent
+or too slow for this suite; its subprocess path is checked on a module that fails.
+"""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastsd.bench import gpu_report
+from fastsd.bench import icp as icp_bench
+from fastsd.bench import losses as losses_bench
+from fastsd.bench import patch_swap as patch_swap_bench
+from fastsd.bench.cases import PatchSwapCase
+from test_bench_cuda_path import PEAK_GBPS, fake_cuda, pytestmark  # noqa: F401  (the fixture, the skip)
+
+STATIC = [
+    {"name": "patch_swap_forward_fp32_nchw_vec4", "kernel": "cell_select_kernel", "issue_budget_pct": 45.0},
+    {"name": "patch_swap_forward_fp32_nchw_vec1", "kernel": "cell_select_kernel", "issue_budget_pct": 140.0},
+    {"name": "pair_kd_fp32_b1024", "kernel": "_pair_kd_kernel", "registers": 104},
+    {"name": "no_such_kernel", "kernel": "nothing_launches_this"},
+]
+
+
+@pytest.fixture
+def small_cases(monkeypatch):
+    monkeypatch.setattr(patch_swap_bench, "PATCH_SWAP_BENCH", [PatchSwapCase("8x3x16x16", (8, 3, 16, 16), (4, 4))])
+    monkeypatch.setattr(icp_bench, "ICP_BENCH", [icp_bench.ICPCase("small_cnn_b4_k5", icp_bench.SmallCNN, batch=4)])
+    monkeypatch.setattr(losses_bench, "benches", lambda device, dtype, quick: [
+        losses_bench.pair_kd_bench(8, 10, device, dtype),
+        losses_bench.feature_bench("tiny", [(2, 4, 4, 4), (2, 8, 2, 2)], "mse", device, dtype)])
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)  # the bench's compiled baselines
+
+
+def test_gpu_report_through_the_fake_cuda_layer(fake_cuda, small_cases, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(gpu_report, "static_model", lambda module=None: {"entries": STATIC})
+    out = tmp_path / "gpu-report.json"
+    status = gpu_report.main(["--json", str(out), "--tests", str(Path(__file__).parent / "test_icp.py"), "--suites", "patch_swap", "losses",
+                              "--repeats", "3", "--bench-args", "--ops", "patch_swap", "losses", "--no-traffic"])
+    report = json.loads(out.read_text())
+    text = capsys.readouterr().out
+    assert status == 0, report
+
+    tests = report["gpu_tests"]  # the subprocess has no CUDA device: every gpu test is skipped
+    assert tests["ok"] and tests["tests"] > 0 and tests["skipped"] == tests["tests"] and tests["failed"] == []
+
+    assert report["environment"]["device"] == "Fake H100"
+    assert {(r["op"], r["impl"]) for r in report["bench"]["rows"]} >= {("patch_swap", "triton"),
+                                                                       ("pair_kd_loss", "triton")}
+
+    cases = {c["op"]: c for c in report["kernels"]}
+    assert set(cases) == {"patch_swap", "pair_kd_loss", "feature_alignment_loss"}
+    swap = {k["kernel"]: k for k in cases["patch_swap"]["kernels"]}
+    k = swap["cell_select_kernel"]
+    assert k["launches_per_call"] == 1
+    x_bytes = 8 * 3 * 16 * 16 * 4
+    assert k["bytes_per_launch"] == 2 * x_bytes + 8 * 8 + 8 * 4 * 4  # x, out, partner, the uint8 mask view
+    assert k["median_us"] > 0 and k["gbps"] == pytest.approx(k["bytes_per_launch"] / k["median_us"] / 1e3)
+    assert k["pct_peak"] == pytest.approx(100 * k["gbps"] / PEAK_GBPS)
+    assert [e["name"] for e in k["static"]] == [STATIC[0]["name"], STATIC[1]["name"]]
+    pair = {k["kernel"]: k for k in cases["pair_kd_loss"]["kernels"]}
+    assert set(pair) == {"_pair_counts_kernel", "_pair_kd_kernel"} and pair["_pair_kd_kernel"]["static"] == [STATIC[2]]
+    assert cases["patch_swap"]["launches"]["host_syncs"] == 0
+    assert "triton.cell_select_kernel" in cases["patch_swap"]["launches"]["ops"]["forward"]
+    assert "cell_select_kernel" in text and "patch_swap_forward_fp32_nchw_vec4" in text
+
+
+def test_static_model_errors_are_reported():
+    result = gpu_report.static_model("fastsd.no_such_module")
+    assert result["returncode"] != 0 and "No module named" in result["error"]
+    cases = [{"op": "patch_swap", "case": "c", "kernels": [{"kernel": "cell_select_kernel"}]}]
+    gpu_report.join(cases, result)
+    assert cases[0]["kernels"][0]["static"] == []
+
+
+def test_refuses_without_cuda(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(SystemExit):
+        gpu_report.main([])
+    assert "needs a CUDA device" in capsys.readouterr().err

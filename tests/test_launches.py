@@ -1,0 +1,328 @@
+"""Kernel launches per public call on CUDA (issue 12), counted here without a GPU.
+
+fastsd.bench.launches counts the aten ops (views, metadata and bare allocations excepted) and the
+Triton launches of a call, forward and backward, with the Triton backend under the interpreter and
+fastsd's device branches on their CUDA side. Each op has a budget of launches per call, forward plus
+backward; CI fails when one is exceeded.
+
+Some budgets need the index checks to move into the Triton kernels and the forward's inverse
+permutation to reach the backward kernel (kernels/patch_swap.py, kernels/losses.py): the glue uses
+those launcher arguments where the launchers take them (``fastsd._validate.launcher_takes``). Until
+they do, those budgets carry a strict known-fail marker whose condition is that missing argument, so
+the marker turns itself off when the kernels change; the tests of the glue below fake such launchers
+to check that the glue then passes the arguments and drops its host-side checks.
+
+Under torch.compile (the last tests), what Inductor fuses around the custom ops, read off its
+generated code.
+"""
+import inspect
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastsd
+from fastsd import _backend
+from fastsd import _validate as V
+from fastsd.bench.launches import compiled_kernels, count_launches, counting
+
+pytestmark = pytest.mark.skipif(bool(_backend.triton_import_error()) or not _backend.triton_interpreting(),
+                                reason="counts the Triton path under the interpreter (tests/conftest.py sets it)")
+
+
+def _kernels(name):
+    import importlib
+
+    return importlib.import_module(f"fastsd.kernels.{name}")
+
+
+def _kd_kernel_scales_rows() -> bool:
+    return "loss_scale" in inspect.signature(_kernels("losses")._kd_kernel.fn).parameters
+
+
+# Strict known-fail markers: each condition is the kernel change the budget waits for, so a marker
+# fails the suite (XPASS) once the change is in, and is dropped then.
+AWAITS_PATCH_SWAP_LAUNCHER_ARGS = pytest.mark.xfail(
+    not (V.launcher_takes(_kernels("patch_swap").patch_swap, "sorted_partner")
+         and V.launcher_takes(_kernels("patch_swap").patch_swap_backward, "inverse_partner")),
+    reason="kernels/patch_swap.py: the forward asserts sorted_partner on the device, the backward takes "
+           "inverse_partner (today: a host-side check of 3 ops plus an arange, and an argsort in the backward)",
+    strict=True)
+AWAITS_PAIR_KD_CHECK_INDICES = pytest.mark.xfail(
+    not V.launcher_takes(_kernels("losses").pair_kd_loss, "check_indices"),
+    reason="kernels/losses.py: the counts kernel asserts labels and partner (today: 11 ops of checks)", strict=True)
+AWAITS_KD_ROW_SCALE = pytest.mark.xfail(
+    not _kd_kernel_scales_rows(),
+    reason="kernels/losses.py: _kd_kernel stores loss_scale * KL per row (today: a multiply after the sum)",
+    strict=True)
+AWAITS_PAIRING_KERNEL = pytest.mark.xfail(
+    reason="pairing and masks are 20 aten ops (randperm, sorts, binary searches, gathers); 8 needs a fused "
+           "pairing/mask kernel", strict=True)
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(0)
+    B = 8
+    return dict(
+        x=torch.randn(B, 3, 16, 16, generator=g, requires_grad=True),
+        partner=torch.tensor([1, 0, 3, 2, 5, 4, 7, 6]),
+        mask=torch.rand(B, 4, 4, generator=g) < 0.5,
+        labels=torch.tensor([1, 1, 2, 2, 3, 3, 0, 0]),
+        logits=torch.randn(B, 10, generator=g, requires_grad=True),
+        teacher=torch.randn(B, 10, generator=g),
+        student=[torch.randn(2, 4, 4, 4, generator=g, requires_grad=True),
+                 torch.randn(2, 8, 2, 2, generator=g, requires_grad=True)],
+        target=[torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 8, 2, 2, generator=g)],
+    )
+
+
+CALLS = {
+    "patch_swap": lambda a: fastsd.patch_swap(a["x"], a["partner"], a["mask"]),
+    "intra_class_patch_swap": lambda a: fastsd.intra_class_patch_swap(
+        a["x"], a["labels"], patch_size=4, generator=torch.Generator().manual_seed(0)),
+    "pair_kd_loss": lambda a: fastsd.pair_kd_loss(a["logits"], a["labels"], a["partner"]),
+    "kd_loss": lambda a: fastsd.kd_loss(a["logits"], a["teacher"]),
+    "feature_alignment_loss": lambda a: fastsd.feature_alignment_loss(a["student"], a["target"]),
+}
+
+# Launches per call on CUDA, forward + backward (issue 12).
+BUDGET = {"patch_swap": 3, "intra_class_patch_swap": 8, "pair_kd_loss": 4, "kd_loss": 3, "feature_alignment_loss": 3}
+# What each costs now where it is over budget: no regression while it waits (a count, not a timing;
+# before issue 12: 8, 52, 21 and 4).
+CEILING = {"patch_swap": 8, "intra_class_patch_swap": 24, "pair_kd_loss": 15, "kd_loss": 4}
+
+MARKS = {"patch_swap": AWAITS_PATCH_SWAP_LAUNCHER_ARGS, "intra_class_patch_swap": AWAITS_PAIRING_KERNEL,
+         "pair_kd_loss": AWAITS_PAIR_KD_CHECK_INDICES, "kd_loss": AWAITS_KD_ROW_SCALE}
+
+
+def _count(name):
+    inputs = _inputs()
+    with fastsd.use_backend("triton"):
+        return count_launches(lambda: CALLS[name](inputs))
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=MARKS.get(n, ())) for n in BUDGET])
+def test_launch_budget(name, record_property):
+    n = _count(name)
+    report = f"{name}: {n['forward']} + {n['backward']} launches: {n['ops']}"
+    record_property("launches", report)
+    print(report)
+    assert n["backward"] > 0, report  # the backward ran and was counted
+    assert n["host_syncs"] == 0, report
+    assert n["total"] <= BUDGET[name], report
+
+
+@pytest.mark.parametrize("name", sorted(CEILING))
+def test_no_regression_over_budget(name):
+    n = _count(name)
+    assert n["total"] <= CEILING[name], n
+
+
+# --- the glue's CUDA side: the launcher arguments of issue 12, faked -------------------------------
+
+
+def _launcher_with(monkeypatch, module, name, arg, calls, run=None):
+    """Spy on a Triton launcher's ``arg`` (recorded in ``calls``). A launcher without it is replaced
+    by one that takes it, as the changed kernels/ launcher will; the real kernel still runs (through
+    ``run(value, *args)`` when the argument is given and ``run`` is)."""
+    original = getattr(module, name)
+    signature = inspect.signature(original)
+    native = arg in signature.parameters
+
+    def launcher(*args, **kwargs):
+        value = kwargs.get(arg) if native else kwargs.pop(arg, None)
+        calls.append(value)
+        return original(*args, **kwargs) if native or value is None or run is None else run(value, *args)
+
+    launcher.__signature__ = signature if native else signature.replace(
+        parameters=[*signature.parameters.values(), inspect.Parameter(arg, inspect.Parameter.KEYWORD_ONLY, default=None)])
+    monkeypatch.setattr(module, name, launcher)
+
+
+def test_patch_swap_glue_uses_device_checks_and_the_saved_inverse(monkeypatch):
+    k = _kernels("patch_swap")
+    sorted_calls, inverse_calls = [], []
+    _launcher_with(monkeypatch, k, "patch_swap", "sorted_partner", sorted_calls)
+    _launcher_with(monkeypatch, k, "patch_swap_backward", "inverse_partner", inverse_calls,
+                   run=lambda inverse, grad, partner, mask: k._launch(grad, inverse, mask, backward=True))
+    inputs = _inputs()
+    partner = torch.tensor([2, 0, 3, 1, 5, 4, 7, 6])  # not an involution: the inverse differs from it
+    with fastsd.use_backend("triton"):
+        n = count_launches(lambda: fastsd.patch_swap(inputs["x"], partner, inputs["mask"]))
+    assert n["ops"] == {"forward": ["aten.sort", "triton.cell_select_kernel"],
+                        "backward": ["triton.cell_select_kernel"]}
+    assert torch.equal(sorted_calls[-1], torch.sort(partner).values)
+    assert torch.equal(inverse_calls[-1], torch.argsort(partner))
+    # On CPU tensors outside the count (the interpreter ignores tl.device_assert) the glue checks.
+    with fastsd.use_backend("triton"):
+        with pytest.raises(ValueError, match="partner must be a permutation"):
+            fastsd.patch_swap(inputs["x"], torch.tensor([0, 0, 1, 2, 3, 4, 5, 6]), inputs["mask"])
+        assert len(sorted_calls) == 1  # raised before the launch
+        fastsd.patch_swap(inputs["x"], partner, inputs["mask"])
+        assert sorted_calls[-1] is None
+        # fastsd's own pairs: an involution, its own inverse, neither sorted nor checked
+        n = count_launches(lambda: fastsd.intra_class_patch_swap(inputs["x"], inputs["labels"], patch_size=4))
+    assert "aten.sort" not in n["ops"]["forward"][-2:] and n["ops"]["backward"] == ["triton.cell_select_kernel"]
+    assert sorted_calls[-1] is None
+    pairs = inverse_calls[-1]
+    assert torch.equal(pairs[pairs], torch.arange(8))  # the partner itself
+
+
+def test_pair_kd_glue_uses_device_checks(monkeypatch):
+    calls = []
+    _launcher_with(monkeypatch, _kernels("losses"), "pair_kd_loss", "check_indices", calls)
+    inputs = _inputs()
+    with fastsd.use_backend("triton"):
+        n = count_launches(lambda: fastsd.pair_kd_loss(inputs["logits"], inputs["labels"], inputs["partner"]))
+    assert calls == [True]
+    assert n["ops"]["forward"] == ["triton._pair_counts_kernel", "triton._pair_kd_kernel", "aten.sum"]
+    with fastsd.use_backend("triton"):  # CPU tensors: the glue checks
+        with pytest.raises(ValueError, match="labels"):
+            fastsd.pair_kd_loss(inputs["logits"], inputs["labels"] + 10, inputs["partner"])
+        assert calls == [True]  # raised before the launch
+        fastsd.pair_kd_loss(inputs["logits"], inputs["labels"], inputs["partner"])
+    assert calls == [True, None]
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpp", "torch"])
+def test_opcheck_of_the_new_arguments(backend):
+    if _backend.reasons("patch_swap", backend, torch.empty(0)):
+        pytest.skip(f"{backend} cannot run here")
+    inputs = _inputs()
+    x, mask = inputs["x"][:4].detach().requires_grad_(), inputs["mask"][:4]
+    partner = torch.tensor([2, 0, 3, 1])
+    with fastsd.use_backend(backend):
+        out, inverse = torch.ops.fastsd.patch_swap(x, partner, mask)
+        assert torch.equal(inverse, torch.argsort(partner))
+        torch.library.opcheck(torch.ops.fastsd.patch_swap.default, (x, partner, mask))
+        torch.library.opcheck(torch.ops.fastsd.patch_swap.default, (x, torch.tensor([1, 0, 3, 2]), mask, True))
+        torch.library.opcheck(torch.ops.fastsd.patch_swap_backward.default, (x.detach(), partner, mask, inverse))
+
+
+# --- the counter ------------------------------------------------------------------------------
+
+
+def test_counter_counts_kernels_not_views_or_allocations():
+    a, b = torch.randn(4, 5), torch.randn(4, 5)
+    n = count_launches(lambda: (a.view(-1)[2:].unsqueeze(0), torch.empty(7), torch.empty_like(a)))
+    assert n["total"] == 0
+    n = count_launches(lambda: torch.add(a, b).sum())
+    assert n["ops"] == {"forward": ["aten.add", "aten.sum"], "backward": []}  # nothing requires grad
+    w = torch.randn(5, requires_grad=True)
+    n = count_launches(lambda: (a * w).sum())
+    assert n["forward"] == 2 and n["backward"] >= 1
+    n = count_launches(lambda: a.sum().item())
+    assert n["host_syncs"] == 1 and n["forward"] == 1
+
+
+def test_counter_counts_triton_launches_not_the_interpreters_copies():
+    k = _kernels("patch_swap")
+    inputs = _inputs()
+    x = inputs["x"].detach()
+    n = count_launches(lambda: k.patch_swap(x, inputs["partner"], inputs["mask"]))
+    assert n["ops"]["forward"] == ["triton.cell_select_kernel"]
+
+
+def test_counter_opens_custom_ops_and_takes_the_cuda_side():
+    inputs = _inputs()
+    x = inputs["x"].detach()
+    seen = []
+    with fastsd.use_backend("triton"):
+        with counting() as c:
+            seen.append(V.kernel_asserts(x))
+            fastsd.patch_swap(x, inputs["partner"], inputs["mask"])
+        seen.append(V.kernel_asserts(x))
+    assert seen == [True, False]
+    assert "triton.cell_select_kernel" in c.launches and "aten.sort" in c.launches  # inside the custom op
+
+
+# --- ICP: a distillation step adds no copy per model buffer ---------------------------------------
+
+
+class _BufferCopies(TorchDispatchMode):
+    """Copies (clone, copy_, _to_copy) that read one of the given buffers."""
+
+    def __init__(self, buffers):
+        super().__init__()
+        self.ptrs = {b.untyped_storage().data_ptr() for b in buffers}
+        self.copies = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in ("clone", "copy_", "_to_copy", "copy"):
+            reads = args[1:] if name == "copy_" else args[:1]
+            if any(isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() in self.ptrs for t in reads):
+                self.copies.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+class _BNNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.bn2(torch.relu(self.bn1(self.conv(x)))).mean((2, 3)))
+
+
+# The ICP helper's branch (graph) keeps BatchNorm's statistics without a clone per buffer.
+AWAITS_ICP_BUFFER_COPIES = pytest.mark.xfail(
+    reason="fastsd/icp.py clones every buffer for the target pass (_buffers_swapped)", strict=True)
+
+
+@AWAITS_ICP_BUFFER_COPIES
+def test_icp_distillation_step_copies_no_buffer():
+    torch.manual_seed(0)
+    model = _BNNet()
+    distiller = fastsd.ICPDistiller(model, ["bn1", "bn2"], refiner=fastsd.ICPRefiner(model, steps=2), warmup=0.0)
+    x, y = torch.randn(4, 3, 6, 6), torch.tensor([0, 1, 2, 0])
+    buffers = list(model.buffers())
+    with _BufferCopies(buffers) as spy:
+        distiller(x, y, 0.5)["loss"].backward()
+    assert spy.copies == [], f"{len(spy.copies)} copies of {len(buffers)} buffers: {spy.copies}"
+
+
+# --- torch.compile: what Inductor fuses around the ops ---------------------------------------------
+# fastsd's ops are custom ops, opaque to Inductor: under torch.compile the ops and glue *around* them
+# fuse, what runs inside an op launches as in eager. Inductor writes Triton kernels for CUDA tensors
+# only on a machine with a GPU (its Triton code generation asks Triton's active driver for the target;
+# here there is none: "0 active drivers"), so the fusion is shown with its C++ code generation on CPU
+# tensors: the same graph, the same scheduler deciding what fuses.
+
+
+def test_compiled_pairing_glue_fuses():
+    import torch._inductor.config as inductor_config
+
+    inputs = _inputs()
+    x = inputs["x"]
+    swap = torch.compile(lambda: fastsd.intra_class_patch_swap(x, inputs["labels"], patch_size=4)[0], fullgraph=True)
+    torch._dynamo.reset()
+    with fastsd.use_backend("triton"), inductor_config.patch(fallback_random=False):
+        eager = _count("intra_class_patch_swap")
+        graphs = compiled_kernels(lambda: swap().backward(torch.ones_like(x)))
+    forward, backward = graphs
+    swap_ops = [c for c in forward["calls"] if c.startswith("torch.ops.fastsd")]
+    assert swap_ops == ["torch.ops.fastsd.patch_swap"], forward  # one op, one kernel inside (an involution)
+    # The pairing's arithmetic, its random draws and the mask's compares fuse into a few kernels around
+    # the sorts and binary searches (extern kernels): about half of eager's launches.
+    launches = forward["generated"] + len(forward["calls"])
+    assert launches <= 11 < eager["forward"], (forward, eager)
+    assert [c for c in backward["calls"] if c.startswith("torch.ops.fastsd")] == ["torch.ops.fastsd.patch_swap_backward"]
+
+
+def test_compiled_loss_backward_epilogues_fuse():
+    inputs = _inputs()
+    z, labels, partner, teacher = inputs["logits"], inputs["labels"], inputs["partner"], inputs["teacher"]
+    step = torch.compile(lambda: fastsd.pair_kd_loss(z, labels, partner) + 0.5 * fastsd.kd_loss(z, teacher),
+                         fullgraph=True)
+    torch._dynamo.reset()
+    with fastsd.use_backend("triton"):
+        forward, backward = compiled_kernels(lambda: step().backward())
+    assert sorted(forward["calls"]) == ["torch.ops.fastsd.kd_loss", "torch.ops.fastsd.pair_kd_loss"]
+    # Each loss's backward scales its saved gradient by grad_output; the two scalings and the sum of
+    # the two gradients are one kernel (eager: three launches).
+    assert backward == {"generated": 1, "calls": []}

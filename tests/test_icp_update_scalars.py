@@ -102,6 +102,56 @@ def test_launch_types_match_an_aot_spec(gpu_launches, numel):
         assert len(matches) == 1, (typed, constexprs, matches)
 
 
+def _float64_calls():
+    """Every op that may launch a Triton kernel, on float64 inputs."""
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    logits = torch.randn(4, 10, dtype=torch.float64, requires_grad=True)
+    labels, partner = torch.tensor([0, 0, 1, 1]), torch.tensor([1, 0, 3, 2])
+
+    def icp(method):
+        m, v, m2 = icp_module.new_state(x.detach(), method)
+        icp_module.icp_update_(x.detach().clone(), torch.randn_like(x), m, v, m2, method=method, step=2,
+                               step_size=0.1, clamp=(0.7, 1.3))
+
+    return {
+        "patch_swap": lambda: fastsd.patch_swap(x, torch.tensor([1, 0]), torch.ones(2, 2, 2, dtype=torch.bool)).sum().backward(),
+        "pair_kd_loss": lambda: fastsd.pair_kd_loss(logits, labels, partner).backward(),
+        "kd_loss": lambda: fastsd.kd_loss(logits, logits.detach() * 2).backward(),
+        "feature_alignment_loss": lambda: fastsd.feature_alignment_loss(x, x.detach() * 2).backward(),
+        **{f"icp_update {m}": (lambda m=m: icp(m)) for m in METHODS},
+    }
+
+
+def test_no_float32_scalar_reaches_a_float64_launch(monkeypatch):
+    """Every Triton launch of every op on float64 tensors, typed as a GPU launch types it: no scalar
+    argument narrower than float64 (the losses' Triton kernels refuse float64; the check covers them
+    the day they take it)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    launches = []
+    real_run = InterpretedFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        launches.append((self, args, kwargs))
+        return real_run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", run)
+    ran = []
+    for name, call in _float64_calls().items():
+        try:
+            with fastsd.use_backend("triton"):
+                call()
+        except _backend.BackendUnavailableError:
+            continue
+        ran.append(name)
+    assert {"patch_swap", "icp_update adam"} <= set(ran), ran
+    for launch in launches:
+        typed, _ = _typed(launch)
+        if "*fp64" in {ty for ty, _ in typed.values()}:
+            narrow = {n: ty for n, (ty, _) in typed.items() if ty in ("fp32", "fp16", "bf16")}
+            assert not narrow, f"{launch[0].fn.__name__}: float64 tensors with {narrow}"
+
+
 @pytest.fixture(scope="module")
 def compiled_sm90():
     specs = _kernels().AOT_SPECS

@@ -22,6 +22,7 @@ update is elementwise, so any dense layout (NCHW or channels_last) works. Offset
 from __future__ import annotations
 
 import inspect
+import math
 
 import torch
 import triton
@@ -49,13 +50,11 @@ def _div(a, b, F64: tl.constexpr):
 @triton.jit
 def _clamp(x, lo, hi, HAS_CLAMP: tl.constexpr):
     # torch.clamp's semantics: a missing bound is -inf / +inf; a NaN x stays NaN (both compares are
-    # false for it); a NaN bound gives NaN. Compares and selects: NaN-propagating min/max take ~20
-    # instructions an element in float64. (The NaN bounds are a third select, not or-ed into the
-    # compares: the interpreter cannot or a scalar into a block.)
+    # false for it); a NaN bound, which makes every x NaN, is the launcher's (a NaN step). A compare
+    # and a select per bound: NaN-propagating min/max take ~20 instructions an element in float64.
     if HAS_CLAMP:
         x = tl.where(x < lo, lo, x)
         x = tl.where(x > hi, hi, x)
-        x = tl.where((lo == lo) & (hi == hi), x, lo + hi)
     return x
 
 
@@ -122,6 +121,13 @@ def _adam_step(x_ptr, g_ptr, m_ptr, v_ptr, m2_ptr, offs, n, c, MASKED: tl.conste
     _store(v_ptr, offs, n, v, MASKED)
 
 
+@triton.jit
+def _tail_offsets(pid, n, BLOCK: tl.constexpr, TAIL: tl.constexpr):
+    # Programs past the last full block take TAIL elements each (one a thread) of the rest.
+    full = n // BLOCK  # a shift
+    return full * BLOCK + (pid - full) * TAIL + tl.arange(0, TAIL)
+
+
 @triton.jit(do_not_specialize=["n"])
 def icp_sgd_update_kernel(
     x_ptr,  # input dtype, updated in place
@@ -135,16 +141,15 @@ def icp_sgd_update_kernel(
     HAS_CLAMP: tl.constexpr,
     TAIL: tl.constexpr,
 ):
-    # Every block but the last runs unmasked, so its accesses are 128-bit whatever n is. The last
-    # runs TAIL elements (one a thread) at a time: masked accesses are scalar, and at a whole block
-    # of them a thread the 16-bit adam kernels would take up to 152 registers.
-    start = tl.program_id(0).to(tl.int64) * BLOCK
+    # Full blocks run unmasked, so their accesses are 128-bit whatever n is. The rest goes to
+    # programs of TAIL elements, one a thread: masked accesses are scalar, and at a whole block of
+    # them a thread the 16-bit adam kernels would take up to 152 registers. No loop either way.
+    pid = tl.program_id(0).to(tl.int64)
     step_size, lo, hi = _scalar(step_size, F64), _scalar(lo, F64), _scalar(hi, F64)
-    if start + BLOCK <= n:
-        _sgd_step(x_ptr, g_ptr, start + tl.arange(0, BLOCK), n, step_size, lo, hi, False, F64, HAS_CLAMP)
+    if pid * BLOCK + BLOCK <= n:
+        _sgd_step(x_ptr, g_ptr, pid * BLOCK + tl.arange(0, BLOCK), n, step_size, lo, hi, False, F64, HAS_CLAMP)
     else:
-        for tail in tl.range(start, n, TAIL):
-            _sgd_step(x_ptr, g_ptr, tail + tl.arange(0, TAIL), n, step_size, lo, hi, True, F64, HAS_CLAMP)
+        _sgd_step(x_ptr, g_ptr, _tail_offsets(pid, n, BLOCK, TAIL), n, step_size, lo, hi, True, F64, HAS_CLAMP)
 
 
 @triton.jit(do_not_specialize=["n"])
@@ -175,17 +180,16 @@ def icp_adam_update_kernel(
     TAIL: tl.constexpr,
 ):
     # Blocks as in icp_sgd_update_kernel.
-    start = tl.program_id(0).to(tl.int64) * BLOCK
+    pid = tl.program_id(0).to(tl.int64)
     c = (_scalar(scale, F64), _scalar(inv_bc1, F64), _scalar(inv_sqrt_bc2, F64), _scalar(beta1, F64),
          _scalar(one_minus_beta1, F64), _scalar(beta2, F64), _scalar(one_minus_beta2, F64), _scalar(beta3, F64),
          _scalar(one_minus_beta3, F64), _scalar(alpha, F64), _scalar(eps, F64), _scalar(lo, F64), _scalar(hi, F64))
-    if start + BLOCK <= n:
-        _adam_step(x_ptr, g_ptr, m_ptr, v_ptr, m2_ptr, start + tl.arange(0, BLOCK), n, c, False, F64, ADEMAMIX,
-                   HAS_CLAMP)
+    if pid * BLOCK + BLOCK <= n:
+        _adam_step(x_ptr, g_ptr, m_ptr, v_ptr, m2_ptr, pid * BLOCK + tl.arange(0, BLOCK), n, c, False, F64,
+                   ADEMAMIX, HAS_CLAMP)
     else:
-        for tail in tl.range(start, n, TAIL):
-            _adam_step(x_ptr, g_ptr, m_ptr, v_ptr, m2_ptr, tail + tl.arange(0, TAIL), n, c, True, F64, ADEMAMIX,
-                       HAS_CLAMP)
+        _adam_step(x_ptr, g_ptr, m_ptr, v_ptr, m2_ptr, _tail_offsets(pid, n, BLOCK, TAIL), n, c, True, F64,
+                   ADEMAMIX, HAS_CLAMP)
 
 
 # --- launch configuration ------------------------------------------------------------------------
@@ -208,7 +212,7 @@ def gpu_config(dtype: torch.dtype) -> dict:
 
 def _config(x: torch.Tensor) -> dict:
     config = gpu_config(x.dtype)
-    if x.device.type == "cpu":  # only reachable under TRITON_INTERPRET=1: one program, one tail step
+    if x.device.type == "cpu":  # only reachable under TRITON_INTERPRET=1: one program
         block = max(config["BLOCK"], min(triton.next_power_of_2(x.numel()), _INTERPRETER_MAX_BLOCK))
         config = {"BLOCK": block, "TAIL": block}
     return config
@@ -227,11 +231,14 @@ def icp_update_(x, g, m, v, m2, method, step, step_size, beta1, beta2, beta3, al
     if n == 0:
         return
     config = _config(x)
-    grid = (triton.cdiv(n, config["BLOCK"]),)
+    block, tail = config["BLOCK"], config["TAIL"]
+    grid = (n // block + triton.cdiv(n % block, tail),)
     f64 = compute_dtype(x.dtype) == torch.float64
     has_clamp = clamp_lo is not None or clamp_hi is not None
     lo = float(clamp_lo) if clamp_lo is not None else float("-inf")
     hi = float(clamp_hi) if clamp_hi is not None else float("inf")
+    if math.isnan(lo) or math.isnan(hi):  # torch.clamp then gives NaN everywhere: so does a NaN step
+        step_size = float("nan")
     if method == "sgd":
         icp_sgd_update_kernel[grid](
             x, g, n, float(step_size), lo, hi,

@@ -240,3 +240,19 @@ def test_float64_update_on_gpu_is_exact(method):
         assert x.min() >= 0.7
         # FMA contraction makes a few ulps of difference; float32 constants made ~1e-8.
         torch.testing.assert_close(x, x_ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
+def test_nan_and_crossed_clamp_bounds_as_torch_clamp(dtype, method):
+    """torch.clamp's semantics at the edges: a NaN bound makes every x NaN (the kernels compare and
+    select per bound; the launcher passes a NaN step for it), NaN x stays NaN, lo > hi gives hi."""
+    x0 = torch.tensor([1.0, float("nan"), -3.0, 5.0, float("inf"), -float("inf")], dtype=torch.float64).to(dtype)
+    for clamp in ((float("nan"), 2.0), (-1.0, float("nan")), (None, float("nan")), (2.0, 1.0), (-1.0, None)):
+        x, x_ref = x0.clone(), x0.clone()
+        state, state_ref = icp_module.new_state(x, method), icp_module.new_state(x_ref, method)
+        g = torch.zeros_like(x)
+        with fastsd.use_backend("triton"):
+            icp_module.icp_update_(x, g, *state, method=method, step=1, step_size=0.1, clamp=clamp)
+        R.icp_update_(x_ref, g, *state_ref, method, 1, 0.1, 0.9, 0.999, 0.9999, 5.0, 1e-8, *clamp)
+        torch.testing.assert_close(x, x_ref, equal_nan=True, rtol=0, atol=0, msg=lambda m: f"{clamp}: {m}")

@@ -67,6 +67,13 @@ def _update(x, method, clamp, step=3):
                                betas=(0.9, 0.999, 0.99), clamp=clamp)
 
 
+def _as_launched(spec):
+    """An AOT spec as _typed gives a launch: types, constexprs, 16-byte divisible parameters."""
+    names = list(spec["signature"])
+    return ({n: t for n, t in spec["signature"].items() if t != "constexpr"}, spec["constexprs"],
+            {names[i] for (i,) in spec["attrs"]})
+
+
 def _typed(launch):
     """{parameter: (type, specialisation)} as the JIT types this launch, and its constexprs."""
     kernel, args, kwargs = launch
@@ -92,13 +99,10 @@ def test_launch_types_match_an_aot_spec(gpu_launches, numel):
         typed, constexprs = _typed(launch)
         scalars = {n: ty for n, (ty, _) in typed.items() if not ty.startswith("*")}
         assert scalars.pop("n") == "i64", typed
-        assert set(scalars.values()) == {"fp64"}, f"scalars a GPU launch would pass narrower than float64: {scalars}"
-        matches = [s["name"] for s in k.AOT_SPECS
-                   if s["fn"] is launch[0]
-                   and {n: ty for n, (ty, _) in typed.items()} == {n: t for n, t in s["signature"].items() if t != "constexpr"}
-                   and constexprs == s["constexprs"]
-                   and {n for n, (_, spec) in typed.items() if spec == "D"}
-                   == {list(s["signature"])[i] for (i,) in s["attrs"]}]
+        assert set(scalars.values()) == {"fp64"}, f"scalars a GPU launch would pass narrower: {scalars}"
+        launched = ({n: ty for n, (ty, _) in typed.items()}, constexprs,
+                    {n for n, (_, spec) in typed.items() if spec == "D"})
+        matches = [s["name"] for s in k.AOT_SPECS if s["fn"] is launch[0] and _as_launched(s) == launched]
         assert len(matches) == 1, (typed, constexprs, matches)
 
 
@@ -113,8 +117,9 @@ def _float64_calls():
         icp_module.icp_update_(x.detach().clone(), torch.randn_like(x), m, v, m2, method=method, step=2,
                                step_size=0.1, clamp=(0.7, 1.3))
 
+    mask = torch.ones(2, 2, 2, dtype=torch.bool)
     return {
-        "patch_swap": lambda: fastsd.patch_swap(x, torch.tensor([1, 0]), torch.ones(2, 2, 2, dtype=torch.bool)).sum().backward(),
+        "patch_swap": lambda: fastsd.patch_swap(x, torch.tensor([1, 0]), mask).sum().backward(),
         "pair_kd_loss": lambda: fastsd.pair_kd_loss(logits, labels, partner).backward(),
         "kd_loss": lambda: fastsd.kd_loss(logits, logits.detach() * 2).backward(),
         "feature_alignment_loss": lambda: fastsd.feature_alignment_loss(x, x.detach() * 2).backward(),
@@ -170,7 +175,8 @@ def test_compiled_kernels_take_float64_scalars(compiled_sm90):
         if spec["constexprs"]["F64"]:
             assert "cvt.f64.f32" not in ptx, spec["name"]
         else:
-            assert ptx.count("cvt.rn.f32.f64") >= 1 and ptx.count(".f32.f64") == ptx.count("cvt.rn.f32.f64"), spec["name"]
+            rounded = ptx.count("cvt.rn.f32.f64")
+            assert rounded >= 1 and ptx.count(".f32.f64") == rounded, spec["name"]
 
 
 _ITEMSIZE = {"*fp64": 8, "*fp32": 4, "*fp16": 2, "*bf16": 2}
@@ -186,7 +192,7 @@ def test_compiled_update_accesses_are_128_bit(compiled_sm90):
         ptx = compiled[(spec["name"], 90)].ptx
         sig, c = spec["signature"], spec["constexprs"]
         per_thread = c["BLOCK"] // (32 * k.NUM_WARPS)
-        state = [] if spec["fn"] is k.icp_sgd_update_kernel else ["m_ptr", "v_ptr"] + (["m2_ptr"] if c["ADEMAMIX"] else [])
+        state = [] if spec["fn"] is k.icp_sgd_update_kernel else ["m_ptr", "v_ptr"] + ["m2_ptr"] * c["ADEMAMIX"]
 
         def vectors(streams):
             return sum(per_thread * _ITEMSIZE[sig[p]] // 16 for p in streams)

@@ -178,7 +178,9 @@ def reasons(op: str, backend: str, *tensors: torch.Tensor, **kwargs) -> List[str
 
 
 def select(op: str, *tensors: torch.Tensor, **kwargs) -> Callable:
-    """The implementation of ``op`` to run on these inputs (see the module docstring)."""
+    """The implementation of ``op`` to run on these inputs (see the module docstring); on CUDA
+    tensors it runs with their device current (:func:`_on_device`)."""
+    devices = _devices(tensors)
     forced = forced_backend()
     if forced is not None:
         why = reasons(op, forced, *tensors, **kwargs)
@@ -186,17 +188,42 @@ def select(op: str, *tensors: torch.Tensor, **kwargs) -> Callable:
             raise BackendUnavailableError(
                 f"fastsd.{op}: the forced backend {forced!r} cannot run these inputs: " + "; ".join(why)
             )
-        return _REGISTRY[op][forced].fn
-    devices = _devices(tensors)
+        return _on_device(_REGISTRY[op][forced].fn, devices)
     for name in _auto_candidates(op, devices, triton_interpreting()):
         impl = _REGISTRY[op][name]
         if impl.reasons is None or not impl.reasons(*tensors, **kwargs):
-            return impl.fn
+            return _on_device(impl.fn, devices)
     collected = []
     for name in PREFERENCE:
         why = reasons(op, name, *tensors, **kwargs) or [_NOT_AUTO]
         collected.append(f"  {name}: " + "; ".join(why))
     raise BackendUnavailableError(f"fastsd.{op}: no backend can run these inputs:\n" + "\n".join(collected))
+
+
+def _on_device(fn: Callable, devices: Tuple[torch.device, ...]) -> Callable:
+    """``fn`` as it must run on ``devices``: on one CUDA device, with that device current.
+
+    Triton launches on ``torch.cuda.current_device()`` and its current stream, whatever device
+    the tensors are on, and so would a CUDA extension without a device guard: with the model on
+    cuda:1 and device 0 current (no ``torch.cuda.set_device(1)``: notebooks, several models per
+    script), the kernels would run on GPU 0 with GPU 1's pointers. Every op body that launches
+    runs through here. No cost on CPU; on CUDA one device query when the device is already current.
+    """
+    if len(devices) != 1 or devices[0].type != "cuda":
+        return fn
+    return _guarded(fn, devices[0].index)
+
+
+@functools.lru_cache(maxsize=None)
+def _guarded(fn: Callable, index: int) -> Callable:
+    @functools.wraps(fn)  # keeps attributes such as checks_indices
+    def run(*args, **kwargs):
+        if torch.cuda.current_device() == index:
+            return fn(*args, **kwargs)
+        with torch.cuda.device(index):
+            return fn(*args, **kwargs)
+
+    return run
 
 
 _NOT_AUTO = "the Triton interpreter is for tests; auto does not pick it (FASTSD_BACKEND=triton does)"

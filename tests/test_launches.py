@@ -269,12 +269,6 @@ class _BNNet(nn.Module):
         return self.fc(self.bn2(torch.relu(self.bn1(self.conv(x)))).mean((2, 3)))
 
 
-# The ICP helper's branch (graph) keeps BatchNorm's statistics without a clone per buffer.
-AWAITS_ICP_BUFFER_COPIES = pytest.mark.xfail(
-    reason="fastsd/icp.py clones every buffer for the target pass (_buffers_swapped)", strict=True)
-
-
-@AWAITS_ICP_BUFFER_COPIES
 def test_icp_distillation_step_copies_no_buffer():
     torch.manual_seed(0)
     model = _BNNet()

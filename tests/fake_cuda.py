@@ -105,7 +105,8 @@ class FakeGraph(TorchDispatchMode):
                 raise RuntimeError(error)
             runtime.capturing.append(self)
             runtime.events.append("capture_begin")
-            runtime.captures.append(types.SimpleNamespace(stream=stream, pool=pool, ops=self.ops))
+            runtime.captures.append(types.SimpleNamespace(stream=stream, pool=pool, ops=self.ops,
+                                                          workspace_pools=self.workspace_pools))
             stream.capturing = self
         self.stream, self.pool, self.capture_error_mode, self.runtime = stream, pool, capture_error_mode, runtime
         FakeGraph.captures += 1

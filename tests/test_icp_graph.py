@@ -732,6 +732,49 @@ def test_gpu_graphs_share_a_pool_without_emptying_the_caches(monkeypatch):
 
 @gpu
 @needs_cuda
+def test_gpu_a_graph_survives_the_other_graphs_being_dropped():
+    # Each drop (eviction by max_graphs=1, reset(), a refiner collected) resets a graph, which
+    # frees the capture stream's cuBLAS workspace: the surviving graph must not have used it.
+    import gc
+
+    models = [nn.Sequential(nn.Flatten(), nn.Linear(108, 256), nn.ReLU(), nn.Linear(256, 5)).cuda() for _ in range(2)]
+    keep = fastsd.ICPRefiner(models[0], steps=2, cuda_graph="always")
+    x, y = _cuda_batch(8)
+    keep(x, y)
+    for n in (4, 6, 4):
+        drop = fastsd.ICPRefiner(models[1], steps=2, cuda_graph="always", max_graphs=1)
+        drop(*_cuda_batch(n))
+        drop(*_cuda_batch(n + 1))  # evicts
+        drop.reset()
+        del drop
+        gc.collect()
+        garbage = [torch.full((1 << 20,), float("nan"), device="cuda") for _ in range(64)]  # reuse freed blocks
+        torch.testing.assert_close(keep(x, y), eager(models[0], x, y))
+        del garbage
+
+
+@gpu
+@needs_cuda
+def test_gpu_buffers_replayed_on_another_stream_outlive_reset():
+    model = Net().cuda()
+    refiner = fastsd.ICPRefiner(model, steps=2, cuda_graph="always")
+    x, y = _cuda_batch()
+    expected = eager(model, x, y)
+    refiner(x, y)
+    other = torch.cuda.Stream()
+    other.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(other):
+        torch.cuda._sleep(10_000_000)  # the replay still runs when the buffers are dropped
+        out = refiner(x, y)
+    refiner.reset()  # frees the static buffers on the default stream, which allocated them
+    garbage = [torch.full((4, 3, 6, 6), float("nan"), device="cuda") for _ in range(64)]
+    torch.cuda.synchronize()
+    del garbage
+    torch.testing.assert_close(out, expected)
+
+
+@gpu
+@needs_cuda
 def test_gpu_moving_parameters_stop_being_captured():
     model = Net().cuda()
     refiner = fastsd.ICPRefiner(model, steps=1)

@@ -286,7 +286,12 @@ class ICPRefiner:
 
     Args:
         model: the network; run in eval mode while refining. Every module's training flag is
-            restored afterwards, also when an exception is raised. Parameters' ``.grad`` and all
+            restored afterwards, also when an exception is raised. A ``DistributedDataParallel``
+            wrapper is unwrapped (``refiner.model`` is its ``.module``): the refinement
+            differentiates the input only, and a grad-enabled forward through the wrapper would
+            prepare the reducer for a backward that never comes, failing the next training
+            backward. A model with DDP inside it or given to composable ``replicate()`` cannot be
+            unwrapped: ValueError. Parameters' ``.grad`` and all
             buffers are left untouched (the input gradient is ``torch.autograd.grad(loss, x)``).
         steps: K >= 0. ``steps=0`` returns a copy of x.
         step_size: > 0.
@@ -296,7 +301,8 @@ class ICPRefiner:
         loss_fn: ``loss_fn(model(x), y) -> scalar``; default mean cross-entropy.
         clamp: None or ``(lo, hi)``.
         cuda_graph: ``"auto"``: on CUDA, the K steps are captured into one CUDA graph over static
-            buffers (warm-up and capture on a side stream of x's device) and replayed for every
+            buffers (warm-up on the caller's stream, capture on a side stream of x's device, with
+            a cuBLAS workspace of its own) and replayed for every
             later call with the same key: x's shape, strides, dtype and device, y's shape, strides
             and dtype, the autocast state, the hyper-parameters and ``loss_fn``, and the address of
             every parameter and buffer. Anything else in the key is a new capture; at most
@@ -320,7 +326,7 @@ class ICPRefiner:
     does not require grad; x itself is never modified. Works under ``torch.no_grad()`` callers (grad
     is enabled for x inside) and under ``torch.autocast``. Threads may share a refiner: its calls
     run one at a time (they share the model's training flags and the graphs' static buffers), and
-    one capture runs at a time in the process.
+    one capture runs at a time per device (the warm-ups outside that lock).
     """
 
     def __init__(self, model: nn.Module, steps: int = 5, step_size: float = 2e-3, method: str = "adam",

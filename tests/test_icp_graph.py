@@ -189,16 +189,17 @@ def test_replays_on_another_stream_wait_for_the_last_replay(cuda):
 
 
 class RaiseInCapture(nn.Module):
-    """A Python error in the first capture only (the capture itself stays valid)."""
+    """A Python error (or ``error``, e.g. KeyboardInterrupt) in the first capture only (the
+    capture itself stays valid)."""
 
-    def __init__(self):
+    def __init__(self, error=None):
         super().__init__()
-        self.raised = False
+        self.raised, self.error = False, error
 
     def forward(self, x):
         if torch.cuda.is_current_stream_capturing() and not self.raised:
             self.raised = True
-            raise ValueError("not during a capture")
+            raise self.error or ValueError("not during a capture")
         return x
 
 
@@ -304,20 +305,8 @@ def test_a_failing_capture_begin_falls_back_and_gives_the_pool_back(cuda):
     assert list(cuda.pool_uses.values()) == [0, 1]
 
 
-class InterruptInCapture(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.raised = False
-
-    def forward(self, x):
-        if torch.cuda.is_current_stream_capturing() and not self.raised:
-            self.raised = True
-            raise KeyboardInterrupt
-        return x
-
-
 def test_an_interrupted_capture_leaves_no_freed_pool_behind(cuda):
-    model = nn.Sequential(InterruptInCapture(), Net())
+    model = nn.Sequential(RaiseInCapture(KeyboardInterrupt), Net())
     refiner = fastsd.ICPRefiner(model, steps=1)
     x, y = batch()
     with pytest.raises(KeyboardInterrupt):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import functools
 import importlib
 import math
@@ -192,6 +193,18 @@ class _Graph:
     y_in: torch.Tensor
     x_buf: torch.Tensor
     state: tuple
+    stream: Optional["torch.cuda.Stream"] = None  # the stream the static buffers were allocated on
+    used_on: set = dataclasses.field(default_factory=set)  # other streams recorded on the buffers
+
+    def replay_on(self, stream) -> None:
+        """Before a replay on ``stream``: when the buffers are dropped (eviction, reset(), GC), the
+        allocator frees them on the stream they were allocated on; a replay queued on another stream
+        may still read or write them then, so that stream is recorded on them (once per stream)."""
+        if stream is None or stream == self.stream or stream in self.used_on:
+            return
+        for t in (self.x_in, self.y_in, self.x_buf) + tuple(s for s in self.state if s is not None):
+            t.record_stream(stream)
+        self.used_on.add(stream)
 
 
 @dataclass
@@ -209,9 +222,19 @@ _MAX_CAPTURES = 3
 # ... or after this many failed captures (one may be transient; a host sync fails every time).
 _MAX_FAILURES = 2
 _MAX_KEY_RECORDS = 256
-# One capture at a time in the process (with its warm-up: both run on the shared side stream).
-_CAPTURE_LOCK = threading.RLock()
+# One capture at a time per device (they share the device's side stream); the warm-ups, on the
+# callers' own streams, run outside these locks.
+_CAPTURE_LOCKS: Dict[int, "threading.RLock"] = {}
+_CAPTURE_LOCKS_LOCK = threading.Lock()
 _SIDE_STREAMS: Dict[int, "torch.cuda.Stream"] = {}  # device index -> the side stream of its captures
+
+
+def _capture_lock(index: int) -> "threading.RLock":
+    with _CAPTURE_LOCKS_LOCK:
+        lock = _CAPTURE_LOCKS.get(index)
+        if lock is None:
+            lock = _CAPTURE_LOCKS[index] = threading.RLock()
+        return lock
 
 
 def _compiling() -> bool:
@@ -263,7 +286,12 @@ class ICPRefiner:
 
     Args:
         model: the network; run in eval mode while refining. Every module's training flag is
-            restored afterwards, also when an exception is raised. Parameters' ``.grad`` and all
+            restored afterwards, also when an exception is raised. A ``DistributedDataParallel``
+            wrapper is unwrapped (``refiner.model`` is its ``.module``): the refinement
+            differentiates the input only, and a grad-enabled forward through the wrapper would
+            prepare the reducer for a backward that never comes, failing the next training
+            backward. A model with DDP inside it or given to composable ``replicate()`` cannot be
+            unwrapped: ValueError. Parameters' ``.grad`` and all
             buffers are left untouched (the input gradient is ``torch.autograd.grad(loss, x)``).
         steps: K >= 0. ``steps=0`` returns a copy of x.
         step_size: > 0.
@@ -273,7 +301,8 @@ class ICPRefiner:
         loss_fn: ``loss_fn(model(x), y) -> scalar``; default mean cross-entropy.
         clamp: None or ``(lo, hi)``.
         cuda_graph: ``"auto"``: on CUDA, the K steps are captured into one CUDA graph over static
-            buffers (warm-up and capture on a side stream of x's device) and replayed for every
+            buffers (warm-up on the caller's stream, capture on a side stream of x's device, with
+            a cuBLAS workspace of its own) and replayed for every
             later call with the same key: x's shape, strides, dtype and device, y's shape, strides
             and dtype, the autocast state, the hyper-parameters and ``loss_fn``, and the address of
             every parameter and buffer. Anything else in the key is a new capture; at most
@@ -297,7 +326,7 @@ class ICPRefiner:
     does not require grad; x itself is never modified. Works under ``torch.no_grad()`` callers (grad
     is enabled for x inside) and under ``torch.autocast``. Threads may share a refiner: its calls
     run one at a time (they share the model's training flags and the graphs' static buffers), and
-    one capture runs at a time in the process.
+    one capture runs at a time per device (the warm-ups outside that lock).
     """
 
     def __init__(self, model: nn.Module, steps: int = 5, step_size: float = 2e-3, method: str = "adam",
@@ -323,7 +352,16 @@ class ICPRefiner:
             raise ValueError(f"{fn}: cuda_graph must be one of {CUDA_GRAPH_MODES}, got {cuda_graph!r}")
         if isinstance(max_graphs, bool) or not isinstance(max_graphs, numbers.Integral) or max_graphs < 1:
             raise ValueError(f"{fn}: max_graphs must be an int >= 1, got {max_graphs!r}")
-        self.model = model
+        # The refinement differentiates the input only: run through a DDP wrapper with grad enabled it
+        # would prepare the reducer (and broadcast buffers) for a backward that never comes, and the
+        # next training backward would fail ("Expected to have finished reduction").
+        self.model = unwrap(model, data_parallel=False)
+        ddp = _replicated(self.model)
+        if ddp is not None:
+            raise ValueError(f"{fn}: the model runs {ddp}: its forward prepares the DDP reducer for a backward "
+                             f"the refinement (input gradients only) never runs, so the next training backward "
+                             f"would fail. Pass the DistributedDataParallel wrapper itself as model (the refiner "
+                             f"runs its .module) or the module it wraps")
         self.steps = int(steps)
         self.step_size = V.positive_float(fn, "step_size", step_size)
         self.method = method
@@ -425,10 +463,13 @@ class ICPRefiner:
                 hparams), storage
 
     def _replay(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # First: a capture made now (its warm-up, and its allocations from the shared pool) must
+        # also come after the last replay, which may still run on another thread's stream.
+        stream = self._after_last_replay(x.device)
         entry = self._graph_for(x, y)
         if entry is None:
             return self._eager(x, y)
-        self._after_last_replay(x.device)
+        entry.replay_on(stream)
         entry.x_in.copy_(x)
         entry.y_in.copy_(y)
         entry.graph.replay()
@@ -438,12 +479,13 @@ class ICPRefiner:
         """Order this replay after the last one: the graphs share a memory pool (and each its static
         buffers), so replays on two streams must not overlap."""
         if dev.type != "cuda":  # (the graph path's bookkeeping tested with stand-in graphs on CPU)
-            return
+            return None
         stream = torch.cuda.current_stream(dev)
         last = self._replay_streams.get(dev.index)
         if last is not None and last != stream:
             stream.wait_stream(last)
         self._replay_streams[dev.index] = stream
+        return stream
 
     def _graph_for(self, x: torch.Tensor, y: torch.Tensor) -> Optional[_Graph]:
         """The graph for this call (captured now if need be), or None: run this call eagerly."""
@@ -482,7 +524,6 @@ class ICPRefiner:
         except _CaptureError as exc:
             record.failures += 1
             cause = exc.__cause__
-            self._drop_idle_pools()
             if self.cuda_graph == "always":
                 raise RuntimeError(f"fastsd.ICPRefiner: cuda_graph='always' but the refinement could "
                                    f"not be captured into a CUDA graph: {cause!r}. Models with "
@@ -494,12 +535,16 @@ class ICPRefiner:
             warnings.warn(f"fastsd.ICPRefiner: CUDA graph capture failed ({cause!r}); {then}",
                           RuntimeWarning, stacklevel=4)
             return None
-        record.captures += 1
-        self._graphs[key] = entry
-        while len(self._graphs) > self.max_graphs:
-            self._graphs.popitem(last=False)
-        self._drop_idle_pools()
-        return entry
+        else:
+            record.captures += 1
+            self._graphs[key] = entry
+            while len(self._graphs) > self.max_graphs:
+                self._graphs.popitem(last=False)
+            return entry
+        finally:
+            # (also on KeyboardInterrupt) the pool of a device with no graph left (evicted, or its
+            # only capture failed) is freed by the allocator: forget it
+            self._drop_idle_pools()
 
     def _stop_graphs(self, reason: str) -> None:
         if self.cuda_graph == "always":
@@ -533,7 +578,8 @@ class ICPRefiner:
             pool = self._pools.get(x.device.index)
             if pool is None:
                 pool = self._pools[x.device.index] = torch.cuda.graph_pool_handle()
-        return _Graph(_cuda_graph_of(body, x.device, pool), x_in, y_in, x_buf, state)
+        stream = torch.cuda.current_stream(x.device) if x.device.type == "cuda" else None
+        return _Graph(_cuda_graph_of(body, x.device, pool), x_in, y_in, x_buf, state, stream)
 
     def _drop_idle_pools(self) -> None:
         """Forget the pool of a device none of whose graphs is left (evicted, or a failed capture).
@@ -543,6 +589,42 @@ class ICPRefiner:
         live = {key[0][3].index for key in self._graphs}
         for index in [i for i in self._pools if i not in live]:
             del self._pools[index]
+
+
+def unwrap(model: nn.Module, *, data_parallel: bool = True) -> nn.Module:
+    """The module inside ``DistributedDataParallel`` wrappers (and, with ``data_parallel``,
+    ``DataParallel`` ones), any depth."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    wrappers = (DistributedDataParallel, DataParallel) if data_parallel else (DistributedDataParallel,)
+    while isinstance(model, wrappers):
+        model = model.module
+    return model
+
+
+def _replicated(model: nn.Module) -> Optional[str]:
+    """Where ``model`` (already unwrapped) runs a DDP reducer (None: nowhere): a
+    ``DistributedDataParallel`` inside it, or a module given to composable ``replicate``."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    try:
+        from torch.distributed._composable.contract import _get_registry
+    except ImportError:  # (a torch built without distributed)
+        _get_registry = None
+    for name, mod in model.named_modules():
+        where = name or "the model itself"
+        if isinstance(mod, DistributedDataParallel):
+            return f"DistributedDataParallel at {where!r}"
+        if _get_registry is not None and "replicate" in _composable_apis(_get_registry, mod):
+            return f"composable replicate() at {where!r}"
+    return None
+
+
+def _composable_apis(get_registry, mod: nn.Module):
+    try:
+        return get_registry(mod) or {}
+    except Exception:  # a wrapper whose __getattr__ forwards to a module it does not have yet
+        return {}
 
 
 def _data_parallel(model: nn.Module) -> Optional[str]:
@@ -616,15 +698,31 @@ def _stop_allocating_to(dev: torch.device, pool) -> None:
         return
     try:
         end(dev.index, pool)
-    except RuntimeError:
+    except Exception:  # (a pybind TypeError where an older torch's binding takes other arguments)
         return  # capture_end got that far itself: the graph gives the pool back when destroyed
     if release is not None:
         release(dev.index, pool)
 
 
+def _clear_cublas_workspaces() -> None:
+    """Drop cuBLAS's per-(handle, stream) workspaces (torch < 2.1 has no binding: nothing to do).
+
+    A capture bakes the address of the capture stream's workspace into its graph. Created by an
+    eager call (the warm-up, a replay's neighbour) it lives in the ordinary pool, and torch frees
+    it under every live graph: ``CUDAGraph::reset()`` (an eviction, :meth:`ICPRefiner.reset`, a
+    refiner collected, a failed capture discarded, another refiner's graph dropped) clears the
+    capture stream's workspaces, ``torch.compile(mode="reduce-overhead")`` clears them all. Cleared
+    right before ``capture_begin``, the capture allocates its own workspace inside its pool, which
+    lives as long as its graph; cleared again after, no eager call uses that one (as inductor's
+    CUDA graph trees do)."""
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None:
+        clear()
+
+
 def _cuda_graph_of(body: Callable[[], None], dev: torch.device, pool) -> "torch.cuda.CUDAGraph":
-    """Warm ``body`` up, then capture one call of it into a CUDA graph allocating from ``pool``;
-    both on ``dev``'s side stream, one capture at a time in the process.
+    """Warm ``body`` up on the caller's stream, then capture one call of it into a CUDA graph
+    allocating from ``pool`` on ``dev``'s side stream, one capture at a time per device.
 
     Not ``torch.cuda.graph``: that context manager synchronises the device and empties the
     allocator's and the pinned-host caches at every capture, captures every device's work on one
@@ -633,6 +731,12 @@ def _cuda_graph_of(body: Callable[[], None], dev: torch.device, pool) -> "torch.
     capture_end's error instead of the cause. Here the caller's stream is restored on every exit,
     a failure raises :class:`_CaptureError` from the body's own exception, and the allocator stops
     sending allocations to the pool.
+
+    The device's lock is held from ``capture_begin`` to ``capture_end`` only: the warm-up runs the
+    user's model (which may wait on other threads, or refine with refiners of its own) on the
+    caller's own stream, never on the side stream that another thread may be capturing on; it
+    shares no state with the capture, whose cuBLAS workspace is its own (see
+    :func:`_clear_cublas_workspaces`).
     """
     # autocast's weight-cast cache would hand the graph tensors cast outside it: mirror the
     # caller's autocast state with the cache off (as torch.cuda.make_graphed_callables requires).
@@ -641,27 +745,30 @@ def _cuda_graph_of(body: Callable[[], None], dev: torch.device, pool) -> "torch.
     def autocast():
         return torch.autocast(dev.type, dtype=dtype, enabled=enabled, cache_enabled=False)
 
+    # Warm-up: lazy initialisation (cuDNN/cuBLAS handles, autograd, Triton compilation) must not
+    # happen inside the capture. Its errors are the model's own: raised as they are.
+    with autocast():
+        for _ in range(2):
+            body()
     caller = torch.cuda.current_stream(dev)
     graph = torch.cuda.CUDAGraph()
-    with _CAPTURE_LOCK:
+    with _capture_lock(dev.index):
         side = _SIDE_STREAMS.get(dev.index)
         if side is None:
             side = _SIDE_STREAMS[dev.index] = torch.cuda.Stream(dev)
         side.wait_stream(caller)
         try:
             with torch.cuda.stream(side):
-                # Warm-up: lazy initialisation (cuDNN/cuBLAS handles, autograd, Triton compilation)
-                # must not happen inside the capture. Its errors are the model's own: raised as they are.
-                with autocast():
-                    for _ in range(2):
-                        body()
-                # thread_local: other threads' CUDA calls (their eager steps) do not break this capture.
-                graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+                _clear_cublas_workspaces()
+                began = False
                 try:
+                    # thread_local: other threads' CUDA calls (their eager steps) do not break this capture.
+                    graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+                    began = True
                     with autocast():
                         body()
                 except BaseException as exc:
-                    _discard(graph, dev, pool, end=True)
+                    _discard(graph, dev, pool, end=began)
                     if isinstance(exc, Exception):
                         raise _CaptureError() from exc
                     raise
@@ -671,6 +778,7 @@ def _cuda_graph_of(body: Callable[[], None], dev: torch.device, pool) -> "torch.
                     _discard(graph, dev, pool, end=False)
                     raise _CaptureError() from exc
         finally:
+            _clear_cublas_workspaces()
             caller.wait_stream(side)
     return graph
 

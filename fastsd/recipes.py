@@ -11,10 +11,12 @@ Each recipe wraps a classifier ``nn.Module`` and is called once per batch::
 in [0, 1] (only ICP's schedule reads it). The recipes own no optimiser and no parameters, so any
 optimiser, LR schedule, AMP scaler or gradient clipping stays where it was.
 
-Distributed training: pass the ``DistributedDataParallel`` (or ``DataParallel``) wrapper as
-``model``. The recipe's gradient-carrying forward goes through the wrapper, so gradients are
-all-reduced as usual; ICP's refinement loop (input gradients only) runs on the wrapped module
-(``model.module``), so it never touches the DDP reducer.
+Distributed training: pass the ``DistributedDataParallel`` wrapper as ``model``. The recipe's
+gradient-carrying forward goes through the wrapper, so gradients are all-reduced as usual; ICP's
+refinement loop (input gradients only) runs on the wrapped module (``model.module``), so it never
+touches the DDP reducer. ``nn.DataParallel`` over several GPUs is refused by
+:class:`ICPDistillation` (its replicas run the hooked layers in other threads; use DDP);
+:class:`PatchSwapDistillation` takes it.
 """
 from __future__ import annotations
 
@@ -25,21 +27,12 @@ import torch
 from torch import nn
 
 from . import _validate as V
-from .icp import ICPDistiller, ICPRefiner
+from .icp import ICPDistiller, ICPRefiner, unwrap
 from .losses import TEACHERS, pair_kd_loss
 from .pairing import default_patch_size, intra_class_pairs, patch_swap_mask
 from .patch_swap import patch_swap
 
 __all__ = ["ICPDistillation", "PatchSwapDistillation", "unwrap"]
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside ``DistributedDataParallel`` / ``DataParallel`` wrappers (any depth)."""
-    from torch.nn.parallel import DataParallel, DistributedDataParallel
-
-    while isinstance(model, (DistributedDataParallel, DataParallel)):
-        model = model.module
-    return model
 
 
 def _check_model(fn: str, model) -> None:
@@ -148,7 +141,8 @@ class ICPDistillation:
     Returns ``dict(loss, task, feature, alpha)``.
 
     Args:
-        model: any ``nn.Module`` classifier, or its DDP / DataParallel wrapper. The forward of x
+        model: any ``nn.Module`` classifier, or its ``DistributedDataParallel`` wrapper
+            (``nn.DataParallel`` over several GPUs is refused: ValueError). The forward of x
             (the one that carries gradient) and the target forward go through ``model``; the
             refinement loop runs on the unwrapped module (:func:`unwrap`), so DDP's reducer never
             sees its forward/backward passes (they differentiate the input only).

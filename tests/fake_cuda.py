@@ -16,8 +16,15 @@ path (ICPRefiner) and the bench's CUDA path to run on CPU tensors, with a CUDA g
   destroyed or by ``torch._C._cuda_releasePool``, and a capture into a pool whose count fell to 0
   fails, as torch's allocator asserts), and counters of the device-wide calls (``synchronize``,
   ``empty_cache``, the pinned-host cache's ``_host_emptyCache``).
-  One capture at a time in the process, as torch documents: a second ``capture_begin`` while one is
-  underway fails.
+  A capture cannot begin on a stream that is capturing already; ``fail_capture_begin`` makes the
+  next ``capture_begin`` fail after the allocator began sending allocations to the pool (as a
+  failing cudaStreamBeginCapture does).
+* cuBLAS's per-stream workspaces: :meth:`FakeCuda.cublas` (called by a test module's forward)
+  uses the current stream's workspace, made in the pool of the capture underway on that stream or
+  else in the ordinary pool (None); a capture notes the pools of the workspaces it used
+  (``workspace_pools``); ``torch._C._cuda_clearCublasWorkspaces`` drops them all.
+* ``Tensor.record_stream`` is noted in ``recorded`` as (tensor, stream).
+* ``events``: the order of capture_begin, capture_end and workspace clears.
 
 Tensors stay on the CPU; :class:`OnDevice` makes chosen tensors report a CUDA device.
 """
@@ -73,6 +80,7 @@ class FakeGraph(TorchDispatchMode):
     def __init__(self, keep_graph=False):
         super().__init__()
         self.ops = []
+        self.workspace_pools = []  # pools of the cuBLAS workspaces the capture used
         self.stream = self.pool = self.invalid = None
         self.ended = False
         self.runtime = None
@@ -87,13 +95,18 @@ class FakeGraph(TorchDispatchMode):
         if runtime is not None:
             if stream.default:
                 raise RuntimeError("CUDA graphs must be captured on a non-default stream.")
-            if runtime.capturing:
-                raise RuntimeError("another CUDA graph capture is underway in this process")
+            if stream.capturing is not None:
+                raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
             pool = ("private", id(self)) if pool is None else pool
             runtime.use_pool(stream.device.index, pool)
-            runtime.capturing.append(self)
             runtime.allocating_to_pool.append((stream.device.index, pool))
-            runtime.captures.append(types.SimpleNamespace(stream=stream, pool=pool, ops=self.ops))
+            if runtime.fail_capture_begin is not None:
+                error, runtime.fail_capture_begin = runtime.fail_capture_begin, None
+                raise RuntimeError(error)
+            runtime.capturing.append(self)
+            runtime.events.append("capture_begin")
+            runtime.captures.append(types.SimpleNamespace(stream=stream, pool=pool, ops=self.ops,
+                                                          workspace_pools=self.workspace_pools))
             stream.capturing = self
         self.stream, self.pool, self.capture_error_mode, self.runtime = stream, pool, capture_error_mode, runtime
         FakeGraph.captures += 1
@@ -123,6 +136,7 @@ class FakeGraph(TorchDispatchMode):
         if runtime is not None:
             self.stream.capturing = None
             runtime.capturing.remove(self)
+            runtime.events.append("capture_end")
         if self.invalid is not None:
             raise RuntimeError(INVALIDATED_ERROR)
         if runtime is not None:
@@ -168,6 +182,10 @@ class FakeCuda:
         self.calls = collections.Counter()  # device-wide calls: synchronize, empty_cache, host_empty_cache
         self.pools = 0
         self.on_capture_begin = self.on_replay = None  # test hooks
+        self.fail_capture_begin = None  # an error message for the next capture_begin
+        self.workspaces = {}  # stream -> the pool its cuBLAS workspace was allocated in (None: ordinary)
+        self.recorded = []  # (tensor, stream) of every record_stream
+        self.events = []  # "capture_begin", "capture_end", "clear_workspaces", in order
 
     @classmethod
     def install(cls, monkeypatch, device_count=2):
@@ -186,6 +204,8 @@ class FakeCuda:
         monkeypatch.setattr(torch._C, "_host_emptyCache", runtime.counted("host_empty_cache"))
         monkeypatch.setattr(torch._C, "_cuda_endAllocateToPool", runtime.end_allocate_to_pool, raising=False)
         monkeypatch.setattr(torch._C, "_cuda_releasePool", runtime.release_pool, raising=False)
+        monkeypatch.setattr(torch._C, "_cuda_clearCublasWorkspaces", runtime.clear_workspaces, raising=False)
+        monkeypatch.setattr(torch.Tensor, "record_stream", lambda t, stream: runtime.recorded.append((t, stream)))
         # torch.cuda.graph keeps the stream it made first (on the device current then) for good
         monkeypatch.setattr(torch.cuda.graph, "default_capture_stream", None)
         FakeGraph.captures = FakeGraph.replays = 0
@@ -259,6 +279,20 @@ class FakeCuda:
         if (device, pool) not in self.allocating_to_pool:
             raise RuntimeError("endAllocatePool: not currently recording to mempool_id")
         self.allocating_to_pool.remove((device, pool))
+
+    def cublas(self):
+        """A cuBLAS call on the current stream: its workspace (made now if there is none), whose
+        pool the capture underway on that stream notes."""
+        stream = self.current_stream()
+        graph = stream.capturing
+        pool = self.workspaces.setdefault(stream, graph.pool if graph is not None else None)
+        if graph is not None:
+            graph.workspace_pools.append(pool)
+        return pool
+
+    def clear_workspaces(self):
+        self.workspaces.clear()
+        self.events.append("clear_workspaces")
 
     def counted(self, name):
         def call(*args, **kwargs):

@@ -46,7 +46,7 @@ def _worker(rank, init_file, out_dir):
     try:
         images, labels = _data()
         result = {}
-        for name in ("patchswap", "icp"):
+        for name in ("patchswap", "icp", "distiller"):
             torch.manual_seed(0)  # same initial weights on every rank
             model = DDP(TinyNet())
             initial = [p.detach().clone() for p in model.module.parameters()]
@@ -57,6 +57,9 @@ def _worker(rank, init_file, out_dir):
             opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
             if name == "patchswap":
                 recipe = fastsd.recipes.PatchSwapDistillation(model, patch_size=2)
+            elif name == "distiller":  # the DDP wrapper given to ICPDistiller, with its default refiner
+                recipe = fastsd.ICPDistiller(model, ["module.stem", "module.block"], warmup=0.25)
+                assert recipe.refiner.model is model.module
             else:
                 recipe = fastsd.recipes.ICPDistillation(model, ["stem", "block"], steps=2, step_size=1e-2,
                                                         warmup=0.25)
@@ -67,6 +70,8 @@ def _worker(rank, init_file, out_dir):
                 x, y = images[batch], labels[batch]
                 if name == "patchswap":
                     out = recipe(x, y, partner=ClassPairSampler.partner(len(batch)))
+                elif name == "distiller":
+                    out = recipe(x, y, step / STEPS)
                 else:
                     out = recipe(x, y, progress=step / STEPS)  # step 0 in warm-up, then refining
                 opt.zero_grad()
@@ -93,7 +98,7 @@ def ranks(tmp_path_factory):
     return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
 
 
-@pytest.mark.parametrize("recipe", ["patchswap", "icp"])
+@pytest.mark.parametrize("recipe", ["patchswap", "icp", "distiller"])
 def test_recipe_under_ddp(ranks, recipe):
     r0, r1 = ranks[0][recipe], ranks[1][recipe]
     # the ranks saw different data (ClassPairSampler shards) ...

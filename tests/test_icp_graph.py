@@ -11,6 +11,7 @@ same on real hardware (skipped without CUDA).
 import collections
 import concurrent.futures
 import copy
+import importlib
 import threading
 import warnings
 
@@ -137,7 +138,7 @@ def test_a_transient_capture_failure_is_tried_again(cuda):
 # --- streams, pools, device-wide calls -------------------------------------------------------------------
 
 
-def test_each_device_warms_up_and_captures_on_its_own_side_stream(cuda):
+def test_each_device_warms_up_on_the_callers_stream_and_captures_on_its_own_side_stream(cuda):
     seen = []  # (device, stream) of every forward: warm-up and capture
 
     def note(module, inputs):
@@ -151,7 +152,9 @@ def test_each_device_warms_up_and_captures_on_its_own_side_stream(cuda):
         assert graph.stream.device == torch.device(device) and not graph.stream.default
         forwards = [(d, s) for m, d, s in seen if m is model]
         assert len(forwards) == 3 * 2  # two warm-up calls and the capture, two steps each
-        assert all(d == torch.device(device).index and s is graph.stream for d, s in forwards)
+        assert all(d == torch.device(device).index for d, s in forwards)
+        # the warm-up on the caller's stream: another thread may be capturing on the side stream
+        assert [s for d, s in forwards] == [cuda.default_stream(device)] * 4 + [graph.stream] * 2
     assert cuda.captures[1].stream is cuda.captures[2].stream is not cuda.captures[0].stream
     assert_streams_restored(cuda)
 
@@ -186,16 +189,17 @@ def test_replays_on_another_stream_wait_for_the_last_replay(cuda):
 
 
 class RaiseInCapture(nn.Module):
-    """A Python error in the first capture only (the capture itself stays valid)."""
+    """A Python error (or ``error``, e.g. KeyboardInterrupt) in the first capture only (the
+    capture itself stays valid)."""
 
-    def __init__(self):
+    def __init__(self, error=None):
         super().__init__()
-        self.raised = False
+        self.raised, self.error = False, error
 
     def forward(self, x):
         if torch.cuda.is_current_stream_capturing() and not self.raised:
             self.raised = True
-            raise ValueError("not during a capture")
+            raise self.error or ValueError("not during a capture")
         return x
 
 
@@ -220,6 +224,107 @@ def test_a_failed_capture_gives_its_pool_back(cuda, module, cause):
     torch.testing.assert_close(refine(refiner, x, y), eager(model, x, y, steps=1))  # captured, into a new pool
     assert list(cuda.pool_uses.values()) == [0, 1] and len(refiner._graphs) == 1
     assert_streams_restored(cuda)
+
+
+class Blas(nn.Module):
+    """A cuBLAS call in the forward: uses the current stream's workspace (fake layer)."""
+
+    def forward(self, x):
+        FakeCuda.active.cublas()
+        return x
+
+
+def test_each_capture_uses_a_cublas_workspace_of_its_own_pool(cuda):
+    # torch frees the capture stream's workspace whenever a graph is reset (eviction, reset(), GC,
+    # a failed capture): a graph must not use one that was made outside its own pool.
+    models = [nn.Sequential(Blas(), Net()) for _ in range(2)]
+    refiners = [fastsd.ICPRefiner(m, steps=1, max_graphs=1) for m in models]
+    for n in (2, 3, 2):
+        for model, refiner in zip(models, refiners):
+            x, y = batch(n)
+            torch.testing.assert_close(refine(refiner, x, y), eager(model, x, y, steps=1))
+    assert len(cuda.captures) == 6
+    for capture in cuda.captures:
+        assert capture.workspace_pools and all(p == capture.pool for p in capture.workspace_pools)
+    # cleared right before each capture_begin and after each capture_end
+    assert cuda.events == ["clear_workspaces", "capture_begin", "capture_end", "clear_workspaces"] * 6
+    assert not cuda.workspaces or all(p is None for p in cuda.workspaces.values())
+
+
+def test_a_failed_capture_clears_the_cublas_workspaces(cuda):
+    model = nn.Sequential(Blas(), HostSync(once=True), Net())
+    with pytest.warns(RuntimeWarning, match="capture failed"):
+        refine(fastsd.ICPRefiner(model, steps=1), *batch())
+    assert cuda.events == ["clear_workspaces", "capture_begin", "capture_end", "clear_workspaces"]
+    assert all(p is None for p in cuda.workspaces.values())  # the failed capture's (in its pool) is no eager call's
+
+
+def test_static_buffers_are_recorded_on_the_streams_that_replay_them(cuda):
+    model = Net()
+    refiner = fastsd.ICPRefiner(model, steps=1, method="ademamix")
+    x, y = batch()
+    refine(refiner, x, y)
+    (entry,) = refiner._graphs.values()
+    buffers = [entry.x_in, entry.y_in, entry.x_buf] + [s for s in entry.state if s is not None]
+    assert len(buffers) == 6 and not cuda.recorded  # replayed on the stream they were allocated on
+    other = torch.cuda.Stream(0)
+    for _ in range(2):  # recorded once per stream
+        with torch.cuda.stream(other):
+            torch.testing.assert_close(refine(refiner, x, y), eager(model, x, y, steps=1))
+    assert sorted(map(id, (t for t, s in cuda.recorded))) == sorted(map(id, buffers))
+    assert all(s is other for t, s in cuda.recorded)
+
+
+def test_a_capture_on_another_stream_waits_for_the_last_replay_first(cuda):
+    waited = []  # what the stream of the first warm-up forward had waited on by then
+
+    def note(module, inputs):
+        if not waited:
+            waited.append(list(cuda.current_stream().waited_on))
+
+    model = Net()
+    refiner = fastsd.ICPRefiner(model, steps=1)
+    refine(refiner, *batch(2))  # captured and replayed on the default stream
+    model.register_forward_pre_hook(note)
+    other = torch.cuda.Stream(0)
+    with torch.cuda.stream(other):
+        refine(refiner, *batch(3))  # a new shape: its warm-up must come after that replay
+    assert waited == [[cuda.default_stream(0)]]
+
+
+def test_a_failing_capture_begin_falls_back_and_gives_the_pool_back(cuda):
+    model = Net()
+    refiner = fastsd.ICPRefiner(model, steps=1)
+    x, y = batch()
+    cuda.fail_capture_begin = "CUDA error: cudaStreamBeginCapture failed"
+    with pytest.warns(RuntimeWarning, match="capture failed.*cudaStreamBeginCapture"):
+        torch.testing.assert_close(refine(refiner, x, y), eager(model, x, y, steps=1))
+    assert list(cuda.pool_uses.values()) == [0]
+    assert_streams_restored(cuda)
+    torch.testing.assert_close(refine(refiner, x, y), eager(model, x, y, steps=1))  # captured, into a new pool
+    assert list(cuda.pool_uses.values()) == [0, 1]
+
+
+def test_an_interrupted_capture_leaves_no_freed_pool_behind(cuda):
+    model = nn.Sequential(RaiseInCapture(KeyboardInterrupt), Net())
+    refiner = fastsd.ICPRefiner(model, steps=1)
+    x, y = batch()
+    with pytest.raises(KeyboardInterrupt):
+        refine(refiner, x, y)
+    assert_streams_restored(cuda)
+    assert not refiner._pools  # the allocator freed that pool: the next capture asks for a new one
+    torch.testing.assert_close(refine(refiner, x, y), eager(model, x, y, steps=1))
+    assert len(refiner._graphs) == 1
+
+
+def test_the_private_end_allocate_binding_may_reject_its_arguments(cuda, monkeypatch):
+    def old_binding(*args):
+        raise TypeError("_cuda_endAllocateToPool(): incompatible function arguments")
+
+    monkeypatch.setattr(torch._C, "_cuda_endAllocateToPool", old_binding)
+    model = nn.Sequential(HostSync(), Net())
+    with pytest.warns(RuntimeWarning, match="capture failed"):
+        refine(fastsd.ICPRefiner(model, steps=1), *batch())
 
 
 # --- bounds on recapture and on failures -------------------------------------------------------------------
@@ -285,6 +390,46 @@ def test_two_threads_capture_one_at_a_time(cuda):
     for o, e in zip(out, expected):
         torch.testing.assert_close(o, e)
     assert FakeGraph.captures == 2 and all(len(g.ops) > 0 for g in cuda.captures)
+
+
+class WaitInWarmUp(nn.Module):
+    """The first warm-up forward waits for the other thread's (a model that talks to another
+    thread; a capture lock held across the warm-up deadlocks it)."""
+
+    def __init__(self, barrier):
+        super().__init__()
+        self.barrier, self.met = barrier, False
+
+    def forward(self, x):
+        if not self.met and not torch.cuda.is_current_stream_capturing():
+            self.met = True
+            self.barrier.wait()  # raises BrokenBarrierError after its timeout
+        return x
+
+
+def test_warm_ups_run_outside_the_capture_lock(cuda):
+    arrived = threading.Barrier(2, timeout=5)
+    models = [nn.Sequential(WaitInWarmUp(arrived), Net()) for _ in range(2)]
+    calls = [(fastsd.ICPRefiner(m, steps=1),) + batch(seed=s) for m, s in zip(models, (1, 2))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = in_threads(lambda r, x, y: refine(r, x, y, "cuda:1"), *calls)
+    for o, (r, x, y) in zip(out, calls):
+        torch.testing.assert_close(o, eager(r.model, x, y, steps=1))
+    assert FakeGraph.captures == 2
+
+
+def test_captures_on_two_devices_run_at_once(cuda):
+    arrived = threading.Barrier(2, timeout=5)
+    cuda.on_capture_begin = lambda graph: arrived.wait()  # one lock for both devices: broken barrier
+    models = [Net(), Net()]
+    calls = [(fastsd.ICPRefiner(m, steps=1),) + batch(seed=s) + (d,) for m, s, d in zip(models, (1, 2), ("cuda:0", "cuda:1"))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = in_threads(refine, *calls)
+    for o, (r, x, y, d) in zip(out, calls):
+        torch.testing.assert_close(o, eager(r.model, x, y, steps=1))
+    assert {c.stream.device.index for c in cuda.captures} == {0, 1}
 
 
 def test_a_refiner_copies_without_its_lock_and_graphs(cuda):
@@ -391,6 +536,48 @@ def test_refiner_runs_data_parallel_and_fsdp_models_eagerly(cuda, monkeypatch):
             refine(fastsd.ICPRefiner(model, steps=2, cuda_graph="always"), x, y)
     assert FakeGraph.captures == 0
     assert_streams_restored(cuda)
+
+
+class ReducerDDP(torch.nn.parallel.DistributedDataParallel):
+    """A stand-in DistributedDataParallel on one CPU process: a forward with grad enabled prepares
+    the reducer, which then expects a backward that reduces every parameter's gradient."""
+
+    def __init__(self, module):
+        nn.Module.__init__(self)
+        self.module = module
+        self.prepared = 0
+
+    def forward(self, *args, **kwargs):
+        if torch.is_grad_enabled():
+            self.prepared += 1
+        return self.module(*args, **kwargs)
+
+
+def test_refiner_runs_the_module_inside_distributed_data_parallel(cuda):
+    net = Net()
+    ddp = ReducerDDP(net)
+    x, y = batch()
+    for mode in ("never", "auto"):
+        refiner = fastsd.ICPRefiner(ddp, steps=2, cuda_graph=mode)
+        assert refiner.model is net
+        torch.testing.assert_close(refine(refiner, x, y), eager(net, x, y), rtol=0, atol=0)
+        assert ddp.prepared == 0
+    distiller = fastsd.ICPDistiller(ddp, ["module.bn"])  # its default refiner too
+    assert distiller.refiner.model is net
+    distiller(x, y, 0.9)
+    assert ddp.prepared == 1  # the distiller's own forward of x, whose loss is backpropagated
+
+
+def test_refiner_refuses_a_reducer_it_cannot_unwrap(monkeypatch):
+    contract = importlib.import_module("torch.distributed._composable.contract")  # (the package shadows it)
+
+    inner = nn.Sequential(Net(), ReducerDDP(Net()))
+    with pytest.raises(ValueError, match="DistributedDataParallel at '1'.*Pass the DistributedDataParallel wrapper"):
+        fastsd.ICPRefiner(inner)
+    replicated = Net()
+    replicated.__dict__[contract.REGISTRY_KEY] = {"replicate": object()}  # as replicate(model) marks it
+    with pytest.raises(ValueError, match="composable replicate\\(\\) at 'the model itself'"):
+        fastsd.ICPRefiner(replicated)
 
 
 # --- the target pass copies no buffer (issue 12) ------------------------------------------------------------
@@ -530,6 +717,49 @@ def test_gpu_graphs_share_a_pool_without_emptying_the_caches(monkeypatch):
     for o, e in zip(out, expected):
         torch.testing.assert_close(o, e)
     assert len(refiner._graphs) == 3 and len({entry.graph.pool() for entry in refiner._graphs.values()}) == 1
+
+
+@gpu
+@needs_cuda
+def test_gpu_a_graph_survives_the_other_graphs_being_dropped():
+    # Each drop (eviction by max_graphs=1, reset(), a refiner collected) resets a graph, which
+    # frees the capture stream's cuBLAS workspace: the surviving graph must not have used it.
+    import gc
+
+    models = [nn.Sequential(nn.Flatten(), nn.Linear(108, 256), nn.ReLU(), nn.Linear(256, 5)).cuda() for _ in range(2)]
+    keep = fastsd.ICPRefiner(models[0], steps=2, cuda_graph="always")
+    x, y = _cuda_batch(8)
+    keep(x, y)
+    for n in (4, 6, 4):
+        drop = fastsd.ICPRefiner(models[1], steps=2, cuda_graph="always", max_graphs=1)
+        drop(*_cuda_batch(n))
+        drop(*_cuda_batch(n + 1))  # evicts
+        drop.reset()
+        del drop
+        gc.collect()
+        garbage = [torch.full((1 << 20,), float("nan"), device="cuda") for _ in range(64)]  # reuse freed blocks
+        torch.testing.assert_close(keep(x, y), eager(models[0], x, y))
+        del garbage
+
+
+@gpu
+@needs_cuda
+def test_gpu_buffers_replayed_on_another_stream_outlive_reset():
+    model = Net().cuda()
+    refiner = fastsd.ICPRefiner(model, steps=2, cuda_graph="always")
+    x, y = _cuda_batch()
+    expected = eager(model, x, y)
+    refiner(x, y)
+    other = torch.cuda.Stream()
+    other.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(other):
+        torch.cuda._sleep(10_000_000)  # the replay still runs when the buffers are dropped
+        out = refiner(x, y)
+    refiner.reset()  # frees the static buffers on the default stream, which allocated them
+    garbage = [torch.full((4, 3, 6, 6), float("nan"), device="cuda") for _ in range(64)]
+    torch.cuda.synchronize()
+    del garbage
+    torch.testing.assert_close(out, expected)
 
 
 @gpu

@@ -1,6 +1,7 @@
-"""``python -m fastsd.info``: versions, the compiled extension, and per op which backends can run.
+"""``python -m fastsd.info``: versions, the compiled extension, its CPU vector path, and per op which
+backends can run.
 
-``--short`` prints the extension status and one line per op.
+``--short`` prints the extension status, the vector path and one line per op.
 """
 from __future__ import annotations
 
@@ -28,6 +29,23 @@ def _versions():
     rows.append(("FASTSD_BACKEND", os.environ.get("FASTSD_BACKEND", "auto")))
     rows.append(("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "0")))
     return rows
+
+
+def cpu_vector_path() -> str:
+    """The instruction set fastsd's C++ CPU kernels run (avx512, avx2 or default) and what capped it.
+
+    The widest one that the CPU, ATen's capability (ATEN_CPU_CAPABILITY, which lowers PyTorch's own
+    kernels too) and FASTSD_CPU_CAPABILITY (fastsd's alone) allow; csrc/cpu/capability.h."""
+    if _ext.load_error() is not None:
+        return "n/a (fastsd._C not loaded)"
+    caps = ", ".join(f"{v}={os.environ[v]}" for v in ("ATEN_CPU_CAPABILITY", "FASTSD_CPU_CAPABILITY")
+                     if os.environ.get(v))
+    try:
+        in_use, cpu = torch.ops.fastsd_C.cpu_capability()
+    except (RuntimeError, ValueError) as exc:
+        return f"error: {str(exc).splitlines()[0]}"
+    aten = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "?")()
+    return f"{in_use} (this CPU: {cpu}; PyTorch's: {aten.lower()}{'; ' + caps if caps else ''})"
 
 
 def _probe_tensors(device):
@@ -58,6 +76,7 @@ def main(argv=None):
         for name, value in _versions():
             print(f"  {name:<16} {value}")
     print(f"fastsd._C: {ext}")
+    print(f"CPU vector path: {cpu_vector_path()}")
     if err is not None and _ext.build_log() and not args.short:
         print("  build log:\n    " + "\n    ".join(_ext.build_log().splitlines()[-15:]))
     print("backends per op (available ones marked +):")

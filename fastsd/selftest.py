@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, NamedTuple, Sequence, Tuple
 
 import torch
 
@@ -81,24 +81,209 @@ def _icp_update(backend: str, device: str) -> Tuple[float, float]:
     return worst, 1e-5  # |x| ~ 1: a few float32 ulps
 
 
-# --- distillation losses: loss and gradient against the float64 reference, with the parity tests'
-# criterion: error <= 2 x the same-dtype PyTorch reference's error + one ulp of the output dtype at
-# the reference's magnitude. A check returns the (error, tolerance) of its worst case.
+# --- the parity criterion of the distillation losses (shared with tests/test_losses.py and
+# tests/test_fuzz.py). A backend's result `got` and PyTorch's `same` (the reference formulas run in
+# the input's dtype) are compared with the float64 reference `ref`, all three on the same
+# dtype-rounded inputs; element by element,
+#
+#     |got - ref| <= 2 * e_torch + ulp + cond
+#
+# * e_torch = max |same - ref|: no worse than twice PyTorch's own error (the flash-attention
+#   criterion);
+# * ulp = one unit in the last place of the output dtype at max |ref| (rounding a correct result
+#   costs up to half of it, and a gradient is rounded once in the kernel and once more when scaled
+#   by grad_output);
+# * cond = COND_ULPS ulps, in the precision the kernels compute in (float32; float64 for float64
+#   inputs), of M: the magnitude of the intermediates that the computation subtracts, carried to
+#   the output. It is the error floor of the computation itself, which no order of the same
+#   operations beats by more than a constant. e_torch alone is a sample of that floor, not a bound:
+#   it changes with things that are not the math (ATen's vector path, what ran before,
+#   alignment), and where a result is a small difference of large terms (a softmax gradient q - p
+#   with q, p near 1/2; a KL of nearly equal rows) torch can be 10x luckier than an equally correct
+#   kernel. The *_conditioning functions below derive M per op, first order in eps.
+#
+# Where a result is well conditioned, M is at most a small multiple of |ref| and cond adds a few
+# ulps: a kernel that is wrong by 1e-3 relative still fails (test_losses.py::test_checker_rejects_*).
+
+# An fp32 (fp64) computation of each intermediate is a few roundings away from exact: one for the
+# operation itself, one or two more for its operands' roundings. Two ulps (eps, i.e. 4 x the unit
+# roundoff) per unit of M covers that with the derivations below (first order; each intermediate
+# is weighted by how its relative error reaches the output).
+COND_ULPS = 2.0
+
+
+class Bound(NamedTuple):
+    """The criterion at the element where error / tolerance is largest."""
+    err: float  # |got - ref| there
+    tol: float  # 2 * e_torch + ulp + cond there
+    e_torch: float
+    ulp: float
+    cond: float
+
+    @property
+    def ok(self) -> bool:
+        return self.err <= self.tol  # False for NaN
+
+
+def parity_bound(got: torch.Tensor, same: torch.Tensor, ref: torch.Tensor, cond=0.0) -> Bound:
+    """The criterion above; cond is a float or a tensor that broadcasts to ref's shape."""
+    got, same, ref = got.detach(), same.detach(), ref.detach()
+    if got.shape != ref.shape:
+        return Bound(float("inf"), 0.0, 0.0, 0.0, 0.0)
+    if ref.numel() == 0:
+        return Bound(0.0, 0.0, 0.0, 0.0, 0.0)
+    e_torch = _err(same, ref)
+    ulp = torch.finfo(got.dtype).eps * float(ref.abs().max()) + torch.finfo(got.dtype).tiny
+    err = (got.double() - ref.double()).abs()
+    cond = torch.as_tensor(cond, dtype=torch.float64, device=err.device).expand(ref.shape)
+    tol = 2 * e_torch + ulp + cond
+    k = int((err / tol).flatten().nan_to_num(nan=float("inf")).argmax())
+    return Bound(float(err.flatten()[k]), float(tol.flatten()[k]), e_torch, ulp, float(cond.flatten()[k]))
+
+
+def _compute_eps(dtype: torch.dtype) -> float:
+    """One ulp at 1 of the precision the loss kernels compute in (at::opmath_type)."""
+    return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+
+
+def _softmax_parts(x: torch.Tensor, temperature: float):
+    """(p, lp, a, lse) of softmax(x / T) along dim 1, in float64.
+
+    Every backend computes lp = d - lse with d = (x - max) / T and lse = log sum exp(d): the two
+    intermediates that lp subtracts have magnitudes |d|, lse, so lp has an absolute error of a few
+    eps * a, a = |d| + lse, and p = exp(lp) a relative one of a few eps * (1 + a)."""
+    x = x.double()
+    d = (x - x.max(1, keepdim=True).values) / temperature
+    lse = d.logsumexp(1, keepdim=True)
+    lp = d - lse
+    return lp.exp(), lp, d.abs() + lse, lse
+
+
+def _kl_magnitude(p, lp, ap, lq, aq):
+    """M of sum_k p_k (lp_k - lq_k) per row: lp - lq subtracts lp and lq (a_p + a_q), and p's relative
+    error (1 + a_p) multiplies the difference."""
+    return (p * (ap + aq + (1 + ap) * (lp - lq).abs())).sum(1)
+
+
+def _cond(dtype: torch.dtype, m: torch.Tensor) -> torch.Tensor:
+    return (COND_ULPS * _compute_eps(dtype) * m).nan_to_num(nan=0.0, posinf=0.0)
+
+
+def kd_conditioning(student: torch.Tensor, teacher: torch.Tensor, temperature: float, reduction: str,
+                    grad_output: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """cond of kd_loss's loss and student gradient (see above), for the dtype-rounded inputs.
+
+    loss = T^2 r sum_i sum_k p_ik (lp_ik - lq_ik), r the reduction's factor (1/B, 1/(B K), 1):
+    M = T^2 r sum_k p_k (a_p + a_q + (1 + a_p) |lp - lq|), per row for "none".
+    grad = g T r (q - p), g = grad_output: q and p (each <= 1) are subtracted, each with relative
+    error ~ eps (1 + a): M_k = |g T r| (q_k (1 + a_q,k) + p_k (1 + a_p,k))."""
+    B, K = student.shape
+    r = {"batchmean": 1.0 / max(B, 1), "mean": 1.0 / max(B * K, 1), "sum": 1.0, "none": 1.0}[reduction]
+    q, lq, aq, _ = _softmax_parts(student, temperature)
+    p, lp, ap, _ = _softmax_parts(teacher, temperature)
+    rows = temperature ** 2 * r * _kl_magnitude(p, lp, ap, lq, aq)
+    g = (temperature * r * grad_output.double()).abs().reshape(-1, 1)
+    grad = g * (q * (1 + aq) + p * (1 + ap))
+    return _cond(student.dtype, rows if reduction == "none" else rows.sum()), _cond(student.dtype, grad)
+
+
+def pair_kd_conditioning(logits: torch.Tensor, labels: torch.Tensor, partner: torch.Tensor, temperature: float,
+                         kd_weight: float, ce_weight: float, teacher: str, ignore_index: int,
+                         grad_output: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """cond of pair_kd_loss's loss and gradient (see above), for the dtype-rounded logits.
+
+    CE of a valid row: lse1 - z_y = (m + log S1) - z_y subtracts |m| + log S1 + |z_y|; its gradient
+    c (softmax(z)_k - [k = y]), c = g ce_weight / n_valid, is bounded as the KD gradient:
+    |c| s_k (1 + a1_k). KD of a paired row i as the student of j = partner[i]: the KD bound of
+    kd_loss with teacher row j, scaled by kd_weight T^2 w / n_pairs (loss) and g kd_weight T w /
+    n_pairs (gradient), w = 1/2 for "symmetric". For "confident" the loss takes the larger of the
+    two members' M per pair (the teacher choice is not recomputed here), and both members' gradient
+    rows get the student's bound: a teacher row's tolerance grows by a few ulps of the KD scale,
+    never by a relative amount."""
+    x = logits.double()
+    B = x.shape[0]
+    labels, partner = labels.long(), partner.long()
+    valid = labels != ignore_index
+    paired = (partner != torch.arange(B, device=x.device)) & valid & valid[partner]
+    n_valid = max(int(valid.sum()), 1)
+    n_pairs = max(int(paired.sum()) / 2, 1.0)
+    w = 0.5 if teacher == "symmetric" else 1.0
+    g = float(grad_output.abs())
+    s1, _, a1, log_s1 = _softmax_parts(x, 1.0)
+    zy = x.gather(1, torch.where(valid, labels, 0)[:, None]).squeeze(1)
+    ce_rows = torch.where(valid, x.max(1).values.abs() + log_s1[:, 0] + zy.abs(), 0)
+    q, lq, a, _ = _softmax_parts(x, temperature)
+    kd_rows = _kl_magnitude(q[partner], lq[partner], a[partner], lq, a)
+    if teacher != "symmetric":  # either member may be the student: the larger M, once per pair
+        kd_rows = torch.maximum(kd_rows, kd_rows[partner])
+    # per pair: both members at weight 1/2 (symmetric) or the larger M once (confident)
+    kd = 0.5 * torch.where(paired, kd_rows, 0).sum()
+    loss = abs(ce_weight) / n_valid * ce_rows.sum() + abs(kd_weight) * temperature ** 2 / n_pairs * kd
+    grad = torch.where(valid[:, None], abs(ce_weight) / n_valid * g * s1 * (1 + a1), 0)
+    grad = grad + torch.where(paired[:, None], abs(kd_weight) * temperature * w / n_pairs * g
+                              * (q * (1 + a) + q[partner] * (1 + a[partner])), 0)
+    return _cond(logits.dtype, loss), _cond(logits.dtype, grad)
+
+
+def feature_conditioning(students: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], kind: str, weights,
+                         reduction: str, grad_output: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """cond of feature_alignment_loss's loss and student gradients (see above), dtype-rounded inputs.
+
+    Per layer, loss = s_l sum_k e(d_k), d = x - t (s_l = w_l, or w_l / n_l for the means):
+    * elementwise kinds: d = x - t is rounded once (relative eps), so a term e(d) is off by
+      eps (|e| + |d e'(d)|) and a gradient entry s_l e'(d) by eps (|e'| + |d e''|):
+      mse 3 d^2 and 4 |d|; l1 2 |d| and [d != 0]; smooth_l1 (|d| < 1) 1.5 d^2 and 2 |d|, else
+      (|d| - 1/2 subtracts |d| and 1/2) 2 |d| + 1/2 and 1;
+    * cosine, per position over the C channels: cos = x.t / (|x| |t|) (norms clamped to 1e-8); the
+      dot product subtracts terms of total size sum |x_c t_c|, so 1 - cos is off by eps times
+      M = 1 + |cos| + sum |x_c t_c| / (|x| |t|) (<= 3); the gradient s_l (cos x_c / |x|^2 - t_c /
+      (|x| |t|)) subtracts its two terms, the first with cos's error: M_c = |x_c| M / |x|^2 +
+      |t_c| / (|x| |t|). These are the operands' magnitudes, not the (possibly tiny) result's.
+    """
+    from .reference import losses as R
+
+    w = R.layer_weights(weights, len(students))
+    go = grad_output.double().reshape(-1)
+    losses, grads = [], []
+    for l, (x, t, wl) in enumerate(zip(students, targets, w)):
+        x, t = x.double(), t.double()
+        if kind == "cosine":
+            n = x.numel() // x.shape[1]
+            dot = (x * t).sum(1, keepdim=True)
+            nx, nt = x.norm(dim=1, keepdim=True), t.norm(dim=1, keepdim=True)
+            axy = nx.clamp_min(R.COSINE_EPS) * nt.clamp_min(R.COSINE_EPS)
+            m = 1 + (dot / axy).abs() + (x * t).abs().sum(1, keepdim=True) / axy
+            loss_m = m.sum()
+            inv_nx2 = torch.where(nx > R.COSINE_EPS, 1 / (nx * nx), 0)
+            grad_m = x.abs() * m * inv_nx2 + t.abs() / axy
+        else:
+            n = x.numel()
+            d = x - t
+            a = d.abs()
+            if kind == "mse":
+                loss_m, grad_m = (3 * d * d).sum(), 4 * a
+            elif kind == "l1":
+                loss_m, grad_m = (2 * a).sum(), (d != 0).double()
+            else:
+                small = a < 1
+                loss_m = torch.where(small, 1.5 * d * d, 2 * a + 0.5).sum()
+                grad_m = torch.where(small, 2 * a, 1.0)
+        scale = abs(wl if reduction == "sum" else wl / n)
+        losses.append(scale * loss_m)
+        grads.append(_cond(students[l].dtype, scale * abs(float(go[l if go.numel() > 1 else 0])) * grad_m))
+    loss = torch.stack(losses)
+    return _cond(students[0].dtype, loss if reduction == "none" else loss.sum()), grads
+
+
+# --- distillation losses: loss and gradient against the float64 reference, with the criterion
+# above. A check returns the (error, tolerance) of its worst case.
 
 LOSS_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _within(got: torch.Tensor, same: torch.Tensor, ref: torch.Tensor) -> Tuple[float, float]:
-    got, same, ref = got.detach(), same.detach(), ref.detach()
-    if got.shape != ref.shape:
-        return float("inf"), 0.0
-    scale = float(ref.abs().max()) if ref.numel() else 0.0
-    ulp = torch.finfo(got.dtype).eps * scale + torch.finfo(got.dtype).tiny
-    return _err(got, ref), 2 * _err(same, ref) + ulp
-
-
-def _worst(results: List[Tuple[float, float]]) -> Tuple[float, float]:
-    return max(results, key=lambda r: r[0] / r[1] if r[1] > 0 else (float("inf") if r[0] > 0 else 0.0))
+def _worst(results: List[Bound]) -> Tuple[float, float]:
+    worst = max(results, key=lambda r: r.err / r.tol if r.tol > 0 else (float("inf") if r.err > 0 else 0.0))
+    return worst.err, worst.tol
 
 
 def _loss_and_grads(fn, inputs: List[torch.Tensor], backend, grad_out: torch.Tensor, *args, **kw):
@@ -113,14 +298,18 @@ def _loss_and_grads(fn, inputs: List[torch.Tensor], backend, grad_out: torch.Ten
     return loss, list(grads)
 
 
-def _parity(fn, ref_fn, inputs64, backend, dtype, grad_out, *args, **kw) -> List[Tuple[float, float]]:
+def _parity(fn, ref_fn, conditioning, inputs64, backend, dtype, grad_out, *args, **kw) -> List[Bound]:
+    """conditioning(inputs in dtype) -> (cond of the loss, cond of the gradient or a list, one per input)."""
     ref, ref_g = _loss_and_grads(ref_fn, inputs64, None, grad_out, *args, **kw)
     low = [x.to(dtype) for x in inputs64]
     same, same_g = _loss_and_grads(ref_fn, low, None, grad_out, *args, **kw)
     got, got_g = _loss_and_grads(fn, low, backend, grad_out, *args, **kw)
-    out = [_within(got, same, ref)] + [_within(a, b, c) for a, b, c in zip(got_g, same_g, ref_g)]
+    loss_cond, grad_conds = conditioning(low)
+    grad_conds = grad_conds if isinstance(grad_conds, list) else [grad_conds]
+    out = [parity_bound(got, same, ref, loss_cond)]
+    out += [parity_bound(a, b, c, d) for a, b, c, d in zip(got_g, same_g, ref_g, grad_conds)]
     if got.dtype != dtype:
-        out.append((float("inf"), 0.0))
+        out.append(Bound(float("inf"), 0.0, 0.0, 0.0, 0.0))
     return out
 
 
@@ -139,11 +328,14 @@ def _pair_kd_loss(backend: str, device: str) -> Tuple[float, float]:
         if B > 5:
             labels[5] = -100  # an ignored row
         logits, labels, partner = logits.to(device), labels.to(device), partner.to(device)
+        go = torch.tensor(0.37, dtype=torch.float64, device=device)
         for teacher in ("confident", "symmetric"):
+            kw = dict(temperature=3.0, kd_weight=0.7, ce_weight=1.3, teacher=teacher)
             for dtype in LOSS_DTYPES:
-                results += _parity(pair_kd_loss, R.pair_kd_loss, [logits], backend, dtype,
-                                   torch.tensor(0.37, device=device), labels, partner, temperature=3.0,
-                                   kd_weight=0.7, ce_weight=1.3, teacher=teacher)
+                results += _parity(pair_kd_loss, R.pair_kd_loss,
+                                   lambda low: pair_kd_conditioning(low[0], labels, partner, ignore_index=-100,
+                                                                    grad_output=go, **kw),
+                                   [logits], backend, dtype, go, labels, partner, **kw)
     return _worst(results)
 
 
@@ -162,6 +354,7 @@ def _kd_loss(backend: str, device: str) -> Tuple[float, float]:
                 teacher = t.to(dtype)  # a constant: only the student's gradient is compared
                 results += _parity(lambda x, *a, **k: kd_loss(x, teacher, *a, **k),
                                    lambda x, *a, **k: R.kd_loss(x, teacher.to(x.dtype), *a, **k),
+                                   lambda low: kd_conditioning(low[0], teacher, 3.0, reduction, go),
                                    [s], backend, dtype, go, temperature=3.0, reduction=reduction)
     return _worst(results)
 
@@ -192,6 +385,7 @@ def _feature_alignment_loss(backend: str, device: str) -> Tuple[float, float]:
                 tgt = [t.to(dtype) for t in targets]  # constants
                 results += _parity(lambda xs, **k: feature_alignment_loss(xs, tgt, **k),
                                    lambda xs, **k: R.feature_alignment_loss(xs, [t.to(xs[0].dtype) for t in tgt], **k),
+                                   lambda low: feature_conditioning(low, tgt, kind, weights, reduction, go),
                                    students, backend, dtype, go, kind=kind, weights=weights, reduction=reduction)
     return _worst(results)
 

@@ -12,8 +12,8 @@
 // * vectorised float/half/bfloat16 kernels (the FASTSD_LOSSES_ISA_PASS part at the end of this
 //   file), written with GCC vector extensions and compiled three times by including this file into
 //   itself: for AVX-512 (16 lanes), AVX2 + FMA (8 lanes) and the build's baseline (4 lanes, what the
-//   compiler makes of them). The widest one that both the CPU and ATen's CPU capability
-//   (ATEN_CPU_CAPABILITY=default|avx2|avx512 lowers it) allow is picked once, at the first call.
+//   compiler makes of them). cpu::cpu_isa() (capability.h) picks one for the process: the widest
+//   that the CPU, ATen's capability (ATEN_CPU_CAPABILITY) and FASTSD_CPU_CAPABILITY allow.
 //   half/bfloat16 rows are converted to float vectors in registers (or into a small per-task
 //   buffer for logits rows), so every loop runs on whole float vectors.
 #ifndef FASTSD_LOSSES_ISA_PASS
@@ -21,7 +21,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/Version.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -36,6 +35,7 @@
 #include <vector>
 
 #include "alloc.h"
+#include "capability.h"
 
 #if defined(__GNUC__)
 #pragma GCC diagnostic ignored "-Wpsabi"  // vector types in the signatures of inline helpers
@@ -450,7 +450,6 @@ struct VecKernels {
                         double scale);
   double (*cosine)(Dt, const void* x, const void* y, void* g, int64_t begin, int64_t end, int64_t C, int64_t S,
                    bool channels_last, double scale);
-  const char* name;
 };
 
 }  // namespace
@@ -458,35 +457,30 @@ struct VecKernels {
 
 #if defined(FASTSD_VECTOR_KERNELS)
 #define FASTSD_LOSSES_ISA_PASS
-#if defined(__x86_64__) && !defined(__clang__)
-#define FASTSD_MULTI_ISA 1
+#if defined(FASTSD_MULTI_ISA)
+#define FASTSD_STR(x) #x
+#define FASTSD_PRAGMA(x) _Pragma(FASTSD_STR(x))  // #pragma does not expand macros; _Pragma's argument does
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")
+FASTSD_PRAGMA(GCC target(FASTSD_TARGET_AVX512))
 #define FASTSD_ISA avx512
-#define FASTSD_ISA_NAME "avx512"
 #define FASTSD_W 16
 #include "losses.cpp"
 #undef FASTSD_ISA
-#undef FASTSD_ISA_NAME
 #undef FASTSD_W
 #pragma GCC pop_options
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+FASTSD_PRAGMA(GCC target(FASTSD_TARGET_AVX2))
 #define FASTSD_ISA avx2
-#define FASTSD_ISA_NAME "avx2"
 #define FASTSD_W 8
 #include "losses.cpp"
 #undef FASTSD_ISA
-#undef FASTSD_ISA_NAME
 #undef FASTSD_W
 #pragma GCC pop_options
 #endif
 #define FASTSD_ISA baseline
-#define FASTSD_ISA_NAME "baseline"
 #define FASTSD_W 4
 #include "losses.cpp"
 #undef FASTSD_ISA
-#undef FASTSD_ISA_NAME
 #undef FASTSD_W
 #undef FASTSD_LOSSES_ISA_PASS
 #endif
@@ -494,27 +488,23 @@ struct VecKernels {
 namespace fastsd {
 namespace {
 
-// The vectorised kernels for this CPU, or nullptr (no vector extensions: the generic templates).
+// The vectorised kernels of the path in use (cpu::cpu_isa()), or nullptr (no vector extensions:
+// the generic templates).
 const VecKernels* vec_kernels() {
-  static const VecKernels* const chosen = []() -> const VecKernels* {
+  switch (cpu::cpu_isa()) {
 #if defined(FASTSD_MULTI_ISA)
-    const std::string capability = at::get_cpu_capability();  // honours ATEN_CPU_CAPABILITY
-    __builtin_cpu_init();
-    if (capability == "AVX512" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
-        __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    case cpu::Isa::kAvx512:
       return &avx512::kernels;
-    if ((capability == "AVX512" || capability == "AVX2") && __builtin_cpu_supports("avx2") &&
-        __builtin_cpu_supports("fma"))
+    case cpu::Isa::kAvx2:
       return &avx2::kernels;
 #endif
+    default:
 #if defined(FASTSD_VECTOR_KERNELS)
-    return &baseline::kernels;
+      return &baseline::kernels;
 #else
-    return nullptr;
+      return nullptr;
 #endif
-  }();
-  return chosen;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1279,7 +1269,7 @@ double cosine_any(Dt dt, const void* x, const void* y, void* g, int64_t begin, i
   }
 }
 
-const VecKernels kernels = {&pair_kd_rows_any, &kd_rows_any, &elementwise_any, &cosine_any, FASTSD_ISA_NAME};
+const VecKernels kernels = {&pair_kd_rows_any, &kd_rows_any, &elementwise_any, &cosine_any};
 
 }  // namespace FASTSD_ISA
 }  // namespace

@@ -19,6 +19,7 @@
 
 #include "../patch_swap.h"
 #include "alloc.h"
+#include "capability.h"
 
 namespace fastsd {
 namespace {
@@ -46,33 +47,57 @@ inline void run(T* o, const T* self, const T* other, bool keep, bool take, int64
   }
 }
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)  // ifunc
-// One clone per vector width, picked at load time by the CPU (GCC function multiversioning).
-#define FASTSD_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FASTSD_VECTOR_CLONES
+// out = (s & keep) | (t & take), element by element, and the forward's case keep == ~take (one bit
+// stream fewer to read). __restrict and plain arguments let the compiler vectorise them (csrc is
+// built with -fno-strict-aliasing for the bit casts, so without them every store could alias every
+// loaded bound). One copy per vector path (capability.h), picked by select_loops().
+#define FASTSD_SELECT_LOOPS(ISA, ATTRIBUTES)                                                              \
+  namespace ISA {                                                                                        \
+  template <typename U>                                                                                  \
+  ATTRIBUTES void select_bits(U* __restrict o, const U* __restrict s, const U* __restrict t,             \
+                              const U* __restrict keep, const U* __restrict take, int64_t n) {           \
+    for (int64_t e = 0; e < n; ++e) o[e] = (s[e] & keep[e]) | (t[e] & take[e]);                          \
+  }                                                                                                      \
+  template <typename U>                                                                                  \
+  ATTRIBUTES void select_take(U* __restrict o, const U* __restrict s, const U* __restrict t,             \
+                              const U* __restrict take, int64_t n) {                                     \
+    for (int64_t e = 0; e < n; ++e) o[e] = (s[e] & ~take[e]) | (t[e] & take[e]);                         \
+  }                                                                                                      \
+  }
+
+#if defined(FASTSD_MULTI_ISA)
+FASTSD_SELECT_LOOPS(avx512, __attribute__((target(FASTSD_TARGET_AVX512))))
+FASTSD_SELECT_LOOPS(avx2, __attribute__((target(FASTSD_TARGET_AVX2))))
 #endif
+FASTSD_SELECT_LOOPS(baseline, )
+#undef FASTSD_SELECT_LOOPS
 
-// out = (s & keep) | (t & take), element by element. __restrict and plain arguments let the
-// compiler vectorise it (csrc is built with -fno-strict-aliasing for the bit casts, so without
-// them every store could alias every loaded bound).
 template <typename U>
-FASTSD_VECTOR_CLONES void select_bits(U* __restrict o, const U* __restrict s, const U* __restrict t, const U* __restrict keep,
-                        const U* __restrict take, int64_t n) {
-  for (int64_t e = 0; e < n; ++e) o[e] = (s[e] & keep[e]) | (t[e] & take[e]);
-}
+struct SelectLoops {
+  void (*bits)(U*, const U*, const U*, const U*, const U*, int64_t);
+  void (*take)(U*, const U*, const U*, const U*, int64_t);
+};
 
-// The forward's case: keep == ~take, one bit stream fewer to read.
 template <typename U>
-FASTSD_VECTOR_CLONES void select_take(U* __restrict o, const U* __restrict s, const U* __restrict t, const U* __restrict take,
-                        int64_t n) {
-  for (int64_t e = 0; e < n; ++e) o[e] = (s[e] & ~take[e]) | (t[e] & take[e]);
+SelectLoops<U> select_loops() {
+#if defined(FASTSD_MULTI_ISA)
+  switch (cpu::cpu_isa()) {
+    case cpu::Isa::kAvx512:
+      return {&avx512::select_bits<U>, &avx512::select_take<U>};
+    case cpu::Isa::kAvx2:
+      return {&avx2::select_bits<U>, &avx2::select_take<U>};
+    default:
+      break;
+  }
+#endif
+  return {&baseline::select_bits<U>, &baseline::select_take<U>};
 }
 
 template <typename T>
 void cell_select(const T* x, T* out, const int64_t* src, const int64_t* mask_row, const uint8_t* mask,
                  const PatchSwapGeometry& geometry, bool forward) {
   using U = Bits<T>;
+  const SelectLoops<U> loops = select_loops<U>();
   const int64_t B = geometry.B, C = geometry.C, H = geometry.H, W = geometry.W, gh = geometry.gh, gw = geometry.gw;
   const bool channels_last = geometry.channels_last;
   const int64_t pix = channels_last ? C : 1;     // elements per pixel in a row
@@ -125,11 +150,11 @@ void cell_select(const T* x, T* out, const int64_t* src, const int64_t* mask_row
         T* o = out + self_base + p * plane_stride;
         if (!by_runs) {
           if (forward) {
-            select_take(reinterpret_cast<U*>(o), reinterpret_cast<const U*>(self), reinterpret_cast<const U*>(other),
-                        take_bits.data(), block);
+            loops.take(reinterpret_cast<U*>(o), reinterpret_cast<const U*>(self), reinterpret_cast<const U*>(other),
+                       take_bits.data(), block);
           } else {
-            select_bits(reinterpret_cast<U*>(o), reinterpret_cast<const U*>(self),
-                        reinterpret_cast<const U*>(other), keep_bits.data(), take_bits.data(), block);
+            loops.bits(reinterpret_cast<U*>(o), reinterpret_cast<const U*>(self),
+                       reinterpret_cast<const U*>(other), keep_bits.data(), take_bits.data(), block);
           }
           for (const int64_t cw : both) {
             for (int64_t r = 0; r < block; r += row_len) {

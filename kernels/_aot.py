@@ -65,15 +65,16 @@ def recorded(module, names: Iterable[str]):
             setattr(module, n, k)
 
 
-def specs_from_launches(module, names: Iterable[str], cases: Iterable[Tuple[str, Callable[[], object]]]) -> List[dict]:
+def specs_from_launches(module, names: Dict[str, str], cases: Iterable[Tuple[str, Callable[[], object]]]) -> List[dict]:
     """One spec per distinct compiled variant the ``cases`` launch (``(tag, thunk)``; the thunk calls a
-    launcher); the first case that launches a variant names it ``<kernel>_<tag>``."""
+    launcher); ``names`` maps each kernel's name in ``module`` to the prefix of its specs' names, and the
+    first case that launches a variant names it ``<prefix>_<tag>``."""
     specs: Dict[str, dict] = {}
     for tag, thunk in cases:
         with recorded(module, names) as launches:
             thunk()
         for kname, kernel, _grid, args, kwargs in launches:
-            spec = launch_spec(f"{kname.strip('_').removesuffix('_kernel')}_{tag}", kernel, args, kwargs)
+            spec = launch_spec(f"{names[kname]}_{tag}", kernel, args, kwargs)
             key = repr((kname, spec["signature"], spec["constexprs"], spec["attrs"], spec["options"]))
             specs.setdefault(key, spec)
     return list(specs.values())

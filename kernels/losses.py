@@ -675,8 +675,10 @@ def feature_alignment_loss(student, target, channels_last, kind, scales, per_lay
 
 # --- ahead-of-time compile specs: the variants the launchers pick, as the JIT specialises them ----------
 
-_KERNELS = ("_pair_counts_kernel", "_pair_stats_kernel", "_pair_kd_kernel", "_kd_stats_kernel", "_kd_kernel",
-            "_feature_elementwise_kernel", "_feature_cosine_kernel")
+# kernel -> the prefix of its specs' names (the feature kernels' tags start with the kind)
+_KERNELS = {"_pair_counts_kernel": "pair_counts", "_pair_stats_kernel": "pair_kd_stats", "_pair_kd_kernel": "pair_kd",
+            "_kd_stats_kernel": "kd_stats", "_kd_kernel": "kd", "_feature_elementwise_kernel": "feature",
+            "_feature_cosine_kernel": "feature"}
 # (B, K): the benchmark's rows (1 and 4 warps), one-block rows at 16 and 32 warps, split rows with few and
 # with many rows
 AOT_ROWS = ((256, 100), (256, 1000), (256, 3000), (64, MAX_SINGLE_BLOCK), (64, 32768), (512, 32768))
@@ -715,17 +717,16 @@ def _aot_cases():
                     if cl:
                         x = [t.contiguous(memory_format=torch.channels_last) for t in x]
                     for grad in ((False, True) if kind in ("mse", "cosine") else (True,)):
-                        what = f"{'' if kind == 'cosine' else kind + '_'}{'cl_' if cl else ''}"
-                        tag = f"{what}{dt}_{name}{'_grad' if grad else ''}"
+                        tag = f"{kind}_{'cl_' if cl else ''}{dt}_{name}{'_grad' if grad else ''}"
                         out.append((tag, lambda x=x, k=kind, c=cl, g=grad: feature_alignment_loss(
                             x, x, [c] * len(x), k, [1.0] * len(x), False, g)))
         x = [torch.empty(math.prod(shape) + 1, dtype=dtype, device="meta")[1:].view(shape) for shape in AWKWARD_MAPS]
         for kind in ("mse", "cosine"):
-            out.append((f"{'' if kind == 'cosine' else kind + '_'}{dt}_unaligned_grad", lambda x=x, k=kind: feature_alignment_loss(
+            out.append((f"{kind}_{dt}_unaligned_grad", lambda x=x, k=kind: feature_alignment_loss(
                 x, x, [False] * len(x), k, [1.0] * len(x), False, True)))
         for shape in WIDEST_MAPS:
             x = [torch.empty(shape, **meta)]
-            out.append((f"{dt}_{shape[1]}_channels_rank{len(shape)}_grad", lambda x=x: feature_alignment_loss(
+            out.append((f"cosine_{dt}_{shape[1]}_channels_rank{len(shape)}_grad", lambda x=x: feature_alignment_loss(
                 x, x, [False], "cosine", [1.0], False, True)))
     return out
 

@@ -14,7 +14,7 @@ import contextlib
 import functools
 from typing import Callable, Dict, Iterable, List, Tuple
 
-_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "debug", "sanitize_overflow")
 
 
 @functools.lru_cache(maxsize=None)

@@ -58,8 +58,12 @@ _INT32_MAX = 2 ** 31 - 1
 
 
 @triton.jit
-def _count_rows(labels_ptr, partner_ptr, counts_ptr, B, ignore_index, BLOCK: tl.constexpr):
-    """counts[0] = number of rows with a label, counts[1] = number of rows in a pair (2 x pairs)."""
+def _count_rows(labels_ptr, partner_ptr, counts_ptr, B, K, ignore_index, BLOCK: tl.constexpr, CHECK: tl.constexpr):
+    """counts[0] = number of rows with a label, counts[1] = number of rows in a pair (2 x pairs).
+
+    CHECK: assert on the device (compiled in by the launch option debug=True; an asynchronous
+    device-side assert, like PyTorch's own index checks) that every label is in [0, K) or
+    ignore_index and that partner is an involution of range(B): the glue's checks, without launches."""
     valid = tl.zeros([BLOCK], dtype=tl.float32)
     paired = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, B, BLOCK):
@@ -67,7 +71,14 @@ def _count_rows(labels_ptr, partner_ptr, counts_ptr, B, ignore_index, BLOCK: tl.
         m = offs < B
         y = tl.load(labels_ptr + offs, mask=m, other=ignore_index)
         p = tl.load(partner_ptr + offs, mask=m, other=0)
-        yp = tl.load(labels_ptr + p, mask=m, other=ignore_index)
+        in_range = m & (p >= 0) & (p < B)
+        yp = tl.load(labels_ptr + p, mask=in_range, other=ignore_index)
+        if CHECK:
+            tl.device_assert((y == ignore_index) | ((y >= 0) & (y < K)),
+                             "fastsd.pair_kd_loss: labels must be in [0, K) or equal ignore_index")
+            pp = tl.load(partner_ptr + p, mask=in_range, other=-1)
+            tl.device_assert(~m | (pp == offs), "fastsd.pair_kd_loss: partner must pair rows: partner[partner[i]] "
+                                                "== i for every i (e.g. from intra_class_pairs)")
         v = m & (y != ignore_index)
         valid += v.to(tl.float32)
         paired += (v & (yp != ignore_index) & (p != offs)).to(tl.float32)
@@ -76,8 +87,9 @@ def _count_rows(labels_ptr, partner_ptr, counts_ptr, B, ignore_index, BLOCK: tl.
 
 
 @triton.jit
-def _pair_counts_kernel(labels_ptr, partner_ptr, counts_ptr, B, ignore_index, BLOCK: tl.constexpr):
-    _count_rows(labels_ptr, partner_ptr, counts_ptr, B, ignore_index, BLOCK)
+def _pair_counts_kernel(labels_ptr, partner_ptr, counts_ptr, B, K, ignore_index, BLOCK: tl.constexpr,
+                        CHECK: tl.constexpr):
+    _count_rows(labels_ptr, partner_ptr, counts_ptr, B, K, ignore_index, BLOCK, CHECK)
 
 
 @triton.jit
@@ -191,14 +203,15 @@ def _pair_block_kd(zi, zj, offs, K, pair_on, yi, yj, mi, mj, s1i, s1j, lsti, lst
 
 @triton.jit
 def _pair_stats_kernel(logits_ptr, labels_ptr, partner_ptr, counts_ptr, stats_ptr, B, K, chunk, temperature,
-                       ignore_index, BLOCK: tl.constexpr, ALIGN: tl.constexpr, COUNT_BLOCK: tl.constexpr):
+                       ignore_index, BLOCK: tl.constexpr, ALIGN: tl.constexpr, COUNT_BLOCK: tl.constexpr,
+                       CHECK: tl.constexpr):
     """Program (r, s): the statistics of chunk s of row r (if r has a label); program (B, 0) counts the rows."""
     r = tl.program_id(0)
     s = tl.program_id(1)
     S = tl.num_programs(1)
     if r == B:
         if s == 0:
-            _count_rows(labels_ptr, partner_ptr, counts_ptr, B, ignore_index, COUNT_BLOCK)
+            _count_rows(labels_ptr, partner_ptr, counts_ptr, B, K, ignore_index, COUNT_BLOCK, CHECK)
     else:
         K = _aligned(K, ALIGN)
         y = tl.load(labels_ptr + r)
@@ -320,11 +333,11 @@ def _kd_stats_kernel(student_ptr, teacher_ptr, stats_ptr, K, chunk, temperature,
 
 
 @triton.jit
-def _kd_kernel(student_ptr, teacher_ptr, stats_ptr, loss_ptr, grad_ptr, K, chunk, temperature, grad_scale,
-               COMPUTE_GRAD: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr, ALIGN: tl.constexpr,
+def _kd_kernel(student_ptr, teacher_ptr, stats_ptr, loss_ptr, grad_ptr, K, chunk, temperature, loss_scale,
+               grad_scale, COMPUTE_GRAD: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr, ALIGN: tl.constexpr,
                SP: tl.constexpr):
-    """loss[i * S + s] = chunk s's part of KL(softmax(t_i / T) || softmax(s_i / T)); its gradient
-    grad_scale * (q_i - p_i). SINGLE: the whole row, s = 0."""
+    """loss[i * S + s] = loss_scale * chunk s's part of KL(softmax(t_i / T) || softmax(s_i / T)) (scaled
+    here: no multiply after the sum); its gradient grad_scale * (q_i - p_i). SINGLE: the whole row, s = 0."""
     i = tl.program_id(0)
     s = tl.program_id(1)
     S = tl.num_programs(1)
@@ -353,7 +366,7 @@ def _kd_kernel(student_ptr, teacher_ptr, stats_ptr, loss_ptr, grad_ptr, K, chunk
             offs = start + tl.arange(0, BLOCK)
             zs, zt = _load_rows(row_s, row_t, offs, hi, True, True)
             kl += _kd_block(zs, zt, offs, hi, ms, mt, lsts, lstt, inv_t, grad_scale, row_g, COMPUTE_GRAD)
-    tl.store(loss_ptr + i * S + s, kl)
+    tl.store(loss_ptr + i * S + s, loss_scale * kl)
 
 
 @triton.jit
@@ -510,11 +523,18 @@ def _split(K: int, rows: int):
     return LOOP_BLOCK * per, triton.cdiv(blocks, per)
 
 
-def pair_kd_loss(logits, labels, partner, temperature, kd_weight, ce_weight, symmetric, ignore_index, compute_grad):
+# Launch options that compile tl.device_assert in (without the integer overflow checks debug adds).
+_CHECKED = {"debug": True, "sanitize_overflow": False}
+
+
+def pair_kd_loss(logits, labels, partner, temperature, kd_weight, ce_weight, symmetric, ignore_index, compute_grad,
+                 check_indices=False):
     """(loss, grad) of fastsd.pair_kd_loss; logits contiguous rows, labels/partner int64 [B].
 
     Rows up to MAX_SINGLE_BLOCK: the counts kernel and B programs (one per row; a pair's lower index
-    does the pair). Longer rows: the statistics kernel (which also counts) and B x S programs."""
+    does the pair). Longer rows: the statistics kernel (which also counts) and B x S programs.
+    ``check_indices``: the counting asserts labels and partner on the device (see _count_rows); the
+    interpreter ignores device asserts."""
     import torch
 
     _check_inputs("pair_kd_loss", logits)
@@ -525,15 +545,17 @@ def pair_kd_loss(logits, labels, partner, temperature, kd_weight, ce_weight, sym
     block, single, warps = _row_block(K)
     align = _align(K, logits.element_size())
     count_block = min(1024, max(16, triton.next_power_of_2(B)))
+    checked = _CHECKED if check_indices else {}
     if single:
         chunk, S, stats = K, 1, counts
-        _pair_counts_kernel[(1,)](labels, partner, counts, B, ignore_index, BLOCK=count_block)
+        _pair_counts_kernel[(1,)](labels, partner, counts, B, K, ignore_index, BLOCK=count_block,
+                                  CHECK=bool(check_indices), **checked)
     else:
         chunk, S = _split(K, B // 2)  # about half the programs lead a pair
         stats = torch.empty(4 * B * S, dtype=torch.float32, device=dev)
         _pair_stats_kernel[(B + 1, S)](logits, labels, partner, counts, stats, B, K, chunk, float(temperature),
                                        int(ignore_index), BLOCK=block, ALIGN=align, COUNT_BLOCK=count_block,
-                                       num_warps=warps)
+                                       CHECK=bool(check_indices), num_warps=warps, **checked)
     rows = torch.empty(B * S, dtype=torch.float32, device=dev)
     _pair_kd_kernel[(B, S)](logits, labels, partner, counts, stats, rows, grad if compute_grad else logits,
                             K, chunk, float(temperature), float(kd_weight), float(ce_weight), int(ignore_index),
@@ -545,7 +567,8 @@ def pair_kd_loss(logits, labels, partner, temperature, kd_weight, ce_weight, sym
 def kd_loss(student, teacher, temperature, loss_scale, grad_scale, per_row, compute_grad):
     """(loss, grad) of fastsd.kd_loss: loss = loss_scale * KL rows (summed unless per_row).
 
-    Rows up to MAX_SINGLE_BLOCK: B programs; longer rows: the statistics kernel and B x S programs."""
+    Rows up to MAX_SINGLE_BLOCK: B programs; longer rows: the statistics kernel and B x S programs.
+    The kernel stores loss_scale * KL: a per-row loss is its output as it is, a sum one reduction."""
     import torch
 
     _check_inputs("kd_loss", student, teacher)
@@ -563,12 +586,12 @@ def kd_loss(student, teacher, temperature, loss_scale, grad_scale, per_row, comp
                                  num_warps=warps)
     rows = torch.empty(B * S, dtype=torch.float32, device=dev)
     _kd_kernel[(B, S)](student, teacher, stats, rows, grad if compute_grad else student, K, chunk,
-                       float(temperature), float(grad_scale), COMPUTE_GRAD=bool(compute_grad), BLOCK=block,
-                       SINGLE=single, ALIGN=align, SP=MAX_SPLIT, num_warps=warps)
+                       float(temperature), float(loss_scale), float(grad_scale), COMPUTE_GRAD=bool(compute_grad),
+                       BLOCK=block, SINGLE=single, ALIGN=align, SP=MAX_SPLIT, num_warps=warps)
     if per_row:
-        loss = (rows if S == 1 else rows.view(B, S).sum(1)) * loss_scale
+        loss = rows if S == 1 else rows.view(B, S).sum(1)
     else:
-        loss = rows.sum() * loss_scale
+        loss = rows.sum()
     return loss.to(student.dtype), grad
 
 
@@ -709,6 +732,10 @@ def _aot_cases():
         z = torch.empty(5 * 37 + 1, dtype=dtype)[1:].view(5, 37)
         y = torch.zeros(5, dtype=torch.int64)
         out.append((f"{dt}_unaligned", lambda z=z, y=y: pair_kd_loss(z, y, y, 4.0, 1.0, 1.0, False, -100, True)))
+        for B, K in ((256, 1000), (64, 32768)):  # the index checks compiled in (CUDA tensors)
+            z, y = torch.empty(B, K, **meta), labels[B]
+            out.append((f"{dt}_{B}x{K}_checked", lambda z=z, y=y: pair_kd_loss(z, y, y, 4.0, 1.0, 1.0, False, -100,
+                                                                                True, check_indices=True)))
         out.append((f"{dt}_unaligned", lambda z=z: kd_loss(z, z, 4.0, 1.0, 1.0, False, True)))
         for name, maps in (("cifar", CIFAR_MAPS), ("imagenet", IMAGENET_MAPS)):
             for kind in KINDS:

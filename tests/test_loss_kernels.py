@@ -62,7 +62,8 @@ def test_launch_spec_is_the_jits_specialisation():
         specs = _aot.specs_from_launches(K, K._KERNELS, [("t", lambda z=z: K.kd_loss(z, z, 2.0, 1.0, 1.0, False, True))])
         (spec,) = specs
         assert (spec["attrs"].get((0,)) == [["tt.divisibility", 16]]) == aligned, spec["attrs"]
-        assert spec["constexprs"][(12,)] == 4  # ALIGN: rows of 100 floats start 16-byte aligned
+        align = list(spec["signature"]).index("ALIGN")
+        assert spec["constexprs"][(align,)] == 4  # rows of 100 floats start 16-byte aligned
     specs = _aot.specs_from_launches(K, K._KERNELS, [("t", lambda: K.pair_kd_loss(x[:200].view(2, 100), y, y, 2.0,
                                                                                   1.0, 1.0, False, -100, True))])
     assert [s["name"] for s in specs] == ["pair_counts_t", "pair_kd_t"]
@@ -134,6 +135,26 @@ def test_compiled_loss_kernels_meet_the_budgets(compiled):
             if _widest_load(result.ptx) < want:
                 bad.append((spec["name"], f"widest load {_widest_load(result.ptx)} bytes, expected {want}"))
     assert not bad, bad
+
+
+def test_index_checks_are_compiled_in_where_asked(compiled):
+    # check_indices: the counting asserts labels and partner on the device (the glue's checks, no launch)
+    checked = [s["name"] for s in SPECS if s["name"].endswith("_checked")]
+    assert {re.sub(r"_(fp32|fp16|bf16)_.*", "", n) for n in checked} == {"pair_counts", "pair_kd_stats"}
+    for spec in SPECS:
+        ptx = compiled[(spec["name"], 90)].ptx
+        asserts = ptx.count("__assertfail")
+        assert (asserts > 0) == (spec["name"] in checked), (spec["name"], asserts)
+
+
+@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="Triton interpreter unavailable")
+@pytest.mark.parametrize("classes", [10, 9000])
+def test_checked_launch_gives_the_same_result(classes):
+    logits, labels, partner = pair_inputs(12, classes, 4)
+    z = logits.float()
+    plain = K.pair_kd_loss(z, labels, partner, 3.0, 0.7, 1.3, False, -100, True)
+    checked = K.pair_kd_loss(z, labels, partner, 3.0, 0.7, 1.3, False, -100, True, check_indices=True)
+    assert torch.equal(plain[0], checked[0]) and torch.equal(plain[1], checked[1])
 
 
 def test_cosine_kernel_has_no_per_element_division(compiled):

@@ -1,41 +1,69 @@
 """Triton kernels of the fused distillation losses (SPEC section 4; formulas in csrc/losses.cpp).
 
-* ``_pair_kd_kernel``: one program per row i; the pair (i, partner[i]) is handled by its lower
-  index, which reads both rows and writes both gradient rows, so every logit is read once. A row
-  that fits one block (K <= ``MAX_SINGLE_BLOCK``) is loaded once; longer rows take two passes (online
-  max/sum, then loss and gradient), reading the logits twice. Both forms run the same per-block
-  helpers (``_pair_block_stats``, ``_pair_block_kd``). A row with an ignored label is not read (its
-  gradient is 0, its partner a singleton), and terms a row does not have (CE of an ignored row, KD
-  of a teacher) are selected out, never multiplied by 0, so NaN / Inf do not leak into them.
-* ``_kd_kernel``: the same for a student row and a teacher row (per-block helper ``_kd_block``).
+* ``_pair_kd_kernel``: the pair (i, partner[i]) is handled by its lower index, which reads both
+  rows and writes both gradient rows, so every logit is read once. A row that fits one block
+  (K <= ``MAX_SINGLE_BLOCK``) is loaded once, one program per row (``SINGLE``). Longer rows are split
+  along K into ``S`` chunks so that B x S programs cover the GPU: ``_pair_stats_kernel`` writes each
+  chunk's statistics (max, sums at temperature 1 and T, z[y]; one more program counts the rows),
+  and program (i, s) of ``_pair_kd_kernel`` gathers its rows' S statistics in a fixed order (no
+  atomics: deterministic), then writes chunk s of the gradients and its part of the loss. Both
+  forms run the same per-block helpers (``_row_block_stats``, ``_pair_block_kd``). A row with an
+  ignored label is not read (its gradient is 0, its partner a singleton), and terms a row does not
+  have (CE of an ignored row, KD of a teacher) are selected out, never multiplied by 0, so NaN /
+  Inf do not leak into them.
+* ``_kd_kernel`` (and ``_kd_stats_kernel``): the same for a student row and a teacher row.
 * ``_feature_elementwise_kernel`` / ``_feature_cosine_kernel``: every layer of a call in one launch.
   The layers' pointers, sizes and first program index are tuples of kernel arguments (no table to
   copy to the device): program ``pid`` belongs to the layer whose range of programs holds it
   (a static loop over the layers with one runtime branch taken). Each program writes its partial
-  loss; the host sums them with torch (a fixed order: deterministic, no atomics).
+  loss; the host sums them with torch (a fixed order: deterministic, no atomics). The cosine
+  kernel reduces along the channels with the contiguous dimension across lanes: the spatial one
+  for contiguous (NCHW) maps (several samples a program when one sample is smaller than a tile),
+  the channel one for channels-last maps.
+
+Memory access: sample / row / block offsets are int64 scalars added to the base pointers once per
+program; the per-element offsets are int32 (within a block, a row, or one sample's ``C * S``
+elements, which the launcher checks is below 2**31), so no 64-bit arithmetic runs per element and
+no integer division at all runs per element. Rows start at ``i * K``: the launchers pass ``ALIGN``,
+the largest power of two <= 16 bytes / itemsize dividing K, so the compiler knows each row is that
+aligned and loads 16 bytes at a time where the JIT found the base pointer 16-byte aligned.
 
 Everything is computed in float32 (loads are converted at once, which also sidesteps the
-interpreter's bf16 arithmetic); losses and gradients are stored in the input's dtype.
+interpreter's bf16 arithmetic); losses and gradients are stored in the input's dtype. float64
+inputs never reach these kernels (fastsd.losses routes them to the C++ / torch backends, which keep
+float64 scalars; on a GPU the JIT would pass the Python-float temperature and weights as fp32): the
+launchers refuse them.
 """
 from __future__ import annotations
+
+import math
+import sys
 
 import triton
 import triton.language as tl
 
 MAX_SINGLE_BLOCK = 8192  # longest row of logits kept in registers in one pass
-LOOP_BLOCK = 4096  # block of the two-pass loop over longer rows
+LOOP_BLOCK = 2048  # block of the loops over the chunks of longer rows
+MAX_SPLIT = 64  # chunks per row at most (each program gathers its rows' chunk statistics)
+SPLIT_TARGET = 264  # programs a split aims for: two per SM of an H100 (132 SMs)
 FEATURE_BLOCK = 4096  # elements per program of the elementwise feature kernel
-COSINE_TILE = 4096  # positions x channels per program of the cosine kernel
+COSINE_TILE = 4096  # positions x channels per program of the cosine kernel (16 per thread at 8 warps)
+MAX_COSINE_TILE = 16384  # the largest tile (32 warps, 16 elements a thread)
 MAX_COSINE_CHANNELS = 16384  # one program holds a whole channel vector
 MAX_LAYERS = 8  # layers per launch (more are split into launches of 8)
 
 KINDS = {"mse": 0, "l1": 1, "smooth_l1": 2, "cosine": 3}
 COSINE_EPS = 1e-8
+_INT32_MAX = 2 ** 31 - 1
 
 
 @triton.jit
-def _pair_counts_kernel(labels_ptr, partner_ptr, counts_ptr, B, ignore_index, BLOCK: tl.constexpr):
-    """counts[0] = number of rows with a label, counts[1] = number of rows in a pair (2 x pairs)."""
+def _count_rows(labels_ptr, partner_ptr, counts_ptr, B, K, ignore_index, BLOCK: tl.constexpr, CHECK: tl.constexpr):
+    """counts[0] = number of rows with a label, counts[1] = number of rows in a pair (2 x pairs).
+
+    CHECK: assert on the device (compiled in by the launch option debug=True; an asynchronous
+    device-side assert, like PyTorch's own index checks) that every label is in [0, K) or
+    ignore_index and that partner is an involution of range(B): the glue's checks, without launches."""
     valid = tl.zeros([BLOCK], dtype=tl.float32)
     paired = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, B, BLOCK):
@@ -43,7 +71,14 @@ def _pair_counts_kernel(labels_ptr, partner_ptr, counts_ptr, B, ignore_index, BL
         m = offs < B
         y = tl.load(labels_ptr + offs, mask=m, other=ignore_index)
         p = tl.load(partner_ptr + offs, mask=m, other=0)
-        yp = tl.load(labels_ptr + p, mask=m, other=ignore_index)
+        in_range = m & (p >= 0) & (p < B)
+        yp = tl.load(labels_ptr + p, mask=in_range, other=ignore_index)
+        if CHECK:
+            tl.device_assert((y == ignore_index) | ((y >= 0) & (y < K)),
+                             "fastsd.pair_kd_loss: labels must be in [0, K) or equal ignore_index")
+            pp = tl.load(partner_ptr + p, mask=in_range, other=-1)
+            tl.device_assert(~m | (pp == offs), "fastsd.pair_kd_loss: partner must pair rows: partner[partner[i]] "
+                                                "== i for every i (e.g. from intra_class_pairs)")
         v = m & (y != ignore_index)
         valid += v.to(tl.float32)
         paired += (v & (yp != ignore_index) & (p != offs)).to(tl.float32)
@@ -52,10 +87,18 @@ def _pair_counts_kernel(labels_ptr, partner_ptr, counts_ptr, B, ignore_index, BL
 
 
 @triton.jit
-def _online(m, s1, st, z, inv_t):
-    """Fold a block z (masked entries -inf) into a running max m and sums exp(z - m), exp((z - m) / T)."""
+def _pair_counts_kernel(labels_ptr, partner_ptr, counts_ptr, B, K, ignore_index, BLOCK: tl.constexpr,
+                        CHECK: tl.constexpr):
+    _count_rows(labels_ptr, partner_ptr, counts_ptr, B, K, ignore_index, BLOCK, CHECK)
+
+
+@triton.jit
+def _online(m, s1, st, z, inv_t, WITH_S1: tl.constexpr):
+    """Fold a block z (masked entries -inf) into a running max m and sums exp(z - m) (if WITH_S1),
+    exp((z - m) / T)."""
     m_new = tl.maximum(m, tl.max(z, 0))
-    s1 = s1 * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), 0)
+    if WITH_S1:
+        s1 = s1 * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), 0)
     st = st * tl.exp((m - m_new) * inv_t) + tl.sum(tl.exp((z - m_new) * inv_t), 0)
     return m_new, s1, st
 
@@ -68,6 +111,13 @@ def _safe_log(s):
 
 
 @triton.jit
+def _aligned(K, ALIGN: tl.constexpr):
+    # K itself (the launcher checked K % ALIGN == 0), in a form whose divisibility the compiler sees:
+    # rows i * K start ALIGN-aligned, so their loads and stores can be ALIGN elements wide.
+    return K // ALIGN * ALIGN
+
+
+@triton.jit
 def _load_rows(row_i, row_j, offs, K, read_i, read_j):
     """A block of two rows in float32; the entries past K, and all of a row not read, are -inf."""
     zi = tl.load(row_i + offs, mask=(offs < K) & read_i, other=float("-inf")).to(tl.float32)
@@ -76,14 +126,51 @@ def _load_rows(row_i, row_j, offs, K, read_i, read_j):
 
 
 @triton.jit
-def _pair_block_stats(row_i, row_j, offs, K, read_i, read_j, yi, yj, mi, s1i, sti, mj, s1j, stj, zyi, zyj, inv_t):
-    """Load a block of both rows and fold it into their statistics and z[y]."""
-    zi, zj = _load_rows(row_i, row_j, offs, K, read_i, read_j)
-    mi, s1i, sti = _online(mi, s1i, sti, zi, inv_t)
-    mj, s1j, stj = _online(mj, s1j, stj, zj, inv_t)
-    zyi += tl.sum(tl.where(offs == yi, zi, 0.0), 0)
-    zyj += tl.sum(tl.where(offs == yj, zj, 0.0), 0)
-    return zi, zj, mi, s1i, sti, mj, s1j, stj, zyi, zyj
+def _row_block_stats(row, offs, K, read, y, m, s1, st, zy, inv_t, WITH_S1: tl.constexpr):
+    """Load a block of a row and fold it into its statistics (and z[y]); returns the block too."""
+    z = tl.load(row + offs, mask=(offs < K) & read, other=float("-inf")).to(tl.float32)
+    m, s1, st = _online(m, s1, st, z, inv_t, WITH_S1)
+    zy += tl.sum(tl.where(offs == y, z, 0.0), 0)
+    return z, m, s1, st, zy
+
+
+@triton.jit
+def _chunk_stats(row, lo, hi, read, y, inv_t, WITH_S1: tl.constexpr, BLOCK: tl.constexpr):
+    """Statistics (max, sum exp(z - max), sum exp((z - max) / T), z[y]) of row[lo:hi]; hi <= K."""
+    m = -1e30
+    s1 = 0.0
+    st = 0.0
+    zy = 0.0
+    for start in range(lo, tl.where(read, hi, lo), BLOCK):
+        _z, m, s1, st, zy = _row_block_stats(row, start + tl.arange(0, BLOCK), hi, read, y, m, s1, st, zy, inv_t,
+                                             WITH_S1)
+    return m, s1, st, zy
+
+
+@triton.jit
+def _store_stats(stats_ptr, plane, idx, m, s1, st, zy):
+    """Statistics are stored in four planes of ``plane`` floats: max, sum at T = 1, sum at T, z[y]."""
+    tl.store(stats_ptr + idx, m)
+    tl.store(stats_ptr + plane + idx, s1)
+    tl.store(stats_ptr + 2 * plane + idx, st)
+    tl.store(stats_ptr + 3 * plane + idx, zy)
+
+
+@triton.jit
+def _gather_stats(stats_ptr, plane, row, S, read, inv_t, WITH_S1: tl.constexpr, SP: tl.constexpr):
+    """A row's statistics from its S chunks' (stored by _store_stats at row * S + s), in a fixed order."""
+    idx = tl.arange(0, SP)
+    ptr = stats_ptr + row * S + idx
+    msk = (idx < S) & read
+    mc = tl.load(ptr, mask=msk, other=-1e30)
+    m = tl.max(mc, 0)
+    st = tl.sum(tl.load(ptr + 2 * plane, mask=msk, other=0.0) * tl.exp((mc - m) * inv_t), 0)
+    s1 = 0.0
+    zy = 0.0
+    if WITH_S1:
+        s1 = tl.sum(tl.load(ptr + plane, mask=msk, other=0.0) * tl.exp(mc - m), 0)
+        zy = tl.sum(tl.load(ptr + 3 * plane, mask=msk, other=0.0), 0)
+    return m, s1, st, zy
 
 
 @triton.jit
@@ -115,47 +202,67 @@ def _pair_block_kd(zi, zj, offs, K, pair_on, yi, yj, mi, mj, s1i, s1j, lsti, lst
 
 
 @triton.jit
-def _pair_kd_kernel(logits_ptr, labels_ptr, partner_ptr, counts_ptr, loss_ptr, grad_ptr,
-                    K, stride_row, temperature, kd_weight, ce_weight, ignore_index,
+def _pair_stats_kernel(logits_ptr, labels_ptr, partner_ptr, counts_ptr, stats_ptr, B, K, chunk, temperature,
+                       ignore_index, BLOCK: tl.constexpr, ALIGN: tl.constexpr, COUNT_BLOCK: tl.constexpr,
+                       CHECK: tl.constexpr):
+    """Program (r, s): the statistics of chunk s of row r (if r has a label); program (B, 0) counts the rows."""
+    r = tl.program_id(0)
+    s = tl.program_id(1)
+    S = tl.num_programs(1)
+    if r == B:
+        if s == 0:
+            _count_rows(labels_ptr, partner_ptr, counts_ptr, B, K, ignore_index, COUNT_BLOCK, CHECK)
+    else:
+        K = _aligned(K, ALIGN)
+        y = tl.load(labels_ptr + r)
+        valid = y != ignore_index
+        lo = s * chunk
+        m, s1, st, zy = _chunk_stats(logits_ptr + r.to(tl.int64) * K, lo, tl.minimum(lo + chunk, K),
+                                     valid, tl.where(valid, y, -1).to(tl.int32), 1.0 / temperature, True, BLOCK)
+        _store_stats(stats_ptr, B * S, r * S + s, m, s1, st, zy)
+
+
+@triton.jit
+def _pair_kd_kernel(logits_ptr, labels_ptr, partner_ptr, counts_ptr, stats_ptr, loss_ptr, grad_ptr,
+                    K, chunk, temperature, kd_weight, ce_weight, ignore_index,
                     SYMMETRIC: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK: tl.constexpr,
-                    SINGLE: tl.constexpr):
-    i = tl.program_id(0).to(tl.int64)
-    j = tl.load(partner_ptr + i).to(tl.int64)
+                    SINGLE: tl.constexpr, ALIGN: tl.constexpr, SP: tl.constexpr):
+    """Program (i, s): chunk s of the pair led by row i (SINGLE: the whole rows, s = 0); writes
+    loss[i * S + s], its part of the loss."""
+    i = tl.program_id(0)
+    s = tl.program_id(1)
+    S = tl.num_programs(1)
+    K = _aligned(K, ALIGN)
+    j = tl.load(partner_ptr + i)
     lead = j >= i  # the pair belongs to its lower index
     has_j = lead & (j != i)
-    yi = tl.load(labels_ptr + i).to(tl.int64)
-    yj = tl.load(labels_ptr + j).to(tl.int64)
+    yi = tl.load(labels_ptr + i)
+    yj = tl.load(labels_ptr + j)
     # A row with an ignored label has no term: it is not read and its gradient is 0 (its partner is
     # then a singleton).
     vi = lead & (yi != ignore_index)
     vj = has_j & (yj != ignore_index)
     pair_on = vi & vj
+    # column indices are int32 (K < 2**31); -1 for a row not read, whatever its ignore_index
+    yi = tl.where(vi, yi, -1).to(tl.int32)
+    yj = tl.where(vj, yj, -1).to(tl.int32)
     ce_scale = ce_weight / tl.maximum(tl.load(counts_ptr), 1.0)
     n_pairs = tl.maximum(tl.load(counts_ptr + 1) * 0.5, 1.0)
     inv_t = 1.0 / temperature
-    row_i = logits_ptr + i * stride_row
-    row_j = logits_ptr + j * stride_row
-    grad_i = grad_ptr + i * K
+    row_i = logits_ptr + i.to(tl.int64) * K
+    row_j = logits_ptr + j * K  # j is int64 (partner is)
+    grad_i = grad_ptr + i.to(tl.int64) * K
     grad_j = grad_ptr + j * K
 
     # Pass 1: max, sums at temperature 1 and T, and z[y] of both rows.
     if SINGLE:
         offs = tl.arange(0, BLOCK)
-        zi, zj, mi, s1i, sti, mj, s1j, stj, zyi, zyj = _pair_block_stats(
-            row_i, row_j, offs, K, vi, vj, yi, yj, -1e30, 0.0, 0.0, -1e30, 0.0, 0.0, 0.0, 0.0, inv_t)
+        zi, mi, s1i, sti, zyi = _row_block_stats(row_i, offs, K, vi, yi, -1e30, 0.0, 0.0, 0.0, inv_t, True)
+        zj, mj, s1j, stj, zyj = _row_block_stats(row_j, offs, K, vj, yj, -1e30, 0.0, 0.0, 0.0, inv_t, True)
     else:
-        mi = -1e30
-        s1i = 0.0
-        sti = 0.0
-        mj = -1e30
-        s1j = 0.0
-        stj = 0.0
-        zyi = 0.0
-        zyj = 0.0
-        for start in range(0, tl.where(vi | vj, K, 0), BLOCK):
-            _zi, _zj, mi, s1i, sti, mj, s1j, stj, zyi, zyj = _pair_block_stats(
-                row_i, row_j, start + tl.arange(0, BLOCK), K, vi, vj, yi, yj, mi, s1i, sti, mj, s1j, stj, zyi, zyj,
-                inv_t)
+        plane = tl.num_programs(0) * S
+        mi, s1i, sti, zyi = _gather_stats(stats_ptr, plane, i, S, vi, inv_t, True, SP)
+        mj, s1j, stj, zyj = _gather_stats(stats_ptr, plane, j, S, vj, inv_t, True, SP)
     lse1i = mi + _safe_log(s1i)
     lse1j = mj + _safe_log(s1j)
     lsti = _safe_log(sti)
@@ -180,16 +287,19 @@ def _pair_kd_kernel(logits_ptr, labels_ptr, partner_ptr, counts_ptr, loss_ptr, g
     else:
         kl_i = 0.0
         kl_j = 0.0
-        for start in range(0, tl.where(lead & (pair_on | COMPUTE_GRAD), K, 0), BLOCK):
+        lo = s * chunk
+        hi = tl.minimum(lo + chunk, K)
+        for start in range(lo, tl.where(lead & (pair_on | COMPUTE_GRAD), hi, lo), BLOCK):
             offs = start + tl.arange(0, BLOCK)
-            zi, zj = _load_rows(row_i, row_j, offs, K, vi, vj)
-            dkl_i, dkl_j = _pair_block_kd(zi, zj, offs, K, pair_on, yi, yj, mi, mj, s1i, s1j, lsti, lstj, inv_t,
+            zi, zj = _load_rows(row_i, row_j, offs, hi, vi, vj)
+            dkl_i, dkl_j = _pair_block_kd(zi, zj, offs, hi, pair_on, yi, yj, mi, mj, s1i, s1j, lsti, lstj, inv_t,
                                           vi, vj, kd_i, kd_j, ce_scale, kd_grad_scale, grad_i, grad_j, lead, has_j,
                                           COMPUTE_GRAD)
             kl_i += dkl_i
             kl_j += dkl_j
     kd = tl.where(kd_i, w * kl_i, 0.0) + tl.where(kd_j, w * kl_j, 0.0)
-    tl.store(loss_ptr + i, ce_scale * ce_loss + kd_weight * temperature * temperature / n_pairs * kd)
+    ce = tl.where(s == 0, ce_scale * ce_loss, 0.0)  # the CE term once per row, by chunk 0
+    tl.store(loss_ptr + i * S + s, ce + kd_weight * temperature * temperature / n_pairs * kd)
 
 
 @triton.jit
@@ -206,40 +316,57 @@ def _kd_block(zs, zt, offs, K, ms, mt, lsts, lstt, inv_t, grad_scale, row_g, COM
 
 
 @triton.jit
-def _kd_kernel(student_ptr, teacher_ptr, loss_ptr, grad_ptr, K, stride_s, stride_t, temperature,
-               grad_scale, COMPUTE_GRAD: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr):
-    """loss[i] = KL(softmax(t_i / T) || softmax(s_i / T)); grad[i] = grad_scale * (q_i - p_i)."""
-    i = tl.program_id(0).to(tl.int64)
-    row_s = student_ptr + i * stride_s
-    row_t = teacher_ptr + i * stride_t
-    row_g = grad_ptr + i * K
+def _kd_stats_kernel(student_ptr, teacher_ptr, stats_ptr, K, chunk, temperature, BLOCK: tl.constexpr,
+                     ALIGN: tl.constexpr):
+    """Program (r, s): max and sum exp((z - max) / T) of chunk s of student row r (planes 0, 2) and of
+    teacher row r (planes 1, 3)."""
+    r = tl.program_id(0)
+    s = tl.program_id(1)
+    S = tl.num_programs(1)
+    K = _aligned(K, ALIGN)
+    lo = s * chunk
+    hi = tl.minimum(lo + chunk, K)
+    inv_t = 1.0 / temperature
+    ms, _a, sts, _b = _chunk_stats(student_ptr + r.to(tl.int64) * K, lo, hi, True, -1, inv_t, False, BLOCK)
+    mt, _c, stt, _d = _chunk_stats(teacher_ptr + r.to(tl.int64) * K, lo, hi, True, -1, inv_t, False, BLOCK)
+    _store_stats(stats_ptr, tl.num_programs(0) * S, r * S + s, ms, mt, sts, stt)
+
+
+@triton.jit
+def _kd_kernel(student_ptr, teacher_ptr, stats_ptr, loss_ptr, grad_ptr, K, chunk, temperature, loss_scale,
+               grad_scale, COMPUTE_GRAD: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr, ALIGN: tl.constexpr,
+               SP: tl.constexpr):
+    """loss[i * S + s] = loss_scale * chunk s's part of KL(softmax(t_i / T) || softmax(s_i / T)) (scaled
+    here: no multiply after the sum); its gradient grad_scale * (q_i - p_i). SINGLE: the whole row, s = 0."""
+    i = tl.program_id(0)
+    s = tl.program_id(1)
+    S = tl.num_programs(1)
+    K = _aligned(K, ALIGN)
+    row_s = student_ptr + i.to(tl.int64) * K
+    row_t = teacher_ptr + i.to(tl.int64) * K
+    row_g = grad_ptr + i.to(tl.int64) * K
     inv_t = 1.0 / temperature
     if SINGLE:
         offs = tl.arange(0, BLOCK)
-        zs, zt = _load_rows(row_s, row_t, offs, K, True, True)
-        ms, _s1s, sts = _online(-1e30, 0.0, 0.0, zs, inv_t)
-        mt, _s1t, stt = _online(-1e30, 0.0, 0.0, zt, inv_t)
+        zs, ms, _s1s, sts, _zys = _row_block_stats(row_s, offs, K, True, -1, -1e30, 0.0, 0.0, 0.0, inv_t, False)
+        zt, mt, _s1t, stt, _zyt = _row_block_stats(row_t, offs, K, True, -1, -1e30, 0.0, 0.0, 0.0, inv_t, False)
         kl = _kd_block(zs, zt, offs, K, ms, mt, _safe_log(sts), _safe_log(stt), inv_t, grad_scale, row_g,
                        COMPUTE_GRAD)
     else:
-        ms = -1e30
-        s1s = 0.0
-        sts = 0.0
-        mt = -1e30
-        s1t = 0.0
-        stt = 0.0
-        for start in range(0, K, BLOCK):
-            zs, zt = _load_rows(row_s, row_t, start + tl.arange(0, BLOCK), K, True, True)
-            ms, s1s, sts = _online(ms, s1s, sts, zs, inv_t)
-            mt, s1t, stt = _online(mt, s1t, stt, zt, inv_t)
+        # planes: 0 student max, 1 teacher max, 2 student sum, 3 teacher sum (see _kd_stats_kernel)
+        plane = tl.num_programs(0) * S
+        ms, _a, sts, _b = _gather_stats(stats_ptr, plane, i, S, True, inv_t, False, SP)
+        mt, _c, stt, _d = _gather_stats(stats_ptr + plane, plane, i, S, True, inv_t, False, SP)
         lsts = _safe_log(sts)
         lstt = _safe_log(stt)
+        lo = s * chunk
+        hi = tl.minimum(lo + chunk, K)
         kl = 0.0
-        for start in range(0, K, BLOCK):
+        for start in range(lo, hi, BLOCK):
             offs = start + tl.arange(0, BLOCK)
-            zs, zt = _load_rows(row_s, row_t, offs, K, True, True)
-            kl += _kd_block(zs, zt, offs, K, ms, mt, lsts, lstt, inv_t, grad_scale, row_g, COMPUTE_GRAD)
-    tl.store(loss_ptr + i, kl)
+            zs, zt = _load_rows(row_s, row_t, offs, hi, True, True)
+            kl += _kd_block(zs, zt, offs, hi, ms, mt, lsts, lstt, inv_t, grad_scale, row_g, COMPUTE_GRAD)
+    tl.store(loss_ptr + i * S + s, loss_scale * kl)
 
 
 @triton.jit
@@ -252,18 +379,18 @@ def _feature_elementwise_kernel(students, targets, grads, numels, starts, scales
         start = starts[l]
         n = numels[l]
         if (pid >= start) & (pid < start + tl.cdiv(n, BLOCK)):
-            offs = (pid - start).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-            m = offs < n
-            s = tl.load(students[l] + offs, mask=m, other=0.0).to(tl.float32)
-            t = tl.load(targets[l] + offs, mask=m, other=0.0).to(tl.float32)
+            first = (pid - start).to(tl.int64) * BLOCK
+            offs = tl.arange(0, BLOCK)
+            m = offs < tl.minimum(n - first, BLOCK).to(tl.int32)
+            s = tl.load(students[l] + first + offs, mask=m, other=0.0).to(tl.float32)
+            t = tl.load(targets[l] + first + offs, mask=m, other=0.0).to(tl.float32)
             d = s - t
-            sign = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
             if KIND == 0:
                 e = d * d
                 g = 2.0 * d
             elif KIND == 1:
                 e = tl.abs(d)
-                g = sign
+                g = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
             else:
                 small = tl.abs(d) < 1.0
                 e = tl.where(small, 0.5 * d * d, tl.abs(d) - 0.5)
@@ -271,97 +398,233 @@ def _feature_elementwise_kernel(students, targets, grads, numels, starts, scales
                 g = tl.where(d > 1.0, 1.0, tl.where(d < -1.0, -1.0, d))
             tl.store(partial_ptr + pid, scales[l] * tl.sum(e, 0))
             if COMPUTE_GRAD:
-                tl.store(grads[l] + offs, (scales[l] * g).to(grads[l].dtype.element_ty), mask=m)
+                tl.store(grads[l] + first + offs, (scales[l] * g).to(grads[l].dtype.element_ty), mask=m)
 
 
 @triton.jit
-def _feature_cosine_kernel(students, targets, grads, positions, channels, spatial, stride_c, stride_s,
-                           starts, scales, partial_ptr, NUM_LAYERS: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-                           BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+def _add3(a0, a1, a2, b0, b1, b2):
+    return a0 + b0, a1 + b1, a2 + b2
+
+
+@triton.jit
+def _cosine_tile(s_ptr, t_ptr, g_ptr, offs, m, in_q, scale, AXIS: tl.constexpr, COMPUTE_GRAD: tl.constexpr):
+    """1 - cos along AXIS (the channels) of a tile of positions; stores the gradient; returns
+    scale * the sum over the positions in_q."""
+    x = tl.load(s_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    y = tl.load(t_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    dot, xx, yy = tl.reduce((x * y, x * x, y * y), AXIS, _add3)  # one reduction for the three sums
+    nx = tl.sqrt(xx)
+    ny = tl.sqrt(yy)
+    # max(n, eps) that keeps NaN (tl.maximum would drop it)
+    axy = tl.where(nx < 1e-8, 1e-8, nx) * tl.where(ny < 1e-8, 1e-8, ny)
+    cos = dot / axy
+    if COMPUTE_GRAD:
+        # d(1 - cos)/dx = -y / (|x| |y|) + [|x| > eps] cos x / |x|^2  (eps-clamped norms)
+        ky = -scale / axy
+        kx = tl.where(nx > 1e-8, scale * cos / (nx * nx), 0.0)
+        g = tl.expand_dims(ky, AXIS) * y + tl.expand_dims(kx, AXIS) * x
+        tl.store(g_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=m)
+    return scale * tl.sum(tl.where(in_q, 1.0 - cos, 0.0))
+
+
+@triton.jit
+def _feature_cosine_kernel(students, targets, grads, channels, spatial, rows, starts, ends, scales, partial_ptr,
+                           NUM_LAYERS: tl.constexpr, COMPUTE_GRAD: tl.constexpr, VEC: tl.constexpr,
+                           CHANNELS_LAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+                           BLOCK_S: tl.constexpr, ALIGN: tl.constexpr, C_FULL: tl.constexpr):
     """1 - cos(student, target) along dim 1 at every position (n, *spatial), every layer in one launch.
 
-    Element (n, c, s) of layer l lies at ``n * C * S + c * stride_c + s * stride_s``: (S, 1) for
-    contiguous maps, (1, C) for channels-last ones. A program holds BLOCK_P[l] whole channel vectors.
+    Layer l has C = channels[l] channels and S = spatial[l] positions a sample. Channels-last layers
+    (also used when S == 1): element (q, c) of position q = n * S + s at ``q * C + c``; rows[l] = N * S
+    positions, a program takes BLOCK_S[l] of them x BLOCK_C[l] channels, reduced along the channels
+    (contiguous). Contiguous layers: element (n, c, s) at ``n * C * S + c * S + s``; rows[l] = N
+    samples, a program takes BLOCK_N[l] samples x BLOCK_C[l] channels x BLOCK_S[l] positions (the
+    contiguous dimension, across lanes, VEC a thread) and reduces along the channels. ALIGN[l] is the
+    power of two dividing the stride (C, or S), C_FULL[l] says C == BLOCK_C[l].
     """
     pid = tl.program_id(0)
     for l in tl.static_range(NUM_LAYERS):
         start = starts[l]
-        P = positions[l]
-        if (pid >= start) & (pid < start + tl.cdiv(P, BLOCK_P[l])):
+        if (pid >= start) & (pid < ends[l]):
+            c = tl.arange(0, BLOCK_C[l])
             C = channels[l]
-            S = spatial[l]
-            q = (pid - start).to(tl.int64) * BLOCK_P[l] + tl.arange(0, BLOCK_P[l])
-            c = tl.arange(0, BLOCK_C[l]).to(tl.int64)
-            n = q // S
-            base = n * C * S + (q - n * S) * stride_s[l]
-            offs = base[:, None] + c[None, :] * stride_c[l]
-            in_q = q < P
-            m = in_q[:, None] & (c < C)[None, :]
-            x = tl.load(students[l] + offs, mask=m, other=0.0).to(tl.float32)
-            y = tl.load(targets[l] + offs, mask=m, other=0.0).to(tl.float32)
-            dot = tl.sum(x * y, 1)
-            nx = tl.sqrt(tl.sum(x * x, 1))
-            ny = tl.sqrt(tl.sum(y * y, 1))
-            # max(n, eps) that keeps NaN (tl.maximum would drop it)
-            axy = tl.where(nx < 1e-8, 1e-8, nx) * tl.where(ny < 1e-8, 1e-8, ny)
-            cos = dot / axy
-            tl.store(partial_ptr + pid, scales[l] * tl.sum(tl.where(in_q, 1.0 - cos, 0.0), 0))
-            if COMPUTE_GRAD:
-                # d(1 - cos)/dx = -y / (|x| |y|) + [|x| > eps] cos x / |x|^2  (eps-clamped norms)
-                ky = -scales[l] / axy
-                kx = tl.where(nx > 1e-8, scales[l] * cos / (nx * nx), 0.0)
-                g = ky[:, None] * y + kx[:, None] * x
-                tl.store(grads[l] + offs, g.to(grads[l].dtype.element_ty), mask=m)
+            if CHANNELS_LAST[l]:
+                C = _aligned(C, ALIGN[l])  # (before the mask, so that the mask is seen ALIGN-constant)
+            if C_FULL[l]:  # no channel mask to compute per element
+                in_c = tl.full([BLOCK_C[l]], 1, tl.int1)
+            else:
+                in_c = c < C
+            if CHANNELS_LAST[l]:
+                first = (pid - start).to(tl.int64) * BLOCK_S[l]
+                q = tl.arange(0, BLOCK_S[l])
+                in_q = q < tl.minimum(rows[l] - first, BLOCK_S[l]).to(tl.int32)
+                base = first * C
+                part = _cosine_tile(students[l] + base, targets[l] + base, grads[l] + base, q[:, None] * C + c[None, :],
+                                    in_q[:, None] & in_c[None, :], in_q, scales[l], 1, COMPUTE_GRAD)
+            else:
+                S = _aligned(spatial[l], ALIGN[l])
+                t = pid - start
+                per_block = tl.cdiv(S, BLOCK_S[l])
+                nb = t // per_block  # one scalar division per program
+                first = nb * BLOCK_N[l]
+                n = tl.arange(0, BLOCK_N[l])
+                sp = (t - nb * per_block) * BLOCK_S[l] + tl.max_contiguous(tl.arange(0, BLOCK_S[l]), VEC)
+                in_q = (n < rows[l] - first)[:, None] & (sp < S)[None, :]
+                base = first.to(tl.int64) * (C * S)
+                # A [channels, samples, positions] tile, offsets within BLOCK_N samples (BLOCK_N * C * S <
+                # 2**31: the launcher checks). Channels first: lanes and warps go to the positions
+                # before the channels, so a thread holds many channels of few positions (a short
+                # reduction per position).
+                offs = c[:, None, None] * S + n[None, :, None] * (C * S) + sp[None, None, :]
+                part = _cosine_tile(students[l] + base, targets[l] + base, grads[l] + base, offs,
+                                    in_c[:, None, None] & in_q[None, :, :], in_q, scales[l], 0, COMPUTE_GRAD)
+            tl.store(partial_ptr + pid, part)
 
 
 # --- launchers --------------------------------------------------------------------------------
+
+
+def _check_inputs(fn: str, *tensors, rows: bool = True) -> None:
+    """float32/16/bf16 only (never float64: see the module docstring); rows contiguous."""
+    import torch
+
+    for t in tensors:
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"fastsd.kernels.losses.{fn}: the Triton loss kernels take float32/float16/bfloat16, "
+                            f"got {t.dtype} (float64 runs on the C++ and torch backends, in float64 throughout)")
+        if rows and not t.is_contiguous():
+            raise ValueError(f"fastsd.kernels.losses.{fn}: rows must be contiguous, got strides {t.stride()}")
+
+
+def _align(n: int, itemsize: int) -> int:
+    """The largest power of two <= 16 bytes / itemsize that divides n: rows of n elements start that aligned."""
+    a = max(1, 16 // itemsize)
+    while n % a:
+        a //= 2
+    return a
 
 
 def _row_block(K: int):
     """(BLOCK, SINGLE, num_warps) for rows of K logits."""
     if K <= MAX_SINGLE_BLOCK:
         block = max(16, triton.next_power_of_2(K))
-        return block, True, 4 if block <= 1024 else (8 if block <= 4096 else 16)
+        return block, True, min(32, max(1, block // 256))  # 8 logits a thread and row
     return LOOP_BLOCK, False, 8
 
 
-def pair_kd_loss(logits, labels, partner, temperature, kd_weight, ce_weight, symmetric, ignore_index, compute_grad):
-    """(loss, grad) of fastsd.pair_kd_loss; logits contiguous rows, labels/partner int64 [B]."""
+def _split(K: int, rows: int):
+    """(chunk, S): rows longer than MAX_SINGLE_BLOCK in S chunks of ``chunk`` (a multiple of LOOP_BLOCK),
+    enough that ``rows`` working programs per chunk make SPLIT_TARGET programs, at most MAX_SPLIT."""
+    blocks = triton.cdiv(K, LOOP_BLOCK)
+    want = min(blocks, MAX_SPLIT, max(1, triton.cdiv(SPLIT_TARGET, max(rows, 1))))
+    per = max(1, blocks // want)
+    if triton.cdiv(blocks, per) > MAX_SPLIT:
+        per = triton.cdiv(blocks, MAX_SPLIT)
+    return LOOP_BLOCK * per, triton.cdiv(blocks, per)
+
+
+# Launch options that compile tl.device_assert in (without the integer overflow checks debug adds).
+_CHECKED = {"debug": True, "sanitize_overflow": False}
+
+
+def pair_kd_loss(logits, labels, partner, temperature, kd_weight, ce_weight, symmetric, ignore_index, compute_grad,
+                 check_indices=False):
+    """(loss, grad) of fastsd.pair_kd_loss; logits contiguous rows, labels/partner int64 [B].
+
+    Rows up to MAX_SINGLE_BLOCK: the counts kernel and B programs (one per row; a pair's lower index
+    does the pair). Longer rows: the statistics kernel (which also counts) and B x S programs.
+    ``check_indices``: the counting asserts labels and partner on the device (see _count_rows); the
+    interpreter ignores device asserts."""
     import torch
 
+    _check_inputs("pair_kd_loss", logits)
     B, K = logits.shape
-    counts = torch.empty(2, dtype=torch.float32, device=logits.device)
-    _pair_counts_kernel[(1,)](labels, partner, counts, B, ignore_index,
-                              BLOCK=min(1024, max(16, triton.next_power_of_2(B))))
-    rows = torch.empty(B, dtype=torch.float32, device=logits.device)
+    dev = logits.device
+    counts = torch.empty(2, dtype=torch.float32, device=dev)
     grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
     block, single, warps = _row_block(K)
-    _pair_kd_kernel[(B,)](logits, labels, partner, counts, rows, grad if compute_grad else logits,
-                          K, logits.stride(0), float(temperature), float(kd_weight), float(ce_weight),
-                          int(ignore_index), SYMMETRIC=bool(symmetric), COMPUTE_GRAD=bool(compute_grad),
-                          BLOCK=block, SINGLE=single, num_warps=warps)
+    align = _align(K, logits.element_size())
+    count_block = min(1024, max(16, triton.next_power_of_2(B)))
+    checked = _CHECKED if check_indices else {}
+    if single:
+        chunk, S, stats = K, 1, counts
+        _pair_counts_kernel[(1,)](labels, partner, counts, B, K, ignore_index, BLOCK=count_block,
+                                  CHECK=bool(check_indices), **checked)
+    else:
+        chunk, S = _split(K, B // 2)  # about half the programs lead a pair
+        stats = torch.empty(4 * B * S, dtype=torch.float32, device=dev)
+        _pair_stats_kernel[(B + 1, S)](logits, labels, partner, counts, stats, B, K, chunk, float(temperature),
+                                       int(ignore_index), BLOCK=block, ALIGN=align, COUNT_BLOCK=count_block,
+                                       CHECK=bool(check_indices), num_warps=warps, **checked)
+    rows = torch.empty(B * S, dtype=torch.float32, device=dev)
+    _pair_kd_kernel[(B, S)](logits, labels, partner, counts, stats, rows, grad if compute_grad else logits,
+                            K, chunk, float(temperature), float(kd_weight), float(ce_weight), int(ignore_index),
+                            SYMMETRIC=bool(symmetric), COMPUTE_GRAD=bool(compute_grad), BLOCK=block, SINGLE=single,
+                            ALIGN=align, SP=MAX_SPLIT, num_warps=warps)
     return rows.sum().to(logits.dtype), grad
 
 
 def kd_loss(student, teacher, temperature, loss_scale, grad_scale, per_row, compute_grad):
-    """(loss, grad) of fastsd.kd_loss: loss = loss_scale * KL rows (summed unless per_row)."""
+    """(loss, grad) of fastsd.kd_loss: loss = loss_scale * KL rows (summed unless per_row).
+
+    Rows up to MAX_SINGLE_BLOCK: B programs; longer rows: the statistics kernel and B x S programs.
+    The kernel stores loss_scale * KL: a per-row loss is its output as it is, a sum one reduction."""
     import torch
 
+    _check_inputs("kd_loss", student, teacher)
     B, K = student.shape
-    rows = torch.empty(B, dtype=torch.float32, device=student.device)
+    dev = student.device
     grad = torch.empty_like(student) if compute_grad else student.new_empty(0)
     block, single, warps = _row_block(K)
-    _kd_kernel[(B,)](student, teacher, rows, grad if compute_grad else student, K, student.stride(0),
-                     teacher.stride(0), float(temperature), float(grad_scale), COMPUTE_GRAD=bool(compute_grad),
-                     BLOCK=block, SINGLE=single, num_warps=warps)
-    loss = rows * loss_scale if per_row else rows.sum() * loss_scale
+    align = _align(K, student.element_size())
+    if single:
+        chunk, S, stats = K, 1, student
+    else:
+        chunk, S = _split(K, B)
+        stats = torch.empty(4 * B * S, dtype=torch.float32, device=dev)
+        _kd_stats_kernel[(B, S)](student, teacher, stats, K, chunk, float(temperature), BLOCK=block, ALIGN=align,
+                                 num_warps=warps)
+    rows = torch.empty(B * S, dtype=torch.float32, device=dev)
+    _kd_kernel[(B, S)](student, teacher, stats, rows, grad if compute_grad else student, K, chunk,
+                       float(temperature), float(loss_scale), float(grad_scale), COMPUTE_GRAD=bool(compute_grad),
+                       BLOCK=block, SINGLE=single, ALIGN=align, SP=MAX_SPLIT, num_warps=warps)
+    if per_row:
+        loss = rows if S == 1 else rows.view(B, S).sum(1)
+    else:
+        loss = rows.sum()
     return loss.to(student.dtype), grad
 
 
-def cosine_blocks(C: int):
-    """(BLOCK_C, BLOCK_P) of the cosine kernel for C channels."""
-    block_c = max(16, triton.next_power_of_2(C))
-    return block_c, max(1, COSINE_TILE // block_c)
+def cosine_blocks(C: int, S: int, N: int, channels_last: bool, itemsize: int, tile: int = COSINE_TILE):
+    """(BLOCK_N, BLOCK_C, BLOCK_S) of the cosine kernel for a layer of N samples of C channels and S
+    positions: whole channel vectors, about ``tile`` elements. Channels-last: BLOCK_S positions
+    (BLOCK_N = 1). Contiguous: at least 4 consecutive positions per channel (a 128-bit float32
+    access) where MAX_COSINE_TILE allows it; BLOCK_N samples when one sample's C x S is smaller than
+    the tile."""
+    block_c = triton.next_power_of_2(C)
+    if channels_last or S == 1:
+        return 1, block_c, min(triton.next_power_of_2(N * S), max(1, tile // block_c))
+    block_s = min(triton.next_power_of_2(S), max(1, tile // block_c, min(4, MAX_COSINE_TILE // block_c)))
+    return min(triton.next_power_of_2(N), max(1, tile // (block_c * block_s))), block_c, block_s
+
+
+def _cosine_vec(itemsize: int) -> int:
+    """Consecutive positions a thread holds on a contiguous map: 4 (a 128-bit access) in float32, 2 (a
+    32-bit access) in 16-bit dtypes. Measured on sm_90: 8 16-bit positions a thread (128-bit accesses)
+    leave 2 channels a thread, and the per-position work of the reduction (shuffles, shared memory,
+    norms and divisions, done for each position a thread holds) costs more issue slots than the wider
+    access saves: 76-87 % of the issue budget at C = 64-512 against 43-49 % with 2 positions."""
+    return 4 if itemsize >= 4 else 2
+
+
+def _cosine_layout(layers, itemsize: int, compute_grad: bool):
+    """(num_warps, [(BLOCK_N, BLOCK_C, BLOCK_S)]) of a cosine launch over layers (C, S, N,
+    channels_last): 16 elements a thread at the largest tile (32 without the gradient, whose
+    registers it does not hold; 1 to 32 warps), the other layers' tiles grown to match."""
+    per_thread = 16 if compute_grad else 32
+    largest = max(math.prod(cosine_blocks(*layer, itemsize, tile=per_thread * 256)) for layer in layers)
+    warps = min(32, max(1, largest // (per_thread * 32)))
+    return warps, [cosine_blocks(*layer, itemsize, tile=per_thread * 32 * warps) for layer in layers]
 
 
 def feature_alignment_loss(student, target, channels_last, kind, scales, per_layer, compute_grad):
@@ -371,8 +634,10 @@ def feature_alignment_loss(student, target, channels_last, kind, scales, per_lay
     """
     import torch
 
+    _check_inputs("feature_alignment_loss", *student[:1], rows=False)
     L = len(student)
     dtype, device = student[0].dtype, student[0].device
+    itemsize = student[0].element_size()
     numels = [s.numel() for s in student]
     grad = torch.empty(sum(numels) if compute_grad else 0, dtype=dtype, device=device)
     layer_sums, partials = [], []
@@ -383,13 +648,24 @@ def feature_alignment_loss(student, target, channels_last, kind, scales, per_lay
         for l in layers:
             g.append(grad[offset:offset + numels[l]] if compute_grad else student[l])
             offset += numels[l]
+        s_t = tuple(student[l] for l in layers)
+        t_t = tuple(target[l] for l in layers)
+        sc = tuple(float(scales[l]) for l in layers)
         starts, blocks = [], []
         if kind == "cosine":
-            shape = [cosine_blocks(student[l].shape[1]) for l in layers]
-            for l, (_bc, bp) in zip(layers, shape):
-                pos = numels[l] // max(student[l].shape[1], 1)
+            C = tuple(student[l].shape[1] for l in layers)
+            N = tuple(student[l].shape[0] for l in layers)
+            S = tuple(numels[l] // (C[k] * N[k]) for k, l in enumerate(layers))
+            cl = tuple(bool(channels_last[l]) or S[k] == 1 for k, l in enumerate(layers))
+            for k, l in enumerate(layers):
+                if not cl[k] and C[k] * S[k] > _INT32_MAX:
+                    raise ValueError(f"fastsd.kernels.losses.feature_alignment_loss: layer {l} has {C[k] * S[k]} "
+                                     f"elements per sample; the cosine kernel indexes a sample with int32")
+            warps, shape = _cosine_layout(list(zip(C, S, N, cl)), itemsize, compute_grad)
+            rows = tuple(N[k] * S[k] if cl[k] else N[k] for k in range(len(C)))
+            for k, (bn, _bc, bs) in enumerate(shape):
                 starts.append(sum(blocks))
-                blocks.append(triton.cdiv(pos, bp))
+                blocks.append(triton.cdiv(rows[k], bs) if cl[k] else triton.cdiv(N[k], bn) * triton.cdiv(S[k], bs))
         else:
             for l in layers:
                 starts.append(sum(blocks))
@@ -397,18 +673,15 @@ def feature_alignment_loss(student, target, channels_last, kind, scales, per_lay
         partial = torch.empty(sum(blocks), dtype=torch.float32, device=device)  # every program writes its own
         if sum(blocks):
             common = dict(NUM_LAYERS=len(layers), COMPUTE_GRAD=bool(compute_grad))
-            s_t = tuple(student[l] for l in layers)
-            t_t = tuple(target[l] for l in layers)
-            sc = tuple(float(scales[l]) for l in layers)
             if kind == "cosine":
-                C = tuple(student[l].shape[1] for l in layers)
-                S = tuple(numels[l] // max(C[k] * student[l].shape[0], 1) for k, l in enumerate(layers))
-                P = tuple(numels[l] // max(C[k], 1) for k, l in enumerate(layers))
-                cl = [bool(channels_last[l]) for l in layers]
                 _feature_cosine_kernel[(sum(blocks),)](
-                    s_t, t_t, tuple(g), P, C, S, tuple(1 if x else s for x, s in zip(cl, S)),
-                    tuple(c if x else 1 for x, c in zip(cl, C)), tuple(starts), sc, partial,
-                    BLOCK_C=tuple(b for b, _ in shape), BLOCK_P=tuple(p for _, p in shape), num_warps=8, **common)
+                    s_t, t_t, tuple(g), C, S, rows, tuple(starts), tuple(a + b for a, b in zip(starts, blocks)), sc,
+                    partial, VEC=_cosine_vec(itemsize), CHANNELS_LAST=cl, BLOCK_N=tuple(x[0] for x in shape),
+                    BLOCK_C=tuple(x[1] for x in shape), BLOCK_S=tuple(x[2] for x in shape),
+                    ALIGN=tuple(_align(C[k] if cl[k] else S[k], itemsize) for k in range(len(C))),
+                    C_FULL=tuple(C[k] == x[1] for k, x in enumerate(shape)),
+                    # 16 warps: let ptxas use up to 128 registers (by itself it stops at 64 and spills)
+                    maxnreg=128 if warps == 16 else None, num_warps=warps, **common)
             else:
                 _feature_elementwise_kernel[(sum(blocks),)](
                     s_t, t_t, tuple(g), tuple(numels[l] for l in layers), tuple(starts), sc, partial,
@@ -423,67 +696,74 @@ def feature_alignment_loss(student, target, channels_last, kind, scales, per_lay
     return loss.to(dtype), grad
 
 
-# --- ahead-of-time compile specs (every kernel and dtype variant the launchers use) -------------
+# --- ahead-of-time compile specs: the variants the launchers pick, as the JIT specialises them ----------
 
-def _aot_specs():
-    """Per dtype: both row-kernel forms (one block / two passes) with and without the gradient
-    (the symmetric flag alternating), every feature kind with the gradient and one without;
-    plus the largest one-block row (register pressure) and the counts kernel."""
-    pair_sig = {"logits_ptr": "*{dt}", "labels_ptr": "*i64", "partner_ptr": "*i64", "counts_ptr": "*fp32",
-                "loss_ptr": "*fp32", "grad_ptr": "*{dt}", "K": "i32", "stride_row": "i32", "temperature": "fp32",
-                "kd_weight": "fp32", "ce_weight": "fp32", "ignore_index": "i32", "SYMMETRIC": "constexpr",
-                "COMPUTE_GRAD": "constexpr", "BLOCK": "constexpr", "SINGLE": "constexpr"}
-    kd_sig = {"student_ptr": "*{dt}", "teacher_ptr": "*{dt}", "loss_ptr": "*fp32", "grad_ptr": "*{dt}", "K": "i32",
-              "stride_s": "i32", "stride_t": "i32", "temperature": "fp32", "grad_scale": "fp32",
-              "COMPUTE_GRAD": "constexpr", "BLOCK": "constexpr", "SINGLE": "constexpr"}
-
-    def sig(template, dt):
-        return {k: v.format(dt=dt) for k, v in template.items()}
-
-    specs = [{"name": "pair_counts", "fn": _pair_counts_kernel,
-              "signature": {"labels_ptr": "*i64", "partner_ptr": "*i64", "counts_ptr": "*fp32", "B": "i32",
-                            "ignore_index": "i32", "BLOCK": "constexpr"},
-              "constexprs": {"BLOCK": 1024}}]
-    rows = [(dt, block, single, grad) for dt in ("fp32", "fp16", "bf16")
-            for block, single in ((1024, True), (LOOP_BLOCK, False)) for grad in (False, True)]
-    rows.append(("fp32", MAX_SINGLE_BLOCK, True, True))
-    for dt, block, single, grad in rows:
-        warps = _row_block(block if single else MAX_SINGLE_BLOCK + 1)[2]
-        tag = f"{dt}_b{block}{'' if single else '_loop'}{'_grad' if grad else ''}"
-        specs.append({"name": f"pair_kd_{tag}", "fn": _pair_kd_kernel, "signature": sig(pair_sig, dt),
-                      "constexprs": {"SYMMETRIC": not grad, "COMPUTE_GRAD": grad, "BLOCK": block, "SINGLE": single},
-                      "options": {"num_warps": warps}})
-        specs.append({"name": f"kd_{tag}", "fn": _kd_kernel, "signature": sig(kd_sig, dt),
-                      "constexprs": {"COMPUTE_GRAD": grad, "BLOCK": block, "SINGLE": single},
-                      "options": {"num_warps": warps}})
-    for dt in ("fp32", "fp16", "bf16"):
-        # Four layers (a ResNet's); other layer counts differ only in the unrolled loop.
-        ptrs, ints, floats = (f"*{dt}",) * 4, ("i32",) * 4, ("fp32",) * 4
-        for kind, code in KINDS.items():
-            for grad in ((False, True) if kind in ("mse", "cosine") else (True,)):
-                name = f"feature_{kind}_{dt}{'_grad' if grad else ''}"
-                if kind == "cosine":
-                    specs.append({
-                        "name": name, "fn": _feature_cosine_kernel,
-                        "signature": {"students": ptrs, "targets": ptrs, "grads": ptrs, "positions": ints,
-                                      "channels": ints, "spatial": ints, "stride_c": ints, "stride_s": ints,
-                                      "starts": ints, "scales": floats, "partial_ptr": "*fp32",
-                                      "NUM_LAYERS": "constexpr", "COMPUTE_GRAD": "constexpr",
-                                      "BLOCK_C": "constexpr", "BLOCK_P": "constexpr"},
-                        "constexprs": {"NUM_LAYERS": 4, "COMPUTE_GRAD": grad,
-                                       "BLOCK_C": tuple(cosine_blocks(c)[0] for c in (64, 128, 256, 2048)),
-                                       "BLOCK_P": tuple(cosine_blocks(c)[1] for c in (64, 128, 256, 2048))},
-                        "options": {"num_warps": 8}})
-                else:
-                    specs.append({
-                        "name": name, "fn": _feature_elementwise_kernel,
-                        "signature": {"students": ptrs, "targets": ptrs, "grads": ptrs, "numels": ints,
-                                      "starts": ints, "scales": floats, "partial_ptr": "*fp32",
-                                      "NUM_LAYERS": "constexpr", "KIND": "constexpr", "COMPUTE_GRAD": "constexpr",
-                                      "BLOCK": "constexpr"},
-                        "constexprs": {"NUM_LAYERS": 4, "KIND": code, "COMPUTE_GRAD": grad, "BLOCK": FEATURE_BLOCK},
-                        "options": {"num_warps": 8}})
-    return specs
+# kernel -> the prefix of its specs' names (the feature kernels' tags start with the kind)
+_KERNELS = {"_pair_counts_kernel": "pair_counts", "_pair_stats_kernel": "pair_kd_stats", "_pair_kd_kernel": "pair_kd",
+            "_kd_stats_kernel": "kd_stats", "_kd_kernel": "kd", "_feature_elementwise_kernel": "feature",
+            "_feature_cosine_kernel": "feature"}
+# (B, K): the benchmark's rows (1 and 4 warps), one-block rows at 16 and 32 warps, split rows with few and
+# with many rows
+AOT_ROWS = ((256, 100), (256, 1000), (256, 3000), (64, MAX_SINGLE_BLOCK), (64, 32768), (512, 32768))
+CIFAR_MAPS = [(128, 64, 32, 32), (128, 128, 16, 16), (128, 256, 8, 8), (128, 512, 4, 4)]  # the benchmark's
+IMAGENET_MAPS = [(64, 256, 56, 56), (64, 512, 28, 28), (64, 1024, 14, 14), (64, 2048, 7, 7)]
+# sizes no vector width divides, ranks 2 (channels contiguous), 3, 4 and 5, large enough to be bandwidth-bound
+AWKWARD_MAPS = [(16, 7, 45, 45), (4000, 100), (64, 3, 37 * 5), (8, 6, 9, 10, 10)]
+WIDEST_MAPS = [(8, MAX_COSINE_CHANNELS, 7, 7), (64, MAX_COSINE_CHANNELS)]  # the cosine kernel's largest tiles
 
 
-AOT_SPECS = _aot_specs()
+def _aot_cases():
+    """(tag, thunk) per launcher call of the AOT specs: meta tensors (16-byte aligned) at the benchmark's
+    shapes for every dtype, gradient on and off, and small CPU tensors one element off alignment."""
+    import torch
+
+    out = []
+    for dt, dtype in (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        meta = dict(dtype=dtype, device="meta")
+        labels = {B: torch.empty(B, dtype=torch.int64, device="meta") for B, _K in AOT_ROWS}
+        for B, K in AOT_ROWS:
+            z = torch.empty(B, K, **meta)
+            for grad in (False, True):
+                tag = f"{dt}_{B}x{K}{'_grad' if grad else ''}"
+                y = labels[B]
+                out.append((tag, lambda z=z, y=y, g=grad: pair_kd_loss(z, y, y, 4.0, 1.0, 1.0, not g, -100, g)))
+                out.append((tag, lambda z=z, g=grad: kd_loss(z, z, 4.0, 1.0, 1.0, False, g)))
+        # rows of 37 logits starting one element past a 16-byte boundary
+        z = torch.empty(5 * 37 + 1, dtype=dtype)[1:].view(5, 37)
+        y = torch.zeros(5, dtype=torch.int64)
+        out.append((f"{dt}_unaligned", lambda z=z, y=y: pair_kd_loss(z, y, y, 4.0, 1.0, 1.0, False, -100, True)))
+        for B, K in ((256, 1000), (64, 32768)):  # the index checks compiled in (CUDA tensors)
+            z, y = torch.empty(B, K, **meta), labels[B]
+            out.append((f"{dt}_{B}x{K}_checked", lambda z=z, y=y: pair_kd_loss(z, y, y, 4.0, 1.0, 1.0, False, -100,
+                                                                                True, check_indices=True)))
+        out.append((f"{dt}_unaligned", lambda z=z: kd_loss(z, z, 4.0, 1.0, 1.0, False, True)))
+        for name, maps in (("cifar", CIFAR_MAPS), ("imagenet", IMAGENET_MAPS)):
+            for kind in KINDS:
+                for cl in ((False, True) if kind == "cosine" else (False,)):
+                    x = [torch.empty(shape, **meta) for shape in maps]
+                    if cl:
+                        x = [t.contiguous(memory_format=torch.channels_last) for t in x]
+                    for grad in ((False, True) if kind in ("mse", "cosine") else (True,)):
+                        tag = f"{kind}_{'cl_' if cl else ''}{dt}_{name}{'_grad' if grad else ''}"
+                        out.append((tag, lambda x=x, k=kind, c=cl, g=grad: feature_alignment_loss(
+                            x, x, [c] * len(x), k, [1.0] * len(x), False, g)))
+        x = [torch.empty(math.prod(shape) + 1, dtype=dtype, device="meta")[1:].view(shape) for shape in AWKWARD_MAPS]
+        for kind in ("mse", "cosine"):
+            out.append((f"{kind}_{dt}_unaligned_grad", lambda x=x, k=kind: feature_alignment_loss(
+                x, x, [False] * len(x), k, [1.0] * len(x), False, True)))
+        for shape in WIDEST_MAPS:
+            x = [torch.empty(shape, **meta)]
+            out.append((f"cosine_{dt}_{shape[1]}_channels_rank{len(shape)}_grad", lambda x=x: feature_alignment_loss(
+                x, x, [False], "cosine", [1.0], False, True)))
+    return out
+
+
+def __getattr__(name):
+    # AOT_SPECS is built on first use (it runs every launcher on meta tensors), not at import.
+    if name == "AOT_SPECS":
+        from . import _aot
+
+        specs = _aot.specs_from_launches(sys.modules[__name__], _KERNELS, _aot_cases())
+        globals()["AOT_SPECS"] = specs
+        return specs
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,80 @@
+"""Ahead-of-time specs taken from real launches: what the Triton JIT would compile for them on a GPU.
+
+A launcher run on ``meta`` tensors (no memory, every pointer 16-byte aligned: ``data_ptr() == 0``)
+or on small CPU tensors (any alignment) is recorded instead of launched; :func:`launch_spec`
+turns each launch into an ``AOT_SPECS`` entry with the JIT's own binder and ``_pack_args``: the
+signature, the constexprs, and the ``tt.divisibility`` 16 attributes the JIT puts on 16-byte
+aligned pointers and on integers divisible by 16 (integers equal to 1 become constexprs). So the
+AOT check and the compiled-code report read the code a launch of those tensors gets, for every
+kernel and configuration the launchers pick for those shapes.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Callable, Dict, Iterable, List, Tuple
+
+_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "debug", "sanitize_overflow")
+
+
+@functools.lru_cache(maxsize=None)
+def _binder(kernel):
+    """(JITFunction, backend, binder) of a kernel: the JIT's own argument specialisation for sm_90."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    jit = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)  # interpreted: its function
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    return jit, backend, create_function_from_signature(jit.signature, jit.params, backend)
+
+
+def launch_spec(name: str, kernel, args: tuple, kwargs: dict) -> dict:
+    """The AOT spec of one launch ``kernel[grid](*args, **kwargs)`` (works under TRITON_INTERPRET too)."""
+    jit, backend, binder = _binder(kernel)
+    options = {k: v for k, v in kwargs.items() if k in _OPTIONS and v is not None}
+    rest = {k: v for k, v in kwargs.items() if k not in _OPTIONS}
+    bound, specialization, opts = binder(*args, **rest)
+    _o, signature, constexprs, attrs = jit._pack_args(backend, rest, bound, specialization, opts)
+    return {"name": name, "fn": kernel, "signature": signature, "constexprs": constexprs,
+            "attrs": {k: v for k, v in attrs.items() if v}, "options": options}
+
+
+class _Recorder:
+    def __init__(self, name: str, kernel, launches: list):
+        self.name, self.kernel, self.launches = name, kernel, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((self.name, self.kernel, grid, args, kwargs))
+        return launch
+
+
+@contextlib.contextmanager
+def recorded(module, names: Iterable[str]):
+    """Within the block, launches of the named kernels of ``module`` are recorded, not run: yields the
+    list of ``(kernel name, kernel, grid, args, kwargs)``."""
+    launches: list = []
+    saved = {n: getattr(module, n) for n in names}
+    try:
+        for n, k in saved.items():
+            setattr(module, n, _Recorder(n, k, launches))
+        yield launches
+    finally:
+        for n, k in saved.items():
+            setattr(module, n, k)
+
+
+def specs_from_launches(module, names: Dict[str, str], cases: Iterable[Tuple[str, Callable[[], object]]]) -> List[dict]:
+    """One spec per distinct compiled variant the ``cases`` launch (``(tag, thunk)``; the thunk calls a
+    launcher); ``names`` maps each kernel's name in ``module`` to the prefix of its specs' names, and the
+    first case that launches a variant names it ``<prefix>_<tag>``."""
+    specs: Dict[str, dict] = {}
+    for tag, thunk in cases:
+        with recorded(module, names) as launches:
+            thunk()
+        for kname, kernel, _grid, args, kwargs in launches:
+            spec = launch_spec(f"{names[kname]}_{tag}", kernel, args, kwargs)
+            key = repr((kname, spec["signature"], spec["constexprs"], spec["attrs"], spec["options"]))
+            specs.setdefault(key, spec)
+    return list(specs.values())

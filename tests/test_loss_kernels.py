@@ -1,0 +1,228 @@
+"""The Triton loss kernels as a GPU runs them, checked here without one (issue 12 build 3, issue 11 section 2).
+
+* AOT specs are the launches' own JIT specialisation: 16-byte aligned tensors give
+  ``tt.divisibility`` 16 on every pointer, so the compiled code read below is what a GPU launch of
+  aligned tensors gets (fastsd/kernels/_aot.py).
+* The sm_90 code of every loss spec: no 64-bit division, no spills, occupancy >= 25 %, and 16-byte
+  global loads wherever the data is 16-byte aligned (kernels/losses.py says where and why a narrower
+  access is chosen).
+* Long rows of pair KD / KD are split along K, so a batch of 64 rows still gives the GPU >= 2 x 132
+  working programs; the split path against the reference with ignored labels and singletons.
+* float64 never reaches the loss kernels (on a GPU the JIT would pass the Python-float temperature
+  and weights to them as fp32): checked on the launch arguments and the AOT signatures.
+"""
+import os
+import re
+import subprocess
+import tempfile
+
+import pytest
+import torch
+
+import fastsd
+import triton_tools
+from fastsd import _backend
+from fastsd.kernels import _aot
+from fastsd.kernels import losses as K
+
+from conftest import CPU_BACKENDS
+from test_losses import PAIR_KW, _pair_run, assert_within, pair_inputs
+
+SPECS = [s for s in triton_tools.all_aot_specs() if s["module"] == "fastsd.kernels.losses"]
+ALIGNED = [s for s in SPECS if "unaligned" not in s["name"]]
+ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}
+
+
+def _pointer_paths(signature):
+    """(path, dtype) of every pointer argument; a tuple argument's elements are (index, element)."""
+    out = []
+    for i, ty in enumerate(signature.values()):
+        for j, t in (enumerate(ty) if isinstance(ty, tuple) else [(None, ty)]):
+            if isinstance(t, str) and t.startswith("*"):
+                out.append(((i,) if j is None else (i, j), t[1:]))
+    return out
+
+
+def _data_dtype(spec):
+    return next(t for _p, t in _pointer_paths(spec["signature"]) if t in ITEMSIZE)
+
+
+def test_aligned_specs_carry_the_alignment_the_jit_specialises_on():
+    assert len(ALIGNED) > 40 and len(SPECS) > len(ALIGNED)
+    for spec in ALIGNED:
+        for path, _t in _pointer_paths(spec["signature"]):
+            assert spec["attrs"].get(path) == [["tt.divisibility", 16]], (spec["name"], path, spec["attrs"])
+
+
+def test_launch_spec_is_the_jits_specialisation():
+    # The same launch on an aligned CPU tensor and on one 4 bytes off: only the latter loses the attribute.
+    x = torch.zeros(2 * 100 + 1)
+    y = torch.zeros(2, dtype=torch.int64)
+    for z, aligned in ((x[:200].view(2, 100), True), (x[1:].view(2, 100), False)):
+        specs = _aot.specs_from_launches(K, K._KERNELS, [("t", lambda z=z: K.kd_loss(z, z, 2.0, 1.0, 1.0, False, True))])
+        (spec,) = specs
+        assert (spec["attrs"].get((0,)) == [["tt.divisibility", 16]]) == aligned, spec["attrs"]
+        align = list(spec["signature"]).index("ALIGN")
+        assert spec["constexprs"][(align,)] == 4  # rows of 100 floats start 16-byte aligned
+    specs = _aot.specs_from_launches(K, K._KERNELS, [("t", lambda: K.pair_kd_loss(x[:200].view(2, 100), y, y, 2.0,
+                                                                                  1.0, 1.0, False, -100, True))])
+    assert [s["name"] for s in specs] == ["pair_counts_t", "pair_kd_t"]
+
+
+# --- the compiled code (sm_90) -------------------------------------------------------------------
+
+_BIN = os.path.join(os.path.dirname(__import__("triton").__file__), "backends", "nvidia", "bin")
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    return triton_tools.aot_compile_all([(s["name"], 90) for s in SPECS])
+
+
+def _resources(cubin: bytes):
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([os.path.join(_BIN, "cuobjdump"), "--dump-resource-usage", f.name],
+                             capture_output=True, text=True, check=True).stdout
+    reg, stack, shared, local = map(int, re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out).groups())
+    return reg, stack + local, shared
+
+
+def _occupancy(reg: int, warps: int) -> float:
+    """Warps resident per SM / 64, from registers (allocated per warp in units of 256, 64 K per SM)."""
+    per_warp = -(-reg * 32 // 256) * 256
+    ctas = min(65536 // (per_warp * warps), 64 // warps, 32)
+    return ctas * warps / 64
+
+
+def _widest_load(ptx: str) -> int:
+    widths = [int(v or 1) * int(b) // 8 for v, b in re.findall(r"ld\.global[.\w]*?(?:\.v(\d))?\.[bsuf](\d+)\b", ptx)]
+    return max(widths)
+
+
+def _expected_load(spec) -> int:
+    """Bytes of the widest global load a launch of aligned tensors should get."""
+    size = ITEMSIZE[_data_dtype(spec)]
+    names = list(spec["signature"])
+    const = {names[p[0]]: v for p, v in spec["constexprs"].items() if len(p) == 1}
+    if "ALIGN" in const and not isinstance(const["ALIGN"], tuple):  # rows start ALIGN elements aligned
+        return const["ALIGN"] * size
+    if spec["name"].startswith("feature_cosine"):
+        # channels-last: the channels' alignment; contiguous maps: VEC positions a thread at most
+        # (losses._cosine_vec says why), as far as the positions' alignment allows
+        return max(min(a if cl else min(const["VEC"], a, bs), 16 // size) * size
+                   for cl, a, bs in zip(const["CHANNELS_LAST"], const["ALIGN"], const["BLOCK_S"]))
+    return 16
+
+
+def test_compiled_loss_kernels_meet_the_budgets(compiled):
+    """No 64-bit division anywhere, no spills, occupancy >= 25 %, 16-byte loads where aligned."""
+    bad = []
+    for spec in SPECS:
+        result = compiled[(spec["name"], 90)]
+        assert result.error is None, (spec["name"], result.error)
+        if re.search(r"\b(?:div|rem)\.[su]64\b", result.ptx):
+            bad.append((spec["name"], "64-bit division"))
+        reg, spill, _shared = _resources(result.cubin)
+        warps = spec.get("options", {}).get("num_warps", 4)
+        if spill:
+            bad.append((spec["name"], f"{spill} bytes of spills"))
+        if _occupancy(reg, warps) < 0.25:
+            bad.append((spec["name"], f"{reg} registers x {warps} warps: occupancy {_occupancy(reg, warps):.0%}"))
+        if spec in ALIGNED and not spec["name"].startswith("pair_counts"):  # (counts: labels only)
+            want = _expected_load(spec)
+            if _widest_load(result.ptx) < want:
+                bad.append((spec["name"], f"widest load {_widest_load(result.ptx)} bytes, expected {want}"))
+    assert not bad, bad
+
+
+def test_index_checks_are_compiled_in_where_asked(compiled):
+    # check_indices: the counting asserts labels and partner on the device (the glue's checks, no launch)
+    checked = [s["name"] for s in SPECS if s["name"].endswith("_checked")]
+    assert {re.sub(r"_(fp32|fp16|bf16)_.*", "", n) for n in checked} == {"pair_counts", "pair_kd_stats"}
+    for spec in SPECS:
+        ptx = compiled[(spec["name"], 90)].ptx
+        asserts = ptx.count("__assertfail")
+        assert (asserts > 0) == (spec["name"] in checked), (spec["name"], asserts)
+
+
+@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="Triton interpreter unavailable")
+@pytest.mark.parametrize("classes", [10, 9000])
+def test_checked_launch_gives_the_same_result(classes):
+    logits, labels, partner = pair_inputs(12, classes, 4)
+    z = logits.float()
+    plain = K.pair_kd_loss(z, labels, partner, 3.0, 0.7, 1.3, False, -100, True)
+    checked = K.pair_kd_loss(z, labels, partner, 3.0, 0.7, 1.3, False, -100, True, check_indices=True)
+    assert torch.equal(plain[0], checked[0]) and torch.equal(plain[1], checked[1])
+
+
+def test_cosine_kernel_has_no_per_element_division(compiled):
+    # One scalar int32 division per program and layer (the sample of a program), none per element.
+    for spec in SPECS:
+        if spec["name"].startswith("feature_cosine"):
+            ptx = compiled[(spec["name"], 90)].ptx
+            layers = len(spec["signature"]["channels"])
+            assert len(re.findall(r"\b(?:div|rem)\.[su]32\b", ptx)) <= layers, spec["name"]
+
+
+# --- programs against SMs ---------------------------------------------------------------------------
+
+
+def _grids(fn):
+    with _aot.recorded(K, K._KERNELS) as launches:
+        fn()
+    return {name: grid for name, _k, grid, _a, _kw in launches}
+
+
+@pytest.mark.parametrize("B, K_", [(64, 32768), (16, 100000), (256, 1000)])
+def test_row_kernels_give_every_sm_work(B, K_):
+    """At least 132 working programs (an H100's SMs): half of pair KD's programs lead a pair."""
+    z = torch.empty(B, K_, device="meta")
+    y = torch.empty(B, dtype=torch.int64, device="meta")
+    pair = _grids(lambda: K.pair_kd_loss(z, y, y, 4.0, 1.0, 1.0, False, -100, True))["_pair_kd_kernel"]
+    kd = _grids(lambda: K.kd_loss(z, z, 4.0, 1.0, 1.0, False, True))["_kd_kernel"]
+    assert pair[0] * pair[1] // 2 >= 128 and kd[0] * kd[1] >= 132, (pair, kd)
+    if K_ > K.MAX_SINGLE_BLOCK:  # split rows: two waves
+        assert pair[0] * pair[1] // 2 >= K.SPLIT_TARGET and kd[0] * kd[1] >= K.SPLIT_TARGET, (pair, kd)
+
+
+@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="Triton interpreter unavailable")
+@pytest.mark.parametrize("teacher", ["confident", "symmetric"])
+def test_split_rows_match_the_reference(teacher):
+    # 12 rows of 8200 logits: 5 chunks a row, an ignored label, pairs and singletons
+    logits, labels, partner = pair_inputs(12, 8200, 4)
+    go = torch.tensor(0.37)
+    kw = dict(PAIR_KW, teacher=teacher)
+    ref, ref_g = _pair_run(logits, labels, partner, go, fn=fastsd.reference.pair_kd_loss, **kw)
+    same, same_g = _pair_run(logits.float(), labels, partner, go, fn=fastsd.reference.pair_kd_loss, **kw)
+    got, got_g = _pair_run(logits.float(), labels, partner, go, backend="triton", **kw)
+    assert_within("loss", got, same, ref)
+    assert_within("grad", got_g, same_g, ref_g)
+    assert got_g[5].abs().max() == 0  # the ignored row
+    got2, got2_g = _pair_run(logits.float(), labels, partner, go, backend="triton", **kw)
+    assert torch.equal(got, got2) and torch.equal(got_g, got2_g)  # deterministic: no atomics
+
+
+# --- float64 (issue 11 section 2) ---------------------------------------------------------------------
+
+
+def test_float64_never_reaches_the_loss_kernels():
+    """On a GPU the JIT passes Python floats (temperature, weights, scales) as fp32 scalars: a float64
+    loss kernel would run with fp32 scalars. None exists: the launchers refuse float64 before
+    launching, the Triton backend declines it (the C++ / torch backends keep float64), and no AOT
+    signature pairs float64 data with a scalar."""
+    z = torch.zeros(4, 10, dtype=torch.float64)
+    y = torch.zeros(4, dtype=torch.int64)
+    calls = [lambda: K.pair_kd_loss(z, y, y, 4.0, 1.0, 1.0, False, -100, True),
+             lambda: K.kd_loss(z, z, 4.0, 1.0, 1.0, False, True),
+             lambda: K.feature_alignment_loss([z], [z], [False], "cosine", [0.1], False, True)]
+    for call in calls:
+        with _aot.recorded(K, K._KERNELS) as launches, pytest.raises(TypeError, match="float64"):
+            call()
+        assert launches == []
+    for op, args in (("pair_kd_loss", (z, y, y)), ("kd_loss", (z, z)), ("feature_alignment_loss", (z, z))):
+        assert any("float64" in r for r in _backend.reasons(op, "triton", *args)), op
+    for spec in SPECS:
+        types = [t for t in spec["signature"].values() for t in (t if isinstance(t, tuple) else (t,))]
+        assert "*fp64" not in types and "fp64" not in types, spec["name"]

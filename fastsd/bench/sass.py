@@ -524,18 +524,15 @@ def format_table(rows: List[dict], machine: Machine = H100) -> str:
              "ld/st: global accesses on the element path, count x bits; w128: share of their bytes in "
              "128-bit accesses; div/div64: 32/64-bit integer div+rem in the PTX; ediv: of them per element "
              "(TTIR); mul64: 64-bit multiplies (PTX); wide: IMAD.WIDE/HI on the path; bar: barriers on the path."]
-    table = []
-    for row in rows:
-        if "error" in row:
-            table.append([row["name"], "ERROR: " + row["error"].splitlines()[0]])
-            continue
-        values = {**row, "occ": row["occupancy"], "ld": _widths(row["ld"]), "st": _widths(row["st"])}
-        table.append([fmt.format(values[key]) for key, fmt in COLUMNS])
     header = [key for key, _ in COLUMNS]
-    widths = [max(len(header[i]), *(len(r[i]) for r in table if len(r) > i)) for i in range(len(header))]
-    lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-    for r in table:
-        lines.append("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+    table = [header]
+    for row in rows:
+        if "error" not in row:
+            values = {**row, "occ": row["occupancy"], "ld": _widths(row["ld"]), "st": _widths(row["st"])}
+            table.append([fmt.format(values[key]) for key, fmt in COLUMNS])
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in table]
+    lines += [f"{row['name']}: ERROR {row['error']}" for row in rows if "error" in row]
     return "\n".join(lines)
 
 

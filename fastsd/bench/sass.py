@@ -205,7 +205,7 @@ _FUNC = re.compile(r"^\s*\.type\s+(\S+),@function")
 _ENTRY = re.compile(r"^\s*\.other\s+(\S+),@\"STO_CUDA_ENTRY")
 _TARGET = re.compile(r"`\(([^)]+)\)")
 _TERMINATORS = {"BRA", "EXIT", "RET", "BRX", "JMX", "JMP", "KILL"}
-_DIV_ROUTINE = re.compile(r"(?:div|rem)_[su]64|__internal.*(?:div|rem)")
+_DIV_ROUTINE = re.compile(r"(?:div|rem)_[su]64\b")
 
 
 @dataclasses.dataclass

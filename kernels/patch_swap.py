@@ -13,9 +13,9 @@ Both directions are one gather, ``cell_select`` (the same as csrc/cpu/patch_swap
     forward:  src = partner, mask_row = b   (exactly one of keep/take holds: a copy)
     backward: src = mask_row = q = argsort(partner)
 
-Each selected input element is loaded once (masked loads), and the two sides are added only where
-both keep and take hold, so copies are bit-exact (-0.0 and NaN included); that add runs in fp32
-for 16-bit floats. No atomics: the backward is bitwise deterministic.
+Each side is loaded only where it is selected (masked loads), and the two sides are added only
+where both keep and take hold, so copies are bit-exact (-0.0 and NaN included); that add runs in
+fp32 for 16-bit floats. No atomics: the backward is bitwise deterministic.
 
 Layout of the work. One program per (sample, block of BLOCK consecutive elements of the sample),
 one axis; a block is [BLOCK // CHUNK, CHUNK], chunks of CHUNK consecutive elements (16 bytes where
@@ -24,24 +24,29 @@ consecutive elements that share one image row: ``(c, h)`` of W elements in NCHW,
 channels_last. The cell of a chunk comes from its first element; the launcher picks CHUNK so that
 either no chunk straddles two cells (CHUNK divides every cell boundary of a line, in elements;
 ``MIXED`` false), or every cell is at least CHUNK elements wide, so that a chunk holds at most one
-cell change (``MIXED``: the cell of the chunk's last element and the position of the change are
-computed too, and each element picks its side by comparing its index with that position). So the
-masks are read once a chunk (a byte from L1), and the data moves in 16-byte accesses whenever the
-sample size and the pointers are 16-byte aligned, whatever the grid (224 px in 3 or 6 cells: no
-2-element boundary, but 75-px cells).
+cell change (``MIXED``: where the first element's cell run ends and the cell after it are computed
+too, and each element takes the side of the change it is on). So the masks are read once a chunk
+(bytes from L1), and the data moves in 16-byte accesses whenever the sample size and the pointers
+are 16-byte aligned, whatever the grid (224 px in 3 or 6 cells: no 2-element boundary, but 75-px
+cells). A MIXED chunk reads the whole chunk from each source it needs (one vector load each): more
+bytes than the elements it keeps, but the same 32-byte DRAM sectors. The forward of a MIXED chunk
+of 1- or 2-byte elements merges its two loads a 32-bit word at a time with byte masks.
 
-No integer division on the GPU's per-element path: every ``a // d`` and ``a * n // d`` (the line
-of an element, its row and column, the row and column of its cell, the start of a cell) is a
-multiply-high by ``ceil(n * 2**63 / d)``, exact for 0 <= a < 2**31 (``_frac``; the launcher
-computes the constants from the shapes, on the host, without looking at any tensor's values).
-The forward reads each chunk from one source, its pointer chosen per chunk (one load, one store);
-the backward reads both rows' masks and each source where it is needed. The sample, its partner
-and their mask rows are resolved once a program (two scalar loads), so the per-element loads do not
-chain: mask bytes, then data.
+No integer division on the GPU: every ``a // d`` and ``a * n // d`` (the sample of a program, the
+line of an element, its row and column, the row and column of its cell, the end of a cell) is
+``(a * m) >> s``, one 32 x 32 -> 64-bit multiply and a shift, with m and s computed by the
+launcher from the shapes (host integers; no tensor value is read) so that it is exact over the
+operand's whole range (:func:`_frac`). The forward reads each chunk from one source, its pointer
+chosen per chunk (one load, one store); the backward reads both rows' masks and each source where
+it is needed. The sample, its partner and their mask rows are resolved once a program (scalar
+loads), so the per-element loads do not chain: mask bytes, then data. The forward can also check
+that partner is a permutation (``sorted_partner``: a device-side assert, no launch of its own), and
+the backward takes the inverse permutation where the caller has it (``inverse_partner``).
 
 Indices inside a sample are int32 (exact up to 2**31 - BLOCK elements a sample); sample offsets
-are int64 (B*C*H*W may pass 2**31). A sample past that (a single image of 2**31 elements) takes
-the ``BIG`` variant: int64 indices and plain divisions, correct and slow, never the common path.
+are int64 (B*C*H*W may pass 2**31). A sample past that, or a shape whose constants need more than
+32 bits (an image ~46k pixels tall or wide with 1-pixel cells), takes the ``BIG`` variant: int64
+indices and plain divisions, correct and slow, never the common path.
 
 Under TRITON_INTERPRET=1 (CPU tensors, tests only) the launcher uses larger blocks: the
 interpreter's cost grows with the number of programs.
@@ -59,7 +64,7 @@ from fastsd import _validate
 
 # The per-launch integers: the JIT must not specialise on their values (divisibility by 16, == 1),
 # or every shape would compile its own variant; sample_numel keeps its divisibility (alignment).
-_SHAPE_ARGS = ("programs_per_sample", "L", "H", "W", "C", "gh", "gw", "col_div", "col_mod")
+_SHAPE_ARGS = ("check", "programs_per_sample", "L", "H", "W", "C", "gh", "gw", "col_div", "col_mod")
 # The _frac constants: a multiplier (uint32) and a shift each.
 _FRAC_ARGS = tuple(f"{ms}_{name}" for name in ("program", "line", "sub", "cell_row", "cell_col", "col_start")
                    for ms in "ms")
@@ -122,7 +127,7 @@ def _cell(e, L, H, W, C, gh, gw, m_line, s_line, m_sub, s_sub, m_cell_row, s_cel
             h = line
             w = _frac(e - line * L, m_sub, s_sub)  # // C
         else:
-            h = line - _frac(line, m_sub, s_sub) * H  # % H
+            h = line - _frac(e, m_sub, s_sub) * H  # line % H, the plane e // (H * W) from e itself
             w = e - line * L
         cell_row = _frac(h, m_cell_row, s_cell_row)
         cell_col = _frac(w, m_cell_col, s_cell_col)
@@ -135,7 +140,9 @@ def cell_select_kernel(
     out_ptr,  # same shape, dtype and layout as x
     src_ptr,  # int64 [B]: the sample whose `take` cells are read (partner forward, q backward)
     mask_ptr,  # uint8 [B, gh, gw], nonzero = swap
+    sorted_ptr,  # int64 [B]: partner sorted, asserted to be range(B) where `check` (forward only)
     sample_numel,  # C * H * W
+    check,
     programs_per_sample,
     L,  # elements a line: W (NCHW) or W * C (channels_last)
     H,
@@ -145,8 +152,8 @@ def cell_select_kernel(
     gw,
     col_div,  # W // gw and W % gw: cell column k starts at column k * col_div + ceil(k * col_mod / gw)
     col_mod,
-    # _frac constants (high, low words) of pid // programs_per_sample, e // L, line // H (NCHW) or
-    # j // C (channels_last), h * gh // H, w * gw // W and a // gw.
+    # _frac constants (multiplier, shift) of pid // programs_per_sample, e // L, e // (H * W) (NCHW)
+    # or j // C (channels_last), h * gh // H, w * gw // W and a // gw.
     m_program: tl.uint32, s_program: tl.int32,
     m_line: tl.uint32, s_line: tl.int32,
     m_sub: tl.uint32, s_sub: tl.int32,
@@ -173,6 +180,11 @@ def cell_select_kernel(
         b = _frac(pid, m_program, s_program)
         first = (pid - b * programs_per_sample) * BLOCK
     src = tl.load(src_ptr + b.to(tl.int64)).to(tl.int32)  # a sample index (< B < 2**31)
+    if not BACKWARD:
+        # partner is a permutation iff its sorted values are range(B): an asynchronous device-side
+        # assert, like PyTorch's own index checks (compiled in: the launcher passes debug=True).
+        sorted_b = tl.load(sorted_ptr + b.to(tl.int64), mask=check != 0, other=0)
+        tl.device_assert((check == 0) | (sorted_b == b), "fastsd.patch_swap: partner must be a permutation of range(B)")
     cells = gh * gw
     row_b = mask_ptr + b.to(tl.int64) * cells
     row_s = mask_ptr + src.to(tl.int64) * cells
@@ -273,6 +285,8 @@ _VECTOR_BYTES = 16
 # Under the interpreter, cost grows with the number of programs, not with the block size.
 _INTERPRETER_MAX_BLOCK = 1 << 16
 _INT32 = 1 << 31
+# Device asserts compiled in (debug), without the integer overflow checks debug would add.
+_OPTIONS = {"debug": True, "sanitize_overflow": False}
 # The smallest CHUNK / VEC for which the launcher picks MIXED chunks, by the widest CHUNK.
 _MIXED_MIN = {2: 2, 4: 4, 8: 4, 16: 4}
 
@@ -357,9 +371,9 @@ def _geometry(B: int, C: int, H: int, W: int, gh: int, gw: int, channels_last: b
     sample_numel = C * H * W
     L = W * C if channels_last else W
     programs = triton.cdiv(sample_numel, block)
-    # (n, d, largest a) of pid // programs, e // L, line // H or j // C, h * gh // H, w * gw // W
+    # (n, d, largest a) of pid // programs, e // L, e // (H * W) or j // C, h * gh // H, w * gw // W
     # and (k * col_mod + gw - 1) // gw.
-    fracs = [(1, programs, B * programs), (1, L, sample_numel + block), (1, C, L) if channels_last else (1, H, C * H),
+    fracs = [(1, programs, B * programs), (1, L, sample_numel + block), (1, C, L) if channels_last else (1, H * W, sample_numel + block),
              (gh, H, H), (gw, W, W), (1, gw, gw * (gw + 1))]
     constants = [_frac_constants(*f) for f in fracs]
     big = sample_numel + block > _INT32 or None in constants
@@ -367,7 +381,7 @@ def _geometry(B: int, C: int, H: int, W: int, gh: int, gw: int, channels_last: b
     return programs, big, (programs, L, H, W, C, gh, gw, W // gw, W % gw, *words)
 
 
-def _launch(x: torch.Tensor, src: torch.Tensor, mask: torch.Tensor, backward: bool) -> torch.Tensor:
+def _launch(x: torch.Tensor, src: torch.Tensor, mask: torch.Tensor, backward: bool, sorted_partner=None) -> torch.Tensor:
     fmt = _validate.memory_format(x)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
     B, C, H, W = x.shape
@@ -384,18 +398,25 @@ def _launch(x: torch.Tensor, src: torch.Tensor, mask: torch.Tensor, backward: bo
     if x.device.type == "cpu":  # only under TRITON_INTERPRET=1: few, large programs run fastest
         block = max(block, min(triton.next_power_of_2(sample_numel), _INTERPRETER_MAX_BLOCK))
     programs, big, args = _geometry(B, C, H, W, gh, gw, channels_last, block)
+    check = sorted_partner is not None
     cell_select_kernel[(B * programs,)](
-        x, out, src, mask, sample_numel, *args,
+        x, out, src, mask, sorted_partner if check else src, sample_numel, int(check), *args,
         BLOCK=block, CHUNK=chunk, MIXED=mixed, CHANNELS_LAST=channels_last, BACKWARD=backward, BIG=big,
-        num_warps=NUM_WARPS,
+        num_warps=NUM_WARPS, **_OPTIONS,
     )
     return out
 
 
-def patch_swap(x: torch.Tensor, partner: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def patch_swap(x: torch.Tensor, partner: torch.Tensor, mask: torch.Tensor, sorted_partner=None) -> torch.Tensor:
     """Forward patch swap. ``x`` contiguous (NCHW or channels_last), ``partner`` int64 ``[B]``
-    permutation, ``mask`` bool/uint8 ``[B, gh, gw]`` contiguous (validated by the caller)."""
-    return _launch(x, partner, mask, backward=False)
+    permutation, ``mask`` bool/uint8 ``[B, gh, gw]`` contiguous (validated by the caller).
+
+    ``sorted_partner``: partner sorted (int64 ``[B]``), where the caller has it; the kernel then
+    asserts on the device that it is ``range(B)``, i.e. that partner is a permutation (no launch
+    of its own). The interpreter does not run device asserts: on CPU tensors the caller checks."""
+    if sorted_partner is not None:
+        sorted_partner = sorted_partner.contiguous()
+    return _launch(x, partner, mask, backward=False, sorted_partner=sorted_partner)
 
 
 def patch_swap_backward(grad: torch.Tensor, partner: torch.Tensor, mask: torch.Tensor,
@@ -416,14 +437,14 @@ def _spec(dtype: torch.dtype, backward: bool, channels_last: bool, chunk: int, m
     ty = _TL_DTYPES[dtype]
     direction = "backward" if backward else "forward"
     layout = "channels_last" if channels_last else "nchw"
-    signature = {"x_ptr": f"*{ty}", "out_ptr": f"*{ty}", "src_ptr": "*i64", "mask_ptr": "*u8",
+    signature = {"x_ptr": f"*{ty}", "out_ptr": f"*{ty}", "src_ptr": "*i64", "mask_ptr": "*u8", "sorted_ptr": "*i64",
                  "sample_numel": "i64" if big else "i32"}
     signature.update({a: "i32" for a in _SHAPE_ARGS})
     signature.update({a: "u32" if a.startswith("m_") else "i32" for a in _FRAC_ARGS})
     signature.update({a: "constexpr" for a in ("BLOCK", "CHUNK", "MIXED", "CHANNELS_LAST", "BACKWARD", "BIG")})
     # What the JIT specialises on for typical images: 16-byte aligned tensors and C*H*W % 16 == 0
-    # (e.g. 3 x 32 x 32, 3 x 224 x 224); the other integers are never specialised (_MAGIC_ARGS).
-    aligned = ("x_ptr", "out_ptr", "src_ptr", "mask_ptr", "sample_numel")
+    # (e.g. 3 x 32 x 32, 3 x 224 x 224); the other integers are never specialised (_SHAPE_ARGS, _FRAC_ARGS).
+    aligned = ("x_ptr", "out_ptr", "src_ptr", "mask_ptr", "sorted_ptr", "sample_numel")
     block = _gpu_block(dtype)
     return {
         "name": f"patch_swap_{direction}_{ty}_{layout}_{'mixed' if mixed else 'vec'}{chunk}{'_big' if big else ''}",
@@ -432,7 +453,7 @@ def _spec(dtype: torch.dtype, backward: bool, channels_last: bool, chunk: int, m
         "constexprs": {"BLOCK": block, "CHUNK": chunk, "MIXED": mixed, "CHANNELS_LAST": channels_last,
                        "BACKWARD": backward, "BIG": big},
         "attrs": {(list(signature).index(a),): [["tt.divisibility", 16]] for a in aligned},
-        "options": {"num_warps": NUM_WARPS},
+        "options": {"num_warps": NUM_WARPS, **_OPTIONS},
         # A thread reads and writes _BYTES_PER_THREAD each (one source an element; fastsd.bench.sass,
         # checked by the traffic tests).
         "moved_bytes": 2 * _BYTES_PER_THREAD,

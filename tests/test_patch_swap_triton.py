@@ -194,6 +194,31 @@ def test_backward_takes_the_inverse_partner():
     assert not torch.equal(kernels.patch_swap_backward(x, partner, mask, inverse_partner=partner.roll(1)), expected)
 
 
+def test_forward_asserts_the_sorted_partner_on_the_device(monkeypatch):
+    # With sorted_partner the kernel itself asserts sorted_partner == range(B) (tl.device_assert,
+    # compiled in with debug=True; the interpreter does not run it, so the launch is checked here
+    # and the compiled assert in test_forward_spec_compiles_the_assert).
+    x, partner, mask = _make((4, 3, 8, 8, 2, 2), torch.float32, "nchw", specials=False)
+    launches = []
+    kernel = kernels.cell_select_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((args, kwargs))
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(kernels, "cell_select_kernel", Recorder())
+    sorted_partner = torch.sort(partner).values
+    out = kernels.patch_swap(x, partner, mask, sorted_partner=sorted_partner)
+    kernels.patch_swap(x, partner, mask)
+    assert torch.equal(out, reference.patch_swap(x, partner, mask))
+    (checked, options), (unchecked, _) = launches
+    assert checked[4] is sorted_partner and checked[6] == 1 and unchecked[6] == 0
+    assert options["debug"] and not options["sanitize_overflow"]
+
+
 def test_misaligned_sample_falls_back_to_whole_chunks():
     # The forward's word merge of MIXED chunks needs 4-byte aligned samples: a view one byte into its
     # storage takes chunks that never straddle a cell instead, with the same result.
@@ -330,6 +355,12 @@ def test_sample_offsets_are_64_bit(compiled_sm90, name):
     assert result.error is None, result.error
     assert "tt.addptr" in result.ttir
     assert argument_offsets_are_64_bit(result.ttir) == []
+
+
+def test_forward_spec_compiles_the_assert(compiled_sm90):
+    # The device-side permutation check is in the forward's code (debug=True), not the backward's.
+    ptx = {name: compiled_sm90[(name, 90)].ptx for name in FP32_SPECS}
+    assert all(("__assertfail" in p) == ("_forward_" in n) for n, p in ptx.items()), sorted(ptx)
 
 
 @pytest.mark.parametrize("name", WIDEST_SPECS)

@@ -36,7 +36,8 @@ How the per-thread instruction stream is counted (static, from the SASS control-
 * A kernel without loops: the longest path from the entry to an exit, every instruction on it
   counted once (predicated-off instructions issue too; early exits and cold branches, e.g. the
   64-bit division's slow path, are not the longest path). Subroutines are not entered (a ``CALL`` is
-  one instruction; a call of a division routine shows in ``div64``).
+  one instruction; a call of a division routine shows in ``div64``), nor blocks that call
+  ``__assertfail`` (a failing device assert) or trap.
 * A kernel with loops that access global memory: the innermost such loop whose iteration has the
   largest ``issue`` share, counted as its longest path from the loop header back to it (one
   iteration); the prologue and epilogue are amortised over the iterations and left out. ``path``
@@ -291,6 +292,9 @@ class CFG:
             elif nxt is not None:
                 succ.append(nxt)
             self.succ.append(succ)
+        # Blocks that call an external function through a register (a failing device assert's
+        # __assertfail, printf) or trap: never the common path.
+        self.cold = {b for b, block in enumerate(self.blocks) if any(i.op.startswith(("CALL.ABS", "BPT")) for i in block)}
         self._dfs()
 
     def _dfs(self) -> None:
@@ -339,7 +343,7 @@ class CFG:
     def longest_path(self, blocks: Optional[set] = None, start: int = 0, ends: Optional[set] = None) -> List[int]:
         """Blocks of the longest path (in instructions) from ``start`` within ``blocks`` (default: all
         reachable) along forward edges, ending at a block of ``ends`` (default: any block)."""
-        blocks = self.reachable if blocks is None else blocks
+        blocks = (self.reachable if blocks is None else blocks) - self.cold
         best: Dict[int, tuple] = {}
         for b in reversed(self.order):
             if b not in blocks:

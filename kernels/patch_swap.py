@@ -169,6 +169,9 @@ def cell_select_kernel(
 ):
     GROUPS: tl.constexpr = BLOCK // CHUNK
     ITEMSIZE: tl.constexpr = x_ptr.dtype.element_ty.primitive_bitwidth // 8
+    # A chunk wider than 16 bytes (MIXED, 32 bytes) is handled as 16-byte vectors that share its
+    # cell math; each is its own [GROUPS, VEC] tensor, so one thread holds the whole chunk.
+    VEC: tl.constexpr = CHUNK if CHUNK * ITEMSIZE <= 16 else 16 // ITEMSIZE
     # The forward of a MIXED chunk of 1- or 2-byte elements merges its two sources a 32-bit word
     # at a time (bit masks) instead of an element at a time (the launcher checks the alignment).
     WORDS: tl.constexpr = MIXED and not BACKWARD and ITEMSIZE < 4 and CHUNK * ITEMSIZE >= 4
@@ -196,9 +199,7 @@ def cell_select_kernel(
                                         m_cell_row, s_cell_row, m_cell_col, s_cell_col,
                                         CHANNELS_LAST, BIG)
     cell = cell_row * gw + cell_col
-    k = tl.arange(0, CHUNK)
-    offs = e[:, None] + k[None, :]
-    valid = offs < sample_numel
+    k = tl.arange(0, VEC)
     if MIXED:
         # Where the first element's cell run ends (its cell column's end, the line's end at the last
         # column) and the cell after it: elements from `change` on belong to that one.
@@ -220,7 +221,6 @@ def cell_select_kernel(
             row1 = _frac(h1, m_cell_row, s_cell_row)
         cell1 = tl.where(line_end, row1, cell_row) * gw + tl.where(line_end, 0, nxt)
         has_change = in_sample & (change < tl.minimum(sample_numel - e, CHUNK))
-        in_last = k[None, :] >= change[:, None]
 
     if BACKWARD:
         keep = tl.load(row_b + cell, mask=in_sample, other=1) == 0
@@ -229,50 +229,62 @@ def cell_select_kernel(
         if MIXED:
             keep1 = tl.load(row_b + cell1, mask=has_change, other=1) == 0
             take1 = tl.load(row_s + cell1, mask=has_change, other=0) != 0
-            s = tl.load(x_ptr + b_offset + offs, mask=valid & (keep | keep1)[:, None], other=0)
-            t = tl.load(x_s + offs, mask=valid & (take | take1)[:, None], other=0)
-            both = _add(s, t)
-            # Each side of the change selects by the chunk's flags, then each element its side.
-            out = tl.where(in_last, _select(keep1, take1, s, t, both), _select(keep, take, s, t, both))
+            any_keep, any_take = keep | keep1, take | take1
         else:
-            s = tl.load(x_ptr + b_offset + offs, mask=valid & keep[:, None], other=0)
-            t = tl.load(x_s + offs, mask=valid & take[:, None], other=0)
-            out = _select(keep, take, s, t, _add(s, t))
-        tl.store(out_ptr + b_offset + offs, out, mask=valid)
+            any_keep, any_take = keep, take
+        for v in tl.static_range(CHUNK // VEC):
+            offs = e[:, None] + (v * VEC + k)[None, :]
+            valid = offs < sample_numel
+            s = tl.load(x_ptr + b_offset + offs, mask=valid & any_keep[:, None], other=0)
+            t = tl.load(x_s + offs, mask=valid & any_take[:, None], other=0)
+            both = _add(s, t)
+            out = _select(keep, take, s, t, both)
+            if MIXED:
+                # Each side of the change selects by its cell's flags, then each element its side.
+                in_last = (v * VEC + k)[None, :] >= change[:, None]
+                out = tl.where(in_last, _select(keep1, take1, s, t, both), out)
+            tl.store(out_ptr + b_offset + offs, out, mask=valid)
     else:
         take = tl.load(row_b + cell, mask=in_sample, other=0) != 0
         # One source a chunk: its sample is chosen, then loaded (one load, no select of values).
-        first_source = _offset(tl.where(take, src, b), sample_numel, BIG)
+        first_source = tl.where(take, src, b)
         if MIXED:
             switch = has_change & ((tl.load(row_b + cell1, mask=has_change, other=0) != 0) != take)
-            other_source = _offset(tl.where(take, b, src), sample_numel, BIG)
+            other_source = tl.where(take, b, src)
         if WORDS:
-            WORDS_A_CHUNK: tl.constexpr = CHUNK * ITEMSIZE // 4
+            WORDS_A_VEC: tl.constexpr = VEC * ITEMSIZE // 4
             sample_words = (sample_numel * ITEMSIZE) >> 2
-            kw = tl.arange(0, WORDS_A_CHUNK)
-            words = ((e * ITEMSIZE) >> 2)[:, None] + kw[None, :]
-            wvalid = words < sample_words
             xw = x_ptr.to(tl.pointer_type(tl.int32))
-            a = tl.load(xw + _offset(tl.where(take, src, b), sample_words, BIG)[:, None] + words, mask=wvalid)
-            z = tl.load(xw + _offset(tl.where(take, b, src), sample_words, BIG)[:, None] + words,
-                        mask=wvalid & switch[:, None], other=0)
-            # The bytes before the change come from the first source: a mask of the chunk's low
-            # `kept` bytes, built as two 64-bit halves; each word picks its half (kw is a constant
-            # in every register).
-            kept = 8 * tl.where(switch, change * ITEMSIZE, 4 * WORDS_A_CHUNK)
-            one = tl.full(kept.shape, 1, tl.int64)
-            lo = tl.where(kept >= 64, -1, (one << tl.minimum(kept, 63)) - 1)
-            hi = tl.where(kept <= 64, 0, (one << tl.maximum(kept - 64, 0)) - 1)
-            half = tl.where(kw[None, :] < 2, lo[:, None], hi[:, None])
-            low = tl.where(kw[None, :] % 2 == 0, half, half >> 32).to(tl.int32)
-            out = (a & low) | (z & ~low)
-            tl.store(out_ptr.to(tl.pointer_type(tl.int32)) + _offset(b, sample_words, BIG) + words, out, mask=wvalid)
+            ow = out_ptr.to(tl.pointer_type(tl.int32))
+            first_words = _offset(first_source, sample_words, BIG)
+            other_words = _offset(other_source, sample_words, BIG)
+            # Bits of the chunk before the change, which come from the first source.
+            kept = 8 * tl.where(switch, change * ITEMSIZE, CHUNK * ITEMSIZE)
+            kw = tl.arange(0, WORDS_A_VEC)
+            for v in tl.static_range(CHUNK // VEC):
+                words = ((e * ITEMSIZE) >> 2)[:, None] + (v * WORDS_A_VEC + kw)[None, :]
+                wvalid = words < sample_words
+                a = tl.load(xw + first_words[:, None] + words, mask=wvalid)
+                z = tl.load(xw + other_words[:, None] + words, mask=wvalid & switch[:, None], other=0)
+                # The low `kept` bits as a mask, built per pair of words as a 64-bit value (both
+                # words of a pair compute the same expression, kw being a constant in every
+                # register) of which each takes its half.
+                bits = kept[:, None] - 64 * ((v * WORDS_A_VEC + kw[None, :]) // 2)
+                one = tl.full(bits.shape, 1, tl.int64)
+                pair = tl.where(bits >= 64, -1, tl.where(bits <= 0, 0, (one << tl.minimum(tl.maximum(bits, 0), 63)) - 1))
+                low = tl.where(kw[None, :] % 2 == 0, pair, pair >> 32).to(tl.int32)
+                tl.store(ow + _offset(b, sample_words, BIG) + words, (a & low) | (z & ~low), mask=wvalid)
         else:
-            out = tl.load(x_ptr + first_source[:, None] + offs, mask=valid)
-            if MIXED:
-                z = tl.load(x_ptr + other_source[:, None] + offs, mask=valid & switch[:, None])
-                out = tl.where(switch[:, None] & in_last, z, out)
-            tl.store(out_ptr + b_offset + offs, out, mask=valid)
+            for v in tl.static_range(CHUNK // VEC):
+                offs = e[:, None] + (v * VEC + k)[None, :]
+                valid = offs < sample_numel
+                out = tl.load(x_ptr + _offset(first_source, sample_numel, BIG)[:, None] + offs, mask=valid)
+                if MIXED:
+                    z = tl.load(x_ptr + _offset(other_source, sample_numel, BIG)[:, None] + offs,
+                                mask=valid & switch[:, None])
+                    in_last = (v * VEC + k)[None, :] >= change[:, None]
+                    out = tl.where(switch[:, None] & in_last, z, out)
+                tl.store(out_ptr + b_offset + offs, out, mask=valid)
 
 
 # --- launch configuration ------------------------------------------------------------------------
@@ -304,7 +316,8 @@ def _gpu_block(dtype: torch.dtype) -> int:
 
 
 def _vec_sizes(dtype: torch.dtype):
-    """The CHUNK values the launcher may pick for ``dtype``: powers of two up to 16 bytes."""
+    """The CHUNK values that never straddle a cell: powers of two up to 16 bytes (a MIXED chunk may
+    be twice the last)."""
     return [1 << i for i in range((_VECTOR_BYTES // dtype.itemsize).bit_length())]
 
 
@@ -338,13 +351,16 @@ def _vec(W: int, gw: int, unit: int, widest: int) -> int:
 @functools.lru_cache(maxsize=1024)
 def _chunk(W: int, gw: int, unit: int, widest: int):
     """(CHUNK, MIXED): chunks that never straddle two cells when the boundaries allow the widest
-    (:func:`_vec`); else chunks of up to ``widest`` elements no wider than the narrowest cell, so that
-    each holds at most one cell change (a change at a row start, where the cell row or column
+    (:func:`_vec`); else chunks of up to twice ``widest`` elements no wider than the narrowest cell,
+    so that each holds at most one cell change (a change at a row start, where the cell row or column
     changes, is at least one cell width away from the changes before and after it)."""
     vec = _vec(W, gw, unit, widest)
+    if vec == widest:
+        return vec, False
     starts = [-(-cw * W // gw) for cw in range(gw + 1)]
     narrowest = min(b - a for a, b in zip(starts, starts[1:])) * unit
-    chunk = min(widest, 1 << (narrowest.bit_length() - 1))
+    # Up to 32 bytes (two vectors, one chunk a thread): the cell math once for both.
+    chunk = min(2 * widest, 1 << (narrowest.bit_length() - 1))
     # A MIXED chunk costs about twice the instructions of a plain one (fastsd.bench.sass): worth it
     # where it replaces four or more of them (two for float64, the widest of which is 2 elements).
     if chunk >= _MIXED_MIN[widest] * vec:
@@ -474,6 +490,7 @@ def _aot_specs():
                         specs.append(_spec(dtype, backward, channels_last, chunk, mixed=False))
                     if chunk >= _MIXED_MIN[_vec_sizes(dtype)[-1]]:
                         specs.append(_spec(dtype, backward, channels_last, chunk, mixed=True))
+                specs.append(_spec(dtype, backward, channels_last, 2 * _vec_sizes(dtype)[-1], mixed=True))
     # A sample of 2**31 elements or more (one huge image): int64 indices.
     for backward in (False, True):
         specs.append(_spec(torch.float32, backward, False, 4, mixed=True, big=True))

@@ -31,8 +31,9 @@ SHAPES = [
     (2, 1, 6, 12, 3, 6),
     (2, 2, 4, 32, 2, 2),
     (2, 8, 3, 3, 3, 3),
-    # Chunks that hold one cell change (MIXED; the forward of 1- and 2-byte elements merges words),
-    # and the narrow chunks of channels_last with 1-pixel cells (see test_shapes_cover_every_spec).
+    # Chunks of 16 or 32 bytes that hold one cell change (MIXED; the forward of 1- and 2-byte
+    # elements merges words), and the narrow chunks of channels_last with 1-pixel cells (see
+    # test_shapes_cover_every_spec).
     (2, 2, 2, 50, 2, 3),
     (2, 1, 4, 17, 2, 2),
     (2, 2, 2, 9, 2, 2),
@@ -40,6 +41,8 @@ SHAPES = [
     (2, 4, 3, 8, 3, 8),
     (2, 2, 3, 4, 3, 4),
     (2, 5, 4, 3, 2, 3),
+    (2, 2, 2, 67, 2, 2),
+    (2, 3, 4, 13, 2, 2),
 ]
 SHAPE_IDS = ["x".join(map(str, s[:4])) + f"-g{s[4]}x{s[5]}" for s in SHAPES]
 _BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,

@@ -13,17 +13,40 @@ Both directions are one gather, ``cell_select`` (the same as csrc/cpu/patch_swap
     forward:  src = partner, mask_row = b   (exactly one of keep/take holds: a copy)
     backward: src = mask_row = q = argsort(partner)
 
-Each selected input element is loaded once (masked loads), and the two sides are added only where
-both keep and take hold, so copies are bit-exact (-0.0 and NaN included); that add runs in fp32
-for 16-bit floats. No atomics: the backward is bitwise deterministic.
+Each side is loaded only where it is selected (masked loads), and the two sides are added only
+where both keep and take hold, so copies are bit-exact (-0.0 and NaN included); that add runs in
+fp32 for 16-bit floats. No atomics: the backward is bitwise deterministic.
 
-Grid: one program per (sample, block of the sample's C*H*W elements), flattened to one axis.
-A block is [BLOCK // VEC, VEC]: groups of VEC contiguous elements that the launcher has checked
-never straddle two cells (VEC divides every cell boundary of a row, in elements), so each group
-reads one mask byte and the masked loads and the store become 16-byte vector accesses on the GPU
-(VEC = 1 when the grid does not allow it, e.g. 47 px in 6 cells). Sample offsets are int64
-(B*C*H*W may pass 2**31); the index inside a sample takes the width of ``sample_numel`` as the JIT
-passes it (i32 below 2**31, i64 above), so the common case keeps 32-bit divisions.
+Layout of the work. One program per (sample, block of BLOCK consecutive elements of the sample),
+one axis; a block is [BLOCK // CHUNK, CHUNK], chunks of CHUNK consecutive elements (16 bytes where
+the cells allow), each thread two of them. A sample is a sequence of lines, the runs of
+consecutive elements that share one image row: ``(c, h)`` of W elements in NCHW, ``h`` of W * C in
+channels_last. The cell of a chunk comes from its first element; the launcher picks CHUNK so that
+either no chunk straddles two cells (CHUNK divides every cell boundary of a line, in elements;
+``MIXED`` false), or every cell is at least CHUNK elements wide, so that a chunk holds at most one
+cell change (``MIXED``: where the first element's cell run ends and the cell after it are computed
+too, and each element takes the side of the change it is on). So the masks are read once a chunk
+(bytes from L1), and the data moves in 16-byte accesses whenever the sample size and the pointers
+are 16-byte aligned, whatever the grid (224 px in 3 or 6 cells: no 2-element boundary, but 75-px
+cells). A MIXED chunk reads the whole chunk from each source it needs (one vector load each): more
+bytes than the elements it keeps, but the same 32-byte DRAM sectors. The forward of a MIXED chunk
+of 1- or 2-byte elements merges its two loads a 32-bit word at a time with byte masks.
+
+No integer division on the GPU: every ``a // d`` and ``a * n // d`` (the sample of a program, the
+line of an element, its row and column, the row and column of its cell, the end of a cell) is
+``(a * m) >> s``, one 32 x 32 -> 64-bit multiply and a shift, with m and s computed by the
+launcher from the shapes (host integers; no tensor value is read) so that it is exact over the
+operand's whole range (:func:`_frac`). The forward reads each chunk from one source, its pointer
+chosen per chunk (one load, one store); the backward reads both rows' masks and each source where
+it is needed. The sample, its partner and their mask rows are resolved once a program (scalar
+loads), so the per-element loads do not chain: mask bytes, then data. The forward can also check
+that partner is a permutation (``sorted_partner``: a device-side assert, no launch of its own), and
+the backward takes the inverse permutation where the caller has it (``inverse_partner``).
+
+Indices inside a sample are int32 (exact up to 2**31 - BLOCK elements a sample); sample offsets
+are int64 (B*C*H*W may pass 2**31). A sample past that, or a shape whose constants need more than
+32 bits (an image ~46k pixels tall or wide with 1-pixel cells), takes the ``BIG`` variant: int64
+indices and plain divisions, correct and slow, never the common path.
 
 Under TRITON_INTERPRET=1 (CPU tensors, tests only) the launcher uses larger blocks: the
 interpreter's cost grows with the number of programs.
@@ -39,69 +62,229 @@ import triton.language as tl
 
 from fastsd import _validate
 
+# The per-launch integers: the JIT must not specialise on their values (divisibility by 16, == 1),
+# or every shape would compile its own variant; sample_numel keeps its divisibility (alignment).
+_SHAPE_ARGS = ("check", "programs_per_sample", "L", "H", "W", "C", "gh", "gw", "col_div", "col_mod")
+# The _frac constants: a multiplier (uint32) and a shift each.
+_FRAC_ARGS = tuple(f"{ms}_{name}" for name in ("program", "line", "sub", "cell_row", "cell_col", "col_start")
+                   for ms in "ms")
+
 
 @triton.jit
+def _frac(a, m, s):
+    """floor(a * n / d) = (a * m) >> s for 0 <= a <= a_max (< 2**31), with the launcher's
+    m = ceil(n * 2**s / d) < 2**32 and 2**s >= a_max * d (:func:`_frac_constants`): one
+    32 x 32 -> 64-bit multiply and a shift. Exact: a * m / 2**s exceeds a * n / d by less than
+    a_max / 2**s <= 1 / d, which is what separates a * n / d from the next integer."""
+    return ((a.to(tl.uint32).to(tl.uint64) * m.to(tl.uint64)) >> s.to(tl.uint64)).to(tl.int32)
+
+
+@triton.jit
+def _offset(sample, sample_numel, BIG: tl.constexpr):
+    """sample * sample_numel as int64, one 32 x 32 -> 64-bit multiply where both fit 32 bits."""
+    if BIG:
+        return sample.to(tl.int64) * sample_numel
+    else:
+        return (sample.to(tl.uint32).to(tl.uint64) * sample_numel.to(tl.uint32).to(tl.uint64)).to(tl.int64)
+
+
+@triton.jit
+def _add(s, t):
+    """s + t; fp16/bf16 in fp32, rounded once (the same as a native fp16/bf16 add: fp32 carries more
+    than twice their precision, so the double rounding is exact)."""
+    if s.dtype.primitive_bitwidth < 32:
+        return (s.to(tl.float32) + t.to(tl.float32)).to(s.dtype)
+    else:
+        return s + t
+
+
+@triton.jit
+def _select(keep, take, s, t, both):
+    """Per chunk flags [GROUPS] -> a bit-exact copy where one side is selected, the sum where both
+    are, 0 where neither (the unselected side's load gave 0 where its mask was off)."""
+    keep = keep[:, None]
+    take = take[:, None]
+    return tl.where(keep, tl.where(take, both, s), tl.where(take, t, tl.zeros_like(t)))
+
+
+@triton.jit
+def _cell(e, L, H, W, C, gh, gw, m_line, s_line, m_sub, s_sub, m_cell_row, s_cell_row,
+          m_cell_col, s_cell_col, CHANNELS_LAST: tl.constexpr, BIG: tl.constexpr):
+    """(line, h, cell row, cell column) of the in-sample element index e >= 0."""
+    if BIG:
+        line = e // L
+        if CHANNELS_LAST:
+            h = line
+            w = (e - line * L) // C
+        else:
+            h = line % H
+            w = e - line * L
+        cell_row = h * gh // H
+        cell_col = w * gw // W
+    else:
+        line = _frac(e, m_line, s_line)
+        if CHANNELS_LAST:
+            h = line
+            w = _frac(e - line * L, m_sub, s_sub)  # // C
+        else:
+            h = line - _frac(e, m_sub, s_sub) * H  # line % H, the plane e // (H * W) from e itself
+            w = e - line * L
+        cell_row = _frac(h, m_cell_row, s_cell_row)
+        cell_col = _frac(w, m_cell_col, s_cell_col)
+    return line, h, cell_row, cell_col
+
+
+@triton.jit(do_not_specialize=_SHAPE_ARGS + _FRAC_ARGS)
 def cell_select_kernel(
     x_ptr,  # [B, C, H, W] input (x forward, grad backward), NCHW or channels_last contiguous
     out_ptr,  # same shape, dtype and layout as x
     src_ptr,  # int64 [B]: the sample whose `take` cells are read (partner forward, q backward)
     mask_ptr,  # uint8 [B, gh, gw], nonzero = swap
-    C,
+    sorted_ptr,  # int64 [B]: partner sorted, asserted to be range(B) where `check` (forward only)
+    sample_numel,  # C * H * W
+    check,
+    programs_per_sample,
+    L,  # elements a line: W (NCHW) or W * C (channels_last)
     H,
     W,
+    C,
     gh,
     gw,
-    sample_numel,  # C * H * W
-    blocks_per_sample,
+    col_div,  # W // gw and W % gw: cell column k starts at column k * col_div + ceil(k * col_mod / gw)
+    col_mod,
+    # _frac constants (multiplier, shift) of pid // programs_per_sample, e // L, e // (H * W) (NCHW)
+    # or j // C (channels_last), h * gh // H, w * gw // W and a // gw.
+    m_program: tl.uint32, s_program: tl.int32,
+    m_line: tl.uint32, s_line: tl.int32,
+    m_sub: tl.uint32, s_sub: tl.int32,
+    m_cell_row: tl.uint32, s_cell_row: tl.int32,
+    m_cell_col: tl.uint32, s_cell_col: tl.int32,
+    m_col_start: tl.uint32, s_col_start: tl.int32,
     BLOCK: tl.constexpr,  # elements a program
-    VEC: tl.constexpr,  # the launcher's promise: aligned groups of VEC elements never straddle two cells
+    CHUNK: tl.constexpr,  # elements a chunk; no chunk straddles two cells unless MIXED
+    MIXED: tl.constexpr,  # chunks may hold one cell change (every cell is >= CHUNK elements wide)
     CHANNELS_LAST: tl.constexpr,
     BACKWARD: tl.constexpr,
+    BIG: tl.constexpr,  # sample_numel + BLOCK > 2**31: int64 indices and plain divisions
 ):
-    GROUPS: tl.constexpr = BLOCK // VEC
+    GROUPS: tl.constexpr = BLOCK // CHUNK
+    ITEMSIZE: tl.constexpr = x_ptr.dtype.element_ty.primitive_bitwidth // 8
+    # A chunk wider than 16 bytes (MIXED, 32 bytes) is handled as 16-byte vectors that share its
+    # cell math; each is its own [GROUPS, VEC] tensor, so one thread holds the whole chunk.
+    VEC: tl.constexpr = CHUNK if CHUNK * ITEMSIZE <= 16 else 16 // ITEMSIZE
+    # The forward of a MIXED chunk of 1- or 2-byte elements merges its two sources a 32-bit word
+    # at a time (bit masks) instead of an element at a time (the launcher checks the alignment).
+    WORDS: tl.constexpr = MIXED and not BACKWARD and ITEMSIZE < 4 and CHUNK * ITEMSIZE >= 4
     pid = tl.program_id(0)
-    b = pid // blocks_per_sample
-    blk = pid - b * blocks_per_sample
-    # First element of each group; `sample_numel * 0` gives it the width of sample_numel as the
-    # JIT passes it (i64 only past 2**31 elements a sample).
-    first = ((blk + sample_numel * 0) * GROUPS + tl.arange(0, GROUPS)) * VEC
-    e = first[:, None] + tl.arange(0, VEC)[None, :]  # [GROUPS, VEC] in-sample element index
-    valid = e < sample_numel
-
-    # One cell per group (from its first element): the select below is uniform along VEC, so the
-    # compiler can vectorise the masked loads and the store.
-    if CHANNELS_LAST:
-        w = (first // C) % W
-        h = first // (C * W)
+    if BIG:
+        b = pid // programs_per_sample
+        first = (pid - b * programs_per_sample).to(tl.int64) * BLOCK
     else:
-        w = first % W
-        h = (first // W) % H
-    cell = (h * gh // H) * gw + w * gw // W
-    in_sample = first < sample_numel
-
-    b64 = b.to(tl.int64)
-    src = tl.load(src_ptr + b64)  # int64
+        b = _frac(pid, m_program, s_program)
+        first = (pid - b * programs_per_sample) * BLOCK
+    src = tl.load(src_ptr + b.to(tl.int64)).to(tl.int32)  # a sample index (< B < 2**31)
+    if not BACKWARD:
+        # partner is a permutation iff its sorted values are range(B): an asynchronous device-side
+        # assert, like PyTorch's own index checks (compiled in: the launcher passes debug=True).
+        sorted_b = tl.load(sorted_ptr + b.to(tl.int64), mask=check != 0, other=0)
+        tl.device_assert((check == 0) | (sorted_b == b), "fastsd.patch_swap: partner must be a permutation of range(B)")
     cells = gh * gw
-    if BACKWARD:
-        keep = tl.load(mask_ptr + b64 * cells + cell, mask=in_sample, other=1) == 0
-        take = tl.load(mask_ptr + src * cells + cell, mask=in_sample, other=0) != 0
-    else:
-        take = tl.load(mask_ptr + b64 * cells + cell, mask=in_sample, other=0) != 0
-        keep = ~take
-    keep = keep[:, None]
-    take = take[:, None]
+    row_b = mask_ptr + b.to(tl.int64) * cells
+    row_s = mask_ptr + src.to(tl.int64) * cells
+    b_offset = _offset(b, sample_numel, BIG)
 
-    # Each selected input element is loaded once; the other side's load is masked off.
-    s = tl.load(x_ptr + b64 * sample_numel + e, mask=valid & keep, other=0)
-    t = tl.load(x_ptr + src * sample_numel + e, mask=valid & take, other=0)
-    out = tl.where(keep, s, t)  # a bit-exact copy (or 0 where neither side is selected)
-    if BACKWARD:
-        if s.dtype.primitive_bitwidth < 32:  # fp16/bf16: add in fp32, round once
-            both = (s.to(tl.float32) + t.to(tl.float32)).to(s.dtype)
+    e = first + tl.arange(0, GROUPS) * CHUNK  # first element of each chunk
+    in_sample = e < sample_numel
+    line, h, cell_row, cell_col = _cell(e, L, H, W, C, gh, gw, m_line, s_line, m_sub, s_sub,
+                                        m_cell_row, s_cell_row, m_cell_col, s_cell_col,
+                                        CHANNELS_LAST, BIG)
+    cell = cell_row * gw + cell_col
+    k = tl.arange(0, VEC)
+    if MIXED:
+        # Where the first element's cell run ends (its cell column's end, the line's end at the last
+        # column) and the cell after it: elements from `change` on belong to that one.
+        nxt = cell_col + 1
+        if BIG:
+            col_end = nxt * col_div + (nxt * col_mod + gw - 1) // gw
         else:
-            both = s + t
-        out = tl.where(keep & take, both, out)
-    tl.store(out_ptr + b64 * sample_numel + e, out, mask=valid)
+            col_end = nxt * col_div + _frac(nxt * col_mod + gw - 1, m_col_start, s_col_start)
+        line_end = nxt == gw
+        if CHANNELS_LAST:
+            h1 = h + 1  # inside the sample wherever the change is
+            change = line * L + col_end * C - e
+        else:
+            h1 = tl.where(h + 1 == H, 0, h + 1)  # the next channel's first row
+            change = line * L + col_end - e
+        if BIG:
+            row1 = h1 * gh // H
+        else:
+            row1 = _frac(h1, m_cell_row, s_cell_row)
+        cell1 = tl.where(line_end, row1, cell_row) * gw + tl.where(line_end, 0, nxt)
+        has_change = in_sample & (change < tl.minimum(sample_numel - e, CHUNK))
+
+    if BACKWARD:
+        keep = tl.load(row_b + cell, mask=in_sample, other=1) == 0
+        take = tl.load(row_s + cell, mask=in_sample, other=0) != 0
+        x_s = x_ptr + _offset(src, sample_numel, BIG)
+        if MIXED:
+            keep1 = tl.load(row_b + cell1, mask=has_change, other=1) == 0
+            take1 = tl.load(row_s + cell1, mask=has_change, other=0) != 0
+            any_keep, any_take = keep | keep1, take | take1
+        else:
+            any_keep, any_take = keep, take
+        for v in tl.static_range(CHUNK // VEC):
+            offs = e[:, None] + (v * VEC + k)[None, :]
+            valid = offs < sample_numel
+            s = tl.load(x_ptr + b_offset + offs, mask=valid & any_keep[:, None], other=0)
+            t = tl.load(x_s + offs, mask=valid & any_take[:, None], other=0)
+            both = _add(s, t)
+            out = _select(keep, take, s, t, both)
+            if MIXED:
+                # Each side of the change selects by its cell's flags, then each element its side.
+                in_last = (v * VEC + k)[None, :] >= change[:, None]
+                out = tl.where(in_last, _select(keep1, take1, s, t, both), out)
+            tl.store(out_ptr + b_offset + offs, out, mask=valid)
+    else:
+        take = tl.load(row_b + cell, mask=in_sample, other=0) != 0
+        # One source a chunk: its sample is chosen, then loaded (one load, no select of values).
+        first_source = tl.where(take, src, b)
+        if MIXED:
+            switch = has_change & ((tl.load(row_b + cell1, mask=has_change, other=0) != 0) != take)
+            other_source = tl.where(take, b, src)
+        if WORDS:
+            WORDS_A_VEC: tl.constexpr = VEC * ITEMSIZE // 4
+            sample_words = (sample_numel * ITEMSIZE) >> 2
+            xw = x_ptr.to(tl.pointer_type(tl.int32))
+            ow = out_ptr.to(tl.pointer_type(tl.int32))
+            first_words = _offset(first_source, sample_words, BIG)
+            other_words = _offset(other_source, sample_words, BIG)
+            # Bits of the chunk before the change, which come from the first source.
+            kept = 8 * tl.where(switch, change * ITEMSIZE, CHUNK * ITEMSIZE)
+            kw = tl.arange(0, WORDS_A_VEC)
+            for v in tl.static_range(CHUNK // VEC):
+                words = ((e * ITEMSIZE) >> 2)[:, None] + (v * WORDS_A_VEC + kw)[None, :]
+                wvalid = words < sample_words
+                a = tl.load(xw + first_words[:, None] + words, mask=wvalid)
+                z = tl.load(xw + other_words[:, None] + words, mask=wvalid & switch[:, None], other=0)
+                # The low `kept` bits as a mask, built per pair of words as a 64-bit value (both
+                # words of a pair compute the same expression, kw being a constant in every
+                # register) of which each takes its half.
+                bits = kept[:, None] - 64 * ((v * WORDS_A_VEC + kw[None, :]) // 2)
+                one = tl.full(bits.shape, 1, tl.int64)
+                pair = tl.where(bits >= 64, -1, tl.where(bits <= 0, 0, (one << tl.minimum(tl.maximum(bits, 0), 63)) - 1))
+                low = tl.where(kw[None, :] % 2 == 0, pair, pair >> 32).to(tl.int32)
+                tl.store(ow + _offset(b, sample_words, BIG) + words, (a & low) | (z & ~low), mask=wvalid)
+        else:
+            for v in tl.static_range(CHUNK // VEC):
+                offs = e[:, None] + (v * VEC + k)[None, :]
+                valid = offs < sample_numel
+                out = tl.load(x_ptr + _offset(first_source, sample_numel, BIG)[:, None] + offs, mask=valid)
+                if MIXED:
+                    z = tl.load(x_ptr + _offset(other_source, sample_numel, BIG)[:, None] + offs,
+                                mask=valid & switch[:, None])
+                    in_last = (v * VEC + k)[None, :] >= change[:, None]
+                    out = tl.where(switch[:, None] & in_last, z, out)
+                tl.store(out_ptr + b_offset + offs, out, mask=valid)
 
 
 # --- launch configuration ------------------------------------------------------------------------
@@ -113,6 +296,11 @@ _BYTES_PER_THREAD = 32
 _VECTOR_BYTES = 16
 # Under the interpreter, cost grows with the number of programs, not with the block size.
 _INTERPRETER_MAX_BLOCK = 1 << 16
+_INT32 = 1 << 31
+# Device asserts compiled in (debug), without the integer overflow checks debug would add.
+_OPTIONS = {"debug": True, "sanitize_overflow": False}
+# The smallest CHUNK / VEC for which the launcher picks MIXED chunks, by the widest CHUNK.
+_MIXED_MIN = {2: 2, 4: 4, 8: 4, 16: 4}
 
 _TL_DTYPES = {
     torch.float32: "fp32",
@@ -128,8 +316,18 @@ def _gpu_block(dtype: torch.dtype) -> int:
 
 
 def _vec_sizes(dtype: torch.dtype):
-    """The VEC values the launcher may pick for ``dtype``: powers of two up to 16 bytes."""
+    """The CHUNK values that never straddle a cell: powers of two up to 16 bytes (a MIXED chunk may
+    be twice the last)."""
     return [1 << i for i in range((_VECTOR_BYTES // dtype.itemsize).bit_length())]
+
+
+def _frac_constants(n: int, d: int, a_max: int):
+    """(m, s) with floor(a * n / d) == (a * m) >> s for every 0 <= a <= a_max (see :func:`_frac`):
+    the smallest s with 2**s >= a_max * d, m = ceil(n * 2**s / d); None where m needs more than 32
+    bits (n * a_max >= 2**31, only for images ~46k pixels tall or wide with 1-pixel cells)."""
+    s = max(a_max * d - 1, 0).bit_length()
+    m = -(-(n << s) // d)
+    return (m, s) if m < 1 << 32 and a_max < _INT32 else None
 
 
 @functools.lru_cache(maxsize=1024)
@@ -150,7 +348,56 @@ def _vec(W: int, gw: int, unit: int, widest: int) -> int:
     return vec
 
 
-def _launch(x: torch.Tensor, src: torch.Tensor, mask: torch.Tensor, backward: bool) -> torch.Tensor:
+@functools.lru_cache(maxsize=1024)
+def _chunk(W: int, gw: int, unit: int, widest: int):
+    """(CHUNK, MIXED): chunks that never straddle two cells when the boundaries allow the widest
+    (:func:`_vec`); else chunks of up to twice ``widest`` elements no wider than the narrowest cell,
+    so that each holds at most one cell change (a change at a row start, where the cell row or column
+    changes, is at least one cell width away from the changes before and after it)."""
+    vec = _vec(W, gw, unit, widest)
+    if vec == widest:
+        return vec, False
+    starts = [-(-cw * W // gw) for cw in range(gw + 1)]
+    narrowest = min(b - a for a, b in zip(starts, starts[1:])) * unit
+    # Up to 32 bytes (two vectors, one chunk a thread): the cell math once for both.
+    chunk = min(2 * widest, 1 << (narrowest.bit_length() - 1))
+    # A MIXED chunk costs about twice the instructions of a plain one (fastsd.bench.sass): worth it
+    # where it replaces four or more of them (two for float64, the widest of which is 2 elements).
+    if chunk >= _MIXED_MIN[widest] * vec:
+        return chunk, True
+    return vec, False
+
+
+def _config(x: torch.Tensor, gw: int, channels_last: bool, backward: bool):
+    """The launcher's (CHUNK, MIXED) for x (see :func:`_chunk`)."""
+    W, itemsize = x.shape[3], x.element_size()
+    unit = x.shape[1] if channels_last else 1
+    chunk, mixed = _chunk(W, gw, unit, _vec_sizes(x.dtype)[-1])
+    # The forward merges a MIXED chunk of 1- or 2-byte elements a 32-bit word at a time: every
+    # sample must start on a 4-byte boundary (the output is a fresh allocation).
+    words = mixed and not backward and itemsize < 4 and chunk * itemsize >= 4
+    if words and (x[0].numel() * itemsize % 4 or x.data_ptr() % 4):
+        return _vec(W, gw, unit, _vec_sizes(x.dtype)[-1]), False
+    return chunk, mixed
+
+
+@functools.lru_cache(maxsize=1024)
+def _geometry(B: int, C: int, H: int, W: int, gh: int, gw: int, channels_last: bool, block: int):
+    """(programs a sample, BIG, the kernel's shape and _frac arguments): host integers only."""
+    sample_numel = C * H * W
+    L = W * C if channels_last else W
+    programs = triton.cdiv(sample_numel, block)
+    # (n, d, largest a) of pid // programs, e // L, e // (H * W) or j // C, h * gh // H, w * gw // W
+    # and (k * col_mod + gw - 1) // gw.
+    fracs = [(1, programs, B * programs), (1, L, sample_numel + block), (1, C, L) if channels_last else (1, H * W, sample_numel + block),
+             (gh, H, H), (gw, W, W), (1, gw, gw * (gw + 1))]
+    constants = [_frac_constants(*f) for f in fracs]
+    big = sample_numel + block > _INT32 or None in constants
+    words = [v for c in constants for v in (c or (0, 0))]
+    return programs, big, (programs, L, H, W, C, gh, gw, W // gw, W % gw, *words)
+
+
+def _launch(x: torch.Tensor, src: torch.Tensor, mask: torch.Tensor, backward: bool, sorted_partner=None) -> torch.Tensor:
     fmt = _validate.memory_format(x)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
     B, C, H, W = x.shape
@@ -162,76 +409,93 @@ def _launch(x: torch.Tensor, src: torch.Tensor, mask: torch.Tensor, backward: bo
     if mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)
     channels_last = fmt == torch.channels_last
-    vec = _vec(W, gw, C if channels_last else 1, _vec_sizes(x.dtype)[-1])
+    chunk, mixed = _config(x, gw, channels_last, backward)
     block = _gpu_block(x.dtype)
     if x.device.type == "cpu":  # only under TRITON_INTERPRET=1: few, large programs run fastest
         block = max(block, min(triton.next_power_of_2(sample_numel), _INTERPRETER_MAX_BLOCK))
-    blocks_per_sample = triton.cdiv(sample_numel, block)
-    cell_select_kernel[(B * blocks_per_sample,)](
-        x, out, src, mask,
-        C, H, W, gh, gw, sample_numel, blocks_per_sample,
-        BLOCK=block, VEC=vec, CHANNELS_LAST=channels_last, BACKWARD=backward,
-        num_warps=NUM_WARPS,
+    programs, big, args = _geometry(B, C, H, W, gh, gw, channels_last, block)
+    check = sorted_partner is not None
+    cell_select_kernel[(B * programs,)](
+        x, out, src, mask, sorted_partner if check else src, sample_numel, int(check), *args,
+        BLOCK=block, CHUNK=chunk, MIXED=mixed, CHANNELS_LAST=channels_last, BACKWARD=backward, BIG=big,
+        num_warps=NUM_WARPS, **_OPTIONS,
     )
     return out
 
 
-def patch_swap(x: torch.Tensor, partner: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def patch_swap(x: torch.Tensor, partner: torch.Tensor, mask: torch.Tensor, sorted_partner=None) -> torch.Tensor:
     """Forward patch swap. ``x`` contiguous (NCHW or channels_last), ``partner`` int64 ``[B]``
-    permutation, ``mask`` bool/uint8 ``[B, gh, gw]`` contiguous (validated by the caller)."""
-    return _launch(x, partner, mask, backward=False)
+    permutation, ``mask`` bool/uint8 ``[B, gh, gw]`` contiguous (validated by the caller).
+
+    ``sorted_partner``: partner sorted (int64 ``[B]``), where the caller has it; the kernel then
+    asserts on the device that it is ``range(B)``, i.e. that partner is a permutation (no launch
+    of its own). The interpreter does not run device asserts: on CPU tensors the caller checks."""
+    if sorted_partner is not None:
+        sorted_partner = sorted_partner.contiguous()
+    return _launch(x, partner, mask, backward=False, sorted_partner=sorted_partner)
 
 
-def patch_swap_backward(grad: torch.Tensor, partner: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Gradient of :func:`patch_swap` with respect to x: a gather with q = argsort(partner)."""
-    inverse_partner = torch.argsort(partner)  # on the device: no host sync, deterministic
+def patch_swap_backward(grad: torch.Tensor, partner: torch.Tensor, mask: torch.Tensor,
+                        inverse_partner=None) -> torch.Tensor:
+    """Gradient of :func:`patch_swap` with respect to x: a gather with q = argsort(partner).
+
+    ``inverse_partner``: q (``q[partner[i]] == i``) where the caller has it (the forward's sort);
+    else it is computed here (one argsort on the device: no host sync, deterministic)."""
+    if inverse_partner is None:
+        inverse_partner = torch.argsort(partner)
     return _launch(grad, inverse_partner, mask, backward=True)
 
 
-# --- ahead-of-time compilation specs (tests/test_aot.py) -------------------------------------------
+# --- ahead-of-time compilation specs (tests/test_aot.py, fastsd.bench.sass) ----------------------------
+
+
+def _spec(dtype: torch.dtype, backward: bool, channels_last: bool, chunk: int, mixed: bool, big: bool = False):
+    ty = _TL_DTYPES[dtype]
+    direction = "backward" if backward else "forward"
+    layout = "channels_last" if channels_last else "nchw"
+    signature = {"x_ptr": f"*{ty}", "out_ptr": f"*{ty}", "src_ptr": "*i64", "mask_ptr": "*u8", "sorted_ptr": "*i64",
+                 "sample_numel": "i64" if big else "i32"}
+    signature.update({a: "i32" for a in _SHAPE_ARGS})
+    signature.update({a: "u32" if a.startswith("m_") else "i32" for a in _FRAC_ARGS})
+    signature.update({a: "constexpr" for a in ("BLOCK", "CHUNK", "MIXED", "CHANNELS_LAST", "BACKWARD", "BIG")})
+    # What the JIT specialises on for typical images: 16-byte aligned tensors and C*H*W % 16 == 0
+    # (e.g. 3 x 32 x 32, 3 x 224 x 224); the other integers are never specialised (_SHAPE_ARGS, _FRAC_ARGS).
+    aligned = ("x_ptr", "out_ptr", "src_ptr", "mask_ptr", "sorted_ptr", "sample_numel")
+    block = _gpu_block(dtype)
+    return {
+        "name": f"patch_swap_{direction}_{ty}_{layout}_{'mixed' if mixed else 'vec'}{chunk}{'_big' if big else ''}",
+        "fn": cell_select_kernel,
+        "signature": signature,
+        "constexprs": {"BLOCK": block, "CHUNK": chunk, "MIXED": mixed, "CHANNELS_LAST": channels_last,
+                       "BACKWARD": backward, "BIG": big},
+        "attrs": {(list(signature).index(a),): [["tt.divisibility", 16]] for a in aligned},
+        "options": {"num_warps": NUM_WARPS, **_OPTIONS},
+        # A thread reads and writes _BYTES_PER_THREAD each (one source an element; fastsd.bench.sass,
+        # checked by the traffic tests).
+        "moved_bytes": 2 * _BYTES_PER_THREAD,
+    }
 
 
 def _aot_specs():
     specs = []
-    for dtype, ty in _TL_DTYPES.items():
+    for dtype in _TL_DTYPES:
         for backward in (False, True):
             if backward and not dtype.is_floating_point:
                 continue  # uint8 has no gradient
             for channels_last in (False, True):
-                for vec in _vec_sizes(dtype):
-                    direction = "backward" if backward else "forward"
-                    layout = "channels_last" if channels_last else "nchw"
-                    signature = {
-                        "x_ptr": f"*{ty}", "out_ptr": f"*{ty}", "src_ptr": "*i64", "mask_ptr": "*u8",
-                        "C": "i32", "H": "i32", "W": "i32", "gh": "i32", "gw": "i32",
-                        "sample_numel": "i32", "blocks_per_sample": "i32",
-                        "BLOCK": "constexpr", "VEC": "constexpr", "CHANNELS_LAST": "constexpr",
-                        "BACKWARD": "constexpr",
-                    }
-                    # What the JIT specialises on for typical images: 16-byte aligned tensors and
-                    # C*H*W % 16 == 0 (e.g. 3 x 32 x 32, 3 x 224 x 224).
-                    aligned = ("x_ptr", "out_ptr", "src_ptr", "mask_ptr", "sample_numel")
-                    specs.append({
-                        "name": f"patch_swap_{direction}_{ty}_{layout}_vec{vec}",
-                        "fn": cell_select_kernel,
-                        "signature": signature,
-                        "constexprs": {"BLOCK": _gpu_block(dtype), "VEC": vec, "CHANNELS_LAST": channels_last,
-                                       "BACKWARD": backward},
-                        "attrs": {(list(signature).index(a),): [["tt.divisibility", 16]] for a in aligned},
-                        "options": {"num_warps": NUM_WARPS},
-                    })
-    # The JIT turns integer arguments equal to 1 into constexprs (C = 1 images, one cell, one
-    # block a sample); compile the extreme where all of them are.
+                for chunk in _vec_sizes(dtype):
+                    # channels_last (C >= 2) has cells of >= 2 elements: CHUNK 1 only where a
+                    # 2-element chunk is not MIXED (all but float64).
+                    if not (channels_last and chunk == 1 and _MIXED_MIN[_vec_sizes(dtype)[-1]] <= 2):
+                        specs.append(_spec(dtype, backward, channels_last, chunk, mixed=False))
+                    if chunk >= _MIXED_MIN[_vec_sizes(dtype)[-1]]:
+                        specs.append(_spec(dtype, backward, channels_last, chunk, mixed=True))
+                specs.append(_spec(dtype, backward, channels_last, 2 * _vec_sizes(dtype)[-1], mixed=True))
+    # A sample of 2**31 elements or more (one huge image): int64 indices.
     for backward in (False, True):
-        base = next(s for s in specs if s["name"] == f"patch_swap_{'backward' if backward else 'forward'}_fp32_nchw_vec1")
-        ints = [a for a, t in base["signature"].items() if t == "i32"]
-        specs.append({**base, "name": base["name"] + "_int_args_1",
-                      "signature": {a: "constexpr" if a in ints else t for a, t in base["signature"].items()},
-                      "constexprs": {**base["constexprs"], **{a: 1 for a in ints}},
-                      "attrs": {k: v for k, v in base["attrs"].items()
-                                if list(base["signature"])[k[0]] not in ints}})
+        specs.append(_spec(torch.float32, backward, False, 4, mixed=True, big=True))
     return specs
 
 
-# Every (dtype, layout, direction, VEC) the launchers use on the GPU, for triton.compile without a GPU.
+# Every (dtype, layout, direction, CHUNK, MIXED) the launchers use on the GPU, for triton.compile without a GPU.
 AOT_SPECS = _aot_specs()

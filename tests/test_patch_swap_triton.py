@@ -31,6 +31,18 @@ SHAPES = [
     (2, 1, 6, 12, 3, 6),
     (2, 2, 4, 32, 2, 2),
     (2, 8, 3, 3, 3, 3),
+    # Chunks of 16 or 32 bytes that hold one cell change (MIXED; the forward of 1- and 2-byte
+    # elements merges words), and the narrow chunks of channels_last with 1-pixel cells (see
+    # test_shapes_cover_every_spec).
+    (2, 2, 2, 50, 2, 3),
+    (2, 1, 4, 17, 2, 2),
+    (2, 2, 2, 9, 2, 2),
+    (2, 2, 2, 5, 2, 2),
+    (2, 4, 3, 8, 3, 8),
+    (2, 2, 3, 4, 3, 4),
+    (2, 5, 4, 3, 2, 3),
+    (2, 2, 2, 67, 2, 2),
+    (2, 3, 4, 13, 2, 2),
 ]
 SHAPE_IDS = ["x".join(map(str, s[:4])) + f"-g{s[4]}x{s[5]}" for s in SHAPES]
 _BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
@@ -95,13 +107,128 @@ def test_backward_matches_reference(shape, dtype, layout):
     torch.testing.assert_close(x.grad, x_ref.grad, **tol)
 
 
-def test_shapes_cover_vector_widths():
-    # Every VEC the launcher can pick, for every dtype and layout, is run by the parity tests.
-    for dtype in DTYPES:
-        for layout in LAYOUTS:
-            used = {kernels._vec(W, gw, C if layout == "channels_last" else 1, kernels._vec_sizes(dtype)[-1])
-                    for B, C, H, W, gh, gw in SHAPES if B * C * H * W > 1}
-            assert used == set(kernels._vec_sizes(dtype)), (dtype, layout, used)
+def test_shapes_cover_every_spec():
+    # Every (dtype, layout, direction, CHUNK, MIXED) of the AOT specs is run by the parity tests, and
+    # every one the launcher picks for an aligned sample (C*H*W % 16 == 0, the JIT variant the specs
+    # compile) is an AOT spec, so fastsd.bench.sass reads the code a GPU runs.
+    specs = set()
+    for spec in kernels.AOT_SPECS:
+        c = spec["constexprs"]
+        if not c["BIG"]:
+            specs.add((c["CHANNELS_LAST"], c["BACKWARD"], c["CHUNK"], c["MIXED"], spec["signature"]["x_ptr"]))
+    used, aligned = set(), set()
+    for shape in SHAPES:
+        for dtype in DTYPES:
+            for layout in LAYOUTS:
+                x, _, _ = _make(shape, dtype, layout, specials=False)
+                if x.numel() <= 1:
+                    continue
+                channels_last = _validate.memory_format(x) == torch.channels_last
+                for backward in (False, True) if dtype.is_floating_point else (False,):
+                    key = (channels_last, backward, *kernels._config(x, shape[5], channels_last, backward),
+                           f"*{kernels._TL_DTYPES[dtype]}")
+                    used.add(key)
+                    if x[0].numel() % 16 == 0:
+                        aligned.add(key)
+    assert specs <= used, sorted(specs - used)
+    assert aligned <= specs, sorted(aligned - specs)
+
+
+@pytest.mark.parametrize("n, d, a_max", [(1, 1, 2**31 - 1), (1, 3, 2**31 - 1), (1, 2**31 - 1, 2**31 - 1), (7, 7, 1000),
+                                         (3, 224, 223), (224, 224, 223), (5, 33, 32), (1, 47, 2**20), (6, 47, 46),
+                                         (46340, 46341, 46340), (1, 12, 12 * 13)])
+def test_frac_constants_are_exact(n, d, a_max):
+    # The kernel's floor(a * n / d) = (a * m) >> s, over the whole range and at every step of the
+    # result near the ends (where an inexact multiplier would first be off by one).
+    m, s = kernels._frac_constants(n, d, a_max)
+    assert 0 < m < 2**32 and s < 64
+    probe = set(range(min(a_max, 3000) + 1)) | set(range(max(0, a_max - 3000), a_max + 1))
+    probe |= {q * d // n + r for q in range(0, a_max * n // d + 1, max(1, a_max * n // d // 500)) for r in (-1, 0, 1)}
+    for a in sorted(p for p in probe if 0 <= p <= a_max):
+        assert (a * m) >> s == a * n // d, (a, n, d)
+
+
+def test_frac_constants_refuse_what_32_bits_cannot_hold():
+    # h * gh // H for a 50000-row image with 1-row cells: no 32-bit multiplier; the launcher then
+    # takes the int64 variant (test_int64_variant_matches_reference).
+    assert kernels._frac_constants(50000, 50000, 50000) is None
+    assert kernels._geometry(1, 1, 50000, 1, 50000, 1, False, 1024)[1]  # BIG
+
+
+@pytest.fixture
+def int64_variant(monkeypatch):
+    """Every launch takes the BIG variant (int64 indices, plain divisions): what a sample of 2**31
+    elements gets, forced on small ones."""
+    monkeypatch.setattr(kernels, "_INT32", 1)
+    kernels._geometry.cache_clear()
+    yield
+    kernels._geometry.cache_clear()
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("shape", [(3, 5, 33, 47, 7, 6), (2, 2, 2, 50, 2, 3), (2, 4, 3, 8, 3, 8)],
+                         ids=["awkward", "mixed", "narrow"])
+def test_int64_variant_matches_reference(int64_variant, shape, layout):
+    for dtype in (torch.float32, torch.float16, torch.uint8):
+        x, partner, mask = _make(shape, dtype, layout)
+        assert kernels._geometry(*x.shape, *mask.shape[1:], _validate.memory_format(x) == torch.channels_last,
+                                 1024)[1]
+        assert torch.equal(_bits(kernels.patch_swap(x, partner, mask)), _bits(reference.patch_swap(x, partner, mask)))
+        if dtype.is_floating_point:
+            g = torch.randn(x.shape).to(dtype).contiguous(memory_format=LAYOUTS[layout])
+            torch.testing.assert_close(kernels.patch_swap_backward(g, partner, mask),
+                                       reference.patch_swap_backward(g, partner, mask),
+                                       **backward_tolerance("triton", dtype))
+
+
+def test_tall_full_resolution_mask():
+    # h * gh // H with H = gh = 50000 needs a 33-bit multiplier: the launcher takes the int64 variant.
+    x = torch.randn(2, 1, 50000, 1)
+    partner, mask = torch.tensor([1, 0]), torch.rand(2, 50000, 1) < 0.5
+    assert torch.equal(kernels.patch_swap(x, partner, mask), reference.patch_swap(x, partner, mask))
+
+
+def test_backward_takes_the_inverse_partner():
+    x, partner, mask = _make((5, 3, 9, 10, 3, 3), torch.float32, "nchw", specials=False)
+    inverse = torch.argsort(partner)
+    expected = reference.patch_swap_backward(x, partner, mask)
+    assert torch.equal(kernels.patch_swap_backward(x, partner, mask, inverse_partner=inverse), expected)
+    # It is used, not recomputed: a wrong one gives a wrong gradient.
+    assert not torch.equal(kernels.patch_swap_backward(x, partner, mask, inverse_partner=partner.roll(1)), expected)
+
+
+def test_forward_asserts_the_sorted_partner_on_the_device(monkeypatch):
+    # With sorted_partner the kernel itself asserts sorted_partner == range(B) (tl.device_assert,
+    # compiled in with debug=True; the interpreter does not run it, so the launch is checked here
+    # and the compiled assert in test_forward_spec_compiles_the_assert).
+    x, partner, mask = _make((4, 3, 8, 8, 2, 2), torch.float32, "nchw", specials=False)
+    launches = []
+    kernel = kernels.cell_select_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((args, kwargs))
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(kernels, "cell_select_kernel", Recorder())
+    sorted_partner = torch.sort(partner).values
+    out = kernels.patch_swap(x, partner, mask, sorted_partner=sorted_partner)
+    kernels.patch_swap(x, partner, mask)
+    assert torch.equal(out, reference.patch_swap(x, partner, mask))
+    (checked, options), (unchecked, _) = launches
+    assert checked[4] is sorted_partner and checked[6] == 1 and unchecked[6] == 0
+    assert options["debug"] and not options["sanitize_overflow"]
+
+
+def test_misaligned_sample_falls_back_to_whole_chunks():
+    # The forward's word merge of MIXED chunks needs 4-byte aligned samples: a view one byte into its
+    # storage takes chunks that never straddle a cell instead, with the same result.
+    base, partner, mask = _make((2, 2, 2, 50, 2, 3), torch.uint8, "nchw")
+    x = torch.empty(base.numel() + 1, dtype=torch.uint8)[1:].view(base.shape).copy_(base)
+    assert kernels._config(base, 3, False, False)[1] and not kernels._config(x, 3, False, False)[1]
+    assert torch.equal(kernels.patch_swap(x, partner, mask), reference.patch_swap(base, partner, mask))
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -148,8 +275,29 @@ def test_backward_is_forward_for_an_involution_with_shared_masks():
 # --- memory traffic ---------------------------------------------------------------------------------
 
 # A CIFAR-like batch (cells of 4 px: VEC > 1) and an awkward one (VEC 1, ragged blocks).
+# A CIFAR-like batch (cells of 4 px: whole 16-byte chunks), an awkward one (ragged blocks) and two
+# whose chunks may straddle a cell change (MIXED: 3 uneven cells a row).
 TRAFFIC_CASES = [(4, 3, 32, 32, 8, 8, torch.float32), (4, 3, 32, 32, 8, 8, torch.bfloat16),
-                 (3, 5, 33, 47, 7, 6, torch.float16)]
+                 (3, 5, 33, 47, 7, 6, torch.float16), (2, 3, 6, 34, 3, 3, torch.float32),
+                 (2, 2, 2, 50, 2, 3, torch.float16)]
+
+
+def _straddling_bytes(x, mask, backward):
+    """Bytes a launch may read beyond the elements it needs: where MIXED, a chunk that holds a cell
+    change reads the whole chunk from each source it needs anywhere in it (one vector load each; the
+    extra bytes lie in the 32-byte sectors the needed ones come from, so DRAM traffic does not grow)."""
+    channels_last = _validate.memory_format(x) == torch.channels_last
+    chunk, mixed = kernels._config(x, mask.shape[2], channels_last, backward)
+    if not mixed:
+        return 0
+    B, C, H, W = x.shape
+    gh, gw = mask.shape[1:]
+    cell = (torch.arange(H)[:, None] * gh // H) * gw + torch.arange(W)[None, :] * gw // W
+    flat = (cell[:, :, None].expand(H, W, C) if channels_last else cell.expand(C, H, W)).reshape(-1)
+    flat = torch.cat([flat, flat[-1:].expand(-flat.numel() % chunk)])  # the sample's last chunk
+    chunks = flat.view(-1, chunk)
+    straddling = int((chunks.amin(1) != chunks.amax(1)).sum())
+    return B * straddling * chunk * x.element_size() * (2 if backward else 1)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -171,7 +319,7 @@ def test_traffic_is_one_read_and_one_write(direction, case, layout, record_prope
               f"partner {partner.nbytes} B; counted {traffic}")
     record_property("traffic", report)
     print(report)
-    assert traffic["x"]["load"] <= 1.05 * size, report
+    assert traffic["x"]["load"] <= 1.05 * size + _straddling_bytes(x, mask, direction == "backward"), report
     assert traffic["x"]["store"] == 0, report
     assert size <= traffic["out"]["store"] <= 1.05 * size, report
     assert traffic["out"]["load"] == 0, report
@@ -197,7 +345,7 @@ FP32_SPECS = [s["name"] for s in kernels.AOT_SPECS if "_fp32_" in s["name"]]
 _ITEMSIZE = {ty: dtype.itemsize for dtype, ty in kernels._TL_DTYPES.items()}
 # The specs whose groups are 16 bytes wide: VEC * itemsize == 16.
 WIDEST_SPECS = [s["name"] for s in kernels.AOT_SPECS
-                if s["constexprs"]["VEC"] * _ITEMSIZE[s["signature"]["x_ptr"][1:]] == 16]
+                if s["constexprs"]["CHUNK"] * _ITEMSIZE[s["signature"]["x_ptr"][1:]] == 16]
 
 
 @pytest.fixture(scope="module")
@@ -211,6 +359,12 @@ def test_sample_offsets_are_64_bit(compiled_sm90, name):
     assert result.error is None, result.error
     assert "tt.addptr" in result.ttir
     assert argument_offsets_are_64_bit(result.ttir) == []
+
+
+def test_forward_spec_compiles_the_assert(compiled_sm90):
+    # The device-side permutation check is in the forward's code (debug=True), not the backward's.
+    ptx = {name: compiled_sm90[(name, 90)].ptx for name in FP32_SPECS}
+    assert all(("__assertfail" in p) == ("_forward_" in n) for n, p in ptx.items()), sorted(ptx)
 
 
 @pytest.mark.parametrize("name", WIDEST_SPECS)

@@ -1,0 +1,230 @@
+"""Compiled-code budgets of every Triton kernel on an H100 (issue 12), read by fastsd.bench.sass.
+
+Every ``AOT_SPECS`` entry of every fastsd.kernels module is compiled for sm_90 once a session (in a
+subprocess, since the tests run the kernels under TRITON_INTERPRET=1; ~10 s with triton's and the
+disassembly's disk caches warm, a few minutes cold) and read with nvdisasm / cuobjdump.
+:data:`BUDGETS` is the one table of what each spec must meet (first matching row); the issue model
+and how the instruction stream is counted are in fastsd/bench/sass.py. A spec that does not yet
+meet its budget is listed in :data:`KNOWN_OVER_BUDGET` (losses, ICP) or :data:`PATCH_SWAP_OVER_BUDGET`
+and checked as a strict expected failure, so it fails here the day it passes (then delete it).
+"""
+import re
+
+import pytest
+
+from fastsd.bench import sass
+
+SPECS = sass.kernel_specs()
+
+# What every kernel meets, and what memory-bound ones meet on top (issue 12, "Budgets").
+EVERY = {"spill": 0, "occupancy": 0.25}
+MEMORY = {"issue": 0.50, "ediv": 0, "div64": 0}  # issue share, per-element divisions, 64-bit divisions
+WIDE = {**MEMORY, "w128": 0.80}  # and the bytes move in 128-bit accesses (the rest: index and mask scalars)
+
+# (spec name pattern, budget on top of EVERY, why). Patch swap chunks of 16 bytes are where the
+# alignment allows 128-bit accesses: fp32 x 4, fp16/bf16 x 8, fp64 x 2, uint8 x 16.
+_PATCH_SWAP_16_BYTES = r"patch_swap_\w+_(fp32_\w+_(vec|mixed)4|(fp16|bf16)_\w+_(vec|mixed)8|fp64_\w+_(vec|mixed)2|u8_\w+_(vec|mixed)16)"
+BUDGETS = [
+    (r"patch_swap_\w+_big", {}, "samples of 2**31 elements or more: int64 indices and divisions, never the common path"),
+    (_PATCH_SWAP_16_BYTES, WIDE, "memory-bound, 16-byte chunks"),
+    (r"patch_swap_\w+", MEMORY, "memory-bound, chunks narrower than 16 bytes (the cells allow no wider)"),
+    (r"feature_(mse|l1|smooth_l1|cosine)_\w+", WIDE, "memory-bound feature losses"),
+    (r"icp_update_\w+", WIDE, "memory-bound optimizer update"),
+    (r"(pair_kd|kd)_\w+|pair_counts", {}, "row softmax / counting: not memory-bound at the issue budget"),
+]
+
+# Specs of kernels/losses.py and kernels/icp_update.py over their budget when this test was written
+# (being rewritten in parallel, issue 12 build 3): strict expected failures; delete a name the day
+# its spec passes (this test then fails until you do). Figures: python -m fastsd.bench.sass.
+KNOWN_OVER_BUDGET = {
+    # occupancy 19 % (130 registers)
+    "icp_update_ademamix_fp64_noclamp", "icp_update_ademamix_fp64_clamp",
+    # occupancy 12 % (172-182 registers)
+    "pair_kd_fp32_b4096_loop_grad", "pair_kd_fp16_b4096_loop_grad", "pair_kd_bf16_b4096_loop_grad",
+    # no 128-bit access (scalar 16/32-bit loads; the specs carry no tt.divisibility); l1 and smooth_l1
+    # fp16 also 55-57 % of the issue budget
+    "feature_mse_fp32", "feature_mse_fp32_grad", "feature_l1_fp32_grad", "feature_smooth_l1_fp32_grad",
+    "feature_mse_fp16", "feature_mse_fp16_grad", "feature_l1_fp16_grad", "feature_smooth_l1_fp16_grad",
+    "feature_mse_bf16", "feature_mse_bf16_grad", "feature_l1_bf16_grad", "feature_smooth_l1_bf16_grad",
+    # 50 64-bit divisions, 4 per-element divisions, 101-241 % of the issue budget, 12-25 % occupancy
+    "feature_cosine_fp32", "feature_cosine_fp32_grad", "feature_cosine_fp16", "feature_cosine_fp16_grad",
+    "feature_cosine_bf16", "feature_cosine_bf16_grad",
+}
+
+# Patch swap specs still over the issue budget: cells narrower than 16 bytes whose boundaries are not
+# aligned (1-7 px cells; 1-, 2- or 4-element chunks, each with its own cell math and mask bytes),
+# and the 16-bit backward of straddling 16-byte chunks (a select per element). Strict too.
+PATCH_SWAP_OVER_BUDGET = {
+    "patch_swap_forward_fp32_nchw_vec1", "patch_swap_forward_fp32_channels_last_vec1",
+    "patch_swap_backward_fp32_nchw_vec1", "patch_swap_backward_fp32_channels_last_vec1",
+    "patch_swap_forward_fp16_nchw_vec1", "patch_swap_forward_fp16_channels_last_vec1",
+    "patch_swap_forward_bf16_nchw_vec1", "patch_swap_forward_bf16_channels_last_vec1",
+    "patch_swap_backward_fp16_nchw_vec1", "patch_swap_backward_fp16_channels_last_vec1",
+    "patch_swap_backward_bf16_nchw_vec1", "patch_swap_backward_bf16_channels_last_vec1",
+    "patch_swap_backward_fp16_nchw_vec2", "patch_swap_backward_fp16_channels_last_vec2",
+    "patch_swap_backward_bf16_nchw_vec2", "patch_swap_backward_bf16_channels_last_vec2",
+    "patch_swap_forward_fp16_nchw_mixed4", "patch_swap_forward_fp16_channels_last_mixed4",
+    "patch_swap_forward_bf16_nchw_mixed4", "patch_swap_forward_bf16_channels_last_mixed4",
+    "patch_swap_backward_fp16_nchw_mixed4", "patch_swap_backward_fp16_channels_last_mixed4",
+    "patch_swap_backward_bf16_nchw_mixed4", "patch_swap_backward_bf16_channels_last_mixed4",
+    "patch_swap_backward_fp64_nchw_vec1",
+    "patch_swap_forward_u8_nchw_vec1", "patch_swap_forward_u8_channels_last_vec1",
+    "patch_swap_forward_u8_nchw_vec2", "patch_swap_forward_u8_channels_last_vec2",
+    "patch_swap_forward_u8_nchw_mixed4", "patch_swap_forward_u8_channels_last_mixed4",
+    "patch_swap_forward_u8_nchw_mixed8", "patch_swap_forward_u8_channels_last_mixed8",
+    "patch_swap_backward_fp16_nchw_mixed8", "patch_swap_backward_fp16_channels_last_mixed8",
+    "patch_swap_backward_bf16_nchw_mixed8", "patch_swap_backward_bf16_channels_last_mixed8",
+}
+
+
+def budget(name):
+    """The budget of a spec: EVERY plus its first matching BUDGETS row."""
+    for pattern, extra, _ in BUDGETS:
+        if re.fullmatch(pattern, name):
+            return {**EVERY, **extra}
+    raise KeyError(f"{name}: no row of BUDGETS matches; add one")
+
+
+def violations(row, limits):
+    """What a report row breaks of a budget (empty when it meets it)."""
+    out = []
+    if "error" in row:
+        return [f"does not compile: {row['error']}"]
+    if row["spill"] > limits["spill"]:
+        out.append(f"{row['spill']} spill instructions/bytes")
+    if row["occupancy"] < limits["occupancy"]:
+        out.append(f"occupancy {row['occupancy']:.0%} < {limits['occupancy']:.0%} ({row['regs']} registers, "
+                   f"{row['smem']} B shared)")
+    if "issue" in limits and row["issue"] > limits["issue"]:
+        out.append(f"issue {row['issue']:.0%} > {limits['issue']:.0%} ({row['instr']} instructions for "
+                   f"{row['bytes']} bytes on {row['path']})")
+    if "ediv" in limits and row["ediv"] > limits["ediv"]:
+        out.append(f"{row['ediv']} integer divisions in the per-element path")
+    if "div64" in limits and (row["div64"] or row["div64_calls"]):
+        out.append(f"{row['div64']} 64-bit divisions ({row['div64_calls']} calls)")
+    if "w128" in limits and row["w128"] < limits["w128"]:
+        out.append(f"{row['w128']:.0%} of the bytes in 128-bit accesses (ld {row['ld']}, st {row['st']})")
+    return out
+
+
+@pytest.fixture(scope="module")
+def report():
+    return {row["name"]: row for row in sass.report()}
+
+
+def _param(spec):
+    name = spec["name"]
+    over = name in KNOWN_OVER_BUDGET or name in PATCH_SWAP_OVER_BUDGET
+    marks = [pytest.mark.xfail(strict=True, reason="over budget (KNOWN_OVER_BUDGET)")] if over else []
+    return pytest.param(name, marks=marks, id=name)
+
+
+@pytest.mark.parametrize("name", [_param(s) for s in SPECS])
+def test_spec_meets_its_budget(report, name):
+    broken = violations(report[name], budget(name))
+    assert not broken, f"{name}: " + "; ".join(broken)
+
+
+def test_every_spec_has_a_budget_and_known_failures_are_specs():
+    names = {s["name"] for s in SPECS}
+    for name in names:
+        budget(name)
+    listed = KNOWN_OVER_BUDGET | PATCH_SWAP_OVER_BUDGET
+    assert listed <= names, sorted(listed - names)
+
+
+def test_moved_bytes_are_what_the_path_can_move(report):
+    # A spec's declared bytes (the issue model's denominator) never exceed what its element path's
+    # accesses can move.
+    for spec in SPECS:
+        row = report[spec["name"]]
+        if spec.get("moved_bytes") and "error" not in row:
+            assert row["bytes"] <= row["static_bytes"], spec["name"]
+
+
+# --- the report's own arithmetic (so the budgets above can fail) ------------------------------------
+
+
+def test_issue_model():
+    assert 159 < sass.H100.slots_per_16_bytes < 161
+
+
+@pytest.mark.parametrize("regs, warps, smem, expected", [
+    (32, 4, 0, 1.0), (40, 4, 0, 0.75), (64, 4, 0, 0.5), (128, 4, 0, 0.25), (130, 4, 0, 0.1875),
+    (255, 8, 0, 0.125), (32, 4, 100 * 1024, 0.125), (16, 1, 0, 0.5),  # 32 CTAs of one warp
+])
+def test_occupancy(regs, warps, smem, expected):
+    assert sass.occupancy(regs, warps, smem) == expected
+
+
+SASS_TEXT = """
+        .type           k,@function
+        .other          k,@"STO_CUDA_ENTRY STV_DEFAULT"
+k:
+        /*0000*/                   S2R R0, SR_TID.X ;
+        /*0010*/                   ISETP.GE.AND P0, PT, R0, 0x10, PT ;
+        /*0020*/               @P0 EXIT ;
+        /*0030*/                   I2F.U32.RP R1, R0 ;
+        /*0040*/              @!P1 BRA `(.L_x_1) ;
+        /*0050*/                   CALL.REL.NOINC `($__internal_0_$__cuda_sm20_div_s64) ;
+        /*0060*/                   BRA `(.L_x_2) ;
+.L_x_1:
+        /*0070*/                   IMAD.WIDE.U32 R2, R0, 0x4, RZ ;
+        /*0080*/                   IMAD.HI.U32 R3, R0, R1, RZ ;
+        /*0090*/                   LDG.E.U8 R4, desc[UR4][R2.64] ;
+.L_x_2:
+        /*00a0*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+.L_x_3:
+        /*00b0*/                   LDG.E R5, desc[UR4][R2.64] ;
+        /*00c0*/                   STG.E.64 desc[UR4][R2.64], R4 ;
+        /*00d0*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*00e0*/              @!P2 BRA `(.L_x_3) ;
+        /*00f0*/                   STG.E.128 desc[UR4][R2.64], R4 ;
+        /*0100*/                   EXIT ;
+.L_x_4:
+        /*0110*/                   BRA `(.L_x_4) ;
+        /*0120*/                   NOP ;
+        .type           $__internal_0_$__cuda_sm20_div_s64,@function
+$__internal_0_$__cuda_sm20_div_s64:
+        /*0130*/                   IADD3 R0, R0, 0x1, RZ ;
+        /*0140*/                   RET.REL.NODEC R2 `(k) ;
+"""
+
+
+def test_control_flow_paths_and_loops():
+    insns, labels = sass.parse_sass(SASS_TEXT)
+    assert [i.addr for i in insns][-1] == 0x110  # the entry function only, NOPs dropped
+    cfg = sass.CFG(insns, labels)
+    # The longest path takes the fast 32-bit branch (3 instructions) over the division call (2),
+    # runs the loop body once and leaves through the last EXIT; the self-branch after it is dead.
+    path = [i.addr for b in cfg.longest_path() for i in cfg.blocks[b]]
+    assert path == [0x0, 0x10, 0x20, 0x30, 0x40, 0x70, 0x80, 0x90, 0xa0, 0xb0, 0xc0, 0xd0, 0xe0, 0xf0, 0x100]
+    loops = cfg.loops()
+    assert [[cfg.blocks[b][0].addr for b in sorted(body)] for body in loops.values()] == [[0xb0]]
+    stats = sass.path_stats(insns)
+    assert stats["ld"] == {8: 1, 128: 1, 32: 1} and stats["st"] == {64: 1, 128: 1}
+    assert stats["div_seq"] == 1 and stats["div64_calls"] == 1 and stats["wide"] == 2 and stats["bar"] == 1
+
+
+def test_element_divisions_from_ttir():
+    ttir = """
+    %c4_i32 = arith.constant 4 : i32
+    %cst = arith.constant dense<3> : tensor<256xi32>
+    %0 = arith.divsi %pid, %n : i32
+    %1 = arith.divsi %offs, %cst : tensor<256xi32>
+    %2 = arith.remsi %offs, %W : tensor<256xi32>
+    %3 = scf.for %i = %c0 to %n step %c1 iter_args(%acc = %z) -> (i32) : i32 {
+      %4 = arith.divui %i, %n : i32
+      scf.yield %4 : i32
+    }
+    %5 = arith.divsi %pid, %c4_i32 : i32
+    """
+    # The tensor remainder by W and the division inside the loop; not the scalar one before the
+    # loop, nor divisions by constants (multiply-highs).
+    assert sass.element_divisions(ttir) == 2
+
+
+def test_a_kernel_over_budget_is_reported():
+    row = {"spill": 2, "occupancy": 0.125, "regs": 168, "smem": 0, "issue": 0.9, "instr": 576, "bytes": 64,
+           "path": "straight", "ediv": 3, "div64": 1, "div64_calls": 1, "w128": 0.25, "ld": {32: 8}, "st": {32: 2}}
+    assert len(violations(row, budget("icp_update_adam_fp32_clamp"))) == 6

@@ -3,29 +3,53 @@
 ``fastsd._C`` is built from csrc/ with torch.utils.cpp_extension and ninja:
 
 * the CPU kernels (csrc/*.cpp, csrc/cpu/*.cpp) always;
-* the CUDA kernels (csrc/cuda/*.cu) when ``FASTSD_BUILD_CUDA=1``, or when a GPU is present
-  (``FASTSD_BUILD_CUDA=0`` turns them off).
+* the CUDA kernels (csrc/cuda/*.cu, *.cpp) when ``FASTSD_BUILD_CUDA=1``, or when a GPU is present
+  (``FASTSD_BUILD_CUDA=0`` turns them off). With no ``TORCH_CUDA_ARCH_LIST`` and no GPU to take the
+  architectures from, they are built for :data:`DEFAULT_CUDA_ARCHS` (those this nvcc and torch know).
 
 The extension is optional: when torch is missing at build time, or the compiler fails, the
-package still installs, the pure-PyTorch (and Triton) paths work, and the reason is written to
-``fastsd/_build_log.txt`` for ``python -m fastsd.info`` to print.
+package still installs and the pure-PyTorch (and Triton) paths work. When the CUDA kernels fail to
+build, the same extension is built again with the CPU kernels only. Every outcome (and why CUDA
+kernels are missing) is written to ``fastsd/_build_log.txt``, which ``python -m fastsd.info`` prints.
+
+The functions above ``main()`` are imported by tests/test_build.py; setup() runs only as a script.
 """
 import glob
 import os
+import re
+import shutil
+import subprocess
+import sys
 import traceback
-
-from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 BUILD_LOG = os.path.join(ROOT, "fastsd", "_build_log.txt")
 
+# Built when TORCH_CUDA_ARCH_LIST is unset and no GPU is visible: one cubin per GPU family in use
+# (a cubin also runs on later minor versions of its major: 8.0 on 8.6 / 8.9, 10.0 on 10.3, 12.0 on
+# 12.1), and PTX of the newest for GPUs after it (compiled by the driver on first use). Each entry
+# is kept only where this nvcc and this torch know it (nvcc 13 dropped everything before 7.5;
+# 10.0 and 12.0 need CUDA 12.8 and torch 2.7).
+DEFAULT_CUDA_ARCHS = ("7.5", "8.0", "9.0", "10.0", "12.0")
 
-def _write_log(text):
+# What `pip install` needs to make a wheel, and what to do when a user's environment lacks it.
+WHEEL_COMMANDS = ("bdist_wheel", "editable_wheel", "dist_info")
+WHEEL_HELP = (
+    "fastsd: building a wheel needs setuptools' `bdist_wheel` command, and this environment has none "
+    "(setuptools {setuptools} is older than 70.1 and the `wheel` package is not installed).\n"
+    "With --no-build-isolation pip uses the environment's own build tools; install them first:\n"
+    "    pip install 'setuptools>=70.1' ninja\n"
+    "    pip install --no-build-isolation .\n"
+    "(or drop --no-build-isolation: pip then builds against a second copy of torch; see the README)."
+)
+
+
+def write_log(text):
     with open(BUILD_LOG, "w") as f:
         f.write(text.rstrip() + "\n")
 
 
-def _packages():
+def packages():
     return {
         "packages": ["fastsd", "fastsd.reference", "fastsd.bench", "fastsd.kernels"],
         # Triton kernels live in kernels/ and install as fastsd.kernels (no top-level import).
@@ -33,65 +57,199 @@ def _packages():
     }
 
 
-def _extension():
+def wheel_build_problem(argv, command_available):
+    """The message to stop with when argv builds a wheel and no `bdist_wheel` command exists, else None.
+
+    pip's build backend runs ``setup.py bdist_wheel`` (``editable_wheel`` for ``-e``, ``dist_info`` for
+    the metadata, which also needs it before setuptools 70.1); without the command it fails with
+    "invalid command 'bdist_wheel'", which does not say what to install.
+    """
+    if not any(cmd in argv[1:] for cmd in WHEEL_COMMANDS) or command_available("bdist_wheel"):
+        return None
+    try:
+        import setuptools
+
+        version = setuptools.__version__
+    except Exception:  # pragma: no cover - setup.py runs under setuptools
+        version = "?"
+    return WHEEL_HELP.format(setuptools=version)
+
+
+def setuptools_has_command(name):
+    from setuptools.dist import Distribution
+
+    try:
+        Distribution().get_command_class(name)
+        return True
+    except Exception:  # DistutilsModuleError: "invalid command"
+        return False
+
+
+def nvcc_arches(nvcc):
+    """The virtual architectures ("8.0", ...) that `nvcc --list-gpu-arch` names; None if it cannot say."""
+    if not nvcc or not os.path.exists(nvcc):
+        return None
+    try:
+        out = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = {f"{m[:-1]}.{m[-1]}" for m in re.findall(r"compute_(\d+)", out)}
+    return found or None
+
+
+def torch_knows_arch(arch):
+    """Whether this torch's cpp_extension accepts `arch` in TORCH_CUDA_ARCH_LIST (newer ones know more)."""
+    from torch.utils import cpp_extension
+
+    saved = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = arch
+    try:
+        cpp_extension._get_cuda_arch_flags()
+        return True
+    except ValueError:  # "Unknown CUDA arch"
+        return False
+    except Exception:  # a private function: if it changed, let the build itself decide
+        return True
+    finally:
+        if saved is None:
+            os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = saved
+
+
+def default_cuda_arch_list(nvcc_known=None, torch_knows=lambda arch: True):
+    """DEFAULT_CUDA_ARCHS that nvcc (a set, None = unknown) and torch know, the newest with +PTX."""
+    arches = [a for a in DEFAULT_CUDA_ARCHS if (nvcc_known is None or a in nvcc_known) and torch_knows(a)]
+    if not arches:
+        return None
+    return ";".join(arches[:-1] + [arches[-1] + "+PTX"])
+
+
+def cuda_arch_list(environ, gpu_visible, nvcc_known=None, torch_knows=lambda arch: True):
+    """(TORCH_CUDA_ARCH_LIST to set or None to leave as is, why) for a CUDA build.
+
+    A user's list is kept. With a GPU visible cpp_extension builds for it. With neither, it fails
+    with an IndexError (an empty list of visible GPUs), so the default list is set instead.
+    """
+    if environ.get("TORCH_CUDA_ARCH_LIST"):
+        return None, f"TORCH_CUDA_ARCH_LIST={environ['TORCH_CUDA_ARCH_LIST']} (set by you)"
+    if gpu_visible:
+        return None, "the visible GPUs' architectures (set TORCH_CUDA_ARCH_LIST to build for others)"
+    arches = default_cuda_arch_list(nvcc_known, torch_knows)
+    if arches is None:
+        return None, f"no GPU visible and nvcc knows none of {', '.join(DEFAULT_CUDA_ARCHS)}"
+    return arches, f"{arches} (the default with no GPU visible; set TORCH_CUDA_ARCH_LIST to choose)"
+
+
+def build_with_fallback(build, with_cuda, torch_version, arch_note=""):
+    """Build the extension, with CUDA kernels first when asked; on failure, again with CPU kernels only.
+
+    `build(cuda)` builds (raises on failure). Returns the log text: its first line is the outcome
+    (fastsd._ext shows it), then the CUDA architectures and, after a failure, its traceback.
+    """
+    cuda_error = ""
+    if with_cuda:
+        try:
+            build(True)
+            return f"fastsd._C built with torch {torch_version} (CPU + CUDA kernels)\nCUDA architectures: {arch_note}"
+        except Exception:
+            cuda_error = traceback.format_exc()
+            print("WARNING: fastsd._C: the CUDA kernels failed to build; building the CPU kernels only "
+                  "(see fastsd/_build_log.txt)", flush=True)
+    try:
+        build(False)
+    except Exception:
+        log = "fastsd._C failed to build; the torch/triton backends still work.\n" + traceback.format_exc()
+        if cuda_error:
+            log += "\nThe CUDA build had failed first:\n" + cuda_error
+        print("WARNING: fastsd._C failed to build; see fastsd/_build_log.txt", flush=True)
+        return log
+    if cuda_error:
+        return (f"fastsd._C built with torch {torch_version} (CPU kernels only: the CUDA kernels failed to "
+                f"build; the cause is below)\nCUDA architectures: {arch_note}\n\n{cuda_error}")
+    return f"fastsd._C built with torch {torch_version} (CPU kernels only)"
+
+
+def extension():
     """Return (ext_modules, cmdclass); empty when the extension cannot be built here."""
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except Exception as exc:  # torch is not importable at build time
-        _write_log(f"fastsd._C was not built: torch is not importable at build time ({exc!r})")
+        write_log(f"fastsd._C was not built: torch is not importable at build time ({exc!r})")
         return [], {}
 
     flag = os.environ.get("FASTSD_BUILD_CUDA", "")
     if flag not in ("", "0", "1"):
         raise SystemExit(f"FASTSD_BUILD_CUDA must be 0 or 1, got {flag!r}")
-    with_cuda = flag == "1" or (flag == "" and torch.cuda.is_available() and CUDA_HOME is not None)
+    gpu_visible = torch.cuda.is_available()
+    with_cuda = flag == "1" or (flag == "" and gpu_visible and CUDA_HOME is not None)
 
-    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cpu_sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
     # No -std flag: cpp_extension picks the C++ standard this torch needs (C++17 or C++20).
     cxx = ["-O3", "-fopenmp", "-fno-strict-aliasing"] if os.name != "nt" else ["/O2", "/openmp"]
-    extra = {"cxx": cxx}
-    ext_cls = CppExtension
-    define_macros = []
+
+    def make(cuda):
+        # CUDAExtension itself fails (OSError) without a CUDA toolkit, so it is made at build time
+        kwargs = dict(
+            name="fastsd._C",
+            sources=cpu_sources + (cuda_sources if cuda else []),
+            extra_compile_args={"cxx": cxx, **({"nvcc": ["-O3"]} if cuda else {})},
+            extra_link_args=["-fopenmp"] if os.name != "nt" else [],
+            define_macros=[("FASTSD_WITH_CUDA", "1")] if cuda else [],
+            py_limited_api=True,
+        )
+        return CUDAExtension(**kwargs) if cuda else CppExtension(**kwargs)
+
+    arch_note = ""
     if with_cuda:
-        sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        extra["nvcc"] = ["-O3"]
-        define_macros.append(("FASTSD_WITH_CUDA", "1"))
-        ext_cls = CUDAExtension
+        nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else shutil.which("nvcc")
+        value, arch_note = cuda_arch_list(os.environ, gpu_visible, nvcc_arches(nvcc), torch_knows_arch)
+        if value is not None:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = value  # read by cpp_extension at compile time
 
     class OptionalBuildExtension(BuildExtension):
         """Build the extension, but never fail the install because of it; log the outcome."""
 
         def run(self):
-            try:
-                super().run()
-                _write_log(f"fastsd._C built with torch {torch.__version__}"
-                           f" ({'CPU + CUDA' if with_cuda else 'CPU only'} kernels)")
-            except Exception:
-                _write_log("fastsd._C failed to build; the torch/triton backends still work.\n"
-                           + traceback.format_exc())
-                print("WARNING: fastsd._C failed to build; see fastsd/_build_log.txt", flush=True)
+            options = {"compiler": self.compiler, "inplace": self.inplace}
+
+            def build(cuda):
+                # a failed run leaves its compiler object and inplace=0 (setuptools' own) behind
+                self.__dict__.update(options)
+                # the extension setuptools finalised (it keeps private state on it) takes the fresh
+                # one's public settings: sources, flags, include and library paths
+                fresh = vars(make(cuda))
+                for ext in self.extensions:
+                    ext.__dict__.update({k: v for k, v in fresh.items() if not k.startswith("_")})
+                BuildExtension.run(self)
+
+            write_log(build_with_fallback(build, with_cuda, torch.__version__, arch_note))
             # build_py ran before us: put the log beside the package in the wheel too
             if not self.inplace:
                 os.makedirs(os.path.join(self.build_lib, "fastsd"), exist_ok=True)
                 self.copy_file(BUILD_LOG, os.path.join(self.build_lib, "fastsd", "_build_log.txt"))
 
-    ext = ext_cls(
-        name="fastsd._C",
-        sources=sources,
-        extra_compile_args=extra,
-        extra_link_args=["-fopenmp"] if os.name != "nt" else [],
-        define_macros=define_macros,
-        py_limited_api=True,
+    # setuptools needs the extension up front (a platform wheel, build_ext runs); run() sets what it builds
+    return [make(False)], {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
+
+
+def main():
+    problem = wheel_build_problem(sys.argv, setuptools_has_command)
+    if problem:
+        raise SystemExit(problem)
+    from setuptools import setup
+
+    ext_modules, cmdclass = extension()
+    setup(
+        **packages(),
+        package_data={"fastsd": ["_build_log.txt"]},
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+        options={"bdist_wheel": {"py_limited_api": "cp39"}} if ext_modules else {},
     )
-    return [ext], {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
 
 
-ext_modules, cmdclass = _extension()
-setup(
-    **_packages(),
-    package_data={"fastsd": ["_build_log.txt"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    options={"bdist_wheel": {"py_limited_api": "cp39"}} if ext_modules else {},
-)
+if __name__ == "__main__":
+    main()

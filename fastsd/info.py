@@ -77,8 +77,11 @@ def main(argv=None):
             print(f"  {name:<16} {value}")
     print(f"fastsd._C: {ext}")
     print(f"CPU vector path: {cpu_vector_path()}")
-    if err is not None and _ext.build_log() and not args.short:
-        print("  build log:\n    " + "\n    ".join(_ext.build_log().splitlines()[-15:]))
+    log = _ext.build_log().splitlines()
+    if log and not args.short and (err is not None or not _ext.has_cuda()):
+        # why the extension, or its CUDA kernels, are missing: the outcome line and the error's end
+        excerpt = log if len(log) <= 16 else log[:2] + ["..."] + log[-13:]
+        print("  build log:\n    " + "\n    ".join(excerpt))
     print("backends per op (available ones marked +):")
     for op, dev, reasons in backend_table():
         avail = [b for b in _backend.PREFERENCE if not reasons[b]]

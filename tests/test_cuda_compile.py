@@ -1,10 +1,25 @@
-"""csrc's CUDA kernels compile for sm_80 and sm_90 (compile only: there is no GPU here).
+"""csrc's CUDA code compiles for sm_80 and sm_90, and the compiled patch swap kernels keep their shape.
 
-Skipped, with the reason printed by `pytest -ra`, when nvcc is not found. On a machine with a GPU,
-`FASTSD_BUILD_CUDA=1 pip install --no-build-isolation -e .` builds and links the same sources.
+Compile only (there is no GPU here). One nvcc run per .cu file (sm_80 + sm_90, shared by every test
+below through a module fixture) and the SASS that cuobjdump reads back from its object check what a
+memory-bound kernel must look like on an H100 (issue 12):
+
+* no integer division anywhere in a kernel: no `MUFU.RCP` / `I2F.*.RP` (the 32-bit division
+  sequence) and no `CALL` (the 64-bit division subroutine);
+* the 16-byte patch swap kernels move data only with `LDG.E.128` / `STG.E.128`, and their copy
+  loop issues few instructions per 16 bytes (an H100 has about 160 issue slots per 16 bytes a
+  thread moves at full bandwidth);
+* no kernel spills, and none needs more than 128 registers (occupancy of a quarter or more).
+
+csrc/cuda/*.cpp (the torch-facing launchers, host code) is checked with the host compiler. Skipped,
+with the reason printed by `pytest -ra`, when nvcc, cuobjdump or a C++ compiler is not found. On a
+machine with a GPU, `FASTSD_BUILD_CUDA=1 pip install --no-build-isolation -e .` builds and links the
+same sources.
 """
+import collections
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sysconfig
@@ -15,12 +30,31 @@ from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+HOST_SOURCES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
+PATCH_SWAP = os.path.join(ROOT, "csrc", "cuda", "patch_swap.cu")
+# The copy loop's budget: instructions per 16 bytes moved (today about 12, of ~160 issue slots).
+MAX_COPY_LOOP_INSTRUCTIONS_PER_16_BYTES = 20
+
+
+def _cuda_home():
+    return os.environ.get("CUDA_HOME") or cpp_extension.CUDA_HOME or "/usr/local/cuda"
 
 
 def _nvcc():
-    home = os.environ.get("CUDA_HOME") or cpp_extension.CUDA_HOME or "/usr/local/cuda"
-    path = os.path.join(home, "bin", "nvcc")
+    path = os.path.join(_cuda_home(), "bin", "nvcc")
     return path if os.path.exists(path) else shutil.which("nvcc")
+
+
+def _cuobjdump():
+    """From the CUDA toolkit, or the copy inside the triton wheel."""
+    candidates = [os.path.join(_cuda_home(), "bin", "cuobjdump"), shutil.which("cuobjdump")]
+    try:
+        import triton
+
+        candidates.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+    except ImportError:
+        pass
+    return next((c for c in candidates if c and os.path.exists(c)), None)
 
 
 def _includes():
@@ -28,6 +62,7 @@ def _includes():
     # CUDAContext.h and friends need the CUDA runtime headers that ship as wheels beside torch
     site = os.path.dirname(os.path.dirname(torch.__file__))
     dirs += glob.glob(os.path.join(site, "nvidia", "cu*", "include")) + glob.glob(os.path.join(site, "nvidia", "*", "include"))
+    dirs.append(os.path.join(_cuda_home(), "include"))
     dirs.append(sysconfig.get_paths()["include"])
     return dirs
 
@@ -38,18 +73,181 @@ def _std_flag():
     return "-std=c++20" if (major, minor) >= (2, 10) else "-std=c++17"
 
 
-@pytest.mark.skipif(_nvcc() is None, reason="nvcc not found: csrc/cuda compile check skipped")
+def _defines():
+    return ["-DFASTSD_WITH_CUDA=1", "-D_GLIBCXX_USE_CXX11_ABI=%d" % int(torch._C._GLIBCXX_USE_CXX11_ABI)]
+
+
+needs_nvcc = pytest.mark.skipif(_nvcc() is None, reason="nvcc not found: csrc/cuda compile check skipped")
+
+
+@pytest.fixture(scope="module")
+def objects(tmp_path_factory):
+    """{source: (returncode, stderr, object path)}: each .cu compiled once, for sm_80 and sm_90."""
+    out = {}
+    folder = tmp_path_factory.mktemp("cuda_objects")
+    for source in SOURCES:
+        obj = folder / (os.path.basename(source) + ".o")
+        cmd = [_nvcc(), "-c", source, "-o", str(obj), _std_flag(), "-O3",
+               "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
+               "-Xcompiler", "-fPIC"] + _defines() + list(getattr(cpp_extension, "COMMON_NVCC_FLAGS", []))
+        cmd += [f"-I{d}" for d in _includes()]  # the flags cpp_extension itself passes, as in the real build
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        out[source] = (proc.returncode, proc.stderr, obj)
+    return out
+
+
+def _object(objects, source):
+    rc, stderr, obj = objects[source]
+    assert rc == 0, f"nvcc failed for {os.path.basename(source)}:\n{stderr[-4000:]}"
+    return obj
+
+
+def _tool(objects, source, *args):
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("cuobjdump not found (CUDA toolkit or the triton wheel)")
+    proc = subprocess.run([tool, *args, str(_object(objects, source))], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def parse_sass(text):
+    """{kernel: [(address, instruction)]} from `cuobjdump -sass` output."""
+    kernels, current = {}, None
+    for line in text.splitlines():
+        m = re.search(r"Function : (\S+)", line)
+        if m:
+            current = kernels.setdefault(m.group(1), [])
+            continue
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
+        if m and current is not None:
+            current.append((int(m.group(1), 16), m.group(2)))
+    return kernels
+
+
+def opcode(instruction):
+    return re.sub(r"^@!?U?P[T0-9]+\s+", "", instruction).split()[0]
+
+
+def loops(instructions):
+    """[(instructions in the body, opcodes)] of every backward branch (a loop)."""
+    index = {address: k for k, (address, _) in enumerate(instructions)}
+    found = []
+    for k, (address, ins) in enumerate(instructions):
+        m = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", ins)
+        if m and int(m.group(1), 16) <= address and int(m.group(1), 16) in index:
+            body = [opcode(i) for _, i in instructions[index[int(m.group(1), 16)]:k + 1]]
+            found.append(body)
+    return found
+
+
+def kernel_kind(name):
+    """(element type, vector width V, backward) of a cell_select_kernel<T, V, kBackward>."""
+    m = re.search(r"cell_select_kernelI(.+?)Li(\d+)ELb([01])E", name)
+    assert m, f"not a cell_select_kernel<T, V, kBackward>: {name}"
+    types = {"h": "uint8", "f": "float32", "d": "float64", "N3c104HalfE": "float16", "N3c108BFloat16E": "bfloat16"}
+    return types.get(m.group(1), m.group(1)), int(m.group(2)), m.group(3) == "1"
+
+
+@pytest.fixture(scope="module")
+def patch_swap_sass(objects):
+    return parse_sass(_tool(objects, PATCH_SWAP, "-sass", "-arch", "sm_90"))
+
+
+@needs_nvcc
 @pytest.mark.parametrize("source", SOURCES, ids=os.path.basename)
-def test_cuda_source_compiles_for_sm80_sm90(source, tmp_path):
-    cmd = [_nvcc(), "-c", source, "-o", str(tmp_path / "out.o"), _std_flag(), "-O3",
-           "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
-           "-DFASTSD_WITH_CUDA=1", "-D_GLIBCXX_USE_CXX11_ABI=%d" % int(torch._C._GLIBCXX_USE_CXX11_ABI),
-           "-Xcompiler", "-fPIC"] + list(getattr(cpp_extension, "COMMON_NVCC_FLAGS", []))
-    cmd += [f"-I{d}" for d in _includes()]  # the flags cpp_extension itself passes, as in the real build
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"nvcc failed for {os.path.basename(source)}:\n{proc.stderr[-4000:]}"
-    assert (tmp_path / "out.o").stat().st_size > 0
+def test_cuda_source_compiles_for_sm80_sm90(objects, source):
+    assert _object(objects, source).stat().st_size > 0
 
 
 def test_there_are_cuda_sources():
     assert SOURCES, "csrc/cuda has no .cu files"
+    assert PATCH_SWAP in SOURCES
+
+
+@needs_nvcc
+def test_patch_swap_kernels_are_all_there(patch_swap_sass):
+    kinds = {kernel_kind(name) for name in patch_swap_sass}  # one per dtype, vector width and direction
+    expected = {(t, v, bwd) for t, size in [("uint8", 1), ("float16", 2), ("bfloat16", 2), ("float32", 4),
+                                            ("float64", 8)] for v in (1, 16 // size) for bwd in (False, True)}
+    assert kinds == expected
+
+
+@needs_nvcc
+@pytest.mark.parametrize("source", SOURCES, ids=os.path.basename)
+def test_no_integer_division_in_kernels(objects, source):
+    divisions = {}
+    for name, instructions in parse_sass(_tool(objects, source, "-sass", "-arch", "sm_90")).items():
+        ops = [opcode(i) for _, i in instructions]
+        bad = [o for o in ops if o.startswith(("MUFU.RCP", "CALL")) or (o.startswith("I2F") and ".RP" in o)]
+        if bad:
+            divisions[name] = collections.Counter(bad)
+    assert not divisions, f"division sequences (I2F.RP + MUFU.RCP) or calls (64-bit division): {divisions}"
+
+
+@needs_nvcc
+def test_16_byte_kernels_move_data_in_16_byte_accesses(patch_swap_sass):
+    for name, instructions in patch_swap_sass.items():
+        dtype, vec, _ = kernel_kind(name)
+        if vec == 1:
+            continue
+        ops = collections.Counter(opcode(i) for _, i in instructions)
+        stores = {o: n for o, n in ops.items() if o.startswith("STG")}
+        loads = {o: n for o, n in ops.items() if o.startswith("LDG")}
+        assert set(stores) == {"STG.E.128"}, (dtype, stores)
+        assert loads.get("LDG.E.128", 0) > 0, (dtype, loads)
+        # besides the data: src[b] and mask_row[b] (int64), and the mask bytes of the lanes' cells
+        others = {o: n for o, n in loads.items() if o != "LDG.E.128"}
+        assert set(others) <= {"LDG.E.64", "LDG.E.U8"} and all(n <= 2 for n in others.values()), (dtype, loads)
+
+
+@needs_nvcc
+def test_16_byte_copy_loop_instruction_budget(patch_swap_sass):
+    per_16_bytes = {}
+    for name, instructions in patch_swap_sass.items():
+        dtype, vec, backward = kernel_kind(name)
+        if vec == 1:
+            continue
+        ratios = [len(body) / body.count("STG.E.128") for body in loops(instructions) if "STG.E.128" in body]
+        assert ratios, f"{name}: no loop stores 16 bytes"
+        per_16_bytes[(dtype, backward)] = min(ratios)
+    over = {k: v for k, v in per_16_bytes.items() if v > MAX_COPY_LOOP_INSTRUCTIONS_PER_16_BYTES}
+    assert not over, f"copy loop instructions per 16 bytes: {per_16_bytes}"
+
+
+@needs_nvcc
+def test_kernels_do_not_spill(objects):
+    for source in SOURCES:
+        usage = _tool(objects, source, "--dump-resource-usage", "-arch", "sm_90")
+        rows = re.findall(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
+        assert rows, usage[:2000]
+        for name, reg, stack, local in rows:
+            assert int(stack) == 0 and int(local) == 0, f"{name} spills: {stack} bytes of stack, {local} local"
+            assert int(reg) <= 128, f"{name}: {reg} registers (occupancy under a quarter)"
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
+@pytest.mark.parametrize("source", HOST_SOURCES, ids=os.path.basename)
+def test_cuda_host_source_compiles(source):
+    cmd = ["c++", "-fsyntax-only", _std_flag(), source] + _defines() + [f"-I{d}" for d in _includes()]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{os.path.basename(source)}:\n{proc.stderr[-4000:]}"
+
+
+def test_sass_checks_see_divisions_and_narrow_accesses():
+    # the parsers on a piece of the old kernel's SASS: a 64-bit division call, the 32-bit division
+    # sequence, scalar accesses, and a loop
+    text = """
+        Function : _ZN6fastsd18cell_select_kernelIfLi4ELb0EEEvv
+        /*0010*/                   I2F.U32.RP R5, R4 ;
+        /*0020*/                   MUFU.RCP R5, R5 ;
+        /*0030*/                   CALL.REL.NOINC 0x6200 ;
+        /*0040*/                   LDG.E.CONSTANT R9, desc[UR10][R8.64] ;
+        /*0050*/                   STG.E desc[UR10][R14.64], R9 ;
+        /*0060*/              @!P0 BRA 0x10 ;
+    """
+    (name, instructions), = parse_sass(text).items()
+    assert kernel_kind(name) == ("float32", 4, False)
+    ops = [opcode(i) for _, i in instructions]
+    assert ops[:3] == ["I2F.U32.RP", "MUFU.RCP", "CALL.REL.NOINC"] and "STG.E" in ops
+    assert loops(instructions) == [ops]

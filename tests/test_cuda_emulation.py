@@ -1,0 +1,146 @@
+"""The CUDA patch swap kernel, run thread by thread on the CPU, against the reference.
+
+csrc/cuda/patch_swap_kernel.cuh holds the kernel body and its launch plan without torch, so the same
+code compiles for the host (tests/csrc/patch_swap_host.cpp, with a C++ compiler, a few seconds). The
+host build runs every thread of the planned grid and checks each access the GPU would make: a vector
+access aligned to its size (a GPU faults otherwise), inside its buffer, every output byte stored
+exactly once. With tiny `target_threads` / `max_grid_y` the plan puts several rows and planes on a
+thread and loops over samples, the paths large inputs take on a GPU. What this cannot see (the
+launcher's guard and stream, real memory ordering) is for the `gpu` tests.
+"""
+import ctypes
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+from torch.utils import cpp_extension
+
+from fastsd.reference.patch_swap import patch_swap as ref_forward, patch_swap_backward as ref_backward
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HARNESS = os.path.join(ROOT, "tests", "csrc", "patch_swap_host.cpp")
+CXX = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+DTYPES = {torch.uint8: 0, torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
+
+
+@pytest.fixture(scope="module")
+def host_kernel(tmp_path_factory):
+    if CXX is None:
+        pytest.skip("no C++ compiler: CUDA kernel emulation skipped")
+    lib = str(tmp_path_factory.mktemp("cuda_emulation") / "patch_swap_host.so")
+    cmd = [CXX, "-O1", "-std=c++17", "-shared", "-fPIC", "-fno-strict-aliasing", HARNESS, "-o", lib]
+    cmd += [f"-I{d}" for d in cpp_extension.include_paths()]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    fn = ctypes.CDLL(lib).fastsd_patch_swap_host
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 6 + [
+        ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    return fn
+
+
+def emulate(fn, x, partner, mask, backward, target_threads=1 << 18, max_grid_y=65535):
+    """The launcher's steps (partner or its inverse, a new output in x's layout), then every thread."""
+    channels_last = not x.is_contiguous()
+    assert not channels_last or x.is_contiguous(memory_format=torch.channels_last)
+    src = torch.argsort(partner) if backward else partner.contiguous()
+    out = torch.empty_like(x)  # keeps x's layout
+    out.untyped_storage().fill_(0xA5)  # stale bytes, as a new GPU tensor may hold
+    info = torch.zeros(8, dtype=torch.int64)
+    m = mask.to(torch.uint8).contiguous()
+    B, C, H, W = x.shape
+    rc = fn(DTYPES[x.dtype], int(backward), x.data_ptr(), out.data_ptr(), src.data_ptr(), m.data_ptr(),
+            B, C, H, W, mask.shape[1], mask.shape[2], int(channels_last), target_threads, max_grid_y,
+            info.data_ptr())
+    assert rc == 0
+    keys = ("vec", "grid_x", "grid_y", "rows_per_thread", "planes_per_thread", "plane_splits", "bad_accesses",
+            "bytes_not_stored_once")
+    return out, dict(zip(keys, info.tolist()))
+
+
+def _inputs(dtype, shape, grid, channels_last, seed=0, offset=0):
+    g = torch.Generator().manual_seed(seed)
+    B, C, H, W = shape
+    n = B * C * H * W
+    if dtype == torch.uint8:
+        flat = torch.randint(0, 256, (n + offset,), generator=g, dtype=torch.uint8)
+    else:  # signed values and exact zeros of both signs: the backward adds, the forward copies bits
+        flat = torch.randn(n + offset, generator=g, dtype=torch.float64)
+        flat[::7] = 0.0
+        flat[3::7] = -0.0
+        flat = flat.to(dtype)
+    flat = flat[offset:]  # offset > 0: a data pointer that is not 16-byte aligned
+    if channels_last:
+        x = flat.view(B, H, W, C).permute(0, 3, 1, 2)
+    else:
+        x = flat.view(B, C, H, W)
+    partner = torch.randperm(B, generator=g)
+    mask = torch.rand(B, *grid, generator=g) < 0.5
+    return x, partner, mask
+
+
+def _reference(x, partner, mask, backward):
+    return (ref_backward if backward else ref_forward)(x, partner, mask)
+
+
+def _check(fn, x, partner, mask, backward, **plan):
+    out, info = emulate(fn, x, partner, mask, backward, **plan)
+    assert info["bad_accesses"] == 0, info
+    assert info["bytes_not_stored_once"] == 0, info
+    expected = _reference(x, partner, mask, backward)
+    assert out.is_contiguous(memory_format=torch.channels_last) == (not x.is_contiguous())
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    return info
+
+
+CASES = [  # (shape, grid): rows of whole 16-byte vectors, cells across vectors, 1-pixel cells
+    ((4, 3, 32, 32), (4, 4)),
+    ((3, 3, 32, 32), (3, 5)),   # cell edges inside vectors
+    ((2, 5, 12, 48), (12, 48)),  # one pixel per cell
+    ((3, 2, 9, 16), (1, 1)),
+    ((5, 4, 7, 7), (3, 2)),     # rows of 7: one element per thread
+]
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[0])) + f"-g{c[1][0]}x{c[1][1]}")
+def test_kernel_matches_reference(host_kernel, dtype, channels_last, backward, case):
+    shape, grid = case
+    x, partner, mask = _inputs(dtype, shape, grid, channels_last)
+    info = _check(host_kernel, x, partner, mask, backward)
+    row_bytes = shape[3] * (shape[1] if channels_last else 1) * x.element_size()
+    assert info["vec"] == (16 // x.element_size() if row_bytes % 16 == 0 else 1), info
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
+@pytest.mark.parametrize("grid", [(3, 5), (4, 4)], ids=["g3x5", "g4x4"])
+def test_several_rows_and_planes_per_thread_and_samples_per_block_row(host_kernel, dtype, channels_last, backward,
+                                                                        grid):
+    # a small thread target: each thread walks rows (across cell rows, which 4 x 4 cells end exactly
+    # on) and planes; a short grid.y makes blocks loop over samples
+    x, partner, mask = _inputs(dtype, (7, 6, 20, 32), grid, channels_last, seed=1)
+    info = _check(host_kernel, x, partner, mask, backward, target_threads=8, max_grid_y=3)
+    assert info["rows_per_thread"] > 1 or info["planes_per_thread"] > 1, info
+    assert info["grid_y"] == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
+def test_unaligned_data_pointer_takes_the_scalar_kernel(host_kernel, dtype, backward):
+    x, partner, mask = _inputs(dtype, (3, 3, 16, 32), (4, 4), False, offset=1)
+    assert x.data_ptr() % 16 != 0
+    info = _check(host_kernel, x, partner, mask, backward)
+    assert info["vec"] == 1
+
+
+def test_harness_sees_a_wrong_kernel(host_kernel):
+    # the checks must be able to fail: a mask the kernel does not see gives a different answer
+    x, partner, mask = _inputs(torch.float32, (4, 3, 16, 16), (4, 4), False)
+    out, _ = emulate(host_kernel, x, partner, mask, False)
+    assert not torch.equal(out, _reference(x, partner, ~mask, False))

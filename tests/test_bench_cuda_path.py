@@ -194,10 +194,10 @@ def test_cuda_run_of_the_runner(fake_cuda, monkeypatch, tmp_path, capsys):
         assert r["max_err"] is None or r["max_err"] < 1e-4, r
     ps = rows["patch_swap", "triton"]
     assert ps["gbps"] == pytest.approx(8 * 3 * 16 * 16 * 4 * 2 / ps["median_ms"] / 1e6)
-    # Every timing went through events: two per call, six rounds of one call per row (and the header's
-    # copy bandwidth).
-    assert FakeEvent.made >= 2 * 6 * len(report["rows"])
-    assert all(r["rounds"] == 6 for r in report["rows"])
+    # Every timing went through events: two per call, one call per row and round (5 or 6 rounds: a
+    # case whose calls add up to 5 s stops at 5), and the header's copy bandwidth.
+    assert all(r["rounds"] in (5, 6) for r in report["rows"])
+    assert FakeEvent.made >= 2 * sum(r["rounds"] for r in report["rows"])
     assert {r["impl"] for r in report["rows"] if r["op"] == "patch_swap"} >= {"copy", "triton"}
 
     # The CUDA-graph row: captured once, then replayed; the same refinement as eager.

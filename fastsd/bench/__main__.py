@@ -216,7 +216,7 @@ def _notes_aside(notes: List[str]):
             lg.propagate = propagate
 
 
-def run(benches, device, args, min_time: float, min_rounds: int):
+def run(benches, device, args, min_time: float, min_rounds: int, max_time: float):
     """Rows, checks and case infos (with the load average after each) of every bench, behind a
     progress bar on stderr."""
     try:
@@ -234,7 +234,7 @@ def run(benches, device, args, min_time: float, min_rounds: int):
 
         on_round(0)
         case_rows = run_bench(b, device, min_time=min_time, only=args.backends, min_rounds=min_rounds,
-                              on_round=on_round)
+                              max_time=max_time, on_round=on_round)
         rows += case_rows
         found += checks(b, case_rows)
         infos.append(dict(b.info(), loadavg=_loadavg()))
@@ -254,7 +254,9 @@ def main(argv=None) -> int:
     p.add_argument("--backends", nargs="*", help="fastsd backends to time (default: all that can run)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    p.add_argument("--rounds", type=int, default=None, help="least rounds per case (default 12, 30 with --full)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="rounds per case (default 12, 30 with --full; at least 5 where the calls of a case "
+                        "take over 8 s, 60 s with --full)")
     p.add_argument("--min-time", type=float, default=None,
                    help="more rounds until each implementation's timed calls add up to this (s; 0.25, 1 with --full)")
     p.add_argument("--json", default=None, help="where to write the JSON report (default bench-results/bench-<device>.json)")
@@ -296,6 +298,8 @@ def _bench(args) -> int:
     dtype = getattr(torch, args.dtype)
     min_time = args.min_time if args.min_time is not None else 1.0 if args.full else 0.25
     min_rounds = args.rounds or (30 if args.full else 12)
+    # slow cases (whole models, ImageNet-size maps) stop at 5 rounds once their calls add up to this
+    max_time = 60.0 if args.full else 8.0
 
     env = environment(device)
     env["copy_gbps"] = copy_bandwidth(device)
@@ -314,7 +318,7 @@ def _bench(args) -> int:
     with _notes_aside(notes):
         benches = [b for m in _suite_modules(args.ops, quick=not args.full)
                    for b in m.benches(device=device, dtype=dtype, quick=not args.full)]
-        rows, found, infos = run(benches, device, args, min_time, min_rounds)
+        rows, found, infos = run(benches, device, args, min_time, min_rounds, max_time)
     report = {"environment": env, "dtype": args.dtype, "cases": infos,
               "rows": [dataclasses.asdict(r) for r in rows], "checks": [dataclasses.asdict(c) for c in found]}
     print(R.format_report(report))

@@ -212,14 +212,15 @@ def measure(fn: Callable[[], Any], device: torch.device, min_time: float = 0.3, 
 
 
 def interleave(fns: Dict[str, Callable[[], Any]], device, min_time: float = 0.25, min_rounds: int = 12,
-               max_rounds: int = 200, warmup_rounds: int = 1,
+               max_rounds: int = 200, warmup_rounds: int = 1, max_time: float = float("inf"), least_rounds: int = 5,
                on_round: Optional[Callable[[int], None]] = None) -> Dict[str, List[float]]:
     """Seconds per call of every fn, timed in rounds: one call of each per round, the order rotated
     by one each round (so none is always first after another's allocations, or last).
 
     ``warmup_rounds`` untimed rounds first (the first call of a ``torch.compile``'d fn compiles).
-    Then at least ``min_rounds`` rounds, and more while the timed calls add up to less than
-    ``min_time`` per fn, up to ``max_rounds``."""
+    Then ``min_rounds`` rounds, fewer (``least_rounds`` at least) where the timed calls reach
+    ``max_time`` first (slow cases), and more while they add up to less than ``min_time`` per fn
+    (fast cases), up to ``max_rounds``."""
     ops = device_ops(device)
     names = list(fns)
     for _ in range(warmup_rounds):
@@ -229,7 +230,7 @@ def interleave(fns: Dict[str, Callable[[], Any]], device, min_time: float = 0.25
     times: Dict[str, List[float]] = {n: [] for n in names}
     spent = 0.0
     r = 0
-    while r < min_rounds or (spent < min_time * len(names) and r < max_rounds):
+    while r < least_rounds or (r < min_rounds and spent < max_time) or (spent < min_time * len(names) and r < max_rounds):
         k = r % len(names)
         for n in names[k:] + names[:k]:
             t = ops.time(fns[n])
@@ -340,9 +341,9 @@ def implementations(bench: Bench, device, only: Optional[Sequence[str]] = None) 
 
 
 def run_bench(bench: Bench, device: torch.device, min_time: float, only: Optional[Sequence[str]] = None,
-              min_rounds: int = 12, max_rounds: int = 200, on_round=None) -> List[Row]:
-    """Every row of one case: the error, peak memory and kernel count of one call each, then the
-    interleaved timing and the paired speedups."""
+              min_rounds: int = 12, max_rounds: int = 200, max_time: float = float("inf"), on_round=None) -> List[Row]:
+    """Every row of one case: the error, kernel count and peak memory of one call each (three calls
+    that also warm every implementation up), then the interleaved timing and the paired speedups."""
     inputs = bench.setup()
     ref = bench.reference(inputs) if bench.reference is not None else None
     impls = implementations(bench, device, only)
@@ -359,7 +360,8 @@ def run_bench(bench: Bench, device: torch.device, min_time: float, only: Optiona
         )
         del out
     times = interleave({name: (lambda fn=fn: fn(inputs)) for name, _, fn in impls}, device, min_time=min_time,
-                       min_rounds=min_rounds, max_rounds=max_rounds, on_round=on_round)
+                       min_rounds=min_rounds, max_rounds=max_rounds, warmup_rounds=0, max_time=max_time,
+                       least_rounds=min(5, min_rounds), on_round=on_round)
     rows = []
     ratio_vs = list(dict.fromkeys(list(bench.speedup_vs) + [COPY] + ([bench.floor] if bench.floor else [])))
     for name, kind, _ in impls:

@@ -92,6 +92,10 @@ def half_width(m: float, lo: float, hi: float) -> str:
     return f"±{100 * max(hi - m, m - lo) / m:.0f}%" if m > 0 else "-"
 
 
+def fmt_pct(v: float) -> str:
+    return "<1%" if v < 1 else f"{v:.0f}%"
+
+
 def fmt_err(v: Optional[float]) -> str:
     return "-" if v is None else "0" if v == 0 else f"{v:.0e}"
 
@@ -139,7 +143,7 @@ def _columns(rows: List[dict], peak_gbps: Optional[float], cases: Sequence[dict]
     if any(r["gbps"] for r in rows):
         cols.append((Col("bandwidth", "GB/s", md="GB/s"), lambda r: f"{r['gbps']:.1f}" if r["gbps"] else "-"))
         cols.append((Col("", "% copy", md="% copy"),
-                     lambda r: f"{100 * r['speedup'][COPY]:.0f}%" if COPY in r["speedup"] else "-"))
+                     lambda r: fmt_pct(100 * r["speedup"][COPY]) if COPY in r["speedup"] else "-"))
         if peak_gbps:
             cols.append((Col("", "% peak", md="% peak"),
                          lambda r: f"{100 * r['gbps'] / peak_gbps:.0f}%" if r["gbps"] else "-"))
@@ -274,11 +278,14 @@ def summary_rows(report: dict) -> List[List[str]]:
         op_checks = [c for c in report.get("checks", []) if c["op"] == op and c["kind"] != "floor"]
         floors = [c for c in report.get("checks", []) if c["op"] == op and c["kind"] == "floor"]
         verdict = f"{sum(c['status'] == 'met' for c in op_checks)}/{len(op_checks)} met" if op_checks else "-"
+        unsure = sum(c["status"] == "unsure" for c in op_checks)
+        verdict += f", {unsure} unsure" if unsure else ""
         if any(c["status"] == "faster" for c in floors):
             verdict += ", BELOW FLOOR"
         out.append([op, ", ".join(dict.fromkeys(r["impl"] for r in best.values())),
                     _span(eager, fmt_x, "x") + (f" ({'/'.join(SHORT.get(n, n) for n in eager_names)})" if eager else ""),
-                    _span(compiled, fmt_x, "x"), _span(copy, lambda v: f"{v:.0f}", "%"), verdict])
+                    _span(compiled, fmt_x, "x"), _span(copy, lambda v: fmt_pct(v)[:-1]) + ("%" if copy else ""),
+                    verdict])
     return out
 
 

@@ -155,3 +155,23 @@ def test_peak_cpu_memory_follows_allocations_and_frees_in_order():
 
     assert 8_000_000 <= peak_cpu_memory(two_live) < 8_001_000
     assert 4_000_000 <= peak_cpu_memory(one_live) < 4_001_000
+
+
+def test_pair_runs_quiet_then_loaded_then_compares(monkeypatch, tmp_path):
+    from fastsd.bench import pair
+
+    calls = []
+    monkeypatch.setattr(pair.subprocess, "call", lambda cmd: calls.append(cmd[1:]) or 0)
+    assert pair.main(["--out", str(tmp_path), "--", "--quick", "--ops", "losses"]) == 0
+    quiet, loaded = str(tmp_path / "quiet.json"), str(tmp_path / "loaded.json")
+    assert calls == [["-m", "fastsd.bench", "--quick", "--ops", "losses", "--json", quiet],
+                     ["-m", "fastsd.bench", "--quick", "--ops", "losses", "--load", "2", "--json", loaded],
+                     ["-m", "fastsd.bench", "--compare", quiet, loaded]]
+
+
+def test_cpu_load_processes_end_with_the_block():
+    from fastsd.bench.core import cpu_load
+
+    with cpu_load(2, limit_s=30) as procs:
+        assert len(procs) == 2 and all(p.poll() is None for p in procs)
+    assert all(p.poll() is not None for p in procs)

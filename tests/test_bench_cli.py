@@ -3,6 +3,7 @@ verdicts on targets and lower bounds, the per-op tables, --compare, the README s
 import dataclasses
 import json
 import logging
+import time
 
 import pytest
 
@@ -46,6 +47,43 @@ def test_interleave_runs_one_call_of_each_per_round_in_rotated_order():
     rounds = [calls[i:i + 3] for i in range(3, len(calls), 3)]  # after the warm-up round
     assert all(sorted(r) == ["a", "b", "c"] for r in rounds)
     assert [r[0] for r in rounds] == ["a", "b", "c", "a", "b", "c"]
+
+
+def test_short_calls_are_timed_in_samples_of_several_calls():
+    calls = {"short": 0, "long": 0}
+
+    def short():
+        calls["short"] += 1
+        time.sleep(0.001)
+
+    def long():
+        calls["long"] += 1
+        time.sleep(0.02)
+
+    times = interleave({"short": short, "long": long}, "cpu", min_time=0, min_rounds=3, max_rounds=3,
+                       warmup_rounds=0, min_sample=0.01)
+    assert calls["long"] == 1 + 3  # calibration, then one call per round
+    assert calls["short"] > 1 + 3 * 2  # several calls per sample
+    assert all(t < 0.01 for t in times["short"]) and all(t >= 0.02 for t in times["long"])  # per call
+
+
+def test_threads_drop_to_one_where_a_parallel_copy_waits_for_busy_cores(monkeypatch):
+    import torch
+
+    from fastsd.bench import __main__ as bench_main
+
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setattr(bench_main, "busy_cores", lambda n: (1.0, 0.9))  # idle cores: keep 2
+        assert bench_main.set_threads("auto", torch.device("cpu")) == "" and torch.get_num_threads() == 2
+        monkeypatch.setattr(bench_main, "busy_cores", lambda n: (9.0, 0.3))  # every region waits
+        note = bench_main.set_threads("auto", torch.device("cpu"))
+        assert torch.get_num_threads() == 1 and "busy" in note and "--threads 2" in note
+        assert bench_main.set_threads("2", torch.device("cpu")).endswith("(--threads)")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(saved)
 
 
 def test_paired_ratio_is_exact_when_the_load_hits_both_calls_of_a_round():
@@ -122,7 +160,8 @@ def test_readme_section_is_replaced_with_summary_tables_and_plots(tmp_path):
     write_readme(str(readme), _report(), ["docs/bench/speedup.png"])
     text = readme.read_text()
     assert "old table" not in text and text.startswith("intro") and text.endswith("outro\n")
-    assert text.index("| op | fastsd |") < text.index("#### patch_swap") < text.index("![speedup](docs/bench/speedup.png)")
+    assert (text.index("| op | fastsd |") < text.index("#### patch_swap")
+            < text.index("![speedup](docs/bench/speedup.png)"))
     assert "| **c** | **cpp** | **1.00** |" in text  # the fastest row of the case in bold
     assert "| c | copy* |" in text  # not the op: never the best row
 

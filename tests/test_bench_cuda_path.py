@@ -218,7 +218,8 @@ def test_cuda_bandwidth_falls_back_to_copy_without_memory_clock(fake_cuda, monke
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: types.SimpleNamespace(name="X"))
     assert device_ops("cuda").peak_gbps() is None
     row = dict(op="patch_swap", case="c", impl="triton", kind="backend", median_ms=1.0, ci_ms=(0.9, 1.1), gbps=5.0,
-               max_err=0.0, peak_mb=1.0, kernels=1, moved_mb=1.0, speedup={"copy": 0.5}, speedup_ci={"copy": (0.4, 0.6)})
+               max_err=0.0, peak_mb=1.0, kernels=1, moved_mb=1.0, speedup={"copy": 0.5},
+               speedup_ci={"copy": (0.4, 0.6)})
     assert "% peak" in report.op_table("patch_swap", [row], [], peak_gbps=100.0)
     text = report.op_table("patch_swap", [row], [], peak_gbps=device_ops("cuda").peak_gbps())
     assert "% copy" in text and "50%" in text and "% peak" not in text

@@ -33,7 +33,7 @@ from typing import List, Optional
 import torch
 
 from . import report as R
-from .core import Row, checks, cpu_load, device_ops, run_bench
+from .core import Row, busy_cores, checks, cpu_load, device_ops, run_bench
 
 SUITES = ("patch_swap", "losses", "icp", "train_step")
 # Whole training steps of a ResNet-18 take seconds each on a CPU: --full or --ops train_step only.
@@ -254,12 +254,16 @@ def main(argv=None) -> int:
     p.add_argument("--backends", nargs="*", help="fastsd backends to time (default: all that can run)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--threads", default="auto",
+                   help="torch threads on the CPU: a number, or auto (default): torch's own count, or 1 where a probe "
+                        "finds the other cores busy (a parallel copy waiting for them)")
     p.add_argument("--rounds", type=int, default=None,
                    help="rounds per case (default 12, 30 with --full; at least 5 where the calls of a case "
                         "take over 8 s, 60 s with --full)")
     p.add_argument("--min-time", type=float, default=None,
                    help="more rounds until each implementation's timed calls add up to this (s; 0.25, 1 with --full)")
-    p.add_argument("--json", default=None, help="where to write the JSON report (default bench-results/bench-<device>.json)")
+    p.add_argument("--json", default=None,
+                   help="where to write the JSON report (default bench-results/bench-<device>.json)")
     p.add_argument("--compare", nargs="+", metavar="JSON",
                    help="OLD.json: compare this run's speedups with an earlier report's (exit 1 on a regression); "
                         "A.json B.json: compare two saved reports and run nothing")
@@ -288,8 +292,31 @@ def main(argv=None) -> int:
         return code
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch.cuda.is_available() is False on this machine")
+    if args.threads != "auto" and not (args.threads.isdigit() and int(args.threads) >= 1):
+        p.error(f"--threads: a number >= 1 or auto, got {args.threads!r}")
     with cpu_load(args.load):
         return _bench(args)
+
+
+# A parallel copy this many times slower than the same copy on one thread: its regions wait for busy cores.
+STALLED = 3.0
+
+
+def set_threads(arg: str, device: torch.device) -> str:
+    """Apply --threads; return the line that says why the run uses the count it uses."""
+    if arg != "auto":
+        torch.set_num_threads(int(arg))
+        return f"torch threads: {arg} (--threads)"
+    n = torch.get_num_threads()
+    if device.type != "cpu" or n == 1:
+        return ""
+    par, one = busy_cores(n)
+    if par < STALLED * one:
+        return ""
+    torch.set_num_threads(1)
+    return (f"torch threads: 1, not {n}: the other cores are busy (a 4 MiB copy takes {par:.2f} ms on {n} threads "
+            f"and {one:.2f} ms on 1: each parallel region waits for a busy core). On one thread the load slows every "
+            f"implementation alike; --threads {n} to time on {n} anyway")
 
 
 def _bench(args) -> int:
@@ -301,12 +328,16 @@ def _bench(args) -> int:
     # slow cases (whole models, ImageNet-size maps) stop at 5 rounds once their calls add up to this
     max_time = 60.0 if args.full else 8.0
 
+    threads_note = set_threads(args.threads, device)
     env = environment(device)
+    env["threads_note"] = threads_note
     env["copy_gbps"] = copy_bandwidth(device)
     env["background_load"] = args.load
     print(f"fastsd.bench on {machine_line(env)}; {args.dtype}")
     print(f"copy bandwidth (y.copy_(x), 64 MiB): {env['copy_gbps']:.1f} GB/s"
           + (f"; beside {args.load} CPU-bound background processes" if args.load else ""))
+    if threads_note:
+        print(textwrap.fill(threads_note, R.WIDTH - 10))
     settings = ", ".join(f"{k}={v}" for k, v in env["env"].items() if v is not None)
     if settings:
         print(f"environment: {settings}")

@@ -15,6 +15,7 @@ that interval, never on one number.
 from __future__ import annotations
 
 import contextlib
+import math
 import subprocess
 import sys
 import time
@@ -80,6 +81,7 @@ class Row:
     moved_mb: Optional[float] = None  # bytes of those kernels' inputs and outputs: eager traffic
     speedup: Dict[str, float] = field(default_factory=dict)  # baseline -> median paired ratio
     speedup_ci: Dict[str, Tuple[float, float]] = field(default_factory=dict)  # its bootstrap 95 % interval
+    times_ms: List[float] = field(default_factory=list)  # every timed call, round by round
 
 
 @dataclass
@@ -179,20 +181,6 @@ def timed_backends(op: str, device, dtype: Optional[torch.dtype] = None) -> List
     return [b for b in _backend.available(op, probe) if not (b == "triton" and torch.device(device).type == "cpu")]
 
 
-def device_ops(device) -> CPUOps:
-    device = torch.device(device)
-    return CUDAOps(device) if device.type == "cuda" else CPUOps(device)
-
-
-def timed_backends(op: str, device, dtype: Optional[torch.dtype] = None) -> List[str]:
-    """The fastsd backends that can run op on device's tensors, less Triton on CPU tensors (the
-    interpreter is for parity tests, not timings)."""
-    from .. import _backend
-
-    probe = torch.empty(0, device=device, dtype=dtype)
-    return [b for b in _backend.available(op, probe) if not (b == "triton" and torch.device(device).type == "cpu")]
-
-
 def _sync(device: torch.device):
     device_ops(device).sync()
 
@@ -211,11 +199,24 @@ def measure(fn: Callable[[], Any], device: torch.device, min_time: float = 0.3, 
     return times
 
 
+def _repeated(fn: Callable[[], Any], k: int) -> Callable[[], None]:
+    def run():
+        for _ in range(k):
+            fn()  # each result dropped before the next call, as in a loop of single calls
+    return run
+
+
 def interleave(fns: Dict[str, Callable[[], Any]], device, min_time: float = 0.25, min_rounds: int = 12,
                max_rounds: int = 200, warmup_rounds: int = 1, max_time: float = float("inf"), least_rounds: int = 5,
-               on_round: Optional[Callable[[int], None]] = None) -> Dict[str, List[float]]:
-    """Seconds per call of every fn, timed in rounds: one call of each per round, the order rotated
+               min_sample: float = 0.0, on_round: Optional[Callable[[int], None]] = None) -> Dict[str, List[float]]:
+    """Seconds per call of every fn, timed in rounds: one sample of each per round, the order rotated
     by one each round (so none is always first after another's allocations, or last).
+
+    A sample is one call, or, for a fn faster than ``min_sample``, as many calls back to back as
+    make up ``min_sample`` (counted from one calibration call), divided by their number: a sample
+    that spans several scheduler time slices is slowed by other processes in proportion to its
+    length, as every row's sample of the round is, where a call shorter than a slice is either not
+    preempted at all or preempted for a whole slice, which no pairing evens out.
 
     ``warmup_rounds`` untimed rounds first (the first call of a ``torch.compile``'d fn compiles).
     Then ``min_rounds`` rounds, fewer (``least_rounds`` at least) where the timed calls reach
@@ -227,14 +228,21 @@ def interleave(fns: Dict[str, Callable[[], Any]], device, min_time: float = 0.25
         for n in names:
             fns[n]()
         ops.sync()
+    reps = {n: 1 for n in names}
+    if min_sample > 0:
+        for n in names:
+            reps[n] = max(1, min(1000, math.ceil(min_sample / max(ops.time(fns[n]), 1e-9))))
+    samples = {n: fns[n] if reps[n] == 1 else _repeated(fns[n], reps[n]) for n in names}
     times: Dict[str, List[float]] = {n: [] for n in names}
     spent = 0.0
     r = 0
-    while r < least_rounds or (r < min_rounds and spent < max_time) or (spent < min_time * len(names) and r < max_rounds):
+    least_rounds = min(least_rounds, min_rounds)
+    while (r < least_rounds or (r < min_rounds and spent < max_time)
+           or (spent < min_time * len(names) and r < max_rounds)):
         k = r % len(names)
         for n in names[k:] + names[:k]:
-            t = ops.time(fns[n])
-            times[n].append(t)
+            t = ops.time(samples[n])
+            times[n].append(t / reps[n])
             spent += t
         r += 1
         if on_round is not None:
@@ -276,6 +284,27 @@ def cpu_load(processes: int, limit_s: float = 900.0) -> Iterator[List[subprocess
             p.kill()
         for p in procs:
             p.wait()
+
+
+def busy_cores(threads: int, rounds: int = 15) -> Tuple[float, float]:
+    """(ms, ms): the median time of a 4 MiB in-cache-sized ``y.copy_(x)`` with ``threads`` torch
+    threads and with one, taken in turns. Where the machine's other cores are busy, every parallel
+    region waits for one of them (a scheduler tick, several ms), so the first figure is many times
+    the second; on idle cores it is at most about the second."""
+    x = torch.ones(2**20)
+    y = torch.empty_like(x)
+    saved = torch.get_num_threads()
+    times: Dict[int, List[float]] = {threads: [], 1: []}
+    try:
+        for _ in range(rounds):
+            for t in times:
+                torch.set_num_threads(t)
+                t0 = time.perf_counter()
+                y.copy_(x)
+                times[t].append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(saved)
+    return float(np.median(times[threads])) * 1e3, float(np.median(times[1])) * 1e3
 
 
 def max_error(out, ref) -> Optional[float]:
@@ -321,32 +350,50 @@ def count_call(fn: Callable[[], Any]) -> Tuple[Optional[int], Optional[int]]:
     return counted.kernels, counted.bytes_moved
 
 
-def _copy_fn(nbytes: int, device) -> Callable[[Any], Any]:
-    """y.copy_(x) into an existing buffer, nbytes / 2 each way: the time the case's minimum
-    traffic takes at the speed of a copy, at the case's own size (in cache where it fits)."""
-    n = max(1, nbytes // 8)
-    x = torch.ones(n, dtype=torch.float32, device=device)
-    y = torch.zeros_like(x)
-    return lambda _inputs: y.copy_(x)
+def _copy_fn(nbytes: int, inputs, device) -> Callable[[Any], Any]:
+    """``y.copy_(x)`` into existing buffers, nbytes / 2 each way: the time the case's minimum traffic
+    takes at the speed of a copy. The copy reads the case's own input tensors (in order, the last one
+    cut to size), so it finds them as warm in cache as the rows do that read them in the same round;
+    buffers of its own would have been evicted by the other rows in between."""
+    from torch.utils._pytree import tree_flatten
+
+    pairs, left = [], nbytes // 2
+    for t in tree_flatten(inputs)[0]:
+        if left <= 0:
+            break
+        if isinstance(t, torch.Tensor) and t.is_contiguous() and t.numel() and t.device == torch.device(device):
+            src = t.detach().view(-1)[:max(1, left // t.element_size())]
+            pairs.append((src, torch.empty_like(src)))
+            left -= src.numel() * src.element_size()
+    if left > 0:  # the inputs hold fewer bytes than the minimum (outputs larger than inputs)
+        src = torch.ones(max(1, left // 4), dtype=torch.float32, device=device)
+        pairs.append((src, torch.empty_like(src)))
+
+    def copy(_inputs):
+        for src, dst in pairs:
+            dst.copy_(src)
+    return copy
 
 
-def implementations(bench: Bench, device, only: Optional[Sequence[str]] = None) -> List[Tuple[str, str, Callable]]:
+def implementations(bench: Bench, inputs, device, only: Optional[Sequence[str]] = None
+                    ) -> List[Tuple[str, str, Callable]]:
     """(name, kind, fn(inputs)) of every row of the case: the baselines, the memory-bound cases' copy,
     then the fastsd backends (less those not in ``only``)."""
     impls = [(n, "baseline", f) for n, f in bench.baselines.items()]
     if bench.memory_bound and COPY not in bench.baselines:
-        impls.append((COPY, "baseline", _copy_fn(bench.min_bytes, device)))
+        impls.append((COPY, "baseline", _copy_fn(bench.min_bytes, inputs, device)))
     impls += [(n, "backend", f) for n, f in bench.backends.items() if not only or n in only]
     return impls
 
 
 def run_bench(bench: Bench, device: torch.device, min_time: float, only: Optional[Sequence[str]] = None,
-              min_rounds: int = 12, max_rounds: int = 200, max_time: float = float("inf"), on_round=None) -> List[Row]:
+              min_rounds: int = 12, max_rounds: int = 200, max_time: float = float("inf"), min_sample: float = 0.02,
+              on_round=None) -> List[Row]:
     """Every row of one case: the error, kernel count and peak memory of one call each (three calls
     that also warm every implementation up), then the interleaved timing and the paired speedups."""
     inputs = bench.setup()
     ref = bench.reference(inputs) if bench.reference is not None else None
-    impls = implementations(bench, device, only)
+    impls = implementations(bench, inputs, device, only)
     not_the_op = set(bench.not_the_op) | {COPY}
     extra = {}
     for name, kind, fn in impls:  # one call each first: these are also the first warm-up calls
@@ -361,14 +408,15 @@ def run_bench(bench: Bench, device: torch.device, min_time: float, only: Optiona
         del out
     times = interleave({name: (lambda fn=fn: fn(inputs)) for name, _, fn in impls}, device, min_time=min_time,
                        min_rounds=min_rounds, max_rounds=max_rounds, warmup_rounds=0, max_time=max_time,
-                       least_rounds=min(5, min_rounds), on_round=on_round)
+                       min_sample=min_sample, on_round=on_round)
     rows = []
     ratio_vs = list(dict.fromkeys(list(bench.speedup_vs) + [COPY] + ([bench.floor] if bench.floor else [])))
     for name, kind, _ in impls:
         med, lo, hi = median_ci(times[name])
         row = Row(op=bench.op, case=bench.case, impl=name, kind=kind, median_ms=med * 1e3,
                   ci_ms=(lo * 1e3, hi * 1e3), rounds=len(times[name]),
-                  gbps=(bench.min_bytes / med / 1e9) if bench.memory_bound else None, **extra[name])
+                  gbps=(bench.min_bytes / med / 1e9) if bench.memory_bound else None,
+                  times_ms=[round(t * 1e3, 6) for t in times[name]], **extra[name])
         for b in ratio_vs if name != COPY else ():  # the copy is only a yardstick
             if b in times and b != name:
                 m, lo, hi = paired_ratio(times[b], times[name])

@@ -32,8 +32,9 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     quiet, loaded = os.path.join(args.out, "quiet.json"), os.path.join(args.out, "loaded.json")
     bench = [sys.executable, "-m", "fastsd.bench"] + bench_args
-    for title, extra in (("quiet run", ["--json", quiet]),
-                         (f"loaded run: {args.load} CPU-bound processes beside it", ["--load", str(args.load), "--json", loaded])):
+    runs = (("quiet run", ["--json", quiet]),
+            (f"loaded run: {args.load} CPU-bound processes beside it", ["--load", str(args.load), "--json", loaded]))
+    for title, extra in runs:
         print(f"=== {title}: {' '.join(bench[1:] + extra)}", flush=True)
         code = subprocess.call(bench + extra)
         if code:

@@ -283,7 +283,8 @@ def summary_rows(report: dict) -> List[List[str]]:
         if any(c["status"] == "faster" for c in floors):
             verdict += ", BELOW FLOOR"
         out.append([op, ", ".join(dict.fromkeys(r["impl"] for r in best.values())),
-                    _span(eager, fmt_x, "x") + (f" ({'/'.join(SHORT.get(n, n) for n in eager_names)})" if eager else ""),
+                    _span(eager, fmt_x, "x") + (f" ({'/'.join(SHORT.get(n, n) for n in eager_names)})"
+                                                if eager else ""),
                     _span(compiled, fmt_x, "x"), _span(copy, lambda v: fmt_pct(v)[:-1]) + ("%" if copy else ""),
                     verdict])
     return out

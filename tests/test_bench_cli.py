@@ -1,42 +1,177 @@
-"""The benchmark report's pieces that need no timing: the table, --compare, the README section."""
+"""The benchmark report's pieces that need no timing: the interleaved rounds, the intervals, the
+verdicts on targets and lower bounds, the per-op tables, --compare, the README section, the notes."""
+import dataclasses
 import json
+import logging
+import time
 
-from fastsd.bench.__main__ import compare, format_table, write_readme
-from fastsd.bench.core import Row
+import pytest
 
-
-def _rows(scale=1.0):
-    return [Row("patch_swap", "c", "cpp", "backend", 2.0 * scale, 0.1, 3.0, 0.0, 1.0, 1, 6.0, {"clone": 0.5}),
-            Row("patch_swap", "c", "clone", "baseline", 1.0, 0.1, 6.0, None, 1.0, 1, 6.0)]
-
-
-def test_table_lists_every_row_and_column():
-    text = format_table(_rows(), copy_gbps=10.0)
-    assert "cpp" in text and "clone*" in text and "x vs clone" in text and "0.50" in text and "30%" in text
-    assert "% copy" in text
+from fastsd.bench import report as R
+from fastsd.bench.__main__ import _notes_aside, main, write_readme
+from fastsd.bench.core import COPY, Bench, Row, checks, interleave, median_ci, paired_ratio
 
 
-def test_table_share_is_of_the_theoretical_peak_where_known():
-    text = format_table(_rows(), copy_gbps=10.0, peak_gbps=100.0)
-    assert "% peak" in text and "% copy" not in text and "3%" in text and "6%" in text
+def _row(impl, kind, ms, speedup=None, case="c", op="patch_swap", gbps=3.0, err=0.0, peak=1.0):
+    speedup = speedup or {}
+    return Row(op, case, impl, kind, ms, (0.9 * ms, 1.1 * ms), 12, gbps, err, peak, 1, 6.0,
+               {b: m for b, (m, lo, hi) in speedup.items()}, {b: (lo, hi) for b, (m, lo, hi) in speedup.items()})
 
 
-def test_compare_flags_a_regression_beyond_threshold(tmp_path, capsys):
-    old = tmp_path / "old.json"
-    old.write_text(json.dumps({"rows": [r.__dict__ for r in _rows()]}))
-    assert compare(_rows(1.1), str(old), threshold=1.25) == 0
-    assert compare(_rows(1.5), str(old), threshold=1.25) == 1
-    assert "REGRESSION" in capsys.readouterr().out
+def _report(scale=1.0, spread=0.05):
+    def x(m):
+        return (m, m * (1 - spread), m * (1 + spread))
+
+    rows = [_row("loop", "baseline", 20.0, {"eager_where": x(0.1)}),
+            _row("eager_where", "baseline", 2.0, {"loop": x(10.0)}),
+            _row(COPY, "baseline", 0.5, err=None),
+            _row("cpp", "backend", 1.0 / scale, {"loop": x(20.0 * scale), "eager_where": x(2.0 * scale),
+                                                 COPY: x(0.5 * scale)}),
+            _row("torch", "backend", 3.0, {"loop": x(6.7), "eager_where": x(0.67), COPY: x(0.17)}),
+            _row("bare_fwd_grad", "baseline", 10.0, op="icp", gbps=None, err=None),
+            _row("torch", "backend", 11.0, {"bare_fwd_grad": x(0.91)}, op="icp", gbps=None)]
+    cases = [dict(op="patch_swap", case="c", speedup_vs=["loop", "eager_where"], not_the_op=[], floor=COPY,
+                  eager="eager_where", compiled=None, loadavg=0.5),
+             dict(op="icp", case="c", speedup_vs=["bare_fwd_grad"], not_the_op=["bare_fwd_grad"],
+                  floor="bare_fwd_grad", eager=None, compiled=None)]
+    return {"environment": dict(date="2026-11-22T00:00:00", device="cpu", cpu="X", cores=2, torch_threads=2,
+                                torch="2.x", commit="abc", copy_gbps=10.0, peak_gbps=None, loadavg=0.3),
+            "dtype": "float32", "cases": cases, "rows": [dataclasses.asdict(r) for r in rows], "checks": []}
 
 
-def test_readme_section_is_replaced(tmp_path):
+def test_interleave_runs_one_call_of_each_per_round_in_rotated_order():
+    calls = []
+    fns = {n: (lambda n=n: calls.append(n)) for n in "abc"}
+    times = interleave(fns, "cpu", min_time=0, min_rounds=6, max_rounds=6, warmup_rounds=1)
+    assert all(len(t) == 6 for t in times.values())
+    rounds = [calls[i:i + 3] for i in range(3, len(calls), 3)]  # after the warm-up round
+    assert all(sorted(r) == ["a", "b", "c"] for r in rounds)
+    assert [r[0] for r in rounds] == ["a", "b", "c", "a", "b", "c"]
+
+
+def test_short_calls_are_timed_in_samples_of_several_calls():
+    calls = {"short": 0, "long": 0}
+
+    def short():
+        calls["short"] += 1
+        time.sleep(0.001)
+
+    def long():
+        calls["long"] += 1
+        time.sleep(0.02)
+
+    times = interleave({"short": short, "long": long}, "cpu", min_time=0, min_rounds=3, max_rounds=3,
+                       warmup_rounds=0, min_sample=0.01)
+    assert calls["long"] == 1 + 3  # calibration, then one call per round
+    assert calls["short"] > 1 + 3 * 2  # several calls per sample
+    assert all(t < 0.01 for t in times["short"]) and all(t >= 0.02 for t in times["long"])  # per call
+
+
+def test_threads_drop_to_one_where_a_parallel_copy_waits_for_busy_cores(monkeypatch):
+    import torch
+
+    from fastsd.bench import __main__ as bench_main
+
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setattr(bench_main, "busy_cores", lambda n: (1.0, 0.9))  # idle cores: keep 2
+        assert bench_main.set_threads("auto", torch.device("cpu")) == "" and torch.get_num_threads() == 2
+        monkeypatch.setattr(bench_main, "busy_cores", lambda n: (9.0, 0.3))  # every region waits
+        note = bench_main.set_threads("auto", torch.device("cpu"))
+        assert torch.get_num_threads() == 1 and "busy" in note and "--threads 2" in note
+        assert bench_main.set_threads("2", torch.device("cpu")).endswith("(--threads)")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_paired_ratio_is_exact_when_the_load_hits_both_calls_of_a_round():
+    # b is 2x faster than a in every round, while the load changes tenfold between rounds: every
+    # paired ratio is 2, though the times spread tenfold
+    load = [1, 10, 1, 10, 1, 10, 2, 3, 5, 1]
+    a = [2.0 * f for f in load]
+    b = [1.0 * f for f in load]
+    m, lo, hi = paired_ratio(a, b)
+    assert m == lo == hi == pytest.approx(2.0)
+    m, lo, hi = median_ci(list(range(1, 20)) + [1000.0])
+    assert m == 10.5 and 5 < lo <= m <= hi < 16  # one outlier moves neither the median nor its interval
+
+
+def test_checks_decide_on_the_interval():
+    bench = Bench("patch_swap", "c", setup=lambda: None, backends={}, targets={"eager_where": 2.0},
+                  target_source="issue 2", floor=COPY)
+
+    def verdicts(lo, hi, copy=(0.5, 0.4, 0.6)):
+        row = _row("cpp", "backend", 1.0, {"eager_where": ((lo + hi) / 2, lo, hi), COPY: copy})
+        return {c.kind: c.status for c in checks(bench, [row])}
+
+    assert verdicts(2.1, 2.5)["target"] == "met"
+    assert verdicts(1.5, 1.9)["target"] == "missed"
+    assert verdicts(1.8, 2.2)["target"] == "unsure"
+    assert verdicts(2.1, 2.5)["floor"] == "ok"
+    assert verdicts(2.1, 2.5, copy=(1.2, 1.05, 1.3))["floor"] == "faster"
+    assert verdicts(2.1, 2.5, copy=(1.02, 0.97, 1.1))["floor"] == "ok"  # within the noise of the floor
+    # the torch backend (the reference fallback) is not held to the compiled backends' targets
+    torch_row = _row("torch", "backend", 1.0, {"eager_where": (1.0, 0.9, 1.1)})
+    assert [c.kind for c in checks(bench, [torch_row])] == []
+
+
+def test_each_op_has_a_narrow_table_with_only_its_columns():
+    report = _report()
+    row = report["rows"][3]
+    report["checks"] = [dict(op="patch_swap", case="c", impl="cpp", vs="loop", kind="target", bound=25.0,
+                             median=20.0, lo=19.0, hi=21.0, status="missed", source="issue 2")]
+    text = R.format_report(report)
+    ps, icp = text.split("\n\nicp\n")[0], text.split("\n\nicp\n")[1].split("\n\nsummary")[0]
+    assert max(len(line) for line in text.splitlines()) < R.WIDTH
+    assert "loop*" in ps and "copy*" in ps and "GB/s" in ps and "% copy" in ps and "50%" in ps
+    assert "where" in ps.splitlines()[2] and "floor" not in ps.splitlines()[2]
+    assert "c (load average 0.5):" in ps
+    assert f"{R.fmt_x(row['speedup']['loop'])}±5%!" in ps  # the missed target is marked in its cell
+    assert "missed: c, cpp x loop >= 25.0: 20.0 (19.0-21.0)" in ps
+    assert "GB/s" not in icp and "floor" in icp and "where" not in icp  # ICP is not memory-bound
+    summary = text.split("summary\n")[1]
+    assert "patch_swap  cpp" in summary and "2.00x (where)" in summary and "50%" in summary
+
+
+def test_compare_decides_on_the_intervals(tmp_path):
+    old = _report()
+    # medians 15 % apart, intervals overlapping: the same
+    text, code = R.compare_reports(old, _report(0.85, spread=0.1), threshold=1.1)
+    assert code == 0 and "REGRESSION" not in text
+    # the whole new interval more than 1.1x below the old one: a regression
+    text, code = R.compare_reports(old, _report(0.5), threshold=1.1)
+    assert code == 1 and "REGRESSION" in text
+    assert "of 5 fastsd speedups within 20 %" in text
+    # two saved reports, and one from before the intervals (its medians count as intervals)
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    legacy = _report()
+    for r in legacy["rows"]:
+        del r["speedup_ci"]
+    a.write_text(json.dumps(legacy))
+    b.write_text(json.dumps(_report(0.5)))
+    assert main(["--compare", str(a), str(b)]) == 1
+
+
+def test_readme_section_is_replaced_with_summary_tables_and_plots(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- bench:start -->\nold table\n<!-- bench:end -->\noutro\n")
-    env = dict(date="2026-11-22T00:00:00", device="cpu", cpu="X", cores=2, torch_threads=2, torch="2.x",
-               commit="abc", copy_gbps=10.0)
-    write_readme(str(readme), env, "float32", "NEW TABLE")
+    write_readme(str(readme), _report(), ["docs/bench/speedup.png"])
     text = readme.read_text()
-    assert "old table" not in text and "NEW TABLE" in text and text.startswith("intro") and text.endswith("outro\n")
+    assert "old table" not in text and text.startswith("intro") and text.endswith("outro\n")
+    assert (text.index("| op | fastsd |") < text.index("#### patch_swap")
+            < text.index("![speedup](docs/bench/speedup.png)"))
+    assert "| **c** | **cpp** | **1.00** |" in text  # the fastest row of the case in bold
+    assert "| c | copy* |" in text  # not the op: never the best row
+
+
+def test_loader_warnings_are_kept_for_after_the_tables(capsys):
+    notes = []
+    with _notes_aside(notes):
+        logging.getLogger("torch.utils.cpp_extension").warning("No CUDA runtime is found")
+    assert notes == ["torch.utils.cpp_extension: No CUDA runtime is found"]
+    assert "No CUDA runtime" not in capsys.readouterr().err
 
 
 def test_peak_cpu_memory_follows_allocations_and_frees_in_order():
@@ -59,3 +194,23 @@ def test_peak_cpu_memory_follows_allocations_and_frees_in_order():
 
     assert 8_000_000 <= peak_cpu_memory(two_live) < 8_001_000
     assert 4_000_000 <= peak_cpu_memory(one_live) < 4_001_000
+
+
+def test_pair_runs_quiet_then_loaded_then_compares(monkeypatch, tmp_path):
+    from fastsd.bench import pair
+
+    calls = []
+    monkeypatch.setattr(pair.subprocess, "call", lambda cmd: calls.append(cmd[1:]) or 0)
+    assert pair.main(["--out", str(tmp_path), "--", "--quick", "--ops", "losses"]) == 0
+    quiet, loaded = str(tmp_path / "quiet.json"), str(tmp_path / "loaded.json")
+    assert calls == [["-m", "fastsd.bench", "--quick", "--ops", "losses", "--json", quiet],
+                     ["-m", "fastsd.bench", "--quick", "--ops", "losses", "--load", "2", "--json", loaded],
+                     ["-m", "fastsd.bench", "--compare", quiet, loaded]]
+
+
+def test_cpu_load_processes_end_with_the_block():
+    from fastsd.bench.core import cpu_load
+
+    with cpu_load(2, limit_s=30) as procs:
+        assert len(procs) == 2 and all(p.poll() is None for p in procs)
+    assert all(p.poll() is not None for p in procs)

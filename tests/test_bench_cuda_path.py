@@ -3,9 +3,10 @@
 The runner is driven unchanged through ``main([... "--device", "cuda" ...])`` with a fake CUDA layer:
 the ``torch.cuda`` primitives the bench and ``ICPRefiner``'s graph path call (events, synchronize,
 the allocator's counters, device name and properties, streams, graphs) are stand-ins, and tensors
-asked for on "cuda" are made on the CPU. So the CUDA branches of fastsd.bench (CUDAOps: event timing,
-max_memory_allocated, the theoretical bandwidth and the "% peak" column; the Triton rows, which the
-interpreter runs; the CUDA-graph ICP row) run here as they do on a GPU; only the primitives differ.
+asked for on "cuda" are made on the CPU. So the CUDA branches of fastsd.bench (CUDAOps: event timing
+of every call of the interleaved rounds, max_memory_allocated, the theoretical bandwidth and the
+"% peak" column; the Triton rows, which the interpreter runs; the CUDA-graph ICP row) run here as
+they do on a GPU; only the primitives differ.
 
 The stand-in graph (``fake_cuda.FakeGraph``) records the aten ops run between ``capture_begin()``
 and ``capture_end()`` with the tensors they read and wrote, and ``replay()`` re-runs those ops on the
@@ -30,6 +31,7 @@ from fastsd.bench import __main__ as bench_main
 from fastsd.bench import icp as icp_bench
 from fastsd.bench import losses as losses_bench
 from fastsd.bench import patch_swap as patch_swap_bench
+from fastsd.bench import report
 from fastsd.bench.cases import PatchSwapCase
 from fastsd.bench.core import device_ops
 
@@ -143,13 +145,14 @@ def test_cuda_run_of_the_runner(fake_cuda, monkeypatch, tmp_path, capsys):
 
     out = tmp_path / "bench.json"
     assert bench_main.main(["--device", "cuda", "--ops", "patch_swap", "losses", "icp", "--no-plots",
-                            "--no-traffic", "--json", str(out)]) == 0
+                            "--no-traffic", "--rounds", "6", "--min-time", "0", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     text = capsys.readouterr().out
 
     env = report["environment"]
     assert env["device"] == "Fake H100" and env["peak_gbps"] == pytest.approx(PEAK_GBPS)
-    assert "% peak" in text and "% copy" not in text and f"{PEAK_GBPS:.0f} GB/s" in text
+    # the share of the theoretical bandwidth beside the share of a copy of the same bytes
+    assert "% peak" in text and "% copy" in text and f"{PEAK_GBPS:.0f} GB/s" in text
     rows = {(r["op"], r["impl"]): r for r in report["rows"]}
     assert {op for op, _ in rows} == {"patch_swap", "pair_kd_loss", "feature_alignment_loss", "icp"}
     for op in ("patch_swap", "pair_kd_loss", "feature_alignment_loss", "icp"):
@@ -159,12 +162,15 @@ def test_cuda_run_of_the_runner(fake_cuda, monkeypatch, tmp_path, capsys):
         assert r["max_err"] is None or r["max_err"] < 1e-4, r
     ps = rows["patch_swap", "triton"]
     assert ps["gbps"] == pytest.approx(8 * 3 * 16 * 16 * 4 * 2 / ps["median_ms"] / 1e6)
-    # Every timing went through events: two per repeat, more than five repeats per row.
-    assert FakeEvent.made >= 2 * 5 * len(report["rows"])
+    # Every timing went through events: two per call, one call per row and round (5 or 6 rounds: a
+    # case whose calls add up to 5 s stops at 5), and the header's copy bandwidth.
+    assert all(r["rounds"] in (5, 6) for r in report["rows"])
+    assert FakeEvent.made >= 2 * sum(r["rounds"] for r in report["rows"])
+    assert {r["impl"] for r in report["rows"] if r["op"] == "patch_swap"} >= {"copy", "triton"}
 
     # The CUDA-graph row: captured once, then replayed; the same refinement as eager.
     graph = rows["icp", "graph"]
-    assert FakeGraph.captures == 1 and FakeGraph.replays >= 7  # warm-up, repeats, error, peak, count
+    assert FakeGraph.captures == 1 and FakeGraph.replays >= 9  # count, error, peak, warm-up, 6 rounds
     assert graph["kernels"] == 3  # x and y copied in, the result copied out: the replay is no aten op
     assert graph["max_err"] == pytest.approx(rows["icp", "torch"]["max_err"], rel=1e-3, abs=1e-7)
     assert set(graph["speedup"]) == {"bare_fwd_grad", "optim_adam"}
@@ -179,4 +185,9 @@ def test_cuda_run_of_the_runner(fake_cuda, monkeypatch, tmp_path, capsys):
 def test_cuda_bandwidth_falls_back_to_copy_without_memory_clock(fake_cuda, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: types.SimpleNamespace(name="X"))
     assert device_ops("cuda").peak_gbps() is None
-    assert "% copy" in bench_main.format_table([], copy_gbps=10.0, peak_gbps=None)
+    row = dict(op="patch_swap", case="c", impl="triton", kind="backend", median_ms=1.0, ci_ms=(0.9, 1.1), gbps=5.0,
+               max_err=0.0, peak_mb=1.0, kernels=1, moved_mb=1.0, speedup={"copy": 0.5},
+               speedup_ci={"copy": (0.4, 0.6)})
+    assert "% peak" in report.op_table("patch_swap", [row], [], peak_gbps=100.0)
+    text = report.op_table("patch_swap", [row], [], peak_gbps=device_ops("cuda").peak_gbps())
+    assert "% copy" in text and "50%" in text and "% peak" not in text

@@ -1,33 +1,44 @@
 """``python -m fastsd.bench``: the microbenchmark and parity report.
 
-For every op and case: each fastsd backend that can run here and the baselines, median time and
-spread (IQR) over repeats, effective GB/s (minimum bytes / time) as a share of the device's
-theoretical memory bandwidth on CUDA (of the measured copy bandwidth on CPU, or where the device
-does not report its memory clock and bus width), speedups against the baselines, and max error
-against the float64 reference.
-All timings of one report come from one process, so the ratios compare like with like.
-The table goes to stdout and, with the environment, to a JSON file.
+For every op and case, each fastsd backend that can run here and the baselines take turns: one
+call of each per round, the order rotated every round, so a change in the machine's load lands on
+every row alike (fastsd.bench.core). The report has one table per op with the columns that op has:
+median time and its 95 % interval, effective GB/s (minimum bytes / time) and its share of a copy of
+the same bytes timed in the same rounds, each speedup as the median of the per-round paired ratios
+with its bootstrap 95 % interval, max error against the float64 reference, peak memory, and the
+kernels and bytes of one call. The issue's targets and each op's lower bound are checked on the
+intervals. A summary line per op, the JSON report, plots, and optionally the README section follow.
+
+``--compare OLD.json`` compares this run's speedups with an earlier report's; with two files,
+``--compare A.json B.json`` compares two saved reports without running anything.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import importlib
 import json
+import logging
 import os
 import platform
 import subprocess
 import sys
+import textwrap
+import time
+import warnings
 from typing import List, Optional
 
 import torch
 
-from .core import Row, device_ops, measure, run_bench
+from . import report as R
+from .core import Row, busy_cores, checks, cpu_load, device_ops, run_bench
 
 SUITES = ("patch_swap", "losses", "icp", "train_step")
 # Whole training steps of a ResNet-18 take seconds each on a CPU: --full or --ops train_step only.
 QUICK_SUITES = ("patch_swap", "losses", "icp")
+README_PLOTS = os.path.join("docs", "bench")  # beside the README: the plots its section shows
 
 
 def _suite_modules(ops, quick: bool = True):
@@ -44,7 +55,8 @@ def _suite_modules(ops, quick: bool = True):
 
 
 def copy_bandwidth(device: torch.device) -> float:
-    """GB/s of y.copy_(x) on 64 MiB tensors (read + write): the memory limit of this machine.
+    """GB/s of y.copy_(x) on 64 MiB tensors (read + write): the memory limit of this machine, for
+    the header (each case's % copy is against a copy of its own bytes, timed in its rounds).
 
     Into a buffer that already exists: a fresh 64 MiB output (x.clone()) would time glibc's mmap and
     one page fault per 4 KiB page on the CPU, several times slower than the memory itself."""
@@ -69,6 +81,7 @@ def environment(device: torch.device) -> dict:
         "device": ops.name(),
         "peak_gbps": ops.peak_gbps(),  # theoretical memory bandwidth; None on CPU
         "commit": _commit(),
+        "loadavg": _loadavg(),  # the 1-minute load average when the run started
         # allocation settings that move CPU timings (page faults of fresh large buffers)
         "env": {k: os.environ.get(k) for k in ("FASTSD_HUGEPAGES", "THP_MEM_ALLOC_ENABLE", "OMP_NUM_THREADS")},
     }
@@ -81,6 +94,13 @@ def environment(device: torch.device) -> dict:
 
     env["fastsd_C"] = _ext.load_error() or "loaded"
     return env
+
+
+def _loadavg() -> Optional[float]:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
 
 
 def _cpu_name() -> str:
@@ -103,53 +123,40 @@ def _commit() -> str:
         return "unknown"
 
 
-def format_table(rows: List[Row], copy_gbps: float, peak_gbps: Optional[float] = None) -> str:
-    """The report's table; the % column is GB/s as a share of peak_gbps where given, else of copy_gbps."""
-    ref_gbps, ref = (peak_gbps, "peak") if peak_gbps else (copy_gbps, "copy")
-    vs = []
-    for r in rows:
-        for k in r.speedup:
-            if k not in vs:
-                vs.append(k)
-    head = (["op", "case", "impl", "median ms", "IQR ms", "GB/s", f"% {ref}"] + [f"x vs {k}" for k in vs]
-            + ["max err", "peak MB", "kernels", "moved MB"])
-    lines = []
-    for r in rows:
-        lines.append([
-            r.op, r.case, r.impl + ("" if r.kind == "backend" else "*"), f"{r.median_ms:.3f}", f"{r.iqr_ms:.3f}",
-            f"{r.gbps:.1f}" if r.gbps else "-", f"{100 * r.gbps / ref_gbps:.0f}%" if r.gbps else "-",
-        ] + [f"{r.speedup[k]:.2f}" if k in r.speedup else "-" for k in vs] + [
-            f"{r.max_err:.2e}" if r.max_err is not None else "-",
-            f"{r.peak_mb:.1f}" if r.peak_mb is not None else "-",
-            str(r.kernels) if r.kernels is not None else "-",
-            f"{r.moved_mb:.1f}" if r.moved_mb is not None else "-",
-        ])
-    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(head)]
-    fmt = "  ".join("{:<%d}" % w for w in widths)
-    out = [fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*line) for line in lines]
-    return "\n".join(out) + (
-        "\n(* = baseline; x vs B = B's median time / this row's; GB/s = minimum bytes / median time;"
-        + ("\n % peak = share of the device's theoretical memory bandwidth;" if ref == "peak" else
-           "\n % copy = share of the measured copy bandwidth (y.copy_(x), 64 MiB);") +
-        "\n peak MB = peak extra memory of one call; kernels, moved MB = aten ops dispatched by one eager call"
-        "\n and the bytes of their inputs and outputs, a fastsd op counting as one kernel)")
+def machine_line(env: dict) -> str:
+    load = f"; load average {env['loadavg']:.2f}" if env.get("loadavg") is not None else ""
+    return (f"{env['device']} ({env['cpu']}, {env['cores']} cores, {env['torch_threads']} torch threads{load}), "
+            f"torch {env['torch']}, commit {env['commit']}")
 
 
-def write_readme(path: str, env: dict, dtype: str, table: str) -> None:
-    """Replace the text between <!-- bench:start --> and <!-- bench:end --> with this run's table."""
+def write_readme(path: str, report: dict, plots: List[str]) -> None:
+    """Replace the text between <!-- bench:start --> and <!-- bench:end --> with this run's summary,
+    per-op tables, counted-bytes table and plots (paths relative to the README)."""
     start, end = "<!-- bench:start -->", "<!-- bench:end -->"
-    peak = f", theoretical peak {env['peak_gbps']:.0f} GB/s" if env.get("peak_gbps") else ""
+    env = report["environment"]
     with open(path) as f:
         text = f.read()
     if start not in text or end not in text:
         raise SystemExit(f"{path} has no {start} ... {end} section")
-    body = (f"Measured by `make readme-bench` on {env['date'][:10]}: {env['device']} ({env['cpu']}, "
-            f"{env['cores']} cores, {env['torch_threads']} torch threads), torch {env['torch']}, commit "
-            f"{env['commit']}, {dtype}; copy bandwidth {env['copy_gbps']:.1f} GB/s{peak}.\n\n```\n{table}\n```")
+    peak = f", theoretical peak {env['peak_gbps']:.0f} GB/s" if env.get("peak_gbps") else ""
+    runtime = f" in {report['runtime_s']:.0f} s" if report.get("runtime_s") else ""
+    body = [f"Measured by `make readme-bench` on {env['date'][:10]}{runtime}: {machine_line(env)}, "
+            f"{report['dtype']}; copy bandwidth (64 MiB) {env['copy_gbps']:.1f} GB/s{peak}. "
+            f"Best row of each case in bold; `*` marks a baseline.",
+            R.markdown_tables(report)]
+    if report.get("traffic"):
+        from .triton_traffic import format_rows
+
+        body.append("#### Counted bytes per call\n\nTriton kernels under the interpreter (every load and store) "
+                    "against eager PyTorch (inputs and outputs of every aten op); min = each input read once, each "
+                    f"output written once.\n\n```\n{format_rows(report['traffic'])}\n```")
+    if plots:
+        body.append("#### Plots\n\n" + "\n".join(f"![{os.path.splitext(os.path.basename(p))[0]}]({p})" for p in plots))
+    body.append(textwrap.fill(R.LEGEND.replace("* = baseline", "`*` = baseline", 1), 100))
     head, rest = text.split(start, 1)
     tail = rest.split(end, 1)[1]
     with open(path, "w") as f:
-        f.write(f"{head}{start}\n{body}\n{end}{tail}")
+        f.write(head + start + "\n" + "\n\n".join(body) + "\n" + end + tail)
 
 
 def triton_traffic_rows():
@@ -174,22 +181,66 @@ def triton_traffic_rows():
             return json.load(f)
 
 
-def compare(rows: List[Row], old_path: str, threshold: float) -> int:
-    """Print each row's time against an earlier run; 1 when any backend row regressed beyond threshold."""
+def compare(report: dict, old_path: str, threshold: float) -> int:
+    """Print this report's speedups against an earlier one's; 1 when one regressed (on the intervals)."""
     with open(old_path) as f:
-        old = {(r["op"], r["case"], r["impl"]): r for r in json.load(f)["rows"]}
-    worst = 1.0
-    print(f"\ncompared with {old_path} (ratio = new / old median time; > {threshold:.2f} is a regression):")
-    for r in rows:
-        o = old.get((r.op, r.case, r.impl))
-        if o is None:
-            continue
-        ratio = r.median_ms / o["median_ms"]
-        flag = " REGRESSION" if ratio > threshold and r.kind == "backend" else ""
-        if r.kind == "backend":
-            worst = max(worst, ratio)
-        print(f"  {r.op:<14} {r.case:<28} {r.impl:<12} {ratio:6.2f}{flag}")
-    return 1 if worst > threshold else 0
+        old = json.load(f)
+    text, code = R.compare_reports(old, report, threshold)
+    print(f"\ncompared with {old_path}:\n{text}")
+    return code
+
+
+@contextlib.contextmanager
+def _notes_aside(notes: List[str]):
+    """Warnings and torch's extension-loader log lines (e.g. "No CUDA runtime is found", logged when
+    torch.compile first loads its C++ toolchain) are kept for after the tables, not printed into the
+    progress bar."""
+    loggers = [logging.getLogger(n) for n in ("torch.utils.cpp_extension", "torch._inductor")]
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            notes.append(f"{record.name}: {record.getMessage()}")
+
+    handler, saved = Keep(logging.WARNING), [(lg, lg.propagate) for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.propagate = False
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            yield
+        notes += [f"{w.category.__name__}: {w.message}" for w in caught]
+    finally:
+        for lg, propagate in saved:
+            lg.removeHandler(handler)
+            lg.propagate = propagate
+
+
+def run(benches, device, args, min_time: float, min_rounds: int, max_time: float):
+    """Rows, checks and case infos (with the load average after each) of every bench, behind a
+    progress bar on stderr."""
+    try:
+        from tqdm import tqdm
+
+        progress = tqdm(benches, desc="bench", unit="case", file=sys.stderr, leave=False)
+    except ImportError:  # tqdm is optional
+        progress = benches
+    rows: List[Row] = []
+    found, infos = [], []
+    for b in progress:
+        def on_round(r, b=b):
+            if hasattr(progress, "set_postfix_str"):
+                progress.set_postfix_str(f"{b.op}: {b.case} (round {r})", refresh=False)
+
+        on_round(0)
+        case_rows = run_bench(b, device, min_time=min_time, only=args.backends, min_rounds=min_rounds,
+                              max_time=max_time, on_round=on_round)
+        rows += case_rows
+        found += checks(b, case_rows)
+        infos.append(dict(b.info(), loadavg=_loadavg()))
+    if hasattr(progress, "close"):
+        progress.close()
+    return rows, found, infos
 
 
 def main(argv=None) -> int:
@@ -203,29 +254,90 @@ def main(argv=None) -> int:
     p.add_argument("--backends", nargs="*", help="fastsd backends to time (default: all that can run)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    p.add_argument("--json", default=None, help="where to write the JSON report (default bench-results/bench-<device>.json)")
-    p.add_argument("--compare", metavar="OLD.json", help="print ratios against an earlier report; exit 1 on a regression")
-    p.add_argument("--threshold", type=float, default=1.25, help="regression threshold for --compare")
+    p.add_argument("--threads", default="auto",
+                   help="torch threads on the CPU: a number, or auto (default): torch's own count, or 1 where a probe "
+                        "finds the other cores busy (a parallel copy waiting for them)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="rounds per case (default 12, 30 with --full; at least 5 where the calls of a case "
+                        "take over 8 s, 60 s with --full)")
+    p.add_argument("--min-time", type=float, default=None,
+                   help="more rounds until each implementation's timed calls add up to this (s; 0.25, 1 with --full)")
+    p.add_argument("--json", default=None,
+                   help="where to write the JSON report (default bench-results/bench-<device>.json)")
+    p.add_argument("--compare", nargs="+", metavar="JSON",
+                   help="OLD.json: compare this run's speedups with an earlier report's (exit 1 on a regression); "
+                        "A.json B.json: compare two saved reports and run nothing")
+    p.add_argument("--threshold", type=float, default=1.1,
+                   help="--compare: a regression is a new interval more than this factor below the old one")
+    p.add_argument("--load", type=int, default=0, metavar="N",
+                   help="run beside N CPU-bound background processes (started and killed here): the loaded run "
+                        "of python -m fastsd.bench.pair")
     p.add_argument("--plots", metavar="DIR", default=None,
-                   help="write PNG plots here (default: beside the JSON report); --no-plots to skip")
+                   help="write PNG plots here (default: beside the JSON report, or docs/bench/ with --readme)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-traffic", action="store_true",
                    help="skip the counted-bytes table (Triton under the interpreter vs eager dispatch)")
     p.add_argument("--readme", metavar="README.md",
-                   help="also write the table, with the machine it ran on, between the bench markers of this file")
+                   help="also write the report, with the machine it ran on, between the bench markers of this file")
     args = p.parse_args(argv)
+    if args.compare and len(args.compare) > 2:
+        p.error("--compare takes OLD.json, or A.json B.json")
+    if args.compare and len(args.compare) == 2:
+        reports = []
+        for path in args.compare:
+            with open(path) as f:
+                reports.append(json.load(f))
+        text, code = R.compare_reports(reports[0], reports[1], args.threshold)
+        print(f"{args.compare[1]} against {args.compare[0]}:\n{text}")
+        return code
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch.cuda.is_available() is False on this machine")
+    if args.threads != "auto" and not (args.threads.isdigit() and int(args.threads) >= 1):
+        p.error(f"--threads: a number >= 1 or auto, got {args.threads!r}")
+    with cpu_load(args.load):
+        return _bench(args)
+
+
+# A parallel copy this many times slower than the same copy on one thread: its regions wait for busy cores.
+STALLED = 3.0
+
+
+def set_threads(arg: str, device: torch.device) -> str:
+    """Apply --threads; return the line that says why the run uses the count it uses."""
+    if arg != "auto":
+        torch.set_num_threads(int(arg))
+        return f"torch threads: {arg} (--threads)"
+    n = torch.get_num_threads()
+    if device.type != "cpu" or n == 1:
+        return ""
+    par, one = busy_cores(n)
+    if par < STALLED * one:
+        return ""
+    torch.set_num_threads(1)
+    return (f"torch threads: 1, not {n}: the other cores are busy (a 4 MiB copy takes {par:.2f} ms on {n} threads "
+            f"and {one:.2f} ms on 1: each parallel region waits for a busy core). On one thread the load slows every "
+            f"implementation alike; --threads {n} to time on {n} anyway")
+
+
+def _bench(args) -> int:
+    t0 = time.perf_counter()
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    min_time = 1.0 if args.full else 0.25
+    min_time = args.min_time if args.min_time is not None else 1.0 if args.full else 0.25
+    min_rounds = args.rounds or (30 if args.full else 12)
+    # slow cases (whole models, ImageNet-size maps) stop at 5 rounds once their calls add up to this
+    max_time = 60.0 if args.full else 8.0
 
+    threads_note = set_threads(args.threads, device)
     env = environment(device)
-    copy_gbps = copy_bandwidth(device)
-    env["copy_gbps"] = copy_gbps
-    print(f"fastsd.bench on {env['device']} ({env['cpu']}, {env['cores']} cores, torch threads "
-          f"{env['torch_threads']}); torch {env['torch']}, commit {env['commit']}; {args.dtype}")
-    print(f"measured copy bandwidth (y.copy_(x), 64 MiB): {copy_gbps:.1f} GB/s")
+    env["threads_note"] = threads_note
+    env["copy_gbps"] = copy_bandwidth(device)
+    env["background_load"] = args.load
+    print(f"fastsd.bench on {machine_line(env)}; {args.dtype}")
+    print(f"copy bandwidth (y.copy_(x), 64 MiB): {env['copy_gbps']:.1f} GB/s"
+          + (f"; beside {args.load} CPU-bound background processes" if args.load else ""))
+    if threads_note:
+        print(textwrap.fill(threads_note, R.WIDTH - 10))
     settings = ", ".join(f"{k}={v}" for k, v in env["env"].items() if v is not None)
     if settings:
         print(f"environment: {settings}")
@@ -233,48 +345,51 @@ def main(argv=None) -> int:
         print(f"theoretical memory bandwidth (2 x memory clock x bus width): {env['peak_gbps']:.0f} GB/s")
     print()
 
-    benches = [b for m in _suite_modules(args.ops, quick=not args.full) for b in m.benches(device=device, dtype=dtype, quick=not args.full)]
-    try:
-        from tqdm import tqdm
+    notes: List[str] = []
+    with _notes_aside(notes):
+        benches = [b for m in _suite_modules(args.ops, quick=not args.full)
+                   for b in m.benches(device=device, dtype=dtype, quick=not args.full)]
+        rows, found, infos = run(benches, device, args, min_time, min_rounds, max_time)
+    report = {"environment": env, "dtype": args.dtype, "cases": infos,
+              "rows": [dataclasses.asdict(r) for r in rows], "checks": [dataclasses.asdict(c) for c in found]}
+    print(R.format_report(report))
+    if notes:
+        print("\nnotes (warnings raised during the run):")
+        for n in dict.fromkeys(notes):
+            print(f"  {n}")
 
-        progress = tqdm(benches, desc="bench", unit="case", file=sys.stderr, leave=False)
-    except ImportError:  # tqdm is optional
-        progress = benches
-    rows: List[Row] = []
-    for b in progress:
-        if hasattr(progress, "set_postfix_str"):
-            progress.set_postfix_str(f"{b.op}: {b.case}")
-        rows += run_bench(b, device, min_time=min_time, only=args.backends)
-
-    table = format_table(rows, copy_gbps, env["peak_gbps"])
-    print(table)
-    traffic = None
+    report["traffic"] = None
     if not args.no_traffic:
-        traffic = triton_traffic_rows()
-        if traffic is not None:
+        report["traffic"] = triton_traffic_rows()
+        if report["traffic"] is not None:
             from .triton_traffic import format_rows
 
             print("\nBytes moved per call, counted: Triton kernels under the interpreter (every load and store)")
             print("against eager PyTorch (inputs and outputs of every aten op); min = each input read once,")
             print("each output written once. On a GPU, time ~ bytes / bandwidth: the GPU-side figure of this report.")
-            print(format_rows(traffic))
-            table += "\n\nCounted bytes per call (Triton under the interpreter vs eager dispatch):\n" + format_rows(traffic)
+            print(format_rows(report["traffic"]))
     path = args.json or os.path.join("bench-results", f"bench-{args.device}.json")
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        json.dump({"environment": env, "dtype": args.dtype, "rows": [dataclasses.asdict(r) for r in rows],
-                   "traffic": traffic}, f, indent=1)
-    print(f"\nJSON report: {path}")
+    plots: List[str] = []
     if not args.no_plots:
         from .plots import write_plots
 
-        for png in write_plots(rows, args.plots or os.path.dirname(path) or ".", env, device, dtype):
+        out_dir = args.plots or (os.path.join(os.path.dirname(args.readme) or ".", README_PLOTS) if args.readme
+                                 else os.path.dirname(path) or ".")
+        plots = write_plots(report, out_dir, env, device, dtype)
+        for png in plots:
             print(f"plot: {png}")
+    report["runtime_s"] = time.perf_counter() - t0
+    report["environment"]["loadavg_end"] = _loadavg()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"\nJSON report: {path}; {report['runtime_s']:.0f} s")
     if args.readme:
-        write_readme(args.readme, env, args.dtype, table)
+        where = os.path.dirname(os.path.abspath(args.readme))
+        write_readme(args.readme, report, [os.path.relpath(os.path.abspath(q), where) for q in plots])
         print(f"benchmark section of {args.readme} regenerated")
     if args.compare:
-        return compare(rows, args.compare, args.threshold)
+        return compare(report, args.compare[0], args.threshold)
     return 0
 
 

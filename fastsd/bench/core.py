@@ -2,17 +2,30 @@
 
 An op's benchmark module (fastsd/bench/<op>.py) defines ``benches(device, dtype, quick) -> [Bench]``.
 A :class:`Bench` is one case: how to build its inputs, the fastsd backends that can run them, the
-baselines, the float64 reference, and the minimum bytes a pass must move. The runner times every
-implementation in one process, one after the other, so the ratios it prints compare like with like.
+baselines, the float64 reference, the minimum bytes a pass must move, the issue's speed targets and
+the lower bound no row can beat.
+
+Timing is interleaved: the implementations of a case take turns, one call each per round, the order
+rotated every round (:func:`interleave`), so a change in the machine's load lands on every row of
+the round alike instead of on whichever row was being timed in its own block. A speedup is the
+median over rounds of the paired ratio (baseline's time / this row's time in the same round) with a
+bootstrap 95 % interval (:func:`median_ci`); the verdicts on targets and lower bounds are taken on
+that interval, never on one number.
 """
 from __future__ import annotations
 
-import statistics
+import contextlib
+import math
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
+
+COPY = "copy"  # the implicit baseline of memory-bound cases: y.copy_(x) of the case's minimum bytes
 
 
 @dataclass
@@ -29,7 +42,27 @@ class Bench:
     # backend runs the reference inside one custom op: count the reference itself)
     count_with: Dict[str, Callable[[Any], Any]] = field(default_factory=dict)
     not_the_op: Sequence[str] = ()  # baselines that compute something else (e.g. a copy): no error column
+    # The issue's targets: baseline -> the least speedup the target rows must reach against it.
+    targets: Dict[str, float] = field(default_factory=dict)
+    target_rows: Optional[Sequence[str]] = None  # backends the targets are for (None: all but "torch")
+    target_source: str = ""  # where the targets were set, e.g. "issue 2"
+    max_peak_share: Dict[str, float] = field(default_factory=dict)  # baseline -> most peak memory, as a share
+    # A lower bound: a baseline (or COPY) whose work every row also does, so no row can be faster.
+    floor: Optional[str] = None
+    floor_exempt: Sequence[str] = ()  # rows that skip part of the floor's work (a CUDA graph replay)
+    eager: Optional[str] = None  # the plain-PyTorch baseline of the summary line
+    compiled: Optional[str] = None  # the torch.compile baseline of the summary line
     note: str = ""
+
+    @property
+    def memory_bound(self) -> bool:
+        return self.min_bytes > 0
+
+    def info(self) -> dict:
+        """What the report needs to know of the case beyond its rows (the JSON's ``cases``)."""
+        return dict(op=self.op, case=self.case, min_bytes=self.min_bytes, speedup_vs=list(self.speedup_vs),
+                    not_the_op=list(self.not_the_op), targets=dict(self.targets), target_source=self.target_source,
+                    floor=self.floor, eager=self.eager, compiled=self.compiled, note=self.note)
 
 
 @dataclass
@@ -39,13 +72,37 @@ class Row:
     impl: str
     kind: str  # "backend" or "baseline"
     median_ms: float
-    iqr_ms: float
+    ci_ms: Tuple[float, float]  # bootstrap 95 % interval of the median time
+    rounds: int
     gbps: Optional[float]
     max_err: Optional[float]
     peak_mb: Optional[float] = None  # peak extra memory of one call
-    kernels: Optional[int] = None  # aten ops dispatched by one call (a fastsd op counts as one)
-    moved_mb: Optional[float] = None  # bytes of those ops' inputs and outputs: eager traffic
-    speedup: Dict[str, float] = field(default_factory=dict)
+    kernels: Optional[int] = None  # kernels launched by one call (eager dispatch count; a fastsd op is one)
+    moved_mb: Optional[float] = None  # bytes of those kernels' inputs and outputs: eager traffic
+    speedup: Dict[str, float] = field(default_factory=dict)  # baseline -> median paired ratio
+    speedup_ci: Dict[str, Tuple[float, float]] = field(default_factory=dict)  # its bootstrap 95 % interval
+    times_ms: List[float] = field(default_factory=list)  # every timed call, round by round
+
+
+@dataclass
+class Check:
+    """One verdict of the report: a target (speedup >= bound), a lower bound (speedup against the
+    floor <= 1) or a memory cap (peak <= bound x the baseline's), taken on the interval."""
+    op: str
+    case: str
+    impl: str
+    vs: str
+    kind: str  # "target", "floor" or "memory"
+    bound: float
+    median: float
+    lo: float
+    hi: float
+    status: str  # "met", "missed", "unsure" (the interval crosses the bound); floors: "ok", "faster"
+    source: str = ""
+
+    @property
+    def flagged(self) -> bool:
+        return self.status not in ("met", "ok")
 
 
 class CPUOps:
@@ -130,7 +187,9 @@ def _sync(device: torch.device):
 
 def measure(fn: Callable[[], Any], device: torch.device, min_time: float = 0.3, min_repeats: int = 5,
             max_repeats: int = 200) -> List[float]:
-    """Times (seconds) of fn over repeats after one warm-up call; at least min_time in all."""
+    """Times (seconds) of fn over repeats after one warm-up call; at least min_time in all. One
+    function in its own block: for a figure that is compared with nothing timed beside it (the
+    header's copy bandwidth). Implementations that are compared go through :func:`interleave`."""
     ops = device_ops(device)
     fn()
     ops.sync()
@@ -138,6 +197,114 @@ def measure(fn: Callable[[], Any], device: torch.device, min_time: float = 0.3, 
     while len(times) < min_repeats or (sum(times) < min_time and len(times) < max_repeats):
         times.append(ops.time(fn))
     return times
+
+
+def _repeated(fn: Callable[[], Any], k: int) -> Callable[[], None]:
+    def run():
+        for _ in range(k):
+            fn()  # each result dropped before the next call, as in a loop of single calls
+    return run
+
+
+def interleave(fns: Dict[str, Callable[[], Any]], device, min_time: float = 0.25, min_rounds: int = 12,
+               max_rounds: int = 200, warmup_rounds: int = 1, max_time: float = float("inf"), least_rounds: int = 5,
+               min_sample: float = 0.0, on_round: Optional[Callable[[int], None]] = None) -> Dict[str, List[float]]:
+    """Seconds per call of every fn, timed in rounds: one sample of each per round, the order rotated
+    by one each round (so none is always first after another's allocations, or last).
+
+    A sample is one call, or, for a fn faster than ``min_sample``, as many calls back to back as
+    make up ``min_sample`` (counted from one calibration call), divided by their number: a sample
+    that spans several scheduler time slices is slowed by other processes in proportion to its
+    length, as every row's sample of the round is, where a call shorter than a slice is either not
+    preempted at all or preempted for a whole slice, which no pairing evens out.
+
+    ``warmup_rounds`` untimed rounds first (the first call of a ``torch.compile``'d fn compiles).
+    Then ``min_rounds`` rounds, fewer (``least_rounds`` at least) where the timed calls reach
+    ``max_time`` first (slow cases), and more while they add up to less than ``min_time`` per fn
+    (fast cases), up to ``max_rounds``."""
+    ops = device_ops(device)
+    names = list(fns)
+    for _ in range(warmup_rounds):
+        for n in names:
+            fns[n]()
+        ops.sync()
+    reps = {n: 1 for n in names}
+    if min_sample > 0:
+        for n in names:
+            reps[n] = max(1, min(1000, math.ceil(min_sample / max(ops.time(fns[n]), 1e-9))))
+    samples = {n: fns[n] if reps[n] == 1 else _repeated(fns[n], reps[n]) for n in names}
+    times: Dict[str, List[float]] = {n: [] for n in names}
+    spent = 0.0
+    r = 0
+    least_rounds = min(least_rounds, min_rounds)
+    while (r < least_rounds or (r < min_rounds and spent < max_time)
+           or (spent < min_time * len(names) and r < max_rounds)):
+        k = r % len(names)
+        for n in names[k:] + names[:k]:
+            t = ops.time(samples[n])
+            times[n].append(t / reps[n])
+            spent += t
+        r += 1
+        if on_round is not None:
+            on_round(r)
+    return times
+
+
+def median_ci(samples, level: float = 0.95, resamples: int = 2000, seed: int = 0) -> Tuple[float, float, float]:
+    """(median, lo, hi): the sample median and the percentile-bootstrap interval of the median at
+    ``level``, from ``resamples`` draws with replacement (seeded: a report reads the same twice)."""
+    x = np.asarray(samples, dtype=np.float64)
+    med = float(np.median(x))
+    if x.size < 2:
+        return med, med, med
+    idx = np.random.default_rng(seed).integers(0, x.size, size=(resamples, x.size))
+    lo, hi = np.quantile(np.median(x[idx], axis=1), [(1 - level) / 2, (1 + level) / 2])
+    return med, float(lo), float(hi)
+
+
+def paired_ratio(num: Sequence[float], den: Sequence[float], **kw) -> Tuple[float, float, float]:
+    """Median and bootstrap interval of num[r] / den[r] over rounds r: the speedup of den's
+    implementation against num's, each round's two calls made under the same load."""
+    return median_ci(np.asarray(num, dtype=np.float64) / np.asarray(den, dtype=np.float64), **kw)
+
+
+@contextlib.contextmanager
+def cpu_load(processes: int, limit_s: float = 900.0) -> Iterator[List[subprocess.Popen]]:
+    """``processes`` CPU-bound Python processes in the background, killed on exit. Each also ends
+    by itself after ``limit_s`` seconds, so none outlives a run that is itself killed."""
+    code = f"import time\nt = time.monotonic() + {limit_s}\nwhile time.monotonic() < t: pass\n"
+    procs: List[subprocess.Popen] = []
+    try:
+        for _ in range(processes):
+            procs.append(subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        yield procs
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
+
+
+def busy_cores(threads: int, rounds: int = 15) -> Tuple[float, float]:
+    """(ms, ms): the median time of a 4 MiB in-cache-sized ``y.copy_(x)`` with ``threads`` torch
+    threads and with one, taken in turns. Where the machine's other cores are busy, every parallel
+    region waits for one of them (a scheduler tick, several ms), so the first figure is many times
+    the second; on idle cores it is at most about the second."""
+    x = torch.ones(2**20)
+    y = torch.empty_like(x)
+    saved = torch.get_num_threads()
+    times: Dict[int, List[float]] = {threads: [], 1: []}
+    try:
+        for _ in range(rounds):
+            for t in times:
+                torch.set_num_threads(t)
+                t0 = time.perf_counter()
+                y.copy_(x)
+                times[t].append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(saved)
+    return float(np.median(times[threads])) * 1e3, float(np.median(times[1])) * 1e3
 
 
 def max_error(out, ref) -> Optional[float]:
@@ -172,30 +339,118 @@ def _count(fn):
         return None
 
 
-def run_bench(bench: Bench, device: torch.device, min_time: float, only: Optional[Sequence[str]] = None) -> List[Row]:
+def count_call(fn: Callable[[], Any]) -> Tuple[Optional[int], Optional[int]]:
+    """(launches, bytes moved) of one call: the kernels it dispatches and the bytes of their inputs
+    and outputs, from :mod:`fastsd.bench.traffic`'s eager dispatch count (a fastsd op counts as one
+    kernel); (None, None) for compiled code. The launches column comes from the first element:
+    another launch counter replaces it here, in one line."""
+    counted = _count(fn)
+    if counted is None:
+        return None, None
+    return counted.kernels, counted.bytes_moved
+
+
+def _copy_fn(nbytes: int, inputs, device) -> Callable[[Any], Any]:
+    """``y.copy_(x)`` into existing buffers, nbytes / 2 each way: the time the case's minimum traffic
+    takes at the speed of a copy. The copy reads the case's own input tensors (in order, the last one
+    cut to size), so it finds them as warm in cache as the rows do that read them in the same round;
+    buffers of its own would have been evicted by the other rows in between."""
+    from torch.utils._pytree import tree_flatten
+
+    pairs, left = [], nbytes // 2
+    for t in tree_flatten(inputs)[0]:
+        if left <= 0:
+            break
+        if isinstance(t, torch.Tensor) and t.is_contiguous() and t.numel() and t.device == torch.device(device):
+            src = t.detach().view(-1)[:max(1, left // t.element_size())]
+            pairs.append((src, torch.empty_like(src)))
+            left -= src.numel() * src.element_size()
+    if left > 0:  # the inputs hold fewer bytes than the minimum (outputs larger than inputs)
+        src = torch.ones(max(1, left // 4), dtype=torch.float32, device=device)
+        pairs.append((src, torch.empty_like(src)))
+
+    def copy(_inputs):
+        for src, dst in pairs:
+            dst.copy_(src)
+    return copy
+
+
+def implementations(bench: Bench, inputs, device, only: Optional[Sequence[str]] = None
+                    ) -> List[Tuple[str, str, Callable]]:
+    """(name, kind, fn(inputs)) of every row of the case: the baselines, the memory-bound cases' copy,
+    then the fastsd backends (less those not in ``only``)."""
+    impls = [(n, "baseline", f) for n, f in bench.baselines.items()]
+    if bench.memory_bound and COPY not in bench.baselines:
+        impls.append((COPY, "baseline", _copy_fn(bench.min_bytes, inputs, device)))
+    impls += [(n, "backend", f) for n, f in bench.backends.items() if not only or n in only]
+    return impls
+
+
+def run_bench(bench: Bench, device: torch.device, min_time: float, only: Optional[Sequence[str]] = None,
+              min_rounds: int = 12, max_rounds: int = 200, max_time: float = float("inf"), min_sample: float = 0.02,
+              on_round=None) -> List[Row]:
+    """Every row of one case: the error, kernel count and peak memory of one call each (three calls
+    that also warm every implementation up), then the interleaved timing and the paired speedups."""
     inputs = bench.setup()
     ref = bench.reference(inputs) if bench.reference is not None else None
-    impls = [(n, "baseline", f) for n, f in bench.baselines.items()] + [
-        (n, "backend", f) for n, f in bench.backends.items()
-    ]
+    impls = implementations(bench, inputs, device, only)
+    not_the_op = set(bench.not_the_op) | {COPY}
+    extra = {}
+    for name, kind, fn in impls:  # one call each first: these are also the first warm-up calls
+        out = fn(inputs)  # the first call compiles (torch.compile) or captures (a CUDA graph): not counted
+        counted_fn = bench.count_with.get(name, fn)
+        launches, moved = count_call(lambda: counted_fn(inputs))
+        extra[name] = dict(
+            max_err=None if name in not_the_op else max_error(out, ref),
+            peak_mb=_peak_mb(lambda: fn(inputs), device),
+            kernels=launches, moved_mb=moved / 2**20 if moved is not None else None,
+        )
+        del out
+    times = interleave({name: (lambda fn=fn: fn(inputs)) for name, _, fn in impls}, device, min_time=min_time,
+                       min_rounds=min_rounds, max_rounds=max_rounds, warmup_rounds=0, max_time=max_time,
+                       min_sample=min_sample, on_round=on_round)
     rows = []
-    for name, kind, fn in impls:
-        if only and kind == "backend" and name not in only:
-            continue
-        times = measure(lambda: fn(inputs), device, min_time=min_time)
-        med = statistics.median(times)
-        q = statistics.quantiles(times, n=4) if len(times) >= 4 else [med, med, med]
-        out = fn(inputs)
-        counted = _count(lambda: bench.count_with.get(name, fn)(inputs))
-        rows.append(Row(
-            op=bench.op, case=bench.case, impl=name, kind=kind, median_ms=med * 1e3, iqr_ms=(q[2] - q[0]) * 1e3,
-            gbps=(bench.min_bytes / med / 1e9) if bench.min_bytes else None,
-            max_err=None if name in bench.not_the_op else max_error(out, ref), peak_mb=_peak_mb(lambda: fn(inputs), device),
-            kernels=counted.kernels if counted else None, moved_mb=counted.bytes_moved / 2**20 if counted else None,
-        ))
-    by_name = {r.impl: r for r in rows}
-    for r in rows:
-        for b in bench.speedup_vs:
-            if b in by_name and b != r.impl:
-                r.speedup[b] = by_name[b].median_ms / r.median_ms
+    ratio_vs = list(dict.fromkeys(list(bench.speedup_vs) + [COPY] + ([bench.floor] if bench.floor else [])))
+    for name, kind, _ in impls:
+        med, lo, hi = median_ci(times[name])
+        row = Row(op=bench.op, case=bench.case, impl=name, kind=kind, median_ms=med * 1e3,
+                  ci_ms=(lo * 1e3, hi * 1e3), rounds=len(times[name]),
+                  gbps=(bench.min_bytes / med / 1e9) if bench.memory_bound else None,
+                  times_ms=[round(t * 1e3, 6) for t in times[name]], **extra[name])
+        for b in ratio_vs if name != COPY else ():  # the copy is only a yardstick
+            if b in times and b != name:
+                m, lo, hi = paired_ratio(times[b], times[name])
+                row.speedup[b], row.speedup_ci[b] = m, (lo, hi)
+        rows.append(row)
     return rows
+
+
+def checks(bench: Bench, rows: List[Row]) -> List[Check]:
+    """The case's verdicts: each target row's speedup against each target (met: the whole interval
+    at or above it; missed: the whole interval below; unsure: it crosses), every row against the
+    floor (faster: the whole interval above 1, impossible for a true lower bound), and peak memory
+    caps."""
+    out: List[Check] = []
+    by_impl = {r.impl: r for r in rows}
+    target_rows = [r for r in rows if r.kind == "backend" and (
+        r.impl in bench.target_rows if bench.target_rows is not None else r.impl != "torch")]
+    for r in target_rows:
+        for b, bound in bench.targets.items():
+            if b not in r.speedup:
+                continue
+            m, (lo, hi) = r.speedup[b], r.speedup_ci[b]
+            status = "met" if lo >= bound else "missed" if hi < bound else "unsure"
+            out.append(Check(r.op, r.case, r.impl, b, "target", bound, m, lo, hi, status, bench.target_source))
+        for b, share in bench.max_peak_share.items():
+            if b in by_impl and r.peak_mb is not None and by_impl[b].peak_mb:
+                v = r.peak_mb / by_impl[b].peak_mb  # measured, not timed: no interval
+                out.append(Check(r.op, r.case, r.impl, b, "memory", share, v, v, v,
+                                 "met" if v <= share else "missed", bench.target_source))
+    if bench.floor:
+        for r in rows:
+            if r.impl == bench.floor or r.impl in bench.floor_exempt or bench.floor not in r.speedup:
+                continue
+            m, (lo, hi) = r.speedup[bench.floor], r.speedup_ci[bench.floor]
+            out.append(Check(r.op, r.case, r.impl, bench.floor, "floor", 1.0, m, lo, hi,
+                             "faster" if lo > 1.0 else "ok"))
+    return out

@@ -221,13 +221,18 @@ def report() -> List[dict]:
 
 
 def format_rows(rows: List[dict]) -> str:
-    head = f"{'op':<30} {'case':<36} {'min MB':>8} {'Triton MB':>10} {'x min':>6} {'eager MB':>9} {'x min':>6} {'eager kernels':>13} {'eager / Triton':>14}"
-    lines = [head, "-" * len(head)]
+    """One section per op: per case, the minimum, Triton's and eager's counted MB and eager's kernels."""
+    from .report import Col, render
+
+    cols = [Col("", "case", "<"), Col("", "min MB"), Col("Triton", "MB"), Col("", "x min"), Col("eager", "MB"),
+            Col("", "x min"), Col("", "kernels"), Col("eager /", "Triton")]
+    sections = {}
     for r in rows:
-        lines.append(f"{r['op']:<30} {r['case']:<36} {r['min_mb']:>8.2f} {r['triton_mb']:>10.2f} "
-                     f"{r['triton_mb'] / r['min_mb']:>6.2f} {r['eager_mb']:>9.2f} {r['eager_mb'] / r['min_mb']:>6.2f} "
-                     f"{r['eager_kernels']:>13} {r['eager_mb'] / r['triton_mb']:>14.2f}")
-    return "\n".join(lines)
+        sections.setdefault(r["op"], []).append([
+            r["case"], f"{r['min_mb']:.2f}", f"{r['triton_mb']:.2f}", f"{r['triton_mb'] / r['min_mb']:.2f}",
+            f"{r['eager_mb']:.2f}", f"{r['eager_mb'] / r['min_mb']:.2f}", str(r["eager_kernels"]),
+            f"{r['eager_mb'] / r['triton_mb']:.2f}"])
+    return render(cols, [(f"{op}:", body) for op, body in sections.items()])
 
 
 def main(argv=None) -> int:

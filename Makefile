@@ -9,10 +9,11 @@ PINS   := torch==2.14.1 torchvision==0.29.1 triton==3.8.0 numpy==2.4.6 pytest==9
           scikit-learn==1.9.1
 DEPS_STAMP := $(VENV)/.fastsd-deps
 EXT_STAMP  := $(VENV)/.fastsd-ext
-CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu) setup.py pyproject.toml
+CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp) \
+        setup.py pyproject.toml
 export CUDA_HOME ?= /usr/local/cuda
 
-.PHONY: test test-avx2 bench selftest readme-bench install clean
+.PHONY: test test-avx2 bench gpu-report selftest readme-bench install clean
 test: install
 	$(PY) -m fastsd.selftest
 	$(PY) -m pytest -q -ra tests
@@ -36,6 +37,11 @@ readme-bench: install
 
 selftest: install
 	$(PY) -m fastsd.selftest
+
+# For the day a GPU is lent: the gpu-marked tests, the CUDA bench, and per kernel the measured time
+# and bandwidth beside the compiled-code model's prediction, in one JSON file.
+gpu-report: install
+	$(PY) -m fastsd.bench.gpu_report --json bench-results/gpu-report.json
 
 install: $(EXT_STAMP)
 

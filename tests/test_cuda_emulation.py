@@ -17,6 +17,7 @@ import pytest
 import torch
 from torch.utils import cpp_extension
 
+import fastsd
 from fastsd.reference.patch_swap import patch_swap as ref_forward, patch_swap_backward as ref_backward
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -144,3 +145,47 @@ def test_harness_sees_a_wrong_kernel(host_kernel):
     x, partner, mask = _inputs(torch.float32, (4, 3, 16, 16), (4, 4), False)
     out, _ = emulate(host_kernel, x, partner, mask, False)
     assert not torch.equal(out, _reference(x, partner, ~mask, False))
+
+
+# --- the same kernels on a GPU (skipped without one, or without the CUDA kernels built) -------------
+
+needs_cuda_kernels = pytest.mark.skipif(
+    not torch.cuda.is_available() or fastsd._ext.load_error() is not None or not fastsd._ext.has_cuda(),
+    reason="needs a CUDA device and fastsd._C built with its CUDA kernels")
+
+
+def _on_gpu(x, partner, mask, backward, device="cuda"):
+    op = torch.ops.fastsd_C.patch_swap_backward if backward else torch.ops.fastsd_C.patch_swap
+    return op(x.to(device), partner.to(device), mask.to(device))
+
+
+@pytest.mark.gpu
+@needs_cuda_kernels
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
+@pytest.mark.parametrize("case", CASES + [((64, 3, 224, 224), (3, 5)), ((256, 64, 8, 8), (2, 2))],
+                         ids=lambda c: "x".join(map(str, c[0])) + f"-g{c[1][0]}x{c[1][1]}")
+def test_gpu_kernel_matches_reference(dtype, channels_last, backward, case):
+    shape, grid = case
+    x, partner, mask = _inputs(dtype, shape, grid, channels_last)
+    out = _on_gpu(x, partner, mask, backward)
+    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+    torch.testing.assert_close(out.cpu(), _reference(x, partner, mask, backward), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@needs_cuda_kernels
+def test_gpu_kernel_runs_on_the_tensors_device_and_current_stream():
+    x, partner, mask = _inputs(torch.float32, (8, 3, 32, 32), (4, 4), False)
+    expected = _reference(x, partner, mask, False)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):  # the launch follows the current stream, ordered after the copies
+        out = _on_gpu(x, partner, mask, False)
+    stream.synchronize()
+    torch.testing.assert_close(out.cpu(), expected, rtol=0, atol=0)
+    if torch.cuda.device_count() > 1:  # tensors on cuda:1 while cuda:0 is current
+        with torch.cuda.device(0):
+            out = _on_gpu(x, partner, mask, False, device="cuda:1")
+        assert out.device == torch.device("cuda:1")
+        torch.testing.assert_close(out.cpu(), expected, rtol=0, atol=0)

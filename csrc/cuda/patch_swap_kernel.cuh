@@ -258,11 +258,12 @@ struct Select {
   }
 };
 
-// `n` vectors `stride` elements apart, kGroup at a time: a group's loads are issued before its stores, so
-// a thread has up to kGroup (copies) or 2 * kGroup loads in flight.
+// `n` vectors `stride` elements apart, kGroup at a time: a group's loads are issued before its
+// stores, so a thread has 4 loads in flight when it copies (2 x 2 when it adds). Not unrolled
+// further: out may alias x as far as the compiler knows, so more would only add registers.
 template <typename T, int V, bool kBackward, Kind kKind>
-FASTSD_HD void over_planes(const Select<T, V, kBackward, kKind>& f, const T* own, const T* other, T* out, uint32_t n,
-                           int64_t stride) {
+FASTSD_HD void over_vectors(const Select<T, V, kBackward, kKind>& f, const T* own, const T* other, T* out, uint32_t n,
+                            int64_t stride) {
   constexpr uint32_t kGroup = (kKind == Kind::kMixed) ? 1 : (kKind == Kind::kBoth) ? 2 : 4;
 #pragma unroll 1
   for (uint32_t q = 0; q < n; q += kGroup) {
@@ -286,19 +287,19 @@ FASTSD_HD void select_rows(uint32_t keep, uint32_t take, const T* own, const T* 
                            int64_t stride) {
   switch (classify<V, kBackward>(keep, take)) {
     case Kind::kOwn:
-      return over_planes(Select<T, V, kBackward, Kind::kOwn>{}, own, other, out, n, stride);
+      return over_vectors(Select<T, V, kBackward, Kind::kOwn>{}, own, other, out, n, stride);
     case Kind::kOther:
-      return over_planes(Select<T, V, kBackward, Kind::kOther>{}, own, other, out, n, stride);
+      return over_vectors(Select<T, V, kBackward, Kind::kOther>{}, own, other, out, n, stride);
     case Kind::kBoth:
-      if (kBackward) over_planes(Select<T, V, kBackward, Kind::kBoth>{}, own, other, out, n, stride);
+      if (kBackward) over_vectors(Select<T, V, kBackward, Kind::kBoth>{}, own, other, out, n, stride);
       return;
     case Kind::kZero:
-      if (kBackward) over_planes(Select<T, V, kBackward, Kind::kZero>{}, own, other, out, n, stride);
+      if (kBackward) over_vectors(Select<T, V, kBackward, Kind::kZero>{}, own, other, out, n, stride);
       return;
     default:
       if (V > 1) {
         const Masks m{lane_mask<T>(keep & ~take), lane_mask<T>(take & ~keep), lane_mask<T>(keep & take)};
-        over_planes(Select<T, V, kBackward, Kind::kMixed>{m, keep != 0, take != 0}, own, other, out, n, stride);
+        over_vectors(Select<T, V, kBackward, Kind::kMixed>{m, keep != 0, take != 0}, own, other, out, n, stride);
       }
   }
 }
@@ -356,7 +357,8 @@ FASTSD_HD void cell_select_thread(const Params& p, Dim3 bid, Dim3 tid, Dim3 gdim
     for (uint32_t h = r0; h < r1;) {
       // The rows up to the next cell row share the lanes' keep / take bits: one pass per distinct
       // cell under the vector (usually one or two), whose lanes run up to the next cell's first lane.
-      const uint32_t rows = std::min(p.by_gh.div(p.H - hrem + p.gh - 1), r1 - h);  // ceil((H - hrem) / gh)
+      const uint32_t left = p.by_gh.div(p.H - hrem + p.gh - 1);  // ceil((H - hrem) / gh)
+      const uint32_t rows = left < r1 - h ? left : r1 - h;
       uint32_t keep = 0, take = 0, cell = ch * p.gw + cw0, lane = 0, rest = steps;
 #pragma unroll 1
       while (lane < uint32_t(V)) {

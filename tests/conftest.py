@@ -8,6 +8,29 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.pop("FASTSD_BACKEND", None)  # tests choose backends explicitly
 
+
+def _inductor_cache_per_vector_isa():
+    """torch.compile's on-disk graph cache (inductor, torch 2.14) keys a graph without the vector ISA
+    its C++ code was generated for, which ATEN_CPU_CAPABILITY picks: a graph generated for AVX-512,
+    served to a run with ATEN_CPU_CAPABILITY=avx2, is recompiled with 8-lane vectors for 16-lane
+    loops (test_recipes' compile tests segfaulted; the other way round they computed a wrong
+    permutation). Runs that set the capability get their own cache next to the default one."""
+    cap = os.environ.get("ATEN_CPU_CAPABILITY")
+    if not cap or "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+        return
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:  # pragma: no cover - older torch: its default location
+        import getpass
+        import tempfile
+
+        def default_cache_dir():
+            return os.path.join(tempfile.gettempdir(), "torchinductor_" + getpass.getuser())
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{default_cache_dir()}_isa_{cap.lower()}"
+
+
+_inductor_cache_per_vector_isa()
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 

@@ -104,6 +104,22 @@ def test_examples_do_not_depend_on_loaded_modules(tmp_path):
         sys.modules.pop(name, None)
 
 
+def test_inductor_cache_is_per_vector_isa():
+    """Under ATEN_CPU_CAPABILITY the tests compile into their own inductor cache (conftest): torch's
+    cache serves graphs generated for another vector width (issue 11's forced-AVX2 run segfaulted)."""
+    import subprocess
+
+    code = "import os, conftest; print(os.environ.get('TORCHINDUCTOR_CACHE_DIR'))"
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "ATEN_CPU_CAPABILITY")}
+    dirs = []
+    for cap in (None, "avx2"):
+        r = subprocess.run([sys.executable, "-c", code], env=dict(env, **({"ATEN_CPU_CAPABILITY": cap} if cap else {})),
+                           cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        dirs.append(r.stdout.split()[-1])
+    assert dirs[0] == "None" and dirs[1].endswith("_isa_avx2"), dirs
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_patch_swap_matches_reference(backend):
     n = EXAMPLES if backend != "triton" else max(10, EXAMPLES // 4)

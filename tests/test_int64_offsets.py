@@ -18,7 +18,12 @@ import triton_tools
 SPECS = triton_tools.all_aot_specs()
 SMALL = {
     "_pair_counts_kernel": {"labels_ptr": "[B]", "partner_ptr": "[B]", "counts_ptr": "2 counters"},
-    "_pair_kd_kernel": {"counts_ptr": "2 counters"},
+    "_pair_stats_kernel": {"labels_ptr": "[B]", "partner_ptr": "[B]", "counts_ptr": "2 counters",
+                           "stats_ptr": "[B, chunks, 2]: a pair of values per chunk of >= 4096 logits"},
+    "_pair_kd_kernel": {"labels_ptr": "[B]", "partner_ptr": "[B]", "counts_ptr": "2 counters",
+                        "stats_ptr": "[B, chunks, 2]", "loss_ptr": "one value per row (or row chunk)"},
+    "_kd_stats_kernel": {"stats_ptr": "[B, chunks, 2]: a pair of values per chunk of >= 4096 logits"},
+    "_kd_kernel": {"stats_ptr": "[B, chunks, 2]", "loss_ptr": "one value per row (or row chunk)"},
     "_feature_elementwise_kernel": {"partial_ptr": "one value per program (numel / 4096)"},
     "_feature_cosine_kernel": {"partial_ptr": "one value per program"},
 }

@@ -8,6 +8,7 @@ subprocess: there no CUDA device exists, so each is skipped, and the report says
 or too slow for this suite; its subprocess path is checked on a module that fails.
 """
 import json
+import types
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,29 @@ def test_refuses_without_cuda(capsys):
     with pytest.raises(SystemExit):
         gpu_report.main([])
     assert "needs a CUDA device" in capsys.readouterr().err
+
+
+def test_static_model_speaks_the_sass_report_s_arguments(monkeypatch, tmp_path, capsys):
+    """The command static_model runs is one fastsd.bench.sass accepts, and a JSON file that report
+    wrote earlier (made without a GPU) is read the same way: the real model, on one spec."""
+    from fastsd.bench import sass
+
+    name = next(s["name"] for s in sass.kernel_specs() if "patch_swap" in s["name"])
+    commands = []
+
+    def run(cmd, **kwargs):
+        commands.append(cmd)
+        status = sass.main([*cmd[3:], "--names", name])  # [python, -m, module, ...]
+        return type("Proc", (), {"returncode": status, "stdout": capsys.readouterr().out, "stderr": ""})()
+
+    monkeypatch.setattr(gpu_report, "subprocess", types.SimpleNamespace(run=run, TimeoutExpired=TimeoutError))
+    live = gpu_report.static_model()
+    assert commands and commands[0][2] == gpu_report.STATIC_MODEL
+    assert "error" not in live and [e["name"] for e in live["entries"]] == [name]
+    assert live["entries"][0]["kernel"]
+
+    path = tmp_path / "sass.json"
+    assert sass.main(["--json", str(path), "--names", name]) == 0
+    saved = gpu_report.static_model(str(path))
+    assert "error" not in saved and saved["entries"] == live["entries"]
+    assert "error" in gpu_report.static_model(str(tmp_path / "missing.json"))

@@ -40,6 +40,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch.utils._pytree import tree_flatten
 
+from .core import device_ops
+
 SUITES = ("patch_swap", "losses", "icp")
 STATIC_MODEL = "fastsd.bench.sass"
 
@@ -173,8 +175,16 @@ def kernels(suites: Sequence[str], dtype: torch.dtype, repeats: int, peak_gbps: 
 
 
 def static_model(module: str = STATIC_MODEL, timeout: float = 3600) -> Dict[str, Any]:
-    """``python -m <module> --json``: its entries, or the error."""
-    cmd = [sys.executable, "-m", module, "--json"]
+    """``python -m <module> --json -``: its entries, or the error. ``module`` may instead be the path
+    of a JSON file that module wrote earlier (``python -m fastsd.bench.sass --json PATH``, made on a
+    machine without a GPU, so that the lease is not spent compiling)."""
+    if module.endswith(".json"):
+        try:
+            with open(module) as f:
+                return _static_entries({"command": f"read {module}", "returncode": 0}, f.read())
+        except OSError as exc:
+            return {"command": f"read {module}", **_error(exc)}
+    cmd = [sys.executable, "-m", module, "--json", "-"]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
@@ -183,10 +193,14 @@ def static_model(module: str = STATIC_MODEL, timeout: float = 3600) -> Dict[str,
     if proc.returncode != 0:
         result["error"] = (proc.stderr or proc.stdout).strip()[-2000:]
         return result
+    return _static_entries(result, proc.stdout)
+
+
+def _static_entries(result: Dict[str, Any], text: str) -> Dict[str, Any]:
     try:
-        data = json.loads(proc.stdout)
+        data = json.loads(text)
     except ValueError as exc:
-        result["error"] = f"stdout is not JSON ({exc}): {proc.stdout[:200]!r}"
+        result["error"] = f"not JSON ({exc}): {text[:200]!r}"
         return result
     entries = data.get("kernels") if isinstance(data, dict) else data
     if not isinstance(entries, list) or not all(isinstance(e, dict) and "name" in e for e in entries):
@@ -246,23 +260,33 @@ def main(argv=None) -> int:
     p.add_argument("--suites", nargs="*", default=list(SUITES), help="benchmark suites timed per kernel")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--repeats", type=int, default=20, help="calls per case timed per kernel")
-    p.add_argument("--static-model", default=STATIC_MODEL, help="module printing the static model's JSON")
+    p.add_argument("--static-model", default=STATIC_MODEL,
+                   help="module printing the static model's JSON, or a .json file it wrote earlier")
+    p.add_argument("--skip", nargs="*", default=[], choices=["tests", "bench", "static"],
+                   help="steps to leave out (a short lease: run them as separate, time-boxed commands)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("needs a CUDA device (torch.cuda.is_available() is False)")
 
     report: Dict[str, Any] = {}
-    report["gpu_tests"] = gpu_tests(args.tests) if args.tests else {"skipped": "no paths", "ok": True}
+    skipped = {"skipped": "--skip", "ok": True, "returncode": 0}
+    if "tests" in args.skip or not args.tests:
+        report["gpu_tests"] = skipped
+    else:
+        report["gpu_tests"] = gpu_tests(args.tests)
     print(f"gpu tests: {report['gpu_tests'].get('tail') or report['gpu_tests']}")
-    try:
-        report["bench"] = bench(args.bench_args)
-        report["environment"] = report["bench"].get("environment")
-        peak = (report["environment"] or {}).get("peak_gbps")
-    except BaseException as exc:  # SystemExit of argparse included: the report is still written
-        report["bench"] = _error(exc)
-        peak = None
+    peak = device_ops(torch.device("cuda")).peak_gbps()
+    if "bench" in args.skip:
+        report["bench"] = skipped
+    else:
+        try:
+            report["bench"] = bench(args.bench_args)
+            report["environment"] = report["bench"].get("environment")
+            peak = (report["environment"] or {}).get("peak_gbps", peak)
+        except BaseException as exc:  # SystemExit of argparse included: the report is still written
+            report["bench"] = _error(exc)
     report["kernels"] = kernels(args.suites, getattr(torch, args.dtype), args.repeats, peak)
-    report["static_model"] = static_model(args.static_model)
+    report["static_model"] = {"skipped": "--skip"} if "static" in args.skip else static_model(args.static_model)
     join(report["kernels"], report["static_model"])
     print("\nPer Triton kernel: median time per launch (CUDA events around each launch), bytes of its tensor")
     print("arguments, GB/s; beside it, the static model's entries for the same jit function:")

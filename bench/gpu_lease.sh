@@ -16,7 +16,7 @@ OUT=${OUT:-bench-results/gpu-lease}
 mkdir -p "$OUT"
 PY=${PY:-python3}
 STATIC=${STATIC:-bench-results/sass.json}
-read -r L_BUILD L_SELFTEST L_TESTS L_KERNELS L_BENCH <<<"${LIMITS:-180 90 150 75 150}"
+read -r L_BUILD L_SELFTEST L_TESTS L_KERNELS L_BENCH <<<"${LIMITS:-150 90 150 70 100}"
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 SUMMARY="$OUT/summary.txt"
 : >"$SUMMARY"
@@ -28,7 +28,7 @@ step() {  # step NAME LIMIT_S COMMAND...: its output in $OUT/NAME.log, a line in
     timeout -k 5 "$limit" "$@" >"$OUT/$name.log" 2>&1
     rc=$?
     echo "$name: rc=$rc in $(($(date +%s) - t0)) s (limit $limit s)" | tee -a "$SUMMARY"
-    tail -n "${TAIL:-8}" "$OUT/$name.log" | cut -c1-220
+    tail -n "${TAIL:-8}" "$OUT/$name.log" | cut -c1-200
 }
 
 {
@@ -47,6 +47,6 @@ $PY -m fastsd.info 2>&1 | tee -a "$SUMMARY" | tail -n 12
 step selftest "$L_SELFTEST" $PY -m fastsd.selftest
 TAIL=12 step tests "$L_TESTS" $PY -m pytest -q -m gpu -p no:cacheprovider -ra tests
 if [ -f "$STATIC" ]; then static=(--static-model "$STATIC" --skip tests bench); else static=(--skip tests bench static); fi
-TAIL=40 step kernels "$L_KERNELS" $PY -m fastsd.bench.gpu_report "${static[@]}" --json "$OUT/gpu-report.json"
-TAIL=60 step bench "$L_BENCH" $PY -m fastsd.bench --device cuda --quick --no-plots --json "$OUT/bench.json"
+TAIL=30 step kernels "$L_KERNELS" $PY -m fastsd.bench.gpu_report "${static[@]}" --json "$OUT/gpu-report.json"
+TAIL=30 step bench "$L_BENCH" $PY -m fastsd.bench --device cuda --quick --no-plots --json "$OUT/bench.json"
 echo "== summary"; cat "$SUMMARY"

@@ -13,11 +13,12 @@ CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.c
         setup.py pyproject.toml
 export CUDA_HOME ?= /usr/local/cuda
 
-.PHONY: test test-avx2 bench gpu-report selftest readme-bench install clean
+.PHONY: test test-avx2 test-triton-oldest bench gpu-report selftest readme-bench install clean
 test: install
 	$(PY) -m fastsd.selftest
 	$(PY) -m pytest -q -ra tests
 	$(MAKE) --no-print-directory test-avx2
+	$(MAKE) --no-print-directory test-triton-oldest
 
 # The parity checks again on PyTorch's and fastsd's AVX2 paths (ATEN_CPU_CAPABILITY caps both;
 # FASTSD_CPU_CAPABILITY fastsd's alone): their tolerances measure torch's own error, which changes
@@ -28,11 +29,31 @@ test-avx2: install
 	$(AVX2) $(PY) -m fastsd.selftest
 	$(AVX2) $(PY) -m pytest -q -ra -k "not triton" tests/test_losses.py tests/test_fuzz.py
 
+# The Triton backend is offered from fastsd._backend.TRITON_MIN_VERSION on (torch 2.10/2.11 ship 3.6):
+# one spec of every kernel, and each with its integer arguments equal to 1 (constexprs under the JIT),
+# compiled by that release, installed beside the pinned one.
+TRITON_OLDEST := $(VENV)/triton-oldest
+test-triton-oldest: install
+	test -f $(TRITON_OLDEST)/.done || { $(PIP) install --disable-pip-version-check -q --no-deps --target $(TRITON_OLDEST) \
+	    "triton==$$($(PY) -c 'from fastsd._backend import TRITON_OLDEST_TESTED as v; print(v)')" && touch $(TRITON_OLDEST)/.done; }
+	PYTHONPATH=$(TRITON_OLDEST) $(PY) -c "import triton, fastsd._backend as b; assert triton.__version__ == b.TRITON_OLDEST_TESTED, triton.__version__; print('triton', triton.__version__)"
+	PYTHONPATH=$(TRITON_OLDEST) $(PY) -m pytest -q -ra -p no:cacheprovider tests/test_aot.py -k representative
+
 bench: install
 	$(PY) -m fastsd.bench --quick
 
 # Regenerate the README's benchmark section from a run on this machine (no hand-edited numbers).
-readme-bench: install
+readme-# The Triton backend is offered from fastsd._backend.TRITON_MIN_VERSION on (torch 2.10/2.11 ship 3.6):
+# one spec of every kernel, and each with its integer arguments equal to 1 (constexprs under the JIT),
+# compiled by that release, installed beside the pinned one.
+TRITON_OLDEST := $(VENV)/triton-oldest
+test-triton-oldest: install
+	test -f $(TRITON_OLDEST)/.done || { $(PIP) install --disable-pip-version-check -q --no-deps --target $(TRITON_OLDEST) \
+	    "triton==$$($(PY) -c 'from fastsd._backend import TRITON_OLDEST_TESTED as v; print(v)')" && touch $(TRITON_OLDEST)/.done; }
+	PYTHONPATH=$(TRITON_OLDEST) $(PY) -c "import triton, fastsd._backend as b; assert triton.__version__ == b.TRITON_OLDEST_TESTED, triton.__version__; print('triton', triton.__version__)"
+	PYTHONPATH=$(TRITON_OLDEST) $(PY) -m pytest -q -ra -p no:cacheprovider tests/test_aot.py -k representative
+
+bench: install
 	$(PY) -m fastsd.bench --quick --readme README.md
 
 selftest: install

@@ -213,11 +213,13 @@ def _pair_stats_kernel(logits_ptr, labels_ptr, partner_ptr, counts_ptr, stats_pt
         if s == 0:
             _count_rows(labels_ptr, partner_ptr, counts_ptr, B, K, ignore_index, COUNT_BLOCK, CHECK)
     else:
-        K = _aligned(K, ALIGN)
+        # a new name: K is a constexpr where it is 1 (Triton specialises on it), and one branch
+        # may not rebind it to a tensor
+        Ka = _aligned(K, ALIGN)
         y = tl.load(labels_ptr + r)
         valid = y != ignore_index
         lo = s * chunk
-        m, s1, st, zy = _chunk_stats(logits_ptr + r.to(tl.int64) * K, lo, tl.minimum(lo + chunk, K),
+        m, s1, st, zy = _chunk_stats(logits_ptr + r.to(tl.int64) * Ka, lo, tl.minimum(lo + chunk, Ka),
                                      valid, tl.where(valid, y, -1).to(tl.int32), 1.0 / temperature, True, BLOCK)
         _store_stats(stats_ptr, B * S, r * S + s, m, s1, st, zy)
 

@@ -76,16 +76,19 @@ def _frac(a, m, s):
     m = ceil(n * 2**s / d) < 2**32 and 2**s >= a_max * d (:func:`_frac_constants`): one
     32 x 32 -> 64-bit multiply and a shift. Exact: a * m / 2**s exceeds a * n / d by less than
     a_max / 2**s <= 1 / d, which is what separates a * n / d from the next integer."""
-    return ((a.to(tl.uint32).to(tl.uint64) * m.to(tl.uint64)) >> s.to(tl.uint64)).to(tl.int32)
+    # tl.cast, not .to: an integer argument equal to 1 arrives as a constexpr (Triton specialises
+    # it), which has no .to method before Triton 3.8
+    return ((tl.cast(tl.cast(a, tl.uint32), tl.uint64) * tl.cast(m, tl.uint64)) >> tl.cast(s, tl.uint64)).to(tl.int32)
 
 
 @triton.jit
 def _offset(sample, sample_numel, BIG: tl.constexpr):
     """sample * sample_numel as int64, one 32 x 32 -> 64-bit multiply where both fit 32 bits."""
     if BIG:
-        return sample.to(tl.int64) * sample_numel
-    else:
-        return (sample.to(tl.uint32).to(tl.uint64) * sample_numel.to(tl.uint32).to(tl.uint64)).to(tl.int64)
+        return tl.cast(sample, tl.int64) * sample_numel
+    else:  # tl.cast: see _frac
+        return (tl.cast(tl.cast(sample, tl.uint32), tl.uint64)
+                * tl.cast(tl.cast(sample_numel, tl.uint32), tl.uint64)).to(tl.int64)
 
 
 @triton.jit

@@ -13,6 +13,9 @@ SPECS = triton_tools.all_aot_specs()
 PAIRS = [(s["name"], arch) for s in SPECS for arch in triton_tools.ARCHS]
 
 
+REPRESENTATIVE = [s["name"] for s in triton_tools.representative_specs()]
+
+
 @pytest.fixture(scope="module")
 def compiled():
     return triton_tools.aot_compile_all(PAIRS)
@@ -30,3 +33,18 @@ def test_aot_compiles(compiled, name, arch):
     assert result.error is None, f"{name} does not compile for sm_{arch}: {result.error}"
     assert result.cubin, f"{name}: empty cubin for sm_{arch}"
     assert ".entry" in result.ptx and f".target sm_{arch}" in result.ptx, f"{name}: unexpected PTX for sm_{arch}"
+
+
+@pytest.fixture(scope="module")
+def representatives():
+    return triton_tools.aot_compile_all([(n, 90) for n in REPRESENTATIVE])
+
+
+@pytest.mark.parametrize("name", REPRESENTATIVE)
+def test_representative_compiles(representatives, name):
+    """One spec per kernel, and the same with every integer argument equal to 1 (the JIT makes those
+    constexprs). ``make test-triton-oldest`` runs these under TRITON_MIN_VERSION's Triton: the
+    backend is offered with any Triton from that one on."""
+    result = representatives[(name, 90)]
+    assert result.error is None, f"{name} does not compile for sm_90: {result.error}"
+    assert ".entry" in result.ptx

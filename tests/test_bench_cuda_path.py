@@ -120,7 +120,7 @@ def fake_cuda(monkeypatch):
         reset_peak_memory_stats=alloc.reset_peak_memory_stats, memory_allocated=alloc.memory_allocated,
         max_memory_allocated=alloc.max_memory_allocated, Stream=FakeStream,
         current_stream=lambda device=None: FakeStream(), stream=lambda s: contextlib.nullcontext(),
-        CUDAGraph=FakeGraph, graph_pool_handle=lambda: (0, 1),
+        CUDAGraph=FakeGraph, graph_pool_handle=lambda: (0, 1), _sleep=lambda cycles: None,
     ).items():
         monkeypatch.setattr(torch.cuda, name, value)
     monkeypatch.setattr(icp_module, "_SIDE_STREAMS", {})

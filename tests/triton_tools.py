@@ -77,6 +77,38 @@ def all_aot_specs() -> List[dict]:
     return specs
 
 
+ONES = ":ones"  # suffix of a spec name: the spec with every integer argument equal to 1
+
+
+def representative_specs() -> List[dict]:
+    """One spec per @triton.jit kernel (its first), and each of them again with every integer scalar
+    argument equal to 1 (:func:`ones_variant`): what a Triton version must compile for fastsd to
+    offer its Triton backend (``make test-triton-oldest`` runs these under the oldest one)."""
+    first = {}
+    for spec in all_aot_specs():
+        first.setdefault(id(spec["fn"]), spec)
+    return [v for spec in first.values() for v in (spec, ones_variant(spec))]
+
+
+def ones_variant(spec: dict) -> dict:
+    """The JIT passes an integer argument whose value is 1 as a constexpr (it specialises on it), so
+    a kernel meets constexprs where its AOT specs declare i32: e.g. ``n.to(tl.int64)`` compiles
+    there only where constexpr has a ``.to`` (Triton 3.8 on). This spec has them all."""
+    ints = [a for a, t in spec["signature"].items() if isinstance(t, str) and t[:1] in ("i", "u")]
+    index = {a: i for i, a in enumerate(spec["signature"])}
+    return {**spec, "name": spec["name"] + ONES,
+            "signature": {a: "constexpr" if a in ints else t for a, t in spec["signature"].items()},
+            "constexprs": {**(spec.get("constexprs") or {}), **{a: 1 for a in ints}},
+            "attrs": {k: v for k, v in (spec.get("attrs") or {}).items()
+                      if not any(i == index[a] for a in ints for i in k)}}
+
+
+def _spec_by_name(specs: Dict[str, dict], name: str) -> dict:
+    if name.endswith(ONES):
+        return ones_variant(specs[name[:-len(ONES)]])
+    return specs[name]
+
+
 class AOTResult:
     """One spec compiled for one arch: ``ptx``/``ttir`` (str), ``cubin`` (bytes), or ``error`` (str)."""
 
@@ -113,7 +145,7 @@ def _worker(request_path: str, out_dir: str) -> None:
     for name, arch in request:
         key = f"{name}.sm_{arch}"
         try:
-            compiled = _compile_here(specs[name], arch)
+            compiled = _compile_here(_spec_by_name(specs, name), arch)
         except Exception as exc:  # reported per spec, so one failure does not hide the others
             results[key] = {"error": f"{exc.__class__.__name__}: {exc}"}
             continue

@@ -110,14 +110,23 @@ def _arg_bytes(args, kwargs) -> int:
     return total
 
 
+# GPU clock cycles the stream spins before each timed launch (~0.5 ms at 1-2 GHz): the start event
+# then waits on the GPU while the host runs the launcher, so the pair times the kernel, not the
+# 20-80 us of Python a Triton launch costs (an H200 with Triton 3.6 showed 45-77 us for every small
+# kernel, 6 MB or 0.2 MB alike, without it).
+HIDE_LAUNCH_CYCLES = 1_000_000
+
+
 class KernelTimer:
-    """A hook for :func:`fastsd.bench.launches.on_triton_launch`: a CUDA event pair around each launch."""
+    """A hook for :func:`fastsd.bench.launches.on_triton_launch`: a CUDA event pair around each launch,
+    recorded behind a spin of the stream so that the host's launch overhead is not in the pair."""
 
     def __init__(self):
         self.launches: List[tuple] = []  # (kernel, start event, end event, bytes)
 
     def __call__(self, name, args, kwargs, launch):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(HIDE_LAUNCH_CYCLES)
         start.record()
         out = launch()
         end.record()

@@ -34,7 +34,7 @@ test-avx2: install
 # compiled by that release, installed beside the pinned one.
 TRITON_OLDEST := $(VENV)/triton-oldest
 test-triton-oldest: install
-	test -f $(TRITON_OLDEST)/.done || { $(PIP) install --disable-pip-version-check -q --no-deps --target $(TRITON_OLDEST) \
+	test -f $(TRITON_OLDEST)/.done || { $(PIP) install --disable-pip-version-check -q --no-deps --no-compile --target $(TRITON_OLDEST) \
 	    "triton==$$($(PY) -c 'from fastsd._backend import TRITON_OLDEST_TESTED as v; print(v)')" && touch $(TRITON_OLDEST)/.done; }
 	PYTHONPATH=$(TRITON_OLDEST) $(PY) -c "import triton, fastsd._backend as b; assert triton.__version__ == b.TRITON_OLDEST_TESTED, triton.__version__; print('triton', triton.__version__)"
 	PYTHONPATH=$(TRITON_OLDEST) $(PY) -m pytest -q -ra -p no:cacheprovider tests/test_aot.py -k representative
@@ -43,17 +43,7 @@ bench: install
 	$(PY) -m fastsd.bench --quick
 
 # Regenerate the README's benchmark section from a run on this machine (no hand-edited numbers).
-readme-# The Triton backend is offered from fastsd._backend.TRITON_MIN_VERSION on (torch 2.10/2.11 ship 3.6):
-# one spec of every kernel, and each with its integer arguments equal to 1 (constexprs under the JIT),
-# compiled by that release, installed beside the pinned one.
-TRITON_OLDEST := $(VENV)/triton-oldest
-test-triton-oldest: install
-	test -f $(TRITON_OLDEST)/.done || { $(PIP) install --disable-pip-version-check -q --no-deps --target $(TRITON_OLDEST) \
-	    "triton==$$($(PY) -c 'from fastsd._backend import TRITON_OLDEST_TESTED as v; print(v)')" && touch $(TRITON_OLDEST)/.done; }
-	PYTHONPATH=$(TRITON_OLDEST) $(PY) -c "import triton, fastsd._backend as b; assert triton.__version__ == b.TRITON_OLDEST_TESTED, triton.__version__; print('triton', triton.__version__)"
-	PYTHONPATH=$(TRITON_OLDEST) $(PY) -m pytest -q -ra -p no:cacheprovider tests/test_aot.py -k representative
-
-bench: install
+readme-bench: install
 	$(PY) -m fastsd.bench --quick --readme README.md
 
 selftest: install

@@ -104,9 +104,15 @@ def test_icp_recipe_schedule_and_components():
 def test_icp_recipe_progress_from_total_steps():
     model = TinyNet()
     x, y = batch()
-    recipe = recipes.ICPDistillation(model, ["block"], steps=1, warmup=0.0, total_steps=4)
+    recipe = recipes.ICPDistillation(model, ["block"], steps=1, warmup=0.0, total_steps=4, schedule="step")
     alphas = [recipe(x, y)["alpha"] for _ in range(5)]
     assert alphas == pytest.approx([1.0] + [math.cos(math.pi / 2 * k / 4) for k in (1, 2, 3, 4)])
+    # the default (per-epoch) schedule: 4 steps in 2 epochs, each call read at its epoch's start
+    recipe = recipes.ICPDistillation(model, ["block"], steps=1, warmup=0.0, total_steps=4, epochs=2)
+    alphas = [recipe(x, y)["alpha"] for _ in range(5)]
+    assert alphas == pytest.approx([1.0, 1.0, math.cos(math.pi / 4), math.cos(math.pi / 4), 0.0])
+    with pytest.raises(ValueError, match="total_steps= with schedule='epoch' needs epochs="):
+        recipes.ICPDistillation(model, ["block"], total_steps=4)
     with pytest.raises(ValueError, match="progress"):
         recipes.ICPDistillation(model, ["block"])(x, y)
     with pytest.raises(ValueError, match="unknown layers"):
@@ -145,7 +151,8 @@ def test_recipes_train_a_tiny_model(name, optimizer, kwargs):
     before = eval_loss()
     opt = optimizer(model.parameters(), lr=0.05, **kwargs)
     recipe = (recipes.PatchSwapDistillation(model, patch_size=2) if name == "patchswap"
-              else recipes.ICPDistillation(model, ["stem", "block"], steps=2, warmup=0.3, total_steps=30))
+              else recipes.ICPDistillation(model, ["stem", "block"], steps=2, warmup=0.3, total_steps=30,
+                                               schedule="step"))
     for _ in range(30):
         loss = recipe(x, y)["loss"]
         opt.zero_grad()

@@ -950,12 +950,12 @@ def _resolve_layers(fn: str, model: nn.Module, layers) -> List[str]:
                 unknown.append(layer)
         elif isinstance(layer, nn.Module):
             if layer is model:
-                raise ValueError(f"{fn}: layers[{i}] is the model itself; give the submodules whose outputs "
-                                 f"are aligned")
+                raise ValueError(f"{fn}: layers must be submodules of the model, not the model itself "
+                                 f"(layers[{i}])")
             if id(layer) not in name_of:
-                raise ValueError(f"{fn}: layers[{i}] (a {type(layer).__name__}) is not a submodule of the model "
-                                 f"(a module of another copy of the model, or one not registered as an "
-                                 f"attribute?); valid names: {list(named)}")
+                raise ValueError(f"{fn}: layers must be submodules of the model; layers[{i}] (a "
+                                 f"{type(layer).__name__}) is not inside it (a module of another copy of the "
+                                 f"model, or one not registered as an attribute?); valid names: {list(named)}")
             names.append(name_of[id(layer)])
         else:
             raise TypeError(f"{fn}: layers must be module names (str) or submodules (nn.Module) of the model, "

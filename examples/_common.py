@@ -57,7 +57,8 @@ def parser(description: str, *, epochs: int, batch_size: int, lr: float, width: 
                    help="channels_last model and batches: auto = on for CUDA")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--profile-steps", type=int, default=3,
-                   help="steps of the first epoch (after one warm-up step) profiled for fastsd's share; 0: none")
+                   help="steps profiled for fastsd's share (after the first step of the first epoch, or for ICP of "
+                        "the first epoch that refines); 0: none")
     p.add_argument("--json", default=None, help="write the run's summary as JSON to this file")
     return p
 
@@ -279,12 +280,15 @@ def _sync(device):
 
 
 def train(args, name: str, model: nn.Module, train_loader, test_loader, env: Env, step: Callable, optimizer,
-          scheduler=None, *, logged=("loss",), regions=(), before_step: Optional[Callable] = None) -> dict:
+          scheduler=None, *, logged=("loss",), regions=(), before_step: Optional[Callable] = None,
+          profile_epoch: int = 0) -> dict:
     """The training loop: ``out = step(x, y, epoch, progress)`` under autocast (a dict whose
     ``"loss"`` is backpropagated; the keys in ``logged`` are averaged per epoch), then
     ``before_step()`` (e.g. gradient clipping), the optimiser step and ``scheduler.step()`` once
     per epoch. Prints per-epoch test accuracy and time per step, and fastsd's share of the profiled
-    steps. Returns a JSON-able summary."""
+    steps (``--profile-steps`` steps of epoch ``profile_epoch``, after its first step). Returns a
+    JSON-able summary."""
+    profile_epoch = profile_epoch if profile_epoch < args.epochs else 0
     steps_per_epoch = len(train_loader) if args.steps_per_epoch is None else min(len(train_loader),
                                                                                  args.steps_per_epoch)
     window = range(1, 1 + args.profile_steps) if args.profile_steps > 0 else range(0)
@@ -303,7 +307,7 @@ def train(args, name: str, model: nn.Module, train_loader, test_loader, env: Env
         for i, (x, y) in enumerate(train_loader):
             if i >= steps_per_epoch:
                 break
-            if epoch == 0 and len(window) and i == window.start:
+            if epoch == profile_epoch and len(window) and i == window.start:
                 _sync(device)
                 activities = [torch.profiler.ProfilerActivity.CPU] + (
                     [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -343,8 +347,9 @@ def train(args, name: str, model: nn.Module, train_loader, test_loader, env: Env
         history.append({"epoch": epoch + 1, "test_acc": acc, "ms_per_step": 1e3 * seconds / steps_per_epoch, **means})
         print(f"epoch {epoch + 1:3d}/{args.epochs}  " + "  ".join(f"{k} {v:.4f}" for k, v in means.items())
               + f"  test accuracy {acc:6.2f} %  {1e3 * seconds / steps_per_epoch:8.1f} ms/step"
-              + ("  (first epoch: warm-up and profiling included)" if epoch == 0 else ""), flush=True)
-        if epoch == 0 and share is not None:
+              + ("  (warm-up included)" if epoch == 0 else "")
+              + ("  (profiled steps included)" if epoch == profile_epoch and len(window) else ""), flush=True)
+        if epoch == profile_epoch and share is not None:
             print_share(share, share["steps"], device)
     total = time.perf_counter() - start
     summary = {"script": name, "device": str(device), "epochs": args.epochs, "seconds": round(total, 1),

@@ -78,8 +78,12 @@ def main(argv=None) -> dict:
         if args.clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
 
+    # profile the first epoch that refines: per epoch, the one after the warm-up; per step, the one
+    # in which the warm-up ends
+    first_refining = warmup_epochs + (1 if args.schedule == "epoch" else 0)
     return C.train(args, "cifar100_icp", model, train_loader, test_loader, env, step, optimizer,
-                   logged=("loss", "task", "feature", "alpha"), regions=(REFINEMENT,), before_step=clip)
+                   logged=("loss", "task", "feature", "alpha"), regions=(REFINEMENT,), before_step=clip,
+                   profile_epoch=first_refining)
 
 
 if __name__ == "__main__":

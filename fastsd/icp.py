@@ -1075,7 +1075,7 @@ class ICPDistiller:
         self.epochs = None if epochs is None else int(epochs)
         self._modules = [dict(model.named_modules())[n] for n in self.layers]
         # (the calling thread's id, or None under torch.compile; the features caught so far)
-        self._capture: Optional[Tuple[Optional[int], List[Optional[torch.Tensor]]]] = None
+        self._capture: Optional[Tuple[Optional[int], Dict[int, torch.Tensor]]] = None
         self._handles = [mod.register_forward_hook(self._hook(i)) for i, mod in enumerate(self._modules)]
         self._hooked = True
         self._lock = threading.RLock()
@@ -1110,8 +1110,10 @@ class ICPDistiller:
                 return
             owner, feats = capture
             # A replica (DataParallel copies modules with their hooks) or another thread: not this
-            # call's forward. (A thread id cannot be traced by torch.compile: owner is None there.)
-            if module is not self._modules[i] or (owner is not None and threading.get_ident() != owner):
+            # call's forward. (A thread id cannot be traced by torch.compile: owner is None when the
+            # call itself is compiled, and the check is skipped in a compiled model's forward.)
+            if module is not self._modules[i] or (owner is not None and not _compiling()
+                                                  and threading.get_ident() != owner):
                 raise RuntimeError(f"fastsd.ICPDistiller: layer {self.layers[i]!r} ran "
                                    + ("in a replica of the model" if module is not self._modules[i]
                                       else "in another thread")
@@ -1135,15 +1137,19 @@ class ICPDistiller:
         # torch.compile break the graph (RemovableHandle bumps a class attribute).
         if not self._hooked:  # (a bool: torch.compile cannot trace hook handles made outside it)
             raise RuntimeError("fastsd.ICPDistiller: remove_hooks() was called; make a new distiller")
-        feats: List[Optional[torch.Tensor]] = [None] * len(self._modules)
+        # layer index -> output: a dict, since Dynamo cannot assign into a list made outside a
+        # compiled model's forward (its hooks write here); the caller's list is filled after
+        feats: Dict[int, torch.Tensor] = {}
         self._capture = (None if _compiling() else threading.get_ident(), feats)
+        out: List[torch.Tensor] = []
         try:
-            yield feats
+            yield out
         finally:
             self._capture = None
-        missing = [n for n, f in zip(self.layers, feats) if f is None]
+        missing = [n for i, n in enumerate(self.layers) if i not in feats]
         if missing:
             raise RuntimeError(f"fastsd.ICPDistiller: layers {missing} were not called by the model's forward")
+        out.extend(feats[i] for i in range(len(self.layers)))
 
     def _task(self, output, y):
         """(task loss, logits) of x's output."""

@@ -1023,3 +1023,28 @@ def test_schedule_decides_when_refinement_starts():
     per_step = fastsd.ICPDistiller(model, ["bn1"], refiner=refiner, warmup=0.25, schedule="step")
     out = per_step(x, y, 0.3)
     assert calls == [1, 1] and out["alpha"] == pytest.approx(math.cos(math.pi / 2 * 0.05 / 0.75))
+
+
+def test_distiller_hooks_trace_inside_a_compiled_model():
+    """A model compiled in place (nn.Module.compile, as the examples' --compile does): the
+    distiller's hooks run inside its compiled forward without a graph break, and the loss is the
+    eager one."""
+    import copy
+
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    model = small_cnn()
+    eager = copy.deepcopy(model)
+    x, y = _batch((4, 3, 16, 16))
+    torch._dynamo.reset()
+    counters.clear()
+    model.compile(backend="eager")
+    try:
+        out = fastsd.ICPDistiller(model, ["bn1", "bn2"], refiner=fastsd.ICPRefiner(model, steps=2))(x, y, 0.9)
+        expected = fastsd.ICPDistiller(eager, ["bn1", "bn2"], refiner=fastsd.ICPRefiner(eager, steps=2))(x, y, 0.9)
+        assert not counters["graph_break"], dict(counters["graph_break"])
+        assert counters["stats"]["unique_graphs"] > 0  # the model's forward was compiled
+        torch.testing.assert_close(out["loss"], expected["loss"])
+    finally:
+        torch._dynamo.reset()

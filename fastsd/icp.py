@@ -230,7 +230,6 @@ def _task_loss(fn: str, loss_fn: Optional[Callable], logits_fn: Optional[Callabl
 
 # --- which pass is running: a trainer's own hooks can tell fastsd's extra passes apart -----------
 
-PASSES = ("student", "refine", "target")
 _PASS = threading.local()
 
 

@@ -19,6 +19,7 @@ from t, so the eager path needs no host sync and a captured graph bakes in each 
 from __future__ import annotations
 
 import collections
+import collections.abc
 import contextlib
 import dataclasses
 import functools
@@ -179,8 +180,102 @@ def _buffers_kept(model: nn.Module):
             mod._buffers[name] = b
 
 
-def _default_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits, y)
+def default_logits(output):
+    """The logits in a model's output: the output itself when it is a tensor, the first element of
+    a tuple or list, ``output["logits"]`` of a mapping (a dict, a Hugging Face ``ModelOutput``).
+    Anything else (or a first element that is not a tensor) raises TypeError asking for
+    ``logits_fn``."""
+    picked = output
+    if isinstance(output, (tuple, list)) and output:
+        picked = output[0]
+    elif isinstance(output, collections.abc.Mapping) and "logits" in output:
+        picked = output["logits"]
+    if not isinstance(picked, torch.Tensor):
+        raise TypeError(f"fastsd: the model returned {_describe(output)}; the default logits_fn takes the "
+                        f"output itself when it is a tensor, the first element of a tuple or list, or a "
+                        f"mapping's 'logits'. Pass logits_fn= (e.g. lambda out: out[1]) and, for a task loss "
+                        f"that reads more than the logits, loss_fn=(output, y) -> scalar")
+    return picked
+
+
+def _describe(output) -> str:
+    if isinstance(output, (tuple, list)):
+        inner = type(output[0]).__name__ if output else "nothing"
+        return f"a {type(output).__name__} whose first element is {inner}"
+    return f"a {type(output).__name__}"
+
+
+def _default_loss(output, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(default_logits(output), y)
+
+
+def _cross_entropy_of(logits_fn: Callable, output, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits_fn(output), y)
+
+
+def _task_loss(fn: str, loss_fn: Optional[Callable], logits_fn: Optional[Callable]) -> Callable:
+    """The task loss ``(model output, y) -> scalar`` of ``loss_fn`` and ``logits_fn``: ``loss_fn``
+    itself when given (it reads the whole output), else cross-entropy of ``logits_fn(output)``
+    (default: :func:`default_logits`). The same object for the same arguments' defaults, so a
+    refiner's CUDA-graph key does not change."""
+    for name, value in (("loss_fn", loss_fn), ("logits_fn", logits_fn)):
+        if value is not None and not callable(value):
+            raise TypeError(f"{fn}: {name} must be callable or None, got {type(value).__name__}")
+    if loss_fn is not None:
+        return loss_fn
+    if logits_fn is None:
+        return _default_loss
+    return functools.partial(_cross_entropy_of, logits_fn)
+
+
+# --- which pass is running: a trainer's own hooks can tell fastsd's extra passes apart -----------
+
+_PASS = threading.local()
+
+
+class _TracedPass:
+    """The pass under torch.compile (Dynamo traces attribute writes on a plain object, not on a
+    ``threading.local``; compiled code runs in the calling thread)."""
+    kind: Optional[str] = None
+
+
+_TRACED_PASS = _TracedPass()
+
+
+def current_pass() -> Optional[str]:
+    """Which of fastsd's forward passes the calling thread is in, for a trainer's own hooks:
+
+    * ``"student"``: :class:`ICPDistiller`'s forward of the real batch x (train mode, with grad:
+      the pass a trainer's own forward would have been);
+    * ``"refine"``: one of :class:`ICPRefiner`'s K passes (eval mode; grad for the input only);
+    * ``"target"``: the distiller's forward of the refined input (x's mode, under no_grad);
+    * None: outside fastsd's calls (the trainer's own forwards, evaluation).
+
+    With CUDA graphs the refiner's passes run Python (hooks included) at capture only, not on
+    replays.
+    """
+    if _compiling():
+        return _TRACED_PASS.kind
+    return getattr(_PASS, "kind", None)
+
+
+def refining() -> bool:
+    """True during every forward fastsd runs on a refined input: the refiner's K passes and the
+    distiller's target pass (``current_pass() in ("refine", "target")``). A trainer's forward hook
+    that keeps features should skip these: they are not the real batch's, and the target pass's
+    outputs carry no graph. (The distiller's own hooks already do.)"""
+    return current_pass() in ("refine", "target")
+
+
+@contextlib.contextmanager
+def _in_pass(kind: str):
+    holder = _TRACED_PASS if _compiling() else _PASS
+    previous = getattr(holder, "kind", None)
+    holder.kind = kind
+    try:
+        yield
+    finally:
+        holder.kind = previous
 
 
 # --- the refiner -------------------------------------------------------------------------------
@@ -298,7 +393,9 @@ class ICPRefiner:
         method: ``"sgd"``, ``"adam"`` or ``"ademamix"``.
         betas: ``(beta1, beta2)`` or, for ademamix, ``(beta1, beta2, beta3)``; each in [0, 1).
         eps: >= 0, added to ``sqrt(v_hat)``.
-        loss_fn: ``loss_fn(model(x), y) -> scalar``; default mean cross-entropy.
+        loss_fn: ``loss_fn(model(x), y) -> scalar``, given the model's whole output; default mean
+            cross-entropy of :func:`default_logits` (the output when it is a tensor, a tuple's
+            first element, a mapping's ``"logits"``).
         clamp: None or ``(lo, hi)``.
         cuda_graph: ``"auto"``: on CUDA, the K steps are captured into one CUDA graph over static
             buffers (warm-up on the caller's stream, capture on a side stream of x's device, with
@@ -316,7 +413,8 @@ class ICPRefiner:
             capture failure, DataParallel, FSDP).
             The graph reads the model's parameters in place: optimiser steps and
             ``load_state_dict`` are seen by later replays. Python side effects of the model's
-            forward (hooks, counters) happen at capture only, not on replays. All graphs of a
+            forward (hooks, counters) happen at capture only, not on replays. A hook can tell
+            these passes from the trainer's own with :func:`refining` / :func:`current_pass`. All graphs of a
             refiner share one memory pool (per device); :meth:`reset` drops them and the pool.
             Under torch.compile the refinement is traced eagerly.
         ademamix_alpha: AdEMAMix's alpha (5).
@@ -435,7 +533,7 @@ class ICPRefiner:
             use_graph = self._use_graph(x)
             if self.steps == 0:
                 return x.detach().clone()
-            with _modes(self.model, False):
+            with _modes(self.model, False), _in_pass("refine"):
                 return self._replay(x, y) if use_graph else self._eager(x, y)
 
     # -- CUDA graphs --------------------------------------------------------------------------
@@ -829,24 +927,65 @@ def _feature_alignment_loss():
     return feature_alignment_loss
 
 
+SCHEDULES = ("epoch", "step")
+
+
+def _resolve_layers(fn: str, model: nn.Module, layers) -> List[str]:
+    """``layers`` (names from ``model.named_modules()``, submodules of ``model``, or a mix) as names."""
+    if isinstance(layers, (str, nn.Module)):
+        layers = [layers]
+    if not isinstance(layers, (list, tuple)) or not layers:
+        raise TypeError(f"{fn}: layers must be a non-empty sequence of module names or submodules of the model, "
+                        f"got {layers!r}")
+    named = dict(model.named_modules())
+    named.pop("", None)
+    name_of = {id(mod): name for name, mod in named.items()}
+    names, unknown = [], []
+    for i, layer in enumerate(layers):
+        if isinstance(layer, str):
+            if layer in named:
+                names.append(layer)
+            else:
+                unknown.append(layer)
+        elif isinstance(layer, nn.Module):
+            if layer is model:
+                raise ValueError(f"{fn}: layers must be submodules of the model, not the model itself "
+                                 f"(layers[{i}])")
+            if id(layer) not in name_of:
+                raise ValueError(f"{fn}: layers must be submodules of the model; layers[{i}] (a "
+                                 f"{type(layer).__name__}) is not inside it (a module of another copy of the "
+                                 f"model, or one not registered as an attribute?); valid names: {list(named)}")
+            names.append(name_of[id(layer)])
+        else:
+            raise TypeError(f"{fn}: layers must be module names (str) or submodules (nn.Module) of the model, "
+                            f"got {type(layer).__name__} at layers[{i}]")
+    if unknown:
+        raise ValueError(f"{fn}: unknown layers {unknown} in layers; valid names: {list(named)}")
+    return names
+
+
 class ICPDistiller:
     """One ICP self-distillation loss: ``out = distiller(x, y, progress)`` (SPEC section 5).
 
-    ``out = dict(loss, task, feature, alpha)``:
+    ``out = dict(loss, task, feature, alpha, logits, output)``:
 
     * x goes through the model in train mode (a model in eval mode is put in train mode for the
       call and every module's flag restored after; a model already in train mode is left as it is,
-      so submodules the user froze in eval mode stay so); ``task = CE(model(x), y)``;
-    * if ``progress > warmup``: ``x_r = refiner(x, y)`` (eval mode, see :class:`ICPRefiner`), the
-      refined input runs under ``torch.no_grad()`` in the same mode as x to give the target
-      features (BatchNorm buffers are left as they were by this pass, so the running statistics see
-      each real batch once), and ``feature = feature_alignment_loss(features(x), targets, kind,
-      layer_weights)``; else ``feature = 0``;
-    * ``alpha = 1`` while ``progress <= warmup``, else ``cos(pi/2 * (progress - warmup) / (1 - warmup))``;
+      so submodules the user froze in eval mode stay so): ``output = model(x)``,
+      ``logits = logits_fn(output)``, ``task = loss_fn(output, y)`` (default: cross-entropy of the
+      logits);
+    * if ``p > warmup`` (``p``: the progress as the schedule reads it, below):
+      ``x_r = refiner(x, y)`` (eval mode, see :class:`ICPRefiner`), the refined input runs under
+      ``torch.no_grad()`` in the same mode as x to give the target features (BatchNorm buffers are
+      left as they were by this pass, so the running statistics see each real batch once), and
+      ``feature = feature_alignment_loss(features(x), targets, kind, layer_weights)``; else
+      ``feature = 0``;
+    * ``alpha = 1`` while ``p <= warmup``, else ``cos(pi/2 * (p - warmup) / (1 - warmup))``;
       ``loss = alpha * task + (1 - alpha) * feature``.
 
+    ``logits`` and ``output`` are x's, with their graph (for accuracy and logging: detach them).
     The targets carry no graph, so gradient reaches the model only through x's own branch.
-    Features are the outputs of the named modules, caught by forward hooks (registered once, in
+    Features are the outputs of the given layers, caught by forward hooks (registered once, in
     ``__init__``) during the distiller's own forwards only (a module called several times
     contributes its last output). Threads may share a distiller: its calls run one at a time. A
     hooked layer that runs in another thread during a call (``nn.DataParallel``'s replicas, or the
@@ -855,30 +994,50 @@ class ICPDistiller:
     (ValueError); use ``DistributedDataParallel`` (one process per GPU), as
     :class:`fastsd.recipes.ICPDistillation` does.
 
+    **A trainer's own hooks.** Forward hooks the trainer put on the model fire on every pass of a
+    call: the forward of x, the refiner's K passes (eval mode) and the target pass (no grad), in
+    that order, so a hook that keeps "the last output" ends up holding the refined input's
+    no-grad features. :func:`refining` (True during the refiner's and the target pass) and
+    :func:`current_pass` (``"student"``, ``"refine"``, ``"target"``) tell them apart; or take
+    what the trainer needs from the returned dict.
+
+    **Schedule.** ``schedule="epoch"`` (default; the paper's trainer, which computes its weight
+    once per epoch from ``epoch / epochs``): with ``epochs=E`` the progress is read as
+    ``floor(progress * E) / E``, the start of the current epoch, so any per-step progress gives
+    the per-epoch schedule; without ``epochs`` pass ``progress = epoch / epochs``. ``"step"``:
+    progress is read as given, e.g. ``(epoch + i / len(loader)) / epochs``, and alpha changes
+    every step. The two differ by up to ``sin(pi / (2 * E * (1 - warmup)))`` in alpha: 0.71 for
+    2 epochs without warm-up, 0.21 for 10 epochs with ``warmup=0.25`` (with one epoch the
+    epoch schedule never leaves the warm-up).
+
     Args:
         model: the network.
-        layers: names from ``model.named_modules()`` (e.g. ``["layer1", ..., "layer4"]``); unknown
-            names raise ValueError listing the valid ones.
+        layers: the modules whose outputs are aligned: names from ``model.named_modules()`` (e.g.
+            ``["layer1", ..., "layer4"]``), the submodules themselves (``[model.layer1, ...]``), or
+            a mix. Unknown names and modules that are not inside ``model`` raise ValueError
+            listing the valid names.
         refiner: an :class:`ICPRefiner` (or any ``callable(x, y) -> x_refined``); default
-            ``ICPRefiner(model)``.
+            ``ICPRefiner(model, loss_fn=<this task loss>)``. A refiner you pass refines with its own
+            ``loss_fn``: give it the same task loss for a model whose output is not plain logits.
         kind, layer_weights: as ``fastsd.feature_alignment_loss``'s ``kind`` and ``weights``.
-        warmup: in [0, 1].
+        warmup: in [0, 1]. (The paper's trainer takes ``warmup_epochs = int(rate * epochs)``:
+            pass ``warmup=warmup_epochs / epochs``.)
+        loss_fn: the task loss ``loss_fn(output, y) -> scalar`` given the model's whole output (as
+            ``ICPRefiner``'s); default cross-entropy of ``logits_fn(output)``.
+        logits_fn: ``logits_fn(output) -> logits``; default :func:`default_logits` (the output
+            when it is a tensor, the first element of a tuple or list, a mapping's ``"logits"``).
+        schedule: ``"epoch"`` or ``"step"`` (above).
+        epochs: the number of epochs, for ``schedule="epoch"`` (None: progress is taken as given).
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[str], refiner: Optional[Callable] = None,
-                 kind: str = "mse", layer_weights="cosine", warmup: float = 0.25):
+    def __init__(self, model: nn.Module, layers, refiner: Optional[Callable] = None,
+                 kind: str = "mse", layer_weights="cosine", warmup: float = 0.25, *,
+                 loss_fn: Optional[Callable] = None, logits_fn: Optional[Callable] = None,
+                 schedule: str = "epoch", epochs: Optional[int] = None):
         fn = "fastsd.ICPDistiller"
         if not isinstance(model, nn.Module):
             raise TypeError(f"{fn}: model must be a torch.nn.Module, got {type(model).__name__}")
-        if isinstance(layers, str):
-            layers = [layers]
-        if not isinstance(layers, (list, tuple)) or not layers or not all(isinstance(n, str) for n in layers):
-            raise TypeError(f"{fn}: layers must be a non-empty sequence of module names, got {layers!r}")
-        modules = dict(model.named_modules())
-        modules.pop("", None)
-        unknown = [n for n in layers if n not in modules]
-        if unknown:
-            raise ValueError(f"{fn}: unknown layers {unknown} in layers; valid names: {list(modules)}")
+        names = _resolve_layers(fn, model, layers)
         dp = _data_parallel(model)
         if dp is not None:
             raise ValueError(f"{fn}: the model runs {dp}. {_DATA_PARALLEL}")
@@ -886,24 +1045,36 @@ class ICPDistiller:
             raise ValueError(f"{fn}: kind must be one of {FEATURE_KINDS}, got {kind!r}")
         if layer_weights is not None and not (isinstance(layer_weights, str) and layer_weights == "cosine"):
             if isinstance(layer_weights, str) or not isinstance(layer_weights, (list, tuple)) \
-                    or len(layer_weights) != len(layers):
-                raise ValueError(f"{fn}: layer_weights must be None, 'cosine' or {len(layers)} numbers "
+                    or len(layer_weights) != len(names):
+                raise ValueError(f"{fn}: layer_weights must be None, 'cosine' or {len(names)} numbers "
                                  f"(one per layer), got {layer_weights!r}")
             if not all(isinstance(w, numbers.Real) and not isinstance(w, bool) for w in layer_weights):
                 raise TypeError(f"{fn}: layer_weights must be numbers, got {layer_weights!r}")
+        self.task_loss = _task_loss(fn, loss_fn, logits_fn)
+        self.logits_fn = logits_fn if logits_fn is not None else default_logits
+        if not isinstance(schedule, str) or schedule not in SCHEDULES:
+            raise ValueError(f"{fn}: schedule must be one of {SCHEDULES}, got {schedule!r}")
+        if epochs is not None:
+            if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 1:
+                raise ValueError(f"{fn}: epochs must be None or an int >= 1, got {epochs!r}")
+            if schedule != "epoch":
+                raise ValueError(f"{fn}: epochs is read by schedule='epoch' only; schedule={schedule!r} takes "
+                                 f"the progress as given")
         if refiner is None:
-            refiner = ICPRefiner(model)
+            refiner = ICPRefiner(model, loss_fn=self.task_loss)
         elif not callable(refiner):
             raise TypeError(f"{fn}: refiner must be an ICPRefiner (or callable(x, y)), got {type(refiner).__name__}")
         self.model = model
-        self.layers = tuple(layers)
+        self.layers = tuple(names)
         self.refiner = refiner
         self.kind = kind
         self.layer_weights = layer_weights
         self.warmup = V.unit_interval(fn, "warmup", warmup)
-        self._modules = [modules[n] for n in self.layers]
+        self.schedule = schedule
+        self.epochs = None if epochs is None else int(epochs)
+        self._modules = [dict(model.named_modules())[n] for n in self.layers]
         # (the calling thread's id, or None under torch.compile; the features caught so far)
-        self._capture: Optional[Tuple[Optional[int], List[Optional[torch.Tensor]]]] = None
+        self._capture: Optional[Tuple[Optional[int], Dict[int, torch.Tensor]]] = None
         self._handles = [mod.register_forward_hook(self._hook(i)) for i, mod in enumerate(self._modules)]
         self._hooked = True
         self._lock = threading.RLock()
@@ -915,9 +1086,18 @@ class ICPDistiller:
         self.__dict__.update(state)
         self._lock = threading.RLock()
 
-    def alpha(self, progress: float) -> float:
-        """Weight of the task loss at ``progress`` in [0, 1]."""
+    def scheduled(self, progress: float) -> float:
+        """The progress the schedule reads: ``floor(progress * epochs) / epochs`` for
+        ``schedule="epoch"`` with ``epochs``, else ``progress``."""
         progress = V.unit_interval("fastsd.ICPDistiller", "progress", progress)
+        if self.schedule == "epoch" and self.epochs is not None:
+            # (the tolerance: epoch / epochs may come back a rounding below the epoch)
+            return math.floor(progress * self.epochs + 1e-9) / self.epochs
+        return progress
+
+    def alpha(self, progress: float) -> float:
+        """Weight of the task loss at ``progress`` in [0, 1] (read by the schedule)."""
+        progress = self.scheduled(progress)
         if progress <= self.warmup:
             return 1.0
         return math.cos(math.pi / 2 * (progress - self.warmup) / (1.0 - self.warmup))
@@ -929,8 +1109,10 @@ class ICPDistiller:
                 return
             owner, feats = capture
             # A replica (DataParallel copies modules with their hooks) or another thread: not this
-            # call's forward. (A thread id cannot be traced by torch.compile: owner is None there.)
-            if module is not self._modules[i] or (owner is not None and threading.get_ident() != owner):
+            # call's forward. (A thread id cannot be traced by torch.compile: owner is None when the
+            # call itself is compiled, and the check is skipped in a compiled model's forward.)
+            if module is not self._modules[i] or (owner is not None and not _compiling()
+                                                  and threading.get_ident() != owner):
                 raise RuntimeError(f"fastsd.ICPDistiller: layer {self.layers[i]!r} ran "
                                    + ("in a replica of the model" if module is not self._modules[i]
                                       else "in another thread")
@@ -954,32 +1136,47 @@ class ICPDistiller:
         # torch.compile break the graph (RemovableHandle bumps a class attribute).
         if not self._hooked:  # (a bool: torch.compile cannot trace hook handles made outside it)
             raise RuntimeError("fastsd.ICPDistiller: remove_hooks() was called; make a new distiller")
-        feats: List[Optional[torch.Tensor]] = [None] * len(self._modules)
+        # layer index -> output: a dict, since Dynamo cannot assign into a list made outside a
+        # compiled model's forward (its hooks write here); the caller's list is filled after
+        feats: Dict[int, torch.Tensor] = {}
         self._capture = (None if _compiling() else threading.get_ident(), feats)
+        out: List[torch.Tensor] = []
         try:
-            yield feats
+            yield out
         finally:
             self._capture = None
-        missing = [n for n, f in zip(self.layers, feats) if f is None]
+        missing = [n for i, n in enumerate(self.layers) if i not in feats]
         if missing:
             raise RuntimeError(f"fastsd.ICPDistiller: layers {missing} were not called by the model's forward")
+        out.extend(feats[i] for i in range(len(self.layers)))
+
+    def _task(self, output, y):
+        """(task loss, logits) of x's output."""
+        task = self.task_loss(output, y)
+        if not isinstance(task, torch.Tensor) or task.dim() != 0:
+            raise ValueError("fastsd.ICPDistiller: loss_fn must return a scalar tensor, got "
+                             + (f"shape {tuple(task.shape)}" if isinstance(task, torch.Tensor) else type(task).__name__))
+        return task, self.logits_fn(output)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, progress: float) -> dict:
         fn = "fastsd.ICPDistiller"
         _check_batch(fn, x, y)
         alpha = self.alpha(progress)
-        active = progress > self.warmup
+        active = self.scheduled(progress) > self.warmup
         modes = _modes(self.model, True) if not self.model.training else contextlib.nullcontext()
         with _held(self._lock), modes:
             if not active:
-                task = F.cross_entropy(self.model(x), y)
-                return {"loss": task, "task": task, "feature": task.new_zeros(()).detach(), "alpha": alpha}
-            with self._features() as student:
-                logits = self.model(x)
-            task = F.cross_entropy(logits, y)
+                with _in_pass("student"):
+                    output = self.model(x)
+                task, logits = self._task(output, y)
+                return {"loss": task, "task": task, "feature": task.new_zeros(()).detach(), "alpha": alpha,
+                        "logits": logits, "output": output}
+            with self._features() as student, _in_pass("student"):
+                output = self.model(x)
+            task, logits = self._task(output, y)
             x_refined = self.refiner(x, y)
-            with torch.no_grad(), _buffers_kept(self.model), self._features() as targets:
+            with torch.no_grad(), _buffers_kept(self.model), self._features() as targets, _in_pass("target"):
                 self.model(x_refined)
             feature = _feature_alignment_loss()(student, targets, kind=self.kind, weights=self.layer_weights)
             loss = alpha * task + (1.0 - alpha) * feature
-        return {"loss": loss, "task": task, "feature": feature, "alpha": alpha}
+        return {"loss": loss, "task": task, "feature": feature, "alpha": alpha, "logits": logits, "output": output}

@@ -21,13 +21,13 @@ touches the DDP reducer. ``nn.DataParallel`` over several GPUs is refused by
 from __future__ import annotations
 
 import numbers
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import nn
 
 from . import _validate as V
-from .icp import ICPDistiller, ICPRefiner, unwrap
+from .icp import ICPDistiller, ICPRefiner, _task_loss, unwrap
 from .losses import TEACHERS, pair_kd_loss
 from .pairing import default_patch_size, intra_class_pairs, patch_swap_mask
 from .patch_swap import patch_swap
@@ -132,13 +132,14 @@ class ICPDistillation:
     """Iterative constructive perturbation (ICP) self-distillation as one call per batch.
 
     ``out = recipe(x, y, progress)`` is :class:`fastsd.ICPDistiller` with an
-    :class:`fastsd.ICPRefiner`: the task loss is cross-entropy on x; once ``progress > warmup``, x
-    is refined ``steps`` times down the loss (eval mode, fresh optimiser state), the refined input's
-    features at ``layers`` become detached targets, and
-    ``loss = alpha * task + (1 - alpha) * feature_alignment_loss(features(x), targets)`` with
-    ``alpha = cos(pi/2 * (progress - warmup) / (1 - warmup))`` (1 during warm-up).
+    :class:`fastsd.ICPRefiner`: the task loss is ``loss_fn(model(x), y)`` (default cross-entropy);
+    once the scheduled progress passes ``warmup``, x is refined ``steps`` times down that loss
+    (eval mode, fresh optimiser state), the refined input's features at ``layers`` become detached
+    targets, and ``loss = alpha * task + (1 - alpha) * feature_alignment_loss(features(x), targets)``
+    with ``alpha = cos(pi/2 * (p - warmup) / (1 - warmup))`` (1 during warm-up).
 
-    Returns ``dict(loss, task, feature, alpha)``.
+    Returns ``dict(loss, task, feature, alpha, logits, output)`` (``logits``/``output``: x's, for
+    accuracy and logging).
 
     Args:
         model: any ``nn.Module`` classifier, or its ``DistributedDataParallel`` wrapper
@@ -146,41 +147,56 @@ class ICPDistillation:
             (the one that carries gradient) and the target forward go through ``model``; the
             refinement loop runs on the unwrapped module (:func:`unwrap`), so DDP's reducer never
             sees its forward/backward passes (they differentiate the input only).
-        layers: names of the modules whose outputs are aligned, relative to the unwrapped module
-            (e.g. ``["layer1", "layer2", "layer3", "layer4"]`` for a torchvision ResNet); names
-            that include the wrapper's ``module.`` prefix work too.
-        steps, step_size, method: the refiner's (see :class:`fastsd.ICPRefiner`).
+        layers: the modules whose outputs are aligned: names relative to the unwrapped module
+            (e.g. ``["layer1", "layer2", "layer3", "layer4"]`` for a torchvision ResNet; names
+            that include the wrapper's ``module.`` prefix work too), the submodules themselves, or
+            a mix.
+        steps, step_size, method: the refiner's (see :class:`fastsd.ICPRefiner`). The paper's
+            trainer passes its model learning rate as the step size (3e-4 in its config);
+            ``2e-3`` is the default of its ``get_ifgsm``, which that trainer does not use.
         warmup: fraction of training with the task loss only.
         kind, layer_weights: the feature loss (see :func:`fastsd.feature_alignment_loss`).
         clamp, cuda_graph: passed to :class:`fastsd.ICPRefiner`.
+        loss_fn, logits_fn: the task loss on the model's whole output and the logits in it (see
+            :class:`fastsd.ICPDistiller`); the refiner refines down the same loss.
+        schedule, epochs: ``"epoch"`` (default, the paper's: alpha changes once per epoch; with
+            ``epochs`` any per-step progress is read at its epoch's start) or ``"step"``.
         total_steps: when given, a call with ``progress=None`` uses ``calls_so_far / total_steps``
-            (the recipe counts its calls); without it ``progress`` is required.
+            (the recipe counts its calls); without it ``progress`` is required. With
+            ``schedule="epoch"`` it needs ``epochs`` too.
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[str], steps: int = 5, step_size: float = 2e-3,
+    def __init__(self, model: nn.Module, layers, steps: int = 5, step_size: float = 2e-3,
                  method: str = "adam", warmup: float = 0.25, *, kind: str = "mse", layer_weights="cosine",
-                 clamp=None, cuda_graph: str = "auto", total_steps: Optional[int] = None):
+                 clamp=None, cuda_graph: str = "auto", total_steps: Optional[int] = None,
+                 loss_fn=None, logits_fn=None, schedule: str = "epoch", epochs: Optional[int] = None):
         fn = "fastsd.recipes.ICPDistillation"
         _check_model(fn, model)
-        if isinstance(layers, str):
+        if isinstance(layers, (str, nn.Module)):
             layers = [layers]
         if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Integral)
                                         or total_steps < 1):
             raise ValueError(f"{fn}: total_steps must be None or an int >= 1, got {total_steps!r}")
+        if total_steps is not None and schedule == "epoch" and epochs is None:
+            raise ValueError(f"{fn}: total_steps= with schedule='epoch' needs epochs= (the progress of a call is "
+                             f"read at its epoch's start); or pass schedule='step'")
         self.model = model
         self.module = unwrap(model)
+        task_loss = _task_loss(fn, loss_fn, logits_fn)
         self.refiner = ICPRefiner(self.module, steps=steps, step_size=step_size, method=method, clamp=clamp,
-                                  cuda_graph=cuda_graph)
+                                  cuda_graph=cuda_graph, loss_fn=task_loss)
         self.distiller = ICPDistiller(model, _names_in_wrapper(fn, model, self.module, layers), refiner=self.refiner,
-                                      kind=kind, layer_weights=layer_weights, warmup=warmup)
-        self.layers = tuple(layers)
+                                      kind=kind, layer_weights=layer_weights, warmup=warmup, loss_fn=task_loss,
+                                      logits_fn=logits_fn, schedule=schedule, epochs=epochs)
+        self.layers = tuple(_inner_name(model, self.module, name) for name in self.distiller.layers)
         self.total_steps = total_steps
         self.calls = 0
 
     def __repr__(self) -> str:
         return (f"ICPDistillation(layers={list(self.layers)}, steps={self.refiner.steps}, "
                 f"step_size={self.refiner.step_size}, method={self.refiner.method!r}, "
-                f"warmup={self.distiller.warmup}, kind={self.distiller.kind!r})")
+                f"warmup={self.distiller.warmup}, kind={self.distiller.kind!r}, "
+                f"schedule={self.distiller.schedule!r}, epochs={self.distiller.epochs})")
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, progress: Optional[float] = None) -> dict:
         fn = "fastsd.recipes.ICPDistillation"
@@ -194,8 +210,9 @@ class ICPDistillation:
         return self.distiller(x, y, progress)
 
 
-def _names_in_wrapper(fn: str, model: nn.Module, module: nn.Module, layers: Sequence[str]):
-    """``layers`` (names in the unwrapped module, or already in the wrapper) as names in ``model``."""
+def _names_in_wrapper(fn: str, model: nn.Module, module: nn.Module, layers):
+    """``layers`` (names in the unwrapped module, or already in the wrapper; or submodules, which
+    :class:`fastsd.ICPDistiller` resolves) as layers of ``model``."""
     if model is module:
         return list(layers)
     inner = dict(module.named_modules())
@@ -203,7 +220,9 @@ def _names_in_wrapper(fn: str, model: nn.Module, module: nn.Module, layers: Sequ
     outer = dict(model.named_modules())
     names = []
     for layer in layers:
-        if isinstance(layer, str) and layer in inner and layer != "":
+        if not isinstance(layer, str):  # a submodule (or a wrong type): the distiller resolves or refuses it
+            names.append(layer)
+        elif isinstance(layer, str) and layer in inner and layer != "":
             names.append(outer_name[id(inner[layer])])
         elif isinstance(layer, str) and layer in outer:
             names.append(layer)
@@ -211,3 +230,11 @@ def _names_in_wrapper(fn: str, model: nn.Module, module: nn.Module, layers: Sequ
             valid = [n for n in inner if n]
             raise ValueError(f"{fn}: unknown layers [{layer!r}] in layers; valid names: {valid}")
     return names
+
+
+def _inner_name(model: nn.Module, module: nn.Module, name: str) -> str:
+    """A layer's name in ``model`` as a name in the unwrapped ``module`` (itself when not inside it)."""
+    if model is module:
+        return name
+    inner_name = {id(m): n for n, m in module.named_modules()}
+    return inner_name.get(id(dict(model.named_modules())[name]), name)

@@ -794,3 +794,272 @@ def test_distiller_hooks_are_registered_once_and_removable():
     assert sum(len(m._forward_hooks) for m in model.modules()) == 0
     with pytest.raises(RuntimeError, match="remove_hooks"):
         distiller(x, y, 0.9)
+
+
+# --- ICPDistiller in a trainer's loop: task loss, outputs, layers, hooks, schedule -----------------------
+
+
+class TwoHeads(nn.Module):
+    """A BYOT-style model: its forward returns ``(aux_logits_list, logits, features)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = SmallCNN()
+        self.aux = nn.Linear(8, 10)
+
+    def forward(self, x):
+        b = self.body
+        h = F.relu(b.bn1(b.conv1(x)))
+        logits = b.fc(F.relu(b.bn2(b.conv2(h))).mean((2, 3)))
+        return [self.aux(h.mean((2, 3)))], logits, h
+
+
+def _two_heads_loss(out, y):
+    aux, logits, _ = out
+    return F.cross_entropy(logits, y) + 0.5 * F.cross_entropy(aux[0], y)
+
+
+def test_distiller_task_loss_and_logits_of_a_model_returning_a_tuple():
+    torch.manual_seed(0)
+    model = TwoHeads()
+    x, y = _batch((6, 3, 16, 16))
+    with pytest.raises(TypeError, match="logits_fn"):  # the first element is a list, not logits
+        fastsd.ICPDistiller(model, ["body.bn1"], warmup=0.0)(x, y, 0.5)
+    d = fastsd.ICPDistiller(model, ["body.bn1", "body.bn2"], warmup=0.0, loss_fn=_two_heads_loss,
+                            logits_fn=lambda out: out[1])
+    assert d.refiner.loss_fn is _two_heads_loss  # the default refiner refines down the same task loss
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    out = d(x, y, 0.5)
+    model.load_state_dict(state)
+    expected = model(x)
+    torch.testing.assert_close(out["task"], _two_heads_loss(expected, y))
+    torch.testing.assert_close(out["logits"], expected[1])
+    assert out["logits"].grad_fn is not None and out["output"][1] is out["logits"]
+    # the refinement followed the whole task loss, not cross-entropy of the logits alone
+    model.load_state_dict(state)
+    refined = fastsd.ICPRefiner(model, loss_fn=_two_heads_loss)(x, y)
+    torch.testing.assert_close(d.refiner(x, y), refined)
+    assert not torch.allclose(refined, fastsd.ICPRefiner(model, loss_fn=lambda o, t: F.cross_entropy(o[1], t))(x, y))
+
+
+def test_distiller_logits_fn_alone_gives_cross_entropy_of_those_logits():
+    model = TwoHeads()
+    x, y = _batch((4, 3, 16, 16))
+    d = fastsd.ICPDistiller(model, ["body.bn2"], warmup=0.5, logits_fn=lambda out: out[1])
+    out = d(x, y, 0.2)  # warm-up: task only, logits returned too
+    torch.testing.assert_close(out["task"], F.cross_entropy(out["logits"], y))
+    torch.testing.assert_close(out["logits"], model(x)[1])
+    out = d(x, y, 0.9)
+    assert torch.isfinite(out["loss"]) and out["feature"] > 0
+    with pytest.raises(ValueError, match="loss_fn must return a scalar"):
+        fastsd.ICPDistiller(model, ["body.bn2"], loss_fn=lambda o, t: F.cross_entropy(o[1], t, reduction="none"))(
+            x, y, 0.2)
+
+
+def test_default_logits_picks_tensor_first_element_or_logits_key():
+    t = torch.randn(2, 3)
+    assert icp_module.default_logits(t) is t
+    assert icp_module.default_logits((t, 1)) is t and icp_module.default_logits([t]) is t
+    assert icp_module.default_logits({"loss": 0, "logits": t}) is t
+    for bad in ({"scores": t}, ([t], t), (), "logits"):
+        with pytest.raises(TypeError, match="logits_fn"):
+            icp_module.default_logits(bad)
+
+
+def test_refiner_default_loss_takes_the_first_element_of_a_tuple():
+    model = small_cnn()
+    x, y = _batch((4, 3, 16, 16))
+
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x):
+            return self.inner(x), x.mean()
+
+    torch.testing.assert_close(fastsd.ICPRefiner(Pair(), steps=2)(x, y), fastsd.ICPRefiner(model, steps=2)(x, y))
+
+
+def test_distiller_returns_logits_and_output_of_x():
+    model = small_cnn()
+    x, y = _batch((6, 3, 16, 16))
+    for progress in (0.1, 0.8):  # warm-up and active
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        out = fastsd.ICPDistiller(model, ["bn1"], refiner=fastsd.ICPRefiner(model, steps=1))(x, y, progress)
+        assert out["output"] is out["logits"] and out["logits"].grad_fn is not None
+        after = {k: v.clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(state)
+        model.train()
+        torch.testing.assert_close(out["logits"], model(x))
+        model.load_state_dict(after)
+
+
+def test_distiller_layers_as_modules_names_or_a_mix():
+    model = small_cnn()
+    x, y = _batch((6, 3, 16, 16))
+    refiner = fastsd.ICPRefiner(model, steps=2)
+    by_name = fastsd.ICPDistiller(model, ["conv1", "bn2"], refiner=refiner)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    expected = by_name(x, y, 0.8)["loss"]
+    by_name.remove_hooks()
+    for layers in ([model.conv1, model.bn2], [model.conv1, "bn2"], ["conv1", model.bn2]):
+        model.load_state_dict(state)
+        d = fastsd.ICPDistiller(model, layers, refiner=refiner)
+        assert d.layers == ("conv1", "bn2")
+        torch.testing.assert_close(d(x, y, 0.8)["loss"], expected)
+        d.remove_hooks()
+    assert fastsd.ICPDistiller(model, model.bn1).layers == ("bn1",)  # one module alone
+    with pytest.raises(ValueError, match=r"layers\[1\] \(a BatchNorm2d\) is not inside it.*valid names.*'conv1'"):
+        fastsd.ICPDistiller(model, [model.conv1, small_cnn().bn2])
+    with pytest.raises(ValueError, match="not the model itself"):
+        fastsd.ICPDistiller(model, [model])
+    with pytest.raises(TypeError, match=r"got int at layers\[1\]"):
+        fastsd.ICPDistiller(model, ["conv1", 3])
+
+
+def test_recipe_layers_as_modules_through_a_wrapper():
+    model = small_cnn()
+    wrapped = nn.DataParallel(model)  # on CPU it calls the module; the wrapper's names get "module."
+    recipe = fastsd.recipes.ICPDistillation(wrapped, [model.conv1, "bn2"], steps=1)
+    assert recipe.distiller.layers == ("module.conv1", "module.bn2") and recipe.layers == ("conv1", "bn2")
+    x, y = _batch((4, 3, 16, 16))
+    assert float(recipe(x, y, 0.9)["feature"].detach()) > 0
+    with pytest.raises(ValueError, match="not inside it"):
+        fastsd.recipes.ICPDistillation(wrapped, [small_cnn().conv1])
+
+
+def test_trainer_hooks_can_tell_the_distillers_passes_apart():
+    """A trainer's own hook on a distilled layer fires on every pass of a call: x's forward, the K
+    refinement passes and the target pass, in that order; current_pass()/refining() say which."""
+    model = small_cnn()
+    x, y = _batch((4, 3, 16, 16))
+    seen, kept = [], {}
+
+    def trainer_hook(module, inputs, output):
+        seen.append((icp_module.current_pass(), icp_module.refining(), output.requires_grad, module.training))
+        if not icp_module.refining():  # the safe pattern: keep the real batch's features only
+            kept["bn2"] = output
+
+    model.bn2.register_forward_hook(trainer_hook)
+    d = fastsd.ICPDistiller(model, ["bn2"], refiner=fastsd.ICPRefiner(model, steps=3))
+    assert icp_module.current_pass() is None
+    d(x, y, 0.9)
+    assert seen == [("student", False, True, True)] + [("refine", True, True, False)] * 3 + [("target", True, False, True)]
+    assert kept["bn2"].grad_fn is not None  # x's features, with their graph
+    assert icp_module.current_pass() is None and not icp_module.refining()
+    seen.clear()
+    d(x, y, 0.1)  # warm-up: x's forward only
+    assert seen == [("student", False, True, True)]
+    seen.clear()
+    model(x)  # the trainer's own forwards: no pass of fastsd
+    fastsd.ICPRefiner(model, steps=2)(x, y)  # a refiner alone: its passes say "refine"
+    assert [s[0] for s in seen] == [None, "refine", "refine"]
+
+
+def test_current_pass_is_per_thread_and_restored_on_exceptions():
+    import threading
+
+    model = small_cnn()
+    x, y = _batch((2, 3, 16, 16))
+    other = []
+    started, release = threading.Event(), threading.Event()
+
+    def hook(module, inputs, output):
+        started.set()
+        release.wait(5)
+
+    handle = model.conv1.register_forward_hook(hook)
+    t = threading.Thread(target=lambda: fastsd.ICPRefiner(model, steps=1)(x, y))
+    t.start()
+    started.wait(5)
+    other.append(icp_module.current_pass())  # this thread is in no pass while the other one refines
+    release.set()
+    t.join()
+    handle.remove()
+    assert other == [None]
+
+    def failing(module, inputs, output):
+        raise KeyError("boom")
+
+    handle = model.conv1.register_forward_hook(failing)
+    with pytest.raises(KeyError):
+        fastsd.ICPRefiner(model, steps=1)(x, y)
+    handle.remove()
+    assert icp_module.current_pass() is None
+
+
+def _paper_decay(epoch, warmup_epochs, epochs):
+    """The paper trainer's task-loss weight, written from its formula (Image Classification/utils.py)."""
+    if epoch > warmup_epochs:
+        return math.cos(math.pi * (epoch - warmup_epochs) / (2 * epochs - 2 * warmup_epochs))
+    return 1
+
+
+@pytest.mark.parametrize("epochs,rate", [(4, 0.25), (10, 0.25), (7, 0.5), (3, 0.0)])
+def test_schedule_epoch_is_the_papers_and_step_is_per_step(epochs, rate):
+    warmup_epochs = int(rate * epochs)  # as the paper's trainer takes it
+    model = small_cnn()
+    per_epoch = fastsd.ICPDistiller(model, ["bn1"], warmup=warmup_epochs / epochs, epochs=epochs)
+    given = fastsd.ICPDistiller(model, ["bn1"], warmup=warmup_epochs / epochs)  # default: "epoch", progress as given
+    per_step = fastsd.ICPDistiller(model, ["bn1"], warmup=warmup_epochs / epochs, schedule="step")
+    assert per_epoch.schedule == given.schedule == "epoch"
+    steps_per_epoch = 5
+    largest = 0.0
+    for epoch in range(epochs):
+        paper = _paper_decay(epoch, warmup_epochs, epochs)
+        assert given.alpha(epoch / epochs) == pytest.approx(paper, abs=1e-12)
+        for i in range(steps_per_epoch):
+            progress = (epoch + i / steps_per_epoch) / epochs
+            assert per_epoch.alpha(progress) == pytest.approx(paper, abs=1e-12)
+            assert per_step.alpha(progress) == pytest.approx(given.alpha(progress), abs=1e-12)
+            largest = max(largest, abs(per_step.alpha(progress) - paper))
+    bound = math.sin(math.pi / (2 * epochs * (1 - warmup_epochs / epochs)))
+    assert 0.5 * bound < largest <= bound + 1e-12  # the documented gap between the two schedules
+    assert per_epoch.alpha(1.0) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_schedule_decides_when_refinement_starts():
+    model = small_cnn()
+    x, y = _batch((4, 3, 16, 16))
+    calls = []
+
+    def refiner(x, y):
+        calls.append(1)
+        return x.detach().clone()
+
+    # 4 epochs, warm-up 1 epoch: at progress 0.3 (epoch 1, second step) the paper's schedule is at
+    # epoch 1 == warmup_epochs: alpha 1 and, in fastsd, no refinement (the boundary epoch)
+    per_epoch = fastsd.ICPDistiller(model, ["bn1"], refiner=refiner, warmup=0.25, epochs=4)
+    out = per_epoch(x, y, 0.3)
+    assert calls == [] and out["alpha"] == 1.0 and float(out["feature"]) == 0.0
+    out = per_epoch(x, y, 0.5)
+    assert calls == [1] and out["alpha"] == pytest.approx(math.cos(math.pi / 2 / 3))
+    per_step = fastsd.ICPDistiller(model, ["bn1"], refiner=refiner, warmup=0.25, schedule="step")
+    out = per_step(x, y, 0.3)
+    assert calls == [1, 1] and out["alpha"] == pytest.approx(math.cos(math.pi / 2 * 0.05 / 0.75))
+
+
+def test_distiller_hooks_trace_inside_a_compiled_model():
+    """A model compiled in place (nn.Module.compile, as the examples' --compile does): the
+    distiller's hooks run inside its compiled forward without a graph break, and the loss is the
+    eager one."""
+    import copy
+
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    model = small_cnn()
+    eager = copy.deepcopy(model)
+    x, y = _batch((4, 3, 16, 16))
+    torch._dynamo.reset()
+    counters.clear()
+    model.compile(backend="eager")
+    try:
+        out = fastsd.ICPDistiller(model, ["bn1", "bn2"], refiner=fastsd.ICPRefiner(model, steps=2))(x, y, 0.9)
+        expected = fastsd.ICPDistiller(eager, ["bn1", "bn2"], refiner=fastsd.ICPRefiner(eager, steps=2))(x, y, 0.9)
+        assert not counters["graph_break"], dict(counters["graph_break"])
+        assert counters["stats"]["unique_graphs"] > 0  # the model's forward was compiled
+        torch.testing.assert_close(out["loss"], expected["loss"])
+    finally:
+        torch._dynamo.reset()

@@ -104,9 +104,15 @@ def test_icp_recipe_schedule_and_components():
 def test_icp_recipe_progress_from_total_steps():
     model = TinyNet()
     x, y = batch()
-    recipe = recipes.ICPDistillation(model, ["block"], steps=1, warmup=0.0, total_steps=4)
+    recipe = recipes.ICPDistillation(model, ["block"], steps=1, warmup=0.0, total_steps=4, schedule="step")
     alphas = [recipe(x, y)["alpha"] for _ in range(5)]
     assert alphas == pytest.approx([1.0] + [math.cos(math.pi / 2 * k / 4) for k in (1, 2, 3, 4)])
+    # the default (per-epoch) schedule: 4 steps in 2 epochs, each call read at its epoch's start
+    recipe = recipes.ICPDistillation(model, ["block"], steps=1, warmup=0.0, total_steps=4, epochs=2)
+    alphas = [recipe(x, y)["alpha"] for _ in range(5)]
+    assert alphas == pytest.approx([1.0, 1.0, math.cos(math.pi / 4), math.cos(math.pi / 4), 0.0])
+    with pytest.raises(ValueError, match="total_steps= with schedule='epoch' needs epochs="):
+        recipes.ICPDistillation(model, ["block"], total_steps=4)
     with pytest.raises(ValueError, match="progress"):
         recipes.ICPDistillation(model, ["block"])(x, y)
     with pytest.raises(ValueError, match="unknown layers"):
@@ -145,7 +151,8 @@ def test_recipes_train_a_tiny_model(name, optimizer, kwargs):
     before = eval_loss()
     opt = optimizer(model.parameters(), lr=0.05, **kwargs)
     recipe = (recipes.PatchSwapDistillation(model, patch_size=2) if name == "patchswap"
-              else recipes.ICPDistillation(model, ["stem", "block"], steps=2, warmup=0.3, total_steps=30))
+              else recipes.ICPDistillation(model, ["stem", "block"], steps=2, warmup=0.3, total_steps=30,
+                                               schedule="step"))
     for _ in range(30):
         loss = recipe(x, y)["loss"]
         opt.zero_grad()
@@ -203,3 +210,69 @@ def test_compile_fullgraph_patch_swap_step_matches_eager():
 
 def test_compile_fullgraph_icp_step_matches_eager():
     _compiled_vs_eager(lambda model: recipes.ICPDistillation(model, ["stem", "block"], steps=2, warmup=0.25))
+
+
+# --- the ICP paper's trainer ----------------------------------------------------------------------
+
+
+def _papers_step(model, layers, x, y, optimizer, *, epoch, epochs, warmup_epochs, iters, lr, leak):
+    """One step of the ICP paper's trainer loop body (adam refinement, cosine layer weights, MSE),
+    written out here from its description; ``leak``: keep its backward of the refinement's first loss."""
+    feats = {}
+    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: feats.__setitem__(n, o)) for n, m in layers.items()]
+    alpha = 1.0 if epoch <= warmup_epochs else math.cos(math.pi * (epoch - warmup_epochs) / (2 * (epochs - warmup_epochs)))
+    weights = [math.cos(l / (len(layers) - 1) * math.pi / 4) for l in range(len(layers))]
+    model.train()
+    out = model(x)
+    student = dict(feats)
+    task = F.cross_entropy(out, y)
+    model.eval()
+    xr = x.clone().requires_grad_(True)
+    loss = F.cross_entropy(model(xr), y)
+    if leak:
+        loss.backward(retain_graph=True)
+    m = v = 0
+    for t in range(iters):
+        (g,) = torch.autograd.grad(loss, xr)
+        m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
+        xr = xr - lr * (m / (1 - 0.9 ** (t + 1))) / ((v / (1 - 0.999 ** (t + 1))).sqrt() + 1e-8)
+        loss = F.cross_entropy(model(xr), y)
+    model.train()
+    model(xr)
+    feature = sum(w * F.mse_loss(feats[n].detach(), student[n]) for w, n in zip(weights, layers))
+    total = alpha * task + (1 - alpha) * feature
+    total.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    for h in hooks:
+        h.remove()
+    return total.detach()
+
+
+def test_icp_recipe_is_the_papers_step_without_its_gradient_leak():
+    x, y = batch(8)
+    epochs, warmup_epochs, iters, lr = 4, 1, 3, 3e-4
+    runs = {}
+    for name in ("paper", "paper_leak", "fastsd"):
+        torch.manual_seed(0)
+        model = TinyNet()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)  # (AdamW's first step would see gradient signs only)
+        layers = {"stem": model.stem, "block": model.block}
+        if name == "fastsd":
+            sd = recipes.ICPDistillation(model, list(layers.values()), steps=iters, step_size=lr, method="adam",
+                                         warmup=warmup_epochs / epochs, epochs=epochs)
+            out = sd(x, y, progress=(3 + 0.5) / epochs)  # mid-epoch 3: the weight of epoch 3
+            out["loss"].backward()
+            optimizer.step()
+            loss = out["loss"].detach()
+        else:
+            loss = _papers_step(model, layers, x, y, optimizer, epoch=3, epochs=epochs, warmup_epochs=warmup_epochs,
+                                iters=iters, lr=lr, leak=name == "paper_leak")
+        runs[name] = (loss, [p.detach().clone() for p in model.parameters()], [b.clone() for b in model.buffers()])
+    (lp, pp, bp), (_, pl, _), (lf, pf, bf) = runs["paper"], runs["paper_leak"], runs["fastsd"]
+    torch.testing.assert_close(lf, lp)
+    for a, b in zip(pf, pp):
+        torch.testing.assert_close(a, b)
+    assert any(not torch.allclose(a, b) for a, b in zip(pl, pp))  # the leak changes the step
+    # BatchNorm: the trainer's target pass updates the running statistics a second time
+    assert not torch.allclose(bf[0], bp[0])

@@ -123,6 +123,33 @@ def triton_version_reason(version: str) -> Optional[str]:
     return None
 
 
+# Triton's interpreter before 3.8 turns loop bounds it holds as 1-element arrays into ints, which
+# NumPy 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"): with those
+# two, the kernels that loop over a scalar bound fail under TRITON_INTERPRET=1 (seen with 3.6),
+# while the same Triton compiles and runs them on a GPU.
+TRITON_INTERPRETER_NUMPY = ((3, 8), (2, 4))
+
+
+@functools.lru_cache(maxsize=None)
+def triton_interpreter_error() -> Optional[str]:
+    import numpy
+    import triton
+
+    def major_minor(version: str):
+        try:
+            return tuple(int(p) for p in version.split("+")[0].split(".")[:2])
+        except ValueError:
+            return None
+
+    tv, nv = major_minor(triton.__version__), major_minor(numpy.__version__)
+    (t_min, np_max) = TRITON_INTERPRETER_NUMPY
+    if tv is not None and nv is not None and tv < t_min and nv >= np_max:
+        return (f"Triton {triton.__version__}'s interpreter cannot run these kernels with NumPy {numpy.__version__} "
+                f"(it needs Triton >= {'.'.join(map(str, t_min))} or NumPy < {'.'.join(map(str, np_max))}); "
+                "on a GPU this Triton runs them")
+    return None
+
+
 def _device_reasons(backend: str, devices: Sequence[torch.device]) -> List[str]:
     from . import _ext
 
@@ -138,6 +165,10 @@ def _device_reasons(backend: str, devices: Sequence[torch.device]) -> List[str]:
             reasons.append(err)
         if dev == "cpu" and not triton_interpreting():
             reasons.append("inputs are on cpu; Triton runs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1)")
+        elif dev == "cpu" and not err:
+            err = triton_interpreter_error()
+            if err:
+                reasons.append(err)
         elif dev not in ("cpu", "cuda"):
             reasons.append(f"inputs are on {dev}; Triton runs CUDA tensors")
     elif backend == "cuda":

@@ -93,3 +93,26 @@ def test_old_triton_is_not_offered():
     assert _backend.triton_version_reason("3.8.0") is None and _backend.triton_version_reason("4.0.1+git") is None
     assert _backend.triton_version_reason(_backend.TRITON_OLDEST_TESTED) is None
     assert "older than 3.6" in _backend.triton_version_reason("3.5.1")
+
+
+def test_old_interpreter_with_new_numpy_is_not_offered(monkeypatch):
+    """Triton 3.6's interpreter fails on NumPy 2.4 (loop bounds as 1-element arrays): the Triton
+    backend is not offered on CPU tensors there, with the reason; compiled (CUDA) use is unaffected."""
+    import numpy
+    import triton
+
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(numpy, "__version__", "2.4.6")
+    _backend.triton_interpreter_error.cache_clear()
+    try:
+        why = _backend.triton_interpreter_error()
+        assert why and "NumPy 2.4.6" in why and "Triton >= 3.8" in why
+        monkeypatch.setattr(numpy, "__version__", "2.3.5")
+        _backend.triton_interpreter_error.cache_clear()
+        assert _backend.triton_interpreter_error() is None
+        monkeypatch.setattr(triton, "__version__", "3.8.0")
+        monkeypatch.setattr(numpy, "__version__", "2.5.0")
+        _backend.triton_interpreter_error.cache_clear()
+        assert _backend.triton_interpreter_error() is None
+    finally:
+        _backend.triton_interpreter_error.cache_clear()

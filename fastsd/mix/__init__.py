@@ -1,0 +1,15 @@
+"""CutMix and MixUp as the trainers' libraries compute them, in one fused pass (SPEC section 6).
+
+* :func:`mix` - the op: per row a CutMix box from its partner, or a MixUp blend
+  ``x * lam + x[partner] * (1 - lam)``;
+* drop-ins with the libraries' signatures, draws and return conventions, bit-identical outputs:
+  :class:`Mixup`, :class:`FastCollateMixup` (timm), :class:`CutMix`, :class:`MixUp`
+  (torchvision.transforms.v2).
+
+Neither timm nor torchvision is imported.
+"""
+from ._timm import FastCollateMixup, Mixup, mixup_target, one_hot
+from ._torchvision import CutMix, MixUp
+from .op import mix
+
+__all__ = ["CutMix", "FastCollateMixup", "MixUp", "Mixup", "mix", "mixup_target", "one_hot"]

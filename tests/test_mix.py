@@ -90,9 +90,13 @@ def test_many_values_round_like_pytorch():
     x = torch.randn(8, 3, 64, 64, generator=g)
     lam = torch.rand(8, generator=g)
     args = (torch.randperm(8, generator=g), torch.zeros(8, 4, dtype=torch.int64), lam, torch.zeros(8, dtype=torch.bool))
+    want = timm_rows(x, *args)
+    w1, w2 = (w[:, None, None, None].double() for w in R.mix_weights(lam, x.dtype))
+    once = (x.double() * w1 + x[args[0]].double() * w2).float()  # one rounding, as a fused multiply-add
+    assert not torch.equal(once, want)  # so the data tells the two apart
     for backend in BACKENDS:
         with fastsd.use_backend(backend):
-            assert torch.equal(fm.mix(x, *args), timm_rows(x, *args))
+            assert torch.equal(fm.mix(x, *args), want)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -1,0 +1,216 @@
+// CPU kernel of mix (csrc/mix.cpp), parallel over image planes with at::parallel_for.
+//
+// Work unit: one plane of one row (NCHW: channel c of sample b; channels_last: the whole sample).
+// * CutMix rows: every image row of the plane is at most three runs (left of the box from x[b],
+//   the box from x[partner[b]], right of it from x[b]), and the rows above and below the box are
+//   one contiguous run each: memcpy'd, so each byte is read once and written once.
+// * MixUp rows: one elementwise pass `s * w1 + t * w2`, compiled without FMA contraction (it would
+//   round once where PyTorch's eager mul and add round twice) and vectorised per instruction set.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "alloc.h"
+#include "capability.h"
+
+namespace fastsd {
+namespace {
+
+// 1.5 * 2^23: (v + kRound) - kRound rounds a float in [0, 2^22] to an integer, half to even (the
+// default rounding mode), as torch.round does, in a form the compiler vectorises.
+constexpr float kRound = 12582912.0f;
+
+// The MixUp pass per element type. No "fma" in the target strings: the products must be rounded
+// before the sum, as torch's eager `x * w1 + y * w2` rounds them.
+#define FASTSD_MIX_LOOPS(ISA, ATTRIBUTES)                                                                  \
+  namespace ISA {                                                                                        \
+  template <typename T, typename W>                                                                      \
+  ATTRIBUTES void mixup(T* __restrict o, const T* __restrict s, const T* __restrict t, W w1, W w2,       \
+                        int64_t n) {                                                                     \
+    for (int64_t e = 0; e < n; ++e) {                                                                    \
+      const W a = s[e] * w1;                                                                             \
+      const W b = t[e] * w2;                                                                             \
+      o[e] = a + b;                                                                                      \
+    }                                                                                                    \
+  }                                                                                                      \
+  ATTRIBUTES void mixup_u8(uint8_t* __restrict o, const uint8_t* __restrict s, const uint8_t* __restrict t, \
+                           float w1, float w2, int64_t n) {                                              \
+    for (int64_t e = 0; e < n; ++e) {                                                                    \
+      const float a = static_cast<float>(s[e]) * w1;                                                     \
+      const float b = static_cast<float>(t[e]) * w2;                                                     \
+      const float v = a + b;                                                                             \
+      o[e] = static_cast<uint8_t>(static_cast<int32_t>((v + kRound) - kRound));                          \
+    }                                                                                                    \
+  }                                                                                                      \
+  }
+
+#if defined(FASTSD_MULTI_ISA)
+FASTSD_MIX_LOOPS(avx2, __attribute__((target("avx2"))))
+#endif
+FASTSD_MIX_LOOPS(baseline, )
+#undef FASTSD_MIX_LOOPS
+
+bool use_avx2() {
+#if defined(FASTSD_MULTI_ISA)
+  return cpu::cpu_isa() != cpu::Isa::kDefault;
+#else
+  return false;
+#endif
+}
+
+void mixup_row(float* o, const float* s, const float* t, double w1, double w2, int64_t n, bool avx2) {
+#if defined(FASTSD_MULTI_ISA)
+  if (avx2) return avx2::mixup<float, float>(o, s, t, static_cast<float>(w1), static_cast<float>(w2), n);
+#endif
+  baseline::mixup<float, float>(o, s, t, static_cast<float>(w1), static_cast<float>(w2), n);
+}
+
+void mixup_row(double* o, const double* s, const double* t, double w1, double w2, int64_t n, bool avx2) {
+#if defined(FASTSD_MULTI_ISA)
+  if (avx2) return avx2::mixup<double, double>(o, s, t, w1, w2, n);
+#endif
+  baseline::mixup<double, double>(o, s, t, w1, w2, n);
+}
+
+void mixup_row(uint8_t* o, const uint8_t* s, const uint8_t* t, double w1, double w2, int64_t n, bool avx2) {
+#if defined(FASTSD_MULTI_ISA)
+  if (avx2) return avx2::mixup_u8(o, s, t, static_cast<float>(w1), static_cast<float>(w2), n);
+#endif
+  baseline::mixup_u8(o, s, t, static_cast<float>(w1), static_cast<float>(w2), n);
+}
+
+// float16 / bfloat16: PyTorch computes each eager op in float32 and rounds its result to the
+// dtype, so the products are rounded to T before the sum, and the sum again.
+template <typename T>
+void mixup_reduced(T* o, const T* s, const T* t, double w1, double w2, int64_t n) {
+  const float a1 = static_cast<float>(w1), a2 = static_cast<float>(w2);
+  for (int64_t e = 0; e < n; ++e) {
+    const T a = static_cast<T>(static_cast<float>(s[e]) * a1);
+    const T b = static_cast<T>(static_cast<float>(t[e]) * a2);
+    o[e] = static_cast<T>(static_cast<float>(a) + static_cast<float>(b));
+  }
+}
+
+void mixup_row(at::Half* o, const at::Half* s, const at::Half* t, double w1, double w2, int64_t n, bool) {
+  mixup_reduced(o, s, t, w1, w2, n);
+}
+
+void mixup_row(at::BFloat16* o, const at::BFloat16* s, const at::BFloat16* t, double w1, double w2, int64_t n,
+               bool) {
+  mixup_reduced(o, s, t, w1, w2, n);
+}
+
+struct MixGeometry {
+  int64_t B, C, H, W;
+  bool channels_last;
+};
+
+template <typename T>
+void mix_kernel(const T* x, T* out, const int64_t* partner, const int64_t* boxes, const double* w1,
+                const double* w2, const bool* use_box, const MixGeometry& g) {
+  const int64_t pix = g.channels_last ? g.C : 1;     // elements per pixel in an image row
+  const int64_t planes = g.channels_last ? 1 : g.C;  // units per sample
+  const int64_t row_len = g.W * pix;
+  const int64_t plane = g.H * row_len;
+  const int64_t sample = g.C * g.H * g.W;
+  const bool avx2 = use_avx2();
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, plane));
+  at::parallel_for(0, g.B * planes, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t b = u / planes, p = u % planes;
+      const int64_t offset = p * plane;
+      const T* self = x + b * sample + offset;
+      const T* other = x + partner[b] * sample + offset;
+      T* o = out + b * sample + offset;
+      if (!use_box[b]) {
+        mixup_row(o, self, other, w1[b], w2[b], plane, avx2);
+        continue;
+      }
+      const int64_t* box = boxes + 4 * b;
+      const int64_t y0 = box[0], y1 = box[1], x0 = box[2] * pix, x1 = box[3] * pix;
+      if (y0 == y1 || x0 == x1) {
+        std::memcpy(o, self, plane * sizeof(T));
+        continue;
+      }
+      std::memcpy(o, self, y0 * row_len * sizeof(T));  // the rows above the box
+      for (int64_t h = y0; h < y1; ++h) {
+        const int64_t r = h * row_len;
+        std::memcpy(o + r, self + r, x0 * sizeof(T));
+        std::memcpy(o + r + x0, other + r + x0, (x1 - x0) * sizeof(T));
+        std::memcpy(o + r + x1, self + r + x1, (row_len - x1) * sizeof(T));
+      }
+      std::memcpy(o + y1 * row_len, self + y1 * row_len, (g.H - y1) * row_len * sizeof(T));  // below
+    }
+  });
+}
+
+at::Tensor mix_cpu(const at::Tensor& x, const at::Tensor& partner, const at::Tensor& boxes, const at::Tensor& lam,
+                   const at::Tensor& use_box) {
+  TORCH_CHECK(x.dim() == 4, "fastsd_C.mix: x must be [B, C, H, W], got ", x.sizes());
+  const int64_t B = x.size(0);
+  TORCH_CHECK(partner.dim() == 1 && partner.size(0) == B && partner.scalar_type() == at::kLong,
+              "fastsd_C.mix: partner must be int64 [B]");
+  TORCH_CHECK(boxes.dim() == 2 && boxes.size(0) == B && boxes.size(1) == 4 && boxes.scalar_type() == at::kLong,
+              "fastsd_C.mix: boxes must be int64 [B, 4]");
+  TORCH_CHECK(lam.dim() == 1 && lam.size(0) == B &&
+                  (lam.scalar_type() == at::kFloat || lam.scalar_type() == at::kDouble),
+              "fastsd_C.mix: lam must be float32/float64 [B]");
+  TORCH_CHECK(use_box.dim() == 1 && use_box.size(0) == B && use_box.scalar_type() == at::kBool,
+              "fastsd_C.mix: use_box must be bool [B]");
+  TORCH_CHECK(x.device().is_cpu() && partner.device().is_cpu() && boxes.device().is_cpu() &&
+                  lam.device().is_cpu() && use_box.device().is_cpu(),
+              "fastsd_C.mix (CPU): all tensors must be on the CPU");
+  MixGeometry g{B, x.size(1), x.size(2), x.size(3), false};
+  if (!x.is_contiguous()) {
+    TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast),
+                "fastsd_C.mix: x must be contiguous NCHW or channels_last");
+    g.channels_last = true;
+  }
+  at::Tensor out = cpu::empty(x.sizes(), x.options(),
+                              g.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  if (x.numel() == 0) return out;
+  const at::Tensor p = partner.contiguous(), bx = boxes.contiguous(), ub = use_box.contiguous();
+  const int64_t* pp = p.data_ptr<int64_t>();
+  const int64_t* bp = bx.data_ptr<int64_t>();
+  const bool* up = ub.data_ptr<bool>();
+  // (w1, w2) = (lam, 1 - lam), the difference taken in lam's dtype (timm's float32 per-element
+  // lambdas, its float64 per-batch one), then widened without rounding.
+  std::vector<double> w1(B), w2(B);
+  const at::Tensor l = lam.contiguous();
+  for (int64_t i = 0; i < B; ++i) {
+    // The public function checks these on the device; the kernel never reads out of bounds.
+    TORCH_CHECK_VALUE(pp[i] >= 0 && pp[i] < B, "fastsd.mix: partner[", i, "] = ", pp[i], " is not in [0, B=", B, ")");
+    const int64_t* box = bp + 4 * i;
+    TORCH_CHECK_VALUE(0 <= box[0] && box[0] <= box[1] && box[1] <= g.H && 0 <= box[2] && box[2] <= box[3] &&
+                          box[3] <= g.W,
+                      "fastsd.mix: boxes[", i, "] = (", box[0], ", ", box[1], ", ", box[2], ", ", box[3],
+                      ") must satisfy 0 <= y0 <= y1 <= H=", g.H, " and 0 <= x0 <= x1 <= W=", g.W);
+    if (l.scalar_type() == at::kFloat) {
+      const float v = l.data_ptr<float>()[i];
+      w1[i] = v;
+      w2[i] = 1.0f - v;
+    } else {
+      const double v = l.data_ptr<double>()[i];
+      w1[i] = v;
+      w2[i] = 1.0 - v;
+    }
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kByte, x.scalar_type(), "mix_cpu", [&] {
+    mix_kernel<scalar_t>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), pp, bp, w1.data(), w2.data(), up, g);
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace fastsd
+
+TORCH_LIBRARY_IMPL(fastsd_C, CPU, m) {
+  m.impl("mix", &fastsd::mix_cpu);
+}

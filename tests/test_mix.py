@@ -13,7 +13,7 @@ import fastsd
 import fastsd.mix as fm
 from fastsd import _backend
 from fastsd import reference as R
-from fastsd.mix._numpy_rng import RawWords
+from fastsd.mix._numpy_rng import RawWords, consumes_word
 
 from conftest import NoHostSync
 
@@ -179,16 +179,15 @@ def test_bad_input():
 def test_numpy_randint_read_ahead():
     rs = np.random.RandomState(0)
     for seed in range(20):
-        bounds = [(int(a), int(a) + int(b)) for a, b in zip(rs.randint(0, 50, size=30), rs.randint(1, 300, size=30))]
+        bounds = [(int(a), int(a) + int(b)) for a, b in zip(rs.randint(0, 50, size=30), rs.randint(1, 300, size=30))] + [(3, 4), (0, 2 ** 31)]
         np.random.seed(seed)
         np.random.randn()  # a cached Gaussian in the state
         want = [np.random.randint(lo, hi) for lo, hi in bounds]
         want_state = np.random.get_state()
         np.random.seed(seed)
         np.random.randn()
-        words = RawWords(4)
+        words = RawWords(sum(consumes_word(lo, hi) for lo, hi in bounds))
         got = [words.randint(lo, hi) for lo, hi in bounds]
-        words.commit()
         assert got == want
         assert_same_numpy_state(np.random.get_state(), want_state)
 

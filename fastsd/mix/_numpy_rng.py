@@ -3,55 +3,54 @@ global state as the one-at-a-time calls that timm makes.
 
 timm's per-element CutMix draws each row's box with scalar ``np.random.randint`` calls whose bounds
 alternate (height, width) or depend on earlier draws (``cutmix_minmax``): a few microseconds each,
-milliseconds for a batch. The legacy generator draws a bounded integer in [low, high) by masked
-rejection on 32-bit words (``numpy/random/src/distributions/distributions.c``,
-``buffered_bounded_masked_uint32``: ``v = next_uint32() & mask`` until ``v <= high - low - 1``,
-mask the smallest ``2^k - 1`` covering the range; no draw when ``high - low == 1``). So the raw
-32-bit words are read ahead from a copy of the global state, the rejections replayed in Python on
-those words, and the global generator then advanced by exactly the words used.
+milliseconds for a batch. The legacy generator draws an integer in [low, high) by masked rejection
+on 32-bit words (numpy/random/src/distributions/distributions.c, ``buffered_bounded_masked_uint32``:
+``v = next_uint32() & mask`` until ``v <= high - low - 1``, mask the smallest ``2^k - 1`` covering
+the range), and draws no word at all when ``high - low == 1``. Every other draw takes at least one
+word, so with ``pending`` such draws still to come, reading ``pending`` raw words from the global
+generator (one vectorised call) never reads past what the scalar calls would: the words are
+consumed exactly, the rejections replayed in Python, more words read only when rejections ran the
+read-ahead out. No copy of the generator's state is made, and its other state (a cached Gaussian)
+is untouched, as by the scalar calls.
 """
 from __future__ import annotations
 
-from typing import List
-
 import numpy as np
+
+WORD = 2 ** 32
+
+
+def consumes_word(low: int, high: int) -> bool:
+    """Whether ``np.random.randint(low, high)`` reads the generator (not when one value is possible)."""
+    return high - low > 1
 
 
 class RawWords:
-    """Bounded integers from the global legacy generator's stream of 32-bit words, with the
-    global generator advanced on :meth:`commit` by the words consumed."""
+    """``randint(low, high)`` as ``np.random.randint(low, high)`` makes it, for a known number of
+    draws (``pending``: those with ``high - low > 1``) from numpy's global legacy generator."""
 
-    def __init__(self, expected: int):
-        self._state = np.random.get_state()
-        self._rs = np.random.RandomState()
-        self._rs.set_state(self._state)
-        self._words: List[int] = []
-        self._used = 0
-        self._fetch(max(8, expected + expected // 4 + 8))
-
-    def _fetch(self, n: int) -> None:
-        self._words += self._rs.randint(0, 2 ** 32, size=n, dtype=np.uint32).tolist()
+    def __init__(self, pending: int):
+        self._pending = pending
+        self._words = []
+        self._next = 0
 
     def randint(self, low: int, high: int) -> int:
-        """``np.random.randint(low, high)`` (one int64 draw)."""
         if high <= low:
             raise ValueError("low >= high")
         rng = high - low - 1
         if rng == 0:
             return low
-        if rng > 0xFFFFFFFF:
-            raise NotImplementedError("ranges over 2^32 take the 64-bit path")  # never for image sizes
+        if rng >= WORD - 1:
+            raise NotImplementedError("ranges of 2^32 or more take numpy's 64-bit path")  # never for images
         mask = (1 << rng.bit_length()) - 1
         while True:
-            if self._used == len(self._words):
-                self._fetch(64)
-            v = self._words[self._used] & mask
-            self._used += 1
+            if self._next == len(self._words):
+                if self._pending < 1:
+                    raise RuntimeError("RawWords: more word-consuming draws than announced")
+                self._words = np.random.randint(0, WORD, size=self._pending, dtype=np.uint32).tolist()
+                self._next = 0
+            v = self._words[self._next] & mask
+            self._next += 1
             if v <= rng:
+                self._pending -= 1
                 return low + v
-
-    def commit(self) -> None:
-        """Advance the global generator by the words consumed (its other state, such as a cached
-        Gaussian, is untouched, as by the scalar calls)."""
-        if self._used:
-            np.random.randint(0, 2 ** 32, size=self._used, dtype=np.uint32)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .. import _validate as V
-from ._numpy_rng import RawWords
+from ._numpy_rng import RawWords, consumes_word
 from .op import mix_unchecked
 
 MODES = ("batch", "pair", "elem")
@@ -88,10 +88,11 @@ def draw_boxes(img_shape, lam: np.ndarray, minmax: Optional[Sequence[float]]) ->
     n = len(lam)
     if n == 0:
         return np.zeros((0, 4), dtype=np.int64)
-    words = RawWords(4 * n if minmax is not None else 2 * n)
     if minmax is not None:
         h_lo, h_hi = int(img_h * minmax[0]), int(img_h * minmax[1])
         w_lo, w_hi = int(img_w * minmax[0]), int(img_w * minmax[1])
+        # the corner draws have cut < size, so they always read the generator
+        words = RawWords(n * (2 + consumes_word(h_lo, h_hi) + consumes_word(w_lo, w_hi)))
         out = []
         for _ in range(n):
             cut_h = words.randint(h_lo, h_hi)
@@ -99,11 +100,14 @@ def draw_boxes(img_shape, lam: np.ndarray, minmax: Optional[Sequence[float]]) ->
             yl = words.randint(0, img_h - cut_h + 1)
             xl = words.randint(0, img_w - cut_w + 1)
             out.append((yl, yl + cut_h, xl, xl + cut_w))
-        words.commit()
         return np.asarray(out, dtype=np.int64).reshape(n, 4)
     cut_h, cut_w = rand_bbox_lengths(img_shape, lam)
-    centres = np.asarray([words.randint(0, img_h if k % 2 == 0 else img_w) for k in range(2 * n)], dtype=np.int64)
-    words.commit()
+    if img_h == img_w:  # equal bounds: the scalar calls' values are one vectorised call's
+        centres = np.random.randint(0, img_h, size=2 * n)
+    else:
+        words = RawWords(n * (consumes_word(0, img_h) + consumes_word(0, img_w)))
+        centres = np.asarray([words.randint(0, img_h if k % 2 == 0 else img_w) for k in range(2 * n)],
+                             dtype=np.int64)
     return np.stack(_clip_box(img_shape, centres[0::2], centres[1::2], cut_h, cut_w), axis=1)
 
 

@@ -32,6 +32,10 @@ def _empty_out(x: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("fastsd::mix", mutates_args=())
 def _mix_op(x: torch.Tensor, partner: torch.Tensor, boxes: torch.Tensor, lam: torch.Tensor,
             use_box: torch.Tensor) -> torch.Tensor:
+    return _run(x, partner, boxes, lam, use_box)
+
+
+def _run(x, partner, boxes, lam, use_box):
     if x.shape[0] == 0:
         return _empty_out(x)
     fn = _backend.select("mix", x, partner, boxes, lam, use_box)
@@ -113,7 +117,17 @@ def mix_unchecked(x, partner, boxes, lam, use_box) -> torch.Tensor:
     """:func:`mix` for arguments that are right by construction (fastsd.mix's own samplers: boxes
     clipped to the image, lam in [0, 1], partner a flip or roll): no value checks. int64 partner
     and boxes."""
-    return _mix_op(x, partner, boxes.contiguous(), lam.contiguous(), use_box.contiguous())
+    boxes, lam, use_box = boxes.contiguous(), lam.contiguous(), use_box.contiguous()
+    if x.requires_grad and torch.is_grad_enabled() or _compiling():
+        return _mix_op(x, partner, boxes, lam, use_box)
+    # Nothing to record for autograd or a graph: the backend at once (the custom op's dispatch
+    # costs as much as the whole 32 px pass).
+    return _run(x, partner, boxes, lam, use_box)
+
+
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling()
 
 
 # --- backends: fn(x, partner, boxes, lam, use_box) -> out ------------------------------------------

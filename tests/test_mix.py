@@ -1,4 +1,4 @@
-"""fastsd.mix: the fused mix op (reference against timm's row-by-row expression, backends against the
+"""fastsd.mix: the fused mix op, out of place and in place (reference against timm's row-by-row expression, backends against the
 reference, gradient, registration, bad input) and the drop-ins against the libraries' own code
 (timm's Mixup / FastCollateMixup, torchvision's v2 CutMix / MixUp): same seed, bit-identical images,
 targets and RNG state afterwards.
@@ -84,6 +84,36 @@ def test_backend_parity(dtype, channels_last, backend):
             assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
+def random_involution(B, g):
+    """Disjoint random pairs, and a row that is its own partner when B is odd (or at random)."""
+    perm = torch.randperm(B, generator=g)
+    partner = torch.arange(B)
+    for k in range(0, B - 1, 2):
+        if torch.rand((), generator=g) < 0.85:
+            a, b = perm[k], perm[k + 1]
+            partner[a], partner[b] = b, a
+    return partner
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_in_place(dtype, channels_last, backend):
+    for seed, shape in enumerate(SHAPES + [(9, 2, 12, 10)]):
+        for lam_dtype in (torch.float32, torch.float64):
+            x, _, boxes, lam, use_box = make_case(shape, dtype, seed, lam_dtype, channels_last)
+            g = torch.Generator().manual_seed(seed)
+            partner = random_involution(shape[0], g)
+            if seed % 2:  # every row a box row: pairs whose boxes overlap each other
+                use_box[:] = True
+            want = R.mix(x, partner, boxes, lam, use_box)
+            ptr = x.data_ptr()
+            with fastsd.use_backend(backend):
+                out = fm.mix_(x, partner, boxes, lam, use_box)
+            assert out is x and x.data_ptr() == ptr
+            assert torch.equal(x, want), (shape, lam_dtype)
+
+
 def test_many_values_round_like_pytorch():
     """Enough elements that a fused multiply-add (one rounding where PyTorch rounds twice) would show."""
     g = torch.Generator().manual_seed(1)
@@ -158,6 +188,17 @@ def test_bad_input():
         bad[1] = torch.tensor([0, 6, 0, 2])
         with fastsd.use_backend("cpp"), pytest.raises(ValueError, match=r"boxes\[1\]"):
             mix_unchecked(x, partner, bad, lam, use_box)
+    with pytest.raises(ValueError, match="involution"):
+        fm.mix_(x.clone(), torch.tensor([1, 2, 3, 0]), boxes, lam, use_box)
+    with pytest.raises(TypeError, match="requires grad"):
+        fm.mix_(x.clone().requires_grad_(), torch.tensor([1, 0, 3, 2]), boxes, lam, use_box)
+    with pytest.raises(ValueError, match="contiguous"):
+        fm.mix_(x.transpose(2, 3), torch.tensor([1, 0, 3, 2]), boxes[:, [2, 3, 0, 1]], lam, use_box)
+    if "cpp" in BACKENDS:
+        from fastsd.mix.op import mix_unchecked_
+
+        with fastsd.use_backend("cpp"), pytest.raises(ValueError, match="involution"):
+            mix_unchecked_(x.clone(), torch.tensor([1, 2, 3, 0]), boxes, lam, use_box)
     with pytest.raises(ValueError, match="even"):
         fm.Mixup(num_classes=10)(x[:3], torch.zeros(3, dtype=torch.int64))
     with pytest.raises(ValueError, match="num_classes=10"):
@@ -228,6 +269,7 @@ def test_timm_mixup(mode, options):
         want_state = np.random.get_state()
         np.random.seed(seed)
         got_x, got_t = fm.Mixup(num_classes=10, mode=mode, **options)(x, target)
+        assert got_x is x  # mixed in place, as by timm
         assert torch.equal(got_x, want_x), (shape, seed)
         assert torch.equal(got_t, want_t), (shape, seed)
         assert_same_numpy_state(np.random.get_state(), want_state)

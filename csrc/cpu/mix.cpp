@@ -151,8 +151,85 @@ void mix_kernel(const T* x, T* out, const int64_t* partner, const int64_t* boxes
   });
 }
 
-at::Tensor mix_cpu(const at::Tensor& x, const at::Tensor& partner, const at::Tensor& boxes, const at::Tensor& lam,
-                   const at::Tensor& use_box) {
+// In place, for an involution partner (timm's flip): each unit is one pair (i, j = partner[i]),
+// i <= j, and one plane; both rows are read before either is written, image row by image row, so
+// only the mixed pixels move: a CutMix row's box segments (rows outside both boxes untouched), a
+// MixUp row whole (through a row-sized buffer).
+template <typename T>
+void mix_inplace_kernel(T* x, const int64_t* partner, const int64_t* boxes, const double* w1, const double* w2,
+                        const bool* use_box, const MixGeometry& g, const std::vector<int64_t>& firsts) {
+  const int64_t pix = g.channels_last ? g.C : 1;
+  const int64_t planes = g.channels_last ? 1 : g.C;
+  const int64_t row_len = g.W * pix;
+  const int64_t plane = g.H * row_len;
+  const int64_t sample = g.C * g.H * g.W;
+  const bool avx2 = use_avx2();
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, 2 * plane));
+  const int64_t units = static_cast<int64_t>(firsts.size()) * planes;
+  at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
+    std::vector<T> tmp(2 * row_len);
+    T* t = tmp.data();
+    T* t2 = t + row_len;
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t i = firsts[u / planes], j = partner[i], offset = (u % planes) * plane;
+      T* xi = x + i * sample + offset;
+      T* xj = x + j * sample + offset;
+      const bool mi = !use_box[i], mj = !use_box[j];
+      const int64_t* bi = boxes + 4 * i;
+      const int64_t* bj = boxes + 4 * j;
+      // the box segment [x0, x1) of an image row, from src to dst
+      auto copy = [&](T* dst, const T* src, const int64_t* box) {
+        std::memcpy(dst + box[2] * pix, src + box[2] * pix, (box[3] - box[2]) * pix * sizeof(T));
+      };
+      for (int64_t h = 0; h < g.H; ++h) {
+        T* ri = xi + h * row_len;
+        T* rj = xj + h * row_len;
+        const bool in_i = !mi && bi[0] <= h && h < bi[1] && bi[2] < bi[3];
+        const bool in_j = !mj && bj[0] <= h && h < bj[1] && bj[2] < bj[3];
+        if (i == j) {  // its own partner: a box takes its own pixels; a blend is still computed
+          if (mi) {
+            mixup_row(t, ri, ri, w1[i], w2[i], row_len, avx2);
+            std::memcpy(ri, t, row_len * sizeof(T));
+          }
+        } else if (mi && mj) {
+          mixup_row(t, ri, rj, w1[i], w2[i], row_len, avx2);
+          mixup_row(t2, rj, ri, w1[j], w2[j], row_len, avx2);
+          std::memcpy(ri, t, row_len * sizeof(T));
+          std::memcpy(rj, t2, row_len * sizeof(T));
+        } else if (mi) {
+          mixup_row(t, ri, rj, w1[i], w2[i], row_len, avx2);
+          if (in_j) copy(rj, ri, bj);
+          std::memcpy(ri, t, row_len * sizeof(T));
+        } else if (mj) {
+          mixup_row(t, rj, ri, w1[j], w2[j], row_len, avx2);
+          if (in_i) copy(ri, rj, bi);
+          std::memcpy(rj, t, row_len * sizeof(T));
+        } else if (in_i && in_j) {
+          copy(t, ri, bj);  // i's pixels under j's box, before i's box overwrites them
+          copy(ri, rj, bi);
+          copy(rj, t, bj);
+        } else if (in_i) {
+          copy(ri, rj, bi);
+        } else if (in_j) {
+          copy(rj, ri, bj);
+        }
+      }
+    }
+  });
+}
+
+// Checks what the kernels read (the public functions check it on the device; this keeps the
+// kernels in bounds whatever the caller skipped) and returns (w1, w2) = (lam, 1 - lam), the
+// difference taken in lam's dtype (timm's float32 per-element lambdas, its float64 per-batch one),
+// then widened without rounding.
+struct MixArgs {
+  MixGeometry g;
+  at::Tensor partner, boxes, use_box;
+  std::vector<double> w1, w2;
+};
+
+MixArgs mix_args(const at::Tensor& x, const at::Tensor& partner, const at::Tensor& boxes, const at::Tensor& lam,
+                 const at::Tensor& use_box, bool involution) {
   TORCH_CHECK(x.dim() == 4, "fastsd_C.mix: x must be [B, C, H, W], got ", x.sizes());
   const int64_t B = x.size(0);
   TORCH_CHECK(partner.dim() == 1 && partner.size(0) == B && partner.scalar_type() == at::kLong,
@@ -173,19 +250,14 @@ at::Tensor mix_cpu(const at::Tensor& x, const at::Tensor& partner, const at::Ten
                 "fastsd_C.mix: x must be contiguous NCHW or channels_last");
     g.channels_last = true;
   }
-  at::Tensor out = cpu::empty(x.sizes(), x.options(),
-                              g.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
-  if (x.numel() == 0) return out;
-  const at::Tensor p = partner.contiguous(), bx = boxes.contiguous(), ub = use_box.contiguous();
-  const int64_t* pp = p.data_ptr<int64_t>();
-  const int64_t* bp = bx.data_ptr<int64_t>();
-  const bool* up = ub.data_ptr<bool>();
-  // (w1, w2) = (lam, 1 - lam), the difference taken in lam's dtype (timm's float32 per-element
-  // lambdas, its float64 per-batch one), then widened without rounding.
-  std::vector<double> w1(B), w2(B);
+  MixArgs a{g, partner.contiguous(), boxes.contiguous(), use_box.contiguous(), std::vector<double>(B),
+            std::vector<double>(B)};
+  const int64_t* pp = a.partner.data_ptr<int64_t>();
+  const int64_t* bp = a.boxes.data_ptr<int64_t>();
+  std::vector<double>& w1 = a.w1;
+  std::vector<double>& w2 = a.w2;
   const at::Tensor l = lam.contiguous();
   for (int64_t i = 0; i < B; ++i) {
-    // The public function checks these on the device; the kernel never reads out of bounds.
     TORCH_CHECK_VALUE(pp[i] >= 0 && pp[i] < B, "fastsd.mix: partner[", i, "] = ", pp[i], " is not in [0, B=", B, ")");
     const int64_t* box = bp + 4 * i;
     TORCH_CHECK_VALUE(0 <= box[0] && box[0] <= box[1] && box[1] <= g.H && 0 <= box[2] && box[2] <= box[3] &&
@@ -202,10 +274,39 @@ at::Tensor mix_cpu(const at::Tensor& x, const at::Tensor& partner, const at::Ten
       w2[i] = 1.0 - v;
     }
   }
+  for (int64_t i = 0; involution && i < B; ++i) {
+    TORCH_CHECK_VALUE(pp[pp[i]] == i, "fastsd.mix_: partner must be an involution (partner[partner[i]] == i), as "
+                      "an in-place mix reads each pair before writing it; partner[", i, "] = ", pp[i]);
+  }
+  return a;
+}
+
+at::Tensor mix_cpu(const at::Tensor& x, const at::Tensor& partner, const at::Tensor& boxes, const at::Tensor& lam,
+                   const at::Tensor& use_box) {
+  const MixArgs a = mix_args(x, partner, boxes, lam, use_box, /*involution=*/false);
+  at::Tensor out = cpu::empty(x.sizes(), x.options(),
+                              a.g.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  if (x.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kByte, x.scalar_type(), "mix_cpu", [&] {
-    mix_kernel<scalar_t>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), pp, bp, w1.data(), w2.data(), up, g);
+    mix_kernel<scalar_t>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), a.partner.data_ptr<int64_t>(),
+                         a.boxes.data_ptr<int64_t>(), a.w1.data(), a.w2.data(), a.use_box.data_ptr<bool>(), a.g);
   });
   return out;
+}
+
+void mix_inplace_cpu(const at::Tensor& x, const at::Tensor& partner, const at::Tensor& boxes, const at::Tensor& lam,
+                     const at::Tensor& use_box) {
+  const MixArgs a = mix_args(x, partner, boxes, lam, use_box, /*involution=*/true);
+  if (x.numel() == 0) return;
+  const int64_t* pp = a.partner.data_ptr<int64_t>();
+  std::vector<int64_t> firsts;  // the first row of each pair (and rows that are their own partner)
+  for (int64_t i = 0; i < a.g.B; ++i) {
+    if (i <= pp[i]) firsts.push_back(i);
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kByte, x.scalar_type(), "mix_inplace_cpu", [&] {
+    mix_inplace_kernel<scalar_t>(x.data_ptr<scalar_t>(), pp, a.boxes.data_ptr<int64_t>(), a.w1.data(), a.w2.data(),
+                                 a.use_box.data_ptr<bool>(), a.g, firsts);
+  });
 }
 
 }  // namespace
@@ -213,4 +314,5 @@ at::Tensor mix_cpu(const at::Tensor& x, const at::Tensor& partner, const at::Ten
 
 TORCH_LIBRARY_IMPL(fastsd_C, CPU, m) {
   m.impl("mix", &fastsd::mix_cpu);
+  m.impl("mix_", &fastsd::mix_inplace_cpu);
 }

@@ -92,6 +92,7 @@ def benches(device="cpu", dtype=torch.float32, quick=True) -> List[Bench]:
             return _images(shape, dtype, device), torch.randint(0, NUM_CLASSES, (shape[0],), device=device)
 
         nbytes = 2 * B * shape[1] * shape[2] * shape[3] * torch.empty(0, dtype=dtype).element_size()
+        out += _op_cases(size, shape, dtype, device, nbytes)
         if tm is not None:
             for mode in ("elem", "pair", "batch"):
                 for kind, kw in TIMM_KINDS.items():
@@ -130,6 +131,36 @@ def benches(device="cpu", dtype=torch.float32, quick=True) -> List[Bench]:
                                  lambda shape=shape: setup(shape, torch.uint8), lambda i, lib=lib: lib(*i),
                                  _fastsd_rows(lambda: fm.CutMix(num_classes=NUM_CLASSES), device), u8bytes, size))
     return out
+
+
+def _op_cases(size, shape, dtype, device, nbytes) -> List[Bench]:
+    """The op alone on one step's arguments (timm 'elem' draws, CutMix and MixUp rows, partner
+    flip): out of place against ``x.clone()`` (target: within 1.3x), and in place."""
+    from ..mix.op import mix_unchecked, mix_unchecked_
+
+    def setup():
+        x = _images(shape, dtype, device)
+        draws = fm.Mixup(**dict(TIMM_KINDS["switch"], mode="elem"))
+        lam, use_box, boxes, _ = draws.mix_params(shape, shape[0])
+        B = shape[0]
+        return (x, torch.arange(B - 1, -1, -1, device=device), torch.from_numpy(boxes).to(device),
+                torch.from_numpy(lam).to(device), torch.from_numpy(use_box).to(device))
+
+    def rows(fn):
+        def row(b):
+            def run(inputs):
+                with _backend.use_backend(b):
+                    return fn(*inputs)
+            return run
+        return {b: row(b) for b in timed_backends("mix", device)}
+
+    common = dict(op="mix", setup=setup, min_bytes=nbytes, not_the_op=("clone",), target_source="issue 13")
+    return [
+        Bench(case=f"{size} op out of place", backends=rows(mix_unchecked), baselines={"clone": lambda i: i[0].clone()},
+              speedup_vs=("clone",), targets={"clone": 1 / 1.3}, **common),
+        Bench(case=f"{size} op in place", backends=rows(mix_unchecked_), baselines={"clone": lambda i: i[0].clone()},
+              speedup_vs=("clone",), note="moves only the mixed pixels", **common),
+    ]
 
 
 def _per_row_cutmix(x, labels):

@@ -10,6 +10,6 @@ Neither timm nor torchvision is imported.
 """
 from ._timm import FastCollateMixup, Mixup, mixup_target, one_hot
 from ._torchvision import CutMix, MixUp
-from .op import mix
+from .op import mix, mix_
 
-__all__ = ["CutMix", "FastCollateMixup", "MixUp", "Mixup", "mix", "mixup_target", "one_hot"]
+__all__ = ["CutMix", "FastCollateMixup", "MixUp", "Mixup", "mix", "mix_", "mixup_target", "one_hot"]

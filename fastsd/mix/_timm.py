@@ -8,9 +8,10 @@ then one pass of :func:`fastsd.mix.mix` with partner ``flip(0)``, where timm loo
 Python, and the targets timm's ``mixup_target``: a seed gives bit-identical images, targets and
 numpy state afterwards.
 
-Differences, by design: ``Mixup`` returns a new image tensor and leaves ``x`` unmodified (timm
-mixes ``x`` in place and returns it; use the returned tensor); bad arguments raise ValueError or
-TypeError naming them where timm asserts.
+As timm, ``Mixup`` mixes ``x`` in place and returns it (only the mixed pixels move: a CutMix row's
+box, a MixUp row whole); an ``x`` that requires grad or is not contiguous is mixed out of place
+into a new tensor instead. Bad arguments raise ValueError or TypeError naming them where timm
+asserts.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import torch
 
 from .. import _validate as V
 from ._numpy_rng import RawWords, consumes_word
-from .op import mix_unchecked
+from .op import mix_unchecked, mix_unchecked_
 
 MODES = ("batch", "pair", "elem")
 COLLATE_MODES = MODES + ("half",)
@@ -128,7 +129,7 @@ class Mixup:
     the partner, lambda corrected to ``1 - box_area / (H * W)`` (``correct_lam``, always with
     ``cutmix_minmax``); MixUp rows: ``x[i] * lam + x[partner] * (1 - lam)``. Targets:
     ``y * lam + y[partner] * (1 - lam)``, y smoothed one-hot (:func:`mixup_target`).
-    x is not modified (timm mixes it in place): use the returned tensor.
+    x is mixed in place and returned, as by timm (out of place where it requires grad).
     """
 
     modes = MODES
@@ -258,10 +259,11 @@ class Mixup:
             return x, 1.0
         lam, use_box, boxes, lam_target = params
         dev = x.device
-        partner = torch.arange(B - 1, -1, -1, device=dev)
-        out = mix_unchecked(x, partner, torch.from_numpy(boxes).to(dev), torch.from_numpy(lam).to(dev),
-                            torch.from_numpy(use_box).to(dev))
-        return out, lam_target
+        partner = torch.arange(B - 1, -1, -1, device=dev)  # flip(0): an involution
+        args = (partner, torch.from_numpy(boxes).to(dev), torch.from_numpy(lam).to(dev), torch.from_numpy(use_box).to(dev))
+        if x.requires_grad or not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+            return mix_unchecked(x, *args), lam_target
+        return mix_unchecked_(x, *args), lam_target
 
     def _check_batch(self, fn, batch_size):
         if batch_size % 2:

@@ -88,7 +88,11 @@ def mix(x: torch.Tensor, partner: torch.Tensor, boxes: torch.Tensor, lam: torch.
     Returns:
         A new tensor with x's dtype, device and layout. Differentiable in x (a gather backward).
     """
-    fn = "fastsd.mix"
+    _check("fastsd.mix", x, partner, boxes, lam, use_box)
+    return mix_unchecked(x, partner.long(), boxes.long(), lam, use_box)
+
+
+def _check(fn, x, partner, boxes, lam, use_box) -> None:
     V.tensor(fn, "x", x, ndim=4, dtypes=MIX_DTYPES, what="[B, C, H, W]")
     V.tensor(fn, "partner", partner, ndim=1, dtypes=V.INT_DTYPES, what="[B]")
     V.tensor(fn, "boxes", boxes, ndim=2, dtypes=V.INT_DTYPES, what="[B, 4]")
@@ -110,7 +114,36 @@ def mix(x: torch.Tensor, partner: torch.Tensor, boxes: torch.Tensor, lam: torch.
         V.device_check(fn, ok, f"boxes must satisfy 0 <= y0 <= y1 <= H={H} and 0 <= x0 <= x1 <= W={W}")
         V.device_check(fn, ((lam >= 0) & (lam <= 1)).all(), "lam must be in [0, 1]")
         assert_permutation(fn, torch.sort(partner.long())[0])
-    return mix_unchecked(x, partner.long(), boxes.long(), lam, use_box)
+
+
+def mix_(x: torch.Tensor, partner: torch.Tensor, boxes: torch.Tensor, lam: torch.Tensor,
+         use_box: torch.Tensor) -> torch.Tensor:
+    """:func:`mix` in place, as timm's ``Mixup`` mixes its batch: returns ``x``, mixed.
+
+    ``partner`` must be an involution (``partner[partner[i]] == i``: timm's ``flip(0)``, fastsd's
+    intra-class pairs), so that each pair is read before it is written; then only the mixed pixels
+    move (a CutMix row's box, a MixUp row whole) where the out-of-place pass reads and writes every
+    pixel. ``x`` must be contiguous (NCHW or channels_last) and must not require grad.
+    """
+    fn = "fastsd.mix_"
+    _check(fn, x, partner, boxes, lam, use_box)
+    if x.requires_grad:
+        raise TypeError(f"{fn}: x requires grad; mix it out of place (fastsd.mix.mix)")
+    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        raise ValueError(f"{fn}: x must be contiguous (NCHW or channels_last) to be mixed in place")
+    if x.shape[0]:
+        p = partner.long()
+        V.device_check(fn, (p[p.clamp(0, x.shape[0] - 1)] == torch.arange(x.shape[0], device=p.device)).all(),
+                       "partner must be an involution (partner[partner[i]] == i) to mix in place")
+    return mix_unchecked_(x, partner.long(), boxes.long(), lam, use_box)
+
+
+def mix_unchecked_(x, partner, boxes, lam, use_box) -> torch.Tensor:
+    """:func:`mix_` without the value checks (see :func:`mix_unchecked`); returns x."""
+    if x.shape[0]:
+        fn = _backend.select("mix_", x, partner, boxes, lam, use_box)
+        fn(x, partner, boxes.contiguous(), lam.contiguous(), use_box.contiguous())
+    return x
 
 
 def mix_unchecked(x, partner, boxes, lam, use_box) -> torch.Tensor:
@@ -144,3 +177,13 @@ def _cpp_reasons(*tensors, **kwargs):
 @_backend.register("mix", "cpp", reasons=_cpp_reasons)
 def _mix_cpp(x, partner, boxes, lam, use_box):
     return _ext.ops().mix(x, partner, boxes, lam, use_box)
+
+
+@_backend.register("mix_", "torch")
+def _mix_inplace_torch(x, partner, boxes, lam, use_box):
+    x.copy_(reference.mix(x, partner, boxes, lam, use_box))
+
+
+@_backend.register("mix_", "cpp", reasons=_cpp_reasons)
+def _mix_inplace_cpp(x, partner, boxes, lam, use_box):
+    _ext.ops().mix_(x, partner, boxes, lam, use_box)

@@ -152,12 +152,15 @@ void mix_kernel(const T* x, T* out, const int64_t* partner, const int64_t* boxes
 }
 
 // In place, for an involution partner (timm's flip): each unit is one pair (i, j = partner[i]),
-// i <= j, and one plane; both rows are read before either is written, image row by image row, so
-// only the mixed pixels move: a CutMix row's box segments (rows outside both boxes untouched), a
-// MixUp row whole (through a row-sized buffer).
+// i <= j, and one plane; both rows are read before either is written, so only the mixed pixels
+// move: a CutMix row's box segments (image rows outside both boxes untouched), a MixUp row whole.
+// The image rows of a pair split into at most five spans with the same box membership; a span
+// without box segments is blended as one block (through a small buffer), a span with them row by
+// row (a box segment is copied before the blend that reads its source overwrites it).
 template <typename T>
 void mix_inplace_kernel(T* x, const int64_t* partner, const int64_t* boxes, const double* w1, const double* w2,
                         const bool* use_box, const MixGeometry& g, const std::vector<int64_t>& firsts) {
+  constexpr int64_t kBlock = 4096;  // elements per blended chunk (two buffers of it stay in L1/L2)
   const int64_t pix = g.channels_last ? g.C : 1;
   const int64_t planes = g.channels_last ? 1 : g.C;
   const int64_t row_len = g.W * pix;
@@ -167,51 +170,72 @@ void mix_inplace_kernel(T* x, const int64_t* partner, const int64_t* boxes, cons
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, 2 * plane));
   const int64_t units = static_cast<int64_t>(firsts.size()) * planes;
   at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
-    std::vector<T> tmp(2 * row_len);
+    const int64_t buf = std::max(row_len, kBlock);
+    std::vector<T> tmp(2 * buf);
     T* t = tmp.data();
-    T* t2 = t + row_len;
+    T* t2 = t + buf;
     for (int64_t u = begin; u < end; ++u) {
       const int64_t i = firsts[u / planes], j = partner[i], offset = (u % planes) * plane;
       T* xi = x + i * sample + offset;
       T* xj = x + j * sample + offset;
       const bool mi = !use_box[i], mj = !use_box[j];
+      if (i == j && !mi) continue;  // its own partner's box: its own pixels
       const int64_t* bi = boxes + 4 * i;
       const int64_t* bj = boxes + 4 * j;
+      // Blend n elements from ri / rj (whichever rows are MixUp rows), then write them back.
+      auto blend = [&](T* ri, T* rj, int64_t n) {
+        for (int64_t o = 0; o < n; o += buf) {
+          const int64_t len = std::min(buf, n - o);
+          if (mi) mixup_row(t, ri + o, rj + o, w1[i], w2[i], len, avx2);
+          if (mj && i != j) mixup_row(t2, rj + o, ri + o, w1[j], w2[j], len, avx2);
+          if (mi) std::memcpy(ri + o, t, len * sizeof(T));
+          if (mj && i != j) std::memcpy(rj + o, t2, len * sizeof(T));
+        }
+      };
       // the box segment [x0, x1) of an image row, from src to dst
       auto copy = [&](T* dst, const T* src, const int64_t* box) {
         std::memcpy(dst + box[2] * pix, src + box[2] * pix, (box[3] - box[2]) * pix * sizeof(T));
       };
-      for (int64_t h = 0; h < g.H; ++h) {
-        T* ri = xi + h * row_len;
-        T* rj = xj + h * row_len;
-        const bool in_i = !mi && bi[0] <= h && h < bi[1] && bi[2] < bi[3];
-        const bool in_j = !mj && bj[0] <= h && h < bj[1] && bj[2] < bj[3];
-        if (i == j) {  // its own partner: a box takes its own pixels; a blend is still computed
-          if (mi) {
-            mixup_row(t, ri, ri, w1[i], w2[i], row_len, avx2);
+      int64_t cuts[6] = {0, g.H, 0, 0, 0, 0};
+      int64_t ncuts = 2;
+      for (const int64_t* b : {bi, bj}) {
+        if (b[2] < b[3]) {
+          cuts[ncuts++] = b[0];
+          cuts[ncuts++] = b[1];
+        }
+      }
+      std::sort(cuts, cuts + ncuts);
+      for (int64_t k = 0; k + 1 < ncuts; ++k) {
+        const int64_t h0 = cuts[k], h1 = cuts[k + 1];
+        if (h0 == h1) continue;
+        const bool in_i = !mi && bi[0] <= h0 && h0 < bi[1] && bi[2] < bi[3];
+        const bool in_j = !mj && bj[0] <= h0 && h0 < bj[1] && bj[2] < bj[3];
+        T* si = xi + h0 * row_len;
+        T* sj = xj + h0 * row_len;
+        if (!in_i && !in_j) {
+          if (mi || mj) blend(si, sj, (h1 - h0) * row_len);
+          continue;
+        }
+        for (int64_t r = 0; r < (h1 - h0) * row_len; r += row_len) {
+          T* ri = si + r;
+          T* rj = sj + r;
+          if (mi) {  // j is a box row in its box
+            mixup_row(t, ri, rj, w1[i], w2[i], row_len, avx2);
+            copy(rj, ri, bj);
             std::memcpy(ri, t, row_len * sizeof(T));
+          } else if (mj) {
+            mixup_row(t, rj, ri, w1[j], w2[j], row_len, avx2);
+            copy(ri, rj, bi);
+            std::memcpy(rj, t, row_len * sizeof(T));
+          } else if (in_i && in_j) {
+            copy(t, ri, bj);  // i's pixels under j's box, before i's box overwrites them
+            copy(ri, rj, bi);
+            copy(rj, t, bj);
+          } else if (in_i) {
+            copy(ri, rj, bi);
+          } else {
+            copy(rj, ri, bj);
           }
-        } else if (mi && mj) {
-          mixup_row(t, ri, rj, w1[i], w2[i], row_len, avx2);
-          mixup_row(t2, rj, ri, w1[j], w2[j], row_len, avx2);
-          std::memcpy(ri, t, row_len * sizeof(T));
-          std::memcpy(rj, t2, row_len * sizeof(T));
-        } else if (mi) {
-          mixup_row(t, ri, rj, w1[i], w2[i], row_len, avx2);
-          if (in_j) copy(rj, ri, bj);
-          std::memcpy(ri, t, row_len * sizeof(T));
-        } else if (mj) {
-          mixup_row(t, rj, ri, w1[j], w2[j], row_len, avx2);
-          if (in_i) copy(ri, rj, bi);
-          std::memcpy(rj, t, row_len * sizeof(T));
-        } else if (in_i && in_j) {
-          copy(t, ri, bj);  // i's pixels under j's box, before i's box overwrites them
-          copy(ri, rj, bi);
-          copy(rj, t, bj);
-        } else if (in_i) {
-          copy(ri, rj, bi);
-        } else if (in_j) {
-          copy(rj, ri, bj);
         }
       }
     }

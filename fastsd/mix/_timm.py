@@ -74,16 +74,18 @@ def rand_bbox_lengths(img_shape, lam):
 
 
 def _clip_box(img_shape, cy, cx, cut_h, cut_w):
+    """timm's ``np.clip`` of the box edges to the image (on integers: a max and a min, without
+    np.clip's per-call overhead)."""
     img_h, img_w = img_shape[-2:]
-    yl = np.clip(cy - cut_h // 2, 0, img_h)
-    yh = np.clip(cy + (cut_h + 1) // 2, 0, img_h)
-    xl = np.clip(cx - cut_w // 2, 0, img_w)
-    xh = np.clip(cx + (cut_w + 1) // 2, 0, img_w)
+    yl = np.minimum(np.maximum(cy - cut_h // 2, 0), img_h)
+    yh = np.minimum(np.maximum(cy + (cut_h + 1) // 2, 0), img_h)
+    xl = np.minimum(np.maximum(cx - cut_w // 2, 0), img_w)
+    xh = np.minimum(np.maximum(cx + (cut_w + 1) // 2, 0), img_w)
     return yl, yh, xl, xh
 
 
 def draw_boxes(img_shape, lam: np.ndarray, minmax: Optional[Sequence[float]]) -> np.ndarray:
-    """One box per entry of ``lam`` (float32), as timm's consecutive ``rand_bbox`` /
+    """One box per entry of ``lam`` (float32 per element, float64 per batch), as timm's consecutive ``rand_bbox`` /
     ``rand_bbox_minmax`` calls draw them: ``[n, 4]`` int64 (y0, y1, x0, x1)."""
     img_h, img_w = img_shape[-2:]
     n = len(lam)

@@ -3,6 +3,7 @@ reference, gradient, registration, bad input) and the drop-ins against the libra
 (timm's Mixup / FastCollateMixup, torchvision's v2 CutMix / MixUp): same seed, bit-identical images,
 targets and RNG state afterwards.
 """
+import importlib.util
 import itertools
 
 import numpy as np
@@ -346,3 +347,19 @@ def test_import_is_light():
 
     code = "import sys, fastsd.mix; print(any(m in sys.modules for m in ('timm', 'kornia', 'torchvision')))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_bench_suite_cases():
+    """The bench suite builds its cases (the libraries it finds) and its fastsd rows run."""
+    from fastsd.bench import mix as bench
+
+    cases = bench.benches("cpu", torch.float32, quick=True)
+    names = [c.case for c in cases]
+    assert "256x3x32x32 op out of place" in names and "128x3x224x224 op in place" in names
+    if importlib.util.find_spec("timm") is not None:
+        assert "256x3x32x32 timm elem mixup" in names and "128x3x224x224 timm pair cutmix" in names
+    small = next(c for c in cases if c.case == "256x3x32x32 torchvision CutMix")
+    inputs = small.setup()
+    for run in small.backends.values():
+        out, labels = run(inputs)
+        assert out.shape == inputs[0].shape and labels.shape == (256, bench.NUM_CLASSES)

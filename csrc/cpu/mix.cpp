@@ -204,7 +204,9 @@ void mix_inplace_kernel(T* x, const int64_t* partner, const int64_t* boxes, cons
           cuts[ncuts++] = b[1];
         }
       }
-      std::sort(cuts, cuts + ncuts);
+      for (int64_t a = 1; a < ncuts; ++a) {  // insertion sort of at most six row indices
+        for (int64_t b = a; b > 0 && cuts[b - 1] > cuts[b]; --b) std::swap(cuts[b - 1], cuts[b]);
+      }
       for (int64_t k = 0; k + 1 < ncuts; ++k) {
         const int64_t h0 = cuts[k], h1 = cuts[k + 1];
         if (h0 == h1) continue;

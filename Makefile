@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 PINS   := torch==2.14.1 torchvision==0.29.1 triton==3.8.0 numpy==2.4.6 pytest==9.2.0 \
           pytest-benchmark==5.3.1 ninja==1.13.2 hypothesis==6.170.15 tqdm==4.70.1 matplotlib==3.11.2 \
-          scikit-learn==1.9.1
+          scikit-learn==1.9.1 timm==1.0.31 kornia==0.9.0
 DEPS_STAMP := $(VENV)/.fastsd-deps
 EXT_STAMP  := $(VENV)/.fastsd-ext
 CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp) \

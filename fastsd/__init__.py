@@ -11,6 +11,7 @@ from .losses import feature_alignment_loss, kd_loss, pair_kd_loss
 from .icp import ICPDistiller, ICPRefiner
 from . import data, nn  # noqa: E402  (fastsd.nn modules, fastsd.data.ClassPairSampler)
 from . import recipes  # noqa: E402  (fastsd.recipes.PatchSwapDistillation, ICPDistillation)
+from . import mix  # noqa: E402  (fastsd.mix.Mixup, CutMix, MixUp: timm's and torchvision's, fused)
 
 __version__ = "0.1.0"
 

@@ -299,5 +299,6 @@ def _load_all():
     from . import patch_swap  # noqa: F401
     from . import losses  # noqa: F401
     from . import icp  # noqa: F401
+    from .mix import op  # noqa: F401
 
     _loaded = True

@@ -35,7 +35,7 @@ import torch
 from . import report as R
 from .core import Row, busy_cores, checks, cpu_load, device_ops, run_bench
 
-SUITES = ("patch_swap", "losses", "icp", "train_step")
+SUITES = ("patch_swap", "losses", "icp", "train_step", "mix")
 # Whole training steps of a ResNet-18 take seconds each on a CPU: --full or --ops train_step only.
 QUICK_SUITES = ("patch_swap", "losses", "icp")
 README_PLOTS = os.path.join("docs", "bench")  # beside the README: the plots its section shows

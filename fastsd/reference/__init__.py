@@ -4,7 +4,9 @@ Written for clarity, not speed: each function is the formula of ../shared/SPEC.m
 PyTorch says it.
 """
 from .losses import cosine_similarity, feature_alignment_loss, kd_loss, layer_weights, pair_kd_loss
+from .mix import box_mask, mix, mix_backward, mix_weights
 from .patch_swap import cell_index, inverse_partner, patch_swap, patch_swap_backward, upsample_mask
 
 __all__ = ["cell_index", "inverse_partner", "patch_swap", "patch_swap_backward", "upsample_mask",
+           "box_mask", "mix", "mix_backward", "mix_weights",
            "cosine_similarity", "feature_alignment_loss", "kd_loss", "layer_weights", "pair_kd_loss"]

@@ -1,0 +1,389 @@
+// CPU kernel of mix (csrc/mix.cpp), parallel over image planes with at::parallel_for.
+//
+// Work unit: one plane of one row (NCHW: channel c of sample b; channels_last: the whole sample).
+// * CutMix rows: every image row of the plane is at most three runs (left of the box from x[b],
+//   the box from x[partner[b]], right of it from x[b]), and the rows above and below the box are
+//   one contiguous run each: memcpy'd, so each byte is read once and written once.
+// * MixUp rows: one elementwise pass `s * w1 + t * w2`, compiled without FMA contraction (it would
+//   round once where PyTorch's eager mul and add round twice) and vectorised per instruction set.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "alloc.h"
+#include "capability.h"
+
+namespace fastsd {
+namespace {
+
+// 1.5 * 2^23: (v + kRound) - kRound rounds a float in [0, 2^22] to an integer, half to even (the
+// default rounding mode), as torch.round does, in a form the compiler vectorises.
+constexpr float kRound = 12582912.0f;
+
+// The MixUp pass per element type. No "fma" in the target strings: the products must be rounded
+// before the sum, as torch's eager `x * w1 + y * w2` rounds them.
+#define FASTSD_MIX_LOOPS(ISA, ATTRIBUTES)                                                                  \
+  namespace ISA {                                                                                        \
+  template <typename T, typename W>                                                                      \
+  ATTRIBUTES void mixup(T* __restrict o, const T* __restrict s, const T* __restrict t, W w1, W w2,       \
+                        int64_t n) {                                                                     \
+    for (int64_t e = 0; e < n; ++e) {                                                                    \
+      const W a = s[e] * w1;                                                                             \
+      const W b = t[e] * w2;                                                                             \
+      o[e] = a + b;                                                                                      \
+    }                                                                                                    \
+  }                                                                                                      \
+  ATTRIBUTES void mixup_u8(uint8_t* __restrict o, const uint8_t* __restrict s, const uint8_t* __restrict t, \
+                           float w1, float w2, int64_t n) {                                              \
+    for (int64_t e = 0; e < n; ++e) {                                                                    \
+      const float a = static_cast<float>(s[e]) * w1;                                                     \
+      const float b = static_cast<float>(t[e]) * w2;                                                     \
+      const float v = a + b;                                                                             \
+      o[e] = static_cast<uint8_t>(static_cast<int32_t>((v + kRound) - kRound));                          \
+    }                                                                                                    \
+  }                                                                                                      \
+  /* rows image rows of a box, bit select with the row mask m (all ones on the box columns) */          \
+  template <typename U>                                                                                  \
+  ATTRIBUTES void box_rows(U* __restrict o, const U* __restrict s, const U* __restrict t,                \
+                           const U* __restrict m, int64_t rows, int64_t row_len) {                        \
+    for (int64_t r = 0; r < rows; ++r) {                                                                 \
+      for (int64_t e = 0; e < row_len; ++e) o[e] = (s[e] & ~m[e]) | (t[e] & m[e]);                       \
+      o += row_len;                                                                                      \
+      s += row_len;                                                                                      \
+      t += row_len;                                                                                      \
+    }                                                                                                    \
+  }                                                                                                      \
+  }
+
+#if defined(FASTSD_MULTI_ISA)
+FASTSD_MIX_LOOPS(avx2, __attribute__((target("avx2"))))
+#endif
+FASTSD_MIX_LOOPS(baseline, )
+#undef FASTSD_MIX_LOOPS
+
+// Same-width unsigned integer: the box select copies bits (NaN payloads, -0.0) as they are.
+template <typename T>
+using Bits = std::conditional_t<sizeof(T) == 1, uint8_t,
+                                std::conditional_t<sizeof(T) == 2, uint16_t,
+                                                   std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>>>;
+
+// Image rows up to this many bytes take a vectorised bit select over the box rows, where three
+// memcpy calls a row would cost more than the bytes they move (32 px uint8: 32-byte rows).
+constexpr int64_t kMaxSelectRowBytes = 256;
+
+bool use_avx2() {
+#if defined(FASTSD_MULTI_ISA)
+  return cpu::cpu_isa() != cpu::Isa::kDefault;
+#else
+  return false;
+#endif
+}
+
+void mixup_row(float* o, const float* s, const float* t, double w1, double w2, int64_t n, bool avx2) {
+#if defined(FASTSD_MULTI_ISA)
+  if (avx2) return avx2::mixup<float, float>(o, s, t, static_cast<float>(w1), static_cast<float>(w2), n);
+#endif
+  baseline::mixup<float, float>(o, s, t, static_cast<float>(w1), static_cast<float>(w2), n);
+}
+
+void mixup_row(double* o, const double* s, const double* t, double w1, double w2, int64_t n, bool avx2) {
+#if defined(FASTSD_MULTI_ISA)
+  if (avx2) return avx2::mixup<double, double>(o, s, t, w1, w2, n);
+#endif
+  baseline::mixup<double, double>(o, s, t, w1, w2, n);
+}
+
+void mixup_row(uint8_t* o, const uint8_t* s, const uint8_t* t, double w1, double w2, int64_t n, bool avx2) {
+#if defined(FASTSD_MULTI_ISA)
+  if (avx2) return avx2::mixup_u8(o, s, t, static_cast<float>(w1), static_cast<float>(w2), n);
+#endif
+  baseline::mixup_u8(o, s, t, static_cast<float>(w1), static_cast<float>(w2), n);
+}
+
+// float16 / bfloat16: PyTorch computes each eager op in float32 and rounds its result to the
+// dtype, so the products are rounded to T before the sum, and the sum again.
+template <typename T>
+void mixup_reduced(T* o, const T* s, const T* t, double w1, double w2, int64_t n) {
+  const float a1 = static_cast<float>(w1), a2 = static_cast<float>(w2);
+  for (int64_t e = 0; e < n; ++e) {
+    const T a = static_cast<T>(static_cast<float>(s[e]) * a1);
+    const T b = static_cast<T>(static_cast<float>(t[e]) * a2);
+    o[e] = static_cast<T>(static_cast<float>(a) + static_cast<float>(b));
+  }
+}
+
+void mixup_row(at::Half* o, const at::Half* s, const at::Half* t, double w1, double w2, int64_t n, bool) {
+  mixup_reduced(o, s, t, w1, w2, n);
+}
+
+void mixup_row(at::BFloat16* o, const at::BFloat16* s, const at::BFloat16* t, double w1, double w2, int64_t n,
+               bool) {
+  mixup_reduced(o, s, t, w1, w2, n);
+}
+
+struct MixGeometry {
+  int64_t B, C, H, W;
+  bool channels_last;
+};
+
+template <typename T>
+void mix_kernel(const T* x, T* out, const int64_t* partner, const int64_t* boxes, const double* w1,
+                const double* w2, const bool* use_box, const MixGeometry& g) {
+  const int64_t pix = g.channels_last ? g.C : 1;     // elements per pixel in an image row
+  const int64_t planes = g.channels_last ? 1 : g.C;  // units per sample
+  const int64_t row_len = g.W * pix;
+  const int64_t plane = g.H * row_len;
+  const int64_t sample = g.C * g.H * g.W;
+  const bool avx2 = use_avx2();
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, plane));
+  using U = Bits<T>;
+  const bool select_rows = row_len * static_cast<int64_t>(sizeof(T)) <= kMaxSelectRowBytes;
+  at::parallel_for(0, g.B * planes, grain, [&](int64_t begin, int64_t end) {
+    std::vector<U> row_mask(select_rows ? row_len : 0);
+    int64_t mask_row = -1;  // the row whose box row_mask holds
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t b = u / planes, p = u % planes;
+      const int64_t offset = p * plane;
+      const T* self = x + b * sample + offset;
+      const T* other = x + partner[b] * sample + offset;
+      T* o = out + b * sample + offset;
+      if (!use_box[b]) {
+        mixup_row(o, self, other, w1[b], w2[b], plane, avx2);
+        continue;
+      }
+      const int64_t* box = boxes + 4 * b;
+      const int64_t y0 = box[0], y1 = box[1], x0 = box[2] * pix, x1 = box[3] * pix;
+      if (y0 == y1 || x0 == x1) {
+        std::memcpy(o, self, plane * sizeof(T));
+        continue;
+      }
+      std::memcpy(o, self, y0 * row_len * sizeof(T));  // the rows above the box
+      if (select_rows) {
+        if (mask_row != b) {
+          std::fill(row_mask.begin(), row_mask.end(), U(0));
+          std::fill(row_mask.begin() + x0, row_mask.begin() + x1, U(~U(0)));
+          mask_row = b;
+        }
+        const int64_t r = y0 * row_len;
+        auto* uo = reinterpret_cast<U*>(o + r);
+        auto* us = reinterpret_cast<const U*>(self + r);
+        auto* ut = reinterpret_cast<const U*>(other + r);
+#if defined(FASTSD_MULTI_ISA)
+        if (avx2) {
+          avx2::box_rows<U>(uo, us, ut, row_mask.data(), y1 - y0, row_len);
+        } else
+#endif
+        {
+          baseline::box_rows<U>(uo, us, ut, row_mask.data(), y1 - y0, row_len);
+        }
+      } else {
+        for (int64_t h = y0; h < y1; ++h) {
+          const int64_t r = h * row_len;
+          std::memcpy(o + r, self + r, x0 * sizeof(T));
+          std::memcpy(o + r + x0, other + r + x0, (x1 - x0) * sizeof(T));
+          std::memcpy(o + r + x1, self + r + x1, (row_len - x1) * sizeof(T));
+        }
+      }
+      std::memcpy(o + y1 * row_len, self + y1 * row_len, (g.H - y1) * row_len * sizeof(T));  // below
+    }
+  });
+}
+
+// In place, for an involution partner (timm's flip): each unit is one pair (i, j = partner[i]),
+// i <= j, and one plane; both rows are read before either is written, so only the mixed pixels
+// move: a CutMix row's box segments (image rows outside both boxes untouched), a MixUp row whole.
+// The image rows of a pair split into at most five spans with the same box membership; a span
+// without box segments is blended as one block (through a small buffer), a span with them row by
+// row (a box segment is copied before the blend that reads its source overwrites it).
+template <typename T>
+void mix_inplace_kernel(T* x, const int64_t* partner, const int64_t* boxes, const double* w1, const double* w2,
+                        const bool* use_box, const MixGeometry& g, const std::vector<int64_t>& firsts) {
+  constexpr int64_t kBlock = 4096;  // elements per blended chunk (two buffers of it stay in L1/L2)
+  const int64_t pix = g.channels_last ? g.C : 1;
+  const int64_t planes = g.channels_last ? 1 : g.C;
+  const int64_t row_len = g.W * pix;
+  const int64_t plane = g.H * row_len;
+  const int64_t sample = g.C * g.H * g.W;
+  const bool avx2 = use_avx2();
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, 2 * plane));
+  const int64_t units = static_cast<int64_t>(firsts.size()) * planes;
+  at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
+    const int64_t buf = std::max(row_len, kBlock);
+    std::vector<T> tmp(2 * buf);
+    T* t = tmp.data();
+    T* t2 = t + buf;
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t i = firsts[u / planes], j = partner[i], offset = (u % planes) * plane;
+      T* xi = x + i * sample + offset;
+      T* xj = x + j * sample + offset;
+      const bool mi = !use_box[i], mj = !use_box[j];
+      if (i == j && !mi) continue;  // its own partner's box: its own pixels
+      const int64_t* bi = boxes + 4 * i;
+      const int64_t* bj = boxes + 4 * j;
+      // Blend n elements from ri / rj (whichever rows are MixUp rows), then write them back.
+      auto blend = [&](T* ri, T* rj, int64_t n) {
+        for (int64_t o = 0; o < n; o += buf) {
+          const int64_t len = std::min(buf, n - o);
+          if (mi) mixup_row(t, ri + o, rj + o, w1[i], w2[i], len, avx2);
+          if (mj && i != j) mixup_row(t2, rj + o, ri + o, w1[j], w2[j], len, avx2);
+          if (mi) std::memcpy(ri + o, t, len * sizeof(T));
+          if (mj && i != j) std::memcpy(rj + o, t2, len * sizeof(T));
+        }
+      };
+      // the box segment [x0, x1) of an image row, from src to dst
+      auto copy = [&](T* dst, const T* src, const int64_t* box) {
+        std::memcpy(dst + box[2] * pix, src + box[2] * pix, (box[3] - box[2]) * pix * sizeof(T));
+      };
+      int64_t cuts[6] = {0, g.H, 0, 0, 0, 0};
+      int64_t ncuts = 2;
+      for (const int64_t* b : {bi, bj}) {
+        if (b[2] < b[3]) {
+          cuts[ncuts++] = b[0];
+          cuts[ncuts++] = b[1];
+        }
+      }
+      for (int64_t a = 1; a < ncuts; ++a) {  // insertion sort of at most six row indices
+        for (int64_t b = a; b > 0 && cuts[b - 1] > cuts[b]; --b) std::swap(cuts[b - 1], cuts[b]);
+      }
+      for (int64_t k = 0; k + 1 < ncuts; ++k) {
+        const int64_t h0 = cuts[k], h1 = cuts[k + 1];
+        if (h0 == h1) continue;
+        const bool in_i = !mi && bi[0] <= h0 && h0 < bi[1] && bi[2] < bi[3];
+        const bool in_j = !mj && bj[0] <= h0 && h0 < bj[1] && bj[2] < bj[3];
+        T* si = xi + h0 * row_len;
+        T* sj = xj + h0 * row_len;
+        if (!in_i && !in_j) {
+          if (mi || mj) blend(si, sj, (h1 - h0) * row_len);
+          continue;
+        }
+        for (int64_t r = 0; r < (h1 - h0) * row_len; r += row_len) {
+          T* ri = si + r;
+          T* rj = sj + r;
+          if (mi) {  // j is a box row in its box
+            mixup_row(t, ri, rj, w1[i], w2[i], row_len, avx2);
+            copy(rj, ri, bj);
+            std::memcpy(ri, t, row_len * sizeof(T));
+          } else if (mj) {
+            mixup_row(t, rj, ri, w1[j], w2[j], row_len, avx2);
+            copy(ri, rj, bi);
+            std::memcpy(rj, t, row_len * sizeof(T));
+          } else if (in_i && in_j) {
+            copy(t, ri, bj);  // i's pixels under j's box, before i's box overwrites them
+            copy(ri, rj, bi);
+            copy(rj, t, bj);
+          } else if (in_i) {
+            copy(ri, rj, bi);
+          } else {
+            copy(rj, ri, bj);
+          }
+        }
+      }
+    }
+  });
+}
+
+// Checks what the kernels read (the public functions check it on the device; this keeps the
+// kernels in bounds whatever the caller skipped) and returns (w1, w2) = (lam, 1 - lam), the
+// difference taken in lam's dtype (timm's float32 per-element lambdas, its float64 per-batch one),
+// then widened without rounding.
+struct MixArgs {
+  MixGeometry g;
+  at::Tensor partner, boxes, use_box;
+  std::vector<double> w1, w2;
+};
+
+MixArgs mix_args(const at::Tensor& x, const at::Tensor& partner, const at::Tensor& boxes, const at::Tensor& lam,
+                 const at::Tensor& use_box, bool involution) {
+  TORCH_CHECK(x.dim() == 4, "fastsd_C.mix: x must be [B, C, H, W], got ", x.sizes());
+  const int64_t B = x.size(0);
+  TORCH_CHECK(partner.dim() == 1 && partner.size(0) == B && partner.scalar_type() == at::kLong,
+              "fastsd_C.mix: partner must be int64 [B]");
+  TORCH_CHECK(boxes.dim() == 2 && boxes.size(0) == B && boxes.size(1) == 4 && boxes.scalar_type() == at::kLong,
+              "fastsd_C.mix: boxes must be int64 [B, 4]");
+  TORCH_CHECK(lam.dim() == 1 && lam.size(0) == B &&
+                  (lam.scalar_type() == at::kFloat || lam.scalar_type() == at::kDouble),
+              "fastsd_C.mix: lam must be float32/float64 [B]");
+  TORCH_CHECK(use_box.dim() == 1 && use_box.size(0) == B && use_box.scalar_type() == at::kBool,
+              "fastsd_C.mix: use_box must be bool [B]");
+  TORCH_CHECK(x.device().is_cpu() && partner.device().is_cpu() && boxes.device().is_cpu() &&
+                  lam.device().is_cpu() && use_box.device().is_cpu(),
+              "fastsd_C.mix (CPU): all tensors must be on the CPU");
+  MixGeometry g{B, x.size(1), x.size(2), x.size(3), false};
+  if (!x.is_contiguous()) {
+    TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast),
+                "fastsd_C.mix: x must be contiguous NCHW or channels_last");
+    g.channels_last = true;
+  }
+  MixArgs a{g, partner.contiguous(), boxes.contiguous(), use_box.contiguous(), std::vector<double>(B),
+            std::vector<double>(B)};
+  const int64_t* pp = a.partner.data_ptr<int64_t>();
+  const int64_t* bp = a.boxes.data_ptr<int64_t>();
+  std::vector<double>& w1 = a.w1;
+  std::vector<double>& w2 = a.w2;
+  const at::Tensor l = lam.contiguous();
+  for (int64_t i = 0; i < B; ++i) {
+    TORCH_CHECK_VALUE(pp[i] >= 0 && pp[i] < B, "fastsd.mix: partner[", i, "] = ", pp[i], " is not in [0, B=", B, ")");
+    const int64_t* box = bp + 4 * i;
+    TORCH_CHECK_VALUE(0 <= box[0] && box[0] <= box[1] && box[1] <= g.H && 0 <= box[2] && box[2] <= box[3] &&
+                          box[3] <= g.W,
+                      "fastsd.mix: boxes[", i, "] = (", box[0], ", ", box[1], ", ", box[2], ", ", box[3],
+                      ") must satisfy 0 <= y0 <= y1 <= H=", g.H, " and 0 <= x0 <= x1 <= W=", g.W);
+    if (l.scalar_type() == at::kFloat) {
+      const float v = l.data_ptr<float>()[i];
+      w1[i] = v;
+      w2[i] = 1.0f - v;
+    } else {
+      const double v = l.data_ptr<double>()[i];
+      w1[i] = v;
+      w2[i] = 1.0 - v;
+    }
+  }
+  for (int64_t i = 0; involution && i < B; ++i) {
+    TORCH_CHECK_VALUE(pp[pp[i]] == i, "fastsd.mix_: partner must be an involution (partner[partner[i]] == i), as "
+                      "an in-place mix reads each pair before writing it; partner[", i, "] = ", pp[i]);
+  }
+  return a;
+}
+
+at::Tensor mix_cpu(const at::Tensor& x, const at::Tensor& partner, const at::Tensor& boxes, const at::Tensor& lam,
+                   const at::Tensor& use_box) {
+  const MixArgs a = mix_args(x, partner, boxes, lam, use_box, /*involution=*/false);
+  at::Tensor out = cpu::empty(x.sizes(), x.options(),
+                              a.g.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  if (x.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kByte, x.scalar_type(), "mix_cpu", [&] {
+    mix_kernel<scalar_t>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), a.partner.data_ptr<int64_t>(),
+                         a.boxes.data_ptr<int64_t>(), a.w1.data(), a.w2.data(), a.use_box.data_ptr<bool>(), a.g);
+  });
+  return out;
+}
+
+void mix_inplace_cpu(const at::Tensor& x, const at::Tensor& partner, const at::Tensor& boxes, const at::Tensor& lam,
+                     const at::Tensor& use_box) {
+  const MixArgs a = mix_args(x, partner, boxes, lam, use_box, /*involution=*/true);
+  if (x.numel() == 0) return;
+  const int64_t* pp = a.partner.data_ptr<int64_t>();
+  std::vector<int64_t> firsts;  // the first row of each pair (and rows that are their own partner)
+  for (int64_t i = 0; i < a.g.B; ++i) {
+    if (i <= pp[i]) firsts.push_back(i);
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kByte, x.scalar_type(), "mix_inplace_cpu", [&] {
+    mix_inplace_kernel<scalar_t>(x.data_ptr<scalar_t>(), pp, a.boxes.data_ptr<int64_t>(), a.w1.data(), a.w2.data(),
+                                 a.use_box.data_ptr<bool>(), a.g, firsts);
+  });
+}
+
+}  // namespace
+}  // namespace fastsd
+
+TORCH_LIBRARY_IMPL(fastsd_C, CPU, m) {
+  m.impl("mix", &fastsd::mix_cpu);
+  m.impl("mix_", &fastsd::mix_inplace_cpu);
+}

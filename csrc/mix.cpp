@@ -1,0 +1,20 @@
+// Schema of the mix kernel (SPEC section 6).
+//
+//   mix(x, partner, boxes, lam, use_box), per row i with p = partner[i], (y0, y1, x0, x1) = boxes[i]:
+//     use_box[i]: out[i, :, h, w] = x[p, :, h, w] if y0 <= h < y1 and x0 <= w < x1 else x[i, :, h, w]
+//     else:       out[i] = x[i] * lam[i] + x[p] * (1 - lam[i])
+//                 (1 - lam in lam's dtype; both weights in the compute type, float64 for float64 x
+//                 and float32 otherwise; products and sum rounded to x's dtype as PyTorch's eager
+//                 ops round them; uint8: the float32 value rounded half to even)
+//
+//   mix_(x, ...): the same, in place, for an involution partner (partner[partner[i]] == i): only the
+//     mixed pixels are read and written.
+//
+// x is contiguous NCHW or channels_last (the output has the same layout); partner int64 [B];
+// boxes int64 [B, 4]; lam float32/float64 [B]; use_box bool [B].
+#include <torch/library.h>
+
+TORCH_LIBRARY_FRAGMENT(fastsd_C, m) {
+  m.def("mix(Tensor x, Tensor partner, Tensor boxes, Tensor lam, Tensor use_box) -> Tensor");
+  m.def("mix_(Tensor(a!) x, Tensor partner, Tensor boxes, Tensor lam, Tensor use_box) -> ()");
+}

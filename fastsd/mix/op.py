@@ -1,0 +1,189 @@
+"""The fused mix op (SPEC section 6): its public function, torch.library registration and backends.
+
+Layers, as for :mod:`fastsd.patch_swap`:
+
+* :func:`mix` - validates arguments and calls the registered op;
+* ``torch.ops.fastsd.mix`` - a ``torch.library`` custom op with a fake kernel and autograd;
+* one implementation per backend, chosen by :mod:`fastsd._backend`: the C++ CPU kernel
+  ``torch.ops.fastsd_C.mix`` (csrc/cpu/mix.cpp: a CutMix row is at most three runs per image row,
+  copied with memcpy; a MixUp row one vectorised pass) and the reference in
+  :mod:`fastsd.reference.mix`.
+
+The backward pass (:func:`fastsd.reference.mix_backward`) is a gather through the inverse
+permutation: no atomics, bitwise deterministic.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _backend, _ext
+from .. import _validate as V
+from .. import reference
+from ..patch_swap import PATCH_SWAP_DTYPES, assert_permutation
+
+MIX_DTYPES = PATCH_SWAP_DTYPES
+LAM_DTYPES = (torch.float32, torch.float64)
+
+
+def _empty_out(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=V.memory_format(x))
+
+
+@torch.library.custom_op("fastsd::mix", mutates_args=())
+def _mix_op(x: torch.Tensor, partner: torch.Tensor, boxes: torch.Tensor, lam: torch.Tensor,
+            use_box: torch.Tensor) -> torch.Tensor:
+    return _run(x, partner, boxes, lam, use_box)
+
+
+def _run(x, partner, boxes, lam, use_box):
+    if x.shape[0] == 0:
+        return _empty_out(x)
+    fn = _backend.select("mix", x, partner, boxes, lam, use_box)
+    return fn(x.contiguous(memory_format=V.memory_format(x)), partner, boxes, lam, use_box)
+
+
+@_mix_op.register_fake
+def _(x, partner, boxes, lam, use_box):
+    return _empty_out(x)
+
+
+def _setup_context(ctx, inputs, output):
+    _x, partner, boxes, lam, use_box = inputs
+    ctx.save_for_backward(partner, boxes, lam, use_box)
+
+
+def _backward(ctx, grad):
+    partner, boxes, lam, use_box = ctx.saved_tensors
+    return reference.mix_backward(grad, partner, boxes, lam, use_box), None, None, None, None
+
+
+_mix_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def mix(x: torch.Tensor, partner: torch.Tensor, boxes: torch.Tensor, lam: torch.Tensor,
+        use_box: torch.Tensor) -> torch.Tensor:
+    """CutMix and MixUp rows of a batch in one pass.
+
+    Per row i, with p = partner[i] and (y0, y1, x0, x1) = boxes[i] (half-open):
+
+    * ``use_box[i]`` (CutMix): ``out[i, :, h, w] = x[p, :, h, w]`` where y0 <= h < y1 and
+      x0 <= w < x1, else ``x[i, :, h, w]``; an empty box (y0 == y1 or x0 == x1) copies the row,
+      which is how a row left unmixed (timm's lam == 1) is expressed;
+    * else (MixUp): ``out[i] = x[i] * lam[i] + x[p] * (1 - lam[i])``, exactly timm's expression:
+      ``1 - lam`` in lam's dtype, the weights in the compute type (float64 for float64 x, else
+      float32), each product and the sum rounded as PyTorch's eager ops round them; uint8 x: the
+      float32 value rounded half to even and cast back (timm's FastCollateMixup).
+
+    Args:
+        x: ``[B, C, H, W]`` float32/float16/bfloat16/float64 or uint8 (no gradient), NCHW or
+            channels_last. Never modified.
+        partner: integer ``[B]``, a permutation of ``range(B)`` (flip, roll, random, intra-class).
+        boxes: integer ``[B, 4]`` (y0, y1, x0, x1) with 0 <= y0 <= y1 <= H and 0 <= x0 <= x1 <= W.
+        lam: float32 or float64 ``[B]`` in [0, 1] (read by MixUp rows).
+        use_box: bool ``[B]``.
+
+    Values (partner a permutation, boxes in range, lam in [0, 1]) are checked on the device without
+    a host sync: a ValueError at once on the CPU, an asynchronous device-side assert on CUDA.
+
+    Returns:
+        A new tensor with x's dtype, device and layout. Differentiable in x (a gather backward).
+    """
+    _check("fastsd.mix", x, partner, boxes, lam, use_box)
+    return mix_unchecked(x, partner.long(), boxes.long(), lam, use_box)
+
+
+def _check(fn, x, partner, boxes, lam, use_box) -> None:
+    V.tensor(fn, "x", x, ndim=4, dtypes=MIX_DTYPES, what="[B, C, H, W]")
+    V.tensor(fn, "partner", partner, ndim=1, dtypes=V.INT_DTYPES, what="[B]")
+    V.tensor(fn, "boxes", boxes, ndim=2, dtypes=V.INT_DTYPES, what="[B, 4]")
+    V.tensor(fn, "lam", lam, ndim=1, dtypes=LAM_DTYPES, what="[B]")
+    V.tensor(fn, "use_box", use_box, ndim=1, dtypes=(torch.bool,), what="[B]")
+    V.same_device(fn, "x", x, partner=partner, boxes=boxes, lam=lam, use_box=use_box)
+    B, _, H, W = x.shape
+    if boxes.shape != (B, 4):
+        raise ValueError(f"{fn}: boxes must have shape [B={B}, 4] (y0, y1, x0, x1), got {tuple(boxes.shape)}")
+    for name, t in (("partner", partner), ("lam", lam), ("use_box", use_box)):
+        if t.shape[0] != B:
+            raise ValueError(f"{fn}: {name} must have length B={B} (x.shape[0]), got {t.shape[0]}")
+    if x.requires_grad and not x.is_floating_point():
+        raise TypeError(f"{fn}: x of dtype {x.dtype} cannot require grad")
+    if B:
+        boxes = boxes.long()
+        y0, y1, x0, x1 = boxes.unbind(1)
+        ok = ((y0 >= 0) & (y0 <= y1) & (y1 <= H) & (x0 >= 0) & (x0 <= x1) & (x1 <= W)).all()
+        V.device_check(fn, ok, f"boxes must satisfy 0 <= y0 <= y1 <= H={H} and 0 <= x0 <= x1 <= W={W}")
+        V.device_check(fn, ((lam >= 0) & (lam <= 1)).all(), "lam must be in [0, 1]")
+        assert_permutation(fn, torch.sort(partner.long())[0])
+
+
+def mix_(x: torch.Tensor, partner: torch.Tensor, boxes: torch.Tensor, lam: torch.Tensor,
+         use_box: torch.Tensor) -> torch.Tensor:
+    """:func:`mix` in place, as timm's ``Mixup`` mixes its batch: returns ``x``, mixed.
+
+    ``partner`` must be an involution (``partner[partner[i]] == i``: timm's ``flip(0)``, fastsd's
+    intra-class pairs), so that each pair is read before it is written; then only the mixed pixels
+    move (a CutMix row's box, a MixUp row whole) where the out-of-place pass reads and writes every
+    pixel. ``x`` must be contiguous (NCHW or channels_last) and must not require grad.
+    """
+    fn = "fastsd.mix_"
+    _check(fn, x, partner, boxes, lam, use_box)
+    if x.requires_grad:
+        raise TypeError(f"{fn}: x requires grad; mix it out of place (fastsd.mix.mix)")
+    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        raise ValueError(f"{fn}: x must be contiguous (NCHW or channels_last) to be mixed in place")
+    if x.shape[0]:
+        p = partner.long()
+        V.device_check(fn, (p[p.clamp(0, x.shape[0] - 1)] == torch.arange(x.shape[0], device=p.device)).all(),
+                       "partner must be an involution (partner[partner[i]] == i) to mix in place")
+    return mix_unchecked_(x, partner.long(), boxes.long(), lam, use_box)
+
+
+def mix_unchecked_(x, partner, boxes, lam, use_box) -> torch.Tensor:
+    """:func:`mix_` without the value checks (see :func:`mix_unchecked`); returns x."""
+    if x.shape[0]:
+        fn = _backend.select("mix_", x, partner, boxes, lam, use_box)
+        fn(x, partner, boxes.contiguous(), lam.contiguous(), use_box.contiguous())
+    return x
+
+
+def mix_unchecked(x, partner, boxes, lam, use_box) -> torch.Tensor:
+    """:func:`mix` for arguments that are right by construction (fastsd.mix's own samplers: boxes
+    clipped to the image, lam in [0, 1], partner a flip or roll): no value checks. int64 partner
+    and boxes."""
+    boxes, lam, use_box = boxes.contiguous(), lam.contiguous(), use_box.contiguous()
+    if x.requires_grad and torch.is_grad_enabled() or _compiling():
+        return _mix_op(x, partner, boxes, lam, use_box)
+    # Nothing to record for autograd or a graph: the backend at once (the custom op's dispatch
+    # costs as much as the whole 32 px pass).
+    return _run(x, partner, boxes, lam, use_box)
+
+
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling()
+
+
+# --- backends: fn(x, partner, boxes, lam, use_box) -> out ------------------------------------------
+
+_backend.register("mix", "torch")(reference.mix)
+
+
+def _cpp_reasons(*tensors, **kwargs):
+    if not hasattr(_ext.ops(), "mix"):  # a fastsd._C built before the mix kernel
+        return ["fastsd._C has no mix kernel (built from older sources: rebuild it)"]
+    return []
+
+
+@_backend.register("mix", "cpp", reasons=_cpp_reasons)
+def _mix_cpp(x, partner, boxes, lam, use_box):
+    return _ext.ops().mix(x, partner, boxes, lam, use_box)
+
+
+@_backend.register("mix_", "torch")
+def _mix_inplace_torch(x, partner, boxes, lam, use_box):
+    x.copy_(reference.mix(x, partner, boxes, lam, use_box))
+
+
+@_backend.register("mix_", "cpp", reasons=_cpp_reasons)
+def _mix_inplace_cpp(x, partner, boxes, lam, use_box):
+    _ext.ops().mix_(x, partner, boxes, lam, use_box)

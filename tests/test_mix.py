@@ -1,0 +1,365 @@
+"""fastsd.mix: the fused mix op, out of place and in place (reference against timm's row-by-row expression, backends against the
+reference, gradient, registration, bad input) and the drop-ins against the libraries' own code
+(timm's Mixup / FastCollateMixup, torchvision's v2 CutMix / MixUp): same seed, bit-identical images,
+targets and RNG state afterwards.
+"""
+import importlib.util
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+import fastsd
+import fastsd.mix as fm
+from fastsd import _backend
+from fastsd import reference as R
+from fastsd.mix._numpy_rng import RawWords, consumes_word
+
+from conftest import NoHostSync
+
+BACKENDS = [b for b in ("cpp", "torch") if not _backend.reasons("mix", b, torch.empty(0))]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.uint8]
+SHAPES = [(2, 3, 5, 7), (6, 3, 17, 23), (5, 4, 32, 32), (4, 1, 9, 1)]
+
+
+def make_case(shape, dtype, seed, lam_dtype=torch.float32, channels_last=False):
+    g = torch.Generator().manual_seed(seed)
+    B, C, H, W = shape
+    if dtype == torch.uint8:
+        x = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+    else:
+        x = torch.randn(shape, generator=g, dtype=torch.float64).mul(10).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    partner = torch.randperm(B, generator=g)
+    y = torch.randint(0, H + 1, (B, 2), generator=g).sort(1).values
+    xx = torch.randint(0, W + 1, (B, 2), generator=g).sort(1).values
+    boxes = torch.cat([y, xx], 1)
+    boxes[0] = torch.tensor([0, H, 0, W])  # a full box
+    boxes[-1] = torch.tensor([1, 1, 0, W])  # an empty one
+    lam = torch.rand(B, generator=g, dtype=torch.float64).to(lam_dtype)
+    lam[0], lam[-1] = 0.0, 1.0
+    use_box = torch.rand(B, generator=g) < 0.5
+    return x, partner, boxes, lam, use_box
+
+
+def timm_rows(x, partner, boxes, lam, use_box):
+    """The op as timm writes it, row by row: ``x[i] * lam + x[j] * (1 - lam)`` with a numpy float32
+    (or Python float) lambda, uint8 as FastCollateMixup rounds it, and box rows by slicing."""
+    out = x.clone()
+    for i in range(x.shape[0]):
+        j = int(partner[i])
+        if use_box[i]:
+            y0, y1, x0, x1 = boxes[i].tolist()
+            out[i][:, y0:y1, x0:x1] = x[j][:, y0:y1, x0:x1]
+            continue
+        lm = np.float32(lam[i]) if lam.dtype == torch.float32 else float(lam[i])
+        if x.dtype == torch.uint8:
+            out[i] = torch.round(x[i].float() * lm + x[j].float() * (1 - lm)).byte()
+        else:
+            out[i] = x[i] * lm + x[j] * (1 - lm)
+    return out
+
+
+@pytest.mark.parametrize("lam_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_reference_is_timms_expression(dtype, lam_dtype):
+    for seed, shape in enumerate(SHAPES):
+        args = make_case(shape, dtype, seed, lam_dtype)
+        assert torch.equal(R.mix(*args), timm_rows(*args))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_backend_parity(dtype, channels_last, backend):
+    for seed, shape in enumerate(SHAPES):
+        for lam_dtype in (torch.float32, torch.float64):
+            x, *rest = make_case(shape, dtype, seed, lam_dtype, channels_last)
+            x0 = x.clone()
+            with fastsd.use_backend(backend):
+                out = fm.mix(x, *rest)
+            assert torch.equal(out, R.mix(x, *rest)), (shape, lam_dtype)
+            assert torch.equal(x, x0)  # never modified
+            assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def random_involution(B, g):
+    """Disjoint random pairs, and a row that is its own partner when B is odd (or at random)."""
+    perm = torch.randperm(B, generator=g)
+    partner = torch.arange(B)
+    for k in range(0, B - 1, 2):
+        if torch.rand((), generator=g) < 0.85:
+            a, b = perm[k], perm[k + 1]
+            partner[a], partner[b] = b, a
+    return partner
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_in_place(dtype, channels_last, backend):
+    for seed, shape in enumerate(SHAPES + [(9, 2, 12, 10)]):
+        for lam_dtype in (torch.float32, torch.float64):
+            x, _, boxes, lam, use_box = make_case(shape, dtype, seed, lam_dtype, channels_last)
+            g = torch.Generator().manual_seed(seed)
+            partner = random_involution(shape[0], g)
+            if seed % 2:  # every row a box row: pairs whose boxes overlap each other
+                use_box[:] = True
+            want = R.mix(x, partner, boxes, lam, use_box)
+            ptr = x.data_ptr()
+            with fastsd.use_backend(backend):
+                out = fm.mix_(x, partner, boxes, lam, use_box)
+            assert out is x and x.data_ptr() == ptr
+            assert torch.equal(x, want), (shape, lam_dtype)
+
+
+def test_many_values_round_like_pytorch():
+    """Enough elements that a fused multiply-add (one rounding where PyTorch rounds twice) would show."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 3, 64, 64, generator=g)
+    lam = torch.rand(8, generator=g)
+    args = (torch.randperm(8, generator=g), torch.zeros(8, 4, dtype=torch.int64), lam, torch.zeros(8, dtype=torch.bool))
+    want = timm_rows(x, *args)
+    w1, w2 = (w[:, None, None, None].double() for w in R.mix_weights(lam, x.dtype))
+    once = (x.double() * w1 + x[args[0]].double() * w2).float()  # one rounding, as a fused multiply-add
+    assert not torch.equal(once, want)  # so the data tells the two apart
+    for backend in BACKENDS:
+        with fastsd.use_backend(backend):
+            assert torch.equal(fm.mix(x, *args), want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradient(backend):
+    x, partner, boxes, lam, use_box = make_case((6, 2, 7, 5), torch.float64, 3, torch.float64)
+    x.requires_grad_(True)
+    g = torch.randn_like(x)
+    with fastsd.use_backend(backend):
+        (gx,) = torch.autograd.grad(fm.mix(x, partner, boxes, lam, use_box), x, g)
+    (want,) = torch.autograd.grad(R.mix(x, partner, boxes, lam, use_box), x, g)
+    torch.testing.assert_close(gx, want, rtol=1e-12, atol=1e-12)
+    x, *rest = make_case((4, 2, 4, 3), torch.float64, 4, torch.float64)
+    with fastsd.use_backend(backend):
+        torch.autograd.gradcheck(lambda t: fm.mix(t, *rest), (x.requires_grad_(),))
+
+
+def test_registration():
+    args = make_case((4, 2, 5, 6), torch.float32, 0)
+    torch.library.opcheck(torch.ops.fastsd.mix.default, (args[0].requires_grad_(True), *args[1:]))
+
+
+def test_no_host_sync():
+    args = make_case((4, 2, 5, 6), torch.float32, 0)
+    with fastsd.use_backend("torch"), NoHostSync():
+        fm.mix(*args)
+
+
+def test_empty_batch():
+    x = torch.empty(0, 3, 4, 4)
+    out = fm.mix(x, torch.empty(0, dtype=torch.int64), torch.empty(0, 4, dtype=torch.int64), torch.empty(0),
+                 torch.empty(0, dtype=torch.bool))
+    assert out.shape == x.shape
+
+
+def test_bad_input():
+    x, partner, boxes, lam, use_box = make_case((4, 2, 5, 6), torch.float32, 0)
+    with pytest.raises(ValueError, match="boxes must have shape"):
+        fm.mix(x, partner, boxes[:, :3], lam, use_box)
+    bad = boxes.clone()
+    bad[1] = torch.tensor([0, 6, 0, 2])  # y1 > H
+    with pytest.raises(ValueError, match="boxes must satisfy"):
+        fm.mix(x, partner, bad, lam, use_box)
+    bad[1] = torch.tensor([3, 2, 0, 2])  # y0 > y1
+    with pytest.raises(ValueError, match="boxes must satisfy"):
+        fm.mix(x, partner, bad, lam, use_box)
+    with pytest.raises(ValueError, match="lam must be in"):
+        fm.mix(x, partner, boxes, lam + 1.5, use_box)
+    with pytest.raises(ValueError, match="permutation"):
+        fm.mix(x, torch.zeros(4, dtype=torch.int64), boxes, lam, use_box)
+    with pytest.raises(TypeError, match="lam must have dtype"):
+        fm.mix(x, partner, boxes, lam.half(), use_box)
+    with pytest.raises(TypeError, match="use_box"):
+        fm.mix(x, partner, boxes, lam, use_box.long())
+    with pytest.raises(ValueError, match="lam must have length"):
+        fm.mix(x, partner, boxes, lam[:3], use_box)
+    if "cpp" in BACKENDS:  # the kernel checks what it reads, whatever the caller skipped
+        from fastsd.mix.op import mix_unchecked
+
+        bad[1] = torch.tensor([0, 6, 0, 2])
+        with fastsd.use_backend("cpp"), pytest.raises(ValueError, match=r"boxes\[1\]"):
+            mix_unchecked(x, partner, bad, lam, use_box)
+    with pytest.raises(ValueError, match="involution"):
+        fm.mix_(x.clone(), torch.tensor([1, 2, 3, 0]), boxes, lam, use_box)
+    with pytest.raises(TypeError, match="requires grad"):
+        fm.mix_(x.clone().requires_grad_(), torch.tensor([1, 0, 3, 2]), boxes, lam, use_box)
+    with pytest.raises(ValueError, match="contiguous"):
+        fm.mix_(x.transpose(2, 3), torch.tensor([1, 0, 3, 2]), boxes[:, [2, 3, 0, 1]], lam, use_box)
+    if "cpp" in BACKENDS:
+        from fastsd.mix.op import mix_unchecked_
+
+        with fastsd.use_backend("cpp"), pytest.raises(ValueError, match="involution"):
+            mix_unchecked_(x.clone(), torch.tensor([1, 2, 3, 0]), boxes, lam, use_box)
+    with pytest.raises(ValueError, match="even"):
+        fm.Mixup(num_classes=10)(x[:3], torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="num_classes=10"):
+        fm.Mixup(num_classes=10)(x, torch.tensor([0, 1, 2, 10]))
+    with pytest.raises(ValueError, match="mode"):
+        fm.Mixup(mode="rows")
+    with pytest.raises(ValueError, match="prob"):
+        fm.Mixup(prob=1.5)
+    with pytest.raises(ValueError, match="cutmix_minmax"):
+        fm.Mixup(cutmix_minmax=(0.9, 0.2))
+    with pytest.raises(ValueError, match="mixup_alpha"):
+        fm.Mixup(mixup_alpha=0.0, cutmix_alpha=0.0)(x, torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="num_classes=7"):
+        fm.CutMix(num_classes=7)(x, torch.tensor([0, 1, 7, 2]))
+    with pytest.raises(TypeError, match="uint8"):
+        fm.MixUp(num_classes=7)(x.byte(), torch.tensor([0, 1, 2, 3]))
+
+
+def test_numpy_randint_read_ahead():
+    rs = np.random.RandomState(0)
+    for seed in range(20):
+        bounds = [(int(a), int(a) + int(b)) for a, b in zip(rs.randint(0, 50, size=30), rs.randint(1, 300, size=30))] + [(3, 4), (0, 2 ** 31)]
+        np.random.seed(seed)
+        np.random.randn()  # a cached Gaussian in the state
+        want = [np.random.randint(lo, hi) for lo, hi in bounds]
+        want_state = np.random.get_state()
+        np.random.seed(seed)
+        np.random.randn()
+        words = RawWords(sum(consumes_word(lo, hi) for lo, hi in bounds))
+        got = [words.randint(lo, hi) for lo, hi in bounds]
+        assert got == want
+        assert_same_numpy_state(np.random.get_state(), want_state)
+
+
+def assert_same_numpy_state(a, b):
+    assert all(np.array_equal(u, v) for u, v in zip(a, b))
+
+
+# --- parity with the libraries' own code ------------------------------------------------------------
+
+TIMM_OPTIONS = [
+    dict(mixup_alpha=1.0),
+    dict(mixup_alpha=0.0, cutmix_alpha=1.0),
+    dict(mixup_alpha=0.8, cutmix_alpha=1.0),
+    dict(mixup_alpha=0.8, cutmix_alpha=1.0, prob=0.6, switch_prob=0.3),
+    dict(mixup_alpha=0.0, cutmix_alpha=0.5, correct_lam=False),
+    dict(mixup_alpha=0.0, cutmix_minmax=(0.2, 0.8)),
+    dict(mixup_alpha=0.5, cutmix_minmax=(0.3, 0.9), label_smoothing=0.0),
+]
+TIMM_SHAPES = [(8, 3, 17, 23), (2, 3, 32, 32), (6, 1, 7, 40)]
+
+
+def timm_images(shape, dtype, seed, channels_last=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g).to(dtype)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@pytest.mark.parametrize("options", TIMM_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("mode", ["batch", "pair", "elem"])
+def test_timm_mixup(mode, options):
+    tm = pytest.importorskip("timm.data.mixup")
+    for k, (shape, seed) in enumerate(itertools.product(TIMM_SHAPES, range(3))):
+        x = timm_images(shape, torch.float16 if k == 4 else torch.float32, seed, channels_last=k % 3 == 1)
+        target = torch.randint(0, 10, (shape[0],))
+        np.random.seed(seed)
+        want_x, want_t = tm.Mixup(num_classes=10, mode=mode, **options)(x.clone(), target.clone())
+        want_state = np.random.get_state()
+        np.random.seed(seed)
+        got_x, got_t = fm.Mixup(num_classes=10, mode=mode, **options)(x, target)
+        assert got_x is x  # mixed in place, as by timm
+        assert torch.equal(got_x, want_x), (shape, seed)
+        assert torch.equal(got_t, want_t), (shape, seed)
+        assert_same_numpy_state(np.random.get_state(), want_state)
+
+
+def test_timm_mixup_multi_label_and_disabled():
+    tm = pytest.importorskip("timm.data.mixup")
+    x = timm_images((4, 3, 9, 11), torch.float32, 0)
+    target = (torch.rand(4, 5) < 0.3).float()
+    for enabled in (True, False):
+        a, b = tm.Mixup(num_classes=5, mode="elem", multi_label=True), fm.Mixup(num_classes=5, mode="elem", multi_label=True)
+        a.mixup_enabled = b.mixup_enabled = enabled
+        np.random.seed(1)
+        want = a(x.clone(), target.clone())
+        np.random.seed(1)
+        got = b(x, target)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("numpy_images", [True, False])
+@pytest.mark.parametrize("mode", ["batch", "pair", "elem", "half"])
+def test_timm_fast_collate_mixup(mode, numpy_images):
+    tm = pytest.importorskip("timm.data.mixup")
+    for options, seed in itertools.product(TIMM_OPTIONS[:5], range(2)):
+        rs = np.random.RandomState(seed)
+        images = [rs.randint(0, 256, (3, 13, 10)).astype(np.uint8) for _ in range(6)]
+        labels = rs.randint(0, 10, 6).tolist()
+
+        def batch():  # timm mixes torch images in place: a fresh batch per call
+            return [(im.copy() if numpy_images else torch.from_numpy(im.copy()), t) for im, t in zip(images, labels)]
+
+        np.random.seed(seed)
+        want_x, want_t = tm.FastCollateMixup(num_classes=10, mode=mode, **options)(batch())
+        want_state = np.random.get_state()
+        np.random.seed(seed)
+        got_x, got_t = fm.FastCollateMixup(num_classes=10, mode=mode, **options)(batch())
+        assert torch.equal(got_x, want_x), (options, seed)
+        assert torch.equal(got_t, want_t), (options, seed)
+        assert_same_numpy_state(np.random.get_state(), want_state)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", ["CutMix", "MixUp"])
+def test_torchvision(name, dtype, channels_last):
+    from torchvision.transforms import v2
+
+    if name == "MixUp" and dtype == torch.uint8:
+        pytest.skip("torchvision's MixUp fails on uint8 images")
+    for seed, (shape, alpha) in enumerate(itertools.product([(6, 3, 19, 13), (2, 1, 8, 8)], [1.0, 0.3])):
+        x = timm_images(shape, torch.float32, seed, channels_last).mul(60).add(128).clamp(0, 255).to(dtype)
+        labels = torch.randint(0, 7, (shape[0],))
+        for lab in (labels, torch.nn.functional.one_hot(labels, 7).float()):
+            torch.manual_seed(seed)
+            want_x, want_t = getattr(v2, name)(alpha=alpha, num_classes=7)(x.clone(), lab.clone())
+            want_state = torch.get_rng_state()
+            torch.manual_seed(seed)
+            got_x, got_t = getattr(fm, name)(alpha=alpha, num_classes=7)(x, lab)
+            assert torch.equal(got_x, want_x) and torch.equal(got_t, want_t), (shape, alpha)
+            assert torch.equal(torch.get_rng_state(), want_state)
+
+
+def test_torchvision_image_type_kept():
+    from torchvision import tv_tensors
+
+    img = tv_tensors.Image(torch.rand(4, 3, 8, 8))
+    out, _ = fm.CutMix(num_classes=3)(img, torch.tensor([0, 1, 2, 0]))
+    assert isinstance(out, tv_tensors.Image)
+
+
+def test_import_is_light():
+    import subprocess
+    import sys
+
+    code = "import sys, fastsd.mix; print(any(m in sys.modules for m in ('timm', 'kornia', 'torchvision')))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_bench_suite_cases():
+    """The bench suite builds its cases (the libraries it finds) and its fastsd rows run."""
+    from fastsd.bench import mix as bench
+
+    cases = bench.benches("cpu", torch.float32, quick=True)
+    names = [c.case for c in cases]
+    assert "256x3x32x32 op out of place" in names and "128x3x224x224 op in place" in names
+    if importlib.util.find_spec("timm") is not None:
+        assert "256x3x32x32 timm elem mixup" in names and "128x3x224x224 timm pair cutmix" in names
+    small = next(c for c in cases if c.case == "256x3x32x32 torchvision CutMix")
+    inputs = small.setup()
+    for run in small.backends.values():
+        out, labels = run(inputs)
+        assert out.shape == inputs[0].shape and labels.shape == (256, bench.NUM_CLASSES)

@@ -268,5 +268,6 @@ def _load_all():
     from . import patch_swap  # noqa: F401
     from . import losses  # noqa: F401
     from . import icp  # noqa: F401
+    from . import pairing  # noqa: F401
 
     _loaded = True

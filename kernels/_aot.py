@@ -24,7 +24,11 @@ def _binder(kernel):
     from triton.compiler.compiler import make_backend
     from triton.runtime.jit import JITFunction, create_function_from_signature
 
-    jit = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)  # interpreted: its function
+    if isinstance(kernel, JITFunction):
+        jit = kernel
+    else:  # interpreted: its function, with the decorator's options (do_not_specialize: no == 1 / % 16 variants)
+        jit = JITFunction(kernel.fn, **{k: v for k, v in getattr(kernel, "kwargs", {}).items()
+                                        if k in ("do_not_specialize", "do_not_specialize_on_alignment")})
     backend = make_backend(GPUTarget("cuda", 90, 32))
     return jit, backend, create_function_from_signature(jit.signature, jit.params, backend)
 

@@ -2,10 +2,13 @@
 reference (fastsd/reference/pairing.py) from the same generator, on every edge the kernels have
 (kernels/pairing.py).
 """
+import re
+
 import pytest
 import torch
 
 import fastsd
+import triton_tools
 from fastsd import _backend
 from fastsd.kernels import pairing as kernels
 from fastsd.reference import pairing as R
@@ -136,3 +139,32 @@ def test_ops_have_fake_kernels():
         with fastsd.use_backend(backend):
             torch.library.opcheck(torch.ops.fastsd.intra_class_pairs.default, (labels, order))
             torch.library.opcheck(torch.ops.fastsd.patch_swap_mask.default, (partner, noise, 2, 3, 3, 0.5))
+
+
+def test_activation_draw_compares_in_the_noise_dtype():
+    """On a GPU prob arrives as a float64 parameter and a float32 draw compared with it would be
+    promoted (0.7 > float32(0.7)); torch compares in the tensor's dtype. The interpreter compares a
+    Python float in the tensor's dtype whatever the kernel does, so this reads the compiled code."""
+    names = [s["name"] for s in kernels.AOT_SPECS if s["name"].startswith("pair_mask_")]
+    compiled = triton_tools.aot_compile_all([(n, 90) for n in names])
+    for name in names:
+        ttir = compiled[(name, 90)].ttir
+        if "_fp32_" in name:
+            rounded = re.search(r"%(\w+) = arith\.truncf %prob : f64 to f32", ttir)
+            assert rounded and re.search(rf"arith\.cmpf olt, %draw\w*, %{rounded[1]} : f32", ttir), name
+        else:
+            assert re.search(r"arith\.cmpf olt, %draw\w*, %prob : f64", ttir), name
+
+
+def test_aot_specs_of_interpreted_kernels_keep_do_not_specialize():
+    """kernels/_aot.py rebuilds an interpreted kernel's JITFunction for its specs: with the decorator's
+    do_not_specialize, as on a GPU (else cells % 16 == 0 and k == 1 would make variants the GPU
+    never compiles, named differently here than in the AOT worker, which does not interpret)."""
+    from fastsd.kernels import _aot
+
+    meta = dict(device="meta")
+    args = (torch.empty(4, dtype=torch.int64, **meta), torch.empty(4, 33, **meta),
+            torch.empty(4, 32, dtype=torch.bool, **meta), 32, 1, 0.5)
+    spec = _aot.launch_spec("t", kernels._mask_kernel, args, dict(TI=32, TJ=32))
+    assert spec["signature"]["cells"] == "i32" and spec["signature"]["k"] == "i32"
+    assert (3,) not in spec["attrs"]

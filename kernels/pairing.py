@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _aot
+
 # The per-launch integers: never specialised (no variant per batch size or grid).
 _PAIR_ARGS = ("n", "steps")
 _MASK_ARGS = ("cells", "k")
@@ -151,14 +153,4 @@ def _aot_cases():
     return out
 
 
-def __getattr__(name):
-    # AOT_SPECS is built on first use (it runs the launchers on meta tensors), not at import.
-    if name == "AOT_SPECS":
-        import sys
-
-        from . import _aot
-
-        specs = _aot.specs_from_launches(sys.modules[__name__], _KERNELS, _aot_cases())
-        globals()["AOT_SPECS"] = specs
-        return specs
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = _aot.lazy_specs(__name__, _KERNELS, _aot_cases)  # AOT_SPECS, built on first use

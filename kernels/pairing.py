@@ -1,7 +1,8 @@
 """Triton kernels of intra-class pairing and cell masks (SPEC sections 1-2; issue 12).
 
 Both reproduce fastsd/reference/pairing.py bit for bit from the same random draws (the caller's
-``torch.randperm`` and ``torch.rand``), in one launch each instead of the reference's 11 and 6.
+``torch.randperm`` and ``torch.rand``), in one launch each: the pairing after the reference's gather
+and stable sort, in place of its 11 other ops; the masks in place of its 7 (9 when prob < 1).
 
 **Pairing** (:func:`pair_by_label`), given ``sorted_labels, by_label = sort(labels[order],
 stable=True)``: the sorted position i holds sample ``order[by_label[i]]``; its rank in its class

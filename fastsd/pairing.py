@@ -101,8 +101,9 @@ def patch_swap_mask(
     ``k = round(ratio * gh * gw)`` cells (Python's ``round``: halves go to the even integer)
     chosen uniformly at random. Both members get the same mask; singletons get an all-false mask.
 
-    How: ``gh * gw + 1`` uniform numbers per pair (its leader's row). The argsort of the first
-    ``gh * gw`` is a uniformly random permutation of the cells (the numbers are iid), so
+    How: ``gh * gw + 1`` uniform numbers per pair (its leader's row). The stable argsort of the
+    first ``gh * gw`` is a uniformly random permutation of the cells (the numbers are iid; ties go
+    by cell index, so every backend gives the same bits), so
     ``argsort < k`` marks k cells chosen uniformly; the last number decides whether the pair is active.
     """
     fn = "fastsd.patch_swap_mask"

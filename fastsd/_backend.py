@@ -300,5 +300,6 @@ def _load_all():
     from . import losses  # noqa: F401
     from . import icp  # noqa: F401
     from .mix import op  # noqa: F401
+    from . import pairing  # noqa: F401
 
     _loaded = True

@@ -3,10 +3,18 @@
 Everything here runs on the labels' / partner's device with no host synchronisation: random keys,
 sorts, binary searches and comparisons only (no ``.item()``, no Python loop over classes).
 
-Launches on CUDA (issue 12, counted by tests/test_launches.py): every random number a call needs
-comes from one ``torch.rand``; the masks of a partner from :func:`intra_class_pairs` (inside
-:func:`intra_class_patch_swap`) skip the permutation check, and the swap skips it too (an
-involution is its own inverse).
+Layers: the public functions validate (metadata only) and draw the random numbers with the
+caller's generator (``torch.randperm``, ``torch.rand``); the ``torch.library`` custom ops
+``fastsd::intra_class_pairs`` (labels, order -> partner) and ``fastsd::patch_swap_mask`` (partner,
+noise -> mask), with fake kernels so ``torch.compile(fullgraph=True)`` sees them whole, turn the
+draws into pairs and masks; :mod:`fastsd._backend` picks the implementation: the reference
+(:mod:`fastsd.reference.pairing`, aten ops, on every device) or the Triton kernels
+(``fastsd.kernels.pairing``), bit for bit the same from the same draws.
+
+Launches on CUDA (issue 12, counted by tests/test_launches.py), Triton backend: pairs 4 (randperm,
+a gather, a stable sort, the pairing kernel), masks 2 (rand, the mask kernel); the masks of a
+partner from :func:`intra_class_pairs` (inside :func:`intra_class_patch_swap`) skip the permutation
+check, and the swap skips it too (an involution is its own inverse).
 """
 from __future__ import annotations
 
@@ -14,8 +22,36 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
+from . import _backend
 from . import _validate as V
 from .patch_swap import assert_permutation, swap_pairs
+from .reference import pairing as reference
+from .reference.pairing import active_pairs, pair_leader
+
+
+# --- the registered ops ------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastsd::intra_class_pairs", mutates_args=())
+def _pairs_op(labels: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """partner (int64 [B]) from labels and a random permutation ``order`` of range(B), B >= 1."""
+    return _backend.select("intra_class_pairs", labels, order)(labels, order)
+
+
+@_pairs_op.register_fake
+def _(labels, order):
+    return order.new_empty(order.shape)
+
+
+@torch.library.custom_op("fastsd::patch_swap_mask", mutates_args=())
+def _mask_op(partner: torch.Tensor, noise: torch.Tensor, gh: int, gw: int, k: int, prob: float) -> torch.Tensor:
+    """bool [B, gh, gw] from partner (int64, a permutation) and noise [B, gh * gw + 1]."""
+    return _backend.select("patch_swap_mask", partner, noise)(partner, noise, gh, gw, k, prob)
+
+
+@_mask_op.register_fake
+def _(partner, noise, gh, gw, k, prob):
+    return partner.new_empty((partner.shape[0], gh, gw), dtype=torch.bool)
 
 
 def intra_class_pairs(labels: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -26,35 +62,23 @@ def intra_class_pairs(labels: torch.Tensor, generator: Optional[torch.Generator]
     are drawn uniformly at random; when n is odd one member is its own partner (a singleton).
 
     How: a random permutation, a stable sort of the permuted labels (so by label, then in random
-    order within a class), then positions 2k and 2k+1 of each class segment are paired: a position's
-    rank in its segment is its distance to the segment's start, which a binary search of the sorted
-    labels finds. The same generator state gives the same result.
+    order within a class), then positions 2k and 2k+1 of each class segment are paired
+    (:func:`fastsd.reference.pairing.pair_by_label`). The same generator state gives the same
+    result on every backend.
     """
     fn = "fastsd.intra_class_pairs"
     V.tensor(fn, "labels", labels, ndim=1, dtypes=V.INT_DTYPES, what="[B] of class indices")
     generator = V.generator(fn, generator, labels.device)
-    return _pairs(labels, generator, torch.arange(labels.shape[0], device=labels.device))
+    return _pairs(labels, generator)
 
 
-def _pairs(labels: torch.Tensor, generator: Optional[torch.Generator], idx: torch.Tensor) -> torch.Tensor:
-    """intra_class_pairs of validated labels; ``idx = arange(B)`` on their device (callers share it)."""
+def _pairs(labels: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """intra_class_pairs of validated labels."""
     n = labels.shape[0]
     if n == 0:
-        return idx
+        return labels.new_empty(0, dtype=torch.int64)
     order = torch.randperm(n, generator=generator, device=labels.device)
-    sorted_labels, by_label = torch.sort(labels[order], stable=True)
-    order = order[by_label]  # the sample at each sorted position: by label, in random order within a class
-    start = torch.searchsorted(sorted_labels, sorted_labels)  # each position's class starts here
-    end = torch.searchsorted(sorted_labels, sorted_labels, right=True)  # and ends before here
-    # rank r = idx - start pairs with rank r ^ 1; the last member of an odd class (r ^ 1 past the
-    # class's end) stays alone
-    partner_pos = torch.minimum(((idx - start) ^ 1) + start, end - 1)
-    return torch.empty_like(order).index_put_((order,), order[partner_pos])
-
-
-def _pair_leader(partner: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """The lower index of each pair: both members use the leader's random draws."""
-    return torch.minimum(partner, idx)
+    return _pairs_op(labels, order)
 
 
 def _check_partner(fn: str, partner) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -62,12 +86,6 @@ def _check_partner(fn: str, partner) -> Tuple[torch.Tensor, torch.Tensor]:
     V.tensor(fn, "partner", partner, ndim=1, dtypes=V.INT_DTYPES, what="[B]")
     partner = partner.long()
     return partner, assert_permutation(fn, torch.sort(partner).values)
-
-
-def _active_pairs(partner, idx, draw, prob: float) -> torch.Tensor:
-    """Pairs (not singletons) whose leader's ``draw`` (uniform in [0, 1)) is below prob."""
-    is_pair = partner != idx
-    return is_pair if prob >= 1.0 else (draw < prob) & is_pair  # draw < 1 always holds
 
 
 def patch_swap_mask(
@@ -83,26 +101,26 @@ def patch_swap_mask(
     ``k = round(ratio * gh * gw)`` cells (Python's ``round``: halves go to the even integer)
     chosen uniformly at random. Both members get the same mask; singletons get an all-false mask.
 
-    How: ``gh * gw + 1`` uniform numbers per pair (its leader's row). The argsort of the first
-    ``gh * gw`` is a uniformly random permutation of the cells (the numbers are iid), so
+    How: ``gh * gw + 1`` uniform numbers per pair (its leader's row). The stable argsort of the
+    first ``gh * gw`` is a uniformly random permutation of the cells (the numbers are iid; ties go
+    by cell index, so every backend gives the same bits), so
     ``argsort < k`` marks k cells chosen uniformly; the last number decides whether the pair is active.
     """
     fn = "fastsd.patch_swap_mask"
-    partner, idx = _check_partner(fn, partner)
+    partner, _ = _check_partner(fn, partner)
     gh, gw = V.positive_int_pair(fn, "grid", grid)
     ratio = V.unit_interval(fn, "ratio", ratio)
     prob = V.unit_interval(fn, "prob", prob)
     generator = V.generator(fn, generator, partner.device)
-    return _cell_mask(partner, idx, (gh, gw), ratio, prob, generator)
+    return _cell_mask(partner, (gh, gw), ratio, prob, generator)
 
 
-def _cell_mask(partner, idx, grid, ratio: float, prob: float, generator) -> torch.Tensor:
-    """patch_swap_mask of validated arguments; ``idx = arange(B)``."""
+def _cell_mask(partner, grid, ratio: float, prob: float, generator) -> torch.Tensor:
+    """patch_swap_mask of validated arguments (partner int64)."""
     (gh, gw), B = grid, partner.shape[0]
     cells = gh * gw
-    noise = torch.rand(B, cells + 1, generator=generator, device=partner.device)[_pair_leader(partner, idx)]
-    chosen = torch.argsort(noise[:, :cells], dim=1) < round(ratio * cells)
-    return (chosen & _active_pairs(partner, idx, noise[:, cells], prob)[:, None]).view(B, gh, gw)
+    noise = torch.rand(B, cells + 1, generator=generator, device=partner.device)
+    return _mask_op(partner, noise, gh, gw, round(ratio * cells), prob)
 
 
 def box_mask(
@@ -134,13 +152,13 @@ def box_mask(
     prob = V.unit_interval(fn, "prob", prob)
     generator = V.generator(fn, generator, partner.device)
     B, device = partner.shape[0], partner.device
-    u = torch.rand(B, 4, generator=generator, device=device, dtype=torch.float64)[_pair_leader(partner, idx)]
+    u = torch.rand(B, 4, generator=generator, device=device, dtype=torch.float64)[pair_leader(partner, idx)]
     side = torch.sqrt(lo + (hi - lo) * u[:, 0])
     h = torch.round(H * side).long().clamp(1, H)
     w = torch.round(W * side).long().clamp(1, W)
     top = torch.floor(u[:, 1] * (H - h + 1)).long().clamp(max=H - 1)
     left = torch.floor(u[:, 2] * (W - w + 1)).long().clamp(max=W - 1)
-    active = _active_pairs(partner, idx, u[:, 3], prob)
+    active = active_pairs(partner, idx, u[:, 3], prob)
     rows = torch.arange(H, device=device)[None, :]
     cols = torch.arange(W, device=device)[None, :]
     in_rows = (rows >= top[:, None]) & (rows < (top + h)[:, None])
@@ -193,7 +211,33 @@ def intra_class_patch_swap(
     prob = V.unit_interval(fn, "prob", prob)
     generator = V.generator(fn, generator, labels.device)
     grid = (-(-H // ph), -(-W // pw))
-    idx = torch.arange(B, device=labels.device)
-    partner = _pairs(labels, generator, idx)
-    mask = _cell_mask(partner, idx, grid, ratio, prob, generator)
+    partner = _pairs(labels, generator)
+    mask = _cell_mask(partner, grid, ratio, prob, generator)
     return swap_pairs(x, partner, mask), partner, mask
+
+
+# --- backends ----------------------------------------------------------------------------------
+# The reference is aten ops, which run on every device: the C++ and CUDA backends have no kernels of
+# their own for these and run it too (so a forced backend runs every op of a recipe).
+
+for _name in ("torch", "cpp", "cuda"):
+    _backend.register("intra_class_pairs", _name)(reference.pair_by_label)
+    _backend.register("patch_swap_mask", _name)(reference.cell_mask)
+
+
+@_backend.register("intra_class_pairs", "triton")
+def _pairs_triton(labels, order):
+    from .kernels import pairing as k
+
+    return k.pair_by_label(*reference.sorted_by_label(labels, order), order)
+
+
+@_backend.register("patch_swap_mask", "triton")
+def _mask_triton(partner, noise, gh, gw, k, prob):
+    from .kernels import pairing as kernels
+
+    if gh * gw > kernels.MAX_CELLS or noise.dtype not in kernels.MASK_DTYPES:
+        # all-pairs ranks cost cells**2: past MAX_CELLS (finer than a 32 x 32 grid) the reference's
+        # sort is faster; noise is float32 (float64 under torch.set_default_dtype)
+        return reference.cell_mask(partner, noise, gh, gw, k, prob)
+    return kernels.cell_mask(partner, noise, gh, gw, k, prob)

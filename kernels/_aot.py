@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 from typing import Callable, Dict, Iterable, List, Tuple
 
 _OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "debug", "sanitize_overflow")
@@ -24,7 +25,11 @@ def _binder(kernel):
     from triton.compiler.compiler import make_backend
     from triton.runtime.jit import JITFunction, create_function_from_signature
 
-    jit = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)  # interpreted: its function
+    if isinstance(kernel, JITFunction):
+        jit = kernel
+    else:  # interpreted: its function, with the decorator's options (do_not_specialize: no == 1 / % 16 variants)
+        jit = JITFunction(kernel.fn, **{k: v for k, v in getattr(kernel, "kwargs", {}).items()
+                                        if k in ("do_not_specialize", "do_not_specialize_on_alignment")})
     backend = make_backend(GPUTarget("cuda", 90, 32))
     return jit, backend, create_function_from_signature(jit.signature, jit.params, backend)
 
@@ -78,3 +83,16 @@ def specs_from_launches(module, names: Dict[str, str], cases: Iterable[Tuple[str
             key = repr((kname, spec["signature"], spec["constexprs"], spec["attrs"], spec["options"]))
             specs.setdefault(key, spec)
     return list(specs.values())
+
+
+def lazy_specs(module_name: str, names: Dict[str, str], cases: Callable[[], Iterable[Tuple[str, Callable[[], object]]]]):
+    """A module ``__getattr__`` that builds the module's ``AOT_SPECS`` (:func:`specs_from_launches` of
+    ``cases()``) on first use, not at import: it runs every launcher on meta tensors."""
+    def __getattr__(name):
+        if name == "AOT_SPECS":
+            module = sys.modules[module_name]
+            module.AOT_SPECS = specs_from_launches(module, names, cases())
+            return module.AOT_SPECS
+        raise AttributeError(f"module {module_name!r} has no attribute {name!r}")
+
+    return __getattr__

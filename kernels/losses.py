@@ -37,10 +37,11 @@ launchers refuse them.
 from __future__ import annotations
 
 import math
-import sys
 
 import triton
 import triton.language as tl
+
+from . import _aot
 
 MAX_SINGLE_BLOCK = 8192  # longest row of logits kept in registers in one pass
 LOOP_BLOCK = 2048  # block of the loops over the chunks of longer rows
@@ -760,12 +761,4 @@ def _aot_cases():
     return out
 
 
-def __getattr__(name):
-    # AOT_SPECS is built on first use (it runs every launcher on meta tensors), not at import.
-    if name == "AOT_SPECS":
-        from . import _aot
-
-        specs = _aot.specs_from_launches(sys.modules[__name__], _KERNELS, _aot_cases())
-        globals()["AOT_SPECS"] = specs
-        return specs
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = _aot.lazy_specs(__name__, _KERNELS, _aot_cases)  # AOT_SPECS, built on first use

@@ -130,12 +130,24 @@ def _icp_update(device):
     return out
 
 
-OPS = {"patch_swap": _patch_swap_fwd_bwd, "losses": _losses_fwd_bwd, "icp_update": _icp_update}
+def _pairing_fwd_bwd(device):
+    (x,) = _inputs(device, (6, 2, 8, 8))
+    x.requires_grad_()
+    labels = torch.tensor([0, 1, 0, 1, 1, 2]).to(device)
+    out, partner, mask = fastsd.intra_class_patch_swap(x, labels, patch_size=2, ratio=0.5,
+                                                       generator=torch.Generator(device=device).manual_seed(0))
+    out.backward(torch.ones_like(out))
+    return [out, partner, mask, x.grad]
+
+
+OPS = {"patch_swap": _patch_swap_fwd_bwd, "losses": _losses_fwd_bwd, "icp_update": _icp_update,
+       "pairing": _pairing_fwd_bwd}
 EXPECTED = {  # the kernels each call launches
     "patch_swap": {"cell_select_kernel"},
     "losses": {"_pair_counts_kernel", "_pair_kd_kernel", "_kd_kernel", "_feature_elementwise_kernel",
                "_feature_cosine_kernel"},
     "icp_update": {"icp_sgd_update_kernel", "icp_adam_update_kernel"},
+    "pairing": {"_pair_kernel", "_mask_kernel", "cell_select_kernel"},
 }
 
 

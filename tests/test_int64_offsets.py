@@ -26,6 +26,8 @@ SMALL = {
     "_kd_kernel": {"stats_ptr": "[B, chunks, 2]", "loss_ptr": "one value per row (or row chunk)"},
     "_feature_elementwise_kernel": {"partial_ptr": "one value per program (numel / 4096)"},
     "_feature_cosine_kernel": {"partial_ptr": "one value per program"},
+    "_pair_kernel": {"sorted_ptr": "[B] labels", "by_label_ptr": "[B]", "order_ptr": "[B]", "partner_ptr": "[B]"},
+    "_mask_kernel": {"partner_ptr": "[B] (noise and mask rows, B * cells, are the large ones)"},
 }
 
 

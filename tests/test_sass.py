@@ -33,6 +33,8 @@ BUDGETS = [
     (r"feature_(mse|l1|smooth_l1|cosine)_\w+", WIDE, "memory-bound feature losses"),
     (r"icp_update_\w+", WIDE, "memory-bound optimizer update"),
     (r"(pair_kd|kd)_\w+|pair_counts\w*", {}, "row softmax / counting: not memory-bound at the issue budget"),
+    (r"pairing_\w+|pair_mask_\w+", {}, "pairing (a binary search a sample) and all-pairs cell ranks: compute on [B] "
+     "and [B, cells] indices, not memory-bound"),
 ]
 
 # Loss specs still over their budget after the issue 12 rewrite (kernels/losses.py; the ICP update

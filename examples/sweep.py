@@ -1,0 +1,414 @@
+"""Where does patch-swap self-distillation help? A seeded sweep on scikit-learn's digits.
+
+    python examples/sweep.py [--seeds 5] [--jobs 1] [--only NAME ...] [--readme README.md]
+
+Runs ``examples/train.py``'s :func:`train` (one torch thread per run) in three settings:
+
+- ``full``: the whole training split (1,257 images), 15 epochs;
+- ``small``: a stratified 15 % of it (188 images), 100 epochs (the same 300 optimiser steps);
+- ``noisy``: the whole split with 20 % of the training labels flipped to another class, 15 epochs.
+
+In each, cross-entropy and ICP (their defaults) and patch swap at its recipe defaults, then one
+patch-swap argument at a time away from the defaults: ``ratio``, ``patch_size`` (the grid: 16 / p
+cells a side), ``prob``, ``temperature``, ``kd_weight`` (0 = cross-entropy on swapped images, the
+augmentation alone) and the pairing (in-batch pairs, or ClassPairSampler anchor + partner batches as
+in CS-KD). Every point is seeds 0..4, the same seeds for every method.
+
+Each run's result is cached in ``docs/recipes/sweep.json`` under its configuration and a
+fingerprint of the code it ran (examples/train.py, fastsd's Python modules, csrc/, the torch
+version, the CPU model and vector ISA, the thread count): a rerun skips runs whose fingerprint matches
+and reruns the others, so the table always describes the current code. Then it writes
+``docs/recipes/sweep.md`` (every point), the plot ``docs/recipes/patch_swap_sweep.png`` and, with
+``--readme``, the README section between ``<!-- accuracy:start -->`` and ``<!-- accuracy:end -->``.
+``make readme-accuracy`` is ``python examples/sweep.py --readme README.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import hashlib
+import inspect
+import json
+import math
+import multiprocessing
+import os
+import platform
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+import train as T  # noqa: E402  (examples/train.py: the sweep runs its train(), not a copy)
+
+import torch  # noqa: E402
+
+OUT_DIR = os.path.join(ROOT, "docs", "recipes")
+CACHE = os.path.join(OUT_DIR, "sweep.json")
+THREADS = 1
+
+# name -> train() keyword arguments of the data setting
+SETTINGS = {
+    "full": dict(epochs=15),
+    "small": dict(epochs=100, train_fraction=0.15),
+    "noisy": dict(epochs=15, label_noise=0.2),
+}
+SETTING_TEXT = {
+    "full": "full training split (1,257 images), 15 epochs",
+    "small": "15 % of the training split (188 images), 100 epochs (same 300 steps)",
+    "noisy": "20 % of the training labels flipped, 15 epochs",
+}
+# one axis at a time around the recipe's defaults; the default value itself is the "default" point
+AXES = {
+    "ratio": [0.1, 0.2, 0.3, 0.5],
+    "patch_size": [1, 2, 4],
+    "prob": [0.25, 0.5, 1.0],
+    "temperature": [1.0, 2.0, 4.0],
+    "kd_weight": [0.0, 0.5, 1.0, 2.0],
+    "pairing": ["batch", "sampler"],
+}
+NOISE_SE = 2.0  # a difference counts as outside noise beyond this many standard errors
+
+
+def recipe_defaults(size: int = 16) -> dict:
+    """PatchSwapDistillation's defaults, resolved (patch_size None -> default_patch_size)."""
+    import fastsd.pairing
+    import fastsd.recipes
+
+    sig = inspect.signature(fastsd.recipes.PatchSwapDistillation.__init__).parameters
+    out = {k: sig[k].default for k in T.RECIPE_ARGS}
+    if out["patch_size"] is None:
+        out["patch_size"] = fastsd.pairing.default_patch_size(size, size)[0]
+    out["pairing"] = "batch"
+    return out
+
+
+def points(settings: Sequence[str] = tuple(SETTINGS), axes: Dict[str, list] = AXES, icp: bool = True) -> List[dict]:
+    """The sweep's points (configurations without seed), in run order: each setting's baselines and
+    default first, then the axes."""
+    d = recipe_defaults()
+    out = []
+    for s in settings:
+        out.append({"setting": s, "method": "ce"})
+        out.append({"setting": s, "method": "patchswap", **d})
+    for axis, values in axes.items():
+        for s in settings:
+            for v in values:
+                if v != d[axis]:
+                    out.append({"setting": s, "method": "patchswap", **dict(d, **{axis: v})})
+    if icp:
+        out += [{"setting": s, "method": "icp"} for s in settings]
+    return out
+
+
+def key(point: dict, seed: int) -> str:
+    """The cache key: the point, its setting's train() arguments and the seed."""
+    return json.dumps(dict(point, seed=seed, train=SETTINGS[point["setting"]]), sort_keys=True)
+
+
+def fingerprint() -> str:
+    """Hash of what a run's accuracy depends on: the training script, fastsd's Python modules (the
+    package and its reference; not the benchmarks, nor the Triton kernels, which a CPU run does not
+    use), the C++ sources of fastsd._C, torch's version, the CPU (model and the vector ISA torch
+    uses: kernels differ between them) and the thread count."""
+    h = hashlib.sha256()
+    pkg = os.path.join(ROOT, "fastsd")
+    files = [os.path.join(HERE, "train.py")]
+    files += [os.path.join(pkg, n) for n in os.listdir(pkg) if n.endswith(".py")]
+    for sub, exts in (("fastsd/reference", (".py",)), ("csrc", (".cpp", ".h", ".cu", ".cuh"))):
+        for dirpath, _, names in os.walk(os.path.join(ROOT, sub)):
+            files += [os.path.join(dirpath, n) for n in names if n.endswith(exts)]
+    for f in sorted(files):
+        h.update(os.path.relpath(f, ROOT).encode() + b"\0")
+        with open(f, "rb") as fh:
+            h.update(fh.read() + b"\0")
+    isa = torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends, "cpu") else "?"
+    h.update(f"torch {torch.__version__} isa {isa} cpu {_cpu_name()} threads {THREADS}".encode())
+    return h.hexdigest()[:16]
+
+
+def train_kwargs(point: dict, seed: int) -> dict:
+    kw = dict(SETTINGS[point["setting"]], seed=seed, device="cpu", threads=THREADS, log=None)
+    kw["recipe_args"] = {k: point[k] for k in T.RECIPE_ARGS if k in point}
+    if "pairing" in point:
+        kw["pairing"] = point["pairing"]
+    return kw
+
+
+def _run(point: dict, seed: int) -> dict:
+    r = T.train(point["method"], **train_kwargs(point, seed))
+    return {"test_acc": r["test_acc"], "seconds": r["seconds"], "final_loss": r["history"][-1]["loss"]}
+
+
+def load_cache(path: str) -> dict:
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return {"runs": {}}
+
+
+def save_cache(path: str, cache: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(cache, f, indent=0, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _init_worker():
+    torch.set_num_threads(THREADS)
+
+
+def run_sweep(pts: List[dict], seeds: Sequence[int], cache_path: str = CACHE, jobs: int = 1, log=print) -> dict:
+    """Run every (point, seed) whose cached result is missing or has another fingerprint; save the
+    cache after each run. Returns the cache."""
+    fp = fingerprint()
+    cache = load_cache(cache_path)
+    runs = cache.setdefault("runs", {})
+    todo = [(p, s) for p in pts for s in seeds if runs.get(key(p, s), {}).get("fingerprint") != fp]
+    if log:
+        log(f"fingerprint {fp}: {len(pts) * len(seeds) - len(todo)} cached runs, {len(todo)} to run "
+            f"({jobs} process(es), {THREADS} torch thread each)")
+    start = time.perf_counter()
+
+    def done(i, p, s, r):
+        runs[key(p, s)] = dict(r, fingerprint=fp)
+        save_cache(cache_path, cache)
+        if log:
+            log(f"[{i}/{len(todo)}, {time.perf_counter() - start:.0f} s] {key(p, s)}: "
+                f"{100 * r['test_acc']:.2f}% in {r['seconds']:.0f} s")
+
+    if jobs <= 1:
+        for i, (p, s) in enumerate(todo, 1):
+            done(i, p, s, _run(p, s))
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        with cf.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker) as pool:
+            futs = {pool.submit(_run, p, s): (p, s) for p, s in todo}
+            for i, fut in enumerate(cf.as_completed(futs), 1):
+                done(i, *futs[fut], fut.result())
+    cache["fingerprint"] = fp
+    cache["machine"] = f"{platform.machine()} {_cpu_name()}, torch {torch.__version__}, {THREADS} thread per run"
+    save_cache(cache_path, cache)
+    return cache
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+# --- statistics and reports --------------------------------------------------------------------
+
+
+def stats(accs: Sequence[float]):
+    """(mean, sample std) in percent."""
+    n = len(accs)
+    m = sum(accs) / n
+    sd = math.sqrt(sum((a - m) ** 2 for a in accs) / (n - 1)) if n > 1 else 0.0
+    return 100 * m, 100 * sd
+
+
+def summarise(cache: dict, pts: List[dict], seeds: Sequence[int]) -> List[dict]:
+    """Per point: mean, std, and the difference to the same setting's cross-entropy with its
+    standard error (Welch: sqrt(s1^2/n1 + s2^2/n2)). Points without all seeds are left out."""
+    runs = cache["runs"]
+    fp = fingerprint()
+    rows = []
+    for p in pts:
+        rs = [runs.get(key(p, s)) for s in seeds]
+        if any(r is None or r.get("fingerprint") != fp for r in rs):
+            continue
+        accs = [r["test_acc"] for r in rs]
+        m, sd = stats(accs)
+        rows.append(dict(point=p, accs=[100 * a for a in accs], mean=m, std=sd,
+                         seconds=sum(r["seconds"] for r in rs) / len(rs)))
+    base = {r["point"]["setting"]: r for r in rows if r["point"]["method"] == "ce"}
+    for r in rows:
+        b = base.get(r["point"]["setting"])
+        if b is None:
+            continue
+        n1, n2 = len(r["accs"]), len(b["accs"])
+        r["diff"] = r["mean"] - b["mean"]
+        r["se"] = math.sqrt(r["std"] ** 2 / n1 + b["std"] ** 2 / n2)
+        r["outside_noise"] = r["point"]["method"] != "ce" and abs(r["diff"]) > NOISE_SE * r["se"]
+    return rows
+
+
+def describe(p: dict) -> str:
+    if p["method"] != "patchswap":
+        return {"ce": "cross-entropy", "icp": "ICP (recipe defaults)"}[p["method"]]
+    d = recipe_defaults()
+    changed = [f"{k}={p[k]}" for k in AXES if p.get(k) != d[k]]
+    return "patch swap, " + (", ".join(changed) if changed else "recipe defaults")
+
+
+def _fmt_diff(r: dict) -> str:
+    if "diff" not in r or r["point"]["method"] == "ce":
+        return ""
+    mark = " **\\***" if r.get("outside_noise") else ""
+    return f"{r['diff']:+.2f} ± {r['se']:.2f}{mark}"
+
+
+def full_table(rows: List[dict]) -> str:
+    out = ["| setting | run | accuracy % (mean ± std) | vs cross-entropy | seeds | s/run |",
+           "| --- | --- | --- | --- | --- | --- |"]
+    for r in sorted(rows, key=lambda r: list(SETTINGS).index(r["point"]["setting"])):
+        out.append(f"| {r['point']['setting']} | {describe(r['point'])} | {r['mean']:.2f} ± {r['std']:.2f} | "
+                   f"{_fmt_diff(r)} | {' '.join(f'{a:.2f}' for a in r['accs'])} | {r['seconds']:.0f} |")
+    return "\n".join(out)
+
+
+def headline(rows: List[dict]) -> List[dict]:
+    """Per setting: cross-entropy, ICP, patch swap at the recipe defaults, and the best patch-swap
+    point of the sweep."""
+    d = recipe_defaults()
+    out = []
+    for s in SETTINGS:
+        rs = [r for r in rows if r["point"]["setting"] == s]
+        ps = [r for r in rs if r["point"]["method"] == "patchswap"]
+        pick = [r for r in rs if r["point"]["method"] == "ce"]
+        pick += [r for r in ps if all(r["point"].get(k) == v for k, v in d.items())]
+        if ps:
+            best = max(ps, key=lambda r: r["mean"])
+            if best not in pick:
+                pick.append(dict(best, best=True))
+        pick += [r for r in rs if r["point"]["method"] == "icp"]
+        out += pick
+    return out
+
+
+def headline_table(rows: List[dict]) -> str:
+    out = ["| setting | run | accuracy % (mean ± std, 5 seeds) | vs cross-entropy |", "| --- | --- | --- | --- |"]
+    for r in headline(rows):
+        name = describe(r["point"]) + (" (best of the sweep)" if r.get("best") else "")
+        out.append(f"| {r['point']['setting']} | {name} | {r['mean']:.2f} ± {r['std']:.2f} | {_fmt_diff(r)} |")
+    return "\n".join(out)
+
+
+def verdict(rows: List[dict]) -> str:
+    better = [r for r in rows if r["point"]["method"] == "patchswap" and r.get("outside_noise") and r["diff"] > 0]
+    worse = [r for r in rows if r["point"]["method"] == "patchswap" and r.get("outside_noise") and r["diff"] < 0]
+    n = sum(r["point"]["method"] == "patchswap" for r in rows)
+    if not better:
+        head = (f"**No patch-swap setting beats cross-entropy outside noise** on digits: none of the {n} "
+                f"patch-swap points of the sweep is above cross-entropy by more than {NOISE_SE:g} standard "
+                f"errors, in any of the three settings; {len(worse)} are below it by more.")
+    else:
+        names = "; ".join(f"{r['point']['setting']}: {describe(r['point'])} ({r['diff']:+.2f} ± {r['se']:.2f})"
+                          for r in better)
+        head = (f"{len(better)} of the {n} patch-swap points beat cross-entropy by more than {NOISE_SE:g} standard "
+                f"errors ({names}); {len(worse)} are below it by more. With this many points, one or two such "
+                f"wins can be chance (a 2-SE threshold passes about 1 in 40 points with no real effect).")
+    return head
+
+
+def plot(rows: List[dict], path: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = recipe_defaults()
+    fig, axs = plt.subplots(2, 3, figsize=(13, 7), sharey=True)
+    for ax, (axis, values) in zip(axs.flat, AXES.items()):
+        for i, s in enumerate(SETTINGS):
+            xs, ys, es = [], [], []
+            for j, v in enumerate(values):
+                want = dict(d, **{axis: v})
+                r = next((r for r in rows if r["point"]["setting"] == s and r["point"]["method"] == "patchswap"
+                          and all(r["point"].get(k) == w for k, w in want.items())), None)
+                if r is None or "diff" not in r:
+                    continue
+                xs.append(j + (i - (len(SETTINGS) - 1) / 2) * 0.08)
+                ys.append(r["diff"])
+                es.append(r["se"])
+            if xs:
+                ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, color=f"C{i}", label=s)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xticks(range(len(values)))
+        ax.set_xticklabels([f"{v}{' (default)' if v == d[axis] else ''}" for v in values], fontsize=8)
+        ax.set_title(axis)
+        ax.grid(alpha=0.3)
+    for ax in axs[:, 0]:
+        ax.set_ylabel("patch swap − cross-entropy (points)")
+    axs.flat[0].legend(title="setting", fontsize=8)
+    fig.suptitle("Patch swap on digits: held-out accuracy minus cross-entropy's, mean over 5 seeds, "
+                 "error bars ± 1 standard error of the difference", fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def report_md(rows: List[dict], cache: dict, plot_rel: str, cmd: str) -> str:
+    return "\n\n".join([
+        f"Measured by `{cmd}` (one torch thread per run; {cache.get('machine', '')}; code fingerprint "
+        f"`{cache.get('fingerprint', '')}`). ResNet-8 on scikit-learn's digits, 540 held-out images "
+        f"(one image is 0.19 points), seeds 0-4, the same seeds for every method. Settings: "
+        + "; ".join(f"`{s}` = {SETTING_TEXT.get(s, SETTINGS[s])}" for s in SETTINGS) + ". Recipe defaults: "
+        + ", ".join(f"{k}={v}" for k, v in recipe_defaults().items()) + ".",
+        verdict(rows),
+        headline_table(rows),
+        f"\"vs cross-entropy\": difference of the means ± its standard error; **\\*** where it exceeds "
+        f"{NOISE_SE:g} standard errors. The best point is the maximum over the sweep, so it is biased upward.",
+        f"![patch swap sweep]({plot_rel})",
+    ])
+
+
+def write_section(path: str, body: str, start: str = "<!-- accuracy:start -->", end: str = "<!-- accuracy:end -->"):
+    with open(path) as f:
+        text = f.read()
+    if start not in text or end not in text:
+        raise SystemExit(f"{path} has no {start} ... {end} section")
+    head, rest = text.split(start, 1)
+    with open(path, "w") as f:
+        f.write(head + start + "\n" + body + "\n" + end + rest.split(end, 1)[1])
+
+
+def reports(cache: dict, pts: List[dict], seeds: Sequence[int], out_dir: str = OUT_DIR,
+            readme: Optional[str] = None, cmd: str = "make readme-accuracy") -> List[dict]:
+    rows = summarise(cache, pts, seeds)
+    png = plot(rows, os.path.join(out_dir, "patch_swap_sweep.png"))
+    md = os.path.join(out_dir, "sweep.md")
+    with open(md, "w") as f:
+        f.write("# Patch-swap sweep on digits (generated by examples/sweep.py; do not edit)\n\n"
+                + report_md(rows, cache, os.path.basename(png), cmd) + "\n\n## Every point\n\n"
+                + full_table(rows) + "\n")
+    if readme:
+        where = os.path.dirname(os.path.abspath(readme))
+        body = report_md(rows, cache, os.path.relpath(png, where), cmd)
+        body += f"\n\nEvery point of the sweep: [{os.path.relpath(md, where)}]({os.path.relpath(md, where)})."
+        write_section(readme, body)
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 per point (default 5)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process (default 1)")
+    p.add_argument("--only", nargs="*", choices=list(SETTINGS), default=list(SETTINGS), help="settings to run")
+    p.add_argument("--no-icp", action="store_true", help="leave ICP out")
+    p.add_argument("--cache", default=CACHE, help=f"result cache (default {os.path.relpath(CACHE, ROOT)})")
+    p.add_argument("--readme", default=None, help="regenerate this README's accuracy section")
+    p.add_argument("--report-only", action="store_true", help="no runs: tables and plot from the cache")
+    args = p.parse_args(argv)
+    seeds = list(range(args.seeds))
+    pts = points(args.only, icp=not args.no_icp)
+    cache = load_cache(args.cache) if args.report_only else run_sweep(pts, seeds, args.cache, args.jobs)
+    rows = reports(cache, pts, seeds, readme=args.readme)
+    print(headline_table(rows))
+    print(verdict(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""examples/sweep.py's machinery on one tiny setting for 1 epoch: the JSON cache (a rerun trains
+nothing, a changed fingerprint retrains), the tables, the plot and the README section. Not the
+accuracies: those are the sweep's output, measured by `make readme-accuracy`."""
+import json
+import os
+import sys
+
+import pytest
+
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+import sweep  # noqa: E402
+import train  # noqa: E402
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    monkeypatch.setattr(sweep, "SETTINGS", {"tiny": dict(epochs=1, train_fraction=0.1)})
+    monkeypatch.setattr(sweep, "AXES", dict(sweep.AXES, ratio=[0.2, 0.5]))
+    calls = []
+    real = train.train
+
+    def counting(*args, **kwargs):
+        calls.append((args, kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sweep.T, "train", counting)
+    return calls
+
+
+def test_sweep_cache_tables_and_readme(tiny, tmp_path):
+    calls = tiny
+    pts = sweep.points(["tiny"], axes={"ratio": [0.2, 0.5]}, icp=False)
+    # cross-entropy, the recipe defaults (ratio 0.5) and ratio 0.2: the default is not run twice
+    assert [p["method"] for p in pts] == ["ce", "patchswap", "patchswap"]
+    assert [p.get("ratio") for p in pts] == [None, 0.5, 0.2]
+    cache_path = str(tmp_path / "sweep.json")
+    seeds = [0, 1]
+    cache = sweep.run_sweep(pts, seeds, cache_path, log=None)
+    assert len(calls) == 6
+    # each run went through train() with one thread, its setting and its seed
+    assert all(kw["threads"] == 1 and kw["epochs"] == 1 and kw["train_fraction"] == 0.1 for _, kw in calls)
+    assert sorted(kw["seed"] for _, kw in calls) == [0, 0, 0, 1, 1, 1]
+    assert calls[2][1]["recipe_args"]["ratio"] == 0.5 and calls[4][1]["recipe_args"]["ratio"] == 0.2
+    with open(cache_path) as f:
+        stored = json.load(f)
+    assert len(stored["runs"]) == 6
+    assert all(r["fingerprint"] == sweep.fingerprint() and 0 <= r["test_acc"] <= 1 for r in stored["runs"].values())
+
+    # a rerun finds every run cached and trains nothing
+    sweep.run_sweep(pts, seeds, cache_path, log=None)
+    assert len(calls) == 6
+    # a run cached under other code is run again, the others are kept
+    k = sweep.key(pts[2], 1)
+    stored["runs"][k]["fingerprint"] = "other code"
+    with open(cache_path, "w") as f:
+        json.dump(stored, f)
+    cache = sweep.run_sweep(pts, seeds, cache_path, log=None)
+    assert len(calls) == 7 and calls[-1][1]["seed"] == 1 and calls[-1][1]["recipe_args"]["ratio"] == 0.2
+    assert cache["runs"][k]["fingerprint"] == sweep.fingerprint()
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\nbefore\n<!-- accuracy:start -->\nold\n<!-- accuracy:end -->\nafter\n")
+    out = tmp_path / "docs"
+    rows = sweep.reports(cache, pts, seeds, out_dir=str(out), readme=str(readme))
+    assert len(rows) == 3
+    by_ratio = {r["point"].get("ratio"): r for r in rows}
+    for r in rows:  # the table's numbers are the cached accuracies' mean and sample std
+        accs = [100 * cache["runs"][sweep.key(r["point"], s)]["test_acc"] for s in seeds]
+        mean = sum(accs) / 2
+        assert r["mean"] == pytest.approx(mean)
+        assert r["std"] == pytest.approx(abs(accs[0] - accs[1]) / 2 ** 0.5)
+        assert r["diff"] == pytest.approx(mean - by_ratio[None]["mean"])
+    text = readme.read_text()
+    assert "old" not in text and text.startswith("# x\n\nbefore\n<!-- accuracy:start -->\n")
+    assert text.endswith("<!-- accuracy:end -->\nafter\n")
+    assert "| tiny | cross-entropy |" in text and "| tiny | patch swap, recipe defaults |" in text
+    assert "(patch_swap_sweep.png)" not in text and "docs/patch_swap_sweep.png" in text
+    assert (out / "patch_swap_sweep.png").stat().st_size > 1000
+    full = (out / "sweep.md").read_text()
+    assert "| tiny | patch swap, ratio=0.2 |" in full
+    assert f"{by_ratio[0.2]['mean']:.2f} ± {by_ratio[0.2]['std']:.2f}" in full
+
+
+def test_summarise_leaves_out_incomplete_points(tiny, tmp_path):
+    pts = sweep.points(["tiny"], axes={}, icp=False)
+    cache = sweep.run_sweep(pts[:1], [0], str(tmp_path / "c.json"), log=None)
+    rows = sweep.summarise(cache, pts, [0])
+    assert [r["point"]["method"] for r in rows] == ["ce"]  # patch swap has no run yet
+    assert sweep.summarise(cache, pts, [0, 1]) == []  # seed 1 missing
+
+
+def test_train_is_reproducible_and_checks_its_arguments():
+    kw = dict(epochs=1, train_fraction=0.1, seed=3, device="cpu", log=None)
+    a = train.train("patchswap", pairing="sampler", **kw)
+    b = train.train("patchswap", pairing="sampler", **kw)
+    assert a["history"] == b["history"]
+    with pytest.raises(ValueError, match="pairing"):
+        train.train("ce", pairing="sampler", **kw)
+    with pytest.raises(ValueError, match="patchswap only"):
+        train.train("ce", recipe_args={"ratio": 0.2}, **kw)
+    with pytest.raises(ValueError, match="label_noise"):
+        train.digits(label_noise=1.0)
+
+
+def test_label_noise_and_small_split():
+    x, y, xt, yt = train.digits()
+    xs, ys, _, yt2 = train.digits(train_fraction=0.15)
+    assert len(ys) == round(0.15 * len(y)) or abs(len(ys) - 0.15 * len(y)) < 1
+    assert (yt2 == yt).all()  # the test split does not move
+    _, yn, _, _ = train.digits(label_noise=0.2)
+    flipped = (yn != y).float().mean().item()
+    assert flipped == pytest.approx(0.2, abs=1 / len(y))  # every chosen label moves to another class

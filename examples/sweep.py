@@ -15,9 +15,10 @@ augmentation alone) and the pairing (in-batch pairs, or ClassPairSampler anchor 
 in CS-KD). Every point is seeds 0..4, the same seeds for every method.
 
 Each run's result is cached in ``docs/recipes/sweep.json`` under its configuration and a
-fingerprint of the code it ran (examples/train.py, fastsd's Python modules, csrc/, the torch
-version, the CPU model and vector ISA, the thread count): a rerun skips runs whose fingerprint matches
-and reruns the others, so the table always describes the current code. Then it writes
+fingerprint of the code it ran (examples/train.py, the fastsd code its method runs, csrc/, the
+torch version, the CPU model and vector ISA, the thread count; see :func:`fingerprint`): a rerun
+skips runs whose fingerprint matches and reruns the others, so the table always describes the
+current code. Then it writes
 ``docs/recipes/sweep.md`` (every point), the plot ``docs/recipes/patch_swap_sweep.png`` and, with
 ``--readme``, the README section between ``<!-- accuracy:start -->`` and ``<!-- accuracy:end -->``.
 ``make readme-accuracy`` is ``python examples/sweep.py --readme README.md``.
@@ -25,6 +26,7 @@ and reruns the others, so the table always describes the current code. Then it w
 from __future__ import annotations
 
 import argparse
+import ast
 import concurrent.futures as cf
 import hashlib
 import inspect
@@ -107,25 +109,85 @@ def key(point: dict, seed: int) -> str:
     return json.dumps(dict(point, seed=seed, train=SETTINGS[point["setting"]]), sort_keys=True)
 
 
-def fingerprint() -> str:
-    """Hash of what a run's accuracy depends on: the training script, fastsd's Python modules (the
-    package and its reference; not the benchmarks, nor the Triton kernels, which a CPU run does not
-    use), the C++ sources of fastsd._C, torch's version, the CPU (model and the vector ISA torch
-    uses: kernels differ between them) and the thread count."""
+# What a run executes besides examples/train.py, by method (cross-entropy: nothing of fastsd's).
+# Patch swap: the modules on its path, fastsd._C's sources and the PatchSwapDistillation class;
+# ICP: all of fastsd.
+PATCHSWAP_CODE = ("fastsd/patch_swap.py", "fastsd/pairing.py", "fastsd/losses.py", "fastsd/data.py",
+                  "fastsd/_backend.py", "fastsd/_ext.py", "fastsd/_validate.py", "fastsd/reference", "csrc")
+ICP_CODE = ("fastsd", "csrc")
+
+
+def _code(path: str) -> bytes:
+    """A source file as it runs: Python as its syntax tree without docstrings and comments (edits
+    to the text alone do not invalidate results), C++ as its bytes."""
+    with open(path, "rb") as f:
+        src = f.read()
+    if not path.endswith(".py"):
+        return src
+    return ast.dump(_strip_docstrings(ast.parse(src))).encode()
+
+
+def _strip_docstrings(tree):
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return tree
+
+
+def _files(paths: Sequence[str]) -> List[str]:
+    out = []
+    for rel in paths:
+        full = os.path.join(ROOT, rel)
+        if os.path.isfile(full):
+            out.append(full)
+            continue
+        for dirpath, dirs, names in os.walk(full):
+            dirs[:] = [d for d in dirs if d not in ("bench", "kernels", "__pycache__")]
+            out += [os.path.join(dirpath, n) for n in names if n.endswith((".py", ".cpp", ".h", ".cu", ".cuh"))]
+    return sorted(set(out))
+
+
+def _recipe_code() -> bytes:
+    """PatchSwapDistillation as it runs in the sweep: its class without docstrings and with the
+    defaults of the arguments the sweep always passes (RECIPE_ARGS) left out, since those defaults
+    do not reach a sweep run; the defaults of the others (teacher, ce_weight, ...) stay in."""
+    import fastsd.recipes
+
+    with open(fastsd.recipes.__file__, "rb") as f:
+        tree = _strip_docstrings(ast.parse(f.read()))
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "PatchSwapDistillation")
+    for fn in cls.body:
+        if isinstance(fn, ast.FunctionDef) and fn.name == "__init__":
+            fn.args.defaults, fn.args.kw_defaults = [], [None] * len(fn.args.kwonlyargs)
+    sig = inspect.signature(fastsd.recipes.PatchSwapDistillation.__init__).parameters
+    rest = {k: repr(v.default) for k, v in sig.items() if k not in T.RECIPE_ARGS and k not in ("self", "model")}
+    return ast.dump(cls).encode() + json.dumps(rest, sort_keys=True).encode()
+
+
+_FINGERPRINTS: Dict[str, str] = {}
+
+
+def fingerprint(method: str = "patchswap", fresh: bool = False) -> str:
+    """Hash of what a run's accuracy depends on: examples/train.py, the fastsd code the method
+    runs (see PATCHSWAP_CODE, ICP_CODE), torch's version, the CPU (model and the vector ISA torch
+    uses: kernels differ between them) and the thread count. Computed once per process and method
+    (``fresh`` recomputes): the code must not change under a running sweep."""
+    if method in _FINGERPRINTS and not fresh:
+        return _FINGERPRINTS[method]
     h = hashlib.sha256()
-    pkg = os.path.join(ROOT, "fastsd")
-    files = [os.path.join(HERE, "train.py")]
-    files += [os.path.join(pkg, n) for n in os.listdir(pkg) if n.endswith(".py")]
-    for sub, exts in (("fastsd/reference", (".py",)), ("csrc", (".cpp", ".h", ".cu", ".cuh"))):
-        for dirpath, _, names in os.walk(os.path.join(ROOT, sub)):
-            files += [os.path.join(dirpath, n) for n in names if n.endswith(exts)]
-    for f in sorted(files):
-        h.update(os.path.relpath(f, ROOT).encode() + b"\0")
-        with open(f, "rb") as fh:
-            h.update(fh.read() + b"\0")
+    files = [os.path.join(HERE, "train.py")] + _files({"ce": (), "patchswap": PATCHSWAP_CODE,
+                                                        "icp": ICP_CODE}[method])
+    for f in files:
+        h.update(os.path.relpath(f, ROOT).encode() + b"\0" + _code(f) + b"\0")
+    if method == "patchswap":
+        h.update(_recipe_code())
     isa = torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends, "cpu") else "?"
     h.update(f"torch {torch.__version__} isa {isa} cpu {_cpu_name()} threads {THREADS}".encode())
-    return h.hexdigest()[:16]
+    _FINGERPRINTS[method] = h.hexdigest()[:16]
+    return _FINGERPRINTS[method]
 
 
 def train_kwargs(point: dict, seed: int) -> dict:
@@ -164,17 +226,17 @@ def _init_worker():
 def run_sweep(pts: List[dict], seeds: Sequence[int], cache_path: str = CACHE, jobs: int = 1, log=print) -> dict:
     """Run every (point, seed) whose cached result is missing or has another fingerprint; save the
     cache after each run. Returns the cache."""
-    fp = fingerprint()
     cache = load_cache(cache_path)
     runs = cache.setdefault("runs", {})
-    todo = [(p, s) for p in pts for s in seeds if runs.get(key(p, s), {}).get("fingerprint") != fp]
+    todo = [(p, s) for p in pts for s in seeds
+            if runs.get(key(p, s), {}).get("fingerprint") != fingerprint(p["method"])]
     if log:
-        log(f"fingerprint {fp}: {len(pts) * len(seeds) - len(todo)} cached runs, {len(todo)} to run "
+        log(f"{len(pts) * len(seeds) - len(todo)} cached runs, {len(todo)} to run "
             f"({jobs} process(es), {THREADS} torch thread each)")
     start = time.perf_counter()
 
     def done(i, p, s, r):
-        runs[key(p, s)] = dict(r, fingerprint=fp)
+        runs[key(p, s)] = dict(r, fingerprint=fingerprint(p["method"]))
         save_cache(cache_path, cache)
         if log:
             log(f"[{i}/{len(todo)}, {time.perf_counter() - start:.0f} s] {key(p, s)}: "
@@ -189,7 +251,7 @@ def run_sweep(pts: List[dict], seeds: Sequence[int], cache_path: str = CACHE, jo
             futs = {pool.submit(_run, p, s): (p, s) for p, s in todo}
             for i, fut in enumerate(cf.as_completed(futs), 1):
                 done(i, *futs[fut], fut.result())
-    cache["fingerprint"] = fp
+    cache["fingerprints"] = {m: fingerprint(m) for m in ("ce", "patchswap", "icp")}
     cache["machine"] = f"{platform.machine()} {_cpu_name()}, torch {torch.__version__}, {THREADS} thread per run"
     save_cache(cache_path, cache)
     return cache
@@ -221,11 +283,10 @@ def summarise(cache: dict, pts: List[dict], seeds: Sequence[int]) -> List[dict]:
     """Per point: mean, std, and the difference to the same setting's cross-entropy with its
     standard error (Welch: sqrt(s1^2/n1 + s2^2/n2)). Points without all seeds are left out."""
     runs = cache["runs"]
-    fp = fingerprint()
     rows = []
     for p in pts:
         rs = [runs.get(key(p, s)) for s in seeds]
-        if any(r is None or r.get("fingerprint") != fp for r in rs):
+        if any(r is None or r.get("fingerprint") != fingerprint(p["method"]) for r in rs):
             continue
         accs = [r["test_acc"] for r in rs]
         m, sd = stats(accs)
@@ -352,8 +413,8 @@ def plot(rows: List[dict], path: str) -> str:
 
 def report_md(rows: List[dict], cache: dict, plot_rel: str, cmd: str) -> str:
     return "\n\n".join([
-        f"Measured by `{cmd}` (one torch thread per run; {cache.get('machine', '')}; code fingerprint "
-        f"`{cache.get('fingerprint', '')}`). ResNet-8 on scikit-learn's digits, 540 held-out images "
+        f"Measured by `{cmd}` (one torch thread per run; {cache.get('machine', '')}; code fingerprints "
+        + ", ".join(f"{m} `{v}`" for m, v in cache.get("fingerprints", {}).items()) + "). ResNet-8 on scikit-learn's digits, 540 held-out images "
         f"(one image is 0.19 points), seeds 0-4, the same seeds for every method. Settings: "
         + "; ".join(f"`{s}` = {SETTING_TEXT.get(s, SETTINGS[s])}" for s in SETTINGS) + ". Recipe defaults: "
         + ", ".join(f"{k}={v}" for k, v in recipe_defaults().items()) + ".",

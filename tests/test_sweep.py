@@ -47,7 +47,8 @@ def test_sweep_cache_tables_and_readme(tiny, tmp_path):
     with open(cache_path) as f:
         stored = json.load(f)
     assert len(stored["runs"]) == 6
-    assert all(r["fingerprint"] == sweep.fingerprint() and 0 <= r["test_acc"] <= 1 for r in stored["runs"].values())
+    assert all(r["fingerprint"] == sweep.fingerprint(json.loads(k)["method"]) and 0 <= r["test_acc"] <= 1
+               for k, r in stored["runs"].items())
 
     # a rerun finds every run cached and trains nothing
     sweep.run_sweep(pts, seeds, cache_path, log=None)
@@ -59,7 +60,7 @@ def test_sweep_cache_tables_and_readme(tiny, tmp_path):
         json.dump(stored, f)
     cache = sweep.run_sweep(pts, seeds, cache_path, log=None)
     assert len(calls) == 7 and calls[-1][1]["seed"] == 1 and calls[-1][1]["recipe_args"]["ratio"] == 0.2
-    assert cache["runs"][k]["fingerprint"] == sweep.fingerprint()
+    assert cache["runs"][k]["fingerprint"] == sweep.fingerprint("patchswap")
 
     readme = tmp_path / "README.md"
     readme.write_text("# x\n\nbefore\n<!-- accuracy:start -->\nold\n<!-- accuracy:end -->\nafter\n")
@@ -113,3 +114,28 @@ def test_label_noise_and_small_split():
     _, yn, _, _ = train.digits(label_noise=0.2)
     flipped = (yn != y).float().mean().item()
     assert flipped == pytest.approx(0.2, abs=1 / len(y))  # every chosen label moves to another class
+
+
+def test_fingerprint_follows_the_code_not_its_text(tmp_path, monkeypatch):
+    src = 'def f(x):\n    """Doc."""\n    return x + 1  # why\n'
+    a, b, c = (tmp_path / n for n in ("a.py", "b.py", "c.py"))
+    a.write_text(src)
+    b.write_text(src.replace("Doc.", "Other doc.").replace("# why", "# because"))
+    c.write_text(src.replace("x + 1", "x + 2"))
+    assert sweep._code(str(a)) == sweep._code(str(b)) != sweep._code(str(c))
+
+    # the recipe's defaults for the arguments the sweep always passes do not reach a sweep run;
+    # its code does
+    import fastsd.recipes
+
+    text = open(fastsd.recipes.__file__).read()
+    before = sweep._recipe_code()
+    for change, same in (((" ratio: float = 0.5,", " ratio: float = 0.2,"), True),
+                         (("self.ratio = V.unit_interval", "self.ratio = 0.5 * V.unit_interval"), False)):
+        assert change[0] in text
+        edited = tmp_path / "recipes.py"
+        edited.write_text(text.replace(change[0], change[1]))
+        monkeypatch.setattr(fastsd.recipes, "__file__", str(edited))
+        assert (sweep._recipe_code() == before) == same
+    # cross-entropy runs no fastsd code; patch swap and ICP have their own fingerprints
+    assert len({sweep.fingerprint(m) for m in ("ce", "patchswap", "icp")}) == 3

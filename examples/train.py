@@ -153,14 +153,17 @@ def make_reproducible(seed: int, threads: int = 1, device=None) -> None:
 
 def train(method: str = "ce", *, epochs: int = 15, batch_size: int = 64, lr: float = 0.05, seed: int = 0,
           device="cpu", size: int = 16, threads: int = 1, train_fraction: float = 1.0, label_noise: float = 0.0,
-          pairing: str = "batch", recipe_args: dict = None, progress_bar: bool = False, log=print) -> dict:
+          pairing: str = "batch", recipe_args: dict = None, eval_every: int = 1, progress_bar: bool = False,
+          log=print) -> dict:
     """Train one model and return its summary (``test_acc`` is the held-out accuracy after the
     last epoch). ``pairing`` (patch swap only): ``"batch"`` pairs same-class images inside each
     shuffled batch (``fastsd.intra_class_pairs``, the recipe's default); ``"sampler"`` builds each
     batch as ``batch_size / 2`` anchors and one same-class partner each from the whole training set
     (``fastsd.data.ClassPairSampler``, the CS-KD protocol), with the pairing ``i <-> i + n``. Both
     take the same number of steps of ``batch_size`` images per epoch (``ceil(N / batch_size)``; the
-    sampler's epoch is cut there, so each epoch half of the images serve as anchors)."""
+    sampler's epoch is cut there, so each epoch half of the images serve as anchors). The held-out
+    set is scored every ``eval_every`` epochs and after the last (``eval_every=0``: after the last
+    only; scoring does not touch the training's random draws)."""
     if method not in ("ce", "patchswap", "icp"):
         raise ValueError(f"method must be ce, patchswap or icp, got {method!r}")
     if pairing not in ("batch", "sampler"):
@@ -231,10 +234,13 @@ def train(method: str = "ce", *, epochs: int = 15, batch_size: int = 64, lr: flo
                 bar.set_postfix(loss=f"{total / seen:.4f}")
         if bar is not None:
             bar.close()
-        acc = evaluate(model, x_test, y_test)
+        acc = None
+        if epoch + 1 == epochs or (eval_every and (epoch + 1) % eval_every == 0):
+            acc = evaluate(model, x_test, y_test)
         history.append({"epoch": epoch + 1, "loss": total / seen, "test_acc": acc})
         if log:
-            log(f"epoch {epoch + 1:3d}/{epochs}  loss {total / seen:.4f}  held-out accuracy {100 * acc:6.2f}%")
+            scored = "" if acc is None else f"  held-out accuracy {100 * acc:6.2f}%"
+            log(f"epoch {epoch + 1:3d}/{epochs}  loss {total / seen:.4f}{scored}")
     elapsed = time.perf_counter() - start
     return {"method": method, "seed": seed, "epochs": epochs, "device": str(device), "threads": threads,
             "train_fraction": train_fraction, "label_noise": label_noise, "pairing": pairing,
@@ -264,6 +270,8 @@ def main(argv=None) -> dict:
     p.add_argument("--prob", type=float, default=None, help="patchswap: probability a pair swaps (recipe default)")
     p.add_argument("--temperature", type=float, default=None, help="patchswap: KD temperature (recipe default)")
     p.add_argument("--kd-weight", type=float, default=None, help="patchswap: KD weight (recipe default)")
+    p.add_argument("--eval-every", type=int, default=1,
+                   help="score the held-out set every N epochs and after the last (0: after the last only)")
     p.add_argument("--json", default=None, help="append this run's summary as one JSON line to this file")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar (e.g. in logs)")
     args = p.parse_args(argv)
@@ -273,7 +281,7 @@ def main(argv=None) -> dict:
     summary = train(args.method, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                     device=device, size=args.size, threads=args.threads, train_fraction=args.train_fraction,
                     label_noise=args.label_noise, pairing=args.pairing, recipe_args=recipe_args,
-                    progress_bar=not args.no_progress, log=lambda line: print(line, flush=True))
+                    eval_every=args.eval_every, progress_bar=not args.no_progress, log=lambda line: print(line, flush=True))
     print(f"{args.method} seed {args.seed}: held-out accuracy {100 * summary['test_acc']:.2f}% "
           f"({summary['test_images']} images) after {args.epochs} epochs, {summary['seconds']:.0f} s on {device}, "
           f"{args.threads} thread(s)")

@@ -98,6 +98,12 @@ def test_train_is_reproducible_and_checks_its_arguments():
     a = train.train("patchswap", pairing="sampler", **kw)
     b = train.train("patchswap", pairing="sampler", **kw)
     assert a["history"] == b["history"]
+    # scoring the held-out set between epochs changes nothing in the training
+    two = dict(kw, epochs=2)
+    every, last = train.train("patchswap", eval_every=1, **two), train.train("patchswap", eval_every=0, **two)
+    assert every["history"][0]["test_acc"] is not None and last["history"][0]["test_acc"] is None
+    assert [h["loss"] for h in every["history"]] == [h["loss"] for h in last["history"]]
+    assert every["test_acc"] == last["test_acc"]
     with pytest.raises(ValueError, match="pairing"):
         train.train("ce", pairing="sampler", **kw)
     with pytest.raises(ValueError, match="patchswap only"):

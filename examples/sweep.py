@@ -258,14 +258,9 @@ def run_sweep(pts: List[dict], seeds: Sequence[int], cache_path: str = CACHE, jo
 
 
 def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+    from fastsd.bench.__main__ import _cpu_name as name  # the benchmark's machine line reads it the same way
+
+    return name()
 
 
 # --- statistics and reports --------------------------------------------------------------------

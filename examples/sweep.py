@@ -36,6 +36,7 @@ import multiprocessing
 import os
 import platform
 import sys
+import textwrap
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -251,8 +252,6 @@ def run_sweep(pts: List[dict], seeds: Sequence[int], cache_path: str = CACHE, jo
             futs = {pool.submit(_run, p, s): (p, s) for p, s in todo}
             for i, fut in enumerate(cf.as_completed(futs), 1):
                 done(i, *futs[fut], fut.result())
-    cache["fingerprints"] = {m: fingerprint(m) for m in ("ce", "patchswap", "icp")}
-    cache["machine"] = f"{platform.machine()} {_cpu_name()}, torch {torch.__version__}, {THREADS} thread per run"
     save_cache(cache_path, cache)
     return cache
 
@@ -351,20 +350,40 @@ def headline_table(rows: List[dict]) -> str:
 
 
 def verdict(rows: List[dict]) -> str:
-    better = [r for r in rows if r["point"]["method"] == "patchswap" and r.get("outside_noise") and r["diff"] > 0]
-    worse = [r for r in rows if r["point"]["method"] == "patchswap" and r.get("outside_noise") and r["diff"] < 0]
-    n = sum(r["point"]["method"] == "patchswap" for r in rows)
-    if not better:
-        head = (f"**No patch-swap setting beats cross-entropy outside noise** on digits: none of the {n} "
-                f"patch-swap points of the sweep is above cross-entropy by more than {NOISE_SE:g} standard "
-                f"errors, in any of the three settings; {len(worse)} are below it by more.")
+    """The finding in words, from the rows alone: per setting, how many patch-swap points are above
+    and below cross-entropy outside noise, the recipe defaults' difference and the best point's."""
+    d = recipe_defaults()
+    lines, helps = [], []
+    for s in SETTINGS:
+        base = next((r for r in rows if r["point"]["setting"] == s and r["point"]["method"] == "ce"), None)
+        ps = [r for r in rows if r["point"]["setting"] == s and r["point"]["method"] == "patchswap" and "diff" in r]
+        if base is None or not ps:
+            continue
+        up = [r for r in ps if r["outside_noise"] and r["diff"] > 0]
+        down = [r for r in ps if r["outside_noise"] and r["diff"] < 0]
+        default = next((r for r in ps if all(r["point"].get(k) == v for k, v in d.items())), None)
+        best = max(ps, key=lambda r: r["diff"])
+        if up:
+            helps.append(s)
+        parts = [f"{len(up)} of {len(ps)} patch-swap points above cross-entropy ({base['mean']:.2f} %) outside "
+                 f"noise, {len(down)} below it"]
+        if default is not None:
+            parts.append(f"recipe defaults {default['diff']:+.2f} ± {default['se']:.2f}")
+        if best is not default:
+            parts.append(f"best {describe(best['point'])[len('patch swap, '):]} {best['diff']:+.2f} ± {best['se']:.2f}")
+        lines.append(_wrap(f"- `{s}`: " + "; ".join(parts) + ".", indent="  "))
+    if not helps:
+        head = "**No patch-swap setting beats cross-entropy outside noise on digits**"
     else:
-        names = "; ".join(f"{r['point']['setting']}: {describe(r['point'])} ({r['diff']:+.2f} ± {r['se']:.2f})"
-                          for r in better)
-        head = (f"{len(better)} of the {n} patch-swap points beat cross-entropy by more than {NOISE_SE:g} standard "
-                f"errors ({names}); {len(worse)} are below it by more. With this many points, one or two such "
-                f"wins can be chance (a 2-SE threshold passes about 1 in 40 points with no real effect).")
-    return head
+        rest = [s for s in SETTINGS if s not in helps]
+        head = (f"**Patch swap beats cross-entropy outside noise only in the {', '.join(helps)} setting"
+                f"{'s' if len(helps) > 1 else ''} on digits**" + (f"; in {' and '.join(rest)} it does not" if rest else ""))
+    return (_wrap(head + f" ({NOISE_SE:g} standard errors of the difference of the means, 5 seeds each):")
+            + "\n\n" + "\n".join(lines))
+
+
+def _wrap(text: str, indent: str = "") -> str:
+    return textwrap.fill(text, 100, subsequent_indent=indent, break_on_hyphens=False, break_long_words=False)
 
 
 def plot(rows: List[dict], path: str) -> str:
@@ -406,18 +425,21 @@ def plot(rows: List[dict], path: str) -> str:
     return path
 
 
-def report_md(rows: List[dict], cache: dict, plot_rel: str, cmd: str) -> str:
+def report_md(rows: List[dict], plot_rel: str, cmd: str) -> str:
+    fps = ", ".join(f"{m} `{fingerprint(m)}`" for m in ("ce", "patchswap", "icp"))
     return "\n\n".join([
-        f"Measured by `{cmd}` (one torch thread per run; {cache.get('machine', '')}; code fingerprints "
-        + ", ".join(f"{m} `{v}`" for m, v in cache.get("fingerprints", {}).items()) + "). ResNet-8 on scikit-learn's digits, 540 held-out images "
-        f"(one image is 0.19 points), seeds 0-4, the same seeds for every method. Settings: "
-        + "; ".join(f"`{s}` = {SETTING_TEXT.get(s, SETTINGS[s])}" for s in SETTINGS) + ". Recipe defaults: "
-        + ", ".join(f"{k}={v}" for k, v in recipe_defaults().items()) + ".",
         verdict(rows),
         headline_table(rows),
-        f"\"vs cross-entropy\": difference of the means ± its standard error; **\\*** where it exceeds "
-        f"{NOISE_SE:g} standard errors. The best point is the maximum over the sweep, so it is biased upward.",
+        _wrap(f"\"vs cross-entropy\": difference of the means ± its standard error; **\\*** where it exceeds "
+              f"{NOISE_SE:g} standard errors. The best point is the highest mean of the sweep, so it is biased "
+              f"upward."),
         f"![patch swap sweep]({plot_rel})",
+        _wrap(f"Measured by `{cmd}` on {platform.machine()} {_cpu_name()}, torch {torch.__version__}, one torch "
+        f"thread per run (code fingerprints {fps}). ResNet-8 on scikit-learn's digits, 540 held-out images "
+        f"(one image is 0.19 points), seeds 0-4, the same seeds for every method. Settings: "
+        + "; ".join(f"`{s}` = {SETTING_TEXT.get(s, SETTINGS[s])}" for s in SETTINGS) + ". Recipe defaults: "
+        + ", ".join(f"{k}={v}" for k, v in recipe_defaults().items()) + "; one argument at a time is moved "
+        "away from them."),
     ])
 
 
@@ -438,11 +460,11 @@ def reports(cache: dict, pts: List[dict], seeds: Sequence[int], out_dir: str = O
     md = os.path.join(out_dir, "sweep.md")
     with open(md, "w") as f:
         f.write("# Patch-swap sweep on digits (generated by examples/sweep.py; do not edit)\n\n"
-                + report_md(rows, cache, os.path.basename(png), cmd) + "\n\n## Every point\n\n"
+                + report_md(rows, os.path.basename(png), cmd) + "\n\n## Every point\n\n"
                 + full_table(rows) + "\n")
     if readme:
         where = os.path.dirname(os.path.abspath(readme))
-        body = report_md(rows, cache, os.path.relpath(png, where), cmd)
+        body = report_md(rows, os.path.relpath(png, where), cmd)
         body += f"\n\nEvery point of the sweep: [{os.path.relpath(md, where)}]({os.path.relpath(md, where)})."
         write_section(readme, body)
     return rows

@@ -78,6 +78,7 @@ def test_sweep_cache_tables_and_readme(tiny, tmp_path):
     assert "old" not in text and text.startswith("# x\n\nbefore\n<!-- accuracy:start -->\n")
     assert text.endswith("<!-- accuracy:end -->\nafter\n")
     assert "| tiny | cross-entropy |" in text and "| tiny | patch swap, recipe defaults |" in text
+    assert "- `tiny`: " in text and " of 2 patch-swap points above cross-entropy " in text
     assert "(patch_swap_sweep.png)" not in text and "docs/patch_swap_sweep.png" in text
     assert (out / "patch_swap_sweep.png").stat().st_size > 1000
     full = (out / "sweep.md").read_text()

@@ -78,7 +78,7 @@ def test_sweep_cache_tables_and_readme(tiny, tmp_path):
     assert "old" not in text and text.startswith("# x\n\nbefore\n<!-- accuracy:start -->\n")
     assert text.endswith("<!-- accuracy:end -->\nafter\n")
     assert "| tiny | cross-entropy |" in text and "| tiny | patch swap, recipe defaults |" in text
-    assert "- `tiny`: " in text and " of 2 patch-swap points above cross-entropy " in text
+    assert "- `tiny`: " in text and " of 2 patch-swap points above cross-entropy " in " ".join(text.split())
     assert "(patch_swap_sweep.png)" not in text and "docs/patch_swap_sweep.png" in text
     assert (out / "patch_swap_sweep.png").stat().st_size > 1000
     full = (out / "sweep.md").read_text()
@@ -146,3 +146,39 @@ def test_fingerprint_follows_the_code_not_its_text(tmp_path, monkeypatch):
         assert (sweep._recipe_code() == before) == same
     # cross-entropy runs no fastsd code; patch swap and ICP have their own fingerprints
     assert len({sweep.fingerprint(m) for m in ("ce", "patchswap", "icp")}) == 3
+
+
+def _fake_cache(pts, seeds, acc):
+    """Cached runs with the current fingerprints and accuracies acc(point, seed): no training."""
+    return {"runs": {sweep.key(p, s): {"test_acc": acc(p, s), "seconds": 1.0,
+                                       "fingerprint": sweep.fingerprint(p["method"])} for p in pts for s in seeds}}
+
+
+def test_moved_defaults_verdict_and_headline(tiny, monkeypatch):
+    # the recipe's defaults moved to ratio 0.2: the sweep keeps its centre (ratio 0.5), adds no point
+    # for the new defaults (ratio 0.2 is on the axis), and the headline shows both
+    monkeypatch.setattr(sweep, "recipe_defaults", lambda size=16: dict(sweep.CENTER, ratio=0.2))
+    pts = sweep.points(["tiny"], axes={"ratio": [0.2, 0.5], "kd_weight": [0.0, 1.0]}, icp=False)
+    assert [(p["method"], p.get("ratio"), p.get("kd_weight")) for p in pts] == [
+        ("ce", None, None), ("patchswap", 0.5, 1.0), ("patchswap", 0.2, 1.0), ("patchswap", 0.5, 0.0)]
+    seeds = [0, 1, 2]
+    # ce 0.90 +- 0.01; ratio 0.5 below it, ratio 0.2 above it outside noise, kd 0 level with it
+    means = {(None, None): 0.90, (0.5, 1.0): 0.85, (0.2, 1.0): 0.95, (0.5, 0.0): 0.905}
+    cache = _fake_cache(pts, seeds, lambda p, s: means[p.get("ratio"), p.get("kd_weight")] + 0.01 * (s - 1))
+    rows = sweep.summarise(cache, pts, seeds)
+    by = {(r["point"].get("ratio"), r["point"].get("kd_weight")): r for r in rows}
+    assert by[0.2, 1.0]["diff"] == pytest.approx(5.0) and by[0.2, 1.0]["outside_noise"]
+    assert by[0.5, 1.0]["diff"] == pytest.approx(-5.0) and by[0.5, 1.0]["outside_noise"]
+    assert by[0.5, 0.0]["se"] == pytest.approx((2 / 3) ** 0.5) and not by[0.5, 0.0]["outside_noise"]
+    names = [sweep.describe(r["point"]) + (" centre" if r.get("centre") else "") for r in sweep.headline(rows)]
+    # the defaults are also the best point: listed once
+    assert names == ["cross-entropy", "patch swap, recipe defaults", "patch swap, ratio=0.5 centre"]
+    text = " ".join(sweep.verdict(rows).split())  # unwrapped
+    assert text.startswith("**Patch swap beats cross-entropy outside noise only in the tiny setting")
+    assert "1 of 3 patch-swap points above cross-entropy (90.00 %) outside noise, 1 below it" in text
+    assert "recipe defaults +5.00 ± 0.82" in text
+
+    # nothing above cross-entropy: said first
+    cache = _fake_cache(pts, seeds, lambda p, s: 0.90 + 0.01 * (s - 1) - 0.05 * (p["method"] != "ce"))
+    assert " ".join(sweep.verdict(sweep.summarise(cache, pts, seeds)).split()).startswith(
+        "**No patch-swap setting beats cross-entropy outside noise on digits**")

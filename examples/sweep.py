@@ -422,6 +422,7 @@ def plot(rows: List[dict], path: str) -> str:
                 ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, color=f"C{i}", label=s)
         ax.axhline(0, color="black", lw=0.8)
         ax.set_xticks(range(len(values)))
+        ax.set_xlim(-0.5, len(values) - 0.5)
         ax.set_xticklabels([f"{v}{' *' if v == d[axis] else ''}" for v in values], fontsize=8)
         ax.set_title(axis)
         ax.grid(alpha=0.3)

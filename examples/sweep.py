@@ -121,7 +121,7 @@ def key(point: dict, seed: int) -> str:
 
 # What a run executes besides examples/train.py, by method (cross-entropy: nothing of fastsd's).
 # Patch swap: the modules on its path, fastsd._C's sources and the PatchSwapDistillation class;
-# ICP: all of fastsd.
+# ICP: all of fastsd but the PatchSwapDistillation class.
 PATCHSWAP_CODE = ("fastsd/patch_swap.py", "fastsd/pairing.py", "fastsd/losses.py", "fastsd/data.py",
                   "fastsd/_backend.py", "fastsd/_ext.py", "fastsd/_validate.py", "fastsd/reference", "csrc")
 ICP_CODE = ("fastsd", "csrc")
@@ -177,6 +177,16 @@ def _recipe_code() -> bytes:
     return ast.dump(cls).encode() + json.dumps(rest, sort_keys=True).encode()
 
 
+def _recipes_without_patch_swap() -> bytes:
+    """fastsd/recipes.py as an ICP run executes it: without the PatchSwapDistillation class."""
+    import fastsd.recipes
+
+    with open(fastsd.recipes.__file__, "rb") as f:
+        tree = _strip_docstrings(ast.parse(f.read()))
+    tree.body = [n for n in tree.body if not (isinstance(n, ast.ClassDef) and n.name == "PatchSwapDistillation")]
+    return ast.dump(tree).encode()
+
+
 _FINGERPRINTS: Dict[str, str] = {}
 
 
@@ -191,7 +201,9 @@ def fingerprint(method: str = "patchswap", fresh: bool = False) -> str:
     files = [os.path.join(HERE, "train.py")] + _files({"ce": (), "patchswap": PATCHSWAP_CODE,
                                                         "icp": ICP_CODE}[method])
     for f in files:
-        h.update(os.path.relpath(f, ROOT).encode() + b"\0" + _code(f) + b"\0")
+        code = _recipes_without_patch_swap() if os.path.relpath(f, ROOT) == os.path.join("fastsd", "recipes.py") \
+            else _code(f)
+        h.update(os.path.relpath(f, ROOT).encode() + b"\0" + code + b"\0")
     if method == "patchswap":
         h.update(_recipe_code())
     isa = torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends, "cpu") else "?"

@@ -3,6 +3,7 @@ nothing, a changed fingerprint retrains), the tables, the plot and the README se
 accuracies: those are the sweep's output, measured by `make readme-accuracy`."""
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -137,13 +138,23 @@ def test_fingerprint_follows_the_code_not_its_text(tmp_path, monkeypatch):
 
     text = open(fastsd.recipes.__file__).read()
     before = sweep._recipe_code()
-    for change, same in (((" ratio: float = 0.5,", " ratio: float = 0.2,"), True),
+    default = re.search(r" ratio: float = [0-9.]+,", text).group(0)
+    for change, same in (((default, " ratio: float = 0.35,"), True),
                          (("self.ratio = V.unit_interval", "self.ratio = 0.5 * V.unit_interval"), False)):
         assert change[0] in text
         edited = tmp_path / "recipes.py"
         edited.write_text(text.replace(change[0], change[1]))
         monkeypatch.setattr(fastsd.recipes, "__file__", str(edited))
         assert (sweep._recipe_code() == before) == same
+    # ICP runs do not execute PatchSwapDistillation: its edits leave their fingerprint alone
+    monkeypatch.setattr(fastsd.recipes, "__file__", str(tmp_path / "none.py"))
+    (tmp_path / "none.py").write_text(text)
+    icp = sweep._recipes_without_patch_swap()
+    for change, same in ((("self.ratio = V.unit_interval", "self.ratio = 0.5 * V.unit_interval"), True),
+                         (("warmup: float = 0.25", "warmup: float = 0.3"), False)):
+        assert change[0] in text
+        (tmp_path / "none.py").write_text(text.replace(change[0], change[1]))
+        assert (sweep._recipes_without_patch_swap() == icp) == same
     # cross-entropy runs no fastsd code; patch swap and ICP have their own fingerprints
     assert len({sweep.fingerprint(m) for m in ("ce", "patchswap", "icp")}) == 3
 

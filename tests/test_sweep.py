@@ -83,7 +83,7 @@ def test_sweep_cache_tables_and_readme(tiny, tmp_path):
     assert "(patch_swap_sweep.png)" not in text and "docs/patch_swap_sweep.png" in text
     assert (out / "patch_swap_sweep.png").stat().st_size > 1000
     full = (out / "sweep.md").read_text()
-    assert "| tiny | patch swap, ratio=0.2 |" in full
+    assert f"| tiny | {sweep.describe(by_ratio[0.2]['point'])} |" in full
     assert f"{by_ratio[0.2]['mean']:.2f} ± {by_ratio[0.2]['std']:.2f}" in full
 
 
@@ -125,6 +125,8 @@ def test_label_noise_and_small_split():
 
 
 def test_fingerprint_follows_the_code_not_its_text(tmp_path, monkeypatch):
+    # cross-entropy runs no fastsd code; patch swap and ICP have their own fingerprints
+    assert len({sweep.fingerprint(m) for m in ("ce", "patchswap", "icp")}) == 3
     src = 'def f(x):\n    """Doc."""\n    return x + 1  # why\n'
     a, b, c = (tmp_path / n for n in ("a.py", "b.py", "c.py"))
     a.write_text(src)
@@ -155,8 +157,6 @@ def test_fingerprint_follows_the_code_not_its_text(tmp_path, monkeypatch):
         assert change[0] in text
         (tmp_path / "none.py").write_text(text.replace(change[0], change[1]))
         assert (sweep._recipes_without_patch_swap() == icp) == same
-    # cross-entropy runs no fastsd code; patch swap and ICP have their own fingerprints
-    assert len({sweep.fingerprint(m) for m in ("ce", "patchswap", "icp")}) == 3
 
 
 def _fake_cache(pts, seeds, acc):

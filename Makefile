@@ -69,3 +69,10 @@ $(EXT_STAMP): $(DEPS_STAMP) $(CSRC)
 
 clean:
 	rm -rf build *.egg-info fastsd/_C*.so fastsd/_build_log.txt $(EXT_STAMP)
+
+# Regenerate the README's accuracy section (examples/sweep.py: 5 seeds x 3 settings x the patch-swap
+# arguments, one torch thread per run; runs cached in docs/recipes/sweep.json under a fingerprint of
+# their code are kept, the others run again).
+.PHONY: readme-accuracy
+readme-accuracy: install
+	$(PY) examples/sweep.py --readme README.md

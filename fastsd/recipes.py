@@ -66,7 +66,11 @@ class PatchSwapDistillation:
         model: any classifier ``nn.Module`` mapping ``[B, C, H, W]`` to logits ``[B, K]`` (or its
             DDP / DataParallel wrapper).
         temperature, kd_weight, teacher: as :func:`fastsd.pair_kd_loss`.
-        patch_size, ratio, prob: as :func:`fastsd.intra_class_patch_swap`.
+        patch_size, ratio, prob: as :func:`fastsd.intra_class_patch_swap`, except that ``ratio``
+            defaults to 0.2 here (the op's default is 0.5): on scikit-learn's digits
+            (``examples/sweep.py``, 5 seeds) swapping 20 % of the cells beat swapping half of them
+            on the full, the small (15 %) and the noisy-label (20 % flipped) training sets; tune it
+            on your own data.
         ce_weight: weight of the cross-entropy term (1).
         generator: a ``torch.Generator`` on x's device for the pairing and the masks (default:
             the global RNG).
@@ -78,7 +82,7 @@ class PatchSwapDistillation:
     """
 
     def __init__(self, model: nn.Module, temperature: float = 4.0, kd_weight: float = 1.0, patch_size=None,
-                 ratio: float = 0.5, prob: float = 1.0, teacher: str = "confident", *, ce_weight: float = 1.0,
+                 ratio: float = 0.2, prob: float = 1.0, teacher: str = "confident", *, ce_weight: float = 1.0,
                  generator: Optional[torch.Generator] = None):
         fn = "fastsd.recipes.PatchSwapDistillation"
         _check_model(fn, model)

@@ -265,7 +265,7 @@ def benches(device="cpu", dtype=torch.float32, quick=True) -> List[Bench]:
 
     def ps_setup():
         model, opt, x, y = _setup(128, device, dtype)
-        return model, opt, x, y, PatchSwapDistillation(model, patch_size=4)
+        return model, opt, x, y, PatchSwapDistillation(model, patch_size=4, ratio=0.5)  # as loop_masks, like for like
 
     def swap_setup():
         return _setup_inputs(128, device, dtype)

@@ -37,7 +37,16 @@ MAX_COPY_LOOP_INSTRUCTIONS_PER_16_BYTES = 20
 
 
 def _cuda_home():
-    return os.environ.get("CUDA_HOME") or cpp_extension.CUDA_HOME or "/usr/local/cuda"
+    """The first of $CUDA_HOME, torch's guess, nvcc's folder and /usr/local/cuda that holds the
+    toolkit's headers (torch guesses /usr/local where nvcc is /usr/local/bin/nvcc, whose include/
+    lacks the crt/ headers cuda_runtime.h needs)."""
+    nvcc = shutil.which("nvcc")
+    candidates = [os.environ.get("CUDA_HOME"), cpp_extension.CUDA_HOME,
+                  os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None, "/usr/local/cuda"]
+    for home in filter(None, candidates):
+        if os.path.exists(os.path.join(home, "include", "crt", "host_config.h")):
+            return home
+    return next(filter(None, candidates))
 
 
 def _nvcc():

@@ -214,3 +214,14 @@ def test_cpu_load_processes_end_with_the_block():
     with cpu_load(2, limit_s=30) as procs:
         assert len(procs) == 2 and all(p.poll() is None for p in procs)
     assert all(p.poll() is not None for p in procs)
+
+
+def test_counted_traffic_says_why_it_cannot_run(monkeypatch, capsys):
+    """With a Triton whose interpreter cannot run the kernels (Triton < 3.8 with NumPy 2.4), the
+    counted-traffic report is skipped with the reason, not run into the interpreter's error."""
+    from fastsd import _backend
+    from fastsd.bench import __main__ as bench_main
+
+    monkeypatch.setattr(_backend, "triton_interpreter_error", lambda: "Triton 3.6.0's interpreter cannot run these")
+    assert bench_main.triton_traffic_rows() is None
+    assert "counted Triton traffic skipped: Triton 3.6.0's interpreter" in capsys.readouterr().out

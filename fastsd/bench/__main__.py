@@ -166,8 +166,9 @@ def triton_traffic_rows():
 
     from .. import _backend
 
-    if _backend.triton_import_error():
-        print(f"\n(counted Triton traffic skipped: {_backend.triton_import_error()})")
+    why = _backend.triton_import_error() or _backend.triton_interpreter_error()
+    if why:
+        print(f"\n(counted Triton traffic skipped: {why})")
         return None
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "traffic.json")

@@ -112,3 +112,16 @@ def test_static_model_speaks_the_sass_report_s_arguments(monkeypatch, tmp_path, 
     saved = gpu_report.static_model(str(path))
     assert "error" not in saved and saved["entries"] == live["entries"]
     assert "error" in gpu_report.static_model(str(tmp_path / "missing.json"))
+
+
+def test_a_launch_finds_the_variant_it_ran():
+    entries = [{"name": "ps_fp32_vec4", "kernel": "k", "constexprs": {"BLOCK": 1024, "CHUNK": 4, "MIXED": False}},
+               {"name": "ps_fp32_vec1", "kernel": "k", "constexprs": {"BLOCK": 1024, "CHUNK": 1, "MIXED": False}},
+               {"name": "ps_fp16_vec8", "kernel": "k", "constexprs": {"BLOCK": 2048, "CHUNK": 8, "MIXED": True}}]
+    cases = [{"kernels": [{"kernel": "k", "constexprs": {"BLOCK": 1024, "CHUNK": 1, "MIXED": False}},
+                          {"kernel": "k", "constexprs": {}},
+                          {"kernel": "k", "constexprs": {"BLOCK": 512, "CHUNK": 2}}]}]
+    gpu_report.join(cases, {"entries": entries})
+    found = [[e["name"] for e in k["static"]] for k in cases[0]["kernels"]]
+    assert found[0] == ["ps_fp32_vec1"]
+    assert found[1] == found[2] == [e["name"] for e in entries]  # nothing to match on, or no such variant

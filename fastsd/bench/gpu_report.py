@@ -123,6 +123,7 @@ class KernelTimer:
 
     def __init__(self):
         self.launches: List[tuple] = []  # (kernel, start event, end event, bytes)
+        self.constexprs: Dict[str, Dict[str, Any]] = {}  # kernel -> its first launch's constants
 
     def __call__(self, name, args, kwargs, launch):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -131,6 +132,8 @@ class KernelTimer:
         out = launch()
         end.record()
         self.launches.append((name, start, end, _arg_bytes(args, kwargs)))
+        self.constexprs.setdefault(name, {k: v for k, v in kwargs.items()
+                                          if k.isupper() and isinstance(v, (bool, int, float, str))})
         return out
 
     def rows(self, calls: int, peak_gbps: Optional[float]) -> List[Dict[str, Any]]:
@@ -144,7 +147,8 @@ class KernelTimer:
             seconds = statistics.median(t for t, _ in runs)
             nbytes = int(statistics.median(b for _, b in runs))
             gbps = nbytes / seconds / 1e9 if seconds > 0 else None
-            rows.append({"kernel": name, "launches_per_call": len(runs) / calls, "median_us": seconds * 1e6,
+            rows.append({"kernel": name, "constexprs": self.constexprs.get(name, {}),
+                         "launches_per_call": len(runs) / calls, "median_us": seconds * 1e6,
                          "bytes_per_launch": nbytes, "gbps": gbps,
                          "pct_peak": 100 * gbps / peak_gbps if gbps and peak_gbps else None})
         return rows
@@ -227,7 +231,16 @@ def join(kernel_cases: List[Dict[str, Any]], static: Dict[str, Any]) -> None:
             by_kernel.setdefault(entry["kernel"], []).append(entry)
     for case in kernel_cases:
         for k in case.get("kernels", []):
-            k["static"] = by_kernel.get(k["kernel"], [])
+            k["static"] = _variants(by_kernel.get(k["kernel"], []), k.get("constexprs") or {})
+
+
+def _variants(entries: List[dict], launched: Dict[str, Any]) -> List[dict]:
+    """The entries compiled with the constants the launch used (those both name agree); all of them
+    where none does (a launch without keyword constants, or a spec set that misses the variant)."""
+    same = [e for e in entries
+            if all(launched[key] == value for key, value in (e.get("constexprs") or {}).items() if key in launched)
+            and any(key in launched for key in (e.get("constexprs") or {}))]
+    return same or entries
 
 
 def _predicted(entry: dict) -> str:

@@ -49,22 +49,28 @@ def test_interleave_runs_one_call_of_each_per_round_in_rotated_order():
     assert [r[0] for r in rounds] == ["a", "b", "c", "a", "b", "c"]
 
 
-def test_short_calls_are_timed_in_samples_of_several_calls():
+def test_short_calls_are_timed_in_samples_of_several_calls(monkeypatch):
+    # a clock that only the calls move (1 ms and 20 ms a call): the sampling logic, not the machine's
+    # sleep precision, which a loaded machine stretches past the 10 ms sample
+    from fastsd.bench import core
+
+    now = [0.0]
+    monkeypatch.setattr(core.time, "perf_counter", lambda: now[0])
     calls = {"short": 0, "long": 0}
 
     def short():
         calls["short"] += 1
-        time.sleep(0.001)
+        now[0] += 0.001
 
     def long():
         calls["long"] += 1
-        time.sleep(0.02)
+        now[0] += 0.02
 
     times = interleave({"short": short, "long": long}, "cpu", min_time=0, min_rounds=3, max_rounds=3,
                        warmup_rounds=0, min_sample=0.01)
     assert calls["long"] == 1 + 3  # calibration, then one call per round
-    assert calls["short"] > 1 + 3 * 2  # several calls per sample
-    assert all(t < 0.01 for t in times["short"]) and all(t >= 0.02 for t in times["long"])  # per call
+    assert calls["short"] == 1 + 3 * 10  # calibration, then samples of ceil(10 ms / 1 ms) calls
+    assert times["short"] == pytest.approx([0.001] * 3) and times["long"] == pytest.approx([0.02] * 3)  # per call
 
 
 def test_threads_drop_to_one_where_a_parallel_copy_waits_for_busy_cores(monkeypatch):

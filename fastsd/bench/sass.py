@@ -461,7 +461,9 @@ def analyze(spec: dict, compiled: Compiled, sass: Dict[str, str], machine: Machi
         "name": spec["name"], "module": spec.get("module"), "kernel": getattr(spec["fn"], "__name__", None)
         or spec["fn"].fn.__name__, "num_warps": compiled.num_warps,
         # the launch-time constants, so that a measured launch finds the variant it ran (gpu_report)
-        "constexprs": {k: v for k, v in (spec.get("constexprs") or {}).items() if isinstance(v, (bool, int, float, str))},
+        # (named ones only: a tuple argument's constants are keyed by (name, index))
+        "constexprs": {k: v for k, v in (spec.get("constexprs") or {}).items()
+                       if isinstance(k, str) and isinstance(v, (bool, int, float, str))},
         "regs": regs, "spill": whole["local"] + stack + local, "smem": shared,
         "occupancy": occupancy(regs, compiled.num_warps, shared, machine),
         "path": path, "instr": st["instr"], "static_bytes": st["bytes"], "bytes": moved or st["bytes"],

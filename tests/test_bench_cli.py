@@ -219,6 +219,11 @@ def test_cpu_load_processes_end_with_the_block():
 
     with cpu_load(2, limit_s=30) as procs:
         assert len(procs) == 2 and all(p.poll() is None for p in procs)
+        # already spinning when the block starts (each said so), not still starting up
+        cpu = [float(open(f"/proc/{p.pid}/stat").read().rsplit(")", 1)[1].split()[11]) for p in procs]
+        time.sleep(0.3)
+        later = [float(open(f"/proc/{p.pid}/stat").read().rsplit(")", 1)[1].split()[11]) for p in procs]
+        assert all(b > a for a, b in zip(cpu, later)), (cpu, later)  # user time grows: they spin
     assert all(p.poll() is not None for p in procs)
 
 

@@ -272,18 +272,24 @@ def paired_ratio(num: Sequence[float], den: Sequence[float], **kw) -> Tuple[floa
 def cpu_load(processes: int, limit_s: float = 900.0) -> Iterator[List[subprocess.Popen]]:
     """``processes`` CPU-bound Python processes in the background, killed on exit. Each also ends
     by itself after ``limit_s`` seconds, so none outlives a run that is itself killed."""
-    code = f"import time\nt = time.monotonic() + {limit_s}\nwhile time.monotonic() < t: pass\n"
+    # Each says when it spins: the run starts (and --threads auto looks at the cores) under the load,
+    # not during the processes' interpreter start-up (seen: auto kept 2 threads beside 2 loads).
+    code = (f"import sys, time\nt = time.monotonic() + {limit_s}\nsys.stdout.write('1')\nsys.stdout.flush()\n"
+            "while time.monotonic() < t: pass\n")
     procs: List[subprocess.Popen] = []
     try:
         for _ in range(processes):
             procs.append(subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL,
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL))
+        for p in procs:
+            p.stdout.read(1)
         yield procs
     finally:
         for p in procs:
             p.kill()
         for p in procs:
             p.wait()
+            p.stdout.close()
 
 
 def busy_cores(threads: int, rounds: int = 15) -> Tuple[float, float]:

@@ -326,7 +326,8 @@ def set_threads(threads: Optional[int], device: torch.device) -> Tuple[str, str]
     if n == 1:
         why = "--threads 1" if threads else "the default; --threads N for N"
         return "cpu", (f"torch threads: 1 ({why}), timed on this process's CPU time: the time other processes "
-                       "take from it is not counted, so a busy machine moves every row alike")
+                       "take from it is not counted (what they still move: shared caches, memory bandwidth, clock "
+                       "speed)")
     return "wall", (f"torch threads: {n} (--threads), timed on the wall clock: where other processes keep cores "
                     "busy, every parallel region waits for one of them; compare with runs on the same thread count")
 

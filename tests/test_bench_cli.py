@@ -174,6 +174,20 @@ def test_each_op_has_a_narrow_table_with_only_its_columns():
     assert "patch_swap  cpp" in summary and "2.00x (where)" in summary and "50%" in summary
 
 
+def test_a_row_faster_than_its_lower_bound_is_flagged_in_its_table_and_the_summary():
+    report = _report()
+    floor = dict(op="icp", case="c", impl="torch", vs="bare_fwd_grad", kind="floor", bound=1.0, median=1.36,
+                 lo=1.2, hi=1.5, status="faster", source="")
+    text = R.format_report(dict(report, checks=[dict(floor, status="ok", median=0.91, lo=0.85, hi=0.97)]))
+    assert "lower bound (bare_fwd_grad): no row is faster than it (1 rows; fastest 0.91x)" in text
+    assert "BELOW FLOOR" not in text and "FASTER THAN" not in text
+    text = R.format_report(dict(report, checks=[floor]))
+    icp, summary = text.split("\n\nicp\n")[1].split("\n\nsummary")
+    assert "FASTER THAN ITS LOWER BOUND: c, torch x bare_fwd_grad = 1.36 (1.20-1.50)" in icp
+    assert "0.91±5%!" in icp  # the row's cell against the floor is marked
+    assert [line for line in summary.splitlines() if line.startswith("icp")][0].endswith("BELOW FLOOR")
+
+
 def test_compare_decides_on_the_intervals(tmp_path):
     old = _report()
     # medians 15 % apart, intervals overlapping: the same

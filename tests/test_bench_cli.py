@@ -291,3 +291,37 @@ def test_counted_traffic_says_why_it_cannot_run(monkeypatch, capsys):
     monkeypatch.setattr(_backend, "triton_interpreter_error", lambda: "Triton 3.6.0's interpreter cannot run these")
     assert bench_main.triton_traffic_rows() is None
     assert "counted Triton traffic skipped: Triton 3.6.0's interpreter" in capsys.readouterr().out
+
+
+def test_a_run_states_its_threads_and_clock_and_keeps_the_readme_report_beside_it(monkeypatch, tmp_path, capsys):
+    """The run itself (cases faked: no timing): the header says the thread count, the clock and why;
+    the JSON report is written, and with --readme also kept beside the README for --compare."""
+    import torch
+
+    from fastsd.bench import __main__ as bench_main
+
+    report = _report()
+    seen = {}
+
+    def fake_run(benches, device, args, min_time, min_rounds, max_time, clock="wall"):
+        seen["clock"], seen["threads"] = clock, torch.get_num_threads()
+        return [Row(**r) for r in report["rows"]], [], report["cases"]
+
+    monkeypatch.setattr(bench_main, "run", fake_run)
+    monkeypatch.setattr(bench_main, "_suite_modules", lambda ops, quick=True: [])
+    monkeypatch.setattr(bench_main, "copy_bandwidth", lambda device, clock="wall": 10.0)
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- bench:start -->\n<!-- bench:end -->\n")
+    saved = torch.get_num_threads()
+    try:
+        assert main(["--device", "cpu", "--no-plots", "--no-traffic", "--json", str(tmp_path / "r.json"),
+                     "--readme", str(readme)]) == 0
+    finally:
+        torch.set_num_threads(saved)
+    out = capsys.readouterr().out
+    assert seen == {"clock": "cpu", "threads": 1}
+    assert "1 torch thread, CPU-time clock" in out and "torch threads: 1 (the default" in out
+    kept = json.loads((tmp_path / "docs" / "bench" / "bench-cpu.json").read_text())
+    assert kept["environment"]["clock"] == "cpu" and kept["environment"]["torch_threads"] == 1
+    assert kept["rows"] == json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert "--compare docs/bench/bench-cpu.json" in readme.read_text()

@@ -89,6 +89,8 @@ def test_one_thread_on_the_cpu_clock_by_default_and_n_threads_on_the_wall_clock(
         assert bench_main.set_threads(1, torch.device("cpu"))[0] == "cpu" and torch.get_num_threads() == 1
         torch.set_num_threads(2)  # on CUDA the host's threads are left alone: times come from events
         assert bench_main.set_threads(None, torch.device("cuda")) == ("events", "") and torch.get_num_threads() == 2
+        assert bench_main.set_threads(1, torch.device("cuda")) == ("events", "torch threads: 1 (--threads)")
+        assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(saved)
     env = dict(device="cpu", cpu="X", cores=2, torch_threads=1, clock="cpu", loadavg=2.5, torch="2.x", commit="abc")

@@ -9,6 +9,10 @@ with its bootstrap 95 % interval, max error against the float64 reference, peak 
 kernels and bytes of one call. The issue's targets and each op's lower bound are checked on the
 intervals. A summary line per op, the JSON report, plots, and optionally the README section follow.
 
+On the CPU the run uses one torch thread and times the process's CPU time (set_threads), which
+leaves out the time other processes take, so a busy machine moves the speedups little;
+``--threads N`` times N threads on the wall clock.
+
 ``--compare OLD.json`` compares this run's speedups with an earlier report's; with two files,
 ``--compare A.json B.json`` compares two saved reports without running anything.
 """
@@ -262,8 +266,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="torch threads on the CPU (default 1, timed on the process's CPU time, which other processes "
-                        "do not move; N > 1: on the wall clock, where busy cores stall every parallel region)")
+                   help="torch threads on the CPU (default 1, timed on the process's CPU time, which leaves out the "
+                        "time other processes take; N > 1: on the wall clock, where busy cores stall every parallel "
+                        "region)")
     p.add_argument("--rounds", type=int, default=None,
                    help="rounds per case (default 12, 30 with --full; at least 5 where the calls of a case "
                         "take over 8 s, 60 s with --full)")
@@ -319,8 +324,10 @@ def set_threads(threads: Optional[int], device: torch.device) -> Tuple[str, str]
     clock; where other processes keep cores busy, each parallel region then waits for one of them,
     and ops made of many small regions slow far more than one fused kernel (2 threads beside 2
     CPU-bound processes on 2 cores: 7 of 28 speedups within 20 % of the quiet run's)."""
-    if device.type != "cpu":
-        return "events", ""
+    if device.type != "cpu":  # the host's threads only run the launches: left as they are unless asked
+        if threads:
+            torch.set_num_threads(threads)
+        return "events", f"torch threads: {threads} (--threads)" if threads else ""
     n = threads or 1
     torch.set_num_threads(n)
     if n == 1:

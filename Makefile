@@ -13,7 +13,7 @@ CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.c
         setup.py pyproject.toml
 export CUDA_HOME ?= /usr/local/cuda
 
-.PHONY: test test-avx2 test-triton-oldest bench gpu-report selftest readme-bench install clean
+.PHONY: test test-avx2 test-triton-oldest bench bench-check gpu-report selftest readme-bench install clean
 test: install
 	$(PY) -m fastsd.selftest
 	$(PY) -m pytest -q -ra tests
@@ -45,6 +45,12 @@ bench: install
 # Regenerate the README's benchmark section from a run on this machine (no hand-edited numbers).
 readme-bench: install
 	$(PY) -m fastsd.bench --quick --readme README.md
+
+# This checkout's fastsd speedups against the README's run (its report, kept by readme-bench in
+# docs/bench/), decided on the intervals: exit 1 where one is wholly more than 1.1x below the README's.
+# Meaningful on the machine that made the README's run.
+bench-check: install
+	$(PY) -m fastsd.bench --quick --no-plots --no-traffic --compare docs/bench/bench-cpu.json
 
 selftest: install
 	$(PY) -m fastsd.selftest

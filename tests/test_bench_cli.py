@@ -73,7 +73,7 @@ def test_short_calls_are_timed_in_samples_of_several_calls(monkeypatch):
     assert times["short"] == pytest.approx([0.001] * 3) and times["long"] == pytest.approx([0.02] * 3)  # per call
 
 
-def test_threads_drop_to_one_where_a_parallel_copy_waits_for_busy_cores(monkeypatch):
+def test_one_thread_on_the_cpu_clock_by_default_and_n_threads_on_the_wall_clock():
     import torch
 
     from fastsd.bench import __main__ as bench_main
@@ -81,15 +81,50 @@ def test_threads_drop_to_one_where_a_parallel_copy_waits_for_busy_cores(monkeypa
     saved = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        monkeypatch.setattr(bench_main, "busy_cores", lambda n: (1.0, 0.9))  # idle cores: keep 2
-        assert bench_main.set_threads("auto", torch.device("cpu")) == "" and torch.get_num_threads() == 2
-        monkeypatch.setattr(bench_main, "busy_cores", lambda n: (9.0, 0.3))  # every region waits
-        note = bench_main.set_threads("auto", torch.device("cpu"))
-        assert torch.get_num_threads() == 1 and "busy" in note and "--threads 2" in note
-        assert bench_main.set_threads("2", torch.device("cpu")).endswith("(--threads)")
-        assert torch.get_num_threads() == 2
+        clock, note = bench_main.set_threads(None, torch.device("cpu"))  # quiet machine or busy: the same
+        assert clock == "cpu" and torch.get_num_threads() == 1
+        assert note.startswith("torch threads: 1 (the default; --threads N for N)") and "CPU time" in note
+        clock, note = bench_main.set_threads(2, torch.device("cpu"))
+        assert clock == "wall" and torch.get_num_threads() == 2 and "(--threads)" in note
+        assert bench_main.set_threads(1, torch.device("cpu"))[0] == "cpu" and torch.get_num_threads() == 1
+        torch.set_num_threads(2)  # on CUDA the host's threads are left alone: times come from events
+        assert bench_main.set_threads(None, torch.device("cuda")) == ("events", "") and torch.get_num_threads() == 2
+        assert bench_main.set_threads(1, torch.device("cuda")) == ("events", "torch threads: 1 (--threads)")
+        assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(saved)
+    env = dict(device="cpu", cpu="X", cores=2, torch_threads=1, clock="cpu", loadavg=2.5, torch="2.x", commit="abc")
+    assert "2 cores, 1 torch thread, CPU-time clock; load average 2.50)" in bench_main.machine_line(env)
+    with pytest.raises(SystemExit):
+        main(["--threads", "0"])
+
+
+def test_cpu_clock_does_not_count_the_time_other_processes_take(monkeypatch):
+    # fake clocks: each call does its work (process CPU time) and, in some rounds, waits while
+    # another process runs (wall time only), on one row more than on the other
+    from fastsd.bench import core
+
+    wall, cpu = [0.0], [0.0]
+    monkeypatch.setattr(core.time, "perf_counter", lambda: wall[0])
+    monkeypatch.setattr(core.time, "process_time", lambda: cpu[0])
+    preempted = iter([0.0, 0.004, 0.0, 0.0, 0.01, 0.003, 0.0, 0.02] * 10)
+
+    def work(seconds):
+        def call():
+            cpu[0] += seconds
+            wall[0] += seconds + next(preempted)
+        return call
+
+    fns = {"once": work(0.001), "thrice": work(0.003)}
+    ratios = {}
+    for clock in ("cpu", "wall"):
+        times = interleave(fns, "cpu", min_time=0, min_rounds=8, max_rounds=8, warmup_rounds=0, clock=clock)
+        ratios[clock] = paired_ratio(times["thrice"], times["once"])
+    assert ratios["cpu"] == pytest.approx((3.0, 3.0, 3.0))
+    assert ratios["wall"][0] != pytest.approx(3.0, rel=0.2)  # the waits land on the two rows unevenly
+    assert core.CPUOps("cpu", clock="cpu").time(work(0.002)) == pytest.approx(0.002)
+    with pytest.raises(ValueError, match="clock"):
+        core.CPUOps("cpu", clock="process")
 
 
 def test_paired_ratio_is_exact_when_the_load_hits_both_calls_of_a_round():
@@ -141,6 +176,20 @@ def test_each_op_has_a_narrow_table_with_only_its_columns():
     assert "patch_swap  cpp" in summary and "2.00x (where)" in summary and "50%" in summary
 
 
+def test_a_row_faster_than_its_lower_bound_is_flagged_in_its_table_and_the_summary():
+    report = _report()
+    floor = dict(op="icp", case="c", impl="torch", vs="bare_fwd_grad", kind="floor", bound=1.0, median=1.36,
+                 lo=1.2, hi=1.5, status="faster", source="")
+    text = R.format_report(dict(report, checks=[dict(floor, status="ok", median=0.91, lo=0.85, hi=0.97)]))
+    assert "lower bound (bare_fwd_grad): no row is faster than it (1 rows; fastest 0.91x)" in text
+    assert "BELOW FLOOR" not in text and "FASTER THAN" not in text
+    text = R.format_report(dict(report, checks=[floor]))
+    icp, summary = text.split("\n\nicp\n")[1].split("\n\nsummary")
+    assert "FASTER THAN ITS LOWER BOUND: c, torch x bare_fwd_grad = 1.36 (1.20-1.50)" in icp
+    assert "0.91±5%!" in icp  # the row's cell against the floor is marked
+    assert [line for line in summary.splitlines() if line.startswith("icp")][0].endswith("BELOW FLOOR")
+
+
 def test_compare_decides_on_the_intervals(tmp_path):
     old = _report()
     # medians 15 % apart, intervals overlapping: the same
@@ -150,6 +199,12 @@ def test_compare_decides_on_the_intervals(tmp_path):
     text, code = R.compare_reports(old, _report(0.5), threshold=1.1)
     assert code == 1 and "REGRESSION" in text
     assert "of 5 fastsd speedups within 20 %" in text
+    assert "timed differently" not in text
+    # runs on other thread counts or clocks: said above the table (their speedups differ by the method)
+    other = _report()
+    other["environment"].update(torch_threads=1, clock="cpu")
+    text, _ = R.compare_reports(old, other)
+    assert text.startswith("warning: the runs timed differently (2 torch threads, wall clock against 1, cpu)")
     # two saved reports, and one from before the intervals (its medians count as intervals)
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     legacy = _report()
@@ -170,6 +225,8 @@ def test_readme_section_is_replaced_with_summary_tables_and_plots(tmp_path):
             < text.index("![speedup](docs/bench/speedup.png)"))
     assert "| **c** | **cpp** | **1.00** |" in text  # the fastest row of the case in bold
     assert "| c | copy* |" in text  # not the op: never the best row
+    write_readme(str(readme), _report(), [], json_path="docs/bench/bench-cpu.json")
+    assert "`python -m fastsd.bench --quick --compare docs/bench/bench-cpu.json`" in readme.read_text()
 
 
 def test_loader_warnings_are_kept_for_after_the_tables(capsys):
@@ -236,3 +293,37 @@ def test_counted_traffic_says_why_it_cannot_run(monkeypatch, capsys):
     monkeypatch.setattr(_backend, "triton_interpreter_error", lambda: "Triton 3.6.0's interpreter cannot run these")
     assert bench_main.triton_traffic_rows() is None
     assert "counted Triton traffic skipped: Triton 3.6.0's interpreter" in capsys.readouterr().out
+
+
+def test_a_run_states_its_threads_and_clock_and_keeps_the_readme_report_beside_it(monkeypatch, tmp_path, capsys):
+    """The run itself (cases faked: no timing): the header says the thread count, the clock and why;
+    the JSON report is written, and with --readme also kept beside the README for --compare."""
+    import torch
+
+    from fastsd.bench import __main__ as bench_main
+
+    report = _report()
+    seen = {}
+
+    def fake_run(benches, device, args, min_time, min_rounds, max_time, clock="wall"):
+        seen["clock"], seen["threads"] = clock, torch.get_num_threads()
+        return [Row(**r) for r in report["rows"]], [], report["cases"]
+
+    monkeypatch.setattr(bench_main, "run", fake_run)
+    monkeypatch.setattr(bench_main, "_suite_modules", lambda ops, quick=True: [])
+    monkeypatch.setattr(bench_main, "copy_bandwidth", lambda device, clock="wall": 10.0)
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- bench:start -->\n<!-- bench:end -->\n")
+    saved = torch.get_num_threads()
+    try:
+        assert main(["--device", "cpu", "--no-plots", "--no-traffic", "--json", str(tmp_path / "r.json"),
+                     "--readme", str(readme)]) == 0
+    finally:
+        torch.set_num_threads(saved)
+    out = capsys.readouterr().out
+    assert seen == {"clock": "cpu", "threads": 1}
+    assert "1 torch thread, CPU-time clock" in out and "torch threads: 1 (the default" in out
+    kept = json.loads((tmp_path / "docs" / "bench" / "bench-cpu.json").read_text())
+    assert kept["environment"]["clock"] == "cpu" and kept["environment"]["torch_threads"] == 1
+    assert kept["rows"] == json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert "--compare docs/bench/bench-cpu.json" in readme.read_text()

@@ -9,6 +9,10 @@ with its bootstrap 95 % interval, max error against the float64 reference, peak 
 kernels and bytes of one call. The issue's targets and each op's lower bound are checked on the
 intervals. A summary line per op, the JSON report, plots, and optionally the README section follow.
 
+On the CPU the run uses one torch thread and times the process's CPU time (set_threads), which
+leaves out the time other processes take, so a busy machine moves the speedups little;
+``--threads N`` times N threads on the wall clock.
+
 ``--compare OLD.json`` compares this run's speedups with an earlier report's; with two files,
 ``--compare A.json B.json`` compares two saved reports without running anything.
 """
@@ -28,12 +32,12 @@ import sys
 import textwrap
 import time
 import warnings
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
 from . import report as R
-from .core import Row, busy_cores, checks, cpu_load, device_ops, run_bench
+from .core import Row, checks, cpu_load, device_ops, run_bench
 
 SUITES = ("patch_swap", "losses", "icp", "train_step", "mix")
 # Whole training steps of a ResNet-18 take seconds each on a CPU: --full or --ops train_step only.
@@ -54,7 +58,7 @@ def _suite_modules(ops, quick: bool = True):
     return mods
 
 
-def copy_bandwidth(device: torch.device) -> float:
+def copy_bandwidth(device: torch.device, clock: str = "wall") -> float:
     """GB/s of y.copy_(x) on 64 MiB tensors (read + write): the memory limit of this machine, for
     the header (each case's % copy is against a copy of its own bytes, timed in its rounds).
 
@@ -64,7 +68,7 @@ def copy_bandwidth(device: torch.device) -> float:
 
     x = torch.empty(16 * 2**20, dtype=torch.float32, device=device).fill_(1.0)
     y = torch.empty_like(x).fill_(0.0)
-    times = measure(lambda: y.copy_(x), device, min_time=0.2)
+    times = measure(lambda: y.copy_(x), device, min_time=0.2, clock=clock)
     return 2 * x.numel() * 4 / sorted(times)[len(times) // 2] / 1e9
 
 
@@ -125,13 +129,16 @@ def _commit() -> str:
 
 def machine_line(env: dict) -> str:
     load = f"; load average {env['loadavg']:.2f}" if env.get("loadavg") is not None else ""
-    return (f"{env['device']} ({env['cpu']}, {env['cores']} cores, {env['torch_threads']} torch threads{load}), "
+    clock = f", {CLOCK_NAMES[env['clock']]}" if env.get("clock") in CLOCK_NAMES else ""
+    threads = f"{env['torch_threads']} torch thread{'s' if env['torch_threads'] != 1 else ''}"
+    return (f"{env['device']} ({env['cpu']}, {env['cores']} cores, {threads}{clock}{load}), "
             f"torch {env['torch']}, commit {env['commit']}")
 
 
-def write_readme(path: str, report: dict, plots: List[str]) -> None:
+def write_readme(path: str, report: dict, plots: List[str], json_path: Optional[str] = None) -> None:
     """Replace the text between <!-- bench:start --> and <!-- bench:end --> with this run's summary,
-    per-op tables, counted-bytes table and plots (paths relative to the README)."""
+    per-op tables, counted-bytes table and plots (paths relative to the README), and name the JSON
+    report kept beside it (``json_path``), which ``--compare`` checks a later run against."""
     start, end = "<!-- bench:start -->", "<!-- bench:end -->"
     env = report["environment"]
     with open(path) as f:
@@ -142,7 +149,10 @@ def write_readme(path: str, report: dict, plots: List[str]) -> None:
     runtime = f" in {report['runtime_s']:.0f} s" if report.get("runtime_s") else ""
     body = [f"Measured by `make readme-bench` on {env['date'][:10]}{runtime}: {machine_line(env)}, "
             f"{report['dtype']}; copy bandwidth (64 MiB) {env['copy_gbps']:.1f} GB/s{peak}. "
-            f"Best row of each case in bold; `*` marks a baseline.",
+            f"Best row of each case in bold; `*` marks a baseline."
+            + (f" The run's report is [{json_path}]({json_path}): `python -m fastsd.bench --quick --compare "
+               f"{json_path}` checks a checkout against it on the intervals (exit 1 on a regression)."
+               if json_path else ""),
             R.markdown_tables(report)]
     if report.get("traffic"):
         from .triton_traffic import format_rows
@@ -217,7 +227,7 @@ def _notes_aside(notes: List[str]):
             lg.propagate = propagate
 
 
-def run(benches, device, args, min_time: float, min_rounds: int, max_time: float):
+def run(benches, device, args, min_time: float, min_rounds: int, max_time: float, clock: str = "wall"):
     """Rows, checks and case infos (with the load average after each) of every bench, behind a
     progress bar on stderr."""
     try:
@@ -235,7 +245,7 @@ def run(benches, device, args, min_time: float, min_rounds: int, max_time: float
 
         on_round(0)
         case_rows = run_bench(b, device, min_time=min_time, only=args.backends, min_rounds=min_rounds,
-                              max_time=max_time, on_round=on_round)
+                              max_time=max_time, on_round=on_round, clock=clock)
         rows += case_rows
         found += checks(b, case_rows)
         infos.append(dict(b.info(), loadavg=_loadavg()))
@@ -255,9 +265,10 @@ def main(argv=None) -> int:
     p.add_argument("--backends", nargs="*", help="fastsd backends to time (default: all that can run)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    p.add_argument("--threads", default="auto",
-                   help="torch threads on the CPU: a number, or auto (default): torch's own count, or 1 where a probe "
-                        "finds the other cores busy (a parallel copy waiting for them)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch threads on the CPU (default 1, timed on the process's CPU time, which leaves out the "
+                        "time other processes take; N > 1: on the wall clock, where busy cores stall every parallel "
+                        "region)")
     p.add_argument("--rounds", type=int, default=None,
                    help="rounds per case (default 12, 30 with --full; at least 5 where the calls of a case "
                         "take over 8 s, 60 s with --full)")
@@ -293,31 +304,39 @@ def main(argv=None) -> int:
         return code
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch.cuda.is_available() is False on this machine")
-    if args.threads != "auto" and not (args.threads.isdigit() and int(args.threads) >= 1):
-        p.error(f"--threads: a number >= 1 or auto, got {args.threads!r}")
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads: a number >= 1, got {args.threads}")
     with cpu_load(args.load):
         return _bench(args)
 
 
-# A parallel copy this many times slower than the same copy on one thread: its regions wait for busy cores.
-STALLED = 3.0
+CLOCK_NAMES = {"cpu": "CPU-time clock", "wall": "wall clock", "events": "CUDA events"}
 
 
-def set_threads(arg: str, device: torch.device) -> str:
-    """Apply --threads; return the line that says why the run uses the count it uses."""
-    if arg != "auto":
-        torch.set_num_threads(int(arg))
-        return f"torch threads: {arg} (--threads)"
-    n = torch.get_num_threads()
-    if device.type != "cpu" or n == 1:
-        return ""
-    par, one = busy_cores(n)
-    if par < STALLED * one:
-        return ""
-    torch.set_num_threads(1)
-    return (f"torch threads: 1, not {n}: the other cores are busy (a 4 MiB copy takes {par:.2f} ms on {n} threads "
-            f"and {one:.2f} ms on 1: each parallel region waits for a busy core). On one thread the load slows every "
-            f"implementation alike; --threads {n} to time on {n} anyway")
+def set_threads(threads: Optional[int], device: torch.device) -> Tuple[str, str]:
+    """Apply --threads; return (clock, the header line that says which thread count and clock the
+    run uses, and why).
+
+    One thread on the CPU unless --threads says otherwise, quiet machine or busy: the thread count
+    is the same in every run, so two runs' speedups compare. On one thread the process's CPU time
+    is the call's work, and time that other processes take from it is not counted. On several
+    threads CPU time would add up every thread's work and spin-waits, so the clock is the wall
+    clock; where other processes keep cores busy, each parallel region then waits for one of them,
+    and ops made of many small regions slow far more than one fused kernel (2 threads beside 2
+    CPU-bound processes on 2 cores: 7 of 28 speedups within 20 % of the quiet run's)."""
+    if device.type != "cpu":  # the host's threads only run the launches: left as they are unless asked
+        if threads:
+            torch.set_num_threads(threads)
+        return "events", f"torch threads: {threads} (--threads)" if threads else ""
+    n = threads or 1
+    torch.set_num_threads(n)
+    if n == 1:
+        why = "--threads 1" if threads else "the default; --threads N for N"
+        return "cpu", (f"torch threads: 1 ({why}), timed on this process's CPU time: the time other processes "
+                       "take from it is not counted (what they still move: shared caches, memory bandwidth, clock "
+                       "speed)")
+    return "wall", (f"torch threads: {n} (--threads), timed on the wall clock: where other processes keep cores "
+                    "busy, every parallel region waits for one of them; compare with runs on the same thread count")
 
 
 def _bench(args) -> int:
@@ -329,10 +348,11 @@ def _bench(args) -> int:
     # slow cases (whole models, ImageNet-size maps) stop at 5 rounds once their calls add up to this
     max_time = 60.0 if args.full else 8.0
 
-    threads_note = set_threads(args.threads, device)
+    clock, threads_note = set_threads(args.threads, device)
     env = environment(device)
+    env["clock"] = clock
     env["threads_note"] = threads_note
-    env["copy_gbps"] = copy_bandwidth(device)
+    env["copy_gbps"] = copy_bandwidth(device, clock)
     env["background_load"] = args.load
     print(f"fastsd.bench on {machine_line(env)}; {args.dtype}")
     print(f"copy bandwidth (y.copy_(x), 64 MiB): {env['copy_gbps']:.1f} GB/s"
@@ -350,7 +370,7 @@ def _bench(args) -> int:
     with _notes_aside(notes):
         benches = [b for m in _suite_modules(args.ops, quick=not args.full)
                    for b in m.benches(device=device, dtype=dtype, quick=not args.full)]
-        rows, found, infos = run(benches, device, args, min_time, min_rounds, max_time)
+        rows, found, infos = run(benches, device, args, min_time, min_rounds, max_time, clock)
     report = {"environment": env, "dtype": args.dtype, "cases": infos,
               "rows": [dataclasses.asdict(r) for r in rows], "checks": [dataclasses.asdict(c) for c in found]}
     print(R.format_report(report))
@@ -387,8 +407,14 @@ def _bench(args) -> int:
     print(f"\nJSON report: {path}; {report['runtime_s']:.0f} s")
     if args.readme:
         where = os.path.dirname(os.path.abspath(args.readme))
-        write_readme(args.readme, report, [os.path.relpath(os.path.abspath(q), where) for q in plots])
-        print(f"benchmark section of {args.readme} regenerated")
+        # the README's numbers, kept beside it: --compare decides a later run against them on the intervals
+        kept = os.path.join(where, README_PLOTS, f"bench-{args.device}.json")
+        os.makedirs(os.path.dirname(kept), exist_ok=True)
+        with open(kept, "w") as f:
+            json.dump(report, f, indent=1)
+        write_readme(args.readme, report, [os.path.relpath(os.path.abspath(q), where) for q in plots],
+                     json_path=os.path.relpath(kept, where))
+        print(f"benchmark section of {args.readme} regenerated; its report: {kept}")
     if args.compare:
         return compare(report, args.compare[0], args.threshold)
     return 0

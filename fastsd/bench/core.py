@@ -11,6 +11,11 @@ the round alike instead of on whichever row was being timed in its own block. A 
 median over rounds of the paired ratio (baseline's time / this row's time in the same round) with a
 bootstrap 95 % interval (:func:`median_ci`); the verdicts on targets and lower bounds are taken on
 that interval, never on one number.
+
+On the CPU the clock is a choice (``clock``): ``"cpu"``, this process's CPU time, for one torch
+thread (the bench's default), where it is the work of the call whatever other processes run beside
+it (the time they take from it is not counted); ``"wall"``, ``time.perf_counter``, for several
+threads, where CPU time would add up every thread's work and spin-waits. On CUDA, CUDA events.
 """
 from __future__ import annotations
 
@@ -105,22 +110,30 @@ class Check:
         return self.status not in ("met", "ok")
 
 
-class CPUOps:
-    """Everything device-specific the bench does, for CPU tensors: wall-clock timing, the
-    profiler's allocation events for peak memory, and no theoretical bandwidth (the report
-    compares with the measured copy bandwidth)."""
+CLOCKS = ("wall", "cpu")
 
-    def __init__(self, device: torch.device):
+
+class CPUOps:
+    """Everything device-specific the bench does, for CPU tensors: timing on ``clock`` (wall or
+    this process's CPU time), the profiler's allocation events for peak memory, and no
+    theoretical bandwidth (the report compares with the measured copy bandwidth)."""
+
+    def __init__(self, device: torch.device, clock: str = "wall"):
+        if clock not in CLOCKS:
+            raise ValueError(f"clock: one of {CLOCKS}, got {clock!r}")
         self.device = device
+        self.clock = clock
 
     def sync(self) -> None:
         pass
 
     def time(self, fn: Callable[[], Any]) -> float:
-        """Seconds one call of fn takes."""
-        t0 = time.perf_counter()
+        """Seconds one call of fn takes on the clock: wall time, or CPU time of the process (every
+        thread's user and system time; with one torch thread, the call's own work)."""
+        now = time.process_time if self.clock == "cpu" else time.perf_counter
+        t0 = now()
         fn()
-        return time.perf_counter() - t0
+        return now() - t0
 
     def peak_bytes(self, fn: Callable[[], Any]) -> int:
         """Peak memory one call of fn allocates beyond what was live before."""
@@ -167,9 +180,10 @@ class CUDAOps(CPUOps):
         return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9 if clock_khz and bus_bits else None
 
 
-def device_ops(device) -> CPUOps:
+def device_ops(device, clock: str = "wall") -> CPUOps:
+    """The device's timing and memory hooks; ``clock`` chooses the CPU's clock (CUDA: events)."""
     device = torch.device(device)
-    return CUDAOps(device) if device.type == "cuda" else CPUOps(device)
+    return CUDAOps(device) if device.type == "cuda" else CPUOps(device, clock)
 
 
 def timed_backends(op: str, device, dtype: Optional[torch.dtype] = None) -> List[str]:
@@ -186,11 +200,11 @@ def _sync(device: torch.device):
 
 
 def measure(fn: Callable[[], Any], device: torch.device, min_time: float = 0.3, min_repeats: int = 5,
-            max_repeats: int = 200) -> List[float]:
+            max_repeats: int = 200, clock: str = "wall") -> List[float]:
     """Times (seconds) of fn over repeats after one warm-up call; at least min_time in all. One
     function in its own block: for a figure that is compared with nothing timed beside it (the
     header's copy bandwidth). Implementations that are compared go through :func:`interleave`."""
-    ops = device_ops(device)
+    ops = device_ops(device, clock)
     fn()
     ops.sync()
     times: List[float] = []
@@ -208,7 +222,8 @@ def _repeated(fn: Callable[[], Any], k: int) -> Callable[[], None]:
 
 def interleave(fns: Dict[str, Callable[[], Any]], device, min_time: float = 0.25, min_rounds: int = 12,
                max_rounds: int = 200, warmup_rounds: int = 1, max_time: float = float("inf"), least_rounds: int = 5,
-               min_sample: float = 0.0, on_round: Optional[Callable[[int], None]] = None) -> Dict[str, List[float]]:
+               min_sample: float = 0.0, on_round: Optional[Callable[[int], None]] = None,
+               clock: str = "wall") -> Dict[str, List[float]]:
     """Seconds per call of every fn, timed in rounds: one sample of each per round, the order rotated
     by one each round (so none is always first after another's allocations, or last).
 
@@ -221,8 +236,8 @@ def interleave(fns: Dict[str, Callable[[], Any]], device, min_time: float = 0.25
     ``warmup_rounds`` untimed rounds first (the first call of a ``torch.compile``'d fn compiles).
     Then ``min_rounds`` rounds, fewer (``least_rounds`` at least) where the timed calls reach
     ``max_time`` first (slow cases), and more while they add up to less than ``min_time`` per fn
-    (fast cases), up to ``max_rounds``."""
-    ops = device_ops(device)
+    (fast cases), up to ``max_rounds``. ``clock``: the CPU's clock (:class:`CPUOps`)."""
+    ops = device_ops(device, clock)
     names = list(fns)
     for _ in range(warmup_rounds):
         for n in names:
@@ -272,8 +287,8 @@ def paired_ratio(num: Sequence[float], den: Sequence[float], **kw) -> Tuple[floa
 def cpu_load(processes: int, limit_s: float = 900.0) -> Iterator[List[subprocess.Popen]]:
     """``processes`` CPU-bound Python processes in the background, killed on exit. Each also ends
     by itself after ``limit_s`` seconds, so none outlives a run that is itself killed."""
-    # Each says when it spins: the run starts (and --threads auto looks at the cores) under the load,
-    # not during the processes' interpreter start-up (seen: auto kept 2 threads beside 2 loads).
+    # Each says when it spins: the run starts under the load, not during the processes'
+    # interpreter start-up.
     code = (f"import sys, time\nt = time.monotonic() + {limit_s}\nsys.stdout.write('1')\nsys.stdout.flush()\n"
             "while time.monotonic() < t: pass\n")
     procs: List[subprocess.Popen] = []
@@ -290,27 +305,6 @@ def cpu_load(processes: int, limit_s: float = 900.0) -> Iterator[List[subprocess
         for p in procs:
             p.wait()
             p.stdout.close()
-
-
-def busy_cores(threads: int, rounds: int = 15) -> Tuple[float, float]:
-    """(ms, ms): the median time of a 4 MiB in-cache-sized ``y.copy_(x)`` with ``threads`` torch
-    threads and with one, taken in turns. Where the machine's other cores are busy, every parallel
-    region waits for one of them (a scheduler tick, several ms), so the first figure is many times
-    the second; on idle cores it is at most about the second."""
-    x = torch.ones(2**20)
-    y = torch.empty_like(x)
-    saved = torch.get_num_threads()
-    times: Dict[int, List[float]] = {threads: [], 1: []}
-    try:
-        for _ in range(rounds):
-            for t in times:
-                torch.set_num_threads(t)
-                t0 = time.perf_counter()
-                y.copy_(x)
-                times[t].append(time.perf_counter() - t0)
-    finally:
-        torch.set_num_threads(saved)
-    return float(np.median(times[threads])) * 1e3, float(np.median(times[1])) * 1e3
 
 
 def max_error(out, ref) -> Optional[float]:
@@ -394,7 +388,7 @@ def implementations(bench: Bench, inputs, device, only: Optional[Sequence[str]] 
 
 def run_bench(bench: Bench, device: torch.device, min_time: float, only: Optional[Sequence[str]] = None,
               min_rounds: int = 12, max_rounds: int = 200, max_time: float = float("inf"), min_sample: float = 0.02,
-              on_round=None) -> List[Row]:
+              on_round=None, clock: str = "wall") -> List[Row]:
     """Every row of one case: the error, kernel count and peak memory of one call each (three calls
     that also warm every implementation up), then the interleaved timing and the paired speedups."""
     inputs = bench.setup()
@@ -414,7 +408,7 @@ def run_bench(bench: Bench, device: torch.device, min_time: float, only: Optiona
         del out
     times = interleave({name: (lambda fn=fn: fn(inputs)) for name, _, fn in impls}, device, min_time=min_time,
                        min_rounds=min_rounds, max_rounds=max_rounds, warmup_rounds=0, max_time=max_time,
-                       min_sample=min_sample, on_round=on_round)
+                       min_sample=min_sample, on_round=on_round, clock=clock)
     rows = []
     ratio_vs = list(dict.fromkeys(list(bench.speedup_vs) + [COPY] + ([bench.floor] if bench.floor else [])))
     for name, kind, _ in impls:

@@ -55,7 +55,7 @@ def speedup_plot(rows: List[dict], path: str, title: str) -> str:
 
 
 def patch_swap_size_plot(device, dtype, path: str, title: str, batches: Sequence[int] = (16, 32, 64, 128, 256),
-                         min_time: float = 0.1) -> str:
+                         min_time: float = 0.1, clock: str = "wall") -> str:
     """Median time against batch size for 3 x 32 x 32 images, 8 x 8 grid: each backend and x.clone()."""
     from .. import _backend
     from ..patch_swap import patch_swap
@@ -75,7 +75,7 @@ def patch_swap_size_plot(device, dtype, path: str, title: str, batches: Sequence
 
         fns = {b: run(b) for b in backends}
         fns["clone"] = lambda: x.clone()
-        times = interleave(fns, torch.device(device), min_time=min_time, min_rounds=5)
+        times = interleave(fns, torch.device(device), min_time=min_time, min_rounds=5, clock=clock)
         for name, ts in times.items():
             curves[name].append(float(np.median(ts)) * 1e3)
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -100,5 +100,6 @@ def write_plots(report: dict, out_dir: str, env: dict, device, dtype) -> List[st
     rows = report["rows"]
     paths = [speedup_plot(rows, os.path.join(out_dir, "speedup.png"), title)]
     if any(r["op"] == "patch_swap" for r in rows):
-        paths.append(patch_swap_size_plot(device, dtype, os.path.join(out_dir, "patch_swap_size.png"), title))
+        paths.append(patch_swap_size_plot(device, dtype, os.path.join(out_dir, "patch_swap_size.png"), title,
+                                          clock=env.get("clock", "wall")))
     return paths

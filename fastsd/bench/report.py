@@ -339,6 +339,21 @@ def _speedups(report: dict) -> Dict[Tuple[str, str, str, str], Tuple[float, floa
     return out
 
 
+def _method_differs(old: dict, new: dict) -> List[str]:
+    """A warning line where the two runs timed differently: thread count or clock (reports from
+    before the clock was recorded timed on the wall clock). Speedups on 1 and 2 threads differ by
+    themselves (a quiet run here: the per-pair loop 12x against 20x at 32 x 32)."""
+    def method(report):
+        env = report.get("environment", {})
+        return env.get("torch_threads"), env.get("clock", "wall")
+
+    (t0, c0), (t1, c1) = method(old), method(new)
+    if (t0, c0) == (t1, c1):
+        return []
+    return [f"warning: the runs timed differently ({t0} torch threads, {c0} clock against {t1}, {c1}): "
+            "their speedups differ by the method as well"]
+
+
 def compare_reports(old: dict, new: dict, threshold: float = 1.1, within: float = 0.2) -> Tuple[str, int]:
     """Every fastsd speedup of ``new`` against the same one in ``old``.
 
@@ -348,7 +363,7 @@ def compare_reports(old: dict, new: dict, threshold: float = 1.1, within: float 
     whose medians are within ``within`` (20 %) of each other. Returns (text, 1 if any regression)."""
     a, b = _speedups(old), _speedups(new)
     keys = [k for k in b if k in a]
-    lines, regressions, close, overlap = [], 0, 0, 0
+    lines, regressions, close, overlap = _method_differs(old, new), 0, 0, 0
     cols = [Col("", "case", "<"), Col("", "impl", "<"), Col("", "vs", "<"), Col("old", "x (95 %)", "<"),
             Col("new", "x (95 %)", "<"), Col("new/old", "", ">"), Col("", "verdict", "<")]
     by_op: Dict[str, List[List[str]]] = {}

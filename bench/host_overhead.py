@@ -1,0 +1,143 @@
+"""Host (Python) time per public call at tiny shapes, where the kernels cost next to nothing.
+
+    PYTHONPATH=$PWD python bench/host_overhead.py                       # this tree's fastsd
+    PYTHONPATH=$PWD python bench/host_overhead.py --before /path/to/old/checkout
+
+On a GPU every fastsd call is host-bound (docs/gpu/README.md): what a call costs on tiny CPU tensors
+is that host work. ``--before`` also imports another checkout's fastsd as ``fastsd_before`` (a copy
+with its op namespace renamed, so both register side by side; its ``fastsd._C`` is this tree's) and
+times both trees' calls in the same rounds: every (tree, call, backend) once per round, the order
+rotated each round (:func:`fastsd.bench.core.interleave`), medians in microseconds.
+``--profile CALL`` prints cProfile's breakdown of one call instead.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import importlib
+import os
+import pstats
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+
+def _before_package(checkout: str) -> str:
+    """A copy of ``checkout``'s fastsd (its committed HEAD) importable as ``fastsd_before``; returns the
+    directory to put on sys.path."""
+    root = tempfile.mkdtemp(prefix="fastsd_before_")
+    tar = subprocess.run(["git", "-C", checkout, "archive", "HEAD", "fastsd"], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", root], input=tar, check=True)
+    pkg = os.path.join(root, "fastsd_before")
+    os.rename(os.path.join(root, "fastsd"), pkg)
+    for dirpath, _, files in os.walk(pkg):
+        for f in files:
+            if f.endswith(".py"):
+                path = os.path.join(dirpath, f)
+                src = open(path).read()
+                src = re.sub(r"\bfastsd::", "fastsd_before::", src)
+                src = re.sub(r"torch\.ops\.fastsd\.", "torch.ops.fastsd_before.", src)
+                src = re.sub(r"(from|import) fastsd\b", r"\1 fastsd_before", src)
+                open(path, "w").write(src)
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fastsd")
+    # The same extension file: loaded once, its fastsd_C ops registered once.
+    os.symlink(os.path.realpath(os.path.join(here, "_C.abi3.so")), os.path.join(pkg, "_C.abi3.so"))
+    kernels = os.path.join(here, "kernels")
+    if os.path.exists(kernels):
+        shutil.rmtree(os.path.join(pkg, "kernels"), ignore_errors=True)
+        os.symlink(os.path.realpath(kernels), os.path.join(pkg, "kernels"))
+    return root
+
+
+def calls(fs):
+    """name -> fn() making one public call on tiny inputs (backward included where marked)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 8, 8, generator=g)
+    xg = x.clone().requires_grad_()
+    partner = torch.tensor([1, 0])
+    mask = torch.rand(2, 2, 2, generator=g) < 0.5
+    labels2 = torch.tensor([0, 0])
+    gx = torch.ones_like(x)
+    z = torch.randn(4, 10, generator=g, requires_grad=True)
+    t = torch.randn(4, 10, generator=g)
+    labels4, partner4 = torch.tensor([1, 1, 2, 2]), torch.tensor([1, 0, 3, 2])
+    student = [torch.randn(2, 4, 4, 4, generator=g, requires_grad=True),
+               torch.randn(2, 8, 2, 2, generator=g, requires_grad=True)]
+    target = [torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 8, 2, 2, generator=g)]
+    grad = torch.autograd.grad
+    return {
+        "patch_swap": lambda: fs.patch_swap(x, partner, mask),
+        "patch_swap+bwd": lambda: grad(fs.patch_swap(xg, partner, mask), xg, gx),
+        "intra_class_patch_swap": lambda: fs.intra_class_patch_swap(x, labels2, patch_size=4),
+        "pair_kd_loss+bwd": lambda: grad(fs.pair_kd_loss(z, labels4, partner4), z),
+        "kd_loss+bwd": lambda: grad(fs.kd_loss(z, t), z),
+        "feature_loss+bwd": lambda: grad(fs.feature_alignment_loss(student, target), student),
+    }
+
+
+def _in_backend(fs, backend, fn):
+    def run():
+        with fs.use_backend(backend):
+            return fn()
+    return run
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--before", help="a checkout whose committed fastsd to time beside this tree's")
+    parser.add_argument("--backends", default="cpp,torch")
+    parser.add_argument("--min-time", type=float, default=1.0, help="seconds of calls per row, at least")
+    parser.add_argument("--profile", metavar="CALL", help="cProfile one call (per backend) instead")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    import fastsd
+    from fastsd.bench.core import interleave, median_ci
+
+    trees = {"after": fastsd}
+    if args.before:
+        sys.path.insert(0, _before_package(args.before))
+        trees = {"before": importlib.import_module("fastsd_before"), "after": fastsd}
+    backends = args.backends.split(",")
+    if args.profile:
+        for tree, fs in trees.items():
+            for b in backends:
+                fn = _in_backend(fs, b, calls(fs)[args.profile])
+                for _ in range(200):
+                    fn()
+                prof = cProfile.Profile()
+                prof.enable()
+                for _ in range(2000):
+                    fn()
+                prof.disable()
+                print(f"=== {tree} {b} {args.profile}: 2000 calls")
+                pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+        return
+    fns = {}
+    for tree, fs in trees.items():
+        for name, fn in calls(fs).items():
+            for b in backends:
+                fns[(name, b, tree)] = _in_backend(fs, b, fn)
+    times = interleave(fns, torch.device("cpu"), min_time=args.min_time, min_rounds=30, min_sample=2e-3)
+    cols = list(trees)
+    print(f"torch {torch.__version__}, 1 thread; median us per call (95% CI of the median)")
+    head = "| call | backend | " + " | ".join(cols) + (" | after/before |" if len(cols) == 2 else " |")
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for name in calls(fastsd):
+        for b in backends:
+            meds = {}
+            cells = []
+            for tree in cols:
+                m, lo, hi = median_ci(times[(name, b, tree)])
+                meds[tree] = m
+                cells.append(f"{m * 1e6:.1f} ({lo * 1e6:.1f}-{hi * 1e6:.1f})")
+            ratio = f" | {meds['after'] / meds['before']:.2f}" if len(cols) == 2 else ""
+            print(f"| {name} | {b} | " + " | ".join(cells) + ratio + " |")
+
+
+if __name__ == "__main__":
+    main()

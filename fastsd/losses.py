@@ -24,7 +24,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from . import _backend, _ext
+from . import _backend, _eager, _ext
 from . import _validate as V
 from . import reference
 from .reference import losses as _reference_losses  # noqa: F401  (reference.losses)
@@ -149,8 +149,7 @@ def _scaled(grad: torch.Tensor, grad_loss: Optional[torch.Tensor], ends: Sequenc
 # --- pair KD ------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastsd::pair_kd_loss", mutates_args=())
-def _pair_kd_op(logits: torch.Tensor, labels: torch.Tensor, partner: torch.Tensor, temperature: float,
+def _pair_kd(logits: torch.Tensor, labels: torch.Tensor, partner: torch.Tensor, temperature: float,
                 kd_weight: float, ce_weight: float, symmetric: bool, ignore_index: int,
                 compute_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     B, K = logits.shape
@@ -168,6 +167,9 @@ def _pair_kd_op(logits: torch.Tensor, labels: torch.Tensor, partner: torch.Tenso
     return fn(*args)
 
 
+_pair_kd_op = torch.library.custom_op("fastsd::pair_kd_loss", mutates_args=())(_pair_kd)
+
+
 @_pair_kd_op.register_fake
 def _(logits, labels, partner, temperature, kd_weight, ce_weight, symmetric, ignore_index, compute_grad):
     return logits.new_empty(()), logits.new_empty(logits.shape if compute_grad else (0,))
@@ -178,7 +180,7 @@ def _pair_kd_backward(ctx, grad_loss, _grad_grad):
     return _scaled(grad, grad_loss), None, None, None, None, None, None, None, None
 
 
-_pair_kd_op.register_autograd(_pair_kd_backward, setup_context=_setup_context)
+_PAIR_KD = _eager.Path(_pair_kd_op, _pair_kd, _setup_context, _pair_kd_backward)
 
 
 def pair_kd_loss(logits: torch.Tensor, labels: torch.Tensor, partner: torch.Tensor, temperature: float = 4.0,
@@ -233,16 +235,16 @@ def pair_kd_loss(logits: torch.Tensor, labels: torch.Tensor, partner: torch.Tens
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"{fn}: ignore_index must be an int, got {ignore_index!r}")
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
-    loss, _ = _pair_kd_op(logits, labels.long(), partner.long(), temperature, kd_weight, ce_weight,
-                          teacher == "symmetric", int(ignore_index), compute_grad)
+    labels, partner = labels.long(), partner.long()
+    loss, _ = _PAIR_KD((logits, labels, partner), compute_grad, logits, labels, partner, temperature, kd_weight,
+                       ce_weight, teacher == "symmetric", int(ignore_index), compute_grad)
     return loss
 
 
 # --- classic KD ---------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastsd::kd_loss", mutates_args=())
-def _kd_op(student: torch.Tensor, teacher: torch.Tensor, temperature: float, reduction: str,
+def _kd(student: torch.Tensor, teacher: torch.Tensor, temperature: float, reduction: str,
            compute_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     B, K = student.shape
     grad_shape = student.shape if compute_grad else (0,)
@@ -253,6 +255,9 @@ def _kd_op(student: torch.Tensor, teacher: torch.Tensor, temperature: float, red
     fn = _backend.select("kd_loss", student, teacher)
     return fn(student.contiguous(), teacher.contiguous(), temperature, temperature ** 2 * red, temperature * red,
               reduction == "none", compute_grad)
+
+
+_kd_op = torch.library.custom_op("fastsd::kd_loss", mutates_args=())(_kd)
 
 
 @_kd_op.register_fake
@@ -266,7 +271,7 @@ def _kd_backward(ctx, grad_loss, _grad_grad):
     return _scaled(grad, grad_loss), None, None, None, None
 
 
-_kd_op.register_autograd(_kd_backward, setup_context=_setup_context)
+_KD = _eager.Path(_kd_op, _kd, _setup_context, _kd_backward)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0,
@@ -298,7 +303,9 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     temperature = V.positive_float(fn, "temperature", temperature)
     _choice(fn, "reduction", reduction, KD_REDUCTIONS)
     compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    loss, _ = _kd_op(student_logits, teacher_logits.detach(), temperature, reduction, compute_grad)
+    teacher_logits = teacher_logits.detach()
+    loss, _ = _KD((student_logits, teacher_logits), compute_grad, student_logits, teacher_logits, temperature,
+                  reduction, compute_grad)
     return loss
 
 
@@ -335,12 +342,14 @@ def _grad_views(flat: torch.Tensor, shapes, channels_last) -> List[torch.Tensor]
     return out
 
 
-@torch.library.custom_op("fastsd::feature_alignment_loss", mutates_args=())
-def _feature_op(student: List[torch.Tensor], target: List[torch.Tensor], channels_last: List[bool], kind: str,
+def _feature(student: List[torch.Tensor], target: List[torch.Tensor], channels_last: List[bool], kind: str,
                 scales: List[float], reduction: str, compute_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     fn = _backend.select("feature_alignment_loss", *student, *target, kind=kind)
     return fn(list(student), list(target), list(channels_last), kind, list(scales), reduction == "none",
               compute_grad)
+
+
+_feature_op = torch.library.custom_op("fastsd::feature_alignment_loss", mutates_args=())(_feature)
 
 
 @_feature_op.register_fake
@@ -369,7 +378,7 @@ def _feature_backward(ctx, grad_loss, _grad_grad):
     return _grad_views(scaled, ctx.shapes, ctx.channels_last), no_grad, None, None, None, None, None
 
 
-_feature_op.register_autograd(_feature_backward, setup_context=_feature_setup_context)
+_FEATURE = _eager.Path(_feature_op, _feature, _feature_setup_context, _feature_backward, lists=True)
 
 
 def feature_alignment_loss(student: Union[torch.Tensor, Sequence[torch.Tensor]],
@@ -450,7 +459,8 @@ def feature_alignment_loss(student: Union[torch.Tensor, Sequence[torch.Tensor]],
         counts = [s.numel() for s in students]
     scales = [wl if reduction == "sum" else wl / n for wl, n in zip(w, counts)]
     compute_grad = torch.is_grad_enabled() and any(s.requires_grad for s in students)
-    loss, _ = _feature_op(students, targets, channels_last, kind, scales, reduction, compute_grad)
+    loss, _ = _FEATURE(students + targets, compute_grad, students, targets, channels_last, kind, scales, reduction,
+                       compute_grad)
     return loss
 
 

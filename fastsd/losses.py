@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import numbers
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -66,9 +65,15 @@ def _assert_pair_indices(labels: torch.Tensor, partner: torch.Tensor, num_classe
 
 
 def _number(fn: str, name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+    if not V.is_real(value) or not math.isfinite(float(value)):
         raise TypeError(f"{fn}: {name} must be a finite number, got {value!r}")
     return float(value)
+
+
+def _constant(t: torch.Tensor) -> torch.Tensor:
+    """t, detached where it requires grad (a detach is a new tensor, about 1 us): the ops' autograd
+    never gives it a gradient, and a graph must not hold it as an input."""
+    return t.detach() if t.requires_grad else t
 
 
 def _choice(fn: str, name: str, value, choices) -> str:
@@ -232,7 +237,7 @@ def pair_kd_loss(logits: torch.Tensor, labels: torch.Tensor, partner: torch.Tens
     kd_weight = _number(fn, "kd_weight", kd_weight)
     ce_weight = _number(fn, "ce_weight", ce_weight)
     _choice(fn, "teacher", teacher, TEACHERS)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+    if not V.is_integer(ignore_index):
         raise TypeError(f"{fn}: ignore_index must be an int, got {ignore_index!r}")
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
     labels, partner = labels.long(), partner.long()
@@ -303,7 +308,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     temperature = V.positive_float(fn, "temperature", temperature)
     _choice(fn, "reduction", reduction, KD_REDUCTIONS)
     compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    teacher_logits = teacher_logits.detach()
+    teacher_logits = _constant(teacher_logits)
     loss, _ = _KD((student_logits, teacher_logits), compute_grad, student_logits, teacher_logits, temperature,
                   reduction, compute_grad)
     return loss
@@ -422,7 +427,7 @@ def feature_alignment_loss(student: Union[torch.Tensor, Sequence[torch.Tensor]],
         raise ValueError(f"{fn}: target must have one tensor per student layer ({len(students)}), got {len(targets)}")
     L = len(students)
     names = ["student", "target"] if single else None
-    dtype = None
+    dtype, device = None, getattr(students[0], "device", None)
     for l, (s, t) in enumerate(zip(students, targets)):
         sn, tn = names or (f"student[{l}]", f"target[{l}]")
         V.tensor(fn, sn, s, min_ndim=2, dtypes=LOSS_DTYPES)
@@ -436,7 +441,8 @@ def feature_alignment_loss(student: Union[torch.Tensor, Sequence[torch.Tensor]],
             raise ValueError(f"{fn}: {tn} must have {sn}'s shape {tuple(s.shape)}, got {tuple(t.shape)}")
         if s.numel() == 0:
             raise ValueError(f"{fn}: {sn} is empty (shape {tuple(s.shape)})")
-        V.same_device(fn, "student" if single else "student[0]", students[0], **{sn: s, tn: t})
+        if s.device != device or t.device != device:  # the message names the argument
+            V.same_device(fn, "student" if single else "student[0]", students[0], **{sn: s, tn: t})
     _choice(fn, "kind", kind, FEATURE_KINDS)
     _choice(fn, "reduction", reduction, FEATURE_REDUCTIONS)
     if weights is not None and not isinstance(weights, str):
@@ -449,7 +455,7 @@ def feature_alignment_loss(student: Union[torch.Tensor, Sequence[torch.Tensor]],
         raise ValueError(f"{fn}: weights must be None, 'cosine' or a sequence of floats, got {weights!r}")
     w = reference.layer_weights(weights, L)
 
-    norm = [_normalise(s, t.detach()) for s, t in zip(students, targets)]
+    norm = [_normalise(s, _constant(t)) for s, t in zip(students, targets)]
     students = [n[0] for n in norm]
     targets = [n[1] for n in norm]
     channels_last = [n[2] for n in norm]

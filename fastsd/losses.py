@@ -3,7 +3,8 @@
 Layers, top to bottom:
 
 * :func:`pair_kd_loss`, :func:`kd_loss`, :func:`feature_alignment_loss` - validate the arguments
-  (metadata only) and call the registered ops;
+  (metadata only) and call the registered ops, or in an eager call their implementation and
+  autograd directly (:mod:`fastsd._eager`);
 * ``torch.ops.fastsd.pair_kd_loss`` / ``kd_loss`` / ``feature_alignment_loss`` - ``torch.library``
   custom ops returning ``(loss, grad)``: the gradient of the loss with respect to the student input,
   computed in the same pass as the loss when that input requires grad. Their autograd formula only

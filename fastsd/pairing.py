@@ -7,7 +7,8 @@ Layers: the public functions validate (metadata only) and draw the random number
 caller's generator (``torch.randperm``, ``torch.rand``); the ``torch.library`` custom ops
 ``fastsd::intra_class_pairs`` (labels, order -> partner) and ``fastsd::patch_swap_mask`` (partner,
 noise -> mask), with fake kernels so ``torch.compile(fullgraph=True)`` sees them whole, turn the
-draws into pairs and masks; :mod:`fastsd._backend` picks the implementation: the reference
+draws into pairs and masks (an eager call runs their implementation directly, :mod:`fastsd._eager`);
+:mod:`fastsd._backend` picks the implementation: the reference
 (:mod:`fastsd.reference.pairing`, aten ops, on every device) or the Triton kernels
 (``fastsd.kernels.pairing``), bit for bit the same from the same draws.
 

@@ -2,7 +2,8 @@
 
 Layers, top to bottom:
 
-* :func:`patch_swap` - validates arguments (metadata only) and calls the registered op;
+* :func:`patch_swap` - validates arguments (metadata only) and calls the registered op, or in an
+  eager call its implementation and autograd directly (:mod:`fastsd._eager`);
 * ``torch.ops.fastsd.patch_swap`` (returns ``(out, inverse_partner)``) /
   ``torch.ops.fastsd.patch_swap_backward`` (takes ``inverse_partner`` when the caller has it) -
   ``torch.library`` custom ops with fake kernels and autograd, so ``torch.compile(fullgraph=True)``
@@ -123,7 +124,7 @@ def _backward(ctx, grad, _grad_inverse):
         return None, None, None, None
     partner, mask, inverse_partner = ctx.saved_tensors
     fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
-    if inverse_partner.shape[0] != partner.shape[0]:  # B = 0
+    if inverse_partner.shape[0] != partner.shape[0]:  # B = 0, or the eager path skipped the sort
         inverse_partner = None
     grad = grad.contiguous(memory_format=fmt)
     needs_grad = torch.is_grad_enabled() and grad.requires_grad  # create_graph: a double backward
@@ -146,8 +147,11 @@ def _backward_of_backward(ctx, grad):
                     grad, partner, mask, False)[0], None, None, None
 
 
-_FORWARD = _eager.Path(_patch_swap_op, lambda x, partner, mask, involution: _patch_swap_run(
-    x, partner, mask, involution, False), _setup_context, _backward)
+def _patch_swap_eager(x, partner, mask, partner_is_involution):
+    return _patch_swap_run(x, partner, mask, partner_is_involution, False)
+
+
+_FORWARD = _eager.Path(_patch_swap_op, _patch_swap_eager, _setup_context, _backward)
 _BACKWARD = _eager.Path(_patch_swap_backward_op, _patch_swap_backward_run, _setup_context_backward,
                         _backward_of_backward)
 

@@ -1,13 +1,16 @@
 """Host (Python) time per public call at tiny shapes, where the kernels cost next to nothing.
 
-    PYTHONPATH=$PWD python bench/host_overhead.py                       # this tree's fastsd
-    PYTHONPATH=$PWD python bench/host_overhead.py --before /path/to/old/checkout
+    PYTHONPATH=$PWD python bench/host_overhead.py                     # this tree's fastsd
+    PYTHONPATH=$PWD python bench/host_overhead.py --before 4a888c1    # beside a commit's
+    PYTHONPATH=$PWD python bench/host_overhead.py --device cuda --backends triton,cuda,torch
 
 On a GPU every fastsd call is host-bound (docs/gpu/README.md): what a call costs on tiny CPU tensors
-is that host work. ``--before`` also imports another checkout's fastsd as ``fastsd_before`` (a copy
-with its op namespace renamed, so both register side by side; its ``fastsd._C`` is this tree's) and
-times both trees' calls in the same rounds: every (tree, call, backend) once per round, the order
-rotated each round (:func:`fastsd.bench.core.interleave`), medians in microseconds.
+is that host work. ``--before REV`` also imports the fastsd of git revision REV as ``fastsd_before``
+(a copy with its op namespace renamed, so both register side by side; its ``fastsd._C`` and
+``kernels`` are this tree's) and times both in the same rounds: every (tree, call, backend) once per
+round, the order rotated each round (:func:`fastsd.bench.core.interleave`), medians in
+microseconds. On CUDA a sample is timed with events around the calls, which an idle GPU waits on
+the host for.
 ``--profile CALL`` prints cProfile's breakdown of one call instead.
 """
 from __future__ import annotations
@@ -26,11 +29,12 @@ import tempfile
 import torch
 
 
-def _before_package(checkout: str) -> str:
-    """A copy of ``checkout``'s fastsd (its committed HEAD) importable as ``fastsd_before``; returns the
-    directory to put on sys.path."""
+def _before_package(rev: str) -> str:
+    """A copy of revision ``rev``'s fastsd importable as ``fastsd_before``; returns the directory to
+    put on sys.path."""
     root = tempfile.mkdtemp(prefix="fastsd_before_")
-    tar = subprocess.run(["git", "-C", checkout, "archive", "HEAD", "fastsd"], check=True, capture_output=True).stdout
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tar = subprocess.run(["git", "-C", here, "archive", rev, "fastsd"], check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", root], input=tar, check=True)
     pkg = os.path.join(root, "fastsd_before")
     os.rename(os.path.join(root, "fastsd"), pkg)
@@ -43,7 +47,7 @@ def _before_package(checkout: str) -> str:
                 src = re.sub(r"torch\.ops\.fastsd\.", "torch.ops.fastsd_before.", src)
                 src = re.sub(r"(from|import) fastsd\b", r"\1 fastsd_before", src)
                 open(path, "w").write(src)
-    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fastsd")
+    here = os.path.join(here, "fastsd")
     # The same extension file: loaded once, its fastsd_C ops registered once.
     os.symlink(os.path.realpath(os.path.join(here, "_C.abi3.so")), os.path.join(pkg, "_C.abi3.so"))
     kernels = os.path.join(here, "kernels")
@@ -53,21 +57,24 @@ def _before_package(checkout: str) -> str:
     return root
 
 
-def calls(fs):
+def calls(fs, device="cpu"):
     """name -> fn() making one public call on tiny inputs (backward included where marked)."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 3, 8, 8, generator=g)
+
+    def make(*shape, grad=False):
+        return torch.randn(*shape, generator=g).to(device).requires_grad_(grad)
+
+    x = make(2, 3, 8, 8)
     xg = x.clone().requires_grad_()
-    partner = torch.tensor([1, 0])
-    mask = torch.rand(2, 2, 2, generator=g) < 0.5
-    labels2 = torch.tensor([0, 0])
+    partner = torch.tensor([1, 0], device=device)
+    mask = torch.rand(2, 2, 2, generator=g).to(device) < 0.5
+    labels2 = torch.tensor([0, 0], device=device)
     gx = torch.ones_like(x)
-    z = torch.randn(4, 10, generator=g, requires_grad=True)
-    t = torch.randn(4, 10, generator=g)
-    labels4, partner4 = torch.tensor([1, 1, 2, 2]), torch.tensor([1, 0, 3, 2])
-    student = [torch.randn(2, 4, 4, 4, generator=g, requires_grad=True),
-               torch.randn(2, 8, 2, 2, generator=g, requires_grad=True)]
-    target = [torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 8, 2, 2, generator=g)]
+    z = make(4, 10, grad=True)
+    t = make(4, 10)
+    labels4, partner4 = torch.tensor([1, 1, 2, 2], device=device), torch.tensor([1, 0, 3, 2], device=device)
+    student = [make(2, 4, 4, 4, grad=True), make(2, 8, 2, 2, grad=True)]
+    target = [make(2, 4, 4, 4), make(2, 8, 2, 2)]
     grad = torch.autograd.grad
     return {
         "patch_swap": lambda: fs.patch_swap(x, partner, mask),
@@ -88,12 +95,14 @@ def _in_backend(fs, backend, fn):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--before", help="a checkout whose committed fastsd to time beside this tree's")
+    parser.add_argument("--before", metavar="REV", help="a git revision whose fastsd to time beside this tree's")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--backends", default="cpp,torch")
     parser.add_argument("--min-time", type=float, default=1.0, help="seconds of calls per row, at least")
     parser.add_argument("--profile", metavar="CALL", help="cProfile one call (per backend) instead")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    device = torch.device(args.device)
     import fastsd
     from fastsd.bench.core import interleave, median_ci
 
@@ -105,7 +114,7 @@ def main():
     if args.profile:
         for tree, fs in trees.items():
             for b in backends:
-                fn = _in_backend(fs, b, calls(fs)[args.profile])
+                fn = _in_backend(fs, b, calls(fs, device)[args.profile])
                 for _ in range(200):
                     fn()
                 prof = cProfile.Profile()
@@ -118,16 +127,17 @@ def main():
         return
     fns = {}
     for tree, fs in trees.items():
-        for name, fn in calls(fs).items():
+        for name, fn in calls(fs, device).items():
             for b in backends:
                 fns[(name, b, tree)] = _in_backend(fs, b, fn)
-    times = interleave(fns, torch.device("cpu"), min_time=args.min_time, min_rounds=30, min_sample=2e-3)
+    times = interleave(fns, device, min_time=args.min_time, min_rounds=30, min_sample=2e-3)
     cols = list(trees)
-    print(f"torch {torch.__version__}, 1 thread; median us per call (95% CI of the median)")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu, 1 thread"
+    print(f"torch {torch.__version__}, {where}; median us per call (95% CI of the median)")
     head = "| call | backend | " + " | ".join(cols) + (" | after/before |" if len(cols) == 2 else " |")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
-    for name in calls(fastsd):
+    for name in calls(fastsd, device):
         for b in backends:
             meds = {}
             cells = []

@@ -156,8 +156,8 @@ def _scaled(grad: torch.Tensor, grad_loss: Optional[torch.Tensor], ends: Sequenc
 
 
 def _pair_kd(logits: torch.Tensor, labels: torch.Tensor, partner: torch.Tensor, temperature: float,
-                kd_weight: float, ce_weight: float, symmetric: bool, ignore_index: int,
-                compute_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+             kd_weight: float, ce_weight: float, symmetric: bool, ignore_index: int,
+             compute_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     B, K = logits.shape
     if B == 0:
         return logits.new_zeros(()), logits.new_zeros(logits.shape if compute_grad else (0,))
@@ -251,7 +251,7 @@ def pair_kd_loss(logits: torch.Tensor, labels: torch.Tensor, partner: torch.Tens
 
 
 def _kd(student: torch.Tensor, teacher: torch.Tensor, temperature: float, reduction: str,
-           compute_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+        compute_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     B, K = student.shape
     grad_shape = student.shape if compute_grad else (0,)
     if B == 0:  # as F.kl_div: a mean over nothing is NaN, a sum 0
@@ -349,7 +349,7 @@ def _grad_views(flat: torch.Tensor, shapes, channels_last) -> List[torch.Tensor]
 
 
 def _feature(student: List[torch.Tensor], target: List[torch.Tensor], channels_last: List[bool], kind: str,
-                scales: List[float], reduction: str, compute_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+             scales: List[float], reduction: str, compute_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     fn = _backend.select("feature_alignment_loss", *student, *target, kind=kind)
     return fn(list(student), list(target), list(channels_last), kind, list(scales), reduction == "none",
               compute_grad)

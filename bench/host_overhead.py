@@ -11,13 +11,17 @@ is that host work. ``--before REV`` also imports the fastsd of git revision REV 
 round, the order rotated each round (:func:`fastsd.bench.core.interleave`), medians in
 microseconds. On CUDA a sample is timed with events around the calls, which an idle GPU waits on
 the host for.
-``--profile CALL`` prints cProfile's breakdown of one call instead.
+``--registered`` adds this tree's calls with the eager path off (fastsd/_eager.py: every call through
+the registered ops): the same comparison without an old revision (on a GPU machine, whose copy of the
+tree may have no git history). ``--profile CALL`` prints cProfile's breakdown of one call instead.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import importlib
+import inspect
 import os
 import pstats
 import re
@@ -25,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 import torch
 
@@ -86,17 +91,58 @@ def calls(fs, device="cpu"):
     }
 
 
-def _in_backend(fs, backend, fn):
+@contextlib.contextmanager
+def _clock(interleave, clock: str):
+    """interleave's keyword for the clock; where it has none (fastsd.bench.core before its clock
+    option), its CPU timer on the process's CPU time for the block."""
+    from fastsd.bench import core
+
+    if clock == "wall" or "clock" in inspect.signature(interleave).parameters:
+        yield {} if clock == "wall" else {"clock": clock}
+        return
+    saved = core.CPUOps.time
+
+    def cpu_time(self, fn):
+        t0 = time.process_time()
+        fn()
+        return time.process_time() - t0
+
+    core.CPUOps.time = cpu_time
+    try:
+        yield {}
+    finally:
+        core.CPUOps.time = saved
+
+
+def _in_backend(fs, backend, fn, registered=False):
+    """fn() with ``backend`` forced; ``registered``: with fastsd's eager path off (every call through
+    the registered torch.library op, as before the eager path)."""
+    from fastsd import _eager
+
     def run():
         with fs.use_backend(backend):
-            return fn()
+            if not registered:
+                return fn()
+            saved, _eager.eager = _eager.eager, _never
+            try:
+                return fn()
+            finally:
+                _eager.eager = saved
     return run
+
+
+def _never(tensors):
+    return False
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--before", metavar="REV", help="a git revision whose fastsd to time beside this tree's")
+    parser.add_argument("--registered", action="store_true",
+                        help="also this tree's calls through the registered ops (the eager path off)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="on the CPU: wall time, or this process's CPU time (steadier beside other loads)")
     parser.add_argument("--backends", default="cpp,torch")
     parser.add_argument("--min-time", type=float, default=1.0, help="seconds of calls per row, at least")
     parser.add_argument("--profile", metavar="CALL", help="cProfile one call (per backend) instead")
@@ -106,15 +152,18 @@ def main():
     import fastsd
     from fastsd.bench.core import interleave, median_ci
 
-    trees = {"after": fastsd}
+    trees = {}
     if args.before:
         sys.path.insert(0, _before_package(args.before))
-        trees = {"before": importlib.import_module("fastsd_before"), "after": fastsd}
+        trees["before"] = importlib.import_module("fastsd_before")
+    if args.registered:
+        trees["registered"] = fastsd
+    trees["after"] = fastsd
     backends = args.backends.split(",")
     if args.profile:
         for tree, fs in trees.items():
             for b in backends:
-                fn = _in_backend(fs, b, calls(fs, device)[args.profile])
+                fn = _in_backend(fs, b, calls(fs, device)[args.profile], tree == "registered")
                 for _ in range(200):
                     fn()
                 prof = cProfile.Profile()
@@ -129,12 +178,14 @@ def main():
     for tree, fs in trees.items():
         for name, fn in calls(fs, device).items():
             for b in backends:
-                fns[(name, b, tree)] = _in_backend(fs, b, fn)
-    times = interleave(fns, device, min_time=args.min_time, min_rounds=30, min_sample=2e-3)
+                fns[(name, b, tree)] = _in_backend(fs, b, fn, tree == "registered")
+    with _clock(interleave, args.clock) as kw:
+        times = interleave(fns, device, min_time=args.min_time, min_rounds=30, min_sample=2e-3, **kw)
     cols = list(trees)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu, 1 thread"
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, 1 thread, {args.clock} clock"
     print(f"torch {torch.__version__}, {where}; median us per call (95% CI of the median)")
-    head = "| call | backend | " + " | ".join(cols) + (" | after/before |" if len(cols) == 2 else " |")
+    ratios = [c for c in cols if c != "after"]
+    head = "| call | backend | " + " | ".join(cols + [f"after/{c}" for c in ratios]) + " |"
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for name in calls(fastsd, device):
@@ -145,8 +196,8 @@ def main():
                 m, lo, hi = median_ci(times[(name, b, tree)])
                 meds[tree] = m
                 cells.append(f"{m * 1e6:.1f} ({lo * 1e6:.1f}-{hi * 1e6:.1f})")
-            ratio = f" | {meds['after'] / meds['before']:.2f}" if len(cols) == 2 else ""
-            print(f"| {name} | {b} | " + " | ".join(cells) + ratio + " |")
+            cells += [f"{meds['after'] / meds[c]:.2f}" for c in ratios]
+            print(f"| {name} | {b} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -78,7 +78,30 @@ def forced_backend() -> Optional[str]:
     name = _forced.get()
     if name is not None:
         return name
-    name = os.environ.get("FASTSD_BACKEND", "auto").strip().lower() or "auto"
+    return _parse_forced(_getenv("FASTSD_BACKEND"))
+
+
+# Every select() reads two environment variables. os.environ.get costs about 1 us (a Python-level
+# Mapping lookup that encodes the key and decodes the value); the posix mapping's underlying dict of
+# bytes, read with the key encoded once, costs a dict lookup. It is os.environ's own store, so a
+# change (os.environ[...] = ..., monkeypatch.setenv) is seen at once; elsewhere os.environ.get.
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_KEYS: Dict[str, object] = {}
+
+
+def _getenv(name: str) -> Optional[str]:
+    if _ENV_DATA is None:  # pragma: no cover - a platform whose os.environ keeps no _data
+        return os.environ.get(name)
+    key = _ENV_KEYS.get(name)
+    if key is None:
+        key = _ENV_KEYS[name] = os.environ.encodekey(name)
+    value = _ENV_DATA.get(key)
+    return None if value is None else (os.environ.decodevalue(value) if isinstance(value, bytes) else value)
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_forced(raw: Optional[str]) -> Optional[str]:
+    name = (raw or "auto").strip().lower() or "auto"
     if name == "auto":
         return None
     if name not in BACKENDS:
@@ -91,7 +114,7 @@ def forced_backend() -> Optional[str]:
 
 
 def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _getenv("TRITON_INTERPRET") == "1"
 
 
 @functools.lru_cache(maxsize=None)
@@ -189,7 +212,13 @@ def _device_reasons(backend: str, devices: Sequence[torch.device]) -> List[str]:
 
 
 def _devices(tensors) -> Tuple[torch.device, ...]:
-    return tuple(dict.fromkeys(t.device for t in tensors if isinstance(t, torch.Tensor)))
+    devices = []
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            d = t.device
+            if d not in devices:
+                devices.append(d)
+    return tuple(devices)
 
 
 @functools.lru_cache(maxsize=None)
@@ -216,14 +245,17 @@ def select(op: str, *tensors: torch.Tensor, **kwargs) -> Callable:
     tensors it runs with their device current (:func:`_on_device`)."""
     devices = _devices(tensors)
     forced = forced_backend()
+    interpreting = triton_interpreting()
     if forced is not None:
+        impl = _REGISTRY.get(op, {}).get(forced)
+        if impl is not None and not _cached_device_reasons(forced, devices, interpreting) and (
+                impl.reasons is None or not impl.reasons(*tensors, **kwargs)):
+            return _on_device(impl.fn, devices)
         why = reasons(op, forced, *tensors, **kwargs)
-        if why:
-            raise BackendUnavailableError(
-                f"fastsd.{op}: the forced backend {forced!r} cannot run these inputs: " + "; ".join(why)
-            )
-        return _on_device(_REGISTRY[op][forced].fn, devices)
-    for name in _auto_candidates(op, devices, triton_interpreting()):
+        raise BackendUnavailableError(
+            f"fastsd.{op}: the forced backend {forced!r} cannot run these inputs: " + "; ".join(why)
+        )
+    for name in _auto_candidates(op, devices, interpreting):
         impl = _REGISTRY[op][name]
         if impl.reasons is None or not impl.reasons(*tensors, **kwargs):
             return _on_device(impl.fn, devices)

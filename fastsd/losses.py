@@ -3,7 +3,8 @@
 Layers, top to bottom:
 
 * :func:`pair_kd_loss`, :func:`kd_loss`, :func:`feature_alignment_loss` - validate the arguments
-  (metadata only) and call the registered ops;
+  (metadata only) and call the registered ops, or in an eager call their implementation and
+  autograd directly (:mod:`fastsd._eager`);
 * ``torch.ops.fastsd.pair_kd_loss`` / ``kd_loss`` / ``feature_alignment_loss`` - ``torch.library``
   custom ops returning ``(loss, grad)``: the gradient of the loss with respect to the student input,
   computed in the same pass as the loss when that input requires grad. Their autograd formula only
@@ -18,13 +19,12 @@ from __future__ import annotations
 
 import itertools
 import math
-import numbers
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from . import _backend, _ext
+from . import _backend, _eager, _ext
 from . import _validate as V
 from . import reference
 from .reference import losses as _reference_losses  # noqa: F401  (reference.losses)
@@ -66,9 +66,15 @@ def _assert_pair_indices(labels: torch.Tensor, partner: torch.Tensor, num_classe
 
 
 def _number(fn: str, name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+    if not V.is_real(value) or not math.isfinite(float(value)):
         raise TypeError(f"{fn}: {name} must be a finite number, got {value!r}")
     return float(value)
+
+
+def _constant(t: torch.Tensor) -> torch.Tensor:
+    """t, detached where it requires grad (a detach is a new tensor, about 1 us): the ops' autograd
+    never gives it a gradient, and a graph must not hold it as an input."""
+    return t.detach() if t.requires_grad else t
 
 
 def _choice(fn: str, name: str, value, choices) -> str:
@@ -149,10 +155,9 @@ def _scaled(grad: torch.Tensor, grad_loss: Optional[torch.Tensor], ends: Sequenc
 # --- pair KD ------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastsd::pair_kd_loss", mutates_args=())
-def _pair_kd_op(logits: torch.Tensor, labels: torch.Tensor, partner: torch.Tensor, temperature: float,
-                kd_weight: float, ce_weight: float, symmetric: bool, ignore_index: int,
-                compute_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+def _pair_kd(logits: torch.Tensor, labels: torch.Tensor, partner: torch.Tensor, temperature: float,
+             kd_weight: float, ce_weight: float, symmetric: bool, ignore_index: int,
+             compute_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     B, K = logits.shape
     if B == 0:
         return logits.new_zeros(()), logits.new_zeros(logits.shape if compute_grad else (0,))
@@ -168,6 +173,9 @@ def _pair_kd_op(logits: torch.Tensor, labels: torch.Tensor, partner: torch.Tenso
     return fn(*args)
 
 
+_pair_kd_op = torch.library.custom_op("fastsd::pair_kd_loss", mutates_args=())(_pair_kd)
+
+
 @_pair_kd_op.register_fake
 def _(logits, labels, partner, temperature, kd_weight, ce_weight, symmetric, ignore_index, compute_grad):
     return logits.new_empty(()), logits.new_empty(logits.shape if compute_grad else (0,))
@@ -178,7 +186,7 @@ def _pair_kd_backward(ctx, grad_loss, _grad_grad):
     return _scaled(grad, grad_loss), None, None, None, None, None, None, None, None
 
 
-_pair_kd_op.register_autograd(_pair_kd_backward, setup_context=_setup_context)
+_PAIR_KD = _eager.Path(_pair_kd_op, _pair_kd, _setup_context, _pair_kd_backward)
 
 
 def pair_kd_loss(logits: torch.Tensor, labels: torch.Tensor, partner: torch.Tensor, temperature: float = 4.0,
@@ -230,20 +238,20 @@ def pair_kd_loss(logits: torch.Tensor, labels: torch.Tensor, partner: torch.Tens
     kd_weight = _number(fn, "kd_weight", kd_weight)
     ce_weight = _number(fn, "ce_weight", ce_weight)
     _choice(fn, "teacher", teacher, TEACHERS)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+    if not V.is_integer(ignore_index):
         raise TypeError(f"{fn}: ignore_index must be an int, got {ignore_index!r}")
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
-    loss, _ = _pair_kd_op(logits, labels.long(), partner.long(), temperature, kd_weight, ce_weight,
-                          teacher == "symmetric", int(ignore_index), compute_grad)
+    labels, partner = labels.long(), partner.long()
+    loss, _ = _PAIR_KD((logits, labels, partner), compute_grad, logits, labels, partner, temperature, kd_weight,
+                       ce_weight, teacher == "symmetric", int(ignore_index), compute_grad)
     return loss
 
 
 # --- classic KD ---------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastsd::kd_loss", mutates_args=())
-def _kd_op(student: torch.Tensor, teacher: torch.Tensor, temperature: float, reduction: str,
-           compute_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+def _kd(student: torch.Tensor, teacher: torch.Tensor, temperature: float, reduction: str,
+        compute_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     B, K = student.shape
     grad_shape = student.shape if compute_grad else (0,)
     if B == 0:  # as F.kl_div: a mean over nothing is NaN, a sum 0
@@ -253,6 +261,9 @@ def _kd_op(student: torch.Tensor, teacher: torch.Tensor, temperature: float, red
     fn = _backend.select("kd_loss", student, teacher)
     return fn(student.contiguous(), teacher.contiguous(), temperature, temperature ** 2 * red, temperature * red,
               reduction == "none", compute_grad)
+
+
+_kd_op = torch.library.custom_op("fastsd::kd_loss", mutates_args=())(_kd)
 
 
 @_kd_op.register_fake
@@ -266,7 +277,7 @@ def _kd_backward(ctx, grad_loss, _grad_grad):
     return _scaled(grad, grad_loss), None, None, None, None
 
 
-_kd_op.register_autograd(_kd_backward, setup_context=_setup_context)
+_KD = _eager.Path(_kd_op, _kd, _setup_context, _kd_backward)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0,
@@ -298,7 +309,9 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     temperature = V.positive_float(fn, "temperature", temperature)
     _choice(fn, "reduction", reduction, KD_REDUCTIONS)
     compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    loss, _ = _kd_op(student_logits, teacher_logits.detach(), temperature, reduction, compute_grad)
+    teacher_logits = _constant(teacher_logits)
+    loss, _ = _KD((student_logits, teacher_logits), compute_grad, student_logits, teacher_logits, temperature,
+                  reduction, compute_grad)
     return loss
 
 
@@ -335,12 +348,14 @@ def _grad_views(flat: torch.Tensor, shapes, channels_last) -> List[torch.Tensor]
     return out
 
 
-@torch.library.custom_op("fastsd::feature_alignment_loss", mutates_args=())
-def _feature_op(student: List[torch.Tensor], target: List[torch.Tensor], channels_last: List[bool], kind: str,
-                scales: List[float], reduction: str, compute_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+def _feature(student: List[torch.Tensor], target: List[torch.Tensor], channels_last: List[bool], kind: str,
+             scales: List[float], reduction: str, compute_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     fn = _backend.select("feature_alignment_loss", *student, *target, kind=kind)
     return fn(list(student), list(target), list(channels_last), kind, list(scales), reduction == "none",
               compute_grad)
+
+
+_feature_op = torch.library.custom_op("fastsd::feature_alignment_loss", mutates_args=())(_feature)
 
 
 @_feature_op.register_fake
@@ -369,7 +384,7 @@ def _feature_backward(ctx, grad_loss, _grad_grad):
     return _grad_views(scaled, ctx.shapes, ctx.channels_last), no_grad, None, None, None, None, None
 
 
-_feature_op.register_autograd(_feature_backward, setup_context=_feature_setup_context)
+_FEATURE = _eager.Path(_feature_op, _feature, _feature_setup_context, _feature_backward, lists=True)
 
 
 def feature_alignment_loss(student: Union[torch.Tensor, Sequence[torch.Tensor]],
@@ -413,7 +428,7 @@ def feature_alignment_loss(student: Union[torch.Tensor, Sequence[torch.Tensor]],
         raise ValueError(f"{fn}: target must have one tensor per student layer ({len(students)}), got {len(targets)}")
     L = len(students)
     names = ["student", "target"] if single else None
-    dtype = None
+    dtype, device = None, getattr(students[0], "device", None)
     for l, (s, t) in enumerate(zip(students, targets)):
         sn, tn = names or (f"student[{l}]", f"target[{l}]")
         V.tensor(fn, sn, s, min_ndim=2, dtypes=LOSS_DTYPES)
@@ -427,7 +442,8 @@ def feature_alignment_loss(student: Union[torch.Tensor, Sequence[torch.Tensor]],
             raise ValueError(f"{fn}: {tn} must have {sn}'s shape {tuple(s.shape)}, got {tuple(t.shape)}")
         if s.numel() == 0:
             raise ValueError(f"{fn}: {sn} is empty (shape {tuple(s.shape)})")
-        V.same_device(fn, "student" if single else "student[0]", students[0], **{sn: s, tn: t})
+        if s.device != device or t.device != device:  # the message names the argument
+            V.same_device(fn, "student" if single else "student[0]", students[0], **{sn: s, tn: t})
     _choice(fn, "kind", kind, FEATURE_KINDS)
     _choice(fn, "reduction", reduction, FEATURE_REDUCTIONS)
     if weights is not None and not isinstance(weights, str):
@@ -440,7 +456,7 @@ def feature_alignment_loss(student: Union[torch.Tensor, Sequence[torch.Tensor]],
         raise ValueError(f"{fn}: weights must be None, 'cosine' or a sequence of floats, got {weights!r}")
     w = reference.layer_weights(weights, L)
 
-    norm = [_normalise(s, t.detach()) for s, t in zip(students, targets)]
+    norm = [_normalise(s, _constant(t)) for s, t in zip(students, targets)]
     students = [n[0] for n in norm]
     targets = [n[1] for n in norm]
     channels_last = [n[2] for n in norm]
@@ -450,7 +466,8 @@ def feature_alignment_loss(student: Union[torch.Tensor, Sequence[torch.Tensor]],
         counts = [s.numel() for s in students]
     scales = [wl if reduction == "sum" else wl / n for wl, n in zip(w, counts)]
     compute_grad = torch.is_grad_enabled() and any(s.requires_grad for s in students)
-    loss, _ = _feature_op(students, targets, channels_last, kind, scales, reduction, compute_grad)
+    loss, _ = _FEATURE(students + targets, compute_grad, students, targets, channels_last, kind, scales, reduction,
+                       compute_grad)
     return loss
 
 

@@ -7,7 +7,8 @@ Layers: the public functions validate (metadata only) and draw the random number
 caller's generator (``torch.randperm``, ``torch.rand``); the ``torch.library`` custom ops
 ``fastsd::intra_class_pairs`` (labels, order -> partner) and ``fastsd::patch_swap_mask`` (partner,
 noise -> mask), with fake kernels so ``torch.compile(fullgraph=True)`` sees them whole, turn the
-draws into pairs and masks; :mod:`fastsd._backend` picks the implementation: the reference
+draws into pairs and masks (an eager call runs their implementation directly, :mod:`fastsd._eager`);
+:mod:`fastsd._backend` picks the implementation: the reference
 (:mod:`fastsd.reference.pairing`, aten ops, on every device) or the Triton kernels
 (``fastsd.kernels.pairing``), bit for bit the same from the same draws.
 
@@ -22,7 +23,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from . import _backend
+from . import _backend, _eager
 from . import _validate as V
 from .patch_swap import assert_permutation, swap_pairs
 from .reference import pairing as reference
@@ -32,10 +33,13 @@ from .reference.pairing import active_pairs, pair_leader
 # --- the registered ops ------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastsd::intra_class_pairs", mutates_args=())
-def _pairs_op(labels: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+def _pairs_impl(labels: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """partner (int64 [B]) from labels and a random permutation ``order`` of range(B), B >= 1."""
     return _backend.select("intra_class_pairs", labels, order)(labels, order)
+
+
+_pairs_op = torch.library.custom_op("fastsd::intra_class_pairs", mutates_args=())(_pairs_impl)
+_PAIRS = _eager.Path(_pairs_op, _pairs_impl)
 
 
 @_pairs_op.register_fake
@@ -43,10 +47,13 @@ def _(labels, order):
     return order.new_empty(order.shape)
 
 
-@torch.library.custom_op("fastsd::patch_swap_mask", mutates_args=())
-def _mask_op(partner: torch.Tensor, noise: torch.Tensor, gh: int, gw: int, k: int, prob: float) -> torch.Tensor:
+def _mask_impl(partner: torch.Tensor, noise: torch.Tensor, gh: int, gw: int, k: int, prob: float) -> torch.Tensor:
     """bool [B, gh, gw] from partner (int64, a permutation) and noise [B, gh * gw + 1]."""
     return _backend.select("patch_swap_mask", partner, noise)(partner, noise, gh, gw, k, prob)
+
+
+_mask_op = torch.library.custom_op("fastsd::patch_swap_mask", mutates_args=())(_mask_impl)
+_MASK = _eager.Path(_mask_op, _mask_impl)
 
 
 @_mask_op.register_fake
@@ -78,7 +85,7 @@ def _pairs(labels: torch.Tensor, generator: Optional[torch.Generator]) -> torch.
     if n == 0:
         return labels.new_empty(0, dtype=torch.int64)
     order = torch.randperm(n, generator=generator, device=labels.device)
-    return _pairs_op(labels, order)
+    return _PAIRS((labels, order), False, labels, order)
 
 
 def _check_partner(fn: str, partner) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -120,7 +127,7 @@ def _cell_mask(partner, grid, ratio: float, prob: float, generator) -> torch.Ten
     (gh, gw), B = grid, partner.shape[0]
     cells = gh * gw
     noise = torch.rand(B, cells + 1, generator=generator, device=partner.device)
-    return _mask_op(partner, noise, gh, gw, round(ratio * cells), prob)
+    return _MASK((partner, noise), False, partner, noise, gh, gw, round(ratio * cells), prob)
 
 
 def box_mask(

@@ -2,7 +2,8 @@
 
 Layers, top to bottom:
 
-* :func:`patch_swap` - validates arguments (metadata only) and calls the registered op;
+* :func:`patch_swap` - validates arguments (metadata only) and calls the registered op, or in an
+  eager call its implementation and autograd directly (:mod:`fastsd._eager`);
 * ``torch.ops.fastsd.patch_swap`` (returns ``(out, inverse_partner)``) /
   ``torch.ops.fastsd.patch_swap_backward`` (takes ``inverse_partner`` when the caller has it) -
   ``torch.library`` custom ops with fake kernels and autograd, so ``torch.compile(fullgraph=True)``
@@ -27,7 +28,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import _backend, _ext
+from . import _backend, _eager, _ext
 from . import _validate as V
 from . import reference
 
@@ -59,14 +60,24 @@ def _patch_swap_op(x: torch.Tensor, partner: torch.Tensor, mask: torch.Tensor,
     checks partner, for the backward. ``partner_is_involution`` is the caller's promise that partner
     is an involution (fastsd's own pairing): its own inverse, neither sorted nor checked, and
     ``inverse_partner`` is then empty."""
+    return _patch_swap_run(x, partner, mask, partner_is_involution, True)
+
+
+def _patch_swap_run(x, partner, mask, partner_is_involution: bool, need_inverse: bool):
+    """The op's body. ``need_inverse=False`` (the eager path, :mod:`fastsd._eager`): where the backend
+    checks partner itself, the sort that would only give the inverse is skipped and
+    ``inverse_partner`` is empty (the backward then inverts partner, as with an involution)."""
     if x.shape[0] == 0:
         return _empty_out(x), partner.new_empty(0)
     fn = _backend.select("patch_swap", x, partner, mask)
     x = x.contiguous(memory_format=V.memory_format(x))
     if partner_is_involution:
         return fn(x, partner, mask), partner.new_empty(0)
+    checks_indices = getattr(fn, "checks_indices", False)
+    if checks_indices and not need_inverse:
+        return fn(x, partner, mask), partner.new_empty(0)
     sorted_partner, inverse_partner = torch.sort(partner)
-    if getattr(fn, "checks_indices", False):  # the C++ CPU kernel checks as it inverts: a ValueError
+    if checks_indices:  # the C++ CPU kernel checks as it inverts: a ValueError
         return fn(x, partner, mask), inverse_partner
     if _asserts_on_device(fn, x):  # the Triton kernel asserts sorted_partner == range(B) on the GPU
         return fn(x, partner, mask, sorted_partner=sorted_partner), inverse_partner
@@ -84,6 +95,10 @@ def _patch_swap_backward_op(grad: torch.Tensor, partner: torch.Tensor, mask: tor
                             inverse_partner: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``inverse_partner``: q with ``q[partner[i]] == i`` where the caller has it; else the backend
     inverts partner."""
+    return _patch_swap_backward_run(grad, partner, mask, inverse_partner)
+
+
+def _patch_swap_backward_run(grad, partner, mask, inverse_partner):
     if grad.shape[0] == 0:
         return _empty_out(grad)
     fn = _backend.select("patch_swap_backward", grad, partner, mask)
@@ -109,9 +124,12 @@ def _backward(ctx, grad, _grad_inverse):
         return None, None, None, None
     partner, mask, inverse_partner = ctx.saved_tensors
     fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
-    if inverse_partner.shape[0] != partner.shape[0]:  # B = 0
+    if inverse_partner.shape[0] != partner.shape[0]:  # B = 0, or the eager path skipped the sort
         inverse_partner = None
-    return _patch_swap_backward_op(grad.contiguous(memory_format=fmt), partner, mask, inverse_partner), None, None, None
+    grad = grad.contiguous(memory_format=fmt)
+    needs_grad = torch.is_grad_enabled() and grad.requires_grad  # create_graph: a double backward
+    tensors = (grad, partner, mask) if inverse_partner is None else (grad, partner, mask, inverse_partner)
+    return _BACKWARD(tensors, needs_grad, grad, partner, mask, inverse_partner), None, None, None
 
 
 def _setup_context_backward(ctx, inputs, output):
@@ -124,11 +142,18 @@ def _backward_of_backward(ctx, grad):
     # patch_swap_backward is linear in grad; its adjoint is the forward op.
     partner, mask = ctx.saved_tensors
     fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
-    return _patch_swap_op(grad.contiguous(memory_format=fmt), partner, mask)[0], None, None, None
+    grad = grad.contiguous(memory_format=fmt)
+    return _FORWARD((grad, partner, mask), torch.is_grad_enabled() and grad.requires_grad,
+                    grad, partner, mask, False)[0], None, None, None
 
 
-_patch_swap_op.register_autograd(_backward, setup_context=_setup_context)
-_patch_swap_backward_op.register_autograd(_backward_of_backward, setup_context=_setup_context_backward)
+def _patch_swap_eager(x, partner, mask, partner_is_involution):
+    return _patch_swap_run(x, partner, mask, partner_is_involution, False)
+
+
+_FORWARD = _eager.Path(_patch_swap_op, _patch_swap_eager, _setup_context, _backward)
+_BACKWARD = _eager.Path(_patch_swap_backward_op, _patch_swap_backward_run, _setup_context_backward,
+                        _backward_of_backward)
 
 
 # --- the public function -------------------------------------------------------------------------
@@ -184,7 +209,9 @@ def _patch_swap(x, partner, mask, partner_is_involution: bool) -> torch.Tensor:
         )
     if x.requires_grad and not x.is_floating_point():
         raise TypeError(f"{fn}: x of dtype {x.dtype} cannot require grad")
-    return _patch_swap_op(x, partner.long(), mask.contiguous(), partner_is_involution)[0]
+    partner, mask = partner.long(), mask.contiguous()
+    return _FORWARD((x, partner, mask), torch.is_grad_enabled() and x.requires_grad,
+                    x, partner, mask, partner_is_involution)[0]
 
 
 # --- backends ----------------------------------------------------------------------------------

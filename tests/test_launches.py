@@ -82,6 +82,18 @@ def test_launch_budget(name, record_property):
     assert n["total"] <= BUDGET[name], report
 
 
+@pytest.mark.parametrize("name", list(BUDGET))
+def test_eager_path_launches_what_the_registered_op_launches(name, monkeypatch):
+    """The count above is of the eager path (fastsd/_eager.py: the launch counter only watches);
+    through the registered custom ops the same kernels launch, forward and backward."""
+    from fastsd import _eager
+
+    eager = _count(name)
+    monkeypatch.setattr(_eager, "eager", lambda tensors: False)
+    registered = _count(name)
+    assert eager["ops"] == registered["ops"] and eager["host_syncs"] == registered["host_syncs"] == 0
+
+
 # --- the glue's CUDA side: the launcher arguments of issue 12, faked -------------------------------
 
 

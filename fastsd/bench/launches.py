@@ -76,7 +76,13 @@ class LaunchCounter(TorchDispatchMode):
     """Records the launches of the code run inside it (see the module docstring).
 
     ``launches`` lists them in order: ``aten.<op>`` and ``triton.<kernel>``; ``host_syncs`` the
-    host reads of tensor values."""
+    host reads of tensor values.
+
+    It only watches: fastsd's ops take their eager path under it (``fastsd_observer``, see
+    :mod:`fastsd._eager`), as they do outside it, so the count is that of an eager call; a
+    registered op called directly is opened, as below."""
+
+    fastsd_observer = True
 
     def __init__(self):
         super().__init__()

@@ -7,6 +7,12 @@ Each op registers one implementation per backend with :func:`register`. At call 
   environment) forces one backend; if it cannot run the inputs, :class:`BackendUnavailableError`
   says why.
 * ``auto`` (the default) takes the first backend in :data:`PREFERENCE` that can run the inputs.
+* An op whose only implementation is its aten reference on some backend (the pairing ops have no
+  C++ or CUDA kernel; ``scale_grad`` is one torch multiply on CUDA) registers that reference with
+  ``stand_in=True``: a backend forced for a whole recipe then runs it where the op has no kernel of
+  that backend, or one that cannot take the inputs (the mask kernel's grid limit), and
+  :func:`reasons` (``python -m fastsd.info``) says so instead of listing a kernel that does not
+  exist.
 
 A backend that cannot take given inputs says why with readable reasons (after xformers'
 ``not_supported_reasons``); ``python -m fastsd.info`` prints them.
@@ -40,18 +46,23 @@ class Impl:
     fn: Callable
     # Extra, op-specific reasons (e.g. dtypes the kernel lacks); returns [] when it can run.
     reasons: Optional[Callable[..., List[str]]] = None
+    # aten ops that run on every device: what a forced backend without a kernel for the op runs
+    stand_in: bool = False
 
 
 _REGISTRY: Dict[str, Dict[str, Impl]] = {}
 
 
-def register(op: str, backend: str, reasons: Optional[Callable[..., List[str]]] = None):
-    """Decorator: register ``fn`` as ``op``'s implementation on ``backend``."""
+def register(op: str, backend: str, reasons: Optional[Callable[..., List[str]]] = None, stand_in: bool = False):
+    """Decorator: register ``fn`` as ``op``'s implementation on ``backend``. ``stand_in`` (the torch
+    backend only): ``fn`` is aten ops, run by a forced backend that has no implementation of ``op``."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    if stand_in and backend != "torch":
+        raise ValueError("only the torch backend's implementation can stand in for the others")
 
     def deco(fn):
-        _REGISTRY.setdefault(op, {})[backend] = Impl(fn, reasons)
+        _REGISTRY.setdefault(op, {})[backend] = Impl(fn, reasons, stand_in)
         return fn
 
     return deco
@@ -231,12 +242,16 @@ def _cached_device_reasons(backend: str, devices: Tuple[torch.device, ...], inte
 def reasons(op: str, backend: str, *tensors: torch.Tensor, **kwargs) -> List[str]:
     """Why ``backend`` cannot run ``op`` on these inputs ([] when it can)."""
     _load_all()
-    impl = _REGISTRY.get(op, {}).get(backend)
+    impls = _REGISTRY.get(op, {})
+    impl = impls.get(backend)
     if impl is None:
-        return [f"{op} has no {backend} implementation"]
-    out = list(_cached_device_reasons(backend, _devices(tensors), triton_interpreting()))
-    if impl.reasons is not None and not out:
-        out += impl.reasons(*tensors, **kwargs)
+        out = [f"{op} has no {backend} implementation"]
+    else:
+        out = list(_cached_device_reasons(backend, _devices(tensors), triton_interpreting()))
+        if impl.reasons is not None and not out:
+            out += impl.reasons(*tensors, **kwargs)
+    if out and backend != "torch" and "torch" in impls and impls["torch"].stand_in:
+        out[-1] += " (forced, it runs the aten reference, fastsd.reference)"
     return out
 
 
@@ -247,10 +262,13 @@ def select(op: str, *tensors: torch.Tensor, **kwargs) -> Callable:
     forced = forced_backend()
     interpreting = triton_interpreting()
     if forced is not None:
-        impl = _REGISTRY.get(op, {}).get(forced)
+        impls = _REGISTRY.get(op, {})
+        impl = impls.get(forced)
         if impl is not None and not _cached_device_reasons(forced, devices, interpreting) and (
                 impl.reasons is None or not impl.reasons(*tensors, **kwargs)):
             return _on_device(impl.fn, devices)
+        if "torch" in impls and impls["torch"].stand_in:
+            return _on_device(impls["torch"].fn, devices)
         why = reasons(op, forced, *tensors, **kwargs)
         raise BackendUnavailableError(
             f"fastsd.{op}: the forced backend {forced!r} cannot run these inputs: " + "; ".join(why)

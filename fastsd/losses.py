@@ -98,10 +98,9 @@ def _setup_context(ctx, inputs, output):
 # scale_grad, the backward of the three losses: grad * scale, scale cast to grad's dtype (as torch's
 # multiply), a new tensor. scale is a scalar (0-d), one value per row of a 2-D grad (ends empty), or
 # one value per segment [ends[l-1], ends[l]) of a flat grad.
-# On CUDA tensors torch's multiply is one kernel that reads and writes each element once: the
-# triton backend uses it as it is.
-@_backend.register("scale_grad", "triton")
-@_backend.register("scale_grad", "torch")
+# On CUDA tensors torch's multiply is one kernel that reads and writes each element once: it stands
+# in for a Triton or CUDA kernel, which would do no better.
+@_backend.register("scale_grad", "torch", stand_in=True)
 def _scale_grad_torch(grad: torch.Tensor, scale: torch.Tensor, ends: List[int],
                       out: Optional[torch.Tensor] = None) -> torch.Tensor:
     scale = scale.to(grad.dtype)

@@ -49,7 +49,7 @@ def _(labels, order):
 
 def _mask_impl(partner: torch.Tensor, noise: torch.Tensor, gh: int, gw: int, k: int, prob: float) -> torch.Tensor:
     """bool [B, gh, gw] from partner (int64, a permutation) and noise [B, gh * gw + 1]."""
-    return _backend.select("patch_swap_mask", partner, noise)(partner, noise, gh, gw, k, prob)
+    return _backend.select("patch_swap_mask", partner, noise, cells=gh * gw)(partner, noise, gh, gw, k, prob)
 
 
 _mask_op = torch.library.custom_op("fastsd::patch_swap_mask", mutates_args=())(_mask_impl)
@@ -224,12 +224,11 @@ def intra_class_patch_swap(
 
 
 # --- backends ----------------------------------------------------------------------------------
-# The reference is aten ops, which run on every device: the C++ and CUDA backends have no kernels of
-# their own for these and run it too (so a forced backend runs every op of a recipe).
+# The reference is aten ops: it runs on every device, and where a backend is forced for a whole
+# recipe (FASTSD_BACKEND=cpp or cuda: these ops have no C++ or CUDA kernel) it stands in.
 
-for _name in ("torch", "cpp", "cuda"):
-    _backend.register("intra_class_pairs", _name)(reference.pair_by_label)
-    _backend.register("patch_swap_mask", _name)(reference.cell_mask)
+_backend.register("intra_class_pairs", "torch", stand_in=True)(reference.pair_by_label)
+_backend.register("patch_swap_mask", "torch", stand_in=True)(reference.cell_mask)
 
 
 @_backend.register("intra_class_pairs", "triton")
@@ -239,12 +238,20 @@ def _pairs_triton(labels, order):
     return k.pair_by_label(*reference.sorted_by_label(labels, order), order)
 
 
-@_backend.register("patch_swap_mask", "triton")
+def _mask_triton_reasons(partner, noise=None, cells: int = 0):  # fastsd.info probes with one tensor
+    from .kernels import pairing as kernels
+
+    why = []
+    if cells > kernels.MAX_CELLS:
+        # all-pairs ranks cost cells**2: past MAX_CELLS (finer than a 32 x 32 grid) the reference's sort is faster
+        why.append(f"{cells} cells: the kernel ranks at most {kernels.MAX_CELLS} (a 32 x 32 grid)")
+    if noise is not None and noise.dtype not in kernels.MASK_DTYPES:
+        why.append(f"noise is {noise.dtype}; the kernel takes {', '.join(map(str, kernels.MASK_DTYPES))}")
+    return why
+
+
+@_backend.register("patch_swap_mask", "triton", reasons=_mask_triton_reasons)
 def _mask_triton(partner, noise, gh, gw, k, prob):
     from .kernels import pairing as kernels
 
-    if gh * gw > kernels.MAX_CELLS or noise.dtype not in kernels.MASK_DTYPES:
-        # all-pairs ranks cost cells**2: past MAX_CELLS (finer than a 32 x 32 grid) the reference's
-        # sort is faster; noise is float32 (float64 under torch.set_default_dtype)
-        return reference.cell_mask(partner, noise, gh, gw, k, prob)
     return kernels.cell_mask(partner, noise, gh, gw, k, prob)

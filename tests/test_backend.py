@@ -116,3 +116,51 @@ def test_old_interpreter_with_new_numpy_is_not_offered(monkeypatch):
         assert _backend.triton_interpreter_error() is None
     finally:
         _backend.triton_interpreter_error.cache_clear()
+
+
+def test_stand_in_runs_for_a_forced_backend_without_a_kernel(monkeypatch):
+    """An op with no kernel of the forced backend (or one that cannot take the inputs) runs its aten
+    reference only where the reference is registered as a stand-in; fastsd.info's reasons say which."""
+    ref, cpp = (lambda *a: "ref"), (lambda *a: "cpp")
+    monkeypatch.setitem(_backend._REGISTRY, "stands_in", {"torch": _backend.Impl(ref, stand_in=True),
+                                                          "cpp": _backend.Impl(cpp, lambda x: ["too big"] * (x.numel() > 2))})
+    monkeypatch.setitem(_backend._REGISTRY, "no_stand_in", {"torch": _backend.Impl(ref), "cpp": _backend.Impl(cpp)})
+    _backend.clear_caches()
+    x = torch.zeros(2)
+    with _backend.use_backend("cuda"):
+        assert _backend.select("stands_in", x) is ref
+        with pytest.raises(_backend.BackendUnavailableError, match="has no cuda implementation"):
+            _backend.select("no_stand_in", x)
+    with _backend.use_backend("cpp"):
+        assert _backend.select("no_stand_in", x)() == "cpp"
+        assert _backend.select("stands_in", x)() == "cpp"
+        assert _backend.select("stands_in", torch.zeros(3)) is ref
+    assert "runs the aten reference" in _backend.reasons("stands_in", "cuda", x)[0]
+    assert _backend.reasons("stands_in", "cpp", torch.zeros(3)) == ["too big (forced, it runs the aten reference, fastsd.reference)"]
+    assert "aten" not in _backend.reasons("no_stand_in", "cuda", x)[0]
+    with pytest.raises(ValueError, match="stand in"):
+        _backend.register("stands_in", "cpp", stand_in=True)
+
+
+def test_pairing_ops_list_no_kernels_they_lack():
+    """The pairing ops have no C++ or CUDA kernel: fastsd.info must not list one (they used to be
+    registered under those names), and a forced cpp still runs them."""
+    for op in ("intra_class_pairs", "patch_swap_mask", "scale_grad"):
+        assert set(_backend._REGISTRY[op]) <= {"torch", "triton", "cpp"} and "cuda" not in _backend._REGISTRY[op], op
+    assert "cpp" not in _backend._REGISTRY["intra_class_pairs"]
+    labels = torch.tensor([0, 1, 0, 1])
+    with _backend.use_backend("cpp"):
+        out, partner, mask = fastsd.intra_class_patch_swap(torch.randn(4, 3, 8, 8), labels,
+                                                           generator=torch.Generator().manual_seed(0))
+    assert torch.equal(labels[partner], labels)
+
+
+def test_mask_kernel_limits_are_reasons_not_a_silent_fallback():
+    from fastsd.kernels import pairing as kernels
+
+    partner = torch.arange(4)
+    fine = torch.rand(4, kernels.MAX_CELLS + 2)
+    fn = fastsd.pairing._mask_triton_reasons
+    assert "cells" in fn(partner, fine, cells=kernels.MAX_CELLS + 1)[0]
+    assert fn(partner, fine, cells=kernels.MAX_CELLS) == []
+    assert "noise is torch.float16" in fn(partner, fine.half(), cells=4)[0]

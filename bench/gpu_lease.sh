@@ -7,16 +7,18 @@
 #   3. tests       pytest -m gpu (the compiled Triton kernels: TRITON_INTERPRET=0)
 #   4. kernels     python -m fastsd.bench.gpu_report without its tests and bench: per Triton kernel the
 #                  time per launch, GB/s and share of peak, launches per call, the static model beside
-#   5. bench       python -m fastsd.bench --device cuda: the interleaved benchmark, its JSON
-# Logs and reports go to $OUT (default bench-results/gpu-lease): 8 files, the most a lease returns. The static model
+#   5. host        bench/host_overhead.py --registered: host time per call, eager path against the
+#                  registered ops (CUDA events around tiny calls)
+#   6. bench       python -m fastsd.bench --device cuda: the interleaved benchmark, its JSON
+# Logs and reports go to $OUT (default bench-results/gpu-lease): 8 files, the most a lease returns (host.log is folded into kernels.log). The static model
 # (python -m fastsd.bench.sass --json FILE, no GPU needed) is read from $STATIC when that file exists.
-# Usage: OUT=dir [STATIC=sass.json] [LIMITS="build selftest tests kernels bench" seconds] bash bench/gpu_lease.sh
+# Usage: OUT=dir [STATIC=sass.json] [LIMITS="build selftest tests kernels host bench" seconds] bash bench/gpu_lease.sh
 set -u
 OUT=${OUT:-bench-results/gpu-lease}
 mkdir -p "$OUT"
 PY=${PY:-python3}
 STATIC=${STATIC:-bench-results/sass.json}
-read -r L_BUILD L_SELFTEST L_TESTS L_KERNELS L_BENCH <<<"${LIMITS:-150 90 150 70 100}"
+read -r L_BUILD L_SELFTEST L_TESTS L_KERNELS L_HOST L_BENCH <<<"${LIMITS:-150 90 150 70 40 100}"
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 SUMMARY="$OUT/summary.txt"
 : >"$SUMMARY"
@@ -48,5 +50,7 @@ step selftest "$L_SELFTEST" $PY -m fastsd.selftest
 TAIL=12 step tests "$L_TESTS" $PY -m pytest -q -m gpu -p no:cacheprovider -ra tests
 if [ -f "$STATIC" ]; then static=(--static-model "$STATIC" --skip tests bench); else static=(--skip tests bench static); fi
 TAIL=30 step kernels "$L_KERNELS" $PY -m fastsd.bench.gpu_report "${static[@]}" --json "$OUT/gpu-report.json"
+TAIL=20 step host "$L_HOST" $PY bench/host_overhead.py --registered --device cuda --backends triton,cuda,torch --min-time 0.2
+{ echo "== host"; cat "$OUT/host.log"; } >>"$OUT/kernels.log" && rm -f "$OUT/host.log"
 TAIL=30 step bench "$L_BENCH" $PY -m fastsd.bench --device cuda --quick --no-plots --json "$OUT/bench.json"
 echo "== summary"; cat "$SUMMARY"

@@ -109,8 +109,8 @@ def _expected_load(spec) -> int:
     if "ALIGN" in const and not isinstance(const["ALIGN"], tuple):  # rows start ALIGN elements aligned
         return const["ALIGN"] * size
     if spec["name"].startswith("feature_cosine"):
-        # channels-last: the channels' alignment; contiguous maps: VEC positions a thread at most
-        # (losses._cosine_vec says why), as far as the positions' alignment allows
+        # channels-last: the channels' alignment; contiguous maps: VEC positions a thread (16 bytes)
+        # as far as the rows' alignment allows (S, or without the gradient a row of GROUP channels)
         return max(min(a if cl else min(const["VEC"], a, bs), 16 // size) * size
                    for cl, a, bs in zip(const["CHANNELS_LAST"], const["ALIGN"], const["BLOCK_S"]))
     return 16

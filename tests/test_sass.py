@@ -44,11 +44,11 @@ KNOWN_OVER_BUDGET = {
     # Gradients of the ImageNet maps: a program holds whole channel vectors of some positions, and
     # rows of 7 x 7 (and in 16-bit, 14 x 14) positions start at every alignment, so those layers'
     # accesses are 32-bit (64-bit): 73 % of the bytes in 128-bit accesses in float32, 49 % in 16-bit
-    # (issue 24 % / 41-42 %). Without the gradient the loop over channels reads GROUP channels' rows
+    # (issue 25 % / 42-43 %). Without the gradient the loop over channels reads GROUP channels' rows
     # as one 16-byte aligned row (kernels/losses.py, _cosine_rows); with it they would not fit.
     "feature_cosine_fp32_imagenet_grad", "feature_cosine_fp16_imagenet_grad", "feature_cosine_bf16_imagenet_grad",
     # 16384 channels of 7 x 7 positions, gradient: one position a program (its whole channel vector
-    # in registers), so channel-strided scalar accesses (0 % in 128-bit; issue 20 % / 45-46 %)
+    # in registers), so channel-strided scalar accesses (0 % in 128-bit; issue 20 % / 46 %)
     "feature_cosine_fp32_16384_channels_rank4_grad", "feature_cosine_fp16_16384_channels_rank4_grad",
     "feature_cosine_bf16_16384_channels_rank4_grad",
 }

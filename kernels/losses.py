@@ -19,7 +19,9 @@
   loss; the host sums them with torch (a fixed order: deterministic, no atomics). The cosine
   kernel reduces along the channels with the contiguous dimension across lanes: the spatial one
   for contiguous (NCHW) maps (several samples a program when one sample is smaller than a tile),
-  the channel one for channels-last maps.
+  the channel one for channels-last maps. With the gradient a program holds whole channel vectors
+  (it writes the gradient once it has the norms); without it, a contiguous map's program loops
+  over the channels, each thread adding up its own 16-byte vectors (``_cosine_rows``).
 
 Memory access: sample / row / block offsets are int64 scalars added to the base pointers once per
 program; the per-element offsets are int32 (within a block, a row, or one sample's ``C * S``
@@ -410,23 +412,89 @@ def _add3(a0, a1, a2, b0, b1, b2):
 
 
 @triton.jit
+def _cosine_terms(dot, xx, yy):
+    """(cos, 1 / (max(|x|, eps) max(|y|, eps))) of a position from its three sums over the channels,
+    with reciprocal square roots: a square root and a ``div.full.f32`` division cost ~10
+    instructions a position, and every thread that holds some of a position's channels computes
+    them. 1 / max(|x|, eps) = rsqrt(max(xx, eps^2)), with a max that keeps a NaN sum (tl.maximum
+    would drop it)."""
+    inv = tl.math.rsqrt(tl.where(xx < 1e-16, 1e-16, xx)) * tl.math.rsqrt(tl.where(yy < 1e-16, 1e-16, yy))
+    return dot * inv, inv
+
+
+@triton.jit
 def _cosine_tile(s_ptr, t_ptr, g_ptr, offs, m, in_q, scale, AXIS: tl.constexpr, COMPUTE_GRAD: tl.constexpr):
     """1 - cos along AXIS (the channels) of a tile of positions; stores the gradient; returns
     scale * the sum over the positions in_q."""
     x = tl.load(s_ptr + offs, mask=m, other=0.0).to(tl.float32)
     y = tl.load(t_ptr + offs, mask=m, other=0.0).to(tl.float32)
     dot, xx, yy = tl.reduce((x * y, x * x, y * y), AXIS, _add3)  # one reduction for the three sums
-    nx = tl.sqrt(xx)
-    ny = tl.sqrt(yy)
-    # max(n, eps) that keeps NaN (tl.maximum would drop it)
-    axy = tl.where(nx < 1e-8, 1e-8, nx) * tl.where(ny < 1e-8, 1e-8, ny)
-    cos = dot / axy
+    cos, inv = _cosine_terms(dot, xx, yy)
+    part = scale * tl.sum(tl.where(in_q, 1.0 - cos, 0.0))
     if COMPUTE_GRAD:
-        # d(1 - cos)/dx = -y / (|x| |y|) + [|x| > eps] cos x / |x|^2  (eps-clamped norms)
-        ky = -scale / axy
-        kx = tl.where(nx > 1e-8, scale * cos / (nx * nx), 0.0)
+        # d(1 - cos)/dx = -y / (|x| |y|) + [|x| > eps] cos x / |x|^2  (eps-clamped norms; a
+        # division by |x|^2 = xx, not by the square of the square root)
+        ky = -scale * inv
+        kx = tl.where(xx > 1e-16, scale * cos / xx, 0.0)
         g = tl.expand_dims(ky, AXIS) * y + tl.expand_dims(kx, AXIS) * x
         tl.store(g_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=m)
+    return part
+
+
+@triton.jit
+def _cosine_rows(s_ptr, t_ptr, t, C, S, N, scale, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+                 BLOCK_S: tl.constexpr, GROUP: tl.constexpr, ALIGN: tl.constexpr, FULL: tl.constexpr,
+                 VEC: tl.constexpr):
+    """scale * sum of 1 - cos over program t's positions of a contiguous (NCHW) layer, no gradient.
+
+    A sample is C / GROUP rows of R = GROUP * S elements (GROUP consecutive channels: 1 where VEC
+    divides S, else the fewest channels whose row VEC divides). Program t takes BLOCK_N samples x
+    BLOCK_S columns of the rows and loops over the rows, BLOCK_C a step: each thread adds the
+    products of its own elements (VEC consecutive columns, one 16-byte access per row and tensor),
+    so the loop has no cross-thread work; the sums over the rows' columns are reduced once at the
+    end, and with GROUP > 1 column k * S + s of a row adds to position s (a gather)."""
+    R = _aligned(S * GROUP, ALIGN)
+    rows = C // GROUP
+    per_block = tl.cdiv(R, BLOCK_S)
+    nb = t // per_block  # one scalar division per program
+    first = nb * BLOCK_N
+    r = tl.arange(0, BLOCK_C)
+    n = tl.arange(0, BLOCK_N)
+    col = (t - nb * per_block) * BLOCK_S + tl.max_contiguous(tl.arange(0, BLOCK_S), VEC)
+    in_q = (n < N - first)[:, None] & (col < R)[None, :]
+    CS = rows * R
+    base = first.to(tl.int64) * CS
+    offs = r[:, None, None] * R + n[None, :, None] * CS + col[None, None, :]
+    ps = s_ptr + base + offs
+    pt = t_ptr + base + offs
+    dot = tl.zeros([BLOCK_C, BLOCK_N, BLOCK_S], tl.float32)
+    xx = tl.zeros([BLOCK_C, BLOCK_N, BLOCK_S], tl.float32)
+    yy = tl.zeros([BLOCK_C, BLOCK_N, BLOCK_S], tl.float32)
+    for r0 in range(0, rows, BLOCK_C):
+        if FULL:  # BLOCK_C divides the rows: no row mask
+            m = in_q[None, :, :]
+        else:
+            m = (r < rows - r0)[:, None, None] & in_q[None, :, :]
+        x = tl.load(ps, mask=m, other=0.0).to(tl.float32)
+        y = tl.load(pt, mask=m, other=0.0).to(tl.float32)
+        dot += x * y
+        xx += x * x
+        yy += y * y
+        ps += BLOCK_C * R
+        pt += BLOCK_C * R
+    dot, xx, yy = tl.reduce((dot, xx, yy), 0, _add3)
+    if GROUP > 1:  # position s of a row: its columns s, s + S, ..., s + (GROUP - 1) S
+        BLOCK_P: tl.constexpr = BLOCK_S // GROUP
+        p = tl.arange(0, BLOCK_P)
+        at = tl.minimum(p[:, None] + tl.arange(0, GROUP)[None, :] * S, BLOCK_S - 1)  # [position, k]
+        at = tl.broadcast_to(tl.reshape(at, [BLOCK_S])[None, :, None, None], [BLOCK_N, BLOCK_S, 2, 2])
+        v = tl.join(tl.join(dot, xx), tl.join(yy, yy))  # [BLOCK_N, BLOCK_S, 2, 2]: one gather
+        v = tl.sum(tl.reshape(tl.gather(v, at, 1), [BLOCK_N, BLOCK_P, GROUP, 2, 2]), 2)
+        a, b = tl.split(v)
+        dot, xx = tl.split(a)
+        yy, _yy = tl.split(b)
+        in_q = (n < N - first)[:, None] & (p < S)[None, :]
+    cos, _inv = _cosine_terms(dot, xx, yy)
     return scale * tl.sum(tl.where(in_q, 1.0 - cos, 0.0))
 
 
@@ -434,7 +502,8 @@ def _cosine_tile(s_ptr, t_ptr, g_ptr, offs, m, in_q, scale, AXIS: tl.constexpr, 
 def _feature_cosine_kernel(students, targets, grads, channels, spatial, rows, starts, ends, scales, partial_ptr,
                            NUM_LAYERS: tl.constexpr, COMPUTE_GRAD: tl.constexpr, VEC: tl.constexpr,
                            CHANNELS_LAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-                           BLOCK_S: tl.constexpr, ALIGN: tl.constexpr, C_FULL: tl.constexpr):
+                           BLOCK_S: tl.constexpr, ALIGN: tl.constexpr, C_FULL: tl.constexpr,
+                           GROUP: tl.constexpr):
     """1 - cos(student, target) along dim 1 at every position (n, *spatial), every layer in one launch.
 
     Layer l has C = channels[l] channels and S = spatial[l] positions a sample. Channels-last layers
@@ -443,7 +512,9 @@ def _feature_cosine_kernel(students, targets, grads, channels, spatial, rows, st
     (contiguous). Contiguous layers: element (n, c, s) at ``n * C * S + c * S + s``; rows[l] = N
     samples, a program takes BLOCK_N[l] samples x BLOCK_C[l] channels x BLOCK_S[l] positions (the
     contiguous dimension, across lanes, VEC a thread) and reduces along the channels. ALIGN[l] is the
-    power of two dividing the stride (C, or S), C_FULL[l] says C == BLOCK_C[l].
+    power of two dividing the stride (C, or S), C_FULL[l] says C == BLOCK_C[l]. Without the gradient,
+    contiguous layers run ``_cosine_rows`` instead (BLOCK_C[l] rows a step of GROUP[l] channels each,
+    ALIGN[l] dividing the row, C_FULL[l]: BLOCK_C[l] divides the rows).
     """
     pid = tl.program_id(0)
     for l in tl.static_range(NUM_LAYERS):
@@ -464,6 +535,9 @@ def _feature_cosine_kernel(students, targets, grads, channels, spatial, rows, st
                 base = first * C
                 part = _cosine_tile(students[l] + base, targets[l] + base, grads[l] + base, q[:, None] * C + c[None, :],
                                     in_q[:, None] & in_c[None, :], in_q, scales[l], 1, COMPUTE_GRAD)
+            elif not COMPUTE_GRAD:
+                part = _cosine_rows(students[l], targets[l], pid - start, channels[l], spatial[l], rows[l], scales[l],
+                                    BLOCK_N[l], BLOCK_C[l], BLOCK_S[l], GROUP[l], ALIGN[l], C_FULL[l], VEC)
             else:
                 S = _aligned(spatial[l], ALIGN[l])
                 t = pid - start
@@ -612,22 +686,88 @@ def cosine_blocks(C: int, S: int, N: int, channels_last: bool, itemsize: int, ti
 
 
 def _cosine_vec(itemsize: int) -> int:
-    """Consecutive positions a thread holds on a contiguous map: 4 (a 128-bit access) in float32, 2 (a
-    32-bit access) in 16-bit dtypes. Measured on sm_90: 8 16-bit positions a thread (128-bit accesses)
-    leave 2 channels a thread, and the per-position work of the reduction (shuffles, shared memory,
-    norms and divisions, done for each position a thread holds) costs more issue slots than the wider
-    access saves: 76-87 % of the issue budget at C = 64-512 against 43-49 % with 2 positions."""
-    return 4 if itemsize >= 4 else 2
+    """Consecutive positions a thread holds on a contiguous map: 16 bytes (4 in float32, 8 in 16-bit
+    dtypes). Every thread holding some of a position's channels does that position's share of the
+    reduction (shuffles, shared memory) and its norms, so it needs enough channels a position: with
+    2 (16 elements a thread) 8 16-bit positions cost 76-87 % of the issue budget on sm_90, with 4
+    (32 elements, :func:`_cosine_layout`) and reciprocal square roots 43-47 %."""
+    return 16 // itemsize
 
 
-def _cosine_layout(layers, itemsize: int, compute_grad: bool):
-    """(num_warps, [(BLOCK_N, BLOCK_C, BLOCK_S)]) of a cosine launch over layers (C, S, N,
-    channels_last): 16 elements a thread at the largest tile (32 without the gradient, whose
-    registers it does not hold; 1 to 32 warps), the other layers' tiles grown to match."""
-    per_thread = 16 if compute_grad else 32
-    largest = max(math.prod(cosine_blocks(*layer, itemsize, tile=per_thread * 256)) for layer in layers)
-    warps = min(32, max(1, largest // (per_thread * 32)))
-    return warps, [cosine_blocks(*layer, itemsize, tile=per_thread * 32 * warps) for layer in layers]
+def _cosine_layout(layers, itemsize: int, compute_grad: bool, min_warps: int = 1, wide: bool = False):
+    """(num_warps, per_thread, [(BLOCK_N, BLOCK_C, BLOCK_S)]) of a cosine launch over layers (C, S, N,
+    channels_last) whose programs hold whole channel vectors: ``per_thread`` elements a thread at
+    the largest tile (min_warps to 32 warps), the other layers' tiles grown to match. 32 without the
+    gradient (whose registers it does not hold); with it, 16, and 32 in 16-bit dtypes where some
+    contiguous layer gets 16-byte accesses (``wide``): 8 positions a thread then need 4 channels a
+    position for the per-position work of the reduction to stay within the issue budget; unless
+    that takes more than 8 warps (ptxas then spills at the 128 registers a thread that 25 %
+    occupancy allows)."""
+    for per_thread in ((32, 16) if compute_grad and wide and itemsize == 2 else (16,) if compute_grad
+                       else (32,)):
+        largest = max(math.prod(cosine_blocks(*layer, itemsize, tile=per_thread * 256)) for layer in layers)
+        warps = min(32, max(min_warps, largest // (per_thread * 32)))
+        if warps <= 8:
+            break
+    return warps, per_thread, [cosine_blocks(*layer, itemsize, tile=per_thread * 32 * warps) for layer in layers]
+
+
+ROW_WARPS = 8  # warps of a cosine launch whose layers are all contiguous, without the gradient
+ROW_WASTE = 1.07  # a program's columns may overshoot a row by 7 % (masked lanes) for a wider block
+
+
+def cosine_row_blocks(C: int, S: int, N: int, itemsize: int, tile: int):
+    """(BLOCK_N, BLOCK_C, BLOCK_S, GROUP, ALIGN, programs) of ``_cosine_rows`` (contiguous layer, no
+    gradient) with ``tile`` elements a loop step: 16-byte accesses (VEC elements) where GROUP
+    consecutive channels make a row VEC divides (and C is a multiple of GROUP, and a whole row fits
+    the tile), else rows of one channel at the alignment S allows. BLOCK_S columns (the widest that
+    wastes at most 7 % of a row), then BLOCK_C rows and BLOCK_N samples to fill the tile."""
+    vec = 16 // itemsize
+    group = vec // _align(S, itemsize)
+    if C % group or triton.next_power_of_2(group * S) > tile:
+        group = 1
+    R = group * S
+    if group > 1:
+        block_s = triton.next_power_of_2(R)
+    else:
+        block_s = min(triton.next_power_of_2(S), tile)
+        while block_s > vec and triton.cdiv(S, block_s) * block_s > ROW_WASTE * S:
+            block_s //= 2
+    rows = C // group
+    block_c = min(triton.next_power_of_2(rows), max(1, tile // block_s))
+    block_n = min(triton.next_power_of_2(N), max(1, tile // (block_s * block_c)))
+    return block_n, block_c, block_s, group, _align(R, itemsize), triton.cdiv(N, block_n) * triton.cdiv(R, block_s)
+
+
+def _cosine_config(C, S, N, cl, itemsize: int, compute_grad: bool, aligned: bool = True):
+    """(num_warps, maxnreg, VEC, per layer (BLOCK_N, BLOCK_C, BLOCK_S, GROUP, ALIGN, C_FULL, programs))
+    of a cosine launch. With the gradient, and for channels-last layers, a program holds whole channel
+    vectors (:func:`cosine_blocks`); without it, contiguous layers loop over their channels
+    (:func:`cosine_row_blocks`, one 16-byte access a thread and tensor a step). ``aligned``: every
+    pointer of the launch is 16-byte aligned."""
+    layers = list(zip(C, S, N, cl))
+    held = [k for k in range(len(C)) if cl[k] or compute_grad]
+    warps, per_thread, shapes = ROW_WARPS, 0, []
+    if held:
+        wide = aligned and any(not cl[k] and _align(S[k], itemsize) == 16 // itemsize for k in held)
+        warps, per_thread, shapes = _cosine_layout([layers[k] for k in held], itemsize, compute_grad,
+                                       min_warps=ROW_WARPS if len(held) < len(C) else 1, wide=wide)
+    held_shape = dict(zip(held, shapes))
+    out = []
+    for k in range(len(C)):
+        if k in held_shape:
+            bn, bc, bs = held_shape[k]
+            programs = triton.cdiv(N[k] * S[k], bs) if cl[k] else triton.cdiv(N[k], bn) * triton.cdiv(S[k], bs)
+            out.append((bn, bc, bs, 1, _align(C[k] if cl[k] else S[k], itemsize), C[k] == bc, programs))
+        else:
+            bn, bc, bs, group, align, programs = cosine_row_blocks(C[k], S[k], N[k], itemsize,
+                                                                   (16 // itemsize) * 32 * warps)
+            out.append((bn, bc, bs, group, align, (C[k] // group) % bc == 0, programs))
+    # 16 warps: let ptxas use up to 128 registers (by itself it stops at 64 and spills); 8 warps of 32
+    # elements a thread: at most 128 (25 % occupancy; by itself it takes 130)
+    maxnreg = 128 if warps == 16 or (warps == 8 and per_thread == 32 and compute_grad) else None
+    # (the gradient of misaligned maps: 2 16-bit positions a thread, as many as its 32-bit accesses hold)
+    return warps, maxnreg, (16 // itemsize if not compute_grad or aligned else 4 if itemsize >= 4 else 2), out
 
 
 def feature_alignment_loss(student, target, channels_last, kind, scales, per_layer, compute_grad):
@@ -664,11 +804,12 @@ def feature_alignment_loss(student, target, channels_last, kind, scales, per_lay
                 if not cl[k] and C[k] * S[k] > _INT32_MAX:
                     raise ValueError(f"fastsd.kernels.losses.feature_alignment_loss: layer {l} has {C[k] * S[k]} "
                                      f"elements per sample; the cosine kernel indexes a sample with int32")
-            warps, shape = _cosine_layout(list(zip(C, S, N, cl)), itemsize, compute_grad)
+            aligned = all(t.data_ptr() % 16 == 0 for t in s_t + t_t + tuple(g))  # (meta tensors: 0)
+            warps, maxnreg, vec, config = _cosine_config(C, S, N, cl, itemsize, compute_grad, aligned)
             rows = tuple(N[k] * S[k] if cl[k] else N[k] for k in range(len(C)))
-            for k, (bn, _bc, bs) in enumerate(shape):
+            for k in range(len(C)):
                 starts.append(sum(blocks))
-                blocks.append(triton.cdiv(rows[k], bs) if cl[k] else triton.cdiv(N[k], bn) * triton.cdiv(S[k], bs))
+                blocks.append(config[k][-1])
         else:
             for l in layers:
                 starts.append(sum(blocks))
@@ -679,12 +820,11 @@ def feature_alignment_loss(student, target, channels_last, kind, scales, per_lay
             if kind == "cosine":
                 _feature_cosine_kernel[(sum(blocks),)](
                     s_t, t_t, tuple(g), C, S, rows, tuple(starts), tuple(a + b for a, b in zip(starts, blocks)), sc,
-                    partial, VEC=_cosine_vec(itemsize), CHANNELS_LAST=cl, BLOCK_N=tuple(x[0] for x in shape),
-                    BLOCK_C=tuple(x[1] for x in shape), BLOCK_S=tuple(x[2] for x in shape),
-                    ALIGN=tuple(_align(C[k] if cl[k] else S[k], itemsize) for k in range(len(C))),
-                    C_FULL=tuple(C[k] == x[1] for k, x in enumerate(shape)),
-                    # 16 warps: let ptxas use up to 128 registers (by itself it stops at 64 and spills)
-                    maxnreg=128 if warps == 16 else None, num_warps=warps, **common)
+                    partial, VEC=vec, CHANNELS_LAST=cl, BLOCK_N=tuple(x[0] for x in config),
+                    BLOCK_C=tuple(x[1] for x in config), BLOCK_S=tuple(x[2] for x in config),
+                    GROUP=tuple(x[3] for x in config), ALIGN=tuple(x[4] for x in config),
+                    C_FULL=tuple(x[5] for x in config),
+                    maxnreg=maxnreg, num_warps=warps, **common)
             else:
                 _feature_elementwise_kernel[(sum(blocks),)](
                     s_t, t_t, tuple(g), tuple(numels[l] for l in layers), tuple(starts), sc, partial,

@@ -109,8 +109,8 @@ def _expected_load(spec) -> int:
     if "ALIGN" in const and not isinstance(const["ALIGN"], tuple):  # rows start ALIGN elements aligned
         return const["ALIGN"] * size
     if spec["name"].startswith("feature_cosine"):
-        # channels-last: the channels' alignment; contiguous maps: VEC positions a thread at most
-        # (losses._cosine_vec says why), as far as the positions' alignment allows
+        # channels-last: the channels' alignment; contiguous maps: VEC positions a thread (16 bytes)
+        # as far as the rows' alignment allows (S, or without the gradient a row of GROUP channels)
         return max(min(a if cl else min(const["VEC"], a, bs), 16 // size) * size
                    for cl, a, bs in zip(const["CHANNELS_LAST"], const["ALIGN"], const["BLOCK_S"]))
     return 16
@@ -164,6 +164,51 @@ def test_cosine_kernel_has_no_per_element_division(compiled):
             ptx = compiled[(spec["name"], 90)].ptx
             layers = len(spec["signature"]["channels"])
             assert len(re.findall(r"\b(?:div|rem)\.[su]32\b", ptx)) <= layers, spec["name"]
+
+
+# The no-gradient cosine path loops over the channels (kernels/losses.py, _cosine_rows): maps whose
+# positions a 16-byte vector does not divide are read as rows of GROUP channels (7 x 7: 4 in float32,
+# 8 in 16-bit; 14 x 14 in 16-bit: 2) and folded back to positions at the end; C not a multiple of
+# GROUP falls back to one channel a row; rows and columns masked, several samples a program.
+COSINE_ROW_SHAPES = [(3, 8, 7, 7), (2, 6, 14, 14), (2, 5, 7, 7), (3, 3, 5, 5), (2, 40, 3, 3), (2, 4, 37, 29),
+                     (5, 3, 8)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_cosine_row_layout_groups_channels_where_vectors_straddle_rows(dtype):
+    x = [torch.empty(s, dtype=dtype, device="meta") for s in COSINE_ROW_SHAPES]
+    C, S, N = zip(*[(t.shape[1], t[0, 0].numel(), t.shape[0]) for t in x])
+    _w, _r, vec, config = K._cosine_config(C, S, N, (False,) * len(x), dtype.itemsize, False)
+    group = [c[3] for c in config]
+    assert vec == 16 // dtype.itemsize
+    want = [4, 1, 1, 1, 4, 1, 1] if dtype == torch.float32 else [8, 2, 1, 1, 8, 1, 1]
+    assert group == want, group
+    for (bn, bc, bs, g, align, full, programs), c, s, n in zip(config, C, S, N):
+        assert align == (vec if g > 1 else K._align(s, dtype.itemsize)) and programs >= 1
+        assert bc * bn * bs <= vec * 32 * _w and (full == ((c // g) % bc == 0))
+
+
+@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="Triton interpreter unavailable")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_cosine_without_gradient_matches_the_reference(dtype):
+    g = torch.Generator().manual_seed(3)
+    s = [torch.randn(shape, generator=g, dtype=torch.float64).to(dtype) for shape in COSINE_ROW_SHAPES]
+    t = [torch.randn(shape, generator=g, dtype=torch.float64).to(dtype) for shape in COSINE_ROW_SHAPES]
+    s[0][1, :, 2, 3] = 0  # a zero channel vector (cos 0)
+    scales = [0.5 + 0.25 * l for l in range(len(s))]
+    named = {f"s{l}": x for l, x in enumerate(s)} | {f"t{l}": x for l, x in enumerate(t)}
+    (loss, grad), traffic = triton_tools.count_traffic(K.feature_alignment_loss, s, t, [False] * len(s), "cosine",
+                                                       scales, True, False, tensors=named)
+    assert grad.numel() == 0
+    for name, x in named.items():  # every element read once (the fold works on the column sums)
+        assert traffic[name] == {"load": x.nbytes, "store": 0}, (name, traffic[name])
+    want = torch.stack([w * (1 - fastsd.reference.losses.cosine_similarity(a.double(), b.double())).sum()
+                        for w, a, b in zip(scales, s, t)])
+    rtol = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]  # the loss is stored in dtype
+    torch.testing.assert_close(loss.double(), want, rtol=rtol, atol=0)
+    # the same launch with the gradient (whole channel vectors in registers) gives the same losses
+    loss_g, _ = K.feature_alignment_loss(s, t, [False] * len(s), "cosine", scales, True, True)
+    torch.testing.assert_close(loss_g.double(), want, rtol=rtol, atol=0)
 
 
 # --- programs against SMs ---------------------------------------------------------------------------

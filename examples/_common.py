@@ -208,20 +208,22 @@ _BACKWARD = "autograd::engine::evaluate_function: GeneratedBackwardFor_"
 
 def fastsd_share(prof, wall_s: float, device, regions=()) -> Dict[str, float]:
     """Seconds per op of fastsd in a profile: its ``torch.library`` ops (``fastsd::...``, forward)
-    and their backward nodes, inclusive of what they call; on CUDA the time of the kernels they
+    and their backward nodes, or the eager path's labels of the same (``fastsd.<op>``, ``fastsd.<op>
+    (backward)``: fastsd._eager), inclusive of what they call; on CUDA the time of the kernels they
     launched, on CPU their CPU time. ``regions``: ``record_function`` labels to report as well
     (they may contain fastsd ops: not added to the ops' total). Plus the profiled wall time."""
     cuda = device.type == "cuda"
     ops, labelled = {}, {}
     for e in prof.key_averages():
         t = (e.device_time_total if cuda else e.cpu_time_total) / 1e6
-        if e.key.startswith("fastsd::"):
-            ops[e.key] = ops.get(e.key, 0.0) + t
+        if e.key in regions:
+            labelled[e.key] = labelled.get(e.key, 0.0) + t
+        elif e.key.startswith(("fastsd::", "fastsd.")):  # the registered op, or the eager path's label
+            name = "fastsd::" + e.key[len("fastsd::" if e.key.startswith("fastsd::") else "fastsd."):]
+            ops[name] = ops.get(name, 0.0) + t
         elif e.key.startswith(_BACKWARD + "fastsd_"):
             name = "fastsd::" + e.key[len(_BACKWARD + "fastsd_"):].replace("_defaultBackward", "") + " (backward)"
             ops[name] = ops.get(name, 0.0) + t
-        elif e.key in regions:
-            labelled[e.key] = labelled.get(e.key, 0.0) + t
     return {"wall": wall_s, "ops": ops, "regions": labelled}
 
 

@@ -12,6 +12,10 @@ body runs directly:
 * else a ``torch.autograd.Function`` whose forward, ``setup_context`` and backward are the very
   functions registered with the custom op (``register_autograd``): one implementation, two entries.
 
+Under the profiler the eager path labels its work ``fastsd.<op>`` and ``fastsd.<op> (backward)``
+(``record_function``), where the registered op shows ``fastsd::<op>``: a profile of a trainer
+still says what fastsd's ops cost, and which path they took (examples/_common.py reads both).
+
 Anything that traces or transforms (torch.compile and export, ``make_fx``, fake tensors, a dispatch
 mode, functorch's transforms, TorchScript's tracer, tensor subclasses) gets the registered op, as
 before. A dispatch mode that only watches the aten ops go by and declares ``fastsd_observer = True``
@@ -24,6 +28,7 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+_profiling = getattr(getattr(torch._C, "_autograd", None), "_profiler_enabled", None) or (lambda: False)
 _is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: False)
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None) or (lambda: False)
 
@@ -67,6 +72,9 @@ class _Function(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         path, lengths = ctx.fastsd_path
+        if _profiling():
+            with torch.profiler.record_function(path.label + " (backward)"):
+                return (None, None) + _flat_grads(path.backward(ctx, *grads), lengths)
         return (None, None) + _flat_grads(path.backward(ctx, *grads), lengths)
 
 
@@ -106,6 +114,7 @@ class Path:
                  backward: Optional[Callable] = None, lists: bool = False):
         self.op, self.forward, self.setup_context, self.backward = op, forward, setup_context, backward
         self.lists = lists  # whether some arguments are lists of tensors
+        self.label = f"{getattr(op, '_namespace', 'fastsd')}.{getattr(op, '_name', getattr(op, '__name__', 'op'))}"
         if backward is not None:  # else not differentiable: needs_grad must be False
             op.register_autograd(backward, setup_context=setup_context)
 
@@ -114,6 +123,12 @@ class Path:
         record the call (grad mode on and a differentiable input requires grad)."""
         if not eager(tensors):
             return self.op(*args)
+        if _profiling():
+            with torch.profiler.record_function(self.label):
+                return self._eager(needs_grad, args)
+        return self._eager(needs_grad, args)
+
+    def _eager(self, needs_grad: bool, args: tuple):
         if not needs_grad:
             return self.forward(*args)
         if self.lists:

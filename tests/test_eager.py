@@ -145,3 +145,14 @@ def test_eager_predicate():
     seen = []
     torch.func.grad(lambda t: seen.append(_eager.eager([t])) or t.sum())(x)
     assert seen == [False]
+
+
+@pytest.mark.parametrize("name", list(CALLS))
+def test_eager_path_is_labelled_in_a_profile(name):
+    """A profile of an eager step still names fastsd's work (examples/_common.py's share reads it):
+    ``fastsd.<op>`` around the forward and ``fastsd.<op> (backward)`` around its backward."""
+    op = {"intra_class_patch_swap": "patch_swap"}.get(name, name)
+    with profile() as prof:
+        _run(name)
+    names = {e.name for e in prof.function_events}
+    assert f"fastsd.{op}" in names and f"fastsd.{op} (backward)" in names, sorted(n for n in names if "fastsd" in n)

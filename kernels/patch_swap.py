@@ -111,26 +111,41 @@ def _select(keep, take, s, t, both):
 
 
 @triton.jit
-def _cell(e, L, H, W, C, gh, gw, m_line, s_line, m_sub, s_sub, m_cell_row, s_cell_row,
-          m_cell_col, s_cell_col, CHANNELS_LAST: tl.constexpr, BIG: tl.constexpr):
-    """(line, h, cell row, cell column) of the in-sample element index e >= 0."""
+def _line(e, L, H, m_line, s_line, m_plane, s_plane, CHANNELS_LAST: tl.constexpr, BIG: tl.constexpr):
+    """(line, h) of the in-sample element index e >= 0: its line e // L and image row (the line
+    itself in channels_last; line % H in NCHW, from the plane e // (H * W) of e itself, which
+    m_plane, s_plane give; unused in channels_last)."""
     if BIG:
         line = e // L
         if CHANNELS_LAST:
             h = line
-            w = (e - line * L) // C
         else:
             h = line % H
-            w = e - line * L
-        cell_row = h * gh // H
-        cell_col = w * gw // W
     else:
         line = _frac(e, m_line, s_line)
         if CHANNELS_LAST:
             h = line
+        else:
+            h = line - _frac(e, m_plane, s_plane) * H
+    return line, h
+
+
+@triton.jit
+def _cell(e, L, H, W, C, gh, gw, m_line, s_line, m_sub, s_sub, m_cell_row, s_cell_row,
+          m_cell_col, s_cell_col, CHANNELS_LAST: tl.constexpr, BIG: tl.constexpr):
+    """(line, h, cell row, cell column) of the in-sample element index e >= 0."""
+    line, h = _line(e, L, H, m_line, s_line, m_sub, s_sub, CHANNELS_LAST, BIG)
+    if BIG:
+        if CHANNELS_LAST:
+            w = (e - line * L) // C
+        else:
+            w = e - line * L
+        cell_row = h * gh // H
+        cell_col = w * gw // W
+    else:
+        if CHANNELS_LAST:
             w = _frac(e - line * L, m_sub, s_sub)  # // C
         else:
-            h = line - _frac(e, m_sub, s_sub) * H  # line % H, the plane e // (H * W) from e itself
             w = e - line * L
         cell_row = _frac(h, m_cell_row, s_cell_row)
         cell_col = _frac(w, m_cell_col, s_cell_col)

@@ -6,8 +6,9 @@ Layers, as for :mod:`fastsd.patch_swap`:
 * ``torch.ops.fastsd.mix`` - a ``torch.library`` custom op with a fake kernel and autograd;
 * one implementation per backend, chosen by :mod:`fastsd._backend`: the C++ CPU kernel
   ``torch.ops.fastsd_C.mix`` (csrc/cpu/mix.cpp: a CutMix row is at most three runs per image row,
-  copied with memcpy; a MixUp row one vectorised pass) and the reference in
-  :mod:`fastsd.reference.mix`.
+  copied with memcpy; a MixUp row one vectorised pass), the Triton kernel in ``fastsd.kernels.mix``
+  (CUDA tensors: one launch, each element read from one source in a CutMix row; in place, only the
+  mixed pixels move) and the reference in :mod:`fastsd.reference.mix`.
 
 The backward pass (:func:`fastsd.reference.mix_backward`) is a gather through the inverse
 permutation: no atomics, bitwise deterministic.
@@ -177,6 +178,22 @@ def _cpp_reasons(*tensors, **kwargs):
 @_backend.register("mix", "cpp", reasons=_cpp_reasons)
 def _mix_cpp(x, partner, boxes, lam, use_box):
     return _ext.ops().mix(x, partner, boxes, lam, use_box)
+
+
+# The Triton kernel (kernels/mix.py) takes every dtype, layout and lam dtype of fastsd.mix; it reads
+# partner, boxes, lam and use_box as flat arrays (contiguous: no-ops for what mix_unchecked passes).
+@_backend.register("mix", "triton")
+def _mix_triton(x, partner, boxes, lam, use_box):
+    from ..kernels import mix as k
+
+    return k.mix(x, partner.contiguous(), boxes.contiguous(), lam.contiguous(), use_box.contiguous())
+
+
+@_backend.register("mix_", "triton")
+def _mix_inplace_triton(x, partner, boxes, lam, use_box):
+    from ..kernels import mix as k
+
+    k.mix_(x, partner.contiguous(), boxes.contiguous(), lam.contiguous(), use_box.contiguous())
 
 
 @_backend.register("mix_", "torch")

@@ -1,0 +1,295 @@
+"""Triton kernel of the fused mix op (SPEC section 6): CutMix box rows and MixUp rows in one pass.
+
+Per row i, with p = partner[i] and (y0, y1, x0, x1) = boxes[i] (half-open), as
+fastsd/reference/mix.py defines it:
+
+* CutMix row (``use_box[i]``): ``out[i, :, h, w] = x[p, :, h, w]`` inside the box, else ``x[i]``;
+* MixUp row: ``out[i] = x[i] * lam[i] + x[p] * (1 - lam[i])``, rounded as the reference rounds it
+  (:func:`_mixup`): no fused multiply-add (the launch compiles with ``enable_fp_fusion=False``), each
+  product of a 16-bit x rounded to its dtype before the float32 sum, uint8 rounded half to even.
+  The weights come from lam in the kernel (one scalar load a row): ``lam`` cast to the compute type
+  (float64 for float64 x, else float32) and ``1 - lam`` in lam's dtype, then cast.
+
+One kernel, two modes:
+
+* out of place (``INPLACE`` false): each program writes BLOCK elements of row i. A chunk (VEC
+  consecutive elements of one line, 16 bytes where the shape allows) is loaded from x[i] unless it
+  lies wholly inside a CutMix box, and from x[p] where it meets the box or the row is a MixUp row:
+  a CutMix row reads each element from one source (a chunk that straddles a box edge reads both,
+  within the same 32-byte sectors), then each element takes its side;
+* in place (``INPLACE``, :func:`mix_`, partner an involution): the program of row i with
+  i <= p = partner[i] handles the pair: it loads both rows' chunks that either row's output needs,
+  then stores both, and only the chunks that change (a CutMix row's box, a MixUp row whole; a CutMix
+  row that is its own partner is left as it is). The programs of rows i > p do nothing.
+
+A chunk never straddles two lines (VEC divides the line length L: W in NCHW, W * C in
+channels_last), so its row h and its first column j0 (in elements of the line) are computed once a
+chunk. The box test is in elements of the line: columns [x0 * C, x1 * C) in channels_last, so no
+element's pixel column is ever divided out. Loads and stores are masked per chunk (a mask that is
+constant over the vector keeps 16-byte accesses); the selection inside the chunk is per element.
+
+No integer division on the GPU: the sample of a program, the line and the plane of a chunk are
+``(a * m) >> s`` (patch swap's ``_frac``), with constants the launcher computes from the shapes. Indices
+inside a sample are int32, sample offsets int64; samples of 2**31 elements or more take the ``BIG``
+variant (int64 indices, plain divisions). No atomics.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from fastsd import _validate
+
+from . import _aot
+from .patch_swap import (_INT32, _INTERPRETER_MAX_BLOCK, _OPTIONS, _TL_DTYPES, NUM_WARPS, _frac, _frac_constants,
+                         _gpu_block, _line, _offset, _vec, _vec_sizes)
+
+# Never specialised on their values (one variant for every shape); sample_numel keeps its divisibility.
+_SHAPE_ARGS = ("programs_per_sample", "L", "H", "C")
+_FRAC_ARGS = tuple(f"{ms}_{name}" for name in ("program", "line", "plane") for ms in "ms")
+# MixUp rounds each product and the sum as PyTorch's eager ops do: no FMA contraction.
+_MIX_OPTIONS = {**_OPTIONS, "enable_fp_fusion": False}
+# 1.5 * 2**23: v + it rounds 0 <= v < 2**22 half to even in float32 arithmetic, the same compiled and
+# under the interpreter (which has no libdevice rint).
+_RINT_MAGIC = tl.constexpr(12582912.0)
+# The interpreter converts float32 to bfloat16 by truncating; the GPU's conversion (cvt.rn.bf16.f32)
+# rounds to nearest even, as PyTorch does. Under the interpreter the kernel rounds in integers.
+_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+@triton.jit
+def _to_bf16(v):
+    """float32 v rounded to the nearest bfloat16, ties to even (NaN: PyTorch's CPU 0x7FC0 under the
+    interpreter, the GPU's canonical NaN on it)."""
+    if _INTERPRETED:
+        bits = v.to(tl.uint32, bitcast=True)
+        rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+        return tl.where(v != v, 0x7FC0, rounded).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return v.to(tl.bfloat16)
+
+
+@triton.jit
+def _mixup(s, t, w1, w2):
+    """s * w1 + t * w2 as fastsd.reference.mix rounds it (w1, w2 in the compute type)."""
+    if s.dtype == tl.float32 or s.dtype == tl.float64:
+        return s * w1 + t * w2
+    elif s.dtype == tl.uint8:
+        v = s.to(tl.float32) * w1 + t.to(tl.float32) * w2
+        # torch.round (half to even) and the cast: v + 1.5 * 2**23 has ulp 1, so the float32 sum
+        # rounds v, and its low mantissa bits are the integer (0 <= round(v) <= 255)
+        return (v + _RINT_MAGIC).to(tl.uint32, bitcast=True).to(tl.uint8)
+    elif s.dtype == tl.float16:
+        a = (s.to(tl.float32) * w1).to(tl.float16).to(tl.float32)
+        b = (t.to(tl.float32) * w2).to(tl.float16).to(tl.float32)
+        return (a + b).to(tl.float16)
+    else:  # bfloat16
+        a = _to_bf16(s.to(tl.float32) * w1).to(tl.float32)
+        b = _to_bf16(t.to(tl.float32) * w2).to(tl.float32)
+        return _to_bf16(a + b)
+
+
+@triton.jit
+def _row(r, boxes_ptr, use_box_ptr, lam_ptr, C, CHANNELS_LAST: tl.constexpr, FP64: tl.constexpr,
+         BIG: tl.constexpr):
+    """Row r's (use_box, y0, y1, box columns [c0, c1) in elements of a line, w1, w2)."""
+    r = r.to(tl.int64)
+    use_box = tl.load(use_box_ptr + r) != 0
+    y0 = tl.load(boxes_ptr + 4 * r)
+    y1 = tl.load(boxes_ptr + 4 * r + 1)
+    c0 = tl.load(boxes_ptr + 4 * r + 2)
+    c1 = tl.load(boxes_ptr + 4 * r + 3)
+    if not BIG:  # coordinates <= H, W * C < 2**31
+        y0, y1, c0, c1 = y0.to(tl.int32), y1.to(tl.int32), c0.to(tl.int32), c1.to(tl.int32)
+    if CHANNELS_LAST:
+        c0 = c0 * C
+        c1 = c1 * C
+    lam = tl.load(lam_ptr + r)
+    if FP64:
+        w1 = lam.to(tl.float64)
+        w2 = (1 - lam).to(tl.float64)
+    else:
+        w1 = lam.to(tl.float32)
+        w2 = (1 - lam).to(tl.float32)  # in lam's dtype, then cast
+    return use_box, y0, y1, c0, c1, w1, w2
+
+
+@triton.jit
+def _box(h, j0, use_box, y0, y1, c0, c1, VEC: tl.constexpr):
+    """Per chunk: whether it meets the box and whether it lies wholly inside (both false for a MixUp
+    row), and the box's columns in the chunk's rows (an empty range in the others)."""
+    rows = use_box & (h >= y0) & (h < y1)
+    meets = rows & (j0 < c1) & (j0 + VEC > c0)
+    within = rows & (j0 >= c0) & (j0 + VEC <= c1)
+    return meets, within, tl.where(rows, c0, 0), tl.where(rows, c1, 0)
+
+
+@triton.jit
+def _row_out(s, t, j, c0, c1, use_box, w1, w2):
+    """A row's output from its own elements s and its partner's t: a CutMix row takes t inside the
+    box (columns [c0, c1) of the chunk, per element), a MixUp row blends. One branch a row: a
+    thread issues one of the two."""
+    if use_box:
+        out = tl.where((j >= c0[:, None]) & (j < c1[:, None]), t, s)
+    else:
+        out = _mixup(s, t, w1, w2)
+    return out
+
+
+@triton.jit(do_not_specialize=_SHAPE_ARGS + _FRAC_ARGS)
+def mix_kernel(
+    x_ptr,  # [B, C, H, W], NCHW or channels_last contiguous (mixed in place where INPLACE)
+    out_ptr,  # same shape, dtype and layout (x_ptr itself where INPLACE)
+    partner_ptr,  # int64 [B]: a permutation (an involution where INPLACE)
+    boxes_ptr,  # int64 [B, 4]: y0, y1, x0, x1
+    lam_ptr,  # float32/float64 [B]
+    use_box_ptr,  # uint8 [B]: nonzero = CutMix row
+    sample_numel,  # C * H * W
+    programs_per_sample,
+    L,  # elements a line: W (NCHW) or W * C (channels_last)
+    H,
+    C,
+    # _frac constants (multiplier, shift) of pid // programs_per_sample, e // L and e // (H * W) (NCHW)
+    m_program: tl.uint32, s_program: tl.int32,
+    m_line: tl.uint32, s_line: tl.int32,
+    m_plane: tl.uint32, s_plane: tl.int32,
+    BLOCK: tl.constexpr,  # elements a program
+    VEC: tl.constexpr,  # elements a chunk: divides L
+    CHANNELS_LAST: tl.constexpr,
+    INPLACE: tl.constexpr,
+    BIG: tl.constexpr,  # sample_numel + BLOCK > 2**31: int64 indices and plain divisions
+):
+    GROUPS: tl.constexpr = BLOCK // VEC
+    FP64: tl.constexpr = x_ptr.dtype.element_ty == tl.float64
+    pid = tl.program_id(0)
+    if BIG:
+        b = pid // programs_per_sample
+        first = (pid - b * programs_per_sample).to(tl.int64) * BLOCK
+    else:
+        b = _frac(pid, m_program, s_program)
+        first = (pid - b * programs_per_sample) * BLOCK
+    p = tl.load(partner_ptr + b.to(tl.int64)).to(tl.int32)  # a sample index (< B < 2**31)
+    box_b, y0, y1, c0, c1, w1, w2 = _row(b, boxes_ptr, use_box_ptr, lam_ptr, C, CHANNELS_LAST, FP64, BIG)
+
+    e = first + tl.arange(0, GROUPS) * VEC  # first element of each chunk
+    in_sample = e < sample_numel  # VEC divides sample_numel: whole chunks
+    line, h = _line(e, L, H, m_line, s_line, m_plane, s_plane, CHANNELS_LAST, BIG)
+    j0 = e - line * L  # the chunk's first element in its line
+    k = tl.arange(0, VEC)
+    j = j0[:, None] + k[None, :]
+    offs = e[:, None] + k[None, :]
+    x_b = x_ptr + _offset(b, sample_numel, BIG)
+    x_p = x_ptr + _offset(p, sample_numel, BIG)
+    meets, within, b_c0, b_c1 = _box(h, j0, box_b, y0, y1, c0, c1, VEC)
+    if INPLACE:
+        box_p, py0, py1, pc0, pc1, pw1, pw2 = _row(p, boxes_ptr, use_box_ptr, lam_ptr, C, CHANNELS_LAST, FP64, BIG)
+        meets_p, within_p, p_c0, p_c1 = _box(h, j0, box_p, py0, py1, pc0, pc1, VEC)
+        # The pair's program is row min(b, p)'s; a CutMix row that is its own partner is unchanged,
+        # a MixUp one is not (x * lam + x * (1 - lam) can differ from x in its last bit).
+        active = in_sample & (p >= b)
+        store_b = active & ((meets & (p != b)) | (box_b == 0))
+        store_p = active & (p != b) & (meets_p | (box_p == 0))
+        s = tl.load(x_b + offs, mask=((store_b & (within == 0)) | store_p)[:, None])
+        t = tl.load(x_p + offs, mask=((store_p & (within_p == 0)) | store_b)[:, None])
+        out_b = _row_out(s, t, j, b_c0, b_c1, box_b, w1, w2)
+        out_p = _row_out(t, s, j, p_c0, p_c1, box_p, pw1, pw2)
+        tl.store(x_b + offs, out_b, mask=store_b[:, None])
+        tl.store(x_p + offs, out_p, mask=store_p[:, None])
+    else:
+        s = tl.load(x_b + offs, mask=(in_sample & (within == 0))[:, None])
+        t = tl.load(x_p + offs, mask=(in_sample & (meets | (box_b == 0)))[:, None])
+        out = _row_out(s, t, j, b_c0, b_c1, box_b, w1, w2)
+        tl.store(out_ptr + _offset(b, sample_numel, BIG) + offs, out, mask=in_sample[:, None])
+
+
+# --- launch ---------------------------------------------------------------------------------------
+
+
+def _geometry(B: int, C: int, H: int, W: int, channels_last: bool, block: int):
+    """(programs a sample, BIG, the kernel's shape and _frac arguments): host integers only."""
+    sample_numel = C * H * W
+    L = W * C if channels_last else W
+    programs = triton.cdiv(sample_numel, block)
+    fracs = [(1, programs, B * programs), (1, L, sample_numel + block), (1, H * W, sample_numel + block)]
+    constants = [_frac_constants(*f) for f in fracs]
+    big = sample_numel + block > _INT32 or None in constants
+    words = [v for c in constants for v in (c or (0, 0))]
+    return programs, big, (programs, L, H, C, *words)
+
+
+def _launch(x, out, partner, boxes, lam, use_box, inplace: bool) -> None:
+    B, C, H, W = x.shape
+    sample_numel = C * H * W
+    if B == 0 or sample_numel == 0:
+        return
+    channels_last = _validate.memory_format(x) == torch.channels_last
+    vec = _vec(W, 1, C if channels_last else 1, _vec_sizes(x.dtype)[-1])  # the largest that divides L
+    # In place a thread holds a chunk of each of the two rows: half the elements, the same bytes.
+    block = _gpu_block(x.dtype) // (2 if inplace else 1)
+    if x.device.type == "cpu":  # only under TRITON_INTERPRET=1: few, large programs run fastest
+        block = max(block, min(triton.next_power_of_2(sample_numel), _INTERPRETER_MAX_BLOCK))
+    programs, big, args = _geometry(B, C, H, W, channels_last, block)
+    if use_box.dtype == torch.bool:
+        use_box = use_box.view(torch.uint8)
+    mix_kernel[(B * programs,)](
+        x, out, partner, boxes, lam, use_box, sample_numel, *args,
+        BLOCK=block, VEC=vec, CHANNELS_LAST=channels_last, INPLACE=inplace, BIG=big,
+        num_warps=NUM_WARPS, **_MIX_OPTIONS,
+    )
+
+
+def mix(x: torch.Tensor, partner: torch.Tensor, boxes: torch.Tensor, lam: torch.Tensor,
+        use_box: torch.Tensor) -> torch.Tensor:
+    """The mix op out of place. ``x`` contiguous (NCHW or channels_last); ``partner`` int64 ``[B]``
+    permutation; ``boxes`` int64 ``[B, 4]``, ``lam`` float32/float64 ``[B]``, ``use_box`` bool ``[B]``,
+    all contiguous and validated by the caller (fastsd.mix)."""
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_validate.memory_format(x))
+    _launch(x, out, partner, boxes, lam, use_box, inplace=False)
+    return out
+
+
+def mix_(x: torch.Tensor, partner: torch.Tensor, boxes: torch.Tensor, lam: torch.Tensor,
+         use_box: torch.Tensor) -> torch.Tensor:
+    """The mix op in place (``partner`` an involution, checked by the caller); returns x."""
+    _launch(x, x, partner, boxes, lam, use_box, inplace=True)
+    return x
+
+
+# --- ahead-of-time compile specs: the variants the launcher picks, as the JIT specialises them --------
+
+_KERNELS = {"mix_kernel": "mix"}
+# A CIFAR and an ImageNet batch (aligned: 16-byte chunks), and an odd image (W and C odd: 1-element
+# chunks, sample sizes the JIT sees no divisibility in).
+_SHAPES = {"cifar": (256, 3, 32, 32), "imagenet": (128, 3, 224, 224), "odd": (5, 3, 17, 23)}
+
+
+def _aot_cases():
+    meta = dict(device="meta")
+    cases = []
+    for dtype, ty in _TL_DTYPES.items():
+        for layout, fmt in (("nchw", torch.contiguous_format), ("channels_last", torch.channels_last)):
+            for shape_tag, shape in _SHAPES.items():
+                for lam_dtype in (torch.float32, torch.float64) if dtype == torch.float32 and shape_tag == "cifar" else (torch.float32,):
+                    for inplace in (False, True):
+                        B = shape[0]
+
+                        def thunk(shape=shape, dtype=dtype, fmt=fmt, lam_dtype=lam_dtype, inplace=inplace, B=B):
+                            x = torch.empty(shape, dtype=dtype, **meta).contiguous(memory_format=fmt)
+                            args = (torch.empty(B, dtype=torch.int64, **meta), torch.empty(B, 4, dtype=torch.int64, **meta),
+                                    torch.empty(B, dtype=lam_dtype, **meta), torch.empty(B, dtype=torch.bool, **meta))
+                            return (mix_ if inplace else mix)(x, *args)
+
+                        lam_tag = "_lam64" if lam_dtype == torch.float64 else ""
+                        cases.append((f"{'inplace' if inplace else 'forward'}_{ty}_{layout}_{shape_tag}{lam_tag}", thunk))
+    # A sample of 2**31 elements or more (one huge image): int64 indices.
+    cases.append(("forward_fp32_nchw_huge", lambda: mix(
+        torch.empty(1, 1, 46341, 46341, device="meta"), torch.empty(1, dtype=torch.int64, device="meta"),
+        torch.empty(1, 4, dtype=torch.int64, device="meta"), torch.empty(1, device="meta"),
+        torch.empty(1, dtype=torch.bool, device="meta"))))
+    return cases
+
+
+__getattr__ = _aot.lazy_specs(__name__, _KERNELS, _aot_cases)  # AOT_SPECS, built on first use

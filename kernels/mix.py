@@ -121,7 +121,7 @@ def _row(r, boxes_ptr, use_box_ptr, lam_ptr, C, CHANNELS_LAST: tl.constexpr, FP6
 def _box(h, j0, use_box, y0, y1, c0, c1, VEC: tl.constexpr):
     """Per chunk: whether it meets the box and whether it lies wholly inside (both false for a MixUp
     row), and the box's columns in the chunk's rows (an empty range in the others)."""
-    rows = use_box & (h >= y0) & (h < y1)
+    rows = use_box & (h >= y0) & (h < y1) & (c0 < c1)  # an empty column range meets no chunk
     meets = rows & (j0 < c1) & (j0 + VEC > c0)
     within = rows & (j0 >= c0) & (j0 + VEC <= c1)
     return meets, within, tl.where(rows, c0, 0), tl.where(rows, c1, 0)

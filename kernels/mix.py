@@ -73,23 +73,44 @@ def _to_bf16(v):
 
 
 @triton.jit
+def _round_to(v, dtype: tl.constexpr):
+    """float32 v rounded to a 16-bit float dtype (nearest, ties to even); else v as it is."""
+    if dtype == tl.float16:
+        return v.to(tl.float16)
+    elif dtype == tl.bfloat16:
+        return _to_bf16(v)
+    else:
+        return v
+
+
+@triton.jit
+def _mul(s, w):
+    """s * w rounded to s's dtype, as PyTorch multiplies (16-bit floats: in float32, rounded once)."""
+    if s.dtype == tl.float16 or s.dtype == tl.bfloat16:
+        return _round_to(s.to(tl.float32) * w, s.dtype)
+    else:
+        return s * w
+
+
+@triton.jit
+def _add(s, t):
+    """s + t rounded to their dtype, as PyTorch adds (16-bit floats: in float32, rounded once)."""
+    if s.dtype == tl.float16 or s.dtype == tl.bfloat16:
+        return _round_to(s.to(tl.float32) + t.to(tl.float32), s.dtype)
+    else:
+        return s + t
+
+
+@triton.jit
 def _mixup(s, t, w1, w2):
     """s * w1 + t * w2 as fastsd.reference.mix rounds it (w1, w2 in the compute type)."""
-    if s.dtype == tl.float32 or s.dtype == tl.float64:
-        return s * w1 + t * w2
-    elif s.dtype == tl.uint8:
+    if s.dtype == tl.uint8:
         v = s.to(tl.float32) * w1 + t.to(tl.float32) * w2
         # torch.round (half to even) and the cast: v + 1.5 * 2**23 has ulp 1, so the float32 sum
         # rounds v, and its low mantissa bits are the integer (0 <= round(v) <= 255)
         return (v + _RINT_MAGIC).to(tl.uint32, bitcast=True).to(tl.uint8)
-    elif s.dtype == tl.float16:
-        a = (s.to(tl.float32) * w1).to(tl.float16).to(tl.float32)
-        b = (t.to(tl.float32) * w2).to(tl.float16).to(tl.float32)
-        return (a + b).to(tl.float16)
-    else:  # bfloat16
-        a = _to_bf16(s.to(tl.float32) * w1).to(tl.float32)
-        b = _to_bf16(t.to(tl.float32) * w2).to(tl.float32)
-        return _to_bf16(a + b)
+    else:
+        return _add(_mul(s, w1), _mul(t, w2))
 
 
 @triton.jit
@@ -139,6 +160,28 @@ def _row_out(s, t, j, c0, c1, use_box, w1, w2):
     return out
 
 
+@triton.jit
+def _chunks(sample_numel, programs_per_sample, L, H, m_program, s_program, m_line, s_line, m_plane, s_plane,
+            BLOCK: tl.constexpr, VEC: tl.constexpr, CHANNELS_LAST: tl.constexpr, BIG: tl.constexpr):
+    """The program's sample b and its chunks: which are in the sample, their image row h and first
+    element j0 in their line ([BLOCK // VEC]), and per element its position j in its line and its
+    index in the sample ([BLOCK // VEC, VEC])."""
+    GROUPS: tl.constexpr = BLOCK // VEC
+    pid = tl.program_id(0)
+    if BIG:
+        b = pid // programs_per_sample
+        first = (pid - b * programs_per_sample).to(tl.int64) * BLOCK
+    else:
+        b = _frac(pid, m_program, s_program)
+        first = (pid - b * programs_per_sample) * BLOCK
+    e = first + tl.arange(0, GROUPS) * VEC  # first element of each chunk
+    in_sample = e < sample_numel  # VEC divides sample_numel: whole chunks
+    line, h = _line(e, L, H, m_line, s_line, m_plane, s_plane, CHANNELS_LAST, BIG)
+    j0 = e - line * L  # the chunk's first element in its line
+    k = tl.arange(0, VEC)
+    return b, in_sample, h, j0, j0[:, None] + k[None, :], e[:, None] + k[None, :]
+
+
 @triton.jit(do_not_specialize=_SHAPE_ARGS + _FRAC_ARGS)
 def mix_kernel(
     x_ptr,  # [B, C, H, W], NCHW or channels_last contiguous (mixed in place where INPLACE)
@@ -162,25 +205,11 @@ def mix_kernel(
     INPLACE: tl.constexpr,
     BIG: tl.constexpr,  # sample_numel + BLOCK > 2**31: int64 indices and plain divisions
 ):
-    GROUPS: tl.constexpr = BLOCK // VEC
     FP64: tl.constexpr = x_ptr.dtype.element_ty == tl.float64
-    pid = tl.program_id(0)
-    if BIG:
-        b = pid // programs_per_sample
-        first = (pid - b * programs_per_sample).to(tl.int64) * BLOCK
-    else:
-        b = _frac(pid, m_program, s_program)
-        first = (pid - b * programs_per_sample) * BLOCK
+    b, in_sample, h, j0, j, offs = _chunks(sample_numel, programs_per_sample, L, H, m_program, s_program, m_line,
+                                           s_line, m_plane, s_plane, BLOCK, VEC, CHANNELS_LAST, BIG)
     p = tl.load(partner_ptr + b.to(tl.int64)).to(tl.int32)  # a sample index (< B < 2**31)
     box_b, y0, y1, c0, c1, w1, w2 = _row(b, boxes_ptr, use_box_ptr, lam_ptr, C, CHANNELS_LAST, FP64, BIG)
-
-    e = first + tl.arange(0, GROUPS) * VEC  # first element of each chunk
-    in_sample = e < sample_numel  # VEC divides sample_numel: whole chunks
-    line, h = _line(e, L, H, m_line, s_line, m_plane, s_plane, CHANNELS_LAST, BIG)
-    j0 = e - line * L  # the chunk's first element in its line
-    k = tl.arange(0, VEC)
-    j = j0[:, None] + k[None, :]
-    offs = e[:, None] + k[None, :]
     x_b = x_ptr + _offset(b, sample_numel, BIG)
     x_p = x_ptr + _offset(p, sample_numel, BIG)
     meets, within, b_c0, b_c1 = _box(h, j0, box_b, y0, y1, c0, c1, VEC)
@@ -205,6 +234,66 @@ def mix_kernel(
         tl.store(out_ptr + _offset(b, sample_numel, BIG) + offs, out, mask=in_sample[:, None])
 
 
+@triton.jit
+def _share(g, j, c0, c1, use_box, w, INSIDE: tl.constexpr):
+    """What a row passes back of its output gradient g: a CutMix row g inside its box (INSIDE, to its
+    partner) or outside it (to itself) and +0 elsewhere; a MixUp row g * w (w in g's dtype)."""
+    if use_box:
+        inside = (j >= c0[:, None]) & (j < c1[:, None])
+        if INSIDE:
+            out = tl.where(inside, g, tl.zeros_like(g))
+        else:
+            out = tl.where(inside, tl.zeros_like(g), g)
+    else:
+        out = _mul(g, w)
+    return out
+
+
+@triton.jit(do_not_specialize=_SHAPE_ARGS + _FRAC_ARGS)
+def mix_backward_kernel(
+    g_ptr,  # [B, C, H, W] output gradient, NCHW or channels_last contiguous
+    out_ptr,  # the input gradient: same shape, dtype and layout
+    inverse_ptr,  # int64 [B]: q with q[partner[i]] == i
+    boxes_ptr,
+    lam_ptr,
+    use_box_ptr,
+    sample_numel,
+    programs_per_sample,
+    L,
+    H,
+    C,
+    m_program: tl.uint32, s_program: tl.int32,
+    m_line: tl.uint32, s_line: tl.int32,
+    m_plane: tl.uint32, s_plane: tl.int32,
+    BLOCK: tl.constexpr,
+    VEC: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    BIG: tl.constexpr,
+):
+    """grad_x[j] = kept(g)[j] + sent(g)[q[j]] (fastsd.reference.mix_backward): a gather, no atomics.
+    g[j] is read where row j keeps some of it, g[q] where row q sends some (one source an element
+    where the two boxes do not overlap); the sum is taken everywhere (so -0.0 + 0.0 is +0.0, as in
+    the reference)."""
+    dtype: tl.constexpr = g_ptr.dtype.element_ty
+    b, in_sample, h, j0, j, offs = _chunks(sample_numel, programs_per_sample, L, H, m_program, s_program, m_line,
+                                           s_line, m_plane, s_plane, BLOCK, VEC, CHANNELS_LAST, BIG)
+    q = tl.load(inverse_ptr + b.to(tl.int64)).to(tl.int32)
+    box_b, y0, y1, c0, c1, w1, _w2 = _row(b, boxes_ptr, use_box_ptr, lam_ptr, C, CHANNELS_LAST, dtype == tl.float64, BIG)
+    box_q, qy0, qy1, qc0, qc1, _w1, w2 = _row(q, boxes_ptr, use_box_ptr, lam_ptr, C, CHANNELS_LAST, dtype == tl.float64,
+                                              BIG)
+    # The reference's weights: in the compute type, then in g's dtype
+    w1 = _round_to(w1, dtype).to(w1.dtype)
+    w2 = _round_to(w2, dtype).to(w2.dtype)
+    meets, within, b_c0, b_c1 = _box(h, j0, box_b, y0, y1, c0, c1, VEC)
+    meets_q, within_q, q_c0, q_c1 = _box(h, j0, box_q, qy0, qy1, qc0, qc1, VEC)
+    s = tl.load(g_ptr + _offset(b, sample_numel, BIG) + offs, mask=(in_sample & (within == 0))[:, None], other=0)
+    t = tl.load(g_ptr + _offset(q, sample_numel, BIG) + offs, mask=(in_sample & (meets_q | (box_q == 0)))[:, None],
+                other=0)
+    kept = _share(s, j, b_c0, b_c1, box_b, w1, False)
+    sent = _share(t, j, q_c0, q_c1, box_q, w2, True)
+    tl.store(out_ptr + _offset(b, sample_numel, BIG) + offs, _add(kept, sent), mask=in_sample[:, None])
+
+
 # --- launch ---------------------------------------------------------------------------------------
 
 
@@ -220,7 +309,7 @@ def _geometry(B: int, C: int, H: int, W: int, channels_last: bool, block: int):
     return programs, big, (programs, L, H, C, *words)
 
 
-def _launch(x, out, partner, boxes, lam, use_box, inplace: bool) -> None:
+def _launch(x, out, partner, boxes, lam, use_box, inplace: bool, backward: bool = False) -> None:
     B, C, H, W = x.shape
     sample_numel = C * H * W
     if B == 0 or sample_numel == 0:
@@ -234,6 +323,12 @@ def _launch(x, out, partner, boxes, lam, use_box, inplace: bool) -> None:
     programs, big, args = _geometry(B, C, H, W, channels_last, block)
     if use_box.dtype == torch.bool:
         use_box = use_box.view(torch.uint8)
+    if backward:
+        mix_backward_kernel[(B * programs,)](
+            x, out, partner, boxes, lam, use_box, sample_numel, *args,
+            BLOCK=block, VEC=vec, CHANNELS_LAST=channels_last, BIG=big, num_warps=NUM_WARPS, **_MIX_OPTIONS,
+        )
+        return
     mix_kernel[(B * programs,)](
         x, out, partner, boxes, lam, use_box, sample_numel, *args,
         BLOCK=block, VEC=vec, CHANNELS_LAST=channels_last, INPLACE=inplace, BIG=big,
@@ -258,9 +353,21 @@ def mix_(x: torch.Tensor, partner: torch.Tensor, boxes: torch.Tensor, lam: torch
     return x
 
 
+def mix_backward(grad: torch.Tensor, partner: torch.Tensor, boxes: torch.Tensor, lam: torch.Tensor,
+                 use_box: torch.Tensor, inverse_partner=None) -> torch.Tensor:
+    """Gradient of :func:`mix` with respect to x (floating ``grad``, contiguous NCHW or channels_last):
+    a gather through ``inverse_partner`` (``q[partner[i]] == i``; one argsort on the device where the
+    caller has none)."""
+    if inverse_partner is None:
+        inverse_partner = torch.argsort(partner)
+    out = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device, memory_format=_validate.memory_format(grad))
+    _launch(grad, out, inverse_partner.contiguous(), boxes, lam, use_box, inplace=False, backward=True)
+    return out
+
+
 # --- ahead-of-time compile specs: the variants the launcher picks, as the JIT specialises them --------
 
-_KERNELS = {"mix_kernel": "mix"}
+_KERNELS = {"mix_kernel": "mix", "mix_backward_kernel": "mix_backward"}
 # A CIFAR and an ImageNet batch (aligned: 16-byte chunks), and an odd image (W and C odd: 1-element
 # chunks, sample sizes the JIT sees no divisibility in).
 _SHAPES = {"cifar": (256, 3, 32, 32), "imagenet": (128, 3, 224, 224), "odd": (5, 3, 17, 23)}
@@ -284,6 +391,16 @@ def _aot_cases():
 
                         lam_tag = "_lam64" if lam_dtype == torch.float64 else ""
                         cases.append((f"{'inplace' if inplace else 'forward'}_{ty}_{layout}_{shape_tag}{lam_tag}", thunk))
+                    if dtype.is_floating_point:
+                        def backward(shape=shape, dtype=dtype, fmt=fmt, lam_dtype=lam_dtype, B=shape[0]):
+                            g = torch.empty(shape, dtype=dtype, **meta).contiguous(memory_format=fmt)
+                            return mix_backward(g, torch.empty(B, dtype=torch.int64, **meta),
+                                                torch.empty(B, 4, dtype=torch.int64, **meta),
+                                                torch.empty(B, dtype=lam_dtype, **meta),
+                                                torch.empty(B, dtype=torch.bool, **meta),
+                                                inverse_partner=torch.empty(B, dtype=torch.int64, **meta))
+
+                        cases.append((f"{ty}_{layout}_{shape_tag}{lam_tag}", backward))
     # A sample of 2**31 elements or more (one huge image): int64 indices.
     cases.append(("forward_fp32_nchw_huge", lambda: mix(
         torch.empty(1, 1, 46341, 46341, device="meta"), torch.empty(1, dtype=torch.int64, device="meta"),

@@ -119,6 +119,43 @@ def test_launchers_do_not_sync_with_the_host():
     assert torch.equal(out, want) and torch.equal(x, want)
 
 
+_FLOAT_DTYPES = [d for d in DTYPES if d.is_floating_point]
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", _FLOAT_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_backward_matches_reference(dtype, layout):
+    """Bit for bit, -0.0 in the gradient included (the reference adds +0.0 where a row sends nothing)."""
+    for seed, shape in enumerate(SHAPES):
+        for rows in ROWS[seed % 2:]:
+            lam_dtype = torch.float64 if seed % 3 == 0 else torch.float32
+            x, *args = make(shape, dtype, layout, rows, seed, lam_dtype)
+            grad, *_ = make(shape, dtype, layout, rows, seed + 100)
+            x.requires_grad_(True)
+            with fastsd.use_backend("triton"):
+                (gx,) = torch.autograd.grad(fm.mix(x, *args), x, grad)
+            want = R.mix_backward(grad, *args)
+            assert gx.is_contiguous(memory_format=_validate.memory_format(grad))
+            assert torch.equal(_bits(gx), _bits(want)), (shape, rows, lam_dtype)
+
+
+def test_backward_op_and_double_backward():
+    x, partner, boxes, lam, use_box = make((2, 1, 2, 3), torch.float64, "nchw", "mixed", 1, torch.float64)
+    with fastsd.use_backend("triton"):
+        torch.library.opcheck(torch.ops.fastsd.mix_backward.default, (x, partner, boxes, lam, use_box))
+    x, partner, boxes, lam, use_box = make((4, 2, 5, 6), torch.float64, "nchw", "mixed", 1, torch.float64)
+    v, u = torch.randn_like(x).requires_grad_(True), torch.randn_like(x)
+    with fastsd.use_backend("triton"):
+        (gx,) = torch.autograd.grad(fm.mix(x.requires_grad_(True), partner, boxes, lam, use_box), x, v, create_graph=True)
+        (ggv,) = torch.autograd.grad((gx * u).sum(), v)
+    assert torch.equal(ggv, R.mix(u, partner, boxes, lam, use_box))  # the backward's adjoint: the forward
+    k = _kernels()
+    # the inverse permutation is used, not recomputed: a wrong one gives a wrong gradient
+    want = R.mix_backward(x.detach(), partner, boxes, lam, use_box)
+    assert torch.equal(k.mix_backward(x.detach(), partner, boxes, lam, use_box, torch.argsort(partner)), want)
+    assert not torch.equal(k.mix_backward(x.detach(), partner, boxes, lam, use_box, partner.roll(1)), want)
+
+
 def test_self_partnered_mixup_row_is_computed():
     # x * lam + x * (1 - lam) differs from x in its last bit for some lam: a MixUp row that is its own
     # partner is computed in place, not skipped.
@@ -300,7 +337,8 @@ json.dump(out, sys.stdout)
 
 @pytest.fixture(scope="module")
 def fused_and_unfused():
-    names = [f"mix_{m}_{t}_nchw_cifar" for m in ("forward", "inplace") for t in ("fp32", "fp16", "bf16", "fp64", "u8")]
+    names = [f"mix_{m}_{t}_nchw_cifar" for m in ("forward", "inplace", "backward")
+             for t in ("fp32", "fp16", "bf16", "fp64", "u8") if not (m == "backward" and t == "u8")]
     requests = [(n, False) for n in names] + [("mix_forward_fp32_nchw_cifar", True), ("mix_forward_fp64_nchw_cifar", True)]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", _SASS_SCRIPT, json.dumps(requests)], env=env, capture_output=True,
@@ -352,9 +390,11 @@ def test_specs_cover_the_launcher_variants():
         assert repr((spec["signature"], spec["constexprs"], spec["attrs"])) in keys, tag
         names = list(spec["signature"])
         vec = spec["constexprs"][(names.index("VEC"),)]
-        width = vec * itemsize[spec["signature"]["x_ptr"][1:]]
+        width = vec * itemsize[spec["signature"][names[0]][1:]]  # x (forward) or the gradient (backward)
         aligned = {names[i[0]] for i in spec["attrs"]}
         if "odd" in tag or "huge" in tag:
             assert vec == 1, tag
         else:
-            assert width == 16 and {"x_ptr", "out_ptr", "sample_numel"} <= aligned, tag
+            assert width == 16 and {names[0], "out_ptr", "sample_numel"} <= aligned, tag
+    assert {s["name"] for s in k.AOT_SPECS} >= {f"mix_backward_{ty}_{layout}_{shape}" for ty in ("fp32", "fp16", "bf16", "fp64")
+                                                for layout in ("nchw", "channels_last") for shape in ("cifar", "odd")}

@@ -86,8 +86,9 @@ PATCH_SWAP_OVER_BUDGET = {
 # Mix specs over the issue budget (kernels/mix.py): lines of odd length (W odd in NCHW, W * C odd in
 # channels_last) take 1-element chunks, and 1- and 2-byte elements then carry each its own line, box
 # and (MixUp) conversion math; 4- and 8-byte ones meet the budget. Strict too.
-MIX_OVER_BUDGET = {f"mix_{mode}_{ty}_{layout}_odd" for mode in ("forward", "inplace") for ty in ("fp16", "bf16", "u8")
-                   for layout in ("nchw", "channels_last")}
+MIX_OVER_BUDGET = {f"mix_{mode}_{ty}_{layout}_odd" for mode in ("forward", "inplace", "backward")
+                   for ty in ("fp16", "bf16", "u8") for layout in ("nchw", "channels_last")
+                   if not (mode == "backward" and ty == "u8")}
 
 
 def budget(name):

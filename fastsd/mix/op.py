@@ -10,8 +10,9 @@ Layers, as for :mod:`fastsd.patch_swap`:
   (CUDA tensors: one launch, each element read from one source in a CutMix row; in place, only the
   mixed pixels move) and the reference in :mod:`fastsd.reference.mix`.
 
-The backward pass (:func:`fastsd.reference.mix_backward`) is a gather through the inverse
-permutation: no atomics, bitwise deterministic.
+The backward pass (``torch.ops.fastsd.mix_backward``: the Triton kernel on CUDA tensors,
+:func:`fastsd.reference.mix_backward` elsewhere) is a gather through the inverse permutation: no
+atomics, bitwise deterministic; its own backward is the forward op (both are linear).
 """
 from __future__ import annotations
 
@@ -48,6 +49,20 @@ def _(x, partner, boxes, lam, use_box):
     return _empty_out(x)
 
 
+@torch.library.custom_op("fastsd::mix_backward", mutates_args=())
+def _mix_backward_op(grad: torch.Tensor, partner: torch.Tensor, boxes: torch.Tensor, lam: torch.Tensor,
+                     use_box: torch.Tensor) -> torch.Tensor:
+    if grad.shape[0] == 0:
+        return _empty_out(grad)
+    fn = _backend.select("mix_backward", grad, partner, boxes, lam, use_box)
+    return fn(grad.contiguous(memory_format=V.memory_format(grad)), partner, boxes, lam, use_box)
+
+
+@_mix_backward_op.register_fake
+def _(grad, partner, boxes, lam, use_box):
+    return _empty_out(grad)
+
+
 def _setup_context(ctx, inputs, output):
     _x, partner, boxes, lam, use_box = inputs
     ctx.save_for_backward(partner, boxes, lam, use_box)
@@ -55,10 +70,17 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     partner, boxes, lam, use_box = ctx.saved_tensors
-    return reference.mix_backward(grad, partner, boxes, lam, use_box), None, None, None, None
+    return _mix_backward_op(grad, partner, boxes, lam, use_box), None, None, None, None
+
+
+def _backward_of_backward(ctx, grad):
+    # mix_backward is linear in grad; its adjoint is the forward op.
+    partner, boxes, lam, use_box = ctx.saved_tensors
+    return _mix_op(grad, partner, boxes, lam, use_box), None, None, None, None
 
 
 _mix_op.register_autograd(_backward, setup_context=_setup_context)
+_mix_backward_op.register_autograd(_backward_of_backward, setup_context=_setup_context)
 
 
 def mix(x: torch.Tensor, partner: torch.Tensor, boxes: torch.Tensor, lam: torch.Tensor,
@@ -194,6 +216,19 @@ def _mix_inplace_triton(x, partner, boxes, lam, use_box):
     from ..kernels import mix as k
 
     k.mix_(x, partner.contiguous(), boxes.contiguous(), lam.contiguous(), use_box.contiguous())
+
+
+_backend.register("mix_backward", "torch")(reference.mix_backward)
+# fastsd._C has no mix backward (yet): with the cpp backend forced, the backward is the reference's
+# gather (ATen's CPU kernels), as it was before the backward became its own op.
+_backend.register("mix_backward", "cpp")(reference.mix_backward)
+
+
+@_backend.register("mix_backward", "triton")
+def _mix_backward_triton(grad, partner, boxes, lam, use_box):
+    from ..kernels import mix as k
+
+    return k.mix_backward(grad, partner.contiguous(), boxes.contiguous(), lam.contiguous(), use_box.contiguous())
 
 
 @_backend.register("mix_", "torch")

@@ -44,8 +44,8 @@ import triton.language as tl
 from fastsd import _validate
 
 from . import _aot
-from .patch_swap import (_INT32, _INTERPRETER_MAX_BLOCK, _OPTIONS, _TL_DTYPES, NUM_WARPS, _frac, _frac_constants,
-                         _gpu_block, _line, _offset, _vec, _vec_sizes)
+from .patch_swap import (_INT32, _INTERPRETER_MAX_BLOCK, _OPTIONS, _TL_DTYPES, NUM_WARPS, _frac_constants, _gpu_block,
+                         _line, _offset, _program, _vec, _vec_sizes)
 
 # Never specialised on their values (one variant for every shape); sample_numel keeps its divisibility.
 _SHAPE_ARGS = ("programs_per_sample", "L", "H", "C")
@@ -167,13 +167,7 @@ def _chunks(sample_numel, programs_per_sample, L, H, m_program, s_program, m_lin
     element j0 in their line ([BLOCK // VEC]), and per element its position j in its line and its
     index in the sample ([BLOCK // VEC, VEC])."""
     GROUPS: tl.constexpr = BLOCK // VEC
-    pid = tl.program_id(0)
-    if BIG:
-        b = pid // programs_per_sample
-        first = (pid - b * programs_per_sample).to(tl.int64) * BLOCK
-    else:
-        b = _frac(pid, m_program, s_program)
-        first = (pid - b * programs_per_sample) * BLOCK
+    b, first = _program(programs_per_sample, m_program, s_program, BLOCK, BIG)
     e = first + tl.arange(0, GROUPS) * VEC  # first element of each chunk
     in_sample = e < sample_numel  # VEC divides sample_numel: whole chunks
     line, h = _line(e, L, H, m_line, s_line, m_plane, s_plane, CHANNELS_LAST, BIG)

@@ -111,6 +111,19 @@ def _select(keep, take, s, t, both):
 
 
 @triton.jit
+def _program(programs_per_sample, m_program, s_program, BLOCK: tl.constexpr, BIG: tl.constexpr):
+    """(sample, its first element) of this program, one of programs_per_sample a sample."""
+    pid = tl.program_id(0)
+    if BIG:
+        b = pid // programs_per_sample
+        first = (pid - b * programs_per_sample).to(tl.int64) * BLOCK
+    else:
+        b = _frac(pid, m_program, s_program)
+        first = (pid - b * programs_per_sample) * BLOCK
+    return b, first
+
+
+@triton.jit
 def _line(e, L, H, m_line, s_line, m_plane, s_plane, CHANNELS_LAST: tl.constexpr, BIG: tl.constexpr):
     """(line, h) of the in-sample element index e >= 0: its line e // L and image row (the line
     itself in channels_last; line % H in NCHW, from the plane e // (H * W) of e itself, which
@@ -193,13 +206,7 @@ def cell_select_kernel(
     # The forward of a MIXED chunk of 1- or 2-byte elements merges its two sources a 32-bit word
     # at a time (bit masks) instead of an element at a time (the launcher checks the alignment).
     WORDS: tl.constexpr = MIXED and not BACKWARD and ITEMSIZE < 4 and CHUNK * ITEMSIZE >= 4
-    pid = tl.program_id(0)
-    if BIG:
-        b = pid // programs_per_sample
-        first = (pid - b * programs_per_sample).to(tl.int64) * BLOCK
-    else:
-        b = _frac(pid, m_program, s_program)
-        first = (pid - b * programs_per_sample) * BLOCK
+    b, first = _program(programs_per_sample, m_program, s_program, BLOCK, BIG)
     src = tl.load(src_ptr + b.to(tl.int64)).to(tl.int32)  # a sample index (< B < 2**31)
     if not BACKWARD:
         # partner is a permutation iff its sorted values are range(B): an asynchronous device-side

@@ -34,33 +34,27 @@ def _empty_out(x: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("fastsd::mix", mutates_args=())
 def _mix_op(x: torch.Tensor, partner: torch.Tensor, boxes: torch.Tensor, lam: torch.Tensor,
             use_box: torch.Tensor) -> torch.Tensor:
-    return _run(x, partner, boxes, lam, use_box)
+    return _run("mix", x, partner, boxes, lam, use_box)
 
 
-def _run(x, partner, boxes, lam, use_box):
+def _run(op, x, partner, boxes, lam, use_box):
+    """The backend of ``op`` ("mix", or "mix_backward" with x the output gradient) on x in its layout."""
     if x.shape[0] == 0:
         return _empty_out(x)
-    fn = _backend.select("mix", x, partner, boxes, lam, use_box)
+    fn = _backend.select(op, x, partner, boxes, lam, use_box)
     return fn(x.contiguous(memory_format=V.memory_format(x)), partner, boxes, lam, use_box)
-
-
-@_mix_op.register_fake
-def _(x, partner, boxes, lam, use_box):
-    return _empty_out(x)
 
 
 @torch.library.custom_op("fastsd::mix_backward", mutates_args=())
 def _mix_backward_op(grad: torch.Tensor, partner: torch.Tensor, boxes: torch.Tensor, lam: torch.Tensor,
                      use_box: torch.Tensor) -> torch.Tensor:
-    if grad.shape[0] == 0:
-        return _empty_out(grad)
-    fn = _backend.select("mix_backward", grad, partner, boxes, lam, use_box)
-    return fn(grad.contiguous(memory_format=V.memory_format(grad)), partner, boxes, lam, use_box)
+    return _run("mix_backward", grad, partner, boxes, lam, use_box)
 
 
+@_mix_op.register_fake
 @_mix_backward_op.register_fake
-def _(grad, partner, boxes, lam, use_box):
-    return _empty_out(grad)
+def _(x, partner, boxes, lam, use_box):
+    return _empty_out(x)
 
 
 def _setup_context(ctx, inputs, output):
@@ -178,7 +172,7 @@ def mix_unchecked(x, partner, boxes, lam, use_box) -> torch.Tensor:
         return _mix_op(x, partner, boxes, lam, use_box)
     # Nothing to record for autograd or a graph: the backend at once (the custom op's dispatch
     # costs as much as the whole 32 px pass).
-    return _run(x, partner, boxes, lam, use_box)
+    return _run("mix", x, partner, boxes, lam, use_box)
 
 
 def _compiling() -> bool:

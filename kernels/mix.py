@@ -20,7 +20,13 @@ One kernel, two modes:
 * in place (``INPLACE``, :func:`mix_`, partner an involution): the program of row i with
   i <= p = partner[i] handles the pair: it loads both rows' chunks that either row's output needs,
   then stores both, and only the chunks that change (a CutMix row's box, a MixUp row whole; a CutMix
-  row that is its own partner is left as it is). The programs of rows i > p do nothing.
+  row that is its own partner is left as it is). The programs of rows i > p do nothing. A thread
+  holds half the elements of the out-of-place pass: the same bytes, two rows.
+
+The backward (:func:`mix_backward`, ``mix_backward_kernel``) is the gather of
+``fastsd.reference.mix_backward`` through the inverse permutation q: ``grad_x[j] = kept(g)[j] +
+sent(g)[q[j]]``, each side loaded only where it is nonzero somewhere in the chunk, rounded as the
+reference (weights cast to g's dtype, each product and the sum rounded to it). No atomics.
 
 A chunk never straddles two lines (VEC divides the line length L: W in NCHW, W * C in
 channels_last), so its row h and its first column j0 (in elements of the line) are computed once a

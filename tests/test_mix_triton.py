@@ -296,9 +296,13 @@ def test_in_place_moves_only_the_mixed_pixels(case, record_property):
     """In place, the stores are the chunks that meet a CutMix row's box (its partner not itself) and
     the MixUp rows whole, each once; the loads are those chunks of the pair's two rows, nothing else."""
     shape, dtype, layout = case
-    x, partner, boxes, lam, use_box = make(shape, dtype, layout, "mixed", 4, involution=True)
-    want = R.mix(x, partner, boxes, lam, use_box)
+    x, partner, _, lam, _ = make(shape, dtype, layout, "mixed", 4, involution=True)
     B, n = x.shape[0], x[0].numel()
+    H, W = shape[2:]  # boxes that straddle chunks, CutMix rows paired with CutMix and MixUp rows
+    boxes = torch.tensor([[i % 3, H - 1 - i % 2, (3 * i) % (W // 2), W - 1 - i % 3] for i in range(B)])
+    boxes[1] = torch.tensor([0, H, W // 2 + 1, W // 2 + 1])  # no columns: a CutMix row left as it is
+    use_box = torch.arange(B) % 3 != 2
+    want = R.mix(x, partner, boxes, lam, use_box)
     inside = _inside(x, boxes, use_box) & (partner != torch.arange(B))[:, None]
     meets, within, vec = _chunks(x, inside)
     changed = meets | ~use_box[:, None]  # per chunk of each row
@@ -316,6 +320,7 @@ def test_in_place_moves_only_the_mixed_pixels(case, record_property):
     assert not loads[~pair_chunks.reshape(-1).numpy()].any(), report
     assert (loads <= 1).all(), report  # a pair's program reads each element once
     assert acc.other == 0
+    assert inside.any() and ((meets & ~within).any() or vec == 1)  # box pixels, and chunks straddling a box edge
 
 
 # --- the compiled code (AOT specs, VERIFYING.md check 2) -----------------------------------------------

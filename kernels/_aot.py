@@ -15,7 +15,7 @@ import functools
 import sys
 from typing import Callable, Dict, Iterable, List, Tuple
 
-_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "debug", "sanitize_overflow")
+_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "debug", "sanitize_overflow", "enable_fp_fusion")
 
 
 @functools.lru_cache(maxsize=None)

@@ -111,26 +111,54 @@ def _select(keep, take, s, t, both):
 
 
 @triton.jit
-def _cell(e, L, H, W, C, gh, gw, m_line, s_line, m_sub, s_sub, m_cell_row, s_cell_row,
-          m_cell_col, s_cell_col, CHANNELS_LAST: tl.constexpr, BIG: tl.constexpr):
-    """(line, h, cell row, cell column) of the in-sample element index e >= 0."""
+def _program(programs_per_sample, m_program, s_program, BLOCK: tl.constexpr, BIG: tl.constexpr):
+    """(sample, its first element) of this program, one of programs_per_sample a sample."""
+    pid = tl.program_id(0)
+    if BIG:
+        b = pid // programs_per_sample
+        first = (pid - b * programs_per_sample).to(tl.int64) * BLOCK
+    else:
+        b = _frac(pid, m_program, s_program)
+        first = (pid - b * programs_per_sample) * BLOCK
+    return b, first
+
+
+@triton.jit
+def _line(e, L, H, m_line, s_line, m_plane, s_plane, CHANNELS_LAST: tl.constexpr, BIG: tl.constexpr):
+    """(line, h) of the in-sample element index e >= 0: its line e // L and image row (the line
+    itself in channels_last; line % H in NCHW, from the plane e // (H * W) of e itself, which
+    m_plane, s_plane give; unused in channels_last)."""
     if BIG:
         line = e // L
         if CHANNELS_LAST:
             h = line
-            w = (e - line * L) // C
         else:
             h = line % H
-            w = e - line * L
-        cell_row = h * gh // H
-        cell_col = w * gw // W
     else:
         line = _frac(e, m_line, s_line)
         if CHANNELS_LAST:
             h = line
+        else:
+            h = line - _frac(e, m_plane, s_plane) * H
+    return line, h
+
+
+@triton.jit
+def _cell(e, L, H, W, C, gh, gw, m_line, s_line, m_sub, s_sub, m_cell_row, s_cell_row,
+          m_cell_col, s_cell_col, CHANNELS_LAST: tl.constexpr, BIG: tl.constexpr):
+    """(line, h, cell row, cell column) of the in-sample element index e >= 0."""
+    line, h = _line(e, L, H, m_line, s_line, m_sub, s_sub, CHANNELS_LAST, BIG)
+    if BIG:
+        if CHANNELS_LAST:
+            w = (e - line * L) // C
+        else:
+            w = e - line * L
+        cell_row = h * gh // H
+        cell_col = w * gw // W
+    else:
+        if CHANNELS_LAST:
             w = _frac(e - line * L, m_sub, s_sub)  # // C
         else:
-            h = line - _frac(e, m_sub, s_sub) * H  # line % H, the plane e // (H * W) from e itself
             w = e - line * L
         cell_row = _frac(h, m_cell_row, s_cell_row)
         cell_col = _frac(w, m_cell_col, s_cell_col)
@@ -178,13 +206,7 @@ def cell_select_kernel(
     # The forward of a MIXED chunk of 1- or 2-byte elements merges its two sources a 32-bit word
     # at a time (bit masks) instead of an element at a time (the launcher checks the alignment).
     WORDS: tl.constexpr = MIXED and not BACKWARD and ITEMSIZE < 4 and CHUNK * ITEMSIZE >= 4
-    pid = tl.program_id(0)
-    if BIG:
-        b = pid // programs_per_sample
-        first = (pid - b * programs_per_sample).to(tl.int64) * BLOCK
-    else:
-        b = _frac(pid, m_program, s_program)
-        first = (pid - b * programs_per_sample) * BLOCK
+    b, first = _program(programs_per_sample, m_program, s_program, BLOCK, BIG)
     src = tl.load(src_ptr + b.to(tl.int64)).to(tl.int32)  # a sample index (< B < 2**31)
     if not BACKWARD:
         # partner is a permutation iff its sorted values are range(B): an asynchronous device-side

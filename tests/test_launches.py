@@ -49,6 +49,9 @@ def _inputs():
         student=[torch.randn(2, 4, 4, 4, generator=g, requires_grad=True),
                  torch.randn(2, 8, 2, 2, generator=g, requires_grad=True)],
         target=[torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 8, 2, 2, generator=g)],
+        boxes=torch.tensor([[2, 9, 3, 12], [0, 16, 0, 16], [5, 5, 0, 16], [1, 15, 7, 8]] * 2),
+        lam=torch.rand(B, generator=g),
+        use_box=torch.tensor([True, False] * 4),
     )
 
 
@@ -59,10 +62,14 @@ CALLS = {
     "pair_kd_loss": lambda a: fastsd.pair_kd_loss(a["logits"], a["labels"], a["partner"]),
     "kd_loss": lambda a: fastsd.kd_loss(a["logits"], a["teacher"]),
     "feature_alignment_loss": lambda a: fastsd.feature_alignment_loss(a["student"], a["target"]),
+    "mix": lambda a: fastsd.mix.mix(a["x"], a["partner"], a["boxes"], a["lam"], a["use_box"]),
 }
 
 # Launches per call on CUDA, forward + backward (issue 12; before it: 8, 52, 21, 4 and 3).
-BUDGET = {"patch_swap": 3, "intra_class_patch_swap": 8, "pair_kd_loss": 4, "kd_loss": 3, "feature_alignment_loss": 3}
+BUDGET = {"patch_swap": 3, "intra_class_patch_swap": 8, "pair_kd_loss": 4, "kd_loss": 3, "feature_alignment_loss": 3,
+          # one mix kernel and fastsd.mix._check's value checks on the device (23 ops: boxes in range,
+          # lam in [0, 1], partner a permutation); backward: argsort and the gather kernel (before it: 20)
+          "mix": 26}
 
 
 def _count(name):

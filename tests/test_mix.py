@@ -18,7 +18,7 @@ from fastsd.mix._numpy_rng import RawWords, consumes_word
 
 from conftest import NoHostSync
 
-BACKENDS = [b for b in ("cpp", "torch") if not _backend.reasons("mix", b, torch.empty(0))]
+BACKENDS = [b for b in ("triton", "cpp", "torch") if not _backend.reasons("mix", b, torch.empty(0))]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.uint8]
 SHAPES = [(2, 3, 5, 7), (6, 3, 17, 23), (5, 4, 32, 32), (4, 1, 9, 1)]
 

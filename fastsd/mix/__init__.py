@@ -2,8 +2,8 @@
 
 * :func:`mix` - the op: per row a CutMix box from its partner, or a MixUp blend
   ``x * lam + x[partner] * (1 - lam)``; :func:`mix_` the same in place for an involution partner
-  (only the mixed pixels move). Backends: C++ (CPU) and the PyTorch reference (any device);
-  no Triton kernel yet;
+  (only the mixed pixels move). Backends: Triton (CUDA), C++ (CPU) and the PyTorch reference
+  (any device);
 * drop-ins with the libraries' signatures, draws and return conventions, bit-identical outputs:
   :class:`Mixup`, :class:`FastCollateMixup` (timm), :class:`CutMix`, :class:`MixUp`
   (torchvision.transforms.v2), :class:`RandomCutMixV2` (kornia: its own subclass, whose pixel

@@ -6,11 +6,13 @@ Layers, as for :mod:`fastsd.patch_swap`:
 * ``torch.ops.fastsd.mix`` - a ``torch.library`` custom op with a fake kernel and autograd;
 * one implementation per backend, chosen by :mod:`fastsd._backend`: the C++ CPU kernel
   ``torch.ops.fastsd_C.mix`` (csrc/cpu/mix.cpp: a CutMix row is at most three runs per image row,
-  copied with memcpy; a MixUp row one vectorised pass) and the reference in
-  :mod:`fastsd.reference.mix`.
+  copied with memcpy; a MixUp row one vectorised pass), the Triton kernel in ``fastsd.kernels.mix``
+  (CUDA tensors: one launch, each element read from one source in a CutMix row; in place, only the
+  mixed pixels move) and the reference in :mod:`fastsd.reference.mix`.
 
-The backward pass (:func:`fastsd.reference.mix_backward`) is a gather through the inverse
-permutation: no atomics, bitwise deterministic.
+The backward pass (``torch.ops.fastsd.mix_backward``: the Triton kernel on CUDA tensors,
+:func:`fastsd.reference.mix_backward` elsewhere) is a gather through the inverse permutation: no
+atomics, bitwise deterministic; its own backward is the forward op (both are linear).
 """
 from __future__ import annotations
 
@@ -32,17 +34,25 @@ def _empty_out(x: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("fastsd::mix", mutates_args=())
 def _mix_op(x: torch.Tensor, partner: torch.Tensor, boxes: torch.Tensor, lam: torch.Tensor,
             use_box: torch.Tensor) -> torch.Tensor:
-    return _run(x, partner, boxes, lam, use_box)
+    return _run("mix", x, partner, boxes, lam, use_box)
 
 
-def _run(x, partner, boxes, lam, use_box):
+def _run(op, x, partner, boxes, lam, use_box):
+    """The backend of ``op`` ("mix", or "mix_backward" with x the output gradient) on x in its layout."""
     if x.shape[0] == 0:
         return _empty_out(x)
-    fn = _backend.select("mix", x, partner, boxes, lam, use_box)
+    fn = _backend.select(op, x, partner, boxes, lam, use_box)
     return fn(x.contiguous(memory_format=V.memory_format(x)), partner, boxes, lam, use_box)
 
 
+@torch.library.custom_op("fastsd::mix_backward", mutates_args=())
+def _mix_backward_op(grad: torch.Tensor, partner: torch.Tensor, boxes: torch.Tensor, lam: torch.Tensor,
+                     use_box: torch.Tensor) -> torch.Tensor:
+    return _run("mix_backward", grad, partner, boxes, lam, use_box)
+
+
 @_mix_op.register_fake
+@_mix_backward_op.register_fake
 def _(x, partner, boxes, lam, use_box):
     return _empty_out(x)
 
@@ -54,10 +64,17 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     partner, boxes, lam, use_box = ctx.saved_tensors
-    return reference.mix_backward(grad, partner, boxes, lam, use_box), None, None, None, None
+    return _mix_backward_op(grad, partner, boxes, lam, use_box), None, None, None, None
+
+
+def _backward_of_backward(ctx, grad):
+    # mix_backward is linear in grad; its adjoint is the forward op.
+    partner, boxes, lam, use_box = ctx.saved_tensors
+    return _mix_op(grad, partner, boxes, lam, use_box), None, None, None, None
 
 
 _mix_op.register_autograd(_backward, setup_context=_setup_context)
+_mix_backward_op.register_autograd(_backward_of_backward, setup_context=_setup_context)
 
 
 def mix(x: torch.Tensor, partner: torch.Tensor, boxes: torch.Tensor, lam: torch.Tensor,
@@ -155,7 +172,7 @@ def mix_unchecked(x, partner, boxes, lam, use_box) -> torch.Tensor:
         return _mix_op(x, partner, boxes, lam, use_box)
     # Nothing to record for autograd or a graph: the backend at once (the custom op's dispatch
     # costs as much as the whole 32 px pass).
-    return _run(x, partner, boxes, lam, use_box)
+    return _run("mix", x, partner, boxes, lam, use_box)
 
 
 def _compiling() -> bool:
@@ -177,6 +194,35 @@ def _cpp_reasons(*tensors, **kwargs):
 @_backend.register("mix", "cpp", reasons=_cpp_reasons)
 def _mix_cpp(x, partner, boxes, lam, use_box):
     return _ext.ops().mix(x, partner, boxes, lam, use_box)
+
+
+# The Triton kernel (kernels/mix.py) takes every dtype, layout and lam dtype of fastsd.mix; it reads
+# partner, boxes, lam and use_box as flat arrays (contiguous: no-ops for what mix_unchecked passes).
+@_backend.register("mix", "triton")
+def _mix_triton(x, partner, boxes, lam, use_box):
+    from ..kernels import mix as k
+
+    return k.mix(x, partner.contiguous(), boxes.contiguous(), lam.contiguous(), use_box.contiguous())
+
+
+@_backend.register("mix_", "triton")
+def _mix_inplace_triton(x, partner, boxes, lam, use_box):
+    from ..kernels import mix as k
+
+    k.mix_(x, partner.contiguous(), boxes.contiguous(), lam.contiguous(), use_box.contiguous())
+
+
+_backend.register("mix_backward", "torch")(reference.mix_backward)
+# fastsd._C has no mix backward (yet): with the cpp backend forced, the backward is the reference's
+# gather (ATen's CPU kernels), as it was before the backward became its own op.
+_backend.register("mix_backward", "cpp")(reference.mix_backward)
+
+
+@_backend.register("mix_backward", "triton")
+def _mix_backward_triton(grad, partner, boxes, lam, use_box):
+    from ..kernels import mix as k
+
+    return k.mix_backward(grad, partner.contiguous(), boxes.contiguous(), lam.contiguous(), use_box.contiguous())
 
 
 @_backend.register("mix_", "torch")

@@ -359,7 +359,7 @@ def mix_backward(grad: torch.Tensor, partner: torch.Tensor, boxes: torch.Tensor,
     a gather through ``inverse_partner`` (``q[partner[i]] == i``; one argsort on the device where the
     caller has none)."""
     if inverse_partner is None:
-        inverse_partner = torch.argsort(partner)
+        inverse_partner = torch.sort(partner).indices  # (argsort: the same sort kernel)
     out = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device, memory_format=_validate.memory_format(grad))
     _launch(grad, out, inverse_partner.contiguous(), boxes, lam, use_box, inplace=False, backward=True)
     return out

@@ -68,7 +68,7 @@ CALLS = {
 # Launches per call on CUDA, forward + backward (issue 12; before it: 8, 52, 21, 4 and 3).
 BUDGET = {"patch_swap": 3, "intra_class_patch_swap": 8, "pair_kd_loss": 4, "kd_loss": 3, "feature_alignment_loss": 3,
           # one mix kernel and fastsd.mix._check's value checks on the device (23 ops: boxes in range,
-          # lam in [0, 1], partner a permutation); backward: argsort and the gather kernel (before it: 20)
+          # lam in [0, 1], partner a permutation); backward: a sort (the inverse permutation) and the gather kernel (before it: 20)
           "mix": 26}
 
 

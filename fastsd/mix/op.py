@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _backend, _ext
+from .. import _backend, _eager, _ext
 from .. import _validate as V
 from .. import reference
 from ..patch_swap import PATCH_SWAP_DTYPES, assert_permutation
@@ -31,9 +31,8 @@ def _empty_out(x: torch.Tensor) -> torch.Tensor:
     return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=V.memory_format(x))
 
 
-@torch.library.custom_op("fastsd::mix", mutates_args=())
-def _mix_op(x: torch.Tensor, partner: torch.Tensor, boxes: torch.Tensor, lam: torch.Tensor,
-            use_box: torch.Tensor) -> torch.Tensor:
+def _mix_impl(x: torch.Tensor, partner: torch.Tensor, boxes: torch.Tensor, lam: torch.Tensor,
+              use_box: torch.Tensor) -> torch.Tensor:
     return _run("mix", x, partner, boxes, lam, use_box)
 
 
@@ -45,10 +44,13 @@ def _run(op, x, partner, boxes, lam, use_box):
     return fn(x.contiguous(memory_format=V.memory_format(x)), partner, boxes, lam, use_box)
 
 
-@torch.library.custom_op("fastsd::mix_backward", mutates_args=())
-def _mix_backward_op(grad: torch.Tensor, partner: torch.Tensor, boxes: torch.Tensor, lam: torch.Tensor,
-                     use_box: torch.Tensor) -> torch.Tensor:
+def _mix_backward_impl(grad: torch.Tensor, partner: torch.Tensor, boxes: torch.Tensor, lam: torch.Tensor,
+                       use_box: torch.Tensor) -> torch.Tensor:
     return _run("mix_backward", grad, partner, boxes, lam, use_box)
+
+
+_mix_op = torch.library.custom_op("fastsd::mix", mutates_args=())(_mix_impl)
+_mix_backward_op = torch.library.custom_op("fastsd::mix_backward", mutates_args=())(_mix_backward_impl)
 
 
 @_mix_op.register_fake
@@ -64,17 +66,22 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     partner, boxes, lam, use_box = ctx.saved_tensors
-    return _mix_backward_op(grad, partner, boxes, lam, use_box), None, None, None, None
+    needs_grad = torch.is_grad_enabled() and grad.requires_grad  # create_graph: a double backward
+    out = _MIX_BACKWARD((grad, partner, boxes, lam, use_box), needs_grad, grad, partner, boxes, lam, use_box)
+    return out, None, None, None, None
 
 
 def _backward_of_backward(ctx, grad):
     # mix_backward is linear in grad; its adjoint is the forward op.
     partner, boxes, lam, use_box = ctx.saved_tensors
-    return _mix_op(grad, partner, boxes, lam, use_box), None, None, None, None
+    needs_grad = torch.is_grad_enabled() and grad.requires_grad
+    return _MIX((grad, partner, boxes, lam, use_box), needs_grad, grad, partner, boxes, lam, use_box), None, None, None, None
 
 
-_mix_op.register_autograd(_backward, setup_context=_setup_context)
-_mix_backward_op.register_autograd(_backward_of_backward, setup_context=_setup_context)
+# The registered ops for torch.compile/export/opcheck; eager calls run the same functions directly
+# (fastsd._eager: the custom op's dispatch costs as much as the whole 32 px pass).
+_MIX = _eager.Path(_mix_op, _mix_impl, _setup_context, _backward)
+_MIX_BACKWARD = _eager.Path(_mix_backward_op, _mix_backward_impl, _setup_context, _backward_of_backward)
 
 
 def mix(x: torch.Tensor, partner: torch.Tensor, boxes: torch.Tensor, lam: torch.Tensor,
@@ -168,16 +175,8 @@ def mix_unchecked(x, partner, boxes, lam, use_box) -> torch.Tensor:
     clipped to the image, lam in [0, 1], partner a flip or roll): no value checks. int64 partner
     and boxes."""
     boxes, lam, use_box = boxes.contiguous(), lam.contiguous(), use_box.contiguous()
-    if x.requires_grad and torch.is_grad_enabled() or _compiling():
-        return _mix_op(x, partner, boxes, lam, use_box)
-    # Nothing to record for autograd or a graph: the backend at once (the custom op's dispatch
-    # costs as much as the whole 32 px pass).
-    return _run("mix", x, partner, boxes, lam, use_box)
-
-
-def _compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling()
+    return _MIX((x, partner, boxes, lam, use_box), torch.is_grad_enabled() and x.requires_grad,
+                x, partner, boxes, lam, use_box)
 
 
 # --- backends: fn(x, partner, boxes, lam, use_box) -> out ------------------------------------------
@@ -212,10 +211,9 @@ def _mix_inplace_triton(x, partner, boxes, lam, use_box):
     k.mix_(x, partner.contiguous(), boxes.contiguous(), lam.contiguous(), use_box.contiguous())
 
 
-_backend.register("mix_backward", "torch")(reference.mix_backward)
-# fastsd._C has no mix backward (yet): with the cpp backend forced, the backward is the reference's
-# gather (ATen's CPU kernels), as it was before the backward became its own op.
-_backend.register("mix_backward", "cpp")(reference.mix_backward)
+# fastsd._C has no mix backward (yet): the reference's gather (ATen's kernels) stands in where the
+# cpp or cuda backend is forced.
+_backend.register("mix_backward", "torch", stand_in=True)(reference.mix_backward)
 
 
 @_backend.register("mix_backward", "triton")

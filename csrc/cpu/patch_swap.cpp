@@ -87,18 +87,21 @@ void cell_select(const T* x, T* out, const int64_t* src, const int64_t* mask_row
   std::vector<int64_t> col(gw + 1);
   for (int64_t cw = 0; cw <= gw; ++cw) col[cw] = (cw * W + gw - 1) / gw;
   const bool by_runs = (W / gw) * pix * static_cast<int64_t>(sizeof(T)) >= kMinMemcpyRunBytes;
-  // The cell of each element of a row (select path): a row's mask is its cells' bits, expanded.
-  std::vector<uint32_t> cell_of(by_runs ? 0 : row_len);
+  // The cell of each element of a cell row's rows (select path): its mask is its cells' bits,
+  // expanded in one vectorised pass.
+  const int64_t rows_per_unit = (H + gh - 1) / gh;
+  std::vector<uint32_t> cell_of(by_runs ? 0 : rows_per_unit * row_len);
   for (int64_t cw = 0; cw < gw && !by_runs; ++cw) {
-    for (int64_t e = col[cw] * pix; e < col[cw + 1] * pix; ++e) cell_of[e] = static_cast<uint32_t>(cw);
+    for (int64_t r = 0; r < rows_per_unit; ++r) {
+      for (int64_t e = col[cw] * pix; e < col[cw + 1] * pix; ++e) cell_of[r * row_len + e] = static_cast<uint32_t>(cw);
+    }
   }
   // Work unit: one cell row (b, ch), i.e. image rows [h0, h1) that share the row's cells. Those rows
   // are contiguous in memory (within a plane in NCHW, within the sample in channels_last), so the
-  // select path handles a whole unit in one vectorised call with the row mask tiled over its rows.
+  // select path handles a whole unit in one vectorised call under one mask.
   std::vector<int64_t> row0(gh + 1);  // first image row of each cell row
   for (int64_t ch = 0; ch <= gh; ++ch) row0[ch] = (ch * H + gh - 1) / gh;
   const std::vector<int64_t> units = cycle_order(src, B, gh);
-  const int64_t rows_per_unit = (H + gh - 1) / gh;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, rows_per_unit * row_len * planes));
 
   at::parallel_for(0, B * gh, grain, [&](int64_t begin, int64_t end) {
@@ -106,7 +109,7 @@ void cell_select(const T* x, T* out, const int64_t* src, const int64_t* mask_row
     const int64_t ngw = gw, ngh = gh, nrow = row_len, nplanes = planes, pstride = plane_stride, npix = pix;
     const int64_t* cols = col.data();
     const int64_t* rows = row0.data();
-    // Select path: keep / take bits of one cell row, tiled over its image rows.
+    // Select path: keep / take bits of one cell row's image rows.
     // (The forward reads take bits only: keep == !take there.)
     std::vector<U> keep_bits(by_runs || forward ? 0 : rows_per_unit * nrow);
     std::vector<U> take_bits(by_runs ? 0 : rows_per_unit * nrow);
@@ -158,11 +161,11 @@ void cell_select(const T* x, T* out, const int64_t* src, const int64_t* mask_row
         }
         continue;
       }
-      // The first row's masks (vectorised from the bit words), then doubled over the unit's rows.
+      // The unit's masks, vectorised from the bit words.
       const uint32_t* cells = cell_of.data();
       if (ngw <= kWordBits) {
-        loops.expand(take_row, cells, take_word, nrow);
-        if (!forward) loops.expand(keep_row, cells, keep_word, nrow);
+        loops.expand(take_row, cells, take_word, block);
+        if (!forward) loops.expand(keep_row, cells, keep_word, block);
       } else {
         for (int64_t cw = 0; cw < ngw; ++cw) {
           keep_cell[cw] = own_cells[cw] == 0 ? U(~U(0)) : U(0);
@@ -170,13 +173,8 @@ void cell_select(const T* x, T* out, const int64_t* src, const int64_t* mask_row
         }
         const U* tc = take_cell.data();
         const U* kc = keep_cell.data();
-        for (int64_t e = 0; e < nrow; ++e) take_row[e] = tc[cells[e]];
-        for (int64_t e = 0; e < nrow && !forward; ++e) keep_row[e] = kc[cells[e]];
-      }
-      for (int64_t done = nrow; done < block; done *= 2) {
-        const int64_t n = std::min(done, block - done);
-        std::memcpy(take_row + done, take_row, n * sizeof(U));
-        if (!forward) std::memcpy(keep_row + done, keep_row, n * sizeof(U));
+        for (int64_t e = 0; e < block; ++e) take_row[e] = tc[cells[e]];
+        for (int64_t e = 0; e < block && !forward; ++e) keep_row[e] = kc[cells[e]];
       }
       auto* o = reinterpret_cast<U*>(out + self_base);
       auto* s = reinterpret_cast<const U*>(x + self_base);

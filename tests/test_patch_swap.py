@@ -290,3 +290,54 @@ BAD_HELPERS = [
 def test_helpers_bad_input(call, exc, word):
     with pytest.raises(exc, match=word):
         call()
+
+
+# Every path of the C++ CPU gather: narrow cells (bit select, mask from the cells' bit word), grids
+# wider than one bit word (32 cells), wide cells (memcpy per run), uniform cell rows (one block),
+# cells that do not divide the image; NCHW and channels_last.
+BIT_EXACT_SHAPES = [
+    ((6, 3, 32, 32), (8, 8)),
+    ((4, 2, 9, 40), (3, 40)),
+    ((4, 2, 8, 70), (2, 35)),
+    ((4, 3, 6, 96), (3, 2)),
+    ((4, 3, 7, 33), (3, 5)),
+]
+INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "float64", "uint8"])
+@pytest.mark.parametrize("shape,grid", BIT_EXACT_SHAPES, ids=lambda v: "x".join(map(str, v)))
+def test_cpp_gather_is_bit_exact(shape, grid, dtype, channels_last):
+    """Copies move bits: NaN payloads and -0.0 come through the forward, and through the backward's
+    cells with one source (gather with the inverse permutation; zero with none, a sum with both)."""
+    if "cpp" not in COMPILED:
+        pytest.skip("C++ backend not built")
+    dt = DTYPES[dtype]
+    itype = INT_VIEW[torch.empty((), dtype=dt).element_size()]
+    gen = torch.Generator().manual_seed(7)
+    B, C, H, W = shape
+    bits = torch.randint(-(2 ** 15), 2 ** 15, shape, generator=gen).to(itype)  # NaN payloads, -0.0, ...
+    x = bits.view(dt)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    partner = torch.randperm(B, generator=gen)
+    mask = torch.rand((B,) + grid, generator=gen) < 0.5
+    mask[0, 0] = True  # a uniform cell row of each kind
+    mask[1, 0] = False
+    m = R.upsample_mask(mask, H, W)[:, None]
+    xi = x.contiguous().view(itype)
+    out = torch.ops.fastsd_C.patch_swap(x, partner, mask)
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert torch.equal(out.contiguous().view(itype), torch.where(m, xi[partner], xi))
+    grad_x = torch.ops.fastsd_C.patch_swap_backward(x, partner, mask)
+    q = torch.argsort(partner)
+    keep, take = ~m, m[q]
+    gi = grad_x.contiguous().view(itype)
+    one = keep ^ take
+    expected = torch.where(keep, xi, xi[q])
+    assert torch.equal(gi[one.expand_as(gi)], expected[one.expand_as(gi)])
+    assert not gi[(~keep & ~take).expand_as(gi)].any()
+    both = (keep & take).expand_as(gi)
+    xc = x.contiguous()  # (a sum's NaN payload is the hardware's choice)
+    torch.testing.assert_close(grad_x.contiguous()[both], (xc + xc[q])[both], rtol=0, atol=0, equal_nan=True)

@@ -14,11 +14,11 @@
 
 #include <algorithm>
 #include <cstring>
-#include <type_traits>
 #include <vector>
 
 #include "alloc.h"
 #include "capability.h"
+#include "select.h"
 
 namespace fastsd {
 namespace {
@@ -49,17 +49,6 @@ constexpr float kRound = 12582912.0f;
       o[e] = static_cast<uint8_t>(static_cast<int32_t>((v + kRound) - kRound));                          \
     }                                                                                                    \
   }                                                                                                      \
-  /* rows image rows of a box, bit select with the row mask m (all ones on the box columns) */          \
-  template <typename U>                                                                                  \
-  ATTRIBUTES void box_rows(U* __restrict o, const U* __restrict s, const U* __restrict t,                \
-                           const U* __restrict m, int64_t rows, int64_t row_len) {                        \
-    for (int64_t r = 0; r < rows; ++r) {                                                                 \
-      for (int64_t e = 0; e < row_len; ++e) o[e] = (s[e] & ~m[e]) | (t[e] & m[e]);                       \
-      o += row_len;                                                                                      \
-      s += row_len;                                                                                      \
-      t += row_len;                                                                                      \
-    }                                                                                                    \
-  }                                                                                                      \
   }
 
 #if defined(FASTSD_MULTI_ISA)
@@ -67,12 +56,6 @@ FASTSD_MIX_LOOPS(avx2, __attribute__((target("avx2"))))
 #endif
 FASTSD_MIX_LOOPS(baseline, )
 #undef FASTSD_MIX_LOOPS
-
-// Same-width unsigned integer: the box select copies bits (NaN payloads, -0.0) as they are.
-template <typename T>
-using Bits = std::conditional_t<sizeof(T) == 1, uint8_t,
-                                std::conditional_t<sizeof(T) == 2, uint16_t,
-                                                   std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>>>;
 
 // Image rows up to this many bytes take a vectorised bit select over the box rows, where three
 // memcpy calls a row would cost more than the bytes they move (32 px uint8: 32-byte rows).
@@ -143,7 +126,8 @@ void mix_kernel(const T* x, T* out, const int64_t* partner, const int64_t* boxes
   const int64_t sample = g.C * g.H * g.W;
   const bool avx2 = use_avx2();
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, plane));
-  using U = Bits<T>;
+  using U = cpu::Bits<T>;
+  const cpu::SelectLoops<U> select = cpu::select_loops<U>();
   const bool select_rows = row_len * static_cast<int64_t>(sizeof(T)) <= kMaxSelectRowBytes;
   at::parallel_for(0, g.B * planes, grain, [&](int64_t begin, int64_t end) {
     std::vector<U> row_mask(select_rows ? row_len : 0);
@@ -175,14 +159,7 @@ void mix_kernel(const T* x, T* out, const int64_t* partner, const int64_t* boxes
         auto* uo = reinterpret_cast<U*>(o + r);
         auto* us = reinterpret_cast<const U*>(self + r);
         auto* ut = reinterpret_cast<const U*>(other + r);
-#if defined(FASTSD_MULTI_ISA)
-        if (avx2) {
-          avx2::box_rows<U>(uo, us, ut, row_mask.data(), y1 - y0, row_len);
-        } else
-#endif
-        {
-          baseline::box_rows<U>(uo, us, ut, row_mask.data(), y1 - y0, row_len);
-        }
+        select.take(uo, us, ut, row_mask.data(), row_len, y1 - y0, row_len);  // the box rows
       } else {
         for (int64_t h = y0; h < y1; ++h) {
           const int64_t r = h * row_len;

@@ -1,4 +1,4 @@
-// CPU kernels of patch swap, parallel over image rows with at::parallel_for.
+// CPU kernels of patch swap, parallel over cell rows with at::parallel_for.
 //
 // Both directions are one gather, `cell_select`: for each pixel of row (b, h), in cell (ch, cw),
 //   out = (keep ? x[b] : 0) + (take ? x[src[b]] : 0)
@@ -6,33 +6,33 @@
 // forward:  src = partner, mask_row = b  (exactly one of keep/take holds: a copy)
 // backward: src = mask_row = q, the inverse permutation of partner.
 // Within a row, the pixels of one cell are a contiguous run (W / gw pixels in NCHW, times C in
-// channels_last), so long runs (neighbouring cells with the same choice merged) are memcpy'd;
-// short runs use a branch-free bitwise select that the compiler vectorises.
+// channels_last). A cell row with one choice throughout is one contiguous block per plane (one
+// memcpy); wide cells (>= kMinMemcpyRunBytes) are memcpy'd run by run (neighbouring cells with the
+// same choice merged); narrow ones take a branch-free bit select (select.h) over the whole cell
+// row, its mask expanded from the cells' bits. A per-run memcpy of 16-byte runs costs more in calls
+// than the select's second read, and that read is made a cache hit by walking the cell rows in the
+// permutation's cycle order (cycle_order).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstring>
-#include <type_traits>
 #include <vector>
 
 #include "../patch_swap.h"
 #include "alloc.h"
 #include "capability.h"
+#include "select.h"
 
 namespace fastsd {
 namespace {
 
-// Runs of at least this many elements are copied with memcpy; shorter ones by a bitwise select.
-constexpr int64_t kMinMemcpyRun = 16;
+constexpr int64_t kWordBits = 32;  // cells per mask bit word (wider grids expand lane by lane)
 
-// Same-width unsigned integer, for a branch-free, bit-exact select that the compiler vectorises
-// (NaN payloads and -0.0 are copied as they are).
-template <typename T>
-using Bits = std::conditional_t<sizeof(T) == 1, uint8_t,
-                                std::conditional_t<sizeof(T) == 2, uint16_t,
-                                                   std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>>>;
+// Runs of at least this many bytes (every cell of the call) are copied with memcpy; narrower cells
+// take the vector select, which reads both sources but costs no call per run.
+constexpr int64_t kMinMemcpyRunBytes = 128;
 
 template <typename T>
 inline void run(T* o, const T* self, const T* other, bool keep, bool take, int64_t n) {
@@ -47,57 +47,34 @@ inline void run(T* o, const T* self, const T* other, bool keep, bool take, int64
   }
 }
 
-// out = (s & keep) | (t & take), element by element, and the forward's case keep == ~take (one bit
-// stream fewer to read). __restrict and plain arguments let the compiler vectorise them (csrc is
-// built with -fno-strict-aliasing for the bit casts, so without them every store could alias every
-// loaded bound). One copy per vector path (capability.h), picked by select_loops().
-#define FASTSD_SELECT_LOOPS(ISA, ATTRIBUTES)                                                              \
-  namespace ISA {                                                                                        \
-  template <typename U>                                                                                  \
-  ATTRIBUTES void select_bits(U* __restrict o, const U* __restrict s, const U* __restrict t,             \
-                              const U* __restrict keep, const U* __restrict take, int64_t n) {           \
-    for (int64_t e = 0; e < n; ++e) o[e] = (s[e] & keep[e]) | (t[e] & take[e]);                          \
-  }                                                                                                      \
-  template <typename U>                                                                                  \
-  ATTRIBUTES void select_take(U* __restrict o, const U* __restrict s, const U* __restrict t,             \
-                              const U* __restrict take, int64_t n) {                                     \
-    for (int64_t e = 0; e < n; ++e) o[e] = (s[e] & ~take[e]) | (t[e] & take[e]);                         \
-  }                                                                                                      \
+// The work units (b, ch) in the order of src's cycles: for each cycle (b0, b1 = src[b0], ...), each
+// cell row ch, each member. Unit (b_i, ch) reads its partner slice x[b_{i+1}] rows of ch, which is
+// the next unit's own slice: the second read of each byte of x is a cache hit, not a trip to
+// memory (fastsd's pairs are involutions: cycles of two).
+std::vector<int64_t> cycle_order(const int64_t* src, int64_t B, int64_t gh) {
+  std::vector<int64_t> units;
+  units.reserve(B * gh);
+  std::vector<char> seen(B, 0);
+  std::vector<int64_t> cycle;
+  for (int64_t b0 = 0; b0 < B; ++b0) {
+    if (seen[b0]) continue;
+    cycle.clear();
+    for (int64_t j = b0; !seen[j]; j = src[j]) {
+      seen[j] = 1;
+      cycle.push_back(j);
+    }
+    for (int64_t ch = 0; ch < gh; ++ch) {
+      for (const int64_t j : cycle) units.push_back(j * gh + ch);
+    }
   }
-
-#if defined(FASTSD_MULTI_ISA)
-FASTSD_SELECT_LOOPS(avx512, __attribute__((target(FASTSD_TARGET_AVX512))))
-FASTSD_SELECT_LOOPS(avx2, __attribute__((target(FASTSD_TARGET_AVX2))))
-#endif
-FASTSD_SELECT_LOOPS(baseline, )
-#undef FASTSD_SELECT_LOOPS
-
-template <typename U>
-struct SelectLoops {
-  void (*bits)(U*, const U*, const U*, const U*, const U*, int64_t);
-  void (*take)(U*, const U*, const U*, const U*, int64_t);
-};
-
-template <typename U>
-SelectLoops<U> select_loops() {
-#if defined(FASTSD_MULTI_ISA)
-  switch (cpu::cpu_isa()) {
-    case cpu::Isa::kAvx512:
-      return {&avx512::select_bits<U>, &avx512::select_take<U>};
-    case cpu::Isa::kAvx2:
-      return {&avx2::select_bits<U>, &avx2::select_take<U>};
-    default:
-      break;
-  }
-#endif
-  return {&baseline::select_bits<U>, &baseline::select_take<U>};
+  return units;
 }
 
 template <typename T>
 void cell_select(const T* x, T* out, const int64_t* src, const int64_t* mask_row, const uint8_t* mask,
                  const PatchSwapGeometry& geometry, bool forward) {
-  using U = Bits<T>;
-  const SelectLoops<U> loops = select_loops<U>();
+  using U = cpu::Bits<T>;
+  const cpu::SelectLoops<U> loops = cpu::select_loops<U>();
   const int64_t B = geometry.B, C = geometry.C, H = geometry.H, W = geometry.W, gh = geometry.gh, gw = geometry.gw;
   const bool channels_last = geometry.channels_last;
   const int64_t pix = channels_last ? C : 1;     // elements per pixel in a row
@@ -108,71 +85,113 @@ void cell_select(const T* x, T* out, const int64_t* src, const int64_t* mask_row
   // First column of each cell along w: the run of cell cw is [col[cw], col[cw + 1]).
   std::vector<int64_t> col(gw + 1);
   for (int64_t cw = 0; cw <= gw; ++cw) col[cw] = (cw * W + gw - 1) / gw;
-  const bool by_runs = (W / gw) * pix >= kMinMemcpyRun;
+  const bool by_runs = (W / gw) * pix * static_cast<int64_t>(sizeof(T)) >= kMinMemcpyRunBytes;
+  // The cell of each element of a cell row's rows (select path): its mask is its cells' bits,
+  // expanded in one vectorised pass.
+  const int64_t rows_per_unit = (H + gh - 1) / gh;
+  std::vector<uint32_t> cell_of(by_runs ? 0 : rows_per_unit * row_len);
+  for (int64_t cw = 0; cw < gw && !by_runs; ++cw) {
+    for (int64_t r = 0; r < rows_per_unit; ++r) {
+      for (int64_t e = col[cw] * pix; e < col[cw + 1] * pix; ++e) cell_of[r * row_len + e] = static_cast<uint32_t>(cw);
+    }
+  }
   // Work unit: one cell row (b, ch), i.e. image rows [h0, h1) that share the row's cells. Those rows
   // are contiguous in memory (within a plane in NCHW, within the sample in channels_last), so the
-  // select path handles a whole unit-plane in one vectorised call.
-  const int64_t rows_per_unit = (H + gh - 1) / gh;
+  // select path handles a whole unit in one vectorised call under one mask.
+  std::vector<int64_t> row0(gh + 1);  // first image row of each cell row
+  for (int64_t ch = 0; ch <= gh; ++ch) row0[ch] = (ch * H + gh - 1) / gh;
+  const std::vector<int64_t> units = cycle_order(src, B, gh);
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, rows_per_unit * row_len * planes));
 
   at::parallel_for(0, B * gh, grain, [&](int64_t begin, int64_t end) {
-    // Select path: keep / take bits of one cell row, tiled over its image rows.
+    // (-fno-strict-aliasing: locals, not captured references, keep these in registers.)
+    const int64_t ngw = gw, ngh = gh, nrow = row_len, nplanes = planes, pstride = plane_stride, npix = pix;
+    const int64_t* cols = col.data();
+    const int64_t* rows = row0.data();
+    // Select path: keep / take bits of one cell row's image rows.
     // (The forward reads take bits only: keep == !take there.)
-    std::vector<U> keep_bits(by_runs || forward ? 0 : rows_per_unit * row_len);
-    std::vector<U> take_bits(by_runs ? 0 : rows_per_unit * row_len);
-    std::vector<int64_t> both;  // cells where keep and take hold (backward only): s + t
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t b = u / gh, ch = u % gh;
-      const int64_t h0 = (ch * H + gh - 1) / gh, h1 = ((ch + 1) * H + gh - 1) / gh;
-      const int64_t block = (h1 - h0) * row_len;  // elements of the unit in one plane
-      const uint8_t* own_cells = mask + (b * gh + ch) * gw;
-      const uint8_t* other_cells = mask + (mask_row[b] * gh + ch) * gw;
-      const int64_t self_base = b * sample + h0 * row_len;
-      const int64_t other_base = src[b] * sample + h0 * row_len;
-      if (!by_runs) {
-        both.clear();
-        for (int64_t cw = 0; cw < gw; ++cw) {
-          const bool k = own_cells[cw] == 0, t = other_cells[cw] != 0;
-          if (k && t) both.push_back(cw);
-          if (!forward) {
-            std::fill(keep_bits.begin() + col[cw] * pix, keep_bits.begin() + col[cw + 1] * pix, k ? U(~U(0)) : U(0));
-          }
-          std::fill(take_bits.begin() + col[cw] * pix, take_bits.begin() + col[cw + 1] * pix, t ? U(~U(0)) : U(0));
-        }
-        for (int64_t r = 1; r < h1 - h0; ++r) {  // tile the row's pattern over the unit's rows
-          if (!forward) std::copy(keep_bits.begin(), keep_bits.begin() + row_len, keep_bits.begin() + r * row_len);
-          std::copy(take_bits.begin(), take_bits.begin() + row_len, take_bits.begin() + r * row_len);
+    std::vector<U> keep_bits(by_runs || forward ? 0 : rows_per_unit * nrow);
+    std::vector<U> take_bits(by_runs ? 0 : rows_per_unit * nrow);
+    std::vector<U> keep_cell(ngw), take_cell(ngw);  // grids wider than one bit word
+    U* keep_row = keep_bits.data();
+    U* take_row = take_bits.data();
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = units[i] / ngh, ch = units[i] % ngh;
+      const int64_t block = (rows[ch + 1] - rows[ch]) * nrow;  // elements of the unit in one plane
+      const uint8_t* own_cells = mask + (b * ngh + ch) * ngw;
+      const uint8_t* other_cells = mask + (mask_row[b] * ngh + ch) * ngw;
+      const int64_t self_base = b * sample + rows[ch] * nrow;
+      const int64_t other_base = src[b] * sample + rows[ch] * nrow;
+      const bool k0 = own_cells[0] == 0, t0 = other_cells[0] != 0;
+      bool uniform = true;
+      uint32_t keep_word = 0, take_word = 0;  // bit cw: cell cw keeps / takes (cw < kWordBits)
+      for (int64_t cw = 0; cw < ngw; ++cw) {
+        const bool k = own_cells[cw] == 0, t = other_cells[cw] != 0;
+        uniform = uniform && k == k0 && t == t0;
+        if (cw < kWordBits) {
+          keep_word |= static_cast<uint32_t>(k) << cw;
+          take_word |= static_cast<uint32_t>(t) << cw;
         }
       }
-      for (int64_t p = 0; p < planes; ++p) {
-        const T* self = x + self_base + p * plane_stride;
-        const T* other = x + other_base + p * plane_stride;
-        T* o = out + self_base + p * plane_stride;
-        if (!by_runs) {
-          if (forward) {
-            loops.take(reinterpret_cast<U*>(o), reinterpret_cast<const U*>(self), reinterpret_cast<const U*>(other),
-                       take_bits.data(), block);
-          } else {
-            loops.bits(reinterpret_cast<U*>(o), reinterpret_cast<const U*>(self),
-                       reinterpret_cast<const U*>(other), keep_bits.data(), take_bits.data(), block);
-          }
-          for (const int64_t cw : both) {
-            for (int64_t r = 0; r < block; r += row_len) {
-              for (int64_t e = r + col[cw] * pix; e < r + col[cw + 1] * pix; ++e) o[e] = self[e] + other[e];
+      if (uniform) {  // one choice over the whole cell row: one contiguous run per plane
+        for (int64_t p = 0; p < nplanes; ++p) {
+          const int64_t off = p * pstride;
+          run(out + self_base + off, x + self_base + off, x + other_base + off, k0, t0, block);
+        }
+        continue;
+      }
+      if (by_runs) {
+        for (int64_t p = 0; p < nplanes; ++p) {
+          const T* self = x + self_base + p * pstride;
+          const T* other = x + other_base + p * pstride;
+          T* o = out + self_base + p * pstride;
+          for (int64_t r = 0; r < block; r += nrow) {
+            // merge neighbouring cells with the same choice into one longer run
+            int64_t cw = 0;
+            while (cw < ngw) {
+              const bool k = own_cells[cw] == 0, t = other_cells[cw] != 0;
+              int64_t stop = cw + 1;
+              while (stop < ngw && (own_cells[stop] == 0) == k && (other_cells[stop] != 0) == t) ++stop;
+              const int64_t a = r + cols[cw] * npix, n = (cols[stop] - cols[cw]) * npix;
+              run(o + a, self + a, other + a, k, t, n);
+              cw = stop;
             }
           }
-          continue;
         }
-        for (int64_t r = 0; r < block; r += row_len) {
-          // merge neighbouring cells with the same choice into one longer run
-          int64_t cw = 0;
-          while (cw < gw) {
-            const bool k = own_cells[cw] == 0, t = other_cells[cw] != 0;
-            int64_t stop = cw + 1;
-            while (stop < gw && (own_cells[stop] == 0) == k && (other_cells[stop] != 0) == t) ++stop;
-            const int64_t a = r + col[cw] * pix, n = (col[stop] - col[cw]) * pix;
-            run(o + a, self + a, other + a, k, t, n);
-            cw = stop;
+        continue;
+      }
+      // The unit's masks, vectorised from the bit words.
+      const uint32_t* cells = cell_of.data();
+      if (ngw <= kWordBits) {
+        loops.expand(take_row, cells, take_word, block);
+        if (!forward) loops.expand(keep_row, cells, keep_word, block);
+      } else {
+        for (int64_t cw = 0; cw < ngw; ++cw) {
+          keep_cell[cw] = own_cells[cw] == 0 ? U(~U(0)) : U(0);
+          take_cell[cw] = other_cells[cw] != 0 ? U(~U(0)) : U(0);
+        }
+        const U* tc = take_cell.data();
+        const U* kc = keep_cell.data();
+        for (int64_t e = 0; e < block; ++e) take_row[e] = tc[cells[e]];
+        for (int64_t e = 0; e < block && !forward; ++e) keep_row[e] = kc[cells[e]];
+      }
+      auto* o = reinterpret_cast<U*>(out + self_base);
+      auto* s = reinterpret_cast<const U*>(x + self_base);
+      auto* t = reinterpret_cast<const U*>(x + other_base);
+      if (forward) {
+        loops.take(o, s, t, take_row, block, nplanes, pstride);
+        continue;
+      }
+      loops.bits(o, s, t, keep_row, take_row, block, nplanes, pstride);
+      // cells where both hold (backward only): s + t, not the select's OR
+      for (int64_t cw = 0; cw < ngw; ++cw) {
+        if (own_cells[cw] != 0 || other_cells[cw] == 0) continue;
+        for (int64_t p = 0; p < nplanes; ++p) {
+          const T* self = x + self_base + p * pstride;
+          const T* other = x + other_base + p * pstride;
+          T* op = out + self_base + p * pstride;
+          for (int64_t r = 0; r < block; r += nrow) {
+            for (int64_t e = r + cols[cw] * npix; e < r + cols[cw + 1] * npix; ++e) op[e] = self[e] + other[e];
           }
         }
       }

@@ -1,0 +1,93 @@
+// Bit-exact selects between two sources under a lane mask, one copy per vector path.
+//
+// Used where an image row mixes two sources in short segments (mix's CutMix box rows, patch
+// swap's small cells): a branch-free select over whole rows costs less than a memcpy call per
+// segment. The select works on same-width unsigned integers, so NaN payloads and -0.0 are copied
+// as they are (bits, never arithmetic). The loops are plain C++ that the compiler vectorises;
+// __restrict and plain arguments let it (csrc is built with -fno-strict-aliasing for the bit
+// casts, so without them every store could alias every loaded bound). One copy per vector path
+// (capability.h), picked at run time by select_loops().
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "capability.h"
+
+namespace fastsd {
+namespace cpu {
+
+// Same-width unsigned integer of an element type.
+template <typename T>
+using Bits = std::conditional_t<sizeof(T) == 1, uint8_t,
+                                std::conditional_t<sizeof(T) == 2, uint16_t,
+                                                   std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>>>;
+
+// count blocks of n elements, stride elements apart, all under the same mask(s) of n elements:
+//   take:  o = (s & ~take) | (t & take)        (a copy from one source or the other)
+//   bits:  o = (s & keep) | (t & take)         (either, both (OR; callers fix those up), neither)
+//   expand: m[e] = bit shift[e] of word, widened to all ones or all zeros   (building such masks)
+// (a box's image rows: count = rows, stride = n = row_len; one tiled mask over C planes: stride =
+// the plane size.)
+#define FASTSD_SELECT_LOOPS(ISA, ATTRIBUTES)                                                             \
+  namespace ISA {                                                                                       \
+  template <typename U>                                                                                 \
+  ATTRIBUTES void select_take(U* __restrict o, const U* __restrict s, const U* __restrict t,            \
+                              const U* __restrict take, int64_t n, int64_t count, int64_t stride) {     \
+    for (int64_t c = 0; c < count; ++c, o += stride, s += stride, t += stride) {                        \
+      for (int64_t e = 0; e < n; ++e) o[e] = (s[e] & ~take[e]) | (t[e] & take[e]);                      \
+    }                                                                                                   \
+  }                                                                                                     \
+  template <typename U>                                                                                 \
+  ATTRIBUTES void select_bits(U* __restrict o, const U* __restrict s, const U* __restrict t,            \
+                              const U* __restrict keep, const U* __restrict take, int64_t n,            \
+                              int64_t count, int64_t stride) {                                          \
+    for (int64_t c = 0; c < count; ++c, o += stride, s += stride, t += stride) {                        \
+      for (int64_t e = 0; e < n; ++e) o[e] = (s[e] & keep[e]) | (t[e] & take[e]);                       \
+    }                                                                                                   \
+  }                                                                                                     \
+  /* a mask of n lanes from the bits of word: lane e is all ones where bit shift[e] is set */           \
+  template <typename U>                                                                                 \
+  ATTRIBUTES void expand_bits(U* __restrict m, const uint32_t* __restrict shift, uint32_t word,         \
+                              int64_t n) {                                                              \
+    for (int64_t e = 0; e < n; ++e) m[e] = static_cast<U>(U(0) - U((word >> shift[e]) & 1u));          \
+  }                                                                                                     \
+  }
+
+namespace select_isa {
+#if defined(FASTSD_MULTI_ISA)
+FASTSD_SELECT_LOOPS(avx512, __attribute__((target(FASTSD_TARGET_AVX512))))
+FASTSD_SELECT_LOOPS(avx2, __attribute__((target(FASTSD_TARGET_AVX2))))
+#endif
+FASTSD_SELECT_LOOPS(baseline, )
+}  // namespace select_isa
+#undef FASTSD_SELECT_LOOPS
+
+template <typename U>
+struct SelectLoops {
+  void (*take)(U*, const U*, const U*, const U*, int64_t, int64_t, int64_t);
+  void (*bits)(U*, const U*, const U*, const U*, const U*, int64_t, int64_t, int64_t);
+  void (*expand)(U*, const uint32_t*, uint32_t, int64_t);
+};
+
+// The loops of the vector path in use (cpu_isa()).
+template <typename U>
+SelectLoops<U> select_loops() {
+#if defined(FASTSD_MULTI_ISA)
+  switch (cpu_isa()) {
+    case Isa::kAvx512:
+      return {&select_isa::avx512::select_take<U>, &select_isa::avx512::select_bits<U>,
+              &select_isa::avx512::expand_bits<U>};
+    case Isa::kAvx2:
+      return {&select_isa::avx2::select_take<U>, &select_isa::avx2::select_bits<U>,
+              &select_isa::avx2::expand_bits<U>};
+    default:
+      break;
+  }
+#endif
+  return {&select_isa::baseline::select_take<U>, &select_isa::baseline::select_bits<U>,
+              &select_isa::baseline::expand_bits<U>};
+}
+
+}  // namespace cpu
+}  // namespace fastsd

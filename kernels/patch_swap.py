@@ -102,11 +102,17 @@ def _add(s, t):
 
 
 @triton.jit
+def _add_halves(s, t, dtype):
+    """_add of the two 16-bit floats of each 32-bit word of s and t (int32, low half first)."""
+    lo = _add(s.to(tl.int16).to(dtype, bitcast=True), t.to(tl.int16).to(dtype, bitcast=True))
+    hi = _add((s >> 16).to(tl.int16).to(dtype, bitcast=True), (t >> 16).to(tl.int16).to(dtype, bitcast=True))
+    return (hi.to(tl.int16, bitcast=True).to(tl.int32) << 16) | (lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF)
+
+
+@triton.jit
 def _select(keep, take, s, t, both):
     """Per chunk flags [GROUPS] -> a bit-exact copy where one side is selected, the sum where both
     are, 0 where neither (the unselected side's load gave 0 where its mask was off)."""
-    keep = keep[:, None]
-    take = take[:, None]
     return tl.where(keep, tl.where(take, both, s), tl.where(take, t, tl.zeros_like(t)))
 
 
@@ -178,6 +184,9 @@ def cell_select_kernel(
     # The forward of a MIXED chunk of 1- or 2-byte elements merges its two sources a 32-bit word
     # at a time (bit masks) instead of an element at a time (the launcher checks the alignment).
     WORDS: tl.constexpr = MIXED and not BACKWARD and ITEMSIZE < 4 and CHUNK * ITEMSIZE >= 4
+    # The backward of a MIXED chunk of 16-bit floats selects a 32-bit word (two elements) at a time
+    # with bit masks, and adds the halves where both sides are selected (_add_halves).
+    HALVES: tl.constexpr = MIXED and BACKWARD and ITEMSIZE == 2
     pid = tl.program_id(0)
     if BIG:
         b = pid // programs_per_sample
@@ -225,7 +234,34 @@ def cell_select_kernel(
         cell1 = tl.where(line_end, row1, cell_row) * gw + tl.where(line_end, 0, nxt)
         has_change = in_sample & (change < tl.minimum(sample_numel - e, CHUNK))
 
-    if BACKWARD:
+    if HALVES:
+        keep = tl.load(row_b + cell, mask=in_sample, other=1) == 0
+        take = tl.load(row_s + cell, mask=in_sample, other=0) != 0
+        keep1 = tl.load(row_b + cell1, mask=has_change, other=1) == 0
+        take1 = tl.load(row_s + cell1, mask=has_change, other=0) != 0
+        WORDS_A_VEC: tl.constexpr = VEC // 2
+        sample_words = sample_numel >> 1
+        # The samples as 32-bit words (the launcher checks that they start on 4-byte boundaries).
+        x_b = (x_ptr + b_offset).to(tl.pointer_type(tl.int32))
+        x_s = (x_ptr + _offset(src, sample_numel, BIG)).to(tl.pointer_type(tl.int32))
+        out_b = (out_ptr + b_offset).to(tl.pointer_type(tl.int32))
+        kw = tl.arange(0, WORDS_A_VEC)
+        for v in tl.static_range(CHUNK // VEC):
+            j = v * WORDS_A_VEC + kw  # the word in the chunk: elements 2j (low half) and 2j + 1
+            words = (e >> 1)[:, None] + j[None, :]
+            wvalid = words < sample_words
+            s = tl.load(x_b + words, mask=wvalid & (keep | keep1)[:, None], other=0)
+            t = tl.load(x_s + words, mask=wvalid & (take | take1)[:, None], other=0)
+            # The halves of each word before the change (no change in the chunk: change >= CHUNK).
+            c = change[:, None]
+            sums = _add_halves(s, t, x_ptr.dtype.element_ty)
+            side0 = _select(keep[:, None], take[:, None], s, t, sums)
+            side1 = _select(keep1[:, None], take1[:, None], s, t, sums)
+            # Each half takes its side of the change: the whole word, or the low half before it.
+            out = tl.where(c > 2 * j[None, :] + 1, side0,
+                           tl.where(c > 2 * j[None, :], (side0 & 0xFFFF) | (side1 & -65536), side1))
+            tl.store(out_b + words, out, mask=wvalid)
+    elif BACKWARD:
         keep = tl.load(row_b + cell, mask=in_sample, other=1) == 0
         take = tl.load(row_s + cell, mask=in_sample, other=0) != 0
         x_s = x_ptr + _offset(src, sample_numel, BIG)
@@ -241,11 +277,11 @@ def cell_select_kernel(
             s = tl.load(x_ptr + b_offset + offs, mask=valid & any_keep[:, None], other=0)
             t = tl.load(x_s + offs, mask=valid & any_take[:, None], other=0)
             both = _add(s, t)
-            out = _select(keep, take, s, t, both)
+            out = _select(keep[:, None], take[:, None], s, t, both)
             if MIXED:
                 # Each side of the change selects by its cell's flags, then each element its side.
                 in_last = (v * VEC + k)[None, :] >= change[:, None]
-                out = tl.where(in_last, _select(keep1, take1, s, t, both), out)
+                out = tl.where(in_last, _select(keep1[:, None], take1[:, None], s, t, both), out)
             tl.store(out_ptr + b_offset + offs, out, mask=valid)
     else:
         take = tl.load(row_b + cell, mask=in_sample, other=0) != 0
@@ -376,9 +412,10 @@ def _config(x: torch.Tensor, gw: int, channels_last: bool, backward: bool):
     W, itemsize = x.shape[3], x.element_size()
     unit = x.shape[1] if channels_last else 1
     chunk, mixed = _chunk(W, gw, unit, _vec_sizes(x.dtype)[-1])
-    # The forward merges a MIXED chunk of 1- or 2-byte elements a 32-bit word at a time: every
-    # sample must start on a 4-byte boundary (the output is a fresh allocation).
-    words = mixed and not backward and itemsize < 4 and chunk * itemsize >= 4
+    # A MIXED chunk of 1- or 2-byte elements is merged a 32-bit word at a time (the forward's WORDS,
+    # the backward's HALVES): every sample must start on a 4-byte boundary (the output is a fresh
+    # allocation).
+    words = mixed and itemsize < 4 and chunk * itemsize >= 4
     if words and (x[0].numel() * itemsize % 4 or x.data_ptr() % 4):
         return _vec(W, gw, unit, _vec_sizes(x.dtype)[-1]), False
     return chunk, mixed

@@ -286,25 +286,30 @@ def cell_select_kernel(
     else:
         take = tl.load(row_b + cell, mask=in_sample, other=0) != 0
         # One source a chunk: its sample is chosen, then loaded (one load, no select of values).
-        first_source = tl.where(take, src, b)
+        if VEC == 1 and ITEMSIZE > 1:
+            # A select of the two samples' offsets (computed once) is cheaper than a multiply a chunk,
+            # but hides their alignment from the vector loads wider chunks need (and costs uint8,
+            # 16 chunks a thread, more registers than it saves: fastsd.bench.sass).
+            first_source = x_ptr + tl.where(take, _offset(src, sample_numel, BIG), b_offset)
+        else:
+            first_source = x_ptr + _offset(tl.where(take, src, b), sample_numel, BIG)
         if MIXED:
             switch = has_change & ((tl.load(row_b + cell1, mask=has_change, other=0) != 0) != take)
-            other_source = tl.where(take, b, src)
+            other_source = x_ptr + _offset(tl.where(take, b, src), sample_numel, BIG)
         if WORDS:
             WORDS_A_VEC: tl.constexpr = VEC * ITEMSIZE // 4
             sample_words = (sample_numel * ITEMSIZE) >> 2
-            xw = x_ptr.to(tl.pointer_type(tl.int32))
-            ow = out_ptr.to(tl.pointer_type(tl.int32))
-            first_words = _offset(first_source, sample_words, BIG)
-            other_words = _offset(other_source, sample_words, BIG)
+            # The samples as 32-bit words (the launcher checks that they start on 4-byte boundaries).
+            first_words = first_source.to(tl.pointer_type(tl.int32))
+            other_words = other_source.to(tl.pointer_type(tl.int32))
             # Bits of the chunk before the change, which come from the first source.
             kept = 8 * tl.where(switch, change * ITEMSIZE, CHUNK * ITEMSIZE)
             kw = tl.arange(0, WORDS_A_VEC)
             for v in tl.static_range(CHUNK // VEC):
                 words = ((e * ITEMSIZE) >> 2)[:, None] + (v * WORDS_A_VEC + kw)[None, :]
                 wvalid = words < sample_words
-                a = tl.load(xw + first_words[:, None] + words, mask=wvalid)
-                z = tl.load(xw + other_words[:, None] + words, mask=wvalid & switch[:, None], other=0)
+                a = tl.load(first_words[:, None] + words, mask=wvalid)
+                z = tl.load(other_words[:, None] + words, mask=wvalid & switch[:, None], other=0)
                 # The low `kept` bits as a mask, built per pair of words as a 64-bit value (both
                 # words of a pair compute the same expression, kw being a constant in every
                 # register) of which each takes its half.
@@ -312,15 +317,14 @@ def cell_select_kernel(
                 one = tl.full(bits.shape, 1, tl.int64)
                 pair = tl.where(bits >= 64, -1, tl.where(bits <= 0, 0, (one << tl.minimum(tl.maximum(bits, 0), 63)) - 1))
                 low = tl.where(kw[None, :] % 2 == 0, pair, pair >> 32).to(tl.int32)
-                tl.store(ow + _offset(b, sample_words, BIG) + words, (a & low) | (z & ~low), mask=wvalid)
+                tl.store((out_ptr + b_offset).to(tl.pointer_type(tl.int32)) + words, (a & low) | (z & ~low), mask=wvalid)
         else:
             for v in tl.static_range(CHUNK // VEC):
                 offs = e[:, None] + (v * VEC + k)[None, :]
                 valid = offs < sample_numel
-                out = tl.load(x_ptr + _offset(first_source, sample_numel, BIG)[:, None] + offs, mask=valid)
+                out = tl.load(first_source[:, None] + offs, mask=valid)
                 if MIXED:
-                    z = tl.load(x_ptr + _offset(other_source, sample_numel, BIG)[:, None] + offs,
-                                mask=valid & switch[:, None])
+                    z = tl.load(other_source[:, None] + offs, mask=valid & switch[:, None])
                     in_last = (v * VEC + k)[None, :] >= change[:, None]
                     out = tl.where(switch[:, None] & in_last, z, out)
                 tl.store(out_ptr + b_offset + offs, out, mask=valid)

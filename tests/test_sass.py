@@ -57,7 +57,6 @@ KNOWN_OVER_BUDGET = {
 # aligned (1-7 px cells; 1-, 2- or 4-element chunks, each with its own cell math and mask bytes),
 # and the 16-bit backward of straddling 16-byte chunks (a select per element). Strict too.
 PATCH_SWAP_OVER_BUDGET = {
-    "patch_swap_forward_fp32_nchw_vec1", "patch_swap_forward_fp32_channels_last_vec1",
     "patch_swap_backward_fp32_nchw_vec1", "patch_swap_backward_fp32_channels_last_vec1",
     "patch_swap_forward_fp16_nchw_vec1", "patch_swap_forward_fp16_channels_last_vec1",
     "patch_swap_forward_bf16_nchw_vec1", "patch_swap_forward_bf16_channels_last_vec1",

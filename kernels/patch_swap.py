@@ -274,10 +274,18 @@ def cell_select_kernel(
         for v in tl.static_range(CHUNK // VEC):
             offs = e[:, None] + (v * VEC + k)[None, :]
             valid = offs < sample_numel
-            s = tl.load(x_ptr + b_offset + offs, mask=valid & any_keep[:, None], other=0)
-            t = tl.load(x_s + offs, mask=valid & any_take[:, None], other=0)
+            if MIXED:
+                keep_v, take_v, any_keep_v, any_take_v = keep[:, None], take[:, None], any_keep[:, None], any_take[:, None]
+            else:
+                # Both flags in one integer: where the data's layout differs from the cell math's
+                # (VEC 1), one layout conversion instead of one a flag.
+                flags = (tl.where(keep, 1, 0) | tl.where(take, 2, 0))[:, None]
+                keep_v, take_v = (flags & 1) != 0, (flags & 2) != 0
+                any_keep_v, any_take_v = keep_v, take_v
+            s = tl.load(x_ptr + b_offset + offs, mask=valid & any_keep_v, other=0)
+            t = tl.load(x_s + offs, mask=valid & any_take_v, other=0)
             both = _add(s, t)
-            out = _select(keep[:, None], take[:, None], s, t, both)
+            out = _select(keep_v, take_v, s, t, both)
             if MIXED:
                 # Each side of the change selects by its cell's flags, then each element its side.
                 in_last = (v * VEC + k)[None, :] >= change[:, None]

@@ -68,7 +68,6 @@ PATCH_SWAP_OVER_BUDGET = {
     "patch_swap_forward_bf16_nchw_mixed4", "patch_swap_forward_bf16_channels_last_mixed4",
     "patch_swap_backward_fp16_nchw_mixed4", "patch_swap_backward_fp16_channels_last_mixed4",
     "patch_swap_backward_bf16_nchw_mixed4", "patch_swap_backward_bf16_channels_last_mixed4",
-    "patch_swap_backward_fp64_nchw_vec1",
     "patch_swap_forward_u8_nchw_vec1", "patch_swap_forward_u8_channels_last_vec1",
     "patch_swap_forward_u8_nchw_vec2", "patch_swap_forward_u8_channels_last_vec2",
     "patch_swap_forward_u8_nchw_mixed4", "patch_swap_forward_u8_channels_last_mixed4",

@@ -30,7 +30,11 @@ too, and each element takes the side of the change it is on). So the masks are r
 are 16-byte aligned, whatever the grid (224 px in 3 or 6 cells: no 2-element boundary, but 75-px
 cells). A MIXED chunk reads the whole chunk from each source it needs (one vector load each): more
 bytes than the elements it keeps, but the same 32-byte DRAM sectors. The forward of a MIXED chunk
-of 1- or 2-byte elements merges its two loads a 32-bit word at a time with byte masks.
+of 1- or 2-byte elements merges its two loads a 32-bit word at a time with byte masks; the backward
+of a MIXED chunk of 16-bit floats selects a word at a time too (HALVES: each side of the change is
+chosen per word, the one word the change splits takes a half of each; the sum of both sides adds
+the two halves of a word separately), where a select per 16-bit element costs a register unpack
+and repack each.
 
 No integer division on the GPU: every ``a // d`` and ``a * n // d`` (the sample of a program, the
 line of an element, its row and column, the row and column of its cell, the end of a cell) is

@@ -30,7 +30,11 @@ too, and each element takes the side of the change it is on). So the masks are r
 are 16-byte aligned, whatever the grid (224 px in 3 or 6 cells: no 2-element boundary, but 75-px
 cells). A MIXED chunk reads the whole chunk from each source it needs (one vector load each): more
 bytes than the elements it keeps, but the same 32-byte DRAM sectors. The forward of a MIXED chunk
-of 1- or 2-byte elements merges its two loads a 32-bit word at a time with byte masks.
+of 1- or 2-byte elements merges its two loads a 32-bit word at a time with byte masks; the backward
+of a MIXED chunk of 16-bit floats selects a word at a time too (HALVES: each side of the change is
+chosen per word, the one word the change splits takes a half of each; the sum of both sides adds
+the two halves of a word separately), where a select per 16-bit element costs a register unpack
+and repack each.
 
 No integer division on the GPU: every ``a // d`` and ``a * n // d`` (the sample of a program, the
 line of an element, its row and column, the row and column of its cell, the end of a cell) is
@@ -102,11 +106,17 @@ def _add(s, t):
 
 
 @triton.jit
+def _add_halves(s, t, dtype):
+    """_add of the two 16-bit floats of each 32-bit word of s and t (int32, low half first)."""
+    lo = _add(s.to(tl.int16).to(dtype, bitcast=True), t.to(tl.int16).to(dtype, bitcast=True))
+    hi = _add((s >> 16).to(tl.int16).to(dtype, bitcast=True), (t >> 16).to(tl.int16).to(dtype, bitcast=True))
+    return (hi.to(tl.int16, bitcast=True).to(tl.int32) << 16) | (lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF)
+
+
+@triton.jit
 def _select(keep, take, s, t, both):
     """Per chunk flags [GROUPS] -> a bit-exact copy where one side is selected, the sum where both
     are, 0 where neither (the unselected side's load gave 0 where its mask was off)."""
-    keep = keep[:, None]
-    take = take[:, None]
     return tl.where(keep, tl.where(take, both, s), tl.where(take, t, tl.zeros_like(t)))
 
 
@@ -206,6 +216,9 @@ def cell_select_kernel(
     # The forward of a MIXED chunk of 1- or 2-byte elements merges its two sources a 32-bit word
     # at a time (bit masks) instead of an element at a time (the launcher checks the alignment).
     WORDS: tl.constexpr = MIXED and not BACKWARD and ITEMSIZE < 4 and CHUNK * ITEMSIZE >= 4
+    # The backward of a MIXED chunk of 16-bit floats selects a 32-bit word (two elements) at a time
+    # with bit masks, and adds the halves where both sides are selected (_add_halves).
+    HALVES: tl.constexpr = MIXED and BACKWARD and ITEMSIZE == 2
     b, first = _program(programs_per_sample, m_program, s_program, BLOCK, BIG)
     src = tl.load(src_ptr + b.to(tl.int64)).to(tl.int32)  # a sample index (< B < 2**31)
     if not BACKWARD:
@@ -247,7 +260,34 @@ def cell_select_kernel(
         cell1 = tl.where(line_end, row1, cell_row) * gw + tl.where(line_end, 0, nxt)
         has_change = in_sample & (change < tl.minimum(sample_numel - e, CHUNK))
 
-    if BACKWARD:
+    if HALVES:
+        keep = tl.load(row_b + cell, mask=in_sample, other=1) == 0
+        take = tl.load(row_s + cell, mask=in_sample, other=0) != 0
+        keep1 = tl.load(row_b + cell1, mask=has_change, other=1) == 0
+        take1 = tl.load(row_s + cell1, mask=has_change, other=0) != 0
+        WORDS_A_VEC: tl.constexpr = VEC // 2
+        sample_words = sample_numel >> 1
+        # The samples as 32-bit words (the launcher checks that they start on 4-byte boundaries).
+        x_b = (x_ptr + b_offset).to(tl.pointer_type(tl.int32))
+        x_s = (x_ptr + _offset(src, sample_numel, BIG)).to(tl.pointer_type(tl.int32))
+        out_b = (out_ptr + b_offset).to(tl.pointer_type(tl.int32))
+        kw = tl.arange(0, WORDS_A_VEC)
+        for v in tl.static_range(CHUNK // VEC):
+            j = v * WORDS_A_VEC + kw  # the word in the chunk: elements 2j (low half) and 2j + 1
+            words = (e >> 1)[:, None] + j[None, :]
+            wvalid = words < sample_words
+            s = tl.load(x_b + words, mask=wvalid & (keep | keep1)[:, None], other=0)
+            t = tl.load(x_s + words, mask=wvalid & (take | take1)[:, None], other=0)
+            # The halves of each word before the change (no change in the chunk: change >= CHUNK).
+            c = change[:, None]
+            sums = _add_halves(s, t, x_ptr.dtype.element_ty)
+            side0 = _select(keep[:, None], take[:, None], s, t, sums)
+            side1 = _select(keep1[:, None], take1[:, None], s, t, sums)
+            # Each half takes its side of the change: the whole word, or the low half before it.
+            out = tl.where(c > 2 * j[None, :] + 1, side0,
+                           tl.where(c > 2 * j[None, :], (side0 & 0xFFFF) | (side1 & -65536), side1))
+            tl.store(out_b + words, out, mask=wvalid)
+    elif BACKWARD:
         keep = tl.load(row_b + cell, mask=in_sample, other=1) == 0
         take = tl.load(row_s + cell, mask=in_sample, other=0) != 0
         x_s = x_ptr + _offset(src, sample_numel, BIG)
@@ -260,37 +300,50 @@ def cell_select_kernel(
         for v in tl.static_range(CHUNK // VEC):
             offs = e[:, None] + (v * VEC + k)[None, :]
             valid = offs < sample_numel
-            s = tl.load(x_ptr + b_offset + offs, mask=valid & any_keep[:, None], other=0)
-            t = tl.load(x_s + offs, mask=valid & any_take[:, None], other=0)
+            if MIXED:
+                keep_v, take_v, any_keep_v, any_take_v = keep[:, None], take[:, None], any_keep[:, None], any_take[:, None]
+            else:
+                # Both flags in one integer: where the data's layout differs from the cell math's
+                # (VEC 1), one layout conversion instead of one a flag.
+                flags = (tl.where(keep, 1, 0) | tl.where(take, 2, 0))[:, None]
+                keep_v, take_v = (flags & 1) != 0, (flags & 2) != 0
+                any_keep_v, any_take_v = keep_v, take_v
+            s = tl.load(x_ptr + b_offset + offs, mask=valid & any_keep_v, other=0)
+            t = tl.load(x_s + offs, mask=valid & any_take_v, other=0)
             both = _add(s, t)
-            out = _select(keep, take, s, t, both)
+            out = _select(keep_v, take_v, s, t, both)
             if MIXED:
                 # Each side of the change selects by its cell's flags, then each element its side.
                 in_last = (v * VEC + k)[None, :] >= change[:, None]
-                out = tl.where(in_last, _select(keep1, take1, s, t, both), out)
+                out = tl.where(in_last, _select(keep1[:, None], take1[:, None], s, t, both), out)
             tl.store(out_ptr + b_offset + offs, out, mask=valid)
     else:
         take = tl.load(row_b + cell, mask=in_sample, other=0) != 0
         # One source a chunk: its sample is chosen, then loaded (one load, no select of values).
-        first_source = tl.where(take, src, b)
+        if VEC == 1 and ITEMSIZE > 1:
+            # A select of the two samples' offsets (computed once) is cheaper than a multiply a chunk,
+            # but hides their alignment from the vector loads wider chunks need (and costs uint8,
+            # 16 chunks a thread, more registers than it saves: fastsd.bench.sass).
+            first_source = x_ptr + tl.where(take, _offset(src, sample_numel, BIG), b_offset)
+        else:
+            first_source = x_ptr + _offset(tl.where(take, src, b), sample_numel, BIG)
         if MIXED:
             switch = has_change & ((tl.load(row_b + cell1, mask=has_change, other=0) != 0) != take)
-            other_source = tl.where(take, b, src)
+            other_source = x_ptr + _offset(tl.where(take, b, src), sample_numel, BIG)
         if WORDS:
             WORDS_A_VEC: tl.constexpr = VEC * ITEMSIZE // 4
             sample_words = (sample_numel * ITEMSIZE) >> 2
-            xw = x_ptr.to(tl.pointer_type(tl.int32))
-            ow = out_ptr.to(tl.pointer_type(tl.int32))
-            first_words = _offset(first_source, sample_words, BIG)
-            other_words = _offset(other_source, sample_words, BIG)
+            # The samples as 32-bit words (the launcher checks that they start on 4-byte boundaries).
+            first_words = first_source.to(tl.pointer_type(tl.int32))
+            other_words = other_source.to(tl.pointer_type(tl.int32))
             # Bits of the chunk before the change, which come from the first source.
             kept = 8 * tl.where(switch, change * ITEMSIZE, CHUNK * ITEMSIZE)
             kw = tl.arange(0, WORDS_A_VEC)
             for v in tl.static_range(CHUNK // VEC):
                 words = ((e * ITEMSIZE) >> 2)[:, None] + (v * WORDS_A_VEC + kw)[None, :]
                 wvalid = words < sample_words
-                a = tl.load(xw + first_words[:, None] + words, mask=wvalid)
-                z = tl.load(xw + other_words[:, None] + words, mask=wvalid & switch[:, None], other=0)
+                a = tl.load(first_words[:, None] + words, mask=wvalid)
+                z = tl.load(other_words[:, None] + words, mask=wvalid & switch[:, None], other=0)
                 # The low `kept` bits as a mask, built per pair of words as a 64-bit value (both
                 # words of a pair compute the same expression, kw being a constant in every
                 # register) of which each takes its half.
@@ -298,15 +351,14 @@ def cell_select_kernel(
                 one = tl.full(bits.shape, 1, tl.int64)
                 pair = tl.where(bits >= 64, -1, tl.where(bits <= 0, 0, (one << tl.minimum(tl.maximum(bits, 0), 63)) - 1))
                 low = tl.where(kw[None, :] % 2 == 0, pair, pair >> 32).to(tl.int32)
-                tl.store(ow + _offset(b, sample_words, BIG) + words, (a & low) | (z & ~low), mask=wvalid)
+                tl.store((out_ptr + b_offset).to(tl.pointer_type(tl.int32)) + words, (a & low) | (z & ~low), mask=wvalid)
         else:
             for v in tl.static_range(CHUNK // VEC):
                 offs = e[:, None] + (v * VEC + k)[None, :]
                 valid = offs < sample_numel
-                out = tl.load(x_ptr + _offset(first_source, sample_numel, BIG)[:, None] + offs, mask=valid)
+                out = tl.load(first_source[:, None] + offs, mask=valid)
                 if MIXED:
-                    z = tl.load(x_ptr + _offset(other_source, sample_numel, BIG)[:, None] + offs,
-                                mask=valid & switch[:, None])
+                    z = tl.load(other_source[:, None] + offs, mask=valid & switch[:, None])
                     in_last = (v * VEC + k)[None, :] >= change[:, None]
                     out = tl.where(switch[:, None] & in_last, z, out)
                 tl.store(out_ptr + b_offset + offs, out, mask=valid)
@@ -398,9 +450,10 @@ def _config(x: torch.Tensor, gw: int, channels_last: bool, backward: bool):
     W, itemsize = x.shape[3], x.element_size()
     unit = x.shape[1] if channels_last else 1
     chunk, mixed = _chunk(W, gw, unit, _vec_sizes(x.dtype)[-1])
-    # The forward merges a MIXED chunk of 1- or 2-byte elements a 32-bit word at a time: every
-    # sample must start on a 4-byte boundary (the output is a fresh allocation).
-    words = mixed and not backward and itemsize < 4 and chunk * itemsize >= 4
+    # A MIXED chunk of 1- or 2-byte elements is merged a 32-bit word at a time (the forward's WORDS,
+    # the backward's HALVES): every sample must start on a 4-byte boundary (the output is a fresh
+    # allocation).
+    words = mixed and itemsize < 4 and chunk * itemsize >= 4
     if words and (x[0].numel() * itemsize % 4 or x.data_ptr() % 4):
         return _vec(W, gw, unit, _vec_sizes(x.dtype)[-1]), False
     return chunk, mixed

@@ -231,6 +231,16 @@ def test_misaligned_sample_falls_back_to_whole_chunks():
     assert torch.equal(kernels.patch_swap(x, partner, mask), reference.patch_swap(base, partner, mask))
 
 
+def test_misaligned_gradient_falls_back_to_whole_chunks():
+    # The 16-bit backward's word select of MIXED chunks (HALVES) needs 4-byte aligned samples too: a
+    # gradient one element into its storage takes chunks that never straddle a cell instead.
+    base, partner, mask = _make((2, 2, 2, 50, 2, 3), torch.float16, "nchw", specials=False)
+    grad = torch.empty(base.numel() + 1, dtype=base.dtype)[1:].view(base.shape).copy_(base)
+    assert kernels._config(base, 3, False, True)[1] and not kernels._config(grad, 3, False, True)[1]
+    torch.testing.assert_close(kernels.patch_swap_backward(grad, partner, mask),
+                               reference.patch_swap_backward(base, partner, mask), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_launchers_on_empty_batch(layout):
     x = torch.empty(0, 3, 8, 8).contiguous(memory_format=LAYOUTS[layout])

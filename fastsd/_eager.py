@@ -129,6 +129,11 @@ class Path:
         return self._eager(needs_grad, args)
 
     def _eager(self, needs_grad: bool, args: tuple):
+        if not needs_grad and torch.is_grad_enabled():
+            # The registered op's body runs below autograd: no graph of its aten ops (the torch
+            # backend's) through an input the caller did not name, whichever backend runs.
+            with torch.no_grad():
+                return self.forward(*args)
         if not needs_grad:
             return self.forward(*args)
         if self.lists:

@@ -41,8 +41,6 @@ variant (int64 indices, plain divisions). No atomics.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -50,8 +48,8 @@ import triton.language as tl
 from fastsd import _validate
 
 from . import _aot
-from .patch_swap import (_INT32, _INTERPRETER_MAX_BLOCK, _OPTIONS, _TL_DTYPES, NUM_WARPS, _frac_constants, _gpu_block,
-                         _line, _offset, _program, _vec, _vec_sizes)
+from .patch_swap import (_INT32, _INTERPRETER_MAX_BLOCK, _OPTIONS, _TL_DTYPES, NUM_WARPS, _add, _frac_constants,
+                         _gpu_block, _line, _offset, _program, _round_to, _vec, _vec_sizes)
 
 # Never specialised on their values (one variant for every shape); sample_numel keeps its divisibility.
 _SHAPE_ARGS = ("programs_per_sample", "L", "H", "C")
@@ -61,34 +59,6 @@ _MIX_OPTIONS = {**_OPTIONS, "enable_fp_fusion": False}
 # 1.5 * 2**23: v + it rounds 0 <= v < 2**22 half to even in float32 arithmetic, the same compiled and
 # under the interpreter (which has no libdevice rint).
 _RINT_MAGIC = tl.constexpr(12582912.0)
-# The interpreter converts float32 to bfloat16 by truncating; the GPU's conversion (cvt.rn.bf16.f32)
-# rounds to nearest even, as PyTorch does. Under the interpreter the kernel rounds in integers.
-_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
-
-
-@triton.jit
-def _to_bf16(v):
-    """float32 v rounded to the nearest bfloat16, ties to even (NaN: PyTorch's CPU 0x7FC0 under the
-    interpreter, the GPU's canonical NaN on it)."""
-    if _INTERPRETED:
-        bits = v.to(tl.uint32, bitcast=True)
-        rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
-        return tl.where(v != v, 0x7FC0, rounded).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return v.to(tl.bfloat16)
-
-
-@triton.jit
-def _round_to(v, dtype: tl.constexpr):
-    """float32 v rounded to a 16-bit float dtype (nearest, ties to even); else v as it is."""
-    if dtype == tl.float16:
-        return v.to(tl.float16)
-    elif dtype == tl.bfloat16:
-        return _to_bf16(v)
-    else:
-        return v
-
-
 @triton.jit
 def _mul(s, w):
     """s * w rounded to s's dtype, as PyTorch multiplies (16-bit floats: in float32, rounded once)."""
@@ -96,15 +66,6 @@ def _mul(s, w):
         return _round_to(s.to(tl.float32) * w, s.dtype)
     else:
         return s * w
-
-
-@triton.jit
-def _add(s, t):
-    """s + t rounded to their dtype, as PyTorch adds (16-bit floats: in float32, rounded once)."""
-    if s.dtype == tl.float16 or s.dtype == tl.bfloat16:
-        return _round_to(s.to(tl.float32) + t.to(tl.float32), s.dtype)
-    else:
-        return s + t
 
 
 @triton.jit

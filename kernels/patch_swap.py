@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 import triton
@@ -95,12 +96,41 @@ def _offset(sample, sample_numel, BIG: tl.constexpr):
                 * tl.cast(tl.cast(sample_numel, tl.uint32), tl.uint64)).to(tl.int64)
 
 
+# The interpreter converts float32 to bfloat16 by truncating; the GPU's conversion (cvt.rn.bf16.f32)
+# rounds to nearest even, as PyTorch does. Under the interpreter the kernel rounds in integers.
+_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+@triton.jit
+def _to_bf16(v):
+    """float32 v rounded to the nearest bfloat16, ties to even (NaN: PyTorch's CPU 0x7FC0 under the
+    interpreter, the GPU's canonical NaN on it)."""
+    if _INTERPRETED:
+        bits = v.to(tl.uint32, bitcast=True)
+        rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+        return tl.where(v != v, 0x7FC0, rounded).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return v.to(tl.bfloat16)
+
+
+@triton.jit
+def _round_to(v, dtype: tl.constexpr):
+    """float32 v rounded to a 16-bit float dtype (nearest, ties to even); else v as it is."""
+    if dtype == tl.float16:
+        return v.to(tl.float16)
+    elif dtype == tl.bfloat16:
+        return _to_bf16(v)
+    else:
+        return v
+
+
 @triton.jit
 def _add(s, t):
-    """s + t; fp16/bf16 in fp32, rounded once (the same as a native fp16/bf16 add: fp32 carries more
-    than twice their precision, so the double rounding is exact)."""
+    """s + t rounded to their dtype, as PyTorch adds: fp16/bf16 in fp32, rounded once (the same as a
+    native fp16/bf16 add: fp32 carries more than twice their precision, so the double rounding is
+    exact), to nearest even under the interpreter too (:func:`_round_to`)."""
     if s.dtype.primitive_bitwidth < 32:
-        return (s.to(tl.float32) + t.to(tl.float32)).to(s.dtype)
+        return _round_to(s.to(tl.float32) + t.to(tl.float32), s.dtype)
     else:
         return s + t
 

@@ -156,3 +156,16 @@ def test_eager_path_is_labelled_in_a_profile(name):
         _run(name)
     names = {e.name for e in prof.function_events}
     assert f"fastsd.{op}" in names and f"fastsd.{op} (backward)" in names, sorted(n for n in names if "fastsd" in n)
+
+
+def test_no_grad_path_records_no_graph_through_other_inputs():
+    """needs_grad False (the caller's differentiable input needs none): the body runs as the
+    registered op's does, below autograd, so an aten body builds no graph through another input."""
+    def scaled(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return x * w
+
+    lib_fn = torch.library.custom_op("fastsd_test::scaled", mutates_args=())(scaled)
+    path = _eager.Path(lib_fn, scaled)
+    x, w = torch.ones(3), torch.full((3,), 2.0, requires_grad=True)
+    out = path((x, w), False, x, w)
+    assert not out.requires_grad and torch.equal(out, torch.full((3,), 2.0))

@@ -147,6 +147,41 @@ def test_gradient(backend):
 def test_registration():
     args = make_case((4, 2, 5, 6), torch.float32, 0)
     torch.library.opcheck(torch.ops.fastsd.mix.default, (args[0].requires_grad_(True), *args[1:]))
+    x, partner, boxes, lam, use_box = make_case((4, 2, 5, 6), torch.float32, 0)
+    torch.library.opcheck(torch.ops.fastsd.mix_.default, (x, torch.tensor([1, 0, 3, 2]), boxes, lam, use_box))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lam_requiring_grad_gets_none_on_every_backend(backend):
+    """As the registered op: the output is recorded by autograd, lam gets no gradient (the torch
+    backend's aten ops used to build a graph through lam, the others did not)."""
+    x, partner, boxes, lam, use_box = make_case((4, 2, 5, 6), torch.float32, 1)
+    lam.requires_grad_(True)
+    with fastsd.use_backend(backend):
+        out = fm.mix(x, partner, boxes, lam, use_box)
+    assert out.requires_grad
+    out.sum().backward()
+    assert lam.grad is None
+
+
+def test_in_place_is_one_op_under_compile():
+    """torch.compile sees fastsd::mix_ (functionalized), not the backend it would pick (on CUDA a raw
+    Triton launch), and computes what eager does."""
+    from fastsd.mix.op import mix_unchecked_
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    x, partner, boxes, lam, use_box = make_case((4, 2, 5, 6), torch.float32, 2)
+    involution = torch.tensor([1, 0, 3, 2])
+    want = mix_unchecked_(x.clone(), involution, boxes, lam, use_box)
+    got = x.clone()
+    torch.compile(mix_unchecked_, backend=backend, fullgraph=True)(got, involution, boxes, lam, use_box)
+    assert torch.equal(got, want)
+    assert len(graphs) == 1 and "fastsd.mix_" in graphs[0] and "fastsd_C" not in graphs[0], graphs
 
 
 def test_no_host_sync():

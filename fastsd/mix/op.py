@@ -164,10 +164,28 @@ def mix_(x: torch.Tensor, partner: torch.Tensor, boxes: torch.Tensor, lam: torch
 
 def mix_unchecked_(x, partner, boxes, lam, use_box) -> torch.Tensor:
     """:func:`mix_` without the value checks (see :func:`mix_unchecked`); returns x."""
-    if x.shape[0]:
-        fn = _backend.select("mix_", x, partner, boxes, lam, use_box)
-        fn(x, partner, boxes.contiguous(), lam.contiguous(), use_box.contiguous())
+    _MIX_INPLACE((x, partner, boxes, lam, use_box), False, x, partner, boxes.contiguous(), lam.contiguous(),
+                 use_box.contiguous())
     return x
+
+
+def _mix_inplace_impl(x: torch.Tensor, partner: torch.Tensor, boxes: torch.Tensor, lam: torch.Tensor,
+                      use_box: torch.Tensor) -> None:
+    if x.shape[0]:
+        _backend.select("mix_", x, partner, boxes, lam, use_box)(x, partner, boxes, lam, use_box)
+
+
+# A registered op too, so that torch.compile sees one mutating op (functionalized) rather than
+# tracing into a backend (on CUDA a raw Triton launch whose compile options it may not keep).
+_mix_inplace_op = torch.library.custom_op("fastsd::mix_", mutates_args=("x",))(_mix_inplace_impl)
+
+
+@_mix_inplace_op.register_fake
+def _(x, partner, boxes, lam, use_box):
+    return None
+
+
+_MIX_INPLACE = _eager.Path(_mix_inplace_op, _mix_inplace_impl)
 
 
 def mix_unchecked(x, partner, boxes, lam, use_box) -> torch.Tensor:
@@ -175,8 +193,9 @@ def mix_unchecked(x, partner, boxes, lam, use_box) -> torch.Tensor:
     clipped to the image, lam in [0, 1], partner a flip or roll): no value checks. int64 partner
     and boxes."""
     boxes, lam, use_box = boxes.contiguous(), lam.contiguous(), use_box.contiguous()
-    return _MIX((x, partner, boxes, lam, use_box), torch.is_grad_enabled() and x.requires_grad,
-                x, partner, boxes, lam, use_box)
+    # as the registered op: recorded by autograd where x or lam requires grad (lam gets none)
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or lam.requires_grad)
+    return _MIX((x, partner, boxes, lam, use_box), needs_grad, x, partner, boxes, lam, use_box)
 
 
 # --- backends: fn(x, partner, boxes, lam, use_box) -> out ------------------------------------------

@@ -28,6 +28,7 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+_set_grad_enabled = torch._C._set_grad_enabled
 _profiling = getattr(getattr(torch._C, "_autograd", None), "_profiler_enabled", None) or (lambda: False)
 _is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: False)
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None) or (lambda: False)
@@ -132,8 +133,12 @@ class Path:
         if not needs_grad and torch.is_grad_enabled():
             # The registered op's body runs below autograd: no graph of its aten ops (the torch
             # backend's) through an input the caller did not name, whichever backend runs.
-            with torch.no_grad():
+            # (_set_grad_enabled: torch.no_grad() costs 1.6 us a call here, this 0.3 us.)
+            _set_grad_enabled(False)
+            try:
                 return self.forward(*args)
+            finally:
+                _set_grad_enabled(True)
         if not needs_grad:
             return self.forward(*args)
         if self.lists:

@@ -18,10 +18,8 @@ tree may have no git history). ``--profile CALL`` prints cProfile's breakdown of
 from __future__ import annotations
 
 import argparse
-import contextlib
 import cProfile
 import importlib
-import inspect
 import os
 import pstats
 import re
@@ -29,7 +27,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 
 import torch
 
@@ -89,29 +86,6 @@ def calls(fs, device="cpu"):
         "kd_loss+bwd": lambda: grad(fs.kd_loss(z, t), z),
         "feature_loss+bwd": lambda: grad(fs.feature_alignment_loss(student, target), student),
     }
-
-
-@contextlib.contextmanager
-def _clock(interleave, clock: str):
-    """interleave's keyword for the clock; where it has none (fastsd.bench.core before its clock
-    option), its CPU timer on the process's CPU time for the block."""
-    from fastsd.bench import core
-
-    if clock == "wall" or "clock" in inspect.signature(interleave).parameters:
-        yield {} if clock == "wall" else {"clock": clock}
-        return
-    saved = core.CPUOps.time
-
-    def cpu_time(self, fn):
-        t0 = time.process_time()
-        fn()
-        return time.process_time() - t0
-
-    core.CPUOps.time = cpu_time
-    try:
-        yield {}
-    finally:
-        core.CPUOps.time = saved
 
 
 def _in_backend(fs, backend, fn, registered=False):
@@ -179,8 +153,7 @@ def main():
         for name, fn in calls(fs, device).items():
             for b in backends:
                 fns[(name, b, tree)] = _in_backend(fs, b, fn, tree == "registered")
-    with _clock(interleave, args.clock) as kw:
-        times = interleave(fns, device, min_time=args.min_time, min_rounds=30, min_sample=2e-3, **kw)
+    times = interleave(fns, device, min_time=args.min_time, min_rounds=30, min_sample=2e-3, clock=args.clock)
     cols = list(trees)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, 1 thread, {args.clock} clock"
     print(f"torch {torch.__version__}, {where}; median us per call (95% CI of the median)")

@@ -7,6 +7,8 @@ PIP    := $(VENV)/bin/pip
 PINS   := torch==2.14.1 torchvision==0.29.1 triton==3.8.0 numpy==2.4.6 pytest==9.2.0 \
           pytest-benchmark==5.3.1 ninja==1.13.2 hypothesis==6.170.15 tqdm==4.70.1 matplotlib==3.11.2 \
           scikit-learn==1.9.1 timm==1.0.31 kornia==0.9.0
+# No pip cache: the wheels would be kept twice on disk (CI machines have little to spare).
+PIP_FLAGS := --disable-pip-version-check -q --no-cache-dir
 DEPS_STAMP := $(VENV)/.fastsd-deps
 EXT_STAMP  := $(VENV)/.fastsd-ext
 CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp) \
@@ -16,9 +18,17 @@ export CUDA_HOME ?= /usr/local/cuda
 .PHONY: test test-avx2 test-triton-oldest bench bench-check gpu-report selftest readme-bench install clean
 test: install
 	$(PY) -m fastsd.selftest
-	$(PY) -m pytest -q -ra tests
-	$(MAKE) --no-print-directory test-avx2
 	$(MAKE) --no-print-directory test-triton-oldest
+	$(SCRATCH_ENV) $(PY) -m pytest -q -ra tests
+	$(MAKE) --no-print-directory test-avx2
+	rm -rf $(SCRATCH)
+
+# The test runs' compile caches (Triton's, Inductor's, the SASS report's) live in one scratch folder
+# of the checkout, removed when `make test` passes, rather than in ~ and /tmp where they pile up run
+# after run: CI machines have little disk to spare beside the pinned torch (about 6 GB).
+SCRATCH := $(VENV)/test-scratch
+SCRATCH_ENV = TRITON_CACHE_DIR=$(CURDIR)/$(SCRATCH)/triton FASTSD_CACHE_DIR=$(CURDIR)/$(SCRATCH)/fastsd \
+              TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/$(SCRATCH)/inductor$(1)
 
 # The parity checks again on PyTorch's and fastsd's AVX2 paths (ATEN_CPU_CAPABILITY caps both;
 # FASTSD_CPU_CAPABILITY fastsd's alone): their tolerances measure torch's own error, which changes
@@ -27,17 +37,27 @@ test: install
 AVX2 := ATEN_CPU_CAPABILITY=avx2 FASTSD_CPU_CAPABILITY=avx2
 test-avx2: install
 	$(AVX2) $(PY) -m fastsd.selftest
-	$(AVX2) $(PY) -m pytest -q -ra -k "not triton" tests/test_losses.py tests/test_fuzz.py
+	$(AVX2) $(call SCRATCH_ENV,_avx2) $(PY) -m pytest -q -ra -k "not triton" tests/test_losses.py tests/test_fuzz.py
 
 # The Triton backend is offered from fastsd._backend.TRITON_MIN_VERSION on (torch 2.10/2.11 ship 3.6):
 # one spec of every kernel, and each with its integer arguments equal to 1 (constexprs under the JIT),
-# compiled by that release, installed beside the pinned one.
-TRITON_OLDEST := $(VENV)/triton-oldest
+# compiled by that release, installed beside the pinned one for the run (0.65 GB) and removed after it.
+# Skipped, saying so, where the disk has less than OLDEST_MIN_MB free.
+TRITON_OLDEST := $(SCRATCH)/triton-oldest
+OLDEST_MIN_MB := 1500
 test-triton-oldest: install
-	test -f $(TRITON_OLDEST)/.done || { $(PIP) install --disable-pip-version-check -q --no-deps --no-compile --target $(TRITON_OLDEST) \
-	    "triton==$$($(PY) -c 'from fastsd._backend import TRITON_OLDEST_TESTED as v; print(v)')" && touch $(TRITON_OLDEST)/.done; }
+	@mkdir -p $(SCRATCH); free=$$(df -Pk $(SCRATCH) | awk 'NR == 2 {print int($$4 / 1024)}'); \
+	if [ "$$free" -lt $(OLDEST_MIN_MB) ]; then \
+	    echo "test-triton-oldest: SKIPPED: $$free MB free on disk, $(OLDEST_MIN_MB) MB needed to install the oldest Triton beside the pinned one"; \
+	else $(MAKE) --no-print-directory triton-oldest-run; fi
+
+.PHONY: triton-oldest-run
+triton-oldest-run:
+	$(PIP) install $(PIP_FLAGS) --no-deps --no-compile --target $(TRITON_OLDEST) \
+	    "triton==$$($(PY) -c 'from fastsd._backend import TRITON_OLDEST_TESTED as v; print(v)')"
 	PYTHONPATH=$(TRITON_OLDEST) $(PY) -c "import triton, fastsd._backend as b; assert triton.__version__ == b.TRITON_OLDEST_TESTED, triton.__version__; print('triton', triton.__version__)"
-	PYTHONPATH=$(TRITON_OLDEST) $(PY) -m pytest -q -ra -p no:cacheprovider tests/test_aot.py -k representative
+	PYTHONPATH=$(TRITON_OLDEST) $(call SCRATCH_ENV,_oldest) $(PY) -m pytest -q -ra -p no:cacheprovider tests/test_aot.py -k representative
+	rm -rf $(TRITON_OLDEST) $(SCRATCH)/triton
 
 bench: install
 	$(PY) -m fastsd.bench --quick
@@ -64,12 +84,12 @@ install: $(EXT_STAMP)
 
 $(DEPS_STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --disable-pip-version-check -q $(PINS)
+	$(PIP) install $(PIP_FLAGS) $(PINS)
 	touch $@
 
 # --no-build-isolation: build fastsd._C against the torch just installed (not a second copy).
 $(EXT_STAMP): $(DEPS_STAMP) $(CSRC)
-	$(PIP) install --disable-pip-version-check -q --no-build-isolation -e .
+	$(PIP) install $(PIP_FLAGS) --no-build-isolation -e .
 	$(PY) -m fastsd.info --short
 	touch $@
 

@@ -255,7 +255,48 @@ def mix_backward_kernel(
     tl.store(out_ptr + _offset(b, sample_numel, BIG) + offs, _add(kept, sent), mask=in_sample[:, None])
 
 
+@triton.jit
+def mix_check_kernel(
+    partner_ptr,  # int64 [B]
+    sorted_ptr,  # int64 [B]: partner sorted (not INVOLUTION)
+    boxes_ptr,  # int64 [B, 4]
+    lam_ptr,  # float32/float64 [B]
+    B,
+    H,
+    W,
+    INVOLUTION: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """The value checks of the public fastsd.mix (partner a permutation: partner sorted is range(B))
+    and fastsd.mix_ (``INVOLUTION``: partner[partner[i]] == i, which makes it a permutation of
+    range(B)), and of both: the boxes inside the image and lam in [0, 1] (not NaN). Asserted on the
+    device (compiled in: the launch passes debug=True; an asynchronous device-side assert, like
+    PyTorch's own index checks), one row an element, before the mix kernel runs on the same stream:
+    one launch in place of the ATen ops' twenty, and nothing added to the mix kernel's element path."""
+    r = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = r < B
+    p = tl.load(partner_ptr + r, mask=m, other=0)
+    tl.device_assert(~m | ((p >= 0) & (p < B)), "fastsd.mix: partner must be a permutation of range(B)")
+    if INVOLUTION:
+        back = tl.load(partner_ptr + tl.minimum(tl.maximum(p, 0), B - 1), mask=m, other=0)
+        tl.device_assert(~m | (back == r),
+                         "fastsd.mix_: partner must be an involution (partner[partner[i]] == i) to mix in place")
+    else:
+        first = tl.load(sorted_ptr + r, mask=m, other=0)
+        tl.device_assert(~m | (first == r), "fastsd.mix: partner must be a permutation of range(B)")
+    y0 = tl.load(boxes_ptr + 4 * r, mask=m, other=0)
+    y1 = tl.load(boxes_ptr + 4 * r + 1, mask=m, other=0)
+    x0 = tl.load(boxes_ptr + 4 * r + 2, mask=m, other=0)
+    x1 = tl.load(boxes_ptr + 4 * r + 3, mask=m, other=0)
+    tl.device_assert(~m | ((y0 >= 0) & (y0 <= y1) & (y1 <= H) & (x0 >= 0) & (x0 <= x1) & (x1 <= W)),
+                     "fastsd.mix: boxes must satisfy 0 <= y0 <= y1 <= H and 0 <= x0 <= x1 <= W")
+    lam = tl.load(lam_ptr + r, mask=m, other=0)
+    tl.device_assert(~m | ((lam >= 0) & (lam <= 1)), "fastsd.mix: lam must be in [0, 1]")
+
+
 # --- launch ---------------------------------------------------------------------------------------
+
+_CHECK_BLOCK = 256
 
 
 def _geometry(B: int, C: int, H: int, W: int, channels_last: bool, block: int):
@@ -297,19 +338,38 @@ def _launch(x, out, partner, boxes, lam, use_box, inplace: bool, backward: bool 
     )
 
 
+def check_values(x: torch.Tensor, partner: torch.Tensor, boxes: torch.Tensor, lam: torch.Tensor,
+                 involution: bool = False) -> None:
+    """Assert on the device what the public functions promise of the values (mix_check_kernel):
+    partner a permutation (one sort, then this kernel) or, with ``involution`` (in place), an
+    involution; the boxes inside x's image; lam in [0, 1]. int64 ``partner``/``boxes``, contiguous."""
+    B, _, H, W = x.shape
+    if B == 0:
+        return
+    sorted_partner = partner if involution else torch.sort(partner).values
+    mix_check_kernel[(triton.cdiv(B, _CHECK_BLOCK),)](
+        partner, sorted_partner, boxes, lam, B, H, W, INVOLUTION=involution, BLOCK=_CHECK_BLOCK, **_MIX_OPTIONS)
+
+
 def mix(x: torch.Tensor, partner: torch.Tensor, boxes: torch.Tensor, lam: torch.Tensor,
-        use_box: torch.Tensor) -> torch.Tensor:
+        use_box: torch.Tensor, check: bool = False) -> torch.Tensor:
     """The mix op out of place. ``x`` contiguous (NCHW or channels_last); ``partner`` int64 ``[B]``
     permutation; ``boxes`` int64 ``[B, 4]``, ``lam`` float32/float64 ``[B]``, ``use_box`` bool ``[B]``,
-    all contiguous and validated by the caller (fastsd.mix)."""
+    all contiguous and validated by the caller (fastsd.mix), or on the device first with ``check``
+    (:func:`check_values`)."""
+    if check:
+        check_values(x, partner, boxes, lam)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_validate.memory_format(x))
     _launch(x, out, partner, boxes, lam, use_box, inplace=False)
     return out
 
 
 def mix_(x: torch.Tensor, partner: torch.Tensor, boxes: torch.Tensor, lam: torch.Tensor,
-         use_box: torch.Tensor) -> torch.Tensor:
-    """The mix op in place (``partner`` an involution, checked by the caller); returns x."""
+         use_box: torch.Tensor, check: bool = False) -> torch.Tensor:
+    """The mix op in place (``partner`` an involution, checked by the caller, or on the device first
+    with ``check``: :func:`check_values`); returns x."""
+    if check:
+        check_values(x, partner, boxes, lam, involution=True)
     _launch(x, x, partner, boxes, lam, use_box, inplace=True)
     return x
 
@@ -328,7 +388,7 @@ def mix_backward(grad: torch.Tensor, partner: torch.Tensor, boxes: torch.Tensor,
 
 # --- ahead-of-time compile specs: the variants the launcher picks, as the JIT specialises them --------
 
-_KERNELS = {"mix_kernel": "mix", "mix_backward_kernel": "mix_backward"}
+_KERNELS = {"mix_kernel": "mix", "mix_backward_kernel": "mix_backward", "mix_check_kernel": "mix_check"}
 # A CIFAR and an ImageNet batch (aligned: 16-byte chunks), and an odd image (W and C odd: 1-element
 # chunks, sample sizes the JIT sees no divisibility in).
 _SHAPES = {"cifar": (256, 3, 32, 32), "imagenet": (128, 3, 224, 224), "odd": (5, 3, 17, 23)}
@@ -362,6 +422,16 @@ def _aot_cases():
                                                 inverse_partner=torch.empty(B, dtype=torch.int64, **meta))
 
                         cases.append((f"{ty}_{layout}_{shape_tag}{lam_tag}", backward))
+    # The value checks of the public functions (a spec per lam dtype and mode).
+    for lam_dtype, lam_tag in ((torch.float32, ""), (torch.float64, "_lam64")):
+        for involution in (False, True):
+            def check(lam_dtype=lam_dtype, involution=involution):
+                B = 256
+                check_values(torch.empty(B, 3, 32, 32, device="meta"), torch.empty(B, dtype=torch.int64, device="meta"),
+                             torch.empty(B, 4, dtype=torch.int64, device="meta"),
+                             torch.empty(B, dtype=lam_dtype, device="meta"), involution=involution)
+
+            cases.append((f"{'involution' if involution else 'permutation'}{lam_tag}", check))
     # A sample of 2**31 elements or more (one huge image): int64 indices.
     cases.append(("forward_fp32_nchw_huge", lambda: mix(
         torch.empty(1, 1, 46341, 46341, device="meta"), torch.empty(1, dtype=torch.int64, device="meta"),

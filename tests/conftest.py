@@ -101,3 +101,18 @@ def backward_tolerance(backend, dtype):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def device_asserts(monkeypatch):
+    """The Triton interpreter running the kernels' ``tl.device_assert`` checks, as a GPU launch with
+    debug=True does (fastsd's launchers pass it): the interpreter's builder has debug off, so it drops
+    them otherwise. A failed assert raises (an InterpreterError naming the assert's message)."""
+    import dataclasses
+
+    if not _backend.triton_interpreting():
+        pytest.skip("runs the Triton interpreter")
+    from triton.runtime import interpreter
+
+    builder = interpreter.interpreter_builder
+    monkeypatch.setattr(builder, "options", dataclasses.replace(builder.options, debug=True))

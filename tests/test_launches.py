@@ -67,9 +67,10 @@ CALLS = {
 
 # Launches per call on CUDA, forward + backward (issue 12; before it: 8, 52, 21, 4 and 3).
 BUDGET = {"patch_swap": 3, "intra_class_patch_swap": 8, "pair_kd_loss": 4, "kd_loss": 3, "feature_alignment_loss": 3,
-          # one mix kernel and fastsd.mix._check's value checks on the device (23 ops: boxes in range,
-          # lam in [0, 1], partner a permutation); backward: a sort (the inverse permutation) and the gather kernel (before it: 20)
-          "mix": 26}
+          # the value checks (a sort and the check kernel's device-side asserts) and the mix kernel;
+          # backward: a sort (the inverse permutation) and the gather kernel (before: 24 + 2, the
+          # value checks in ATen ops)
+          "mix": 5}
 
 
 def _count(name):
@@ -165,6 +166,38 @@ def test_pair_kd_glue_uses_device_checks(monkeypatch):
         assert calls == [True]  # raised before the launch
         fastsd.pair_kd_loss(inputs["logits"], inputs["labels"], inputs["partner"])
     assert calls == [True, None]
+
+
+def test_mix_glue_leaves_the_value_checks_to_the_kernel(monkeypatch):
+    k = _kernels("mix")
+    mix_calls, check_calls = [], []
+    _launcher_with(monkeypatch, k, "mix", "check", mix_calls)
+    _launcher_with(monkeypatch, k, "mix_", "check", check_calls)
+    a = _inputs()
+    x = a["x"].detach()
+    args = (a["boxes"], a["lam"], a["use_box"])
+    partner = torch.tensor([2, 0, 3, 1, 5, 4, 7, 6])
+    with fastsd.use_backend("triton"):
+        n = count_launches(lambda: fastsd.mix.mix(x, partner, *args))
+        assert n["ops"]["forward"] == ["aten.sort", "triton.mix_check_kernel", "triton.mix_kernel"]
+        assert mix_calls == [True]
+        y = x.clone()
+        n = count_launches(lambda: fastsd.mix.mix_(y, a["partner"], *args))
+        assert n["ops"]["forward"] == ["triton.mix_check_kernel", "triton.mix_kernel"] and check_calls == [True]
+        # the samplers' arguments are right by construction: no checks
+        count_launches(lambda: fastsd.mix.op.mix_unchecked(x, partner, *args))
+        assert mix_calls[-1] is False
+        # On CPU tensors outside the count (the interpreter ignores tl.device_assert) the glue checks.
+        with pytest.raises(ValueError, match="partner must be a permutation"):
+            fastsd.mix.mix(x, torch.tensor([0, 0, 1, 2, 3, 4, 5, 6]), *args)
+        with pytest.raises(ValueError, match="lam must be in"):
+            fastsd.mix.mix(x, partner, a["boxes"], a["lam"] + 1, a["use_box"])
+        with pytest.raises(ValueError, match="involution"):
+            fastsd.mix.mix_(x.clone(), partner, *args)
+        assert len(mix_calls) == 2 and check_calls == [True]  # raised before the launch
+        fastsd.mix.mix(x, partner, *args)
+        fastsd.mix.mix_(x.clone(), a["partner"], *args)
+    assert mix_calls[-1] is False and check_calls[-1] is False
 
 
 @pytest.mark.parametrize("backend", ["triton", "cpp", "torch"])

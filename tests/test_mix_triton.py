@@ -156,6 +156,55 @@ def test_backward_op_and_double_backward():
     assert not torch.equal(k.mix_backward(x.detach(), partner, boxes, lam, use_box, partner.roll(1)), want)
 
 
+_CHECK_ARGS = dict(partner=[1, 0, 3, 2], boxes=[[0, 4, 0, 4]] * 4, lam=[0.5, 0.0, 1.0, 0.25])
+BAD_VALUES = {  # (the argument, its bad value, the assert's message)
+    "duplicate partner": ("partner", [1, 1, 3, 2], "permutation"),
+    "partner beyond B": ("partner", [4, 0, 3, 2], "permutation"),  # sorted: range(B) fails in row 3
+    "negative partner": ("partner", [-1, 0, 3, 2], "permutation"),
+    "box below the image": ("boxes", [[0, 4, 0, 4]] * 3 + [[2, 9, 0, 4]], "boxes must satisfy"),
+    "inverted box": ("boxes", [[0, 4, 0, 4], [3, 2, 0, 4]] * 2, "boxes must satisfy"),
+    "negative box": ("boxes", [[0, 4, -1, 4]] * 4, "boxes must satisfy"),
+    "box right of the image": ("boxes", [[0, 4, 0, 8]] * 4, "boxes must satisfy"),
+    "lam above 1": ("lam", [0.5, 1.5, 0.0, 0.0], "lam must be in"),
+    "lam NaN": ("lam", [0.5, float("nan"), 0.0, 0.0], "lam must be in"),
+}
+
+
+def _check_args(**bad):
+    a = {k: torch.tensor(v) for k, v in {**_CHECK_ARGS, **bad}.items()}
+    return torch.randn(4, 3, 8, 7), a["partner"], a["boxes"], a["lam"], torch.tensor([True, False] * 2)
+
+
+@pytest.mark.parametrize("case", list(BAD_VALUES))
+def test_kernel_asserts_the_values_on_the_device(device_asserts, case):
+    """On CUDA the public fastsd.mix / mix_ leave the value checks to the kernel (tl.device_assert,
+    compiled in with debug=True; test_launches counts that path): here the interpreter runs them."""
+    k = _kernels()
+    name, value, message = BAD_VALUES[case]
+    x, partner, boxes, lam, use_box = _check_args(**{name: value})
+    with pytest.raises(Exception, match=message):
+        k.mix(x, partner, boxes, lam, use_box, check=True)
+    if name != "partner" or case == "duplicate partner":  # (an index out of range is not read unchecked)
+        k.mix(x, partner, boxes, lam, use_box)  # the asserts are off without the check
+    if name != "partner":  # in place: an involution instead of the sorted partner
+        y = x.clone()
+        with pytest.raises(Exception, match=message):
+            k.mix_(y, partner, boxes, lam, use_box, check=True)
+
+
+def test_kernel_asserts_an_involution_in_place(device_asserts):
+    k = _kernels()
+    x, partner, boxes, lam, use_box = _check_args()
+    want = R.mix(x, partner, boxes, lam, use_box)
+    assert torch.equal(k.mix(x, partner, boxes, lam, use_box, check=True), want)
+    assert torch.equal(k.mix_(x.clone(), partner, boxes, lam, use_box, check=True), want)
+    # a permutation but no involution; partners out of range (whichever row's assert comes first)
+    for bad, message in (([1, 2, 3, 0], "involution"), ([1, 0, 3, 5], "permutation|involution"),
+                         ([1, 0, 3, -2], "permutation|involution")):
+        with pytest.raises(Exception, match=message):
+            k.mix_(x.clone(), torch.tensor(bad), boxes, lam, use_box, check=True)
+
+
 def test_self_partnered_mixup_row_is_computed():
     # x * lam + x * (1 - lam) differs from x in its last bit for some lam: a MixUp row that is its own
     # partner is computed in place, not skipped.
@@ -374,6 +423,19 @@ def test_mixup_path_has_no_fused_multiply_add(fused_and_unfused):
     assert re.search(r"cvt\.rn\.bf16(x2)?\.f32", fused_and_unfused["mix_forward_bf16_nchw_cifar:False"]["ptx"])
 
 
+def test_check_specs_compile_the_value_asserts():
+    # The device-side value checks are compiled in (debug=True): every message in the PTX.
+    checks = [s for s in _kernels().AOT_SPECS if s["name"].startswith("mix_check_")]
+    results = triton_tools.aot_compile_all([(s["name"], 90) for s in checks])
+    for s in checks:
+        ptx = results[(s["name"], 90)].ptx
+        messages = {name: bytes(int(v) for v in data.split(",")).rstrip(b"\0").decode()  # (byte arrays in the PTX)
+                    for name, data in re.findall(r"\.global \.align 1 \.b8 (assertMessage_\d+)\[\d+\] = \{([\d, ]+)\}", ptx)}
+        assert sorted(m.split(": ")[1].split(" must")[0] for m in messages.values()) == (
+            ["boxes", "lam", "partner", "partner"] if "involution" in s["name"] else ["boxes", "lam", "partner"]), messages
+        assert ("involution" in " ".join(messages.values())) == ("involution" in s["name"]), messages
+
+
 def test_aligned_specs_move_16_bytes_an_access(fused_and_unfused):
     for key, asm in fused_and_unfused.items():
         if key.endswith(":False"):
@@ -394,6 +456,8 @@ def test_specs_cover_the_launcher_variants():
         (spec,) = _aot.specs_from_launches(k, k._KERNELS, [(tag, thunk)])
         assert repr((spec["signature"], spec["constexprs"], spec["attrs"])) in keys, tag
         names = list(spec["signature"])
+        if spec["name"].startswith("mix_check_"):
+            continue
         vec = spec["constexprs"][(names.index("VEC"),)]
         width = vec * itemsize[spec["signature"][names[0]][1:]]  # x (forward) or the gradient (backward)
         aligned = {names[i[0]] for i in spec["attrs"]}
@@ -403,3 +467,5 @@ def test_specs_cover_the_launcher_variants():
             assert width == 16 and {names[0], "out_ptr", "sample_numel"} <= aligned, tag
     assert {s["name"] for s in k.AOT_SPECS} >= {f"mix_backward_{ty}_{layout}_{shape}" for ty in ("fp32", "fp16", "bf16", "fp64")
                                                 for layout in ("nchw", "channels_last") for shape in ("cifar", "odd")}
+    assert {s["name"] for s in k.AOT_SPECS} >= {f"mix_check_{mode}{lam}" for mode in ("permutation", "involution")
+                                                for lam in ("", "_lam64")}

@@ -28,6 +28,7 @@ BUDGETS = [
     (r"patch_swap_\w+_big", {}, "samples of 2**31 elements or more: int64 indices and divisions, never the common path"),
     (_PATCH_SWAP_16_BYTES, WIDE, "memory-bound, 16-byte chunks"),
     (r"patch_swap_\w+", MEMORY, "memory-bound, chunks narrower than 16 bytes (the cells allow no wider)"),
+    (r"mix_check_\w+", {}, "the public functions' value checks: a few loads and compares a batch row, not memory-bound"),
     (r"mix_\w+_huge", {}, "samples of 2**31 elements or more: int64 indices and divisions, never the common path"),
     (r"mix_\w+", MEMORY, "memory-bound (CutMix copies, MixUp blends); 16-byte chunks where a line's length allows"),
     (r"feature_(mse|l1|smooth_l1|cosine)_\w*unaligned\w*", MEMORY,

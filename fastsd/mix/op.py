@@ -32,16 +32,31 @@ def _empty_out(x: torch.Tensor) -> torch.Tensor:
 
 
 def _mix_impl(x: torch.Tensor, partner: torch.Tensor, boxes: torch.Tensor, lam: torch.Tensor,
-              use_box: torch.Tensor) -> torch.Tensor:
-    return _run("mix", x, partner, boxes, lam, use_box)
+              use_box: torch.Tensor, check: bool = False) -> torch.Tensor:
+    """``check``: the value checks of :func:`mix` (partner a permutation, boxes in range, lam in
+    [0, 1]), made here where the backend is known: by a Triton kernel on CUDA (device-side asserts:
+    a sort and one launch rather than 23), else by :func:`_check_values`."""
+    return _run("mix", x, partner, boxes, lam, use_box, check)
 
 
-def _run(op, x, partner, boxes, lam, use_box):
+def _run(op, x, partner, boxes, lam, use_box, check=False):
     """The backend of ``op`` ("mix", or "mix_backward" with x the output gradient) on x in its layout."""
     if x.shape[0] == 0:
         return _empty_out(x)
     fn = _backend.select(op, x, partner, boxes, lam, use_box)
-    return fn(x.contiguous(memory_format=V.memory_format(x)), partner, boxes, lam, use_box)
+    x = x.contiguous(memory_format=V.memory_format(x))
+    if check and _asserts_on_device(fn, x):
+        return fn(x, partner, boxes, lam, use_box, check=True)
+    if check:
+        _check_values("fastsd.mix", x, partner, boxes, lam)
+    return fn(x, partner, boxes, lam, use_box)
+
+
+def _asserts_on_device(fn, x: torch.Tensor) -> bool:
+    """Whether backend ``fn`` asserts the values itself (the Triton kernels on CUDA tensors, where
+    their ``tl.device_assert`` is compiled in; the interpreter ignores it, so on CPU tensors the glue
+    checks). fastsd.bench.launches counts the CUDA side (fastsd._validate.kernel_asserts)."""
+    return getattr(fn, "asserts_on_device", False) and V.kernel_asserts(x)
 
 
 def _mix_backward_impl(grad: torch.Tensor, partner: torch.Tensor, boxes: torch.Tensor, lam: torch.Tensor,
@@ -54,21 +69,24 @@ _mix_backward_op = torch.library.custom_op("fastsd::mix_backward", mutates_args=
 
 
 @_mix_op.register_fake
+def _(x, partner, boxes, lam, use_box, check=False):
+    return _empty_out(x)
+
+
 @_mix_backward_op.register_fake
 def _(x, partner, boxes, lam, use_box):
     return _empty_out(x)
 
 
 def _setup_context(ctx, inputs, output):
-    _x, partner, boxes, lam, use_box = inputs
-    ctx.save_for_backward(partner, boxes, lam, use_box)
+    ctx.save_for_backward(*inputs[1:5])  # partner, boxes, lam, use_box
 
 
 def _backward(ctx, grad):
     partner, boxes, lam, use_box = ctx.saved_tensors
     needs_grad = torch.is_grad_enabled() and grad.requires_grad  # create_graph: a double backward
     out = _MIX_BACKWARD((grad, partner, boxes, lam, use_box), needs_grad, grad, partner, boxes, lam, use_box)
-    return out, None, None, None, None
+    return out, None, None, None, None, None
 
 
 def _backward_of_backward(ctx, grad):
@@ -107,16 +125,18 @@ def mix(x: torch.Tensor, partner: torch.Tensor, boxes: torch.Tensor, lam: torch.
         use_box: bool ``[B]``.
 
     Values (partner a permutation, boxes in range, lam in [0, 1]) are checked on the device without
-    a host sync: a ValueError at once on the CPU, an asynchronous device-side assert on CUDA.
+    a host sync: a ValueError at once on the CPU, an asynchronous device-side assert on CUDA (by the
+    Triton check kernel: a sort of partner and one launch).
 
     Returns:
         A new tensor with x's dtype, device and layout. Differentiable in x (a gather backward).
     """
     _check("fastsd.mix", x, partner, boxes, lam, use_box)
-    return mix_unchecked(x, partner.long(), boxes.long(), lam, use_box)
+    return _mix(x, partner.long(), boxes.long(), lam, use_box, True)
 
 
 def _check(fn, x, partner, boxes, lam, use_box) -> None:
+    """What the public functions check on the host: types, shapes, devices (no values, no launch)."""
     V.tensor(fn, "x", x, ndim=4, dtypes=MIX_DTYPES, what="[B, C, H, W]")
     V.tensor(fn, "partner", partner, ndim=1, dtypes=V.INT_DTYPES, what="[B]")
     V.tensor(fn, "boxes", boxes, ndim=2, dtypes=V.INT_DTYPES, what="[B, 4]")
@@ -131,13 +151,24 @@ def _check(fn, x, partner, boxes, lam, use_box) -> None:
             raise ValueError(f"{fn}: {name} must have length B={B} (x.shape[0]), got {t.shape[0]}")
     if x.requires_grad and not x.is_floating_point():
         raise TypeError(f"{fn}: x of dtype {x.dtype} cannot require grad")
-    if B:
-        boxes = boxes.long()
-        y0, y1, x0, x1 = boxes.unbind(1)
-        ok = ((y0 >= 0) & (y0 <= y1) & (y1 <= H) & (x0 >= 0) & (x0 <= x1) & (x1 <= W)).all()
-        V.device_check(fn, ok, f"boxes must satisfy 0 <= y0 <= y1 <= H={H} and 0 <= x0 <= x1 <= W={W}")
-        V.device_check(fn, ((lam >= 0) & (lam <= 1)).all(), "lam must be in [0, 1]")
-        assert_permutation(fn, torch.sort(partner.long())[0])
+
+
+def _check_values(fn, x, partner, boxes, lam, involution=False) -> None:
+    """The value checks of the public functions in ATen ops, on the device without a host sync: a
+    ValueError at once on the CPU (the backends' kernels on CUDA assert them themselves). ``partner``
+    and ``boxes`` int64, B > 0. ``involution`` (mix_): partner[partner[i]] == i, which makes it a
+    permutation; else partner sorted is range(B)."""
+    _, _, H, W = x.shape
+    y0, y1, x0, x1 = boxes.unbind(1)
+    ok = ((y0 >= 0) & (y0 <= y1) & (y1 <= H) & (x0 >= 0) & (x0 <= x1) & (x1 <= W)).all()
+    V.device_check(fn, ok, f"boxes must satisfy 0 <= y0 <= y1 <= H={H} and 0 <= x0 <= x1 <= W={W}")
+    V.device_check(fn, ((lam >= 0) & (lam <= 1)).all(), "lam must be in [0, 1]")
+    if involution:
+        B = partner.shape[0]
+        ok = ((partner >= 0) & (partner < B)).all() & (partner[partner.clamp(0, B - 1)] == torch.arange(B, device=partner.device)).all()
+        V.device_check(fn, ok, "partner must be an involution (partner[partner[i]] == i) to mix in place")
+    else:
+        assert_permutation(fn, torch.sort(partner)[0])
 
 
 def mix_(x: torch.Tensor, partner: torch.Tensor, boxes: torch.Tensor, lam: torch.Tensor,
@@ -155,24 +186,33 @@ def mix_(x: torch.Tensor, partner: torch.Tensor, boxes: torch.Tensor, lam: torch
         raise TypeError(f"{fn}: x requires grad; mix it out of place (fastsd.mix.mix)")
     if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
         raise ValueError(f"{fn}: x must be contiguous (NCHW or channels_last) to be mixed in place")
-    if x.shape[0]:
-        p = partner.long()
-        V.device_check(fn, (p[p.clamp(0, x.shape[0] - 1)] == torch.arange(x.shape[0], device=p.device)).all(),
-                       "partner must be an involution (partner[partner[i]] == i) to mix in place")
-    return mix_unchecked_(x, partner.long(), boxes.long(), lam, use_box)
+    return _mix_inplace(x, partner.long(), boxes.long(), lam, use_box, True)
 
 
 def mix_unchecked_(x, partner, boxes, lam, use_box) -> torch.Tensor:
     """:func:`mix_` without the value checks (see :func:`mix_unchecked`); returns x."""
-    _MIX_INPLACE((x, partner, boxes, lam, use_box), False, x, partner, boxes.contiguous(), lam.contiguous(),
-                 use_box.contiguous())
+    return _mix_inplace(x, partner, boxes, lam, use_box, False)
+
+
+def _mix_inplace(x, partner, boxes, lam, use_box, check: bool) -> torch.Tensor:
+    boxes, lam, use_box = boxes.contiguous(), lam.contiguous(), use_box.contiguous()
+    _MIX_INPLACE((x, partner, boxes, lam, use_box), False, x, partner, boxes, lam, use_box, check)
     return x
 
 
 def _mix_inplace_impl(x: torch.Tensor, partner: torch.Tensor, boxes: torch.Tensor, lam: torch.Tensor,
-                      use_box: torch.Tensor) -> None:
-    if x.shape[0]:
-        _backend.select("mix_", x, partner, boxes, lam, use_box)(x, partner, boxes, lam, use_box)
+                      use_box: torch.Tensor, check: bool = False) -> None:
+    """``check``: :func:`mix_`'s value checks (partner an involution, boxes in range, lam in [0, 1]),
+    by a Triton kernel on CUDA (device-side asserts, one launch), else by :func:`_check_values`."""
+    if not x.shape[0]:
+        return
+    fn = _backend.select("mix_", x, partner, boxes, lam, use_box)
+    if check and _asserts_on_device(fn, x):
+        fn(x, partner, boxes, lam, use_box, check=True)
+        return
+    if check:
+        _check_values("fastsd.mix_", x, partner, boxes, lam, involution=True)
+    fn(x, partner, boxes, lam, use_box)
 
 
 # A registered op too, so that torch.compile sees one mutating op (functionalized) rather than
@@ -181,7 +221,7 @@ _mix_inplace_op = torch.library.custom_op("fastsd::mix_", mutates_args=("x",))(_
 
 
 @_mix_inplace_op.register_fake
-def _(x, partner, boxes, lam, use_box):
+def _(x, partner, boxes, lam, use_box, check=False):
     return None
 
 
@@ -192,10 +232,14 @@ def mix_unchecked(x, partner, boxes, lam, use_box) -> torch.Tensor:
     """:func:`mix` for arguments that are right by construction (fastsd.mix's own samplers: boxes
     clipped to the image, lam in [0, 1], partner a flip or roll): no value checks. int64 partner
     and boxes."""
+    return _mix(x, partner, boxes, lam, use_box, False)
+
+
+def _mix(x, partner, boxes, lam, use_box, check: bool) -> torch.Tensor:
     boxes, lam, use_box = boxes.contiguous(), lam.contiguous(), use_box.contiguous()
     # as the registered op: recorded by autograd where x or lam requires grad (lam gets none)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or lam.requires_grad)
-    return _MIX((x, partner, boxes, lam, use_box), needs_grad, x, partner, boxes, lam, use_box)
+    return _MIX((x, partner, boxes, lam, use_box), needs_grad, x, partner, boxes, lam, use_box, check)
 
 
 # --- backends: fn(x, partner, boxes, lam, use_box) -> out ------------------------------------------
@@ -217,17 +261,20 @@ def _mix_cpp(x, partner, boxes, lam, use_box):
 # The Triton kernel (kernels/mix.py) takes every dtype, layout and lam dtype of fastsd.mix; it reads
 # partner, boxes, lam and use_box as flat arrays (contiguous: no-ops for what mix_unchecked passes).
 @_backend.register("mix", "triton")
-def _mix_triton(x, partner, boxes, lam, use_box):
+def _mix_triton(x, partner, boxes, lam, use_box, check=False):
     from ..kernels import mix as k
 
-    return k.mix(x, partner.contiguous(), boxes.contiguous(), lam.contiguous(), use_box.contiguous())
+    return k.mix(x, partner.contiguous(), boxes.contiguous(), lam.contiguous(), use_box.contiguous(), check=check)
 
 
 @_backend.register("mix_", "triton")
-def _mix_inplace_triton(x, partner, boxes, lam, use_box):
+def _mix_inplace_triton(x, partner, boxes, lam, use_box, check=False):
     from ..kernels import mix as k
 
-    k.mix_(x, partner.contiguous(), boxes.contiguous(), lam.contiguous(), use_box.contiguous())
+    k.mix_(x, partner.contiguous(), boxes.contiguous(), lam.contiguous(), use_box.contiguous(), check=check)
+
+
+_mix_triton.asserts_on_device = _mix_inplace_triton.asserts_on_device = True
 
 
 # fastsd._C has no mix backward (yet): the reference's gather (ATen's kernels) stands in where the

@@ -157,6 +157,22 @@ def test_checked_launch_gives_the_same_result(classes):
     assert torch.equal(plain[0], checked[0]) and torch.equal(plain[1], checked[1])
 
 
+@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="Triton interpreter unavailable")
+@pytest.mark.parametrize("classes", [10, 9000])
+def test_checked_launch_asserts_bad_indices(device_asserts, classes):
+    # The device-side checks themselves, run by the interpreter with debug on (as on a GPU).
+    logits, labels, partner = pair_inputs(12, classes, 4)
+    z = logits.float()
+    K.pair_kd_loss(z, labels, partner, 3.0, 0.7, 1.3, False, -100, True, check_indices=True)
+    bad_labels = labels.clone()
+    bad_labels[5] = classes
+    with pytest.raises(Exception, match="labels must be in"):
+        K.pair_kd_loss(z, bad_labels, partner, 3.0, 0.7, 1.3, False, -100, True, check_indices=True)
+    for bad in (partner.roll(1), torch.where(partner == partner[0], 12, partner)):  # no pairing; beyond B
+        with pytest.raises(Exception, match="partner must pair rows"):
+            K.pair_kd_loss(z, labels, bad, 3.0, 0.7, 1.3, False, -100, True, check_indices=True)
+
+
 def test_cosine_kernel_has_no_per_element_division(compiled):
     # One scalar int32 division per program and layer (the sample of a program), none per element.
     for spec in SPECS:

@@ -222,6 +222,17 @@ def test_forward_asserts_the_sorted_partner_on_the_device(monkeypatch):
     assert options["debug"] and not options["sanitize_overflow"]
 
 
+def test_forward_sorted_partner_assert_fires(device_asserts):
+    # The assert itself, run by the interpreter with debug on (as on a GPU launch).
+    x, partner, mask = _make((4, 3, 8, 8, 2, 2), torch.float32, "nchw", specials=False)
+    out = kernels.patch_swap(x, partner, mask, sorted_partner=torch.sort(partner).values)
+    assert torch.equal(out, reference.patch_swap(x, partner, mask))
+    bad = torch.tensor([0, 0, 1, 2])  # in range, not a permutation
+    with pytest.raises(Exception, match="partner must be a permutation"):
+        kernels.patch_swap(x, bad, mask, sorted_partner=torch.sort(bad).values)
+    kernels.patch_swap(x, bad, mask)  # unchecked without sorted_partner
+
+
 def test_misaligned_sample_falls_back_to_whole_chunks():
     # The forward's word merge of MIXED chunks needs 4-byte aligned samples: a view one byte into its
     # storage takes chunks that never straddle a cell instead, with the same result.

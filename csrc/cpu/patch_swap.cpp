@@ -1,4 +1,4 @@
-// CPU kernels of patch swap, parallel over cell rows with at::parallel_for.
+// CPU kernels of patch swap, parallel over groups of cell rows with at::parallel_for.
 //
 // Both directions are one gather, `cell_select`: for each pixel of row (b, h), in cell (ch, cw),
 //   out = (keep ? x[b] : 0) + (take ? x[src[b]] : 0)
@@ -11,7 +11,8 @@
 // same choice merged); narrow ones take a branch-free bit select (select.h) over the whole cell
 // row, its mask expanded from the cells' bits. A per-run memcpy of 16-byte runs costs more in calls
 // than the select's second read, and that read is made a cache hit by walking the cell rows in the
-// permutation's cycle order (cycle_order).
+// permutation's cycle order (cycle_order). On the select path a unit is several cell rows (a whole
+// small image), so that its fixed costs are paid once an image, not once four image rows.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -34,6 +35,11 @@ constexpr int64_t kWordBits = 32;  // cells per mask bit word (wider grids expan
 // take the vector select, which reads both sources but costs no call per run.
 constexpr int64_t kMinMemcpyRunBytes = 128;
 
+// On the select path a work unit takes consecutive cell rows up to about this many elements a plane
+// (a 32 x 32 image: all 8 cell rows of 4 px, 1024 elements): per-unit costs (the bit words, the
+// calls, the uniformity test) then amortise over a whole small image rather than four image rows.
+constexpr int64_t kSelectUnitElements = 2048;
+
 template <typename T>
 inline void run(T* o, const T* self, const T* other, bool keep, bool take, int64_t n) {
   if (keep && take) {
@@ -47,10 +53,10 @@ inline void run(T* o, const T* self, const T* other, bool keep, bool take, int64
   }
 }
 
-// The work units (b, ch) in the order of src's cycles: for each cycle (b0, b1 = src[b0], ...), each
-// cell row ch, each member. Unit (b_i, ch) reads its partner slice x[b_{i+1}] rows of ch, which is
-// the next unit's own slice: the second read of each byte of x is a cache hit, not a trip to
-// memory (fastsd's pairs are involutions: cycles of two).
+// The work units (b, k) in the order of src's cycles: for each cycle (b0, b1 = src[b0], ...), each
+// group k of cell rows, each member. Unit (b_i, k) reads its partner slice x[b_{i+1}] rows of k,
+// which is the next unit's own slice: the second read of each byte of x is a cache hit, not a trip
+// to memory (fastsd's pairs are involutions: cycles of two).
 std::vector<int64_t> cycle_order(const int64_t* src, int64_t B, int64_t gh) {
   std::vector<int64_t> units;
   units.reserve(B * gh);
@@ -95,52 +101,56 @@ void cell_select(const T* x, T* out, const int64_t* src, const int64_t* mask_row
       for (int64_t e = col[cw] * pix; e < col[cw + 1] * pix; ++e) cell_of[r * row_len + e] = static_cast<uint32_t>(cw);
     }
   }
-  // Work unit: one cell row (b, ch), i.e. image rows [h0, h1) that share the row's cells. Those rows
-  // are contiguous in memory (within a plane in NCHW, within the sample in channels_last), so the
-  // select path handles a whole unit in one vectorised call under one mask.
+  // Work unit: a group of consecutive cell rows of sample b, i.e. image rows [h0, h1) (one cell row
+  // where cells are copied run by run, up to kSelectUnitElements a plane on the select path). Those
+  // rows are contiguous in memory (within a plane in NCHW, within the sample in channels_last), so
+  // the select path handles a whole unit in one vectorised call under one mask.
   std::vector<int64_t> row0(gh + 1);  // first image row of each cell row
   for (int64_t ch = 0; ch <= gh; ++ch) row0[ch] = (ch * H + gh - 1) / gh;
-  const std::vector<int64_t> units = cycle_order(src, B, gh);
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, rows_per_unit * row_len * planes));
+  const int64_t group =
+      by_runs ? 1 : std::max<int64_t>(1, std::min<int64_t>(gh, kSelectUnitElements / (rows_per_unit * row_len)));
+  const int64_t groups = (gh + group - 1) / group;
+  const std::vector<int64_t> units = cycle_order(src, B, groups);
+  const int64_t grain =
+      std::max<int64_t>(1, 32768 / std::max<int64_t>(1, group * rows_per_unit * row_len * planes));
 
-  at::parallel_for(0, B * gh, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * groups, grain, [&](int64_t begin, int64_t end) {
     // (-fno-strict-aliasing: locals, not captured references, keep these in registers.)
-    const int64_t ngw = gw, ngh = gh, nrow = row_len, nplanes = planes, pstride = plane_stride, npix = pix;
+    const int64_t ngw = gw, ngh = gh, ngroups = groups, nrow = row_len, nplanes = planes, pstride = plane_stride,
+                  npix = pix;
     const int64_t* cols = col.data();
     const int64_t* rows = row0.data();
-    // Select path: keep / take bits of one cell row's image rows.
+    // Select path: keep / take bits of one unit's image rows.
     // (The forward reads take bits only: keep == !take there.)
-    std::vector<U> keep_bits(by_runs || forward ? 0 : rows_per_unit * nrow);
-    std::vector<U> take_bits(by_runs ? 0 : rows_per_unit * nrow);
+    const int64_t unit_len = group * rows_per_unit * nrow;
+    std::vector<U> keep_bits(by_runs || forward ? 0 : unit_len);
+    std::vector<U> take_bits(by_runs ? 0 : unit_len);
     std::vector<U> keep_cell(ngw), take_cell(ngw);  // grids wider than one bit word
     U* keep_row = keep_bits.data();
     U* take_row = take_bits.data();
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = units[i] / ngh, ch = units[i] % ngh;
-      const int64_t block = (rows[ch + 1] - rows[ch]) * nrow;  // elements of the unit in one plane
-      const uint8_t* own_cells = mask + (b * ngh + ch) * ngw;
-      const uint8_t* other_cells = mask + (mask_row[b] * ngh + ch) * ngw;
-      const int64_t self_base = b * sample + rows[ch] * nrow;
-      const int64_t other_base = src[b] * sample + rows[ch] * nrow;
-      const bool k0 = own_cells[0] == 0, t0 = other_cells[0] != 0;
-      bool uniform = true;
-      uint32_t keep_word = 0, take_word = 0;  // bit cw: cell cw keeps / takes (cw < kWordBits)
-      for (int64_t cw = 0; cw < ngw; ++cw) {
-        const bool k = own_cells[cw] == 0, t = other_cells[cw] != 0;
-        uniform = uniform && k == k0 && t == t0;
-        if (cw < kWordBits) {
-          keep_word |= static_cast<uint32_t>(k) << cw;
-          take_word |= static_cast<uint32_t>(t) << cw;
-        }
+      const int64_t b = units[i] / ngroups, ch0 = (units[i] % ngroups) * group;
+      const int64_t ch1 = std::min(ch0 + group, ngh);
+      const int64_t block = (rows[ch1] - rows[ch0]) * nrow;  // elements of the unit in one plane
+      const uint8_t* own_mask = mask + b * ngh * ngw;
+      const uint8_t* other_mask = mask + mask_row[b] * ngh * ngw;
+      const int64_t self_base = b * sample + rows[ch0] * nrow;
+      const int64_t other_base = src[b] * sample + rows[ch0] * nrow;
+      const bool k0 = own_mask[ch0 * ngw] == 0, t0 = other_mask[ch0 * ngw] != 0;
+      int differ = 0;  // (no early exit: the compiler vectorises the test over the unit's cells)
+      for (int64_t c = ch0 * ngw; c < ch1 * ngw; ++c) {
+        differ |= ((own_mask[c] == 0) != k0) | ((other_mask[c] != 0) != t0);
       }
-      if (uniform) {  // one choice over the whole cell row: one contiguous run per plane
+      if (!differ) {  // one choice over the whole unit: one contiguous run per plane
         for (int64_t p = 0; p < nplanes; ++p) {
           const int64_t off = p * pstride;
           run(out + self_base + off, x + self_base + off, x + other_base + off, k0, t0, block);
         }
         continue;
       }
-      if (by_runs) {
+      if (by_runs) {  // one cell row (group == 1)
+        const uint8_t* own_cells = own_mask + ch0 * ngw;
+        const uint8_t* other_cells = other_mask + ch0 * ngw;
         for (int64_t p = 0; p < nplanes; ++p) {
           const T* self = x + self_base + p * pstride;
           const T* other = x + other_base + p * pstride;
@@ -160,20 +170,30 @@ void cell_select(const T* x, T* out, const int64_t* src, const int64_t* mask_row
         }
         continue;
       }
-      // The unit's masks, vectorised from the bit words.
+      // The unit's masks, vectorised from the bit words, cell row by cell row.
       const uint32_t* cells = cell_of.data();
-      if (ngw <= kWordBits) {
-        loops.expand(take_row, cells, take_word, block);
-        if (!forward) loops.expand(keep_row, cells, keep_word, block);
-      } else {
-        for (int64_t cw = 0; cw < ngw; ++cw) {
-          keep_cell[cw] = own_cells[cw] == 0 ? U(~U(0)) : U(0);
-          take_cell[cw] = other_cells[cw] != 0 ? U(~U(0)) : U(0);
+      for (int64_t ch = ch0; ch < ch1; ++ch) {
+        const uint8_t* own_cells = own_mask + ch * ngw;
+        const uint8_t* other_cells = other_mask + ch * ngw;
+        const int64_t at = (rows[ch] - rows[ch0]) * nrow, n = (rows[ch + 1] - rows[ch]) * nrow;
+        if (ngw <= kWordBits) {
+          uint32_t keep_word = 0, take_word = 0;  // bit cw: cell cw keeps / takes
+          for (int64_t cw = 0; cw < ngw; ++cw) {
+            keep_word |= static_cast<uint32_t>(own_cells[cw] == 0) << cw;
+            take_word |= static_cast<uint32_t>(other_cells[cw] != 0) << cw;
+          }
+          loops.expand(take_row + at, cells, take_word, n);
+          if (!forward) loops.expand(keep_row + at, cells, keep_word, n);
+        } else {
+          for (int64_t cw = 0; cw < ngw; ++cw) {
+            keep_cell[cw] = own_cells[cw] == 0 ? U(~U(0)) : U(0);
+            take_cell[cw] = other_cells[cw] != 0 ? U(~U(0)) : U(0);
+          }
+          const U* tc = take_cell.data();
+          const U* kc = keep_cell.data();
+          for (int64_t e = 0; e < n; ++e) take_row[at + e] = tc[cells[e]];
+          for (int64_t e = 0; e < n && !forward; ++e) keep_row[at + e] = kc[cells[e]];
         }
-        const U* tc = take_cell.data();
-        const U* kc = keep_cell.data();
-        for (int64_t e = 0; e < block; ++e) take_row[e] = tc[cells[e]];
-        for (int64_t e = 0; e < block && !forward; ++e) keep_row[e] = kc[cells[e]];
       }
       auto* o = reinterpret_cast<U*>(out + self_base);
       auto* s = reinterpret_cast<const U*>(x + self_base);
@@ -184,14 +204,16 @@ void cell_select(const T* x, T* out, const int64_t* src, const int64_t* mask_row
       }
       loops.bits(o, s, t, keep_row, take_row, block, nplanes, pstride);
       // cells where both hold (backward only): s + t, not the select's OR
-      for (int64_t cw = 0; cw < ngw; ++cw) {
-        if (own_cells[cw] != 0 || other_cells[cw] == 0) continue;
-        for (int64_t p = 0; p < nplanes; ++p) {
-          const T* self = x + self_base + p * pstride;
-          const T* other = x + other_base + p * pstride;
-          T* op = out + self_base + p * pstride;
-          for (int64_t r = 0; r < block; r += nrow) {
-            for (int64_t e = r + cols[cw] * npix; e < r + cols[cw + 1] * npix; ++e) op[e] = self[e] + other[e];
+      for (int64_t ch = ch0; ch < ch1; ++ch) {
+        for (int64_t cw = 0; cw < ngw; ++cw) {
+          if (own_mask[ch * ngw + cw] != 0 || other_mask[ch * ngw + cw] == 0) continue;
+          for (int64_t p = 0; p < nplanes; ++p) {
+            const T* self = x + self_base + p * pstride;
+            const T* other = x + other_base + p * pstride;
+            T* op = out + self_base + p * pstride;
+            for (int64_t r = (rows[ch] - rows[ch0]) * nrow; r < (rows[ch + 1] - rows[ch0]) * nrow; r += nrow) {
+              for (int64_t e = r + cols[cw] * npix; e < r + cols[cw + 1] * npix; ++e) op[e] = self[e] + other[e];
+            }
           }
         }
       }

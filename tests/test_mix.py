@@ -115,6 +115,26 @@ def test_in_place(dtype, channels_last, backend):
             assert torch.equal(x, want), (shape, lam_dtype)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_in_place_pairs_with_boxes_of_the_same_columns(dtype, channels_last, backend):
+    """timm's 'batch' mode: both rows of a pair take the same columns (a swap of their segments),
+    over the same rows, overlapping rows, or whole image rows (one contiguous span)."""
+    shape = (6, 3, 9, 10)
+    x, _, _, lam, use_box = make_case(shape, dtype, 0, torch.float32, channels_last)
+    partner = torch.tensor([5, 4, 3, 2, 1, 0])
+    use_box[:] = True
+    for cols in ((2, 7), (0, 10), (0, 1), (9, 10)):
+        for rows in (((1, 6),) * 6, ((1, 6), (3, 9), (0, 9), (0, 9), (3, 9), (1, 6)), ((0, 9),) * 6):
+            boxes = torch.tensor([[*r, *cols] for r in rows])
+            y = x.clone(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            want = R.mix(y, partner, boxes, lam, use_box)
+            with fastsd.use_backend(backend):
+                fm.mix_(y, partner, boxes, lam, use_box)
+            assert torch.equal(y, want), (cols, rows)
+
+
 def test_many_values_round_like_pytorch():
     """Enough elements that a fused multiply-add (one rounding where PyTorch rounds twice) would show."""
     g = torch.Generator().manual_seed(1)
@@ -237,8 +257,15 @@ def test_bad_input():
             mix_unchecked_(x.clone(), torch.tensor([1, 2, 3, 0]), boxes, lam, use_box)
     with pytest.raises(ValueError, match="even"):
         fm.Mixup(num_classes=10)(x[:3], torch.zeros(3, dtype=torch.int64))
+    for bad in ([0, 1, 2, 10], [0, -1, 2, 3]):
+        y = x.clone()
+        with pytest.raises(ValueError, match="num_classes=10"):
+            fm.Mixup(num_classes=10)(y, torch.tensor(bad))
+        assert torch.equal(y, x)  # checked before the in-place mix
     with pytest.raises(ValueError, match="num_classes=10"):
-        fm.Mixup(num_classes=10)(x, torch.tensor([0, 1, 2, 10]))
+        fm.mixup_target(torch.tensor([0, 10]), 10)
+    with pytest.raises(ValueError, match="num_classes=10"):
+        fm.FastCollateMixup(num_classes=10)([(torch.zeros(3, 4, 4, dtype=torch.uint8), t) for t in (0, 1, 2, 10)])
     with pytest.raises(ValueError, match="mode"):
         fm.Mixup(mode="rows")
     with pytest.raises(ValueError, match="prob"):

@@ -35,24 +35,40 @@ def one_hot(x: torch.Tensor, num_classes: int, on_value: float = 1.0, off_value:
     return torch.full((x.size()[0], num_classes), off_value, device=x.device).scatter_(1, x, on_value)
 
 
+def check_targets(fn: str, target: torch.Tensor, num_classes: int, multi_label: bool = False) -> None:
+    """Class-index targets: integer ``[B]`` in [0, num_classes). On the CPU one reduction (aminmax) and
+    a ValueError at once; on CUDA an asynchronous device-side assert (no host sync)."""
+    if multi_label:
+        return
+    V.tensor(fn, "target", target, ndim=1, what="[B] of class indices")
+    if target.is_floating_point() or target.dtype == torch.bool:
+        raise TypeError(f"{fn}: target must hold integer class indices, got {target.dtype}")
+    if not target.numel():
+        return
+    message = f"target must be class indices in [0, num_classes={num_classes})"
+    if target.device.type == "cpu":
+        lo, hi = torch.aminmax(target)
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(f"{fn}: {message}, got values in [{int(lo)}, {int(hi)}]")
+    else:
+        V.device_check(fn, ((target >= 0) & (target < num_classes)).all(), message)
+
+
 def mixup_target(target: torch.Tensor, num_classes: int, lam=1.0, smoothing: float = 0.0,
-                 multi_label: bool = False, partner: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 multi_label: bool = False, partner: Optional[torch.Tensor] = None,
+                 check: bool = True) -> torch.Tensor:
     """timm's ``mixup_target``: ``y * lam + y[partner] * (1 - lam)`` with y the smoothed one-hot
     targets (multi-label: dense targets smoothed towards 0.5); ``lam`` a number or a ``[B, 1]``
-    tensor; partner ``flip(0)`` when None."""
+    tensor; partner ``flip(0)`` when None. ``check=False``: the caller ran :func:`check_targets`."""
     fn = "fastsd.mix.mixup_target"
+    if check:
+        check_targets(fn, target, num_classes, multi_label)
     if multi_label:
         if target.ndim != 2 or target.shape[1] != num_classes:
             raise ValueError(f"{fn}: multi-label mixup expects dense targets shaped (batch, num_classes="
                              f"{num_classes}), got {tuple(target.shape)}")
         y1 = target.float() * (1.0 - smoothing) + 0.5 * smoothing
     else:
-        V.tensor(fn, "target", target, ndim=1, what="[B] of class indices")
-        if target.is_floating_point() or target.dtype == torch.bool:
-            raise TypeError(f"{fn}: target must hold integer class indices, got {target.dtype}")
-        if target.numel():
-            V.device_check(fn, ((target >= 0) & (target < num_classes)).all(),
-                           f"target must be class indices in [0, num_classes={num_classes})")
         off_value = smoothing / num_classes
         on_value = 1.0 - smoothing + off_value
         y1 = one_hot(target, num_classes, on_value=on_value, off_value=off_value)
@@ -279,10 +295,11 @@ class Mixup:
         self._check_batch(fn, len(x))
         if len(target) != len(x):
             raise ValueError(f"{fn}: target must have B={len(x)} rows, got {len(target)}")
+        check_targets(fn, target, self.num_classes, self.multi_label)  # before x is mixed in place
         out, lam = self._mix(x)
         if not isinstance(lam, float):
             lam = torch.tensor(lam, device=x.device, dtype=x.dtype).unsqueeze(1)
-        return out, mixup_target(target, self.num_classes, lam, self.label_smoothing, self.multi_label)
+        return out, mixup_target(target, self.num_classes, lam, self.label_smoothing, self.multi_label, check=False)
 
 
 class FastCollateMixup(Mixup):
@@ -302,11 +319,12 @@ class FastCollateMixup(Mixup):
         if any(img.dtype != torch.uint8 for img in images):
             raise TypeError(f"{fn}: batch images must be uint8 (as timm's fast collate expects)")
         x = torch.stack(images)
+        target = torch.utils.data.default_collate([b[1] for b in batch])
+        check_targets(fn, target, self.num_classes, self.multi_label)
         out, lam = self._mix(x)
         if not isinstance(lam, float):
             lam = torch.tensor(lam).unsqueeze(1)
-        target = torch.utils.data.default_collate([b[1] for b in batch])
-        target = mixup_target(target, self.num_classes, lam, self.label_smoothing, self.multi_label)
+        target = mixup_target(target, self.num_classes, lam, self.label_smoothing, self.multi_label, check=False)
         if self.mode == "half":
             return out[:batch_size // 2], target[:batch_size // 2]
         return out, target

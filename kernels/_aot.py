@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
-from typing import Callable, Dict, Iterable, List, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 _OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "debug", "sanitize_overflow", "enable_fp_fusion")
 
@@ -85,13 +85,20 @@ def specs_from_launches(module, names: Dict[str, str], cases: Iterable[Tuple[str
     return list(specs.values())
 
 
-def lazy_specs(module_name: str, names: Dict[str, str], cases: Callable[[], Iterable[Tuple[str, Callable[[], object]]]]):
+def lazy_specs(module_name: str, names: Dict[str, str], cases: Callable[[], Iterable[Tuple[str, Callable[[], object]]]],
+               moved_bytes: Optional[Callable[[dict], Optional[int]]] = None):
     """A module ``__getattr__`` that builds the module's ``AOT_SPECS`` (:func:`specs_from_launches` of
-    ``cases()``) on first use, not at import: it runs every launcher on meta tensors."""
+    ``cases()``) on first use, not at import: it runs every launcher on meta tensors. ``moved_bytes``:
+    per spec, the bytes a thread really moves on its element path (fastsd.bench.sass), or None."""
     def __getattr__(name):
         if name == "AOT_SPECS":
             module = sys.modules[module_name]
-            module.AOT_SPECS = specs_from_launches(module, names, cases())
+            specs = specs_from_launches(module, names, cases())
+            for spec in specs:
+                moved = moved_bytes(spec) if moved_bytes else None
+                if moved:
+                    spec["moved_bytes"] = moved
+            module.AOT_SPECS = specs
             return module.AOT_SPECS
         raise AttributeError(f"module {module_name!r} has no attribute {name!r}")
 

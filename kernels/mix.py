@@ -48,8 +48,8 @@ import triton.language as tl
 from fastsd import _validate
 
 from . import _aot
-from .patch_swap import (_INT32, _INTERPRETER_MAX_BLOCK, _OPTIONS, _TL_DTYPES, NUM_WARPS, _add, _frac_constants,
-                         _gpu_block, _line, _offset, _program, _round_to, _vec, _vec_sizes)
+from .patch_swap import (_BYTES_PER_THREAD, _INT32, _INTERPRETER_MAX_BLOCK, _OPTIONS, _TL_DTYPES, NUM_WARPS, _add,
+                         _frac_constants, _gpu_block, _line, _offset, _program, _round_to, _vec, _vec_sizes)
 
 # Never specialised on their values (one variant for every shape); sample_numel keeps its divisibility.
 _SHAPE_ARGS = ("programs_per_sample", "L", "H", "C")
@@ -440,4 +440,14 @@ def _aot_cases():
     return cases
 
 
-__getattr__ = _aot.lazy_specs(__name__, _KERNELS, _aot_cases)  # AOT_SPECS, built on first use
+def _moved_bytes(spec):
+    """The data bytes a thread moves on the element path, for fastsd.bench.sass's issue share (its
+    static sum also counts the per-row scalars every thread loads: partner, boxes, lam, use_box): a
+    thread holds _BYTES_PER_THREAD of a row, and on the longest path (a MixUp row) reads both sources
+    and writes the output; in place it holds half that of each of two rows, read and written."""
+    if spec["name"].startswith("mix_check_"):
+        return None
+    return 4 * _BYTES_PER_THREAD // 2 if spec["name"].startswith("mix_inplace_") else 3 * _BYTES_PER_THREAD
+
+
+__getattr__ = _aot.lazy_specs(__name__, _KERNELS, _aot_cases, _moved_bytes)  # AOT_SPECS, built on first use

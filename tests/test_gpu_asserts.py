@@ -1,0 +1,57 @@
+"""On a GPU: the device-side value checks of the Triton path fire, with their messages.
+
+On CUDA tensors the public functions leave their value checks to the kernels (``tl.device_assert``,
+compiled in with debug=True): no host sync and a launch or none instead of a row of ATen ops
+(tests/test_launches.py counts them). tests/test_mix_triton.py and friends run the same asserts under
+the interpreter; here the compiled ones must trap. A device-side assert leaves the CUDA context
+unusable, so each case runs in its own process: it must fail, and print the assert's message (the
+device's printf) and PyTorch's "device-side assert triggered".
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+_SETUP = """
+import torch, fastsd, fastsd.mix as fm
+B = 8
+x = torch.randn(B, 3, 32, 32, device="cuda")
+flip = torch.arange(B - 1, -1, -1, device="cuda")
+boxes = torch.tensor([[4, 20, 6, 22]] * B, device="cuda")
+lam = torch.full((B,), 0.5, device="cuda")
+use_box = (torch.arange(B, device="cuda") % 2) == 0
+mask = torch.rand(B, 4, 4, device="cuda") < 0.5
+"""
+
+CASES = {  # (the call, the assert's message)
+    "mix lam": ("fm.mix(x, flip, boxes, lam + 1, use_box)", "lam must be in [0, 1]"),
+    "mix boxes": ("fm.mix(x, flip, boxes + 20, lam, use_box)", "boxes must satisfy"),
+    "mix partner": ("fm.mix(x, torch.zeros_like(flip), boxes, lam, use_box)", "partner must be a permutation"),
+    "mix_ involution": ("fm.mix_(x, flip.roll(1), boxes, lam, use_box)", "partner must be an involution"),
+    "patch_swap partner": ("fastsd.patch_swap(x, torch.zeros_like(flip), mask)", "partner must be a permutation"),
+}
+
+
+def _run(call):
+    code = textwrap.dedent(_SETUP) + f"\nout = {call}\ntorch.cuda.synchronize()\nprint('SYNCED')\n"
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTSD_BACKEND")}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_a_good_call_runs():
+    proc = _run("fm.mix(x, flip, boxes, lam, use_box)")
+    assert proc.returncode == 0 and "SYNCED" in proc.stdout, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_values_trap_on_the_device(case):
+    call, message = CASES[case]
+    proc = _run(call)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "SYNCED" not in proc.stdout, output[-3000:]
+    assert message in output and "device-side assert" in output, output[-3000:]

@@ -299,7 +299,8 @@ class Mixup:
         out, lam = self._mix(x)
         if not isinstance(lam, float):
             lam = torch.tensor(lam, device=x.device, dtype=x.dtype).unsqueeze(1)
-        return out, mixup_target(target, self.num_classes, lam, self.label_smoothing, self.multi_label, check=False)
+        return out, mixup_target(target, self.num_classes, lam, self.label_smoothing, self.multi_label,
+                                 check=False)
 
 
 class FastCollateMixup(Mixup):

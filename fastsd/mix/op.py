@@ -143,7 +143,7 @@ def _check(fn, x, partner, boxes, lam, use_box) -> None:
     V.tensor(fn, "lam", lam, ndim=1, dtypes=LAM_DTYPES, what="[B]")
     V.tensor(fn, "use_box", use_box, ndim=1, dtypes=(torch.bool,), what="[B]")
     V.same_device(fn, "x", x, partner=partner, boxes=boxes, lam=lam, use_box=use_box)
-    B, _, H, W = x.shape
+    B = x.shape[0]
     if boxes.shape != (B, 4):
         raise ValueError(f"{fn}: boxes must have shape [B={B}, 4] (y0, y1, x0, x1), got {tuple(boxes.shape)}")
     for name, t in (("partner", partner), ("lam", lam), ("use_box", use_box)):
@@ -165,7 +165,8 @@ def _check_values(fn, x, partner, boxes, lam, involution=False) -> None:
     V.device_check(fn, ((lam >= 0) & (lam <= 1)).all(), "lam must be in [0, 1]")
     if involution:
         B = partner.shape[0]
-        ok = ((partner >= 0) & (partner < B)).all() & (partner[partner.clamp(0, B - 1)] == torch.arange(B, device=partner.device)).all()
+        back = partner[partner.clamp(0, B - 1)]
+        ok = ((partner >= 0) & (partner < B)).all() & (back == torch.arange(B, device=partner.device)).all()
         V.device_check(fn, ok, "partner must be an involution (partner[partner[i]] == i) to mix in place")
     else:
         assert_permutation(fn, torch.sort(partner)[0])

@@ -130,6 +130,20 @@ def device_check(fn: str, ok: torch.Tensor, message: str) -> None:
         raise ValueError(f"{fn}: {message} ({exc})") from None
 
 
+def class_indices(fn: str, name: str, t: torch.Tensor, num_classes: int) -> None:
+    """Integer class indices in [0, num_classes): on the CPU one reduction (aminmax) and a ValueError
+    at once; on CUDA an asynchronous device-side assert (:func:`device_check`, no host sync)."""
+    if not t.numel():
+        return
+    message = f"{name} must be class indices in [0, num_classes={num_classes})"
+    if t.device.type == "cpu":
+        lo, hi = torch.aminmax(t)
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(f"{fn}: {message}, got values in [{int(lo)}, {int(hi)}]")
+    else:
+        device_check(fn, ((t >= 0) & (t < num_classes)).all(), message)
+
+
 @functools.lru_cache(maxsize=None)
 def launcher_takes(launcher, arg: str) -> bool:
     """Whether a Triton launcher takes ``arg``. Issue 12 adds index checks on the device and a saved

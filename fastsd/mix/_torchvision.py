@@ -61,9 +61,8 @@ class _BaseMixUpCutMix:
                              f"got {labels.shape[-1]}")
         if labels.ndim == 1 and self.num_classes is None:
             raise ValueError(f"{fn}: num_classes must be passed if the labels are index-based (1D)")
-        if labels.ndim == 1 and labels.numel():
-            V.device_check(fn, ((labels >= 0) & (labels < self.num_classes)).all(),
-                           f"labels must be class indices in [0, num_classes={self.num_classes})")
+        if labels.ndim == 1:
+            V.class_indices(fn, "labels", labels, self.num_classes)
         if images.shape[0] != labels.shape[0]:
             raise ValueError(f"{fn}: the batch size of the images does not match the batch size of the labels: "
                              f"{images.shape[0]} != {labels.shape[0]}.")

@@ -25,7 +25,8 @@ result's PTX, TTIR and cubin to a temporary directory. Results are cached per pr
 (:func:`aot_compile_all`), and triton's own disk cache (``~/.triton/cache``) makes repeated runs
 cheap: one worker start-up (~3 s) plus ~5 ms per cached kernel, 0.2-1 s per kernel and arch when
 the disk cache is cold (new or edited kernels). One worker by default: on this 2-core machine a
-second one (``FASTSD_AOT_WORKERS=2``) only pays off when most kernels are cold.
+second one (``FASTSD_AOT_WORKERS=2``) only pays off when most kernels are cold, as in ``make test``,
+whose caches start empty: it sets two where the machine has two cores.
 
 Memory traffic (VERIFYING.md, check 3)
 --------------------------------------

@@ -33,6 +33,9 @@ channels_last), so its row h and its first column j0 (in elements of the line) a
 chunk. The box test is in elements of the line: columns [x0 * C, x1 * C) in channels_last, so no
 element's pixel column is ever divided out. Loads and stores are masked per chunk (a mask that is
 constant over the vector keeps 16-byte accesses); the selection inside the chunk is per element.
+Lines of odd length take 1-element chunks (:func:`_mix_flat`, and its twin in the backward): with
+nothing shared between a thread's elements, the chunk-level tests are dropped, the box test is made
+once an element and only in a CutMix row's branch, and a MixUp row blends without it.
 
 No integer division on the GPU: the sample of a program, the line and the plane of a chunk are
 ``(a * m) >> s`` (patch swap's ``_frac``), with constants the launcher computes from the shapes. Indices
@@ -143,6 +146,59 @@ def _chunks(sample_numel, programs_per_sample, L, H, m_program, s_program, m_lin
     return b, in_sample, h, j0, j0[:, None] + k[None, :], e[:, None] + k[None, :]
 
 
+@triton.jit
+def _inside(h, j, use_box, y0, y1, c0, c1):
+    """Per element of 1-element chunks ([BLOCK, 1]): inside the row's box."""
+    return (use_box & (h >= y0) & (h < y1))[:, None] & (j >= c0) & (j < c1)
+
+
+@triton.jit
+def _mix_flat(x_b, x_p, o_b, p, b, in_sample, h, j, offs, box_b, y0, y1, c0, c1, w1, w2,
+              boxes_ptr, use_box_ptr, lam_ptr, C, CHANNELS_LAST: tl.constexpr, INPLACE: tl.constexpr,
+              FP64: tl.constexpr, BIG: tl.constexpr):
+    """mix_kernel on 1-element chunks (lines of odd length: each element has its own line, so the
+    chunk math is per element and nothing is shared): the box test once an element, in the CutMix
+    branch of a row only (a MixUp row blends without it), each element read from the source(s) its
+    output needs."""
+    m = in_sample[:, None]
+    if INPLACE:
+        # the pair's program is row min(b, p)'s; a CutMix row that is its own partner is unchanged
+        if p >= b:
+            box_p, py0, py1, pc0, pc1, pw1, pw2 = _row(p, boxes_ptr, use_box_ptr, lam_ptr, C, CHANNELS_LAST, FP64, BIG)
+            pair = p != b
+            if box_b:  # b's output is t in its box
+                store_b = m & _inside(h, j, pair, y0, y1, c0, c1)
+            else:
+                store_b = m
+            if box_p:
+                store_p = m & _inside(h, j, pair, py0, py1, pc0, pc1)
+            else:
+                store_p = m & pair
+            s = tl.load(x_b + offs, mask=(store_b & (box_b == 0)) | store_p)
+            t = tl.load(x_p + offs, mask=(store_p & (box_p == 0)) | store_b)
+            if box_b:
+                out_b = t
+            else:
+                out_b = _mixup(s, t, w1, w2)
+            if box_p:
+                out_p = s
+            else:
+                out_p = _mixup(t, s, pw1, pw2)
+            tl.store(x_b + offs, out_b, mask=store_b)
+            tl.store(x_p + offs, out_p, mask=store_p)
+    else:
+        if box_b:
+            inside = _inside(h, j, box_b, y0, y1, c0, c1)
+            s = tl.load(x_b + offs, mask=m & (inside == 0))
+            t = tl.load(x_p + offs, mask=m & inside)
+            out = tl.where(inside, t, s)
+        else:
+            s = tl.load(x_b + offs, mask=m)
+            t = tl.load(x_p + offs, mask=m)
+            out = _mixup(s, t, w1, w2)
+        tl.store(o_b + offs, out, mask=m)
+
+
 @triton.jit(do_not_specialize=_SHAPE_ARGS + _FRAC_ARGS)
 def mix_kernel(
     x_ptr,  # [B, C, H, W], NCHW or channels_last contiguous (mixed in place where INPLACE)
@@ -173,26 +229,30 @@ def mix_kernel(
     box_b, y0, y1, c0, c1, w1, w2 = _row(b, boxes_ptr, use_box_ptr, lam_ptr, C, CHANNELS_LAST, FP64, BIG)
     x_b = x_ptr + _offset(b, sample_numel, BIG)
     x_p = x_ptr + _offset(p, sample_numel, BIG)
-    meets, within, b_c0, b_c1 = _box(h, j0, box_b, y0, y1, c0, c1, VEC)
-    if INPLACE:
-        box_p, py0, py1, pc0, pc1, pw1, pw2 = _row(p, boxes_ptr, use_box_ptr, lam_ptr, C, CHANNELS_LAST, FP64, BIG)
-        meets_p, within_p, p_c0, p_c1 = _box(h, j0, box_p, py0, py1, pc0, pc1, VEC)
-        # The pair's program is row min(b, p)'s; a CutMix row that is its own partner is unchanged,
-        # a MixUp one is not (x * lam + x * (1 - lam) can differ from x in its last bit).
-        active = in_sample & (p >= b)
-        store_b = active & ((meets & (p != b)) | (box_b == 0))
-        store_p = active & (p != b) & (meets_p | (box_p == 0))
-        s = tl.load(x_b + offs, mask=((store_b & (within == 0)) | store_p)[:, None])
-        t = tl.load(x_p + offs, mask=((store_p & (within_p == 0)) | store_b)[:, None])
-        out_b = _row_out(s, t, j, b_c0, b_c1, box_b, w1, w2)
-        out_p = _row_out(t, s, j, p_c0, p_c1, box_p, pw1, pw2)
-        tl.store(x_b + offs, out_b, mask=store_b[:, None])
-        tl.store(x_p + offs, out_p, mask=store_p[:, None])
+    if VEC == 1 and not BIG:
+        _mix_flat(x_b, x_p, out_ptr + _offset(b, sample_numel, BIG), p, b, in_sample, h, j, offs, box_b, y0, y1, c0,
+                  c1, w1, w2, boxes_ptr, use_box_ptr, lam_ptr, C, CHANNELS_LAST, INPLACE, FP64, BIG)
     else:
-        s = tl.load(x_b + offs, mask=(in_sample & (within == 0))[:, None])
-        t = tl.load(x_p + offs, mask=(in_sample & (meets | (box_b == 0)))[:, None])
-        out = _row_out(s, t, j, b_c0, b_c1, box_b, w1, w2)
-        tl.store(out_ptr + _offset(b, sample_numel, BIG) + offs, out, mask=in_sample[:, None])
+        meets, within, b_c0, b_c1 = _box(h, j0, box_b, y0, y1, c0, c1, VEC)
+        if INPLACE:
+            box_p, py0, py1, pc0, pc1, pw1, pw2 = _row(p, boxes_ptr, use_box_ptr, lam_ptr, C, CHANNELS_LAST, FP64, BIG)
+            meets_p, within_p, p_c0, p_c1 = _box(h, j0, box_p, py0, py1, pc0, pc1, VEC)
+            # The pair's program is row min(b, p)'s; a CutMix row that is its own partner is unchanged,
+            # a MixUp one is not (x * lam + x * (1 - lam) can differ from x in its last bit).
+            active = in_sample & (p >= b)
+            store_b = active & ((meets & (p != b)) | (box_b == 0))
+            store_p = active & (p != b) & (meets_p | (box_p == 0))
+            s = tl.load(x_b + offs, mask=((store_b & (within == 0)) | store_p)[:, None])
+            t = tl.load(x_p + offs, mask=((store_p & (within_p == 0)) | store_b)[:, None])
+            out_b = _row_out(s, t, j, b_c0, b_c1, box_b, w1, w2)
+            out_p = _row_out(t, s, j, p_c0, p_c1, box_p, pw1, pw2)
+            tl.store(x_b + offs, out_b, mask=store_b[:, None])
+            tl.store(x_p + offs, out_p, mask=store_p[:, None])
+        else:
+            s = tl.load(x_b + offs, mask=(in_sample & (within == 0))[:, None])
+            t = tl.load(x_p + offs, mask=(in_sample & (meets | (box_b == 0)))[:, None])
+            out = _row_out(s, t, j, b_c0, b_c1, box_b, w1, w2)
+            tl.store(out_ptr + _offset(b, sample_numel, BIG) + offs, out, mask=in_sample[:, None])
 
 
 @triton.jit
@@ -245,14 +305,28 @@ def mix_backward_kernel(
     # The reference's weights: in the compute type, then in g's dtype
     w1 = _round_to(w1, dtype).to(w1.dtype)
     w2 = _round_to(w2, dtype).to(w2.dtype)
-    meets, within, b_c0, b_c1 = _box(h, j0, box_b, y0, y1, c0, c1, VEC)
-    meets_q, within_q, q_c0, q_c1 = _box(h, j0, box_q, qy0, qy1, qc0, qc1, VEC)
-    s = tl.load(g_ptr + _offset(b, sample_numel, BIG) + offs, mask=(in_sample & (within == 0))[:, None], other=0)
-    t = tl.load(g_ptr + _offset(q, sample_numel, BIG) + offs, mask=(in_sample & (meets_q | (box_q == 0)))[:, None],
-                other=0)
-    kept = _share(s, j, b_c0, b_c1, box_b, w1, False)
-    sent = _share(t, j, q_c0, q_c1, box_q, w2, True)
-    tl.store(out_ptr + _offset(b, sample_numel, BIG) + offs, _add(kept, sent), mask=in_sample[:, None])
+    if VEC == 1 and not BIG:  # 1-element chunks: per element, in the CutMix branch of a row only
+        m = in_sample[:, None]
+        if box_b:  # b keeps g outside its box (+0 inside)
+            kept = tl.load(g_ptr + _offset(b, sample_numel, BIG) + offs,
+                           mask=m & (_inside(h, j, box_b, y0, y1, c0, c1) == 0), other=0)
+        else:
+            kept = _mul(tl.load(g_ptr + _offset(b, sample_numel, BIG) + offs, mask=m), w1)
+        if box_q:  # q sends g inside its box
+            sent = tl.load(g_ptr + _offset(q, sample_numel, BIG) + offs,
+                           mask=m & _inside(h, j, box_q, qy0, qy1, qc0, qc1), other=0)
+        else:
+            sent = _mul(tl.load(g_ptr + _offset(q, sample_numel, BIG) + offs, mask=m), w2)
+        tl.store(out_ptr + _offset(b, sample_numel, BIG) + offs, _add(kept, sent), mask=m)
+    else:
+        meets, within, b_c0, b_c1 = _box(h, j0, box_b, y0, y1, c0, c1, VEC)
+        meets_q, within_q, q_c0, q_c1 = _box(h, j0, box_q, qy0, qy1, qc0, qc1, VEC)
+        s = tl.load(g_ptr + _offset(b, sample_numel, BIG) + offs, mask=(in_sample & (within == 0))[:, None], other=0)
+        t = tl.load(g_ptr + _offset(q, sample_numel, BIG) + offs, mask=(in_sample & (meets_q | (box_q == 0)))[:, None],
+                    other=0)
+        kept = _share(s, j, b_c0, b_c1, box_b, w1, False)
+        sent = _share(t, j, q_c0, q_c1, box_q, w2, True)
+        tl.store(out_ptr + _offset(b, sample_numel, BIG) + offs, _add(kept, sent), mask=in_sample[:, None])
 
 
 @triton.jit

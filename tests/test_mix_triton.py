@@ -27,7 +27,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uin
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 # Odd and non-square (1-element chunks), aligned (16-byte chunks), one sample, a 1-pixel-wide
 # image, a CIFAR-sized one, and lines whose length only 2 divides.
-SHAPES = [(3, 3, 17, 23), (2, 4, 8, 16), (1, 2, 5, 32), (5, 1, 6, 1), (2, 3, 32, 32), (4, 2, 3, 6)]
+SHAPES = [(3, 3, 17, 23), (2, 4, 8, 16), (1, 2, 5, 32), (5, 1, 6, 1), (2, 3, 32, 32), (4, 2, 3, 6), (3, 1, 4, 3)]
 ROWS = ("cutmix", "mixup", "mixed")
 _BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
          torch.float64: torch.int64, torch.uint8: torch.uint8}
@@ -66,6 +66,10 @@ def make(shape, dtype, layout, rows, seed, lam_dtype=torch.float32, involution=F
     xs = torch.randint(0, W + 1, (B, 2), generator=g).sort(1).values
     boxes = torch.cat([ys, xs], 1)
     boxes[0] = torch.tensor([0, H, 0, W]) if seed % 2 else torch.tensor([1, 1, 0, W])  # full / empty
+    if B > 2:  # boxes at the top left and bottom right corners: lines that start or end in the box
+        boxes[1] = torch.tensor([0, H // 2 + 1, 0, W // 2 + 1])
+    if B > 3:
+        boxes[2] = torch.tensor([H // 2, H, W // 2, W])
     if B > 1:
         boxes[-1] = torch.tensor([0, H, W, W])  # empty
     lam = torch.rand(B, generator=g, dtype=torch.float64).to(lam_dtype)

@@ -82,17 +82,17 @@ PATCH_SWAP_OVER_BUDGET = {
 
 # Mix specs over the issue budget (kernels/mix.py), their shares of the data bytes a thread moves
 # (kernels.mix._moved_bytes; before that was declared, the static sum also counted the per-row scalars
-# and hid the last four groups): lines of odd length (W odd in NCHW, W * C odd in channels_last) take
-# 1-element chunks, each carrying its own line, box and (MixUp) conversion math: 16-bit 69-123 %, uint8
-# 157-252 %, float32 in place 57-60 % and backward 51-58 % (float64 meets it); and uint8 in place on
-# aligned CIFAR rows, 60-61 %: a thread blends 16 elements of each of two rows in float32 (timm's
-# rounding: convert, two products, the sum, the half-even round, 8-9 instructions an element) for 64
-# bytes moved, where out of place the same blends come with 96 (42 %). Strict too.
+# and hid the last group). Lines of odd length (W odd in NCHW, W * C odd in channels_last) take
+# 1-element chunks: a thread's elements are 128 apart, each on its own line, so each carries its own
+# line, row and column (two multiply-shifts), box test and masked scalar accesses (_mix_flat: the box
+# math only in a CutMix row's branch). float32 and float64 meet the budget; 16-bit: forward 58-63 %,
+# in place 91-97 %, backward 81-93 %; uint8 (no backward): forward 136-147 %, in place 233-246 %.
+# And uint8 in place on aligned CIFAR rows, 60-61 %: a thread blends 16 elements of each of two rows
+# in float32 (timm's rounding: convert, two products, the sum, the half-even round, 8-9 instructions
+# an element) for 64 bytes moved, where out of place the same blends come with 96 (42 %). Strict too.
 MIX_OVER_BUDGET = ({f"mix_{mode}_{ty}_{layout}_odd" for mode in ("forward", "inplace", "backward")
                     for ty in ("fp16", "bf16", "u8") for layout in ("nchw", "channels_last")
                     if not (mode == "backward" and ty == "u8")}
-                   | {f"mix_{mode}_fp32_{layout}_odd" for mode in ("inplace", "backward")
-                      for layout in ("nchw", "channels_last")}
                    | {f"mix_inplace_u8_{layout}_cifar" for layout in ("nchw", "channels_last")})
 
 

@@ -113,6 +113,30 @@ def test_in_place_matches_reference(dtype, layout):
             assert torch.equal(_bits(x), _bits(want)), (shape, rows)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.uint8], ids=lambda d: str(d).replace("torch.", ""))
+def test_samples_of_several_programs_match_reference(dtype):
+    """Samples longer than the interpreter's block (2**16 elements): several programs a sample, the
+    last one partly outside it (its elements masked), on lines of odd length (1-element chunks) and
+    on even ones (vector chunks), out of place, in place and (float16) the backward."""
+    for layout in LAYOUTS:
+        for shape in ((3, 1, 257, 257), (2, 1, 258, 256)):
+            x, *args = make(shape, dtype, layout, "mixed", 3)
+            with fastsd.use_backend("triton"):
+                out = fm.mix(x, *args)
+            assert torch.equal(_bits(out), _bits(R.mix(x, *args))), (layout, shape)
+            y, *args = make(shape, dtype, layout, "mixed", 4, involution=True)
+            want = R.mix(y, *args)
+            with fastsd.use_backend("triton"):
+                fm.mix_(y, *args)
+            assert torch.equal(_bits(y), _bits(want)), (layout, shape)
+            if dtype.is_floating_point:
+                x, *args = make(shape, dtype, layout, "mixed", 5)
+                grad, *_ = make(shape, dtype, layout, "mixed", 6)
+                with fastsd.use_backend("triton"):
+                    (gx,) = torch.autograd.grad(fm.mix(x.requires_grad_(True), *args), x, grad)
+                assert torch.equal(_bits(gx), _bits(R.mix_backward(grad, *args))), (layout, shape)
+
+
 def test_launchers_do_not_sync_with_the_host():
     k = _kernels()
     x, *args = make((3, 3, 17, 23), torch.float32, "nchw", "mixed", 1, involution=True)

@@ -26,8 +26,10 @@ pytestmark = pytest.mark.skipif(bool(_backend.reasons("mix", "triton", torch.emp
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uint8]
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 # Odd and non-square (1-element chunks), aligned (16-byte chunks), one sample, a 1-pixel-wide
-# image, a CIFAR-sized one, and lines whose length only 2 divides.
-SHAPES = [(3, 3, 17, 23), (2, 4, 8, 16), (1, 2, 5, 32), (5, 1, 6, 1), (2, 3, 32, 32), (4, 2, 3, 6), (3, 1, 4, 3)]
+# image, a CIFAR-sized one, lines whose length only 2 divides, and odd ones again: 3 pixels wide, and
+# six rows (three pairs in place).
+SHAPES = [(3, 3, 17, 23), (2, 4, 8, 16), (1, 2, 5, 32), (5, 1, 6, 1), (2, 3, 32, 32), (4, 2, 3, 6), (3, 1, 4, 3),
+          (6, 3, 7, 9)]
 ROWS = ("cutmix", "mixup", "mixed")
 _BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
          torch.float64: torch.int64, torch.uint8: torch.uint8}
@@ -66,9 +68,8 @@ def make(shape, dtype, layout, rows, seed, lam_dtype=torch.float32, involution=F
     xs = torch.randint(0, W + 1, (B, 2), generator=g).sort(1).values
     boxes = torch.cat([ys, xs], 1)
     boxes[0] = torch.tensor([0, H, 0, W]) if seed % 2 else torch.tensor([1, 1, 0, W])  # full / empty
-    if B > 2:  # boxes at the top left and bottom right corners: lines that start or end in the box
+    if B > 3:  # boxes at the top left and bottom right corners: lines that start or end in the box
         boxes[1] = torch.tensor([0, H // 2 + 1, 0, W // 2 + 1])
-    if B > 3:
         boxes[2] = torch.tensor([H // 2, H, W // 2, W])
     if B > 1:
         boxes[-1] = torch.tensor([0, H, W, W])  # empty
@@ -76,6 +77,8 @@ def make(shape, dtype, layout, rows, seed, lam_dtype=torch.float32, involution=F
     lam[0] = 0.5  # uint8: ties, rounded half to even
     if B > 2:
         lam[1], lam[2] = 0.0, 1.0
+    if involution:  # a MixUp row that is its own partner changes (x * lam + x * (1 - lam)): not 0 or 1
+        lam[partner == torch.arange(B)] = 0.3
     use_box = {"cutmix": torch.ones(B, dtype=torch.bool), "mixup": torch.zeros(B, dtype=torch.bool),
                "mixed": torch.rand(B, generator=g) < 0.5}[rows]
     if rows == "mixed" and B > 1:
@@ -233,15 +236,52 @@ def test_kernel_asserts_an_involution_in_place(device_asserts):
             k.mix_(x.clone(), torch.tensor(bad), boxes, lam, use_box, check=True)
 
 
-def test_self_partnered_mixup_row_is_computed():
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("W", [8, 7], ids=["vector_chunks", "odd_lines"])
+def test_self_partnered_mixup_row_is_computed(W, layout):
     # x * lam + x * (1 - lam) differs from x in its last bit for some lam: a MixUp row that is its own
     # partner is computed in place, not skipped.
-    x = torch.randn(1, 3, 8, 8, dtype=torch.float64).float()
+    x = torch.randn(1, 3, 8, W, dtype=torch.float64).float().contiguous(memory_format=LAYOUTS[layout])
     args = (torch.tensor([0]), torch.zeros(1, 4, dtype=torch.int64), torch.tensor([0.3]), torch.tensor([False]))
     want = R.mix(x, *args)
     assert not torch.equal(want, x)
     with fastsd.use_backend("triton"):
         assert torch.equal(fm.mix_(x.clone(), *args), want)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_every_kind_of_pair_in_small_blocks(dtype, layout, monkeypatch):
+    """Each kind of pair in place (MixUp with CutMix, the lower row MixUp; CutMix with CutMix;
+    MixUp with MixUp; a MixUp and a CutMix row that are their own partners), out of place and the
+    backward, on odd lines (1-element chunks) and even ones, in blocks of 32 elements: several
+    programs a sample that start mid-line, the programs of rows p < b idle, a partial last one."""
+    k = _kernels()
+    monkeypatch.setattr(k, "_gpu_block", lambda dtype: 32)
+    monkeypatch.setattr(k, "_INTERPRETER_MAX_BLOCK", 32)
+    g = torch.Generator().manual_seed(7)
+    partner = torch.tensor([1, 0, 3, 2, 5, 4, 6, 7])
+    use_box = torch.tensor([False, True, True, True, False, False, False, True])
+    for shape in ((8, 3, 7, 9), (8, 2, 5, 8)):
+        B, C, H, W = shape
+        x = torch.randn(shape, generator=g, dtype=torch.float64).mul(10)
+        x = (x.abs().to(torch.uint8) if dtype == torch.uint8 else x.to(dtype)).contiguous(memory_format=LAYOUTS[layout])
+        ys = torch.randint(0, H, (B, 1), generator=g)
+        xs = torch.randint(0, W, (B, 1), generator=g)
+        boxes = torch.cat([ys, ys + 1 + torch.randint(0, H, (B, 1), generator=g).clamp(max=H - 1 - ys),
+                           xs, xs + 1 + torch.randint(0, W, (B, 1), generator=g).clamp(max=W - 1 - xs)], 1)
+        lam = 0.1 + 0.8 * torch.rand(B, generator=g)
+        args = (partner, boxes, lam, use_box)
+        with fastsd.use_backend("triton"):
+            assert torch.equal(_bits(fm.mix(x, *args)), _bits(R.mix(x, *args))), shape
+            y = x.clone(memory_format=LAYOUTS[layout])
+            fm.mix_(y, *args)
+            assert torch.equal(_bits(y), _bits(R.mix(x, *args))), shape
+            if dtype.is_floating_point:
+                grad = torch.randn(shape, generator=g).to(dtype).contiguous(memory_format=LAYOUTS[layout])
+                xr = x.clone().requires_grad_(True)
+                (gx,) = torch.autograd.grad(fm.mix(xr, *args), xr, grad)
+                assert torch.equal(_bits(gx), _bits(R.mix_backward(grad, *args))), shape
 
 
 def test_rounding_is_exercised():

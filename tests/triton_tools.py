@@ -82,13 +82,27 @@ ONES = ":ones"  # suffix of a spec name: the spec with every integer argument eq
 
 
 def representative_specs() -> List[dict]:
-    """One spec per @triton.jit kernel (its first), and each of them again with every integer scalar
-    argument equal to 1 (:func:`ones_variant`): what a Triton version must compile for fastsd to
-    offer its Triton backend (``make test-triton-oldest`` runs these under the oldest one)."""
-    first = {}
+    """One spec per @triton.jit kernel (its first, and its first of 1-element chunks where it has one),
+    and each of them again with every integer scalar argument equal to 1 (:func:`ones_variant`):
+    what a Triton version must compile for fastsd to offer its Triton backend (``make
+    test-triton-oldest`` runs these under the oldest one)."""
+    first, narrow = {}, {}
     for spec in all_aot_specs():
         first.setdefault(id(spec["fn"]), spec)
-    return [v for spec in first.values() for v in (spec, ones_variant(spec))]
+        if _one_element_chunks(spec):  # the kernel's other code path (mix: _mix_flat)
+            narrow.setdefault(id(spec["fn"]), spec)
+    picked = list(first.values()) + [s for k, s in narrow.items() if s is not first[k]]
+    return [v for spec in picked for v in (spec, ones_variant(spec))]
+
+
+def _one_element_chunks(spec: dict) -> bool:
+    """A spec of 1-element chunks (VEC or CHUNK 1, on 32-bit indices): lines or cells no wider
+    vector divides, which some kernels take through code of their own."""
+    names = list(spec["signature"])
+    consts = spec.get("constexprs") or {}
+    if any(consts.get((names.index(k),)) for k in ("BIG",) if k in names):
+        return False
+    return any(consts.get((names.index(k),)) == 1 for k in ("VEC", "CHUNK") if k in names)
 
 
 def ones_variant(spec: dict) -> dict:

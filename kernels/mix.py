@@ -229,9 +229,10 @@ def mix_kernel(
     box_b, y0, y1, c0, c1, w1, w2 = _row(b, boxes_ptr, use_box_ptr, lam_ptr, C, CHANNELS_LAST, FP64, BIG)
     x_b = x_ptr + _offset(b, sample_numel, BIG)
     x_p = x_ptr + _offset(p, sample_numel, BIG)
+    o_b = out_ptr + _offset(b, sample_numel, BIG)
     if VEC == 1 and not BIG:
-        _mix_flat(x_b, x_p, out_ptr + _offset(b, sample_numel, BIG), p, b, in_sample, h, j, offs, box_b, y0, y1, c0,
-                  c1, w1, w2, boxes_ptr, use_box_ptr, lam_ptr, C, CHANNELS_LAST, INPLACE, FP64, BIG)
+        _mix_flat(x_b, x_p, o_b, p, b, in_sample, h, j, offs, box_b, y0, y1, c0, c1, w1, w2, boxes_ptr, use_box_ptr,
+                  lam_ptr, C, CHANNELS_LAST, INPLACE, FP64, BIG)
     else:
         meets, within, b_c0, b_c1 = _box(h, j0, box_b, y0, y1, c0, c1, VEC)
         if INPLACE:
@@ -252,7 +253,7 @@ def mix_kernel(
             s = tl.load(x_b + offs, mask=(in_sample & (within == 0))[:, None])
             t = tl.load(x_p + offs, mask=(in_sample & (meets | (box_b == 0)))[:, None])
             out = _row_out(s, t, j, b_c0, b_c1, box_b, w1, w2)
-            tl.store(out_ptr + _offset(b, sample_numel, BIG) + offs, out, mask=in_sample[:, None])
+            tl.store(o_b + offs, out, mask=in_sample[:, None])
 
 
 @triton.jit
@@ -305,28 +306,28 @@ def mix_backward_kernel(
     # The reference's weights: in the compute type, then in g's dtype
     w1 = _round_to(w1, dtype).to(w1.dtype)
     w2 = _round_to(w2, dtype).to(w2.dtype)
+    g_b = g_ptr + _offset(b, sample_numel, BIG)
+    g_q = g_ptr + _offset(q, sample_numel, BIG)
+    o_b = out_ptr + _offset(b, sample_numel, BIG)
     if VEC == 1 and not BIG:  # 1-element chunks: per element, in the CutMix branch of a row only
         m = in_sample[:, None]
         if box_b:  # b keeps g outside its box (+0 inside)
-            kept = tl.load(g_ptr + _offset(b, sample_numel, BIG) + offs,
-                           mask=m & (_inside(h, j, box_b, y0, y1, c0, c1) == 0), other=0)
+            kept = tl.load(g_b + offs, mask=m & (_inside(h, j, box_b, y0, y1, c0, c1) == 0), other=0)
         else:
-            kept = _mul(tl.load(g_ptr + _offset(b, sample_numel, BIG) + offs, mask=m), w1)
+            kept = _mul(tl.load(g_b + offs, mask=m), w1)
         if box_q:  # q sends g inside its box
-            sent = tl.load(g_ptr + _offset(q, sample_numel, BIG) + offs,
-                           mask=m & _inside(h, j, box_q, qy0, qy1, qc0, qc1), other=0)
+            sent = tl.load(g_q + offs, mask=m & _inside(h, j, box_q, qy0, qy1, qc0, qc1), other=0)
         else:
-            sent = _mul(tl.load(g_ptr + _offset(q, sample_numel, BIG) + offs, mask=m), w2)
-        tl.store(out_ptr + _offset(b, sample_numel, BIG) + offs, _add(kept, sent), mask=m)
+            sent = _mul(tl.load(g_q + offs, mask=m), w2)
+        tl.store(o_b + offs, _add(kept, sent), mask=m)
     else:
         meets, within, b_c0, b_c1 = _box(h, j0, box_b, y0, y1, c0, c1, VEC)
         meets_q, within_q, q_c0, q_c1 = _box(h, j0, box_q, qy0, qy1, qc0, qc1, VEC)
-        s = tl.load(g_ptr + _offset(b, sample_numel, BIG) + offs, mask=(in_sample & (within == 0))[:, None], other=0)
-        t = tl.load(g_ptr + _offset(q, sample_numel, BIG) + offs, mask=(in_sample & (meets_q | (box_q == 0)))[:, None],
-                    other=0)
+        s = tl.load(g_b + offs, mask=(in_sample & (within == 0))[:, None], other=0)
+        t = tl.load(g_q + offs, mask=(in_sample & (meets_q | (box_q == 0)))[:, None], other=0)
         kept = _share(s, j, b_c0, b_c1, box_b, w1, False)
         sent = _share(t, j, q_c0, q_c1, box_q, w2, True)
-        tl.store(out_ptr + _offset(b, sample_numel, BIG) + offs, _add(kept, sent), mask=in_sample[:, None])
+        tl.store(o_b + offs, _add(kept, sent), mask=in_sample[:, None])
 
 
 @triton.jit

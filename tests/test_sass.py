@@ -86,7 +86,7 @@ PATCH_SWAP_OVER_BUDGET = {
 # 1-element chunks: a thread's elements are 128 apart, each on its own line, so each carries its own
 # line, row and column (two multiply-shifts), box test and masked scalar accesses (_mix_flat: the box
 # math only in a CutMix row's branch). float32 and float64 meet the budget; 16-bit: forward 58-63 %,
-# in place 91-97 %, backward 81-93 %; uint8 (no backward): forward 136-147 %, in place 233-246 %.
+# in place 91-97 %, backward 82-86 %; uint8 (no backward): forward 136-147 %, in place 233-246 %.
 # And uint8 in place on aligned CIFAR rows, 60-61 %: a thread blends 16 elements of each of two rows
 # in float32 (timm's rounding: convert, two products, the sum, the half-even round, 8-9 instructions
 # an element) for 64 bytes moved, where out of place the same blends come with 96 (42 %). Strict too.

@@ -100,9 +100,11 @@ def _one_element_chunks(spec: dict) -> bool:
     vector divides, which some kernels take through code of their own."""
     names = list(spec["signature"])
     consts = spec.get("constexprs") or {}
-    if any(consts.get((names.index(k),)) for k in ("BIG",) if k in names):
-        return False
-    return any(consts.get((names.index(k),)) == 1 for k in ("VEC", "CHUNK") if k in names)
+
+    def const(name):
+        return consts.get((names.index(name),)) if name in names else None
+
+    return not const("BIG") and 1 in (const("VEC"), const("CHUNK"))
 
 
 def ones_variant(spec: dict) -> dict:

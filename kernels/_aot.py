@@ -28,7 +28,9 @@ def _binder(kernel):
     if isinstance(kernel, JITFunction):
         jit = kernel
     else:  # interpreted: its function, with the decorator's options (do_not_specialize: no == 1 / % 16 variants)
-        jit = JITFunction(kernel.fn, **{k: v for k, v in getattr(kernel, "kwargs", {}).items()
+        # (the decorator's keywords: InterpretedFunction.kwargs from Triton 3.5, its rewriter's before)
+        given = getattr(kernel, "kwargs", None) or getattr(getattr(kernel, "rewriter", None), "kwargs", {})
+        jit = JITFunction(kernel.fn, **{k: v for k, v in given.items()
                                         if k in ("do_not_specialize", "do_not_specialize_on_alignment")})
     backend = make_backend(GPUTarget("cuda", 90, 32))
     return jit, backend, create_function_from_signature(jit.signature, jit.params, backend)
@@ -40,9 +42,30 @@ def launch_spec(name: str, kernel, args: tuple, kwargs: dict) -> dict:
     options = {k: v for k, v in kwargs.items() if k in _OPTIONS and v is not None}
     rest = {k: v for k, v in kwargs.items() if k not in _OPTIONS}
     bound, specialization, opts = binder(*args, **rest)
-    _o, signature, constexprs, attrs = jit._pack_args(backend, rest, bound, specialization, opts)
+    if hasattr(jit, "_pack_args"):  # Triton 3.5 on
+        _o, signature, constexprs, attrs = jit._pack_args(backend, rest, bound, specialization, opts)
+    else:
+        signature, constexprs, attrs = _pack_args(jit, backend, rest, bound, specialization)
     return {"name": name, "fn": kernel, "signature": signature, "constexprs": constexprs,
             "attrs": {k: v for k, v in attrs.items() if v}, "options": options}
+
+
+def _pack_args(jit, backend, kwargs, bound, specialization):
+    """What ``JITFunction._pack_args`` returns from Triton 3.5 on (signature, constexprs, attributes),
+    for Triton 3.3 and 3.4, whose ``JITFunction.run`` computes the same inline."""
+    from triton._utils import find_paths_if, get_iterable_path
+
+    names = [p.name for p in jit.params]
+    kinds = [s[0] for s in specialization]
+    unknown = [k for k in kwargs if k not in backend.parse_options(kwargs).__dict__ and k not in names]
+    if unknown:
+        raise KeyError(f"keyword arguments {unknown} were specified but are not recognised")
+    constexprs = {path: get_iterable_path(list(bound.values()), path)
+                  for path in find_paths_if(kinds, lambda _, kind: kind == "constexpr")}
+    values = [s[1] for s in specialization]
+    attrs = {path: backend.parse_attr(get_iterable_path(values, path))
+             for path in find_paths_if(values, lambda _, v: isinstance(v, str))}
+    return dict(zip(names, kinds)), constexprs, attrs
 
 
 class _Recorder:
@@ -93,7 +116,10 @@ def lazy_specs(module_name: str, names: Dict[str, str], cases: Callable[[], Iter
     def __getattr__(name):
         if name == "AOT_SPECS":
             module = sys.modules[module_name]
-            specs = specs_from_launches(module, names, cases())
+            try:
+                specs = specs_from_launches(module, names, cases())
+            except AttributeError as exc:  # not "no AOT_SPECS": getattr(module, "AOT_SPECS", ()) would hide it
+                raise RuntimeError(f"{module_name}.AOT_SPECS could not be built: {exc!r}") from exc
             for spec in specs:
                 moved = moved_bytes(spec) if moved_bytes else None
                 if moved:

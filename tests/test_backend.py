@@ -92,7 +92,8 @@ def test_info_command_runs(capsys):
 def test_old_triton_is_not_offered():
     assert _backend.triton_version_reason("3.8.0") is None and _backend.triton_version_reason("4.0.1+git") is None
     assert _backend.triton_version_reason(_backend.TRITON_OLDEST_TESTED) is None
-    assert "older than 3.6" in _backend.triton_version_reason("3.5.1")
+    assert _backend.triton_version_reason("3.5.0") is None
+    assert "older than 3.4" in _backend.triton_version_reason("3.3.1")
 
 
 def test_old_interpreter_with_new_numpy_is_not_offered(monkeypatch):

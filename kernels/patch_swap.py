@@ -211,9 +211,9 @@ def cell_select_kernel(
     out_ptr,  # same shape, dtype and layout as x
     src_ptr,  # int64 [B]: the sample whose `take` cells are read (partner forward, q backward)
     mask_ptr,  # uint8 [B, gh, gw], nonzero = swap
-    sorted_ptr,  # int64 [B]: partner sorted, asserted to be range(B) where `check` (forward only)
+    sorted_ptr,  # int64 [B]: partner sorted, asserted to be range(B) where check > 0 (forward only)
     sample_numel,  # C * H * W
-    check,
+    check,  # B where the forward asserts that partner is a permutation (sorted_ptr), else -B
     programs_per_sample,
     L,  # elements a line: W (NCHW) or W * C (channels_last)
     H,
@@ -254,8 +254,15 @@ def cell_select_kernel(
     if not BACKWARD:
         # partner is a permutation iff its sorted values are range(B): an asynchronous device-side
         # assert, like PyTorch's own index checks (compiled in: the launcher passes debug=True).
-        sorted_b = tl.load(sorted_ptr + b.to(tl.int64), mask=check != 0, other=0)
-        tl.device_assert((check == 0) | (sorted_b == b), "fastsd.patch_swap: partner must be a permutation of range(B)")
+        sorted_b = tl.load(sorted_ptr + b.to(tl.int64), mask=check > 0, other=0)
+        tl.device_assert((check < 0) | (sorted_b == b), "fastsd.patch_swap: partner must be a permutation of range(B)")
+        # A partner outside range(B) fails that assert, but it may fire in another program after
+        # this one has loaded: read sample B - 1 then, never outside x (an illegal address would hide
+        # the assert's message behind a CUDA error). B rides on `check`, as its magnitude: an
+        # argument of its own changed the backward's register allocation.
+        samples = tl.cast(check, tl.int32)
+        samples = tl.where(samples < 0, -samples, samples)
+        src = tl.minimum(src.to(tl.uint32), (samples - 1).to(tl.uint32)).to(tl.int32)
     cells = gh * gw
     row_b = mask_ptr + b.to(tl.int64) * cells
     row_s = mask_ptr + src.to(tl.int64) * cells
@@ -524,7 +531,7 @@ def _launch(x: torch.Tensor, src: torch.Tensor, mask: torch.Tensor, backward: bo
     programs, big, args = _geometry(B, C, H, W, gh, gw, channels_last, block)
     check = sorted_partner is not None
     cell_select_kernel[(B * programs,)](
-        x, out, src, mask, sorted_partner if check else src, sample_numel, int(check), *args,
+        x, out, src, mask, sorted_partner if check else src, sample_numel, B if check else -B, *args,
         BLOCK=block, CHUNK=chunk, MIXED=mixed, CHANNELS_LAST=channels_last, BACKWARD=backward, BIG=big,
         num_warps=NUM_WARPS, **_OPTIONS,
     )

@@ -218,7 +218,7 @@ def test_forward_asserts_the_sorted_partner_on_the_device(monkeypatch):
     kernels.patch_swap(x, partner, mask)
     assert torch.equal(out, reference.patch_swap(x, partner, mask))
     (checked, options), (unchecked, _) = launches
-    assert checked[4] is sorted_partner and checked[6] == 1 and unchecked[6] == 0
+    assert checked[4] is sorted_partner and checked[6] == x.shape[0] and unchecked[6] == -x.shape[0]
     assert options["debug"] and not options["sanitize_overflow"]
 
 
@@ -231,6 +231,21 @@ def test_forward_sorted_partner_assert_fires(device_asserts):
     with pytest.raises(Exception, match="partner must be a permutation"):
         kernels.patch_swap(x, bad, mask, sorted_partner=torch.sort(bad).values)
     kernels.patch_swap(x, bad, mask)  # unchecked without sorted_partner
+
+
+@pytest.mark.parametrize("value", [-1, 4, 10**9])
+def test_forward_partner_out_of_range_reads_own_sample(device_asserts, value):
+    """A partner outside range(B) fails the permutation assert, but on a GPU that assert may fire in
+    another program after this one has loaded: the program reads sample B - 1 instead (never an
+    address outside x, whose fault would hide the assert's message), and the assert still fires."""
+    x, partner, mask = _make((4, 3, 8, 8, 2, 2), torch.float32, "nchw", specials=False)
+    mask[1] = True  # row 1 takes every cell from its partner
+    bad = partner.clone()
+    bad[1] = value
+    clamped = torch.where((bad >= 0) & (bad < 4), bad, 3)
+    assert torch.equal(kernels.patch_swap(x, bad, mask), reference.patch_swap(x, clamped, mask))
+    with pytest.raises(Exception, match="partner must be a permutation"):
+        kernels.patch_swap(x, bad, mask, sorted_partner=torch.sort(bad).values)
 
 
 def test_misaligned_sample_falls_back_to_whole_chunks():

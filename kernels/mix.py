@@ -199,6 +199,51 @@ def _mix_flat(x_b, x_p, o_b, p, b, in_sample, h, j, offs, box_b, y0, y1, c0, c1,
         tl.store(o_b + offs, out, mask=m)
 
 
+@triton.jit
+def _mix_pair(x_b, x_p, offs, j, active, pair, meets, within, b_c0, b_c1, w1, w2,
+              meets_p, within_p, p_c0, p_c1, pw1, pw2, BOX_B: tl.constexpr, BOX_P: tl.constexpr):
+    """mix_kernel in place: rows b and p (p >= b, the pair's program; ``pair``: p != b) of the kinds
+    BOX_B, BOX_P (CutMix where true), each output computed from the elements its row needs. A CutMix
+    row stores the chunks that meet its box (none where it is its own partner: it is unchanged); a
+    MixUp row stores every chunk (x * lam + x * (1 - lam) can differ from x in its last bit)."""
+    if BOX_B:
+        store_b = active & meets & pair
+        need_s = store_b & (within == 0)  # b's own elements outside its box
+    else:
+        store_b = active
+        need_s = store_b
+    if BOX_P:
+        store_p = active & pair & meets_p
+        need_t = store_p & (within_p == 0)
+    else:
+        store_p = active & pair
+        need_t = store_p
+    s = tl.load(x_b + offs, mask=(need_s | store_p)[:, None])  # p's output takes s inside its box or blends it
+    t = tl.load(x_p + offs, mask=(need_t | store_b)[:, None])
+    if BOX_B:
+        out_b = tl.where((j >= b_c0[:, None]) & (j < b_c1[:, None]), t, s)
+    else:
+        out_b = _mixup(s, t, w1, w2)
+    if BOX_P:
+        out_p = tl.where((j >= p_c0[:, None]) & (j < p_c1[:, None]), s, t)
+    else:
+        out_p = _mixup(t, s, pw1, pw2)
+    tl.store(x_b + offs, out_b, mask=store_b[:, None])
+    tl.store(x_p + offs, out_p, mask=store_p[:, None])
+
+
+@triton.jit
+def _mix_pair_of(x_b, x_p, offs, j, active, pair, meets, within, b_c0, b_c1, w1, w2,
+                 box_p, meets_p, within_p, p_c0, p_c1, pw1, pw2, BOX_B: tl.constexpr):
+    """_mix_pair for row b of kind BOX_B, branching on row p's kind."""
+    if box_p:
+        _mix_pair(x_b, x_p, offs, j, active, pair, meets, within, b_c0, b_c1, w1, w2,
+                  meets_p, within_p, p_c0, p_c1, pw1, pw2, BOX_B, True)
+    else:
+        _mix_pair(x_b, x_p, offs, j, active, pair, meets, within, b_c0, b_c1, w1, w2,
+                  meets_p, within_p, p_c0, p_c1, pw1, pw2, BOX_B, False)
+
+
 @triton.jit(do_not_specialize=_SHAPE_ARGS + _FRAC_ARGS)
 def mix_kernel(
     x_ptr,  # [B, C, H, W], NCHW or channels_last contiguous (mixed in place where INPLACE)
@@ -238,17 +283,17 @@ def mix_kernel(
         if INPLACE:
             box_p, py0, py1, pc0, pc1, pw1, pw2 = _row(p, boxes_ptr, use_box_ptr, lam_ptr, C, CHANNELS_LAST, FP64, BIG)
             meets_p, within_p, p_c0, p_c1 = _box(h, j0, box_p, py0, py1, pc0, pc1, VEC)
-            # The pair's program is row min(b, p)'s; a CutMix row that is its own partner is unchanged,
-            # a MixUp one is not (x * lam + x * (1 - lam) can differ from x in its last bit).
+            # The pair's program is row min(b, p)'s. One branch for each pair of row kinds, with its
+            # loads and stores: a thread issues the code of its rows' kinds only (and a pair of MixUp
+            # rows converts each loaded element once, for both blends).
             active = in_sample & (p >= b)
-            store_b = active & ((meets & (p != b)) | (box_b == 0))
-            store_p = active & (p != b) & (meets_p | (box_p == 0))
-            s = tl.load(x_b + offs, mask=((store_b & (within == 0)) | store_p)[:, None])
-            t = tl.load(x_p + offs, mask=((store_p & (within_p == 0)) | store_b)[:, None])
-            out_b = _row_out(s, t, j, b_c0, b_c1, box_b, w1, w2)
-            out_p = _row_out(t, s, j, p_c0, p_c1, box_p, pw1, pw2)
-            tl.store(x_b + offs, out_b, mask=store_b[:, None])
-            tl.store(x_p + offs, out_p, mask=store_p[:, None])
+            pair = p != b
+            if box_b:
+                _mix_pair_of(x_b, x_p, offs, j, active, pair, meets, within, b_c0, b_c1, w1, w2,
+                             box_p, meets_p, within_p, p_c0, p_c1, pw1, pw2, True)
+            else:
+                _mix_pair_of(x_b, x_p, offs, j, active, pair, meets, within, b_c0, b_c1, w1, w2,
+                             box_p, meets_p, within_p, p_c0, p_c1, pw1, pw2, False)
         else:
             s = tl.load(x_b + offs, mask=(in_sample & (within == 0))[:, None])
             t = tl.load(x_p + offs, mask=(in_sample & (meets | (box_b == 0)))[:, None])

@@ -435,6 +435,10 @@ def test_in_place_moves_only_the_mixed_pixels(case, record_property):
     # A chunk is read where its row or the partner's row writes that chunk.
     pair_chunks = stored_chunks | stored_chunks[partner]
     assert not loads[~pair_chunks.reshape(-1).numpy()].any(), report
+    # Exactly those its row's output needs (a MixUp row's, a CutMix row's chunk not wholly inside
+    # the box) and those its partner's output takes (everywhere that one is stored).
+    read = (changed & (~use_box[:, None] | ~within)) | changed[partner]
+    assert np.array_equal(loads.astype(bool), read.repeat_interleave(vec, 1).reshape(-1).numpy()), report
     assert (loads <= 1).all(), report  # a pair's program reads each element once
     assert acc.other == 0
     assert inside.any() and ((meets & ~within).any() or vec == 1)  # box pixels, and chunks straddling a box edge

@@ -87,9 +87,11 @@ PATCH_SWAP_OVER_BUDGET = {
 # line, row and column (two multiply-shifts), box test and masked scalar accesses (_mix_flat: the box
 # math only in a CutMix row's branch). float32 and float64 meet the budget; 16-bit: forward 58-63 %,
 # in place 91-97 %, backward 82-86 %; uint8 (no backward): forward 136-147 %, in place 233-246 %.
-# And uint8 in place on aligned CIFAR rows, 60-61 %: a thread blends 16 elements of each of two rows
-# in float32 (timm's rounding: convert, two products, the sum, the half-even round, 8-9 instructions
-# an element) for 64 bytes moved, where out of place the same blends come with 96 (42 %). Strict too.
+# And uint8 in place on aligned CIFAR rows, 57 %: a thread blends in float32 (timm's rounding:
+# convert, two products, the sum, the half-even round, 8-9 instructions an element) for 64 bytes
+# moved, where out of place the same blends come with 96 (42 %). Its longest path is a MixUp row
+# beside a CutMix one (16 blends, 16 per-element box tests and selects); each pair of row kinds has
+# its own branch (kernels.mix._mix_pair; 60-61 % when every thread computed both kinds). Strict too.
 MIX_OVER_BUDGET = ({f"mix_{mode}_{ty}_{layout}_odd" for mode in ("forward", "inplace", "backward")
                     for ty in ("fp16", "bf16", "u8") for layout in ("nchw", "channels_last")
                     if not (mode == "backward" and ty == "u8")}

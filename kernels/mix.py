@@ -155,8 +155,8 @@ def _inside(h, j, use_box, y0, y1, c0, c1):
 @triton.jit
 def _mix_flat(x_b, x_p, o_b, p, b, in_sample, h, j, offs, box_b, y0, y1, c0, c1, w1, w2,
               boxes_ptr, use_box_ptr, lam_ptr, C, CHANNELS_LAST: tl.constexpr, INPLACE: tl.constexpr,
-              FP64: tl.constexpr, BIG: tl.constexpr):
-    """mix_kernel on 1-element chunks (lines of odd length: each element has its own line, so the
+              FP64: tl.constexpr):
+    """mix_kernel on 1-element chunks (32-bit indices, never BIG) (lines of odd length: each element has its own line, so the
     chunk math is per element and nothing is shared): the box test once an element, in the CutMix
     branch of a row only (a MixUp row blends without it), each element read from the source(s) its
     output needs."""
@@ -164,7 +164,7 @@ def _mix_flat(x_b, x_p, o_b, p, b, in_sample, h, j, offs, box_b, y0, y1, c0, c1,
     if INPLACE:
         # the pair's program is row min(b, p)'s; a CutMix row that is its own partner is unchanged
         if p >= b:
-            box_p, py0, py1, pc0, pc1, pw1, pw2 = _row(p, boxes_ptr, use_box_ptr, lam_ptr, C, CHANNELS_LAST, FP64, BIG)
+            box_p, py0, py1, pc0, pc1, pw1, pw2 = _row(p, boxes_ptr, use_box_ptr, lam_ptr, C, CHANNELS_LAST, FP64, False)
             pair = p != b
             if box_b:  # b's output is t in its box
                 store_b = m & _inside(h, j, pair, y0, y1, c0, c1)
@@ -277,7 +277,7 @@ def mix_kernel(
     o_b = out_ptr + _offset(b, sample_numel, BIG)
     if VEC == 1 and not BIG:
         _mix_flat(x_b, x_p, o_b, p, b, in_sample, h, j, offs, box_b, y0, y1, c0, c1, w1, w2, boxes_ptr, use_box_ptr,
-                  lam_ptr, C, CHANNELS_LAST, INPLACE, FP64, BIG)
+                  lam_ptr, C, CHANNELS_LAST, INPLACE, FP64)
     else:
         meets, within, b_c0, b_c1 = _box(h, j0, box_b, y0, y1, c0, c1, VEC)
         if INPLACE:

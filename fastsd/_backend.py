@@ -137,10 +137,10 @@ def triton_import_error() -> Optional[str]:
     return triton_version_reason(triton.__version__)
 
 
-# The oldest Triton the kernels are tested with: CI compiles every spec of every kernel for sm_90,
-# and one spec of each kernel again with its integer arguments equal to 1 (which the JIT turns into
-# constexprs), under this release (`make test-triton-oldest`); the pinned 3.8 compiles every spec for
-# sm_80 and sm_90 and runs the interpreter. 3.4 is what torch 2.8 ships (2.9: 3.5, 2.10 and 2.11:
+# The oldest Triton the kernels are tested with: CI compiles every spec of every kernel for sm_80 and
+# sm_90, and one spec of each kernel again with its integer arguments equal to 1 (which the JIT turns
+# into constexprs), under this release (`make test-triton-oldest`), as the pinned 3.8 does, which
+# also runs the interpreter. 3.4 is what torch 2.8 ships (2.9: 3.5, 2.10 and 2.11:
 # 3.6; all GPU tests passed on an H200 with torch 2.11 and Triton 3.6). 3.3 (torch 2.7) cannot index
 # constexpr tuples, which the loss kernels do. Older releases are not offered (the reason says why)
 # rather than failing on the first call.

@@ -281,19 +281,20 @@ def mix_kernel(
     else:
         meets, within, b_c0, b_c1 = _box(h, j0, box_b, y0, y1, c0, c1, VEC)
         if INPLACE:
-            box_p, py0, py1, pc0, pc1, pw1, pw2 = _row(p, boxes_ptr, use_box_ptr, lam_ptr, C, CHANNELS_LAST, FP64, BIG)
-            meets_p, within_p, p_c0, p_c1 = _box(h, j0, box_p, py0, py1, pc0, pc1, VEC)
-            # The pair's program is row min(b, p)'s. One branch for each pair of row kinds, with its
-            # loads and stores: a thread issues the code of its rows' kinds only (and a pair of MixUp
-            # rows converts each loaded element once, for both blends).
-            active = in_sample & (p >= b)
-            pair = p != b
-            if box_b:
-                _mix_pair_of(x_b, x_p, offs, j, active, pair, meets, within, b_c0, b_c1, w1, w2,
-                             box_p, meets_p, within_p, p_c0, p_c1, pw1, pw2, True)
-            else:
-                _mix_pair_of(x_b, x_p, offs, j, active, pair, meets, within, b_c0, b_c1, w1, w2,
-                             box_p, meets_p, within_p, p_c0, p_c1, pw1, pw2, False)
+            # The pair's program is row min(b, p)'s (those of p < b do nothing). One branch for each
+            # pair of row kinds, with its loads and stores: a thread issues the code of its rows'
+            # kinds only (and a pair of MixUp rows converts each loaded element once, for both blends).
+            if p >= b:
+                box_p, py0, py1, pc0, pc1, pw1, pw2 = _row(p, boxes_ptr, use_box_ptr, lam_ptr, C, CHANNELS_LAST, FP64,
+                                                           BIG)
+                meets_p, within_p, p_c0, p_c1 = _box(h, j0, box_p, py0, py1, pc0, pc1, VEC)
+                pair = p != b
+                if box_b:
+                    _mix_pair_of(x_b, x_p, offs, j, in_sample, pair, meets, within, b_c0, b_c1, w1, w2,
+                                 box_p, meets_p, within_p, p_c0, p_c1, pw1, pw2, True)
+                else:
+                    _mix_pair_of(x_b, x_p, offs, j, in_sample, pair, meets, within, b_c0, b_c1, w1, w2,
+                                 box_p, meets_p, within_p, p_c0, p_c1, pw1, pw2, False)
         else:
             s = tl.load(x_b + offs, mask=(in_sample & (within == 0))[:, None])
             t = tl.load(x_p + offs, mask=(in_sample & (meets | (box_b == 0)))[:, None])

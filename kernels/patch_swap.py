@@ -257,9 +257,10 @@ def cell_select_kernel(
         sorted_b = tl.load(sorted_ptr + b.to(tl.int64), mask=check > 0, other=0)
         tl.device_assert((check < 0) | (sorted_b == b), "fastsd.patch_swap: partner must be a permutation of range(B)")
         # A partner outside range(B) fails that assert, but it may fire in another program after
-        # this one has loaded: read sample B - 1 then, never outside x (an illegal address would hide
-        # the assert's message behind a CUDA error). B rides on `check`, as its magnitude: an
-        # argument of its own changed the backward's register allocation.
+        # this one has loaded: clamp its low 32 bits (as unsigned) to B - 1, so that every program
+        # reads inside x (an illegal address would hide the assert's message behind a CUDA error).
+        # B rides on `check`, as its magnitude: an argument of its own changed the backward's
+        # register allocation.
         samples = tl.cast(check, tl.int32)
         samples = tl.where(samples < 0, -samples, samples)
         src = tl.minimum(src.to(tl.uint32), (samples - 1).to(tl.uint32)).to(tl.int32)

@@ -35,6 +35,11 @@ CASES = {  # (the call, the assert's message)
     "mix_ involution": ("fm.mix_(x, torch.tensor([1, 2, 0, 4, 3, 6, 5, 7], device='cuda'), boxes, lam, use_box)",
                         "partner must be an involution"),
     "patch_swap partner": ("fastsd.patch_swap(x, torch.zeros_like(flip), mask)", "partner must be a permutation"),
+    # out of range(B): the message, not an illegal address (the kernels never read outside x)
+    "patch_swap partner -1": ("fastsd.patch_swap(x, torch.where(flip == 0, -1, flip), mask)",
+                              "partner must be a permutation"),
+    "patch_swap partner + 10**6": ("fastsd.patch_swap(x, flip + 10**6, mask)", "partner must be a permutation"),
+    "mix partner + 10**6": ("fm.mix(x, flip + 10**6, boxes, lam, use_box)", "partner must be a permutation"),
 }
 
 

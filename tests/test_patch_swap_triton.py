@@ -233,16 +233,19 @@ def test_forward_sorted_partner_assert_fires(device_asserts):
     kernels.patch_swap(x, bad, mask)  # unchecked without sorted_partner
 
 
-@pytest.mark.parametrize("value", [-1, 4, 10**9])
-def test_forward_partner_out_of_range_reads_own_sample(device_asserts, value):
+@pytest.mark.parametrize("value", [-1, 4, 10**9, 2**32 + 2, -2**32])
+@pytest.mark.parametrize("shape, dtype", [((4, 3, 8, 8, 2, 2), torch.float32), ((4, 2, 5, 12, 2, 3), torch.uint8)])
+def test_forward_partner_out_of_range_stays_inside_x(device_asserts, shape, dtype, value):
     """A partner outside range(B) fails the permutation assert, but on a GPU that assert may fire in
-    another program after this one has loaded: the program reads sample B - 1 instead (never an
-    address outside x, whose fault would hide the assert's message), and the assert still fires."""
-    x, partner, mask = _make((4, 3, 8, 8, 2, 2), torch.float32, "nchw", specials=False)
+    another program after this one has loaded: the program reads inside x instead, sample B - 1 or
+    the one the value's low 32 bits name (never an address outside x, whose fault would hide the
+    assert's message), and the assert still fires."""
+    x, partner, mask = _make(shape, dtype, "nchw", specials=False)
     mask[1] = True  # row 1 takes every cell from its partner
     bad = partner.clone()
     bad[1] = value
-    clamped = torch.where((bad >= 0) & (bad < 4), bad, 3)
+    low = bad & 0xFFFFFFFF  # the kernel's int32 of the value, as unsigned
+    clamped = torch.where(low < 4, low, 3)
     assert torch.equal(kernels.patch_swap(x, bad, mask), reference.patch_swap(x, clamped, mask))
     with pytest.raises(Exception, match="partner must be a permutation"):
         kernels.patch_swap(x, bad, mask, sorted_partner=torch.sort(bad).values)

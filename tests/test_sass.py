@@ -87,7 +87,7 @@ PATCH_SWAP_OVER_BUDGET = {
 # line, row and column (two multiply-shifts), box test and masked scalar accesses (_mix_flat: the box
 # math only in a CutMix row's branch). float32 and float64 meet the budget; 16-bit: forward 58-63 %,
 # in place 91-97 %, backward 82-86 %; uint8 (no backward): forward 136-147 %, in place 233-246 %.
-# And uint8 in place on aligned CIFAR rows, 57 %: a thread blends in float32 (timm's rounding:
+# And uint8 in place on aligned CIFAR rows, 58 %: a thread blends in float32 (timm's rounding:
 # convert, two products, the sum, the half-even round, 8-9 instructions an element) for 64 bytes
 # moved, where out of place the same blends come with 96 (42 %). Its longest path is a MixUp row
 # beside a CutMix one (16 blends, 16 per-element box tests and selects); each pair of row kinds has

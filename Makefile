@@ -44,7 +44,8 @@ test-avx2: install
 
 # The Triton backend is offered from fastsd._backend.TRITON_MIN_VERSION on (torch 2.8 ships 3.4):
 # every spec of every kernel for sm_80 and sm_90, and one spec of each kernel with its integer
-# arguments equal to 1 (constexprs under the JIT), compiled by that release, installed beside the pinned one for the run (0.65 GB) and removed after it.
+# arguments equal to 1 (constexprs under the JIT), compiled by that release, installed beside the
+# pinned one for the run (0.65 GB) and removed after it.
 # Skipped, saying so, where the disk has less than OLDEST_MIN_MB free.
 TRITON_OLDEST := $(SCRATCH)/triton-oldest
 OLDEST_MIN_MB := 1500

@@ -140,10 +140,10 @@ def triton_import_error() -> Optional[str]:
 # The oldest Triton the kernels are tested with: CI compiles every spec of every kernel for sm_80 and
 # sm_90, and one spec of each kernel again with its integer arguments equal to 1 (which the JIT turns
 # into constexprs), under this release (`make test-triton-oldest`), as the pinned 3.8 does, which
-# also runs the interpreter. 3.4 is what torch 2.8 ships (2.9: 3.5, 2.10 and 2.11:
-# 3.6; all GPU tests passed on an H200 with torch 2.11 and Triton 3.6). 3.3 (torch 2.7) cannot index
-# constexpr tuples, which the loss kernels do. Older releases are not offered (the reason says why)
-# rather than failing on the first call.
+# also runs the interpreter. 3.4 is what torch 2.8 ships (2.9: 3.5; 2.10 and 2.11: 3.6, with which
+# all GPU tests passed on an H200). 3.3 (torch 2.7) cannot index constexpr tuples, which the loss
+# kernels do. Older releases are not offered (the reason says why) rather than failing on the first
+# call.
 TRITON_MIN_VERSION = (3, 4)
 TRITON_OLDEST_TESTED = "3.4.0"  # the release `make test-triton-oldest` installs
 

@@ -156,10 +156,10 @@ def _inside(h, j, use_box, y0, y1, c0, c1):
 def _mix_flat(x_b, x_p, o_b, p, b, in_sample, h, j, offs, box_b, y0, y1, c0, c1, w1, w2,
               boxes_ptr, use_box_ptr, lam_ptr, C, CHANNELS_LAST: tl.constexpr, INPLACE: tl.constexpr,
               FP64: tl.constexpr):
-    """mix_kernel on 1-element chunks (32-bit indices, never BIG) (lines of odd length: each element has its own line, so the
-    chunk math is per element and nothing is shared): the box test once an element, in the CutMix
-    branch of a row only (a MixUp row blends without it), each element read from the source(s) its
-    output needs."""
+    """mix_kernel on 1-element chunks, 32-bit indices only (lines of odd length: each element has its
+    own line, so the chunk math is per element and nothing is shared): the box test once an element,
+    in the CutMix branch of a row only (a MixUp row blends without it), each element read from the
+    source(s) its output needs."""
     m = in_sample[:, None]
     if INPLACE:
         # the pair's program is row min(b, p)'s; a CutMix row that is its own partner is unchanged
@@ -200,23 +200,23 @@ def _mix_flat(x_b, x_p, o_b, p, b, in_sample, h, j, offs, box_b, y0, y1, c0, c1,
 
 
 @triton.jit
-def _mix_pair(x_b, x_p, offs, j, active, pair, meets, within, b_c0, b_c1, w1, w2,
+def _mix_pair(x_b, x_p, offs, j, in_sample, pair, meets, within, b_c0, b_c1, w1, w2,
               meets_p, within_p, p_c0, p_c1, pw1, pw2, BOX_B: tl.constexpr, BOX_P: tl.constexpr):
     """mix_kernel in place: rows b and p (p >= b, the pair's program; ``pair``: p != b) of the kinds
     BOX_B, BOX_P (CutMix where true), each output computed from the elements its row needs. A CutMix
     row stores the chunks that meet its box (none where it is its own partner: it is unchanged); a
     MixUp row stores every chunk (x * lam + x * (1 - lam) can differ from x in its last bit)."""
     if BOX_B:
-        store_b = active & meets & pair
+        store_b = in_sample & meets & pair
         need_s = store_b & (within == 0)  # b's own elements outside its box
     else:
-        store_b = active
+        store_b = in_sample
         need_s = store_b
     if BOX_P:
-        store_p = active & pair & meets_p
+        store_p = in_sample & pair & meets_p
         need_t = store_p & (within_p == 0)
     else:
-        store_p = active & pair
+        store_p = in_sample & pair
         need_t = store_p
     s = tl.load(x_b + offs, mask=(need_s | store_p)[:, None])  # p's output takes s inside its box or blends it
     t = tl.load(x_p + offs, mask=(need_t | store_b)[:, None])
@@ -233,14 +233,14 @@ def _mix_pair(x_b, x_p, offs, j, active, pair, meets, within, b_c0, b_c1, w1, w2
 
 
 @triton.jit
-def _mix_pair_of(x_b, x_p, offs, j, active, pair, meets, within, b_c0, b_c1, w1, w2,
+def _mix_pair_of(x_b, x_p, offs, j, in_sample, pair, meets, within, b_c0, b_c1, w1, w2,
                  box_p, meets_p, within_p, p_c0, p_c1, pw1, pw2, BOX_B: tl.constexpr):
     """_mix_pair for row b of kind BOX_B, branching on row p's kind."""
     if box_p:
-        _mix_pair(x_b, x_p, offs, j, active, pair, meets, within, b_c0, b_c1, w1, w2,
+        _mix_pair(x_b, x_p, offs, j, in_sample, pair, meets, within, b_c0, b_c1, w1, w2,
                   meets_p, within_p, p_c0, p_c1, pw1, pw2, BOX_B, True)
     else:
-        _mix_pair(x_b, x_p, offs, j, active, pair, meets, within, b_c0, b_c1, w1, w2,
+        _mix_pair(x_b, x_p, offs, j, in_sample, pair, meets, within, b_c0, b_c1, w1, w2,
                   meets_p, within_p, p_c0, p_c1, pw1, pw2, BOX_B, False)
 
 

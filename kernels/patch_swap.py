@@ -261,8 +261,7 @@ def cell_select_kernel(
         # reads inside x (an illegal address would hide the assert's message behind a CUDA error).
         # B rides on `check`, as its magnitude: an argument of its own changed the backward's
         # register allocation.
-        samples = tl.cast(check, tl.int32)
-        samples = tl.where(samples < 0, -samples, samples)
+        samples = tl.abs(tl.cast(check, tl.int32))
         src = tl.minimum(src.to(tl.uint32), (samples - 1).to(tl.uint32)).to(tl.int32)
     cells = gh * gw
     row_b = mask_ptr + b.to(tl.int64) * cells

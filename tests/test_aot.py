@@ -18,8 +18,8 @@ REPRESENTATIVE = [s["name"] for s in triton_tools.representative_specs()]
 
 @pytest.fixture(scope="module")
 def compiled(request):
-    """The pairs of the selected test_aot_compiles tests, compiled in one batch (``make
-    test-triton-oldest`` selects sm_90 alone)."""
+    """The pairs of the selected test_aot_compiles tests (all of them unless ``-k`` picks some),
+    compiled in one batch."""
     selected = [(item.callspec.params["name"], item.callspec.params["arch"]) for item in request.session.items
                 if getattr(item, "originalname", None) == "test_aot_compiles"]
     return triton_tools.aot_compile_all(selected or PAIRS)

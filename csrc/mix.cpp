@@ -10,6 +10,11 @@
 //   mix_(x, ...): the same, in place, for an involution partner (partner[partner[i]] == i): only the
 //     mixed pixels are read and written.
 //
+//   mix_backward(grad, partner, boxes, lam, use_box), q the inverse permutation of partner (CUDA only;
+//     on the CPU fastsd runs the reference's gather):
+//     grad_x[j] = kept(grad)[j] + sent(grad)[q[j]]: a CutMix row keeps grad outside its box and sends
+//     it inside; a MixUp row keeps grad * lam and sends grad * (1 - lam) (weights cast to grad's dtype)
+//
 // x is contiguous NCHW or channels_last (the output has the same layout); partner int64 [B];
 // boxes int64 [B, 4]; lam float32/float64 [B]; use_box bool [B].
 #include <torch/library.h>
@@ -17,4 +22,5 @@
 TORCH_LIBRARY_FRAGMENT(fastsd_C, m) {
   m.def("mix(Tensor x, Tensor partner, Tensor boxes, Tensor lam, Tensor use_box) -> Tensor");
   m.def("mix_(Tensor(a!) x, Tensor partner, Tensor boxes, Tensor lam, Tensor use_box) -> ()");
+  m.def("mix_backward(Tensor grad, Tensor partner, Tensor boxes, Tensor lam, Tensor use_box) -> Tensor");
 }

@@ -329,10 +329,23 @@ def _auto_candidates(op: str, devices: Tuple[torch.device, ...], interpreting: b
     )
 
 
+_OP_CACHES: List[Callable] = []
+
+
+def cached(fn: Callable) -> Callable:
+    """``fn`` memoised (``functools.lru_cache``), forgotten by :func:`clear_caches` too: for what an
+    op's ``reasons`` looks up that cannot change within a process (which kernels fastsd._C has)."""
+    memo = functools.lru_cache(maxsize=None)(fn)
+    _OP_CACHES.append(memo)
+    return memo
+
+
 def clear_caches() -> None:
     """Forget cached availability (for tests that fake a missing extension or library)."""
     _cached_device_reasons.cache_clear()
     _auto_candidates.cache_clear()
+    for memo in _OP_CACHES:
+        memo.cache_clear()
 
 
 def available(op: str, *tensors: torch.Tensor, **kwargs) -> List[str]:

@@ -1,4 +1,4 @@
-"""csrc's CUDA code compiles for sm_80 and sm_90, and the compiled patch swap kernels keep their shape.
+"""csrc's CUDA code compiles for sm_80 and sm_90, and the compiled patch swap and mix kernels keep their shape.
 
 Compile only (there is no GPU here). One nvcc run per .cu file (sm_80 + sm_90, shared by every test
 below through a module fixture) and the SASS that cuobjdump reads back from its object check what a
@@ -6,9 +6,11 @@ memory-bound kernel must look like on an H100 (issue 12):
 
 * no integer division anywhere in a kernel: no `MUFU.RCP` / `I2F.*.RP` (the 32-bit division
   sequence) and no `CALL` (the 64-bit division subroutine);
-* the 16-byte patch swap kernels move data only with `LDG.E.128` / `STG.E.128`, and their copy
-  loop issues few instructions per 16 bytes (an H100 has about 160 issue slots per 16 bytes a
-  thread moves at full bandwidth);
+* the 16-byte patch swap and mix kernels move data only with `LDG.E.128` / `STG.E.128`, and the
+  patch swap copy loop issues few instructions per 16 bytes (an H100 has about 160 issue slots per
+  16 bytes a thread moves at full bandwidth);
+* the mix kernels issue no fused multiply-add (MixUp rounds each product before the sum, as eager
+  PyTorch does), and their uint8 lanes take no I2F / F2I (quarter rate: float adds instead);
 * no kernel spills, and none needs more than 128 registers (occupancy of a quarter or more).
 
 csrc/cuda/*.cpp (the torch-facing launchers, host code) is checked with the host compiler. Skipped,
@@ -32,6 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
 HOST_SOURCES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
 PATCH_SWAP = os.path.join(ROOT, "csrc", "cuda", "patch_swap.cu")
+MIX = os.path.join(ROOT, "csrc", "cuda", "mix.cu")
 # The copy loop's budget: instructions per 16 bytes moved (today about 12, of ~160 issue slots).
 MAX_COPY_LOOP_INSTRUCTIONS_PER_16_BYTES = 20
 
@@ -138,24 +141,44 @@ def opcode(instruction):
     return re.sub(r"^@!?U?P[T0-9]+\s+", "", instruction).split()[0]
 
 
-def loops(instructions):
-    """[(instructions in the body, opcodes)] of every backward branch (a loop)."""
+def _loop_spans(instructions):
+    """[(first, last)] indices of every backward branch's body (a loop)."""
     index = {address: k for k, (address, _) in enumerate(instructions)}
-    found = []
+    spans = []
     for k, (address, ins) in enumerate(instructions):
         m = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", ins)
         if m and int(m.group(1), 16) <= address and int(m.group(1), 16) in index:
-            body = [opcode(i) for _, i in instructions[index[int(m.group(1), 16)]:k + 1]]
-            found.append(body)
-    return found
+            spans.append((index[int(m.group(1), 16)], k))
+    return spans
+
+
+def loops(instructions):
+    """[(instructions in the body, opcodes)] of every backward branch (a loop)."""
+    return [[opcode(i) for _, i in instructions[a:b + 1]] for a, b in _loop_spans(instructions)]
+
+
+# mangled template arguments -> dtype names
+ELEMENT_TYPES = {"h": "uint8", "f": "float32", "d": "float64", "N3c104HalfE": "float16", "N3c108BFloat16E": "bfloat16"}
 
 
 def kernel_kind(name):
     """(element type, vector width V, backward) of a cell_select_kernel<T, V, kBackward>."""
     m = re.search(r"cell_select_kernelI(.+?)Li(\d+)ELb([01])E", name)
     assert m, f"not a cell_select_kernel<T, V, kBackward>: {name}"
-    types = {"h": "uint8", "f": "float32", "d": "float64", "N3c104HalfE": "float16", "N3c108BFloat16E": "bfloat16"}
-    return types.get(m.group(1), m.group(1)), int(m.group(2)), m.group(3) == "1"
+    return ELEMENT_TYPES.get(m.group(1), m.group(1)), int(m.group(2)), m.group(3) == "1"
+
+
+def mix_kernel_kind(name):
+    """(element type, vector width V, direction) of a mix_kernel<T, V> ("forward"),
+    mix_inplace_kernel<T, V> ("inplace") or mix_backward_kernel<T, V> ("backward")."""
+    m = re.search(r"mix_(inplace_|backward_|)kernelI(.+?)Li(\d+)EEEv", name)
+    assert m, f"not a mix kernel: {name}"
+    return ELEMENT_TYPES.get(m.group(2), m.group(2)), int(m.group(3)), m.group(1).rstrip("_") or "forward"
+
+
+@pytest.fixture(scope="module")
+def mix_sass(objects):
+    return parse_sass(_tool(objects, MIX, "-sass", "-arch", "sm_90"))
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +194,7 @@ def test_cuda_source_compiles_for_sm80_sm90(objects, source):
 
 def test_there_are_cuda_sources():
     assert SOURCES, "csrc/cuda has no .cu files"
-    assert PATCH_SWAP in SOURCES
+    assert PATCH_SWAP in SOURCES and MIX in SOURCES
 
 
 @needs_nvcc
@@ -180,6 +203,74 @@ def test_patch_swap_kernels_are_all_there(patch_swap_sass):
     expected = {(t, v, bwd) for t, size in [("uint8", 1), ("float16", 2), ("bfloat16", 2), ("float32", 4),
                                             ("float64", 8)] for v in (1, 16 // size) for bwd in (False, True)}
     assert kinds == expected
+
+
+@needs_nvcc
+def test_mix_kernels_are_all_there(mix_sass):
+    kinds = {mix_kernel_kind(name) for name in mix_sass}  # one per dtype, vector width and direction
+    expected = {(t, v, direction) for t, size in [("uint8", 1), ("float16", 2), ("bfloat16", 2), ("float32", 4),
+                                                  ("float64", 8)] for v in (1, 16 // size)
+                for direction in ("forward", "inplace", "backward") if t != "uint8" or direction != "backward"}
+    assert kinds == expected
+
+
+@needs_nvcc
+def test_mix_16_byte_kernels_move_data_in_16_byte_accesses(mix_sass):
+    for name, instructions in mix_sass.items():
+        dtype, vec, direction = mix_kernel_kind(name)
+        if vec == 1:
+            continue
+        ops = collections.Counter(opcode(i) for _, i in instructions)
+        stores = {o for o in ops if o.startswith("STG")}
+        loads = {o: n for o, n in ops.items() if o.startswith("LDG")}
+        assert stores == {"STG.E.128"}, (dtype, direction, stores)
+        assert loads.get("LDG.E.128", 0) > 0, (dtype, direction, loads)
+        # besides the data: partner and boxes (int64), lam (float32 or float64), use_box (bool)
+        assert set(loads) - {"LDG.E.128"} <= {"LDG.E.64", "LDG.E", "LDG.E.U8"}, (dtype, direction, loads)
+
+
+@needs_nvcc
+def test_mix_rounds_as_pytorch_eager_ops(mix_sass):
+    # x * w1 + y * w2 rounds each product before the sum (torch's eager ops): no fused multiply-add
+    # anywhere in the kernels; uint8 lanes go to and from float32 by float adds, not by the
+    # quarter-rate I2F / F2I conversions
+    for name, instructions in mix_sass.items():
+        dtype, vec, direction = mix_kernel_kind(name)
+        ops = collections.Counter(opcode(i) for _, i in instructions)
+        # (`HFMA2.MMA Rd, -RZ, RZ, c, c` is how ptxas moves a constant into a register: no product)
+        fused = [i for _, i in instructions if opcode(i).startswith(("FFMA", "DFMA", "HFMA"))
+                 and not re.search(r"\bR\d+, -?RZ, RZ,", i)]
+        assert not fused, (dtype, vec, direction, fused)
+        assert ops["DMUL" if dtype == "float64" else "FMUL"] >= 2, (dtype, vec, direction)  # the products
+        if dtype == "uint8":
+            conversions = {o: n for o, n in ops.items() if o.startswith(("I2F", "F2I"))}
+            assert not conversions, (vec, direction, conversions)
+
+
+def straight_loops(instructions):
+    """[opcodes] of the innermost loops whose body has no branch but its back edge."""
+    return [body for body in loops(instructions) if sum(o.startswith("BRA") for o in body) == 1]
+
+
+@needs_nvcc
+def test_mix_blend_loops_fit_the_issue_budget(mix_sass):
+    # The loops with no branch (a MixUp row out of place, a pair of MixUp rows in place, a MixUp row
+    # that is its own partner): at most half of an H100's issue slots per 16 bytes moved (160 slots
+    # a thread-16-bytes at 3.35 TB/s), uint8 included (its lanes converted by float adds)
+    shares = {}
+    for name, instructions in mix_sass.items():
+        dtype, vec, direction = mix_kernel_kind(name)
+        if vec == 1:
+            continue
+        for body in straight_loops(instructions):
+            accesses = body.count("LDG.E.128") + body.count("STG.E.128")
+            if accesses:
+                key = (dtype, direction, accesses)
+                shares[key] = max(shares.get(key, 0), len(body) / (160 * accesses))
+    assert {d for d, _, _ in shares} == {"uint8", "float16", "bfloat16", "float32", "float64"}, shares
+    assert any(direction == "inplace" and n == 4 for _, direction, n in shares), shares  # the pair loop
+    over = {k: round(v, 2) for k, v in shares.items() if v > 0.5}
+    assert not over, f"share of the issue budget: {over}"
 
 
 @needs_nvcc

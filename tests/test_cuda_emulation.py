@@ -9,37 +9,22 @@ thread and loops over samples, the paths large inputs take on a GPU. What this c
 launcher's guard and stream, real memory ordering) is for the `gpu` tests.
 """
 import ctypes
-import os
-import shutil
-import subprocess
 
 import pytest
 import torch
-from torch.utils import cpp_extension
 
 import fastsd
+import host_kernels
 from fastsd.reference.patch_swap import patch_swap as ref_forward, patch_swap_backward as ref_backward
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HARNESS = os.path.join(ROOT, "tests", "csrc", "patch_swap_host.cpp")
-CXX = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
 DTYPES = {torch.uint8: 0, torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
 
 
 @pytest.fixture(scope="module")
 def host_kernel(tmp_path_factory):
-    if CXX is None:
-        pytest.skip("no C++ compiler: CUDA kernel emulation skipped")
-    lib = str(tmp_path_factory.mktemp("cuda_emulation") / "patch_swap_host.so")
-    cmd = [CXX, "-O1", "-std=c++17", "-shared", "-fPIC", "-fno-strict-aliasing", HARNESS, "-o", lib]
-    cmd += [f"-I{d}" for d in cpp_extension.include_paths()]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    fn = ctypes.CDLL(lib).fastsd_patch_swap_host
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 6 + [
-        ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-    return fn
+    return host_kernels.build(tmp_path_factory, "patch_swap_host.cpp", "fastsd_patch_swap_host",
+                              [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 6
+                              + [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p])
 
 
 def emulate(fn, x, partner, mask, backward, target_threads=1 << 18, max_grid_y=65535):

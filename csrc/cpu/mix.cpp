@@ -16,6 +16,7 @@
 #include <cstring>
 #include <vector>
 
+#include "../mix.h"
 #include "alloc.h"
 #include "capability.h"
 #include "select.h"
@@ -125,11 +126,6 @@ void swap_segment(T* a, T* b, int64_t n) {
     ub[e] = t;
   }
 }
-
-struct MixGeometry {
-  int64_t B, C, H, W;
-  bool channels_last;
-};
 
 template <typename T>
 void mix_kernel(const T* x, T* out, const int64_t* partner, const int64_t* boxes, const double* w1,
@@ -300,26 +296,11 @@ struct MixArgs {
 
 MixArgs mix_args(const at::Tensor& x, const at::Tensor& partner, const at::Tensor& boxes, const at::Tensor& lam,
                  const at::Tensor& use_box, bool involution) {
-  TORCH_CHECK(x.dim() == 4, "fastsd_C.mix: x must be [B, C, H, W], got ", x.sizes());
-  const int64_t B = x.size(0);
-  TORCH_CHECK(partner.dim() == 1 && partner.size(0) == B && partner.scalar_type() == at::kLong,
-              "fastsd_C.mix: partner must be int64 [B]");
-  TORCH_CHECK(boxes.dim() == 2 && boxes.size(0) == B && boxes.size(1) == 4 && boxes.scalar_type() == at::kLong,
-              "fastsd_C.mix: boxes must be int64 [B, 4]");
-  TORCH_CHECK(lam.dim() == 1 && lam.size(0) == B &&
-                  (lam.scalar_type() == at::kFloat || lam.scalar_type() == at::kDouble),
-              "fastsd_C.mix: lam must be float32/float64 [B]");
-  TORCH_CHECK(use_box.dim() == 1 && use_box.size(0) == B && use_box.scalar_type() == at::kBool,
-              "fastsd_C.mix: use_box must be bool [B]");
+  const MixGeometry g = mix_geometry(x, partner, boxes, lam, use_box, involution ? "fastsd_C.mix_" : "fastsd_C.mix");
+  const int64_t B = g.B;
   TORCH_CHECK(x.device().is_cpu() && partner.device().is_cpu() && boxes.device().is_cpu() &&
                   lam.device().is_cpu() && use_box.device().is_cpu(),
               "fastsd_C.mix (CPU): all tensors must be on the CPU");
-  MixGeometry g{B, x.size(1), x.size(2), x.size(3), false};
-  if (!x.is_contiguous()) {
-    TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast),
-                "fastsd_C.mix: x must be contiguous NCHW or channels_last");
-    g.channels_last = true;
-  }
   MixArgs a{g, partner.contiguous(), boxes.contiguous(), use_box.contiguous(), std::vector<double>(B),
             std::vector<double>(B)};
   const int64_t* pp = a.partner.data_ptr<int64_t>();
@@ -354,8 +335,7 @@ MixArgs mix_args(const at::Tensor& x, const at::Tensor& partner, const at::Tenso
 at::Tensor mix_cpu(const at::Tensor& x, const at::Tensor& partner, const at::Tensor& boxes, const at::Tensor& lam,
                    const at::Tensor& use_box) {
   const MixArgs a = mix_args(x, partner, boxes, lam, use_box, /*involution=*/false);
-  at::Tensor out = cpu::empty(x.sizes(), x.options(),
-                              a.g.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  at::Tensor out = cpu::empty(x.sizes(), x.options(), mix_out_format(a.g));
   if (x.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kByte, x.scalar_type(), "mix_cpu", [&] {
     mix_kernel<scalar_t>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), a.partner.data_ptr<int64_t>(),

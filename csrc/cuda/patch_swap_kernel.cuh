@@ -23,38 +23,16 @@
 #include <cstring>
 #include <type_traits>
 
+#include "vector_access.cuh"
+
 #ifdef FASTSD_WITH_CUDA
 #include <cuda_runtime_api.h>
-#endif
-
-#if defined(__CUDACC__)
-#define FASTSD_HD __host__ __device__ __forceinline__
-#else
-#define FASTSD_HD inline
-#endif
-
-// The host test build defines this to check every access (alignment, bounds, one store per element);
-// an access it refuses is skipped there. On the GPU it is `true` and compiles away.
-#ifndef FASTSD_PATCH_SWAP_ACCESS
-#define FASTSD_PATCH_SWAP_ACCESS(ptr, bytes, is_store) true
 #endif
 
 namespace fastsd {
 namespace cuda_patch_swap {
 
-enum class Dtype { kUInt8, kHalf, kBFloat16, kFloat, kDouble };
-
-struct Dim3 {
-  uint32_t x, y, z;
-};
-
-FASTSD_HD uint32_t mulhi(uint32_t a, uint32_t b) {
-#if defined(__CUDA_ARCH__)
-  return __umulhi(a, b);
-#else
-  return uint32_t((uint64_t(a) * b) >> 32);
-#endif
-}
+using namespace cuda_common;  // NOLINT: the shared helpers of vector_access.cuh
 
 // Index of the lowest set bit of x != 0.
 FASTSD_HD uint32_t lowest_bit(uint32_t x) {
@@ -64,18 +42,6 @@ FASTSD_HD uint32_t lowest_bit(uint32_t x) {
   return uint32_t(__builtin_ctz(x));
 #endif
 }
-
-// n / d for any 32-bit n by a multiply-high, an add and a shift (d fixed per launch, d >= 1).
-struct FastDiv {
-  uint32_t d, magic, shift;
-  static FastDiv make(uint32_t divisor) {
-    uint32_t s = 0;
-    while ((uint64_t(1) << s) < divisor) ++s;
-    const uint64_t m = ((uint64_t(1) << 32) * ((uint64_t(1) << s) - divisor)) / divisor + 1;
-    return FastDiv{divisor, uint32_t(m), s};
-  }
-  FASTSD_HD uint32_t div(uint32_t n) const { return uint32_t((uint64_t(mulhi(n, magic)) + n) >> shift); }
-};
 
 struct Params {
   const void* x;
@@ -101,12 +67,6 @@ struct Plan {
   Dim3 grid, block;
   int vec;  // V: elements per vector (16 bytes' worth, or 1)
 };
-
-constexpr uint32_t kThreads = 256;
-constexpr int kMinBlocksPerSM = 2;  // at most 128 registers: a quarter of an SM's threads or more resident
-constexpr uint32_t kMaxGridY = 65535;
-constexpr int64_t kTargetThreads = int64_t(1) << 18;  // about two full waves of an H100 (132 SMs x 2048)
-constexpr int64_t kMaxVectorsPerThread = 32;
 
 // What a launch needs. forward: src = partner; backward: src = q (the inverse of partner), which is
 // also the mask row of the taken cells. Precondition (checked by the launcher): H * row_len, W * gw
@@ -149,44 +109,8 @@ inline Plan make_plan(const void* x, void* out, const int64_t* src, const uint8_
   return plan;
 }
 
-// What a thread moves at once: 16 bytes as four words (LDG.E.128 / STG.E.128), or one element. The
-// vector path never splits a word into lanes except to add them, so uint8 lanes cost no registers.
-struct alignas(16) Words {
-  uint32_t w[4];
-};
-
-template <typename T, int V>
-using Raw = std::conditional_t<V == 1, T, Words>;
-
-template <typename T, int V>
-FASTSD_HD Raw<T, V> load(const T* ptr) {
-  static_assert(V == 1 || sizeof(T) * V == sizeof(Words), "one element or 16 bytes");
-  if (!FASTSD_PATCH_SWAP_ACCESS(ptr, sizeof(Raw<T, V>), false)) return Raw<T, V>{};
-  return *reinterpret_cast<const Raw<T, V>*>(ptr);
-}
-
-template <typename T, int V>
-FASTSD_HD void store(T* ptr, const Raw<T, V>& value) {
-  if (!FASTSD_PATCH_SWAP_ACCESS(ptr, sizeof(Raw<T, V>), true)) return;
-  *reinterpret_cast<Raw<T, V>*>(ptr) = value;
-}
-
 FASTSD_HD bool swapped(const uint8_t* cell) {
-  return FASTSD_PATCH_SWAP_ACCESS(cell, 1, false) && *cell != 0;
-}
-
-// Byte masks of the lanes whose bit is set in `bits` (lane l: bytes [l * sizeof(T), (l + 1) * sizeof(T))).
-template <typename T>
-FASTSD_HD Words lane_mask(uint32_t bits) {
-  Words m;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    uint32_t w = 0;
-#pragma unroll
-    for (int k = 0; k < 4; ++k) w |= (0u - ((bits >> ((4 * i + k) / int(sizeof(T)))) & 1u)) & (0xFFu << (8 * k));
-    m.w[i] = w;
-  }
-  return m;
+  return FASTSD_CUDA_ACCESS(cell, 1, false) && *cell != 0;
 }
 
 // a + c lane by lane in T (uint8 wraps, as torch's; 16-bit floats round once from the fp32 sum, as

@@ -10,27 +10,17 @@
 #include <limits>
 
 #include "../patch_swap.h"
+#include "ops_common.h"
 #include "patch_swap_kernel.cuh"
 
 namespace fastsd {
 namespace {
 
-cuda_patch_swap::Dtype kernel_dtype(at::ScalarType type) {
-  switch (type) {
-    case at::kByte: return cuda_patch_swap::Dtype::kUInt8;
-    case at::kHalf: return cuda_patch_swap::Dtype::kHalf;
-    case at::kBFloat16: return cuda_patch_swap::Dtype::kBFloat16;
-    case at::kFloat: return cuda_patch_swap::Dtype::kFloat;
-    case at::kDouble: return cuda_patch_swap::Dtype::kDouble;
-    default: TORCH_CHECK(false, "fastsd_C.patch_swap (CUDA): unsupported dtype ", type);
-  }
-}
-
 at::Tensor launch(const at::Tensor& x, const at::Tensor& partner, const at::Tensor& mask, bool backward) {
   const PatchSwapGeometry g = patch_swap_geometry(x, partner, mask);
   TORCH_CHECK(x.is_cuda() && partner.device() == x.device() && mask.device() == x.device(),
               "fastsd_C.patch_swap (CUDA): all tensors must be on the same CUDA device");
-  const cuda_patch_swap::Dtype dtype = kernel_dtype(x.scalar_type());
+  const cuda_patch_swap::Dtype dtype = kernel_dtype(x.scalar_type(), "fastsd_C.patch_swap");
   // Run on the tensors' device and its current stream, whatever the current device is.
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();

@@ -8,9 +8,11 @@ Layers, as for :mod:`fastsd.patch_swap`:
   ``torch.ops.fastsd_C.mix`` (csrc/cpu/mix.cpp: a CutMix row is at most three runs per image row,
   copied with memcpy; a MixUp row one vectorised pass), the Triton kernel in ``fastsd.kernels.mix``
   (CUDA tensors: one launch, each element read from one source in a CutMix row; in place, only the
-  mixed pixels move) and the reference in :mod:`fastsd.reference.mix`.
+  mixed pixels move), the CUDA C++ kernels (csrc/cuda/mix.cu: the same op and its backward for GPUs
+  whose torch pins a Triton older than fastsd takes, torch 2.4-2.7; 16-byte vectors, one launch, in
+  place only the vectors that hold mixed pixels) and the reference in :mod:`fastsd.reference.mix`.
 
-The backward pass (``torch.ops.fastsd.mix_backward``: the Triton kernel on CUDA tensors,
+The backward pass (``torch.ops.fastsd.mix_backward``: the Triton or CUDA C++ kernel on CUDA tensors,
 :func:`fastsd.reference.mix_backward` elsewhere) is a gather through the inverse permutation: no
 atomics, bitwise deterministic; its own backward is the forward op (both are linear).
 """
@@ -254,8 +256,21 @@ def _cpp_reasons(*tensors, **kwargs):
     return []
 
 
+def _cuda_reasons(*tensors, **kwargs):
+    if not _has_cuda_kernel("mix_backward"):  # a fastsd._C whose CUDA build predates the mix kernels
+        return ["fastsd._C has no CUDA mix kernels (built from older sources: rebuild it)"]
+    return []
+
+
+@_backend.cached  # a few microseconds a call otherwise, on every select() where Triton is missing
+def _has_cuda_kernel(name: str) -> bool:
+    return hasattr(_ext.ops(), name) and torch._C._dispatch_has_kernel_for_dispatch_key(
+        f"fastsd_C::{name}", torch._C.DispatchKey.CUDA)
+
+
 @_backend.register("mix", "cpp", reasons=_cpp_reasons)
-def _mix_cpp(x, partner, boxes, lam, use_box):
+@_backend.register("mix", "cuda", reasons=_cuda_reasons)
+def _mix_ext(x, partner, boxes, lam, use_box):
     return _ext.ops().mix(x, partner, boxes, lam, use_box)
 
 
@@ -278,9 +293,14 @@ def _mix_inplace_triton(x, partner, boxes, lam, use_box, check=False):
 _mix_triton.asserts_on_device = _mix_inplace_triton.asserts_on_device = True
 
 
-# fastsd._C has no mix backward (yet): the reference's gather (ATen's kernels) stands in where the
-# cpp or cuda backend is forced.
+# fastsd._C has no CPU mix backward: the reference's gather (ATen's kernels) stands in where the cpp
+# backend is forced.
 _backend.register("mix_backward", "torch", stand_in=True)(reference.mix_backward)
+
+
+@_backend.register("mix_backward", "cuda", reasons=_cuda_reasons)
+def _mix_backward_cuda(grad, partner, boxes, lam, use_box):
+    return _ext.ops().mix_backward(grad, partner, boxes, lam, use_box)  # inverts partner in C++
 
 
 @_backend.register("mix_backward", "triton")
@@ -296,5 +316,6 @@ def _mix_inplace_torch(x, partner, boxes, lam, use_box):
 
 
 @_backend.register("mix_", "cpp", reasons=_cpp_reasons)
-def _mix_inplace_cpp(x, partner, boxes, lam, use_box):
+@_backend.register("mix_", "cuda", reasons=_cuda_reasons)
+def _mix_inplace_ext(x, partner, boxes, lam, use_box):
     _ext.ops().mix_(x, partner, boxes, lam, use_box)

@@ -31,7 +31,7 @@ bool check_access(const void* ptr, size_t bytes, bool is_store) {
 }
 }  // namespace
 
-#define FASTSD_PATCH_SWAP_ACCESS(ptr, bytes, is_store) check_access(ptr, bytes, is_store)
+#define FASTSD_CUDA_ACCESS(ptr, bytes, is_store) check_access(ptr, bytes, is_store)
 #include "../../csrc/cuda/patch_swap_kernel.cuh"
 
 namespace {

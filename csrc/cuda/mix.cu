@@ -7,6 +7,12 @@
 
 #include "mix_kernel.cuh"
 
+// Bit-exact MixUp needs IEEE products and sums: fast math (flush-to-zero, approximate ops) would not
+// match PyTorch's kernels.
+#ifdef __USE_FAST_MATH__
+#error "csrc/cuda/mix.cu must not be built with --use_fast_math"
+#endif
+
 namespace fastsd {
 namespace cuda_mix {
 namespace {
@@ -29,39 +35,42 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) mix_backward_kernel
                             Dim3{gridDim.x, gridDim.y, gridDim.z});
 }
 
+// false where there is no such kernel (the backward of uint8, which has no gradient)
 template <typename T, int V>
-void launch_width(const Plan& plan, Direction direction, cudaStream_t stream) {
+bool launch_width(const Plan& plan, Direction direction, cudaStream_t stream) {
   const dim3 grid(plan.grid.x, plan.grid.y, plan.grid.z), block(plan.block.x, plan.block.y, plan.block.z);
   switch (direction) {
-    case Direction::kForward: mix_kernel<T, V><<<grid, block, 0, stream>>>(plan.p); break;
-    case Direction::kInPlace: mix_inplace_kernel<T, V><<<grid, block, 0, stream>>>(plan.p); break;
+    case Direction::kForward: mix_kernel<T, V><<<grid, block, 0, stream>>>(plan.p); return true;
+    case Direction::kInPlace: mix_inplace_kernel<T, V><<<grid, block, 0, stream>>>(plan.p); return true;
     case Direction::kBackward:
-      if constexpr (!std::is_same<T, uint8_t>::value) mix_backward_kernel<T, V><<<grid, block, 0, stream>>>(plan.p);
-      break;
+      if constexpr (std::is_same<T, uint8_t>::value) {
+        return false;
+      } else {
+        mix_backward_kernel<T, V><<<grid, block, 0, stream>>>(plan.p);
+        return true;
+      }
   }
+  return false;
 }
 
 template <typename T>
-void launch_typed(const Plan& plan, Direction direction, cudaStream_t stream) {
+bool launch_typed(const Plan& plan, Direction direction, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(T);
-  if (plan.vec == kVec) {
-    launch_width<T, kVec>(plan, direction, stream);
-  } else {
-    launch_width<T, 1>(plan, direction, stream);
-  }
+  return plan.vec == kVec ? launch_width<T, kVec>(plan, direction, stream) : launch_width<T, 1>(plan, direction, stream);
 }
 
 }  // namespace
 
 cudaError_t launch_mix(const Plan& plan, Dtype dtype, Direction direction, cudaStream_t stream) {
+  bool launched = false;
   switch (dtype) {
-    case Dtype::kUInt8: launch_typed<uint8_t>(plan, direction, stream); break;
-    case Dtype::kHalf: launch_typed<c10::Half>(plan, direction, stream); break;
-    case Dtype::kBFloat16: launch_typed<c10::BFloat16>(plan, direction, stream); break;
-    case Dtype::kFloat: launch_typed<float>(plan, direction, stream); break;
-    case Dtype::kDouble: launch_typed<double>(plan, direction, stream); break;
+    case Dtype::kUInt8: launched = launch_typed<uint8_t>(plan, direction, stream); break;
+    case Dtype::kHalf: launched = launch_typed<c10::Half>(plan, direction, stream); break;
+    case Dtype::kBFloat16: launched = launch_typed<c10::BFloat16>(plan, direction, stream); break;
+    case Dtype::kFloat: launched = launch_typed<float>(plan, direction, stream); break;
+    case Dtype::kDouble: launched = launch_typed<double>(plan, direction, stream); break;
   }
-  return cudaGetLastError();
+  return launched ? cudaGetLastError() : cudaErrorInvalidValue;
 }
 
 }  // namespace cuda_mix

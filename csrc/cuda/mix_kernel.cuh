@@ -190,16 +190,19 @@ FASTSD_HD T blend_lane(T s, T t, W w1, W w2) {
   }
 }
 
-// __byte_perm (PRMT): byte n of the result is byte (selector >> 4n) & 7 of the pair (x: bytes 0-3, y:
-// bytes 4-7). The host's copy is what the tests run; on the GPU it is the instruction.
+// __byte_perm (PRMT, default mode): byte n of the result is byte (selector >> 4n) & 7 of the pair (x:
+// bytes 0-3, y: bytes 4-7), or, where bit 3 of that nibble is set, that byte's sign bit copied to all
+// eight bits. The host's copy is what the tests run; on the GPU it is the instruction.
 FASTSD_HD uint32_t byte_perm(uint32_t x, uint32_t y, uint32_t selector) {
 #if defined(__CUDA_ARCH__)
   return __byte_perm(x, y, selector);
 #else
   uint32_t r = 0;
   for (int n = 0; n < 4; ++n) {
-    const uint32_t k = (selector >> (4 * n)) & 7u;
-    r |= ((k < 4 ? x >> (8 * k) : y >> (8 * (k - 4))) & 0xFFu) << (8 * n);
+    const uint32_t nibble = (selector >> (4 * n)) & 0xFu, k = nibble & 7u;
+    uint32_t byte = (k < 4 ? x >> (8 * k) : y >> (8 * (k - 4))) & 0xFFu;
+    if (nibble & 8u) byte = (byte & 0x80u) ? 0xFFu : 0u;
+    r |= byte << (8 * n);
   }
   return r;
 #endif
@@ -501,7 +504,8 @@ FASTSD_HD void mix_inplace_thread(const Params& p, Dim3 bid, Dim3 tid, Dim3 gdim
 // inverse of partner), grad_x[b] = kept(g)[b] + sent(g)[q], where a CutMix row keeps g outside its
 // box and sends g inside it, a MixUp row keeps g * w1 and sends g * w2 (fastsd.reference.mix_backward).
 // Each side is read only where it is nonzero somewhere in the vector; the sum is taken everywhere, as
-// the reference takes it (-0.0 + +0.0 is +0.0).
+// the reference takes it (-0.0 + +0.0 is +0.0). Bit for bit with finite gradients: a NaN comes out as
+// a NaN, its payload the conversion's (as the forward's MixUp rows).
 template <typename T, int V>
 FASTSD_HD void mix_backward_thread(const Params& p, Dim3 bid, Dim3 tid, Dim3 gdim) {
   Place at;

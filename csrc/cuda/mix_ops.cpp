@@ -1,7 +1,8 @@
 // The CUDA mix ops: checks, the tensors' device and its current stream, the launch plan, and the
 // kernel launch (mix.cu). Host code only: the host compiler builds it against torch. No value is read
-// on the host (no sync): the kernels clamp partner into range(B) and read boxes only in comparisons;
-// the public functions check the values on the device first.
+// on the host (no sync): the kernels clamp partner into range(B), and a box only decides which lanes
+// take which source (any value is memory-safe); the public functions check the values on the device
+// first.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>

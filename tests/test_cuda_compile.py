@@ -13,7 +13,8 @@ memory-bound kernel must look like on an H100 (issue 12):
   PyTorch does), and their uint8 lanes take no I2F / F2I (quarter rate: float adds instead);
 * no kernel spills, and none needs more than 128 registers (occupancy of a quarter or more).
 
-csrc/cuda/*.cpp (the torch-facing launchers, host code) is checked with the host compiler. Skipped,
+csrc/cuda/*.cpp (the torch-facing launchers, host code) is compiled with the host compiler, and every
+fastsd function they call must be defined by a kernel object (what linking the extension would check). Skipped,
 with the reason printed by `pytest -ra`, when nvcc, cuobjdump or a C++ compiler is not found. On a
 machine with a GPU, `FASTSD_BUILD_CUDA=1 pip install --no-build-isolation -e .` builds and links the
 same sources.
@@ -328,12 +329,53 @@ def test_kernels_do_not_spill(objects):
             assert int(reg) <= 128, f"{name}: {reg} registers (occupancy under a quarter)"
 
 
-@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
+needs_cxx = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
+
+
+@pytest.fixture(scope="module")
+def host_objects(tmp_path_factory):
+    """{source: (returncode, stderr, object path)}: each launcher compiled (-O0: the symbols, not the code)."""
+    out = {}
+    folder = tmp_path_factory.mktemp("cuda_host_objects")
+    for source in HOST_SOURCES:
+        obj = folder / (os.path.basename(source) + ".o")
+        cmd = ["c++", "-c", "-O0", "-fPIC", _std_flag(), source, "-o", str(obj)] + _defines()
+        cmd += [f"-I{d}" for d in _includes()]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        out[source] = (proc.returncode, proc.stderr, obj)
+    return out
+
+
+@needs_cxx
 @pytest.mark.parametrize("source", HOST_SOURCES, ids=os.path.basename)
-def test_cuda_host_source_compiles(source):
-    cmd = ["c++", "-fsyntax-only", _std_flag(), source] + _defines() + [f"-I{d}" for d in _includes()]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"{os.path.basename(source)}:\n{proc.stderr[-4000:]}"
+def test_cuda_host_source_compiles(host_objects, source):
+    rc, stderr, _ = host_objects[source]
+    assert rc == 0, f"{os.path.basename(source)}:\n{stderr[-4000:]}"
+
+
+def _fastsd_symbols(obj, defined):
+    """fastsd's C++ symbols an object defines (or, not ``defined``, needs from elsewhere)."""
+    proc = subprocess.run(["nm", "-C", "--defined-only" if defined else "--undefined-only", str(obj)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = (re.match(r"\s*(?:[0-9a-f]+\s+)?[A-Za-z]\s+(.*)", line) for line in proc.stdout.splitlines())
+    return {m.group(1).strip() for m in rows if m and m.group(1).startswith("fastsd::")}
+
+
+@needs_nvcc
+@needs_cxx
+@pytest.mark.skipif(shutil.which("nm") is None, reason="no nm")
+def test_cuda_launchers_link_against_the_kernels(objects, host_objects):
+    # what the full build links: every fastsd function a launcher (csrc/cuda/*.cpp) calls is defined
+    # by a kernel object (csrc/cuda/*.cu), e.g. cuda_mix::launch_mix, with the same signature (else
+    # only linking the extension would show it, and the build would fall back to the CPU kernels)
+    defined = set().union(*(_fastsd_symbols(_object(objects, s), True) for s in SOURCES))
+    for source in HOST_SOURCES:
+        rc, stderr, obj = host_objects[source]
+        assert rc == 0, stderr[-4000:]
+        needed = _fastsd_symbols(obj, False)
+        assert needed, f"{os.path.basename(source)} calls no kernel"
+        assert needed <= defined, (os.path.basename(source), needed - defined)
 
 
 def test_sass_checks_see_divisions_and_narrow_accesses():

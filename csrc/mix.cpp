@@ -15,6 +15,10 @@
 //     grad_x[j] = kept(grad)[j] + sent(grad)[q[j]]: a CutMix row keeps grad outside its box and sends
 //     it inside; a MixUp row keeps grad * lam and sends grad * (1 - lam) (weights cast to grad's dtype)
 //
+//   mix_check(partner, sorted, boxes, lam, H, W, involution) (CUDA only): device-side asserts of the
+//     public functions' values: partner a permutation (sorted == range(B)) or, with involution, an
+//     involution; 0 <= y0 <= y1 <= H and 0 <= x0 <= x1 <= W; 0 <= lam <= 1
+//
 // x is contiguous NCHW or channels_last (the output has the same layout); partner int64 [B];
 // boxes int64 [B, 4]; lam float32/float64 [B]; use_box bool [B].
 #include <torch/library.h>
@@ -23,4 +27,5 @@ TORCH_LIBRARY_FRAGMENT(fastsd_C, m) {
   m.def("mix(Tensor x, Tensor partner, Tensor boxes, Tensor lam, Tensor use_box) -> Tensor");
   m.def("mix_(Tensor(a!) x, Tensor partner, Tensor boxes, Tensor lam, Tensor use_box) -> ()");
   m.def("mix_backward(Tensor grad, Tensor partner, Tensor boxes, Tensor lam, Tensor use_box) -> Tensor");
+  m.def("mix_check(Tensor partner, Tensor sorted, Tensor boxes, Tensor lam, int H, int W, bool involution) -> ()");
 }

@@ -5,7 +5,7 @@ below through a module fixture) and the SASS that cuobjdump reads back from its 
 memory-bound kernel must look like on an H100 (issue 12):
 
 * no integer division anywhere in a kernel: no `MUFU.RCP` / `I2F.*.RP` (the 32-bit division
-  sequence) and no `CALL` (the 64-bit division subroutine);
+  sequence) and no `CALL.REL` (the 64-bit division subroutine);
 * the 16-byte patch swap and mix kernels move data only with `LDG.E.128` / `STG.E.128`, and the
   patch swap copy loop issues few instructions per 16 bytes (an H100 has about 160 issue slots per
   16 bytes a thread moves at full bandwidth);
@@ -178,8 +178,14 @@ def mix_kernel_kind(name):
 
 
 @pytest.fixture(scope="module")
-def mix_sass(objects):
+def mix_sass_all(objects):
     return parse_sass(_tool(objects, MIX, "-sass", "-arch", "sm_90"))
+
+
+@pytest.fixture(scope="module")
+def mix_sass(mix_sass_all):
+    """The element kernels (not the value-check kernel, one batch row a thread)."""
+    return {name: ins for name, ins in mix_sass_all.items() if "mix_check_kernel" not in name}
 
 
 @pytest.fixture(scope="module")
@@ -213,6 +219,13 @@ def test_mix_kernels_are_all_there(mix_sass):
                                                   ("float64", 8)] for v in (1, 16 // size)
                 for direction in ("forward", "inplace", "backward") if t != "uint8" or direction != "backward"}
     assert kinds == expected
+
+
+@needs_nvcc
+def test_mix_check_kernel_asserts_on_the_device(mix_sass_all):
+    # the value checks trap whatever NDEBUG says: __assert_fail is called (a device-side assert)
+    (name, instructions), = ((n, i) for n, i in mix_sass_all.items() if "mix_check_kernel" in n)
+    assert any(opcode(i).startswith("CALL.ABS") for _, i in instructions), name
 
 
 @needs_nvcc
@@ -282,7 +295,9 @@ def test_no_integer_division_in_kernels(objects, source):
     divisions = {}
     for name, instructions in parse_sass(_tool(objects, source, "-sass", "-arch", "sm_90")).items():
         ops = [opcode(i) for _, i in instructions]
-        bad = [o for o in ops if o.startswith(("MUFU.RCP", "CALL")) or (o.startswith("I2F") and ".RP" in o)]
+        # (CALL.REL: a subroutine of the kernel's own, as the 64-bit division's; CALL.ABS is a call into
+        # the driver, as the check kernel's __assertfail)
+        bad = [o for o in ops if o.startswith(("MUFU.RCP", "CALL.REL")) or (o.startswith("I2F") and ".RP" in o)]
         if bad:
             divisions[name] = collections.Counter(bad)
     assert not divisions, f"division sequences (I2F.RP + MUFU.RCP) or calls (64-bit division): {divisions}"

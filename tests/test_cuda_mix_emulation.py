@@ -226,6 +226,61 @@ def test_small_samples_share_blocks(host_kernel, inplace):
     _check_backward(host_kernel, x, *args) if not inplace else None
 
 
+MESSAGES = {
+    "permutation": "fastsd.mix: partner must be a permutation of range(B)",
+    "involution": "fastsd.mix_: partner must be an involution (partner[partner[i]] == i) to mix in place",
+    "boxes": "fastsd.mix: boxes must satisfy 0 <= y0 <= y1 <= H and 0 <= x0 <= x1 <= W",
+    "lam": "fastsd.mix: lam must be in [0, 1]",
+}
+
+
+@pytest.fixture(scope="module")
+def host_check(host_kernel, tmp_path_factory):
+    fn = host_kernels.build(tmp_path_factory, "mix_host.cpp", "fastsd_mix_check_host",
+                            [ctypes.c_void_p] * 4 + [ctypes.c_int] + [ctypes.c_int64] * 3
+                            + [ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p])
+    fn.restype = ctypes.c_int64
+    return fn
+
+
+def check_asserts(fn, partner, boxes, lam, H, W, involution=False):
+    """{message key: threads whose assert fired} of mix_check_kernel on these values (the launcher's
+    steps: partner sorted, unless it must be an involution)."""
+    p, b, l = partner.long().contiguous(), boxes.long().contiguous(), lam.contiguous()
+    s = p if involution else torch.sort(p).values
+    counts = torch.zeros(len(MESSAGES), dtype=torch.int64)
+    total = fn(p.data_ptr(), s.data_ptr(), b.data_ptr(), l.data_ptr(), int(l.dtype == torch.float64), p.numel(), H,
+               W, int(involution), "\n".join(MESSAGES.values()).encode(), counts.data_ptr())
+    fired = {k: n for k, n in zip(MESSAGES, counts.tolist()) if n}
+    assert total == sum(fired.values()), (total, fired)  # no other message
+    return fired
+
+
+@pytest.mark.parametrize("lam_dtype", [torch.float32, torch.float64], ids=str)
+def test_check_kernel_asserts_each_bad_value(host_check, lam_dtype):
+    B, H, W = 300, 12, 40  # more than a block of rows
+    g = torch.Generator().manual_seed(11)
+    flip, pairs = torch.arange(B - 1, -1, -1), torch.randperm(B, generator=g)
+    boxes = torch.tensor([[0, H, 0, W], [2, 2, 5, 5], [3, 7, 0, 40]] * (B // 3))
+    lam = torch.rand(B, generator=g, dtype=torch.float64).to(lam_dtype)
+    lam[:2] = torch.tensor([0.0, 1.0])
+    assert check_asserts(host_check, pairs, boxes, lam, H, W) == {}
+    assert check_asserts(host_check, flip, boxes, lam, H, W, involution=True) == {}
+    bad = lambda t, i, v: t.clone().index_put_((torch.tensor([i]),), torch.tensor(v, dtype=t.dtype))
+    # a repeated partner, or one out of range: the sorted partner is off range(B) from there on
+    assert check_asserts(host_check, bad(pairs, 5, int(pairs[6])), boxes, lam, H, W).keys() == {"permutation"}
+    assert check_asserts(host_check, bad(pairs, 299, -1), boxes, lam, H, W).keys() == {"permutation"}
+    # in place: row 0 out of range (read as B - 1, whose partner is 0: no involution message for it);
+    # row B - 1's partner 0 points elsewhere
+    assert check_asserts(host_check, bad(flip, 0, 10**9), boxes, lam, H, W, involution=True) == {
+        "permutation": 1, "involution": 1}
+    assert check_asserts(host_check, pairs, boxes, lam, H, W, involution=True).keys() == {"involution"}
+    for row in ([0, H + 1, 0, W], [3, 2, 0, W], [0, H, -1, W], [0, H, 5, 4], [0, H, 0, W + 1]):
+        assert check_asserts(host_check, pairs, bad(boxes, 250, row), lam, H, W) == {"boxes": 1}, row
+    for value in (-0.25, 1.5, float("nan")):
+        assert check_asserts(host_check, pairs, boxes, bad(lam, 260, value), H, W) == {"lam": 1}, value
+
+
 def test_harness_sees_a_wrong_kernel(host_kernel):
     # the checks must be able to fail: other weights, or a box the kernel does not see, change the answer
     x, partner, boxes, lam, use_box = make((4, 3, 16, 32), torch.float32, "nchw", "mixed", 7)

@@ -41,6 +41,23 @@ CASES = {  # (the call, the assert's message)
     "patch_swap partner + 10**6": ("fastsd.patch_swap(x, flip + 10**6, mask)", "partner must be a permutation"),
     "mix partner + 10**6": ("fm.mix(x, flip + 10**6, boxes, lam, use_box)", "partner must be a permutation"),
 }
+# The same checks on the CUDA C++ backend (its check kernel, csrc/cuda/mix_kernel.cuh), where fastsd._C
+# has it: the backend of torch 2.4-2.7, whose Triton is too old
+CUDA_CASES = {
+    "cuda mix lam": ("fm.mix(x, flip, boxes, lam + 1, use_box)", "lam must be in [0, 1]"),
+    "cuda mix boxes": ("fm.mix(x, flip, boxes + 20, lam, use_box)", "boxes must satisfy"),
+    "cuda mix partner": ("fm.mix(x, torch.zeros_like(flip), boxes, lam, use_box)", "partner must be a permutation"),
+    "cuda mix partner + 10**6": ("fm.mix(x, flip + 10**6, boxes, lam, use_box)", "partner must be a permutation"),
+    "cuda mix_ involution": ("fm.mix_(x, torch.tensor([1, 2, 0, 4, 3, 6, 5, 7], device='cuda'), boxes, lam, use_box)",
+                             "partner must be an involution"),
+}
+_FORCE_CUDA = "import fastsd._backend as _b\n_b.use_backend('cuda').__enter__()\n"
+
+
+def _has_cuda_kernels():
+    import fastsd
+
+    return fastsd._ext.load_error() is None and fastsd._ext.has_cuda()
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +66,10 @@ def outcomes():
     test step has a time limit)."""
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTSD_BACKEND")}
     procs = {}
-    for case, (call, _) in CASES.items():
-        code = textwrap.dedent(_SETUP) + f"\nout = {call}\ntorch.cuda.synchronize()\nprint('SYNCED')\n"
+    cases = {**CASES, **(CUDA_CASES if _has_cuda_kernels() else {})}
+    for case, (call, _) in cases.items():
+        force = _FORCE_CUDA if case in CUDA_CASES else ""
+        code = textwrap.dedent(_SETUP) + force + f"\nout = {call}\ntorch.cuda.synchronize()\nprint('SYNCED')\n"
         procs[case] = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
                                        stderr=subprocess.PIPE, text=True)
     out = {}
@@ -60,9 +79,11 @@ def outcomes():
     return out
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", list(CASES) + list(CUDA_CASES))
 def test_bad_values_trap_on_the_device(outcomes, case):
-    _, message = CASES[case]
+    if case in CUDA_CASES and not _has_cuda_kernels():
+        pytest.skip("fastsd._C has no CUDA kernels")
+    _, message = {**CASES, **CUDA_CASES}[case]
     returncode, stdout, stderr = outcomes[case]
     output = stdout + stderr
     # (the message check also rules out a process that failed for another reason, e.g. an import)

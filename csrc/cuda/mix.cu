@@ -59,7 +59,17 @@ bool launch_typed(const Plan& plan, Direction direction, cudaStream_t stream) {
   return plan.vec == kVec ? launch_width<T, kVec>(plan, direction, stream) : launch_width<T, 1>(plan, direction, stream);
 }
 
+__global__ void __launch_bounds__(kThreads) mix_check_kernel(const CheckParams c) {
+  mix_check_thread(c, Dim3{blockIdx.x, blockIdx.y, blockIdx.z}, Dim3{threadIdx.x, threadIdx.y, threadIdx.z});
+}
+
 }  // namespace
+
+cudaError_t launch_mix_check(const CheckParams& params, cudaStream_t stream) {
+  const unsigned blocks = unsigned((params.B + kThreads - 1) / kThreads);
+  if (blocks > 0) mix_check_kernel<<<blocks, kThreads, 0, stream>>>(params);
+  return cudaGetLastError();
+}
 
 cudaError_t launch_mix(const Plan& plan, Dtype dtype, Direction direction, cudaStream_t stream) {
   bool launched = false;

@@ -36,6 +36,22 @@
 #include <cuda_runtime_api.h>
 #endif
 
+#include <cassert>
+
+// A device-side assert that fires whatever NDEBUG says (as PyTorch's CUDA_KERNEL_ASSERT): the message
+// is printed by the device and the launch's stream reports "device-side assert triggered". The host
+// test build defines it to record the failures.
+#ifndef FASTSD_DEVICE_ASSERT
+#if defined(__CUDA_ARCH__)
+#define FASTSD_DEVICE_ASSERT(cond, message) \
+  do {                                       \
+    if (!(cond)) __assert_fail(message, __FILE__, static_cast<unsigned int>(__LINE__), __func__); \
+  } while (0)
+#else
+#define FASTSD_DEVICE_ASSERT(cond, message) ((void)0)
+#endif
+#endif
+
 namespace fastsd {
 namespace cuda_mix {
 
@@ -548,12 +564,47 @@ FASTSD_HD void mix_backward_thread(const Params& p, Dim3 bid, Dim3 tid, Dim3 gdi
   }
 }
 
+// The value checks of the public functions (mix_check_kernel), one batch row a thread, before the mix
+// kernel on the same stream: partner a permutation (`sorted`, partner sorted, is range(B)) or, in place,
+// an involution (partner[partner[r]] == r); the boxes inside the image; lam in [0, 1] (not NaN). The
+// messages are those of the Triton check kernel (kernels/mix.py).
+struct CheckParams {
+  const int64_t* partner;  // [B]
+  const int64_t* sorted;   // [B], partner sorted (not read for an involution)
+  const int64_t* boxes;    // [B, 4]
+  const void* lam;         // [B] float32 or float64
+  bool lam_double, involution;
+  int64_t B, H, W;
+};
+
+FASTSD_HD void mix_check_thread(const CheckParams& c, Dim3 bid, Dim3 tid) {
+  const int64_t r = int64_t(bid.x) * kThreads + tid.x;
+  if (r >= c.B) return;
+  const int64_t p = c.partner[r];
+  FASTSD_DEVICE_ASSERT(p >= 0 && p < c.B, "fastsd.mix: partner must be a permutation of range(B)");
+  if (c.involution) {
+    const int64_t back = c.partner[p < 0 ? 0 : (p >= c.B ? c.B - 1 : p)];
+    FASTSD_DEVICE_ASSERT(back == r,
+                         "fastsd.mix_: partner must be an involution (partner[partner[i]] == i) to mix in place");
+  } else {
+    FASTSD_DEVICE_ASSERT(c.sorted[r] == r, "fastsd.mix: partner must be a permutation of range(B)");
+  }
+  const int64_t* box = c.boxes + 4 * r;
+  FASTSD_DEVICE_ASSERT(0 <= box[0] && box[0] <= box[1] && box[1] <= c.H && 0 <= box[2] && box[2] <= box[3] &&
+                           box[3] <= c.W,
+                       "fastsd.mix: boxes must satisfy 0 <= y0 <= y1 <= H and 0 <= x0 <= x1 <= W");
+  const double lam = c.lam_double ? static_cast<const double*>(c.lam)[r] : static_cast<const float*>(c.lam)[r];
+  FASTSD_DEVICE_ASSERT(lam >= 0 && lam <= 1, "fastsd.mix: lam must be in [0, 1]");
+}
+
 enum class Direction { kForward, kInPlace, kBackward };
 
 #ifdef FASTSD_WITH_CUDA
 // mix.cu: launch the kernel of `dtype` and direction on `stream` (the caller sets the device). The
 // backward takes floating dtypes only.
 cudaError_t launch_mix(const Plan& plan, Dtype dtype, Direction direction, cudaStream_t stream);
+// mix.cu: launch mix_check_kernel (ceil(B / kThreads) blocks) on `stream`.
+cudaError_t launch_mix_check(const CheckParams& params, cudaStream_t stream);
 #endif
 
 }  // namespace cuda_mix

@@ -72,10 +72,34 @@ void mix_inplace_cuda(const at::Tensor& x, const at::Tensor& partner, const at::
   if (x.numel() != 0) launch(x, x, partner, boxes, lam, use_box, g, Direction::kInPlace);
 }
 
+// The public functions' value checks as device-side asserts (mix_check_kernel): no host sync.
+void mix_check_cuda(const at::Tensor& partner, const at::Tensor& sorted, const at::Tensor& boxes,
+                    const at::Tensor& lam, int64_t H, int64_t W, bool involution) {
+  const int64_t B = partner.size(0);
+  TORCH_CHECK(partner.dim() == 1 && partner.scalar_type() == at::kLong && sorted.dim() == 1 && sorted.size(0) == B &&
+                  sorted.scalar_type() == at::kLong,
+              "fastsd_C.mix_check: partner and sorted must be int64 [B]");
+  TORCH_CHECK(boxes.dim() == 2 && boxes.size(0) == B && boxes.size(1) == 4 && boxes.scalar_type() == at::kLong,
+              "fastsd_C.mix_check: boxes must be int64 [B, 4]");
+  TORCH_CHECK(lam.dim() == 1 && lam.size(0) == B && (lam.scalar_type() == at::kFloat || lam.scalar_type() == at::kDouble),
+              "fastsd_C.mix_check: lam must be float32/float64 [B]");
+  TORCH_CHECK(partner.is_cuda() && sorted.device() == partner.device() && boxes.device() == partner.device() &&
+                  lam.device() == partner.device(),
+              "fastsd_C.mix_check (CUDA): all tensors must be on the same CUDA device");
+  if (B == 0) return;
+  const c10::cuda::CUDAGuard guard(partner.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(partner.device().index()).stream();
+  const at::Tensor p = partner.contiguous(), s = sorted.contiguous(), b = boxes.contiguous(), l = lam.contiguous();
+  const cuda_mix::CheckParams params{p.data_ptr<int64_t>(), s.data_ptr<int64_t>(), b.data_ptr<int64_t>(),
+                                     l.data_ptr(), l.scalar_type() == at::kDouble, involution, B, H, W};
+  C10_CUDA_CHECK(cuda_mix::launch_mix_check(params, stream));
+}
+
 }  // namespace
 }  // namespace fastsd
 
 TORCH_LIBRARY_IMPL(fastsd_C, CUDA, m) {
+  m.impl("mix_check", &fastsd::mix_check_cuda);
   m.impl("mix", &fastsd::mix_cuda);
   m.impl("mix_", &fastsd::mix_inplace_cuda);
   m.impl("mix_backward", &fastsd::mix_backward_cuda);

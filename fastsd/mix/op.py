@@ -36,8 +36,8 @@ def _empty_out(x: torch.Tensor) -> torch.Tensor:
 def _mix_impl(x: torch.Tensor, partner: torch.Tensor, boxes: torch.Tensor, lam: torch.Tensor,
               use_box: torch.Tensor, check: bool = False) -> torch.Tensor:
     """``check``: the value checks of :func:`mix` (partner a permutation, boxes in range, lam in
-    [0, 1]), made here where the backend is known: by a Triton kernel on CUDA (device-side asserts:
-    a sort and one launch rather than 23), else by :func:`_check_values`."""
+    [0, 1]), made here where the backend is known: by the Triton or CUDA C++ check kernel on CUDA
+    (device-side asserts: a sort and one launch rather than 23), else by :func:`_check_values`."""
     return _run("mix", x, partner, boxes, lam, use_box, check)
 
 
@@ -56,8 +56,9 @@ def _run(op, x, partner, boxes, lam, use_box, check=False):
 
 def _asserts_on_device(fn, x: torch.Tensor) -> bool:
     """Whether backend ``fn`` asserts the values itself (the Triton kernels on CUDA tensors, where
-    their ``tl.device_assert`` is compiled in; the interpreter ignores it, so on CPU tensors the glue
-    checks). fastsd.bench.launches counts the CUDA side (fastsd._validate.kernel_asserts)."""
+    their ``tl.device_assert`` is compiled in, and the CUDA C++ backend's check kernel; the
+    interpreter ignores ``tl.device_assert``, so on CPU tensors the glue checks). fastsd.bench.launches
+    counts the CUDA side (fastsd._validate.kernel_asserts)."""
     return getattr(fn, "asserts_on_device", False) and V.kernel_asserts(x)
 
 
@@ -206,7 +207,8 @@ def _mix_inplace(x, partner, boxes, lam, use_box, check: bool) -> torch.Tensor:
 def _mix_inplace_impl(x: torch.Tensor, partner: torch.Tensor, boxes: torch.Tensor, lam: torch.Tensor,
                       use_box: torch.Tensor, check: bool = False) -> None:
     """``check``: :func:`mix_`'s value checks (partner an involution, boxes in range, lam in [0, 1]),
-    by a Triton kernel on CUDA (device-side asserts, one launch), else by :func:`_check_values`."""
+    by the Triton or CUDA C++ check kernel on CUDA (device-side asserts, one launch), else by
+    :func:`_check_values`."""
     if not x.shape[0]:
         return
     fn = _backend.select("mix_", x, partner, boxes, lam, use_box)
@@ -257,7 +259,7 @@ def _cpp_reasons(*tensors, **kwargs):
 
 
 def _cuda_reasons(*tensors, **kwargs):
-    if not _has_cuda_kernel("mix_backward"):  # a fastsd._C whose CUDA build predates the mix kernels
+    if not _has_cuda_kernel("mix_check"):  # a fastsd._C whose CUDA build predates the mix kernels
         return ["fastsd._C has no CUDA mix kernels (built from older sources: rebuild it)"]
     return []
 
@@ -269,9 +271,25 @@ def _has_cuda_kernel(name: str) -> bool:
 
 
 @_backend.register("mix", "cpp", reasons=_cpp_reasons)
-@_backend.register("mix", "cuda", reasons=_cuda_reasons)
-def _mix_ext(x, partner, boxes, lam, use_box):
+def _mix_cpp(x, partner, boxes, lam, use_box):
     return _ext.ops().mix(x, partner, boxes, lam, use_box)
+
+
+@_backend.register("mix", "cuda", reasons=_cuda_reasons)
+def _mix_cuda(x, partner, boxes, lam, use_box, check=False):
+    if check:
+        _check_on_device(x, partner, boxes, lam, involution=False)
+    return _ext.ops().mix(x, partner, boxes, lam, use_box)
+
+
+def _check_on_device(x, partner, boxes, lam, involution: bool) -> None:
+    """The public functions' value checks by the CUDA check kernel (device-side asserts, as the
+    Triton path's): a sort of partner (none for an involution) and one launch, where the ATen checks
+    take about twenty."""
+    _, _, H, W = x.shape
+    partner, boxes, lam = partner.contiguous(), boxes.contiguous(), lam.contiguous()
+    ordered = partner if involution else torch.sort(partner).values
+    _ext.ops().mix_check(partner, ordered, boxes, lam, H, W, involution)
 
 
 # The Triton kernel (kernels/mix.py) takes every dtype, layout and lam dtype of fastsd.mix; it reads
@@ -316,6 +334,15 @@ def _mix_inplace_torch(x, partner, boxes, lam, use_box):
 
 
 @_backend.register("mix_", "cpp", reasons=_cpp_reasons)
-@_backend.register("mix_", "cuda", reasons=_cuda_reasons)
-def _mix_inplace_ext(x, partner, boxes, lam, use_box):
+def _mix_inplace_cpp(x, partner, boxes, lam, use_box):
     _ext.ops().mix_(x, partner, boxes, lam, use_box)
+
+
+@_backend.register("mix_", "cuda", reasons=_cuda_reasons)
+def _mix_inplace_cuda(x, partner, boxes, lam, use_box, check=False):
+    if check:
+        _check_on_device(x, partner, boxes, lam, involution=True)
+    _ext.ops().mix_(x, partner, boxes, lam, use_box)
+
+
+_mix_cuda.asserts_on_device = _mix_inplace_cuda.asserts_on_device = True

@@ -5,6 +5,9 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <cstring>
+#include <map>
+#include <string>
 #include <vector>
 
 namespace {
@@ -43,7 +46,14 @@ bool check_access(const void* ptr, size_t bytes, bool is_store) {
 }
 }  // namespace
 
+// The check kernel's device-side asserts: the messages that fired, with how many threads fired each.
+std::map<std::string, int64_t> g_asserts;
+
 #define FASTSD_CUDA_ACCESS(ptr, bytes, is_store) check_access(ptr, bytes, is_store)
+#define FASTSD_DEVICE_ASSERT(cond, message) \
+  do {                                       \
+    if (!(cond)) ++g_asserts[message];       \
+  } while (0)
 #include "../../csrc/cuda/mix_kernel.cuh"
 
 namespace {
@@ -116,4 +126,25 @@ extern "C" int fastsd_mix_host(int dtype, int direction, void* x, void* out, con
                             plan.p.packed};
   for (int k = 0; k < 7; ++k) info[k] = values[k];
   return 0;
+}
+
+// Every thread of a mix_check_kernel launch. `counts` receives, per message in `messages` (a
+// newline-separated list), how many threads' asserts fired with it; returns how many fired in all.
+extern "C" int64_t fastsd_mix_check_host(const int64_t* partner, const int64_t* sorted, const int64_t* boxes,
+                                         const void* lam, int lam_double, int64_t B, int64_t H, int64_t W,
+                                         int involution, const char* messages, int64_t* counts) {
+  g_asserts.clear();
+  const CheckParams params{partner, sorted, boxes, lam, lam_double != 0, involution != 0, B, H, W};
+  const uint32_t blocks = uint32_t((B + kThreads - 1) / kThreads);
+  for (uint32_t x = 0; x < blocks; ++x)
+    for (uint32_t t = 0; t < kThreads; ++t) mix_check_thread(params, Dim3{x, 0, 0}, Dim3{t, 0, 0});
+  int64_t total = 0, k = 0;
+  for (const auto& [message, n] : g_asserts) total += n;
+  for (const char* m = messages; *m; ++k) {
+    const char* end = std::strchr(m, '\n');
+    const std::string wanted(m, end ? end - m : std::strlen(m));
+    counts[k] = g_asserts.count(wanted) ? g_asserts[wanted] : 0;
+    m = end ? end + 1 : m + wanted.size();
+  }
+  return total;
 }

@@ -107,11 +107,12 @@ def memory_format(x: torch.Tensor) -> torch.memory_format:
 
 
 def kernel_asserts(*tensors: torch.Tensor) -> bool:
-    """Whether the Triton kernels check their index inputs themselves for these tensors.
+    """Whether the kernels check their index inputs themselves for these tensors.
 
-    On CUDA tensors the launchers compile their ``tl.device_assert`` checks in (an asynchronous
-    device-side assert, like PyTorch's own index checks); the interpreter (CPU tensors, tests) ignores
-    ``tl.device_assert``, so there the host glue checks instead. fastsd.bench.launches replaces this
+    On CUDA tensors the Triton launchers compile their ``tl.device_assert`` checks in (an asynchronous
+    device-side assert, like PyTorch's own index checks), and the CUDA C++ mix backend runs its check
+    kernel; the interpreter (CPU tensors, tests) ignores ``tl.device_assert``, so there the host glue
+    checks instead. fastsd.bench.launches replaces this
     function while it counts, so the count follows the CUDA branch.
     """
     return all(t.device.type == "cuda" for t in tensors)

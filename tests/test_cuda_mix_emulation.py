@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import fastsd
+import fastsd.mix.op
 import host_kernels
 from fastsd import reference as R
 from mix_cases import LAYOUTS, bits, make
@@ -292,8 +293,8 @@ def test_harness_sees_a_wrong_kernel(host_kernel):
 # --- the same kernels on a GPU (skipped without one, or without the CUDA kernels built) -------------
 
 needs_cuda_kernels = pytest.mark.skipif(
-    not torch.cuda.is_available() or fastsd._ext.load_error() is not None or not fastsd._ext.has_cuda(),
-    reason="needs a CUDA device and fastsd._C built with its CUDA kernels")
+    not torch.cuda.is_available() or not fastsd.mix.op._has_cuda_kernel("mix_check"),
+    reason="needs a CUDA device and fastsd._C built with this version's CUDA mix kernels")
 
 
 @pytest.mark.gpu
@@ -339,8 +340,8 @@ def test_gpu_kernel_runs_on_the_tensors_device_and_current_stream():
 @needs_cuda_kernels
 @pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
 def test_gpu_public_functions_on_the_cuda_backend(inplace):
-    # fastsd.mix.mix / mix_ with the cuda backend forced: the value checks (ATen ops on the device), the
-    # kernel, and (out of place) the backward kernel
+    # fastsd.mix.mix / mix_ with the cuda backend forced: the value-check kernel, the kernel, and (out of
+    # place) the backward kernel
     import fastsd.mix as fm
     from fastsd import _backend
 
@@ -356,3 +357,46 @@ def test_gpu_public_functions_on_the_cuda_backend(inplace):
             out.backward(torch.ones_like(out))
             torch.testing.assert_close(xg.grad.cpu(), R.mix_backward(torch.ones_like(x), *args), rtol=0, atol=0)
     assert torch.equal(bits(out.detach().cpu()), bits(want))
+
+
+def test_cuda_backend_checks_values_with_its_kernel_before_mixing(monkeypatch):
+    # the Python wiring of the cuda backend, on CPU tensors with fastsd._C's ops recorded: the public
+    # functions (eager, autograd and the registered op) run the check kernel (partner sorted, or the
+    # involution itself in place) and then the mix kernel; mix_unchecked runs no check
+    from fastsd import _backend, _ext, _validate
+    import fastsd.mix as fm
+    from fastsd.mix import op
+
+    calls = []
+
+    class Ops:
+        def mix_check(self, partner, ordered, boxes, lam, H, W, involution):
+            calls.append(("check", partner.dtype, ordered.tolist(), boxes.dtype, lam.dtype, H, W, involution))
+
+        def mix(self, x, *args):
+            calls.append(("mix",))
+            return x.clone()
+
+        def mix_(self, *args):
+            calls.append(("mix_",))
+
+    select = _backend.select
+    monkeypatch.setattr(_ext, "ops", lambda: Ops())
+    monkeypatch.setattr(_validate, "kernel_asserts", lambda *tensors: True)
+    monkeypatch.setattr(_backend, "select", lambda name, *t, **k: {
+        "mix": op._mix_cuda, "mix_": op._mix_inplace_cuda}.get(name) or select(name, *t, **k))
+    x, partner = torch.randn(4, 3, 8, 6), torch.tensor([1, 0, 3, 2], dtype=torch.int32)
+    boxes, lam, use_box = torch.tensor([[0, 8, 0, 6]] * 4, dtype=torch.int32), torch.rand(4, dtype=torch.float64), \
+        torch.ones(4, dtype=torch.bool)
+    fm.mix(x, torch.tensor([3, 1, 2, 0]), boxes, lam, use_box)
+    assert calls == [("check", torch.int64, [0, 1, 2, 3], torch.int64, torch.float64, 8, 6, False), ("mix",)]
+    calls.clear()
+    fm.mix_(x, partner, boxes, lam, use_box)
+    assert calls == [("check", torch.int64, [1, 0, 3, 2], torch.int64, torch.float64, 8, 6, True), ("mix_",)]
+    calls.clear()
+    fm.mix(x.clone().requires_grad_(), partner, boxes, lam, use_box)
+    torch.ops.fastsd.mix(x, partner.long(), boxes.long(), lam, use_box, True)
+    assert [c[0] for c in calls] == ["check", "mix", "check", "mix"]
+    calls.clear()
+    op.mix_unchecked(x, partner.long(), boxes.long(), lam, use_box)
+    assert calls == [("mix",)]

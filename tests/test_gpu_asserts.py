@@ -51,13 +51,19 @@ CUDA_CASES = {
     "cuda mix_ involution": ("fm.mix_(x, torch.tensor([1, 2, 0, 4, 3, 6, 5, 7], device='cuda'), boxes, lam, use_box)",
                              "partner must be an involution"),
 }
-_FORCE_CUDA = "import fastsd._backend as _b\n_b.use_backend('cuda').__enter__()\n"
+# (forced through the environment, and the child checks which implementation it got: with a Triton
+# present, auto would pick the Triton kernels, whose messages are the same)
+_CHECK_CUDA = """
+import fastsd._backend as _b, fastsd.mix.op as _op
+_fn = _b.select("{op}", x, flip, boxes, lam, use_box)
+assert getattr(_fn, "__wrapped__", _fn) is _op.{impl}, _fn
+"""
 
 
 def _has_cuda_kernels():
-    import fastsd
+    from fastsd.mix import op
 
-    return fastsd._ext.load_error() is None and fastsd._ext.has_cuda()
+    return op._has_cuda_kernel("mix_check")  # a fastsd._C built with this version's CUDA mix kernels
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +74,13 @@ def outcomes():
     procs = {}
     cases = {**CASES, **(CUDA_CASES if _has_cuda_kernels() else {})}
     for case, (call, _) in cases.items():
-        force = _FORCE_CUDA if case in CUDA_CASES else ""
-        code = textwrap.dedent(_SETUP) + force + f"\nout = {call}\ntorch.cuda.synchronize()\nprint('SYNCED')\n"
-        procs[case] = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
-                                       stderr=subprocess.PIPE, text=True)
+        code = textwrap.dedent(_SETUP)
+        if case in CUDA_CASES:
+            inplace = "fm.mix_(" in call
+            code += _CHECK_CUDA.format(op="mix_" if inplace else "mix", impl="_mix_inplace_cuda" if inplace else "_mix_cuda")
+        code += f"\nout = {call}\ntorch.cuda.synchronize()\nprint('SYNCED')\n"
+        procs[case] = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       env={**env, "FASTSD_BACKEND": "cuda"} if case in CUDA_CASES else env, text=True)
     out = {}
     for case, proc in procs.items():
         stdout, stderr = proc.communicate(timeout=300)

@@ -75,10 +75,10 @@ void mix_inplace_cuda(const at::Tensor& x, const at::Tensor& partner, const at::
 // The public functions' value checks as device-side asserts (mix_check_kernel): no host sync.
 void mix_check_cuda(const at::Tensor& partner, const at::Tensor& sorted, const at::Tensor& boxes,
                     const at::Tensor& lam, int64_t H, int64_t W, bool involution) {
-  const int64_t B = partner.size(0);
-  TORCH_CHECK(partner.dim() == 1 && partner.scalar_type() == at::kLong && sorted.dim() == 1 && sorted.size(0) == B &&
-                  sorted.scalar_type() == at::kLong,
+  TORCH_CHECK(partner.dim() == 1 && partner.scalar_type() == at::kLong && sorted.dim() == 1 &&
+                  sorted.size(0) == partner.size(0) && sorted.scalar_type() == at::kLong,
               "fastsd_C.mix_check: partner and sorted must be int64 [B]");
+  const int64_t B = partner.size(0);
   TORCH_CHECK(boxes.dim() == 2 && boxes.size(0) == B && boxes.size(1) == 4 && boxes.scalar_type() == at::kLong,
               "fastsd_C.mix_check: boxes must be int64 [B, 4]");
   TORCH_CHECK(lam.dim() == 1 && lam.size(0) == B && (lam.scalar_type() == at::kFloat || lam.scalar_type() == at::kDouble),

@@ -259,8 +259,8 @@ def _cpp_reasons(*tensors, **kwargs):
 
 
 def _cuda_reasons(*tensors, **kwargs):
-    if not _has_cuda_kernel("mix_check"):  # a fastsd._C whose CUDA build predates the mix kernels
-        return ["fastsd._C has no CUDA mix kernels (built from older sources: rebuild it)"]
+    if not _has_cuda_kernel("mix_check"):  # a fastsd._C whose CUDA build predates this version's mix kernels
+        return ["fastsd._C lacks this version's CUDA mix kernels (built from older sources: rebuild it)"]
     return []
 
 

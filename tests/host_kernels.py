@@ -15,9 +15,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CXX = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
 
 
-def build(tmp_path_factory, harness: str, symbol: str, argtypes):
-    """The function ``symbol`` of tests/csrc/``harness``, compiled into a fresh folder (skips the
-    calling test without a C++ compiler)."""
+def library(tmp_path_factory, harness: str) -> ctypes.CDLL:
+    """tests/csrc/``harness`` compiled into a fresh folder and loaded (skips the calling test without a
+    C++ compiler)."""
     if CXX is None:
         pytest.skip("no C++ compiler: CUDA kernel emulation skipped")
     source = os.path.join(ROOT, "tests", "csrc", harness)
@@ -26,7 +26,12 @@ def build(tmp_path_factory, harness: str, symbol: str, argtypes):
     cmd += [f"-I{d}" for d in cpp_extension.include_paths()]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    fn = getattr(ctypes.CDLL(lib), symbol)
-    fn.restype = ctypes.c_int
+    return ctypes.CDLL(lib)
+
+
+def function(lib: ctypes.CDLL, symbol: str, argtypes, restype=ctypes.c_int):
+    """The C function ``symbol`` of ``lib``, typed."""
+    fn = getattr(lib, symbol)
+    fn.restype = restype
     fn.argtypes = argtypes
     return fn

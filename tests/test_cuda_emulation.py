@@ -22,9 +22,10 @@ DTYPES = {torch.uint8: 0, torch.float16: 1, torch.bfloat16: 2, torch.float32: 3,
 
 @pytest.fixture(scope="module")
 def host_kernel(tmp_path_factory):
-    return host_kernels.build(tmp_path_factory, "patch_swap_host.cpp", "fastsd_patch_swap_host",
-                              [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 6
-                              + [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p])
+    return host_kernels.function(host_kernels.library(tmp_path_factory, "patch_swap_host.cpp"),
+                                 "fastsd_patch_swap_host",
+                                 [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 6
+                                 + [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p])
 
 
 def emulate(fn, x, partner, mask, backward, target_threads=1 << 18, max_grid_y=65535):

@@ -28,11 +28,16 @@ ROWS = ("cutmix", "mixup", "mixed")
 
 
 @pytest.fixture(scope="module")
-def host_kernel(tmp_path_factory):
-    return host_kernels.build(tmp_path_factory, "mix_host.cpp", "fastsd_mix_host",
-                              [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int, ctypes.c_void_p]
-                              + [ctypes.c_int64] * 4 + [ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-                              + [ctypes.c_void_p] * 3)
+def host_library(tmp_path_factory):
+    return host_kernels.library(tmp_path_factory, "mix_host.cpp")
+
+
+@pytest.fixture(scope="module")
+def host_kernel(host_library):
+    return host_kernels.function(host_library, "fastsd_mix_host",
+                                 [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int, ctypes.c_void_p]
+                                 + [ctypes.c_int64] * 4 + [ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+                                 + [ctypes.c_void_p] * 3)
 
 
 def emulate(fn, x, partner, boxes, lam, use_box, inplace=False, backward=False, target_threads=1 << 18,
@@ -236,12 +241,10 @@ MESSAGES = {
 
 
 @pytest.fixture(scope="module")
-def host_check(host_kernel, tmp_path_factory):
-    fn = host_kernels.build(tmp_path_factory, "mix_host.cpp", "fastsd_mix_check_host",
-                            [ctypes.c_void_p] * 4 + [ctypes.c_int] + [ctypes.c_int64] * 3
-                            + [ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p])
-    fn.restype = ctypes.c_int64
-    return fn
+def host_check(host_library):
+    return host_kernels.function(host_library, "fastsd_mix_check_host",
+                                 [ctypes.c_void_p] * 4 + [ctypes.c_int] + [ctypes.c_int64] * 3
+                                 + [ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p], restype=ctypes.c_int64)
 
 
 def check_asserts(fn, partner, boxes, lam, H, W, involution=False):

@@ -174,11 +174,14 @@ FASTSD_HD uint32_t float_to_bits(float f) {
   memcpy(&u, &f, sizeof(u));
   return u;
 }
+constexpr uint32_t kU8Exponent = 0x4B000000u;  // the bits of 2**23: OR'ed with u, the float 2**23 + u
+constexpr float kU8Bias = 8388608.0f;          // 2**23
+constexpr float kRoundBias = 12582912.0f;      // 1.5 * 2**23
 FASTSD_HD float u8_to_float(uint8_t u) {
-  return add_rn(bits_to_float(0x4B000000u | u), -8388608.0f);
+  return add_rn(bits_to_float(kU8Exponent | u), -kU8Bias);
 }
 FASTSD_HD uint8_t round_to_u8(float v) {
-  return uint8_t(float_to_bits(add_rn(v, 12582912.0f)));
+  return uint8_t(float_to_bits(add_rn(v, kRoundBias)));
 }
 
 // The compute type of the MixUp weights: float64 for float64 x, else float32.
@@ -233,13 +236,13 @@ FASTSD_HD uint32_t byte_perm(uint32_t x, uint32_t y, uint32_t selector) {
 // an exact add), and four rounded float32 lanes (1.5 * 2**23 + v: the value in the low byte) packed
 // back into a word by three byte permutes.
 FASTSD_HD float u8_lane(const Words& v, int l) {
-  return add_rn(bits_to_float(byte_perm(v.w[l >> 2], 0x4B000000u, 0x7440u | uint32_t(l & 3))), -8388608.0f);
+  return add_rn(bits_to_float(byte_perm(v.w[l >> 2], kU8Exponent, 0x7440u | uint32_t(l & 3))), -kU8Bias);
 }
 
 FASTSD_HD uint32_t pack_rounded(const float (&v)[4]) {
   uint32_t b[4];
 #pragma unroll
-  for (int k = 0; k < 4; ++k) b[k] = float_to_bits(add_rn(v[k], 12582912.0f));
+  for (int k = 0; k < 4; ++k) b[k] = float_to_bits(add_rn(v[k], kRoundBias));
   return byte_perm(byte_perm(b[0], b[1], 0x0040u), byte_perm(b[2], b[3], 0x0040u), 0x5410u);
 }
 
@@ -261,11 +264,26 @@ FASTSD_HD void blend_u8_pair(const Words& s, const Words& t, float w1, float w2,
   }
 }
 
+// Lane by lane: f(s[l], t[l]) for each of the V lanes of two vectors (the element itself at V == 1).
+template <typename T, int V, typename F>
+FASTSD_HD Raw<T, V> lanes(const Raw<T, V>& s, const Raw<T, V>& t, F f) {
+  if constexpr (V == 1) {
+    return f(s, t);
+  } else {
+    T a[V], c[V];
+    memcpy(a, &s, sizeof(Words));
+    memcpy(c, &t, sizeof(Words));
+#pragma unroll
+    for (int l = 0; l < V; ++l) a[l] = f(a[l], c[l]);
+    Words r;
+    memcpy(&r, a, sizeof(Words));
+    return r;
+  }
+}
+
 template <typename T, int V>
 FASTSD_HD Raw<T, V> blend(const Raw<T, V>& s, const Raw<T, V>& t, Weight<T> w1, Weight<T> w2) {
-  if constexpr (V == 1) {
-    return blend_lane<T>(s, t, w1, w2);
-  } else if constexpr (std::is_same<T, uint8_t>::value) {
+  if constexpr (std::is_same<T, uint8_t>::value && V > 1) {
     Words r;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -276,14 +294,7 @@ FASTSD_HD Raw<T, V> blend(const Raw<T, V>& s, const Raw<T, V>& t, Weight<T> w1, 
     }
     return r;
   } else {
-    T a[V], c[V];
-    memcpy(a, &s, sizeof(Words));
-    memcpy(c, &t, sizeof(Words));
-#pragma unroll
-    for (int l = 0; l < V; ++l) a[l] = blend_lane<T>(a[l], c[l], w1, w2);
-    Words r;
-    memcpy(&r, a, sizeof(Words));
-    return r;
+    return lanes<T, V>(s, t, [=](T a, T c) { return blend_lane<T>(a, c, w1, w2); });
   }
 }
 
@@ -322,33 +333,12 @@ FASTSD_HD T add_lane(T a, T c) {
 
 template <typename T, int V>
 FASTSD_HD Raw<T, V> scale(const Raw<T, V>& g, Weight<T> w) {
-  if constexpr (V == 1) {
-    return scale_lane<T>(g, w);
-  } else {
-    T a[V];
-    memcpy(a, &g, sizeof(Words));
-#pragma unroll
-    for (int l = 0; l < V; ++l) a[l] = scale_lane<T>(a[l], w);
-    Words r;
-    memcpy(&r, a, sizeof(Words));
-    return r;
-  }
+  return lanes<T, V>(g, g, [=](T a, T) { return scale_lane<T>(a, w); });
 }
 
 template <typename T, int V>
 FASTSD_HD Raw<T, V> add(const Raw<T, V>& s, const Raw<T, V>& t) {
-  if constexpr (V == 1) {
-    return add_lane<T>(s, t);
-  } else {
-    T a[V], c[V];
-    memcpy(a, &s, sizeof(Words));
-    memcpy(c, &t, sizeof(Words));
-#pragma unroll
-    for (int l = 0; l < V; ++l) a[l] = add_lane<T>(a[l], c[l]);
-    Words r;
-    memcpy(&r, a, sizeof(Words));
-    return r;
-  }
+  return lanes<T, V>(s, t, [](T a, T c) { return add_lane<T>(a, c); });
 }
 
 // Lanes of `take` from t, the others from s (bit patterns: NaN payloads and -0.0 as they are).
@@ -370,8 +360,9 @@ FASTSD_HD uint32_t partner_of(const Params& p, uint32_t b) {
   return s < p.B ? uint32_t(s) : p.B - 1;
 }
 
-// A CutMix row's box as this thread's vector sees it: the image rows [y0, y1), and the bits of the
-// vector's lanes (elements j .. j + V - 1 of an image row) inside the box's columns.
+// A row's box as this thread's vector sees it: the image rows [y0, y1), and the bits of the vector's
+// lanes (elements j .. j + V - 1 of an image row) inside the box's columns; none for a MixUp row (its
+// box is not read: it may hold anything).
 struct Box {
   int64_t y0, y1;
   uint32_t lanes;
@@ -380,6 +371,7 @@ struct Box {
 
 template <int V>
 FASTSD_HD Box box_of(const Params& p, uint32_t b, uint32_t j) {
+  if (!p.use_box[b]) return Box{0, 0, 0u};
   const int64_t* box = p.boxes + 4 * int64_t(b);
   const int64_t c0 = box[2] * int64_t(p.pix) - int64_t(j), c1 = box[3] * int64_t(p.pix) - int64_t(j);
   const int64_t lo = c0 < 0 ? 0 : (c0 > V ? V : c0), hi = c1 < 0 ? 0 : (c1 > V ? V : c1);
@@ -394,9 +386,10 @@ struct AllLanes {
 };
 
 // Where this thread works: the samples b0, b0 + step, ... below b_end, and in each its vector's first
-// element j in the row, rows [r0, r1) of the sample, and h0 = r0 mod H.
+// element j in the row, `rows` rows of the sample from r0, and h0 = r0 mod H.
 struct Place {
-  uint32_t j, r0, r1, h0;
+  uint32_t j, r0, rows, h0;  // rows: how many, from r0
+  int64_t first;             // r0 * row_len + j: the vector's offset in a sample
   uint32_t b0, step, b_end;
 };
 
@@ -415,8 +408,9 @@ FASTSD_HD bool place_of(const Params& p, Dim3 bid, Dim3 tid, Dim3 gdim, Place& a
   const uint32_t group = p.by_row_vecs.div(t);
   at.j = (t - group * p.row_vecs) * V;
   at.r0 = group * p.rows_per_thread;
-  at.r1 = (at.r0 + p.rows_per_thread < p.rows) ? at.r0 + p.rows_per_thread : p.rows;
+  at.rows = (at.r0 + p.rows_per_thread < p.rows) ? p.rows_per_thread : p.rows - at.r0;
   at.h0 = at.r0 - p.by_H.div(at.r0) * p.H;
+  at.first = int64_t(at.r0) * p.row_len + at.j;
   return true;
 }
 
@@ -425,13 +419,12 @@ template <typename T, int V>
 FASTSD_HD void mix_thread(const Params& p, Dim3 bid, Dim3 tid, Dim3 gdim) {
   Place at;
   if (!place_of<V>(p, bid, tid, gdim, at)) return;
-  const int64_t first = int64_t(at.r0) * p.row_len + at.j;
+  const uint32_t n = at.rows;
 #pragma unroll 1
   for (uint32_t b = at.b0; b < at.b_end; b += at.step) {
-    const T* own = static_cast<const T*>(p.x) + int64_t(b) * p.sample + first;
-    const T* other = static_cast<const T*>(p.x) + int64_t(partner_of(p, b)) * p.sample + first;
-    T* out = static_cast<T*>(p.out) + int64_t(b) * p.sample + first;
-    const uint32_t n = at.r1 - at.r0;
+    const T* own = static_cast<const T*>(p.x) + int64_t(b) * p.sample + at.first;
+    const T* other = static_cast<const T*>(p.x) + int64_t(partner_of(p, b)) * p.sample + at.first;
+    T* out = static_cast<T*>(p.out) + int64_t(b) * p.sample + at.first;
     if (!p.use_box[b]) {
       Weight<T> w1, w2;
       weights(p, b, w1, w2);
@@ -465,18 +458,16 @@ template <typename T, int V>
 FASTSD_HD void mix_inplace_thread(const Params& p, Dim3 bid, Dim3 tid, Dim3 gdim) {
   Place at;
   if (!place_of<V>(p, bid, tid, gdim, at)) return;
-  const int64_t first = int64_t(at.r0) * p.row_len + at.j;
-  const uint32_t n = at.r1 - at.r0;
+  const uint32_t n = at.rows;
 #pragma unroll 1
   for (uint32_t i = at.b0; i < at.b_end; i += at.step) {
     const uint32_t k = partner_of(p, i);
     if (k < i) continue;  // the pair's thread of row k mixes it
-    T* xi = static_cast<T*>(const_cast<void*>(p.x)) + int64_t(i) * p.sample + first;
-    T* xk = static_cast<T*>(const_cast<void*>(p.x)) + int64_t(k) * p.sample + first;
+    T* xi = static_cast<T*>(const_cast<void*>(p.x)) + int64_t(i) * p.sample + at.first;
+    T* xk = static_cast<T*>(const_cast<void*>(p.x)) + int64_t(k) * p.sample + at.first;
     const bool cut_i = p.use_box[i], cut_k = p.use_box[k];
     Weight<T> wi1{}, wi2{}, wk1{}, wk2{};
     if (!cut_i) weights(p, i, wi1, wi2);
-    if (!cut_k) weights(p, k, wk1, wk2);
     if (k == i) {  // its own partner: a CutMix row keeps its pixels, a MixUp row blends with itself
       if (cut_i) continue;
 #pragma unroll 1
@@ -486,6 +477,7 @@ FASTSD_HD void mix_inplace_thread(const Params& p, Dim3 bid, Dim3 tid, Dim3 gdim
       }
       continue;
     }
+    if (!cut_k) weights(p, k, wk1, wk2);
     if (!cut_i && !cut_k) {  // two MixUp rows: every vector of both changes
 #pragma unroll 1
       for (uint32_t r = 0; r < n; ++r, xi += p.row_len, xk += p.row_len) {
@@ -497,8 +489,7 @@ FASTSD_HD void mix_inplace_thread(const Params& p, Dim3 bid, Dim3 tid, Dim3 gdim
       }
       continue;
     }
-    // Boxes of MixUp rows are not read (they may hold anything).
-    const Box bi = cut_i ? box_of<V>(p, i, at.j) : Box{0, 0, 0u}, bk = cut_k ? box_of<V>(p, k, at.j) : Box{0, 0, 0u};
+    const Box bi = box_of<V>(p, i, at.j), bk = box_of<V>(p, k, at.j);
     const Words take_i = lane_mask<T>(bi.lanes), take_k = lane_mask<T>(bk.lanes);
     uint32_t h = at.h0;
 #pragma unroll 1
@@ -531,20 +522,19 @@ template <typename T, int V>
 FASTSD_HD void mix_backward_thread(const Params& p, Dim3 bid, Dim3 tid, Dim3 gdim) {
   Place at;
   if (!place_of<V>(p, bid, tid, gdim, at)) return;
-  const int64_t first = int64_t(at.r0) * p.row_len + at.j;
-  const uint32_t n = at.r1 - at.r0;
+  const uint32_t n = at.rows;
   const Raw<T, V> zero{};  // all-zero bits: +0.0
 #pragma unroll 1
   for (uint32_t b = at.b0; b < at.b_end; b += at.step) {
     const uint32_t q = partner_of(p, b);
-    const T* own = static_cast<const T*>(p.x) + int64_t(b) * p.sample + first;
-    const T* from = static_cast<const T*>(p.x) + int64_t(q) * p.sample + first;
-    T* out = static_cast<T*>(p.out) + int64_t(b) * p.sample + first;
+    const T* own = static_cast<const T*>(p.x) + int64_t(b) * p.sample + at.first;
+    const T* from = static_cast<const T*>(p.x) + int64_t(q) * p.sample + at.first;
+    T* out = static_cast<T*>(p.out) + int64_t(b) * p.sample + at.first;
     const bool cut_b = p.use_box[b], cut_q = p.use_box[q];
     Weight<T> w1{}, w2{}, unused{};
     if (!cut_b) weights(p, b, w1, unused);
     if (!cut_q) weights(p, q, unused, w2);
-    const Box bb = cut_b ? box_of<V>(p, b, at.j) : Box{0, 0, 0u}, bq = cut_q ? box_of<V>(p, q, at.j) : Box{0, 0, 0u};
+    const Box bb = box_of<V>(p, b, at.j), bq = box_of<V>(p, q, at.j);
     const Words in_b = lane_mask<T>(bb.lanes), in_q = lane_mask<T>(bq.lanes);
     uint32_t h = at.h0;
 #pragma unroll 1

@@ -112,8 +112,8 @@ def kernel_asserts(*tensors: torch.Tensor) -> bool:
     On CUDA tensors the Triton launchers compile their ``tl.device_assert`` checks in (an asynchronous
     device-side assert, like PyTorch's own index checks), and the CUDA C++ mix backend runs its check
     kernel; the interpreter (CPU tensors, tests) ignores ``tl.device_assert``, so there the host glue
-    checks instead. fastsd.bench.launches replaces this
-    function while it counts, so the count follows the CUDA branch.
+    checks instead. fastsd.bench.launches replaces this function while it counts, so the count
+    follows the CUDA branch.
     """
     return all(t.device.type == "cuda" for t in tensors)
 

@@ -99,6 +99,25 @@ def random_involution(B, g):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_out_of_place_pairs(dtype, channels_last, backend):
+    """Rows that are each other's partner (the C++ kernel writes both outputs of a pair from one read
+    of both rows), rows in longer cycles and rows that are their own partner, in one batch; every
+    kind of pair (MixUp/MixUp, CutMix/CutMix, either mixed); rows of under 64 bytes, of 64 to 256
+    (one select pass for a CutMix pair) and over 256 (copies by segment, in chunks of image rows)."""
+    # pairs (0, 1) (2, 3) (4, 5) (6, 7); 8 -> 9 -> 10 -> 8; 11 its own partner
+    partner = torch.tensor([1, 0, 3, 2, 5, 4, 7, 6, 9, 10, 8, 11])
+    use_box = torch.tensor([False, False, True, True, True, False, False, True, True, False, True, True])
+    for seed, shape in enumerate([(12, 2, 9, 7), (12, 3, 17, 23), (12, 2, 34, 70)]):
+        x, _, boxes, lam, _ = make_case(shape, dtype, seed, torch.float32, channels_last)
+        boxes[2:4] = torch.tensor([[1, 5, 0, 3], [4, 9, 2, shape[3]]])  # overlapping rows
+        with fastsd.use_backend(backend):
+            out = fm.mix(x, partner, boxes, lam, use_box)
+        assert torch.equal(out, R.mix(x, partner, boxes, lam, use_box)), shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_in_place(dtype, channels_last, backend):
     for seed, shape in enumerate(SHAPES + [(9, 2, 12, 10)]):
         for lam_dtype in (torch.float32, torch.float64):

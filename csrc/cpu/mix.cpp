@@ -1,11 +1,14 @@
 // CPU kernel of mix (csrc/mix.cpp), parallel over image planes with at::parallel_for.
 //
-// Work unit: one plane of one row (NCHW: channel c of sample b; channels_last: the whole sample).
+// Work unit: one plane (NCHW: channel c of a sample; channels_last: the whole sample) of a pair of
+// rows that are each other's partner (both outputs written from one read of both rows), or of a row
+// in no pair. In place, a unit is a pair's plane too (an involution partner is required).
 // * CutMix rows: every image row of the plane is at most three runs (left of the box from x[b],
 //   the box from x[partner[b]], right of it from x[b]), and the rows above and below the box are
-//   one contiguous run each: memcpy'd, so each byte is read once and written once.
+//   one contiguous run each: memcpy'd, or short rows (<= 256 bytes) a vectorised bit select.
 // * MixUp rows: one elementwise pass `s * w1 + t * w2`, compiled without FMA contraction (it would
-//   round once where PyTorch's eager mul and add round twice) and vectorised per instruction set.
+//   round once where PyTorch's eager mul and add round twice) and vectorised per instruction set
+//   (AVX-512, AVX2, baseline); a MixUp pair converts each source element once for both outputs.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -28,88 +31,140 @@ namespace {
 // default rounding mode), as torch.round does, in a form the compiler vectorises.
 constexpr float kRound = 12582912.0f;
 
-// The MixUp pass per element type. No "fma" in the target strings: the products must be rounded
-// before the sum, as torch's eager `x * w1 + y * w2` rounds them.
+// The MixUp loops must round each product before the sum, as torch's eager `x * w1 + y * w2` does:
+// no contraction into FMA, which GCC does by default (-ffp-contract=fast) wherever the target has
+// it, AVX-512F included. tests/test_mix.py checks the loops bit for bit on every vector path.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+#endif
+
+// The rounded result of a blend in the element type: uint8 rounds half to even (timm's np.rint,
+// torch.round; v is in [0, 255] as lam is in [0, 1]), the others cast.
+template <typename T, typename W>
+inline T finish(W v) {
+  return static_cast<T>(v);
+}
+template <>
+inline uint8_t finish<uint8_t, float>(float v) {
+  return static_cast<uint8_t>(static_cast<int32_t>((v + kRound) - kRound));
+}
+
+// The MixUp passes per element type, in the compute type W (float for uint8): one output
+// (o = s * w1 + t * w2), or both outputs of a pair of MixUp rows (o1 = s * a1 + t * a2,
+// o2 = t * b1 + s * b2) from one read and one conversion of each source element.
 #define FASTSD_MIX_LOOPS(ISA, ATTRIBUTES)                                                                  \
   namespace ISA {                                                                                        \
   template <typename T, typename W>                                                                      \
   ATTRIBUTES void mixup(T* __restrict o, const T* __restrict s, const T* __restrict t, W w1, W w2,       \
                         int64_t n) {                                                                     \
     for (int64_t e = 0; e < n; ++e) {                                                                    \
-      const W a = s[e] * w1;                                                                             \
-      const W b = t[e] * w2;                                                                             \
-      o[e] = a + b;                                                                                      \
+      const W a = static_cast<W>(s[e]) * w1;                                                             \
+      const W b = static_cast<W>(t[e]) * w2;                                                             \
+      o[e] = finish<T, W>(a + b);                                                                        \
     }                                                                                                    \
   }                                                                                                      \
-  ATTRIBUTES void mixup_u8(uint8_t* __restrict o, const uint8_t* __restrict s, const uint8_t* __restrict t, \
-                           float w1, float w2, int64_t n) {                                              \
+  template <typename T, typename W>                                                                      \
+  ATTRIBUTES void mixup_pair(T* __restrict o1, T* __restrict o2, const T* __restrict s,                  \
+                             const T* __restrict t, W a1, W a2, W b1, W b2, int64_t n) {                 \
     for (int64_t e = 0; e < n; ++e) {                                                                    \
-      const float a = static_cast<float>(s[e]) * w1;                                                     \
-      const float b = static_cast<float>(t[e]) * w2;                                                     \
-      const float v = a + b;                                                                             \
-      o[e] = static_cast<uint8_t>(static_cast<int32_t>((v + kRound) - kRound));                          \
+      const W u = static_cast<W>(s[e]), v = static_cast<W>(t[e]);                                        \
+      const W p = u * a1, q = v * a2, r = v * b1, z = u * b2;                                            \
+      o1[e] = finish<T, W>(p + q);                                                                       \
+      o2[e] = finish<T, W>(r + z);                                                                       \
     }                                                                                                    \
   }                                                                                                      \
   }
 
 #if defined(FASTSD_MULTI_ISA)
+FASTSD_MIX_LOOPS(avx512, __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2"))))
 FASTSD_MIX_LOOPS(avx2, __attribute__((target("avx2"))))
 #endif
 FASTSD_MIX_LOOPS(baseline, )
 #undef FASTSD_MIX_LOOPS
 
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
+
 // Image rows up to this many bytes take a vectorised bit select over the box rows, where three
 // memcpy calls a row would cost more than the bytes they move (32 px uint8: 32-byte rows).
 constexpr int64_t kMaxSelectRowBytes = 256;
 
-bool use_avx2() {
+// The compute type of the MixUp passes: float for uint8 (timm's FastCollateMixup), else T.
+template <typename T>
+using Compute = std::conditional_t<std::is_same_v<T, uint8_t>, float, T>;
+
+// o = s * w1 + t * w2 on the vector path in use (float32, float64, uint8).
+template <typename T>
+void mixup_row(T* o, const T* s, const T* t, double w1, double w2, int64_t n, cpu::Isa isa) {
+  using W = Compute<T>;
+  const W a = static_cast<W>(w1), b = static_cast<W>(w2);
 #if defined(FASTSD_MULTI_ISA)
-  return cpu::cpu_isa() != cpu::Isa::kDefault;
-#else
-  return false;
+  if (isa == cpu::Isa::kAvx512) return avx512::mixup<T, W>(o, s, t, a, b, n);
+  if (isa == cpu::Isa::kAvx2) return avx2::mixup<T, W>(o, s, t, a, b, n);
 #endif
+  baseline::mixup<T, W>(o, s, t, a, b, n);
 }
 
-void mixup_row(float* o, const float* s, const float* t, double w1, double w2, int64_t n, bool avx2) {
+// Both outputs of a pair of MixUp rows (s = x[i], t = x[j]), on the vector path in use.
+template <typename T>
+void mixup_pair(T* o1, T* o2, const T* s, const T* t, double a1, double a2, double b1, double b2, int64_t n,
+                cpu::Isa isa) {
+  using W = Compute<T>;
+  const W c1 = static_cast<W>(a1), c2 = static_cast<W>(a2), d1 = static_cast<W>(b1), d2 = static_cast<W>(b2);
 #if defined(FASTSD_MULTI_ISA)
-  if (avx2) return avx2::mixup<float, float>(o, s, t, static_cast<float>(w1), static_cast<float>(w2), n);
+  if (isa == cpu::Isa::kAvx512) return avx512::mixup_pair<T, W>(o1, o2, s, t, c1, c2, d1, d2, n);
+  if (isa == cpu::Isa::kAvx2) return avx2::mixup_pair<T, W>(o1, o2, s, t, c1, c2, d1, d2, n);
 #endif
-  baseline::mixup<float, float>(o, s, t, static_cast<float>(w1), static_cast<float>(w2), n);
-}
-
-void mixup_row(double* o, const double* s, const double* t, double w1, double w2, int64_t n, bool avx2) {
-#if defined(FASTSD_MULTI_ISA)
-  if (avx2) return avx2::mixup<double, double>(o, s, t, w1, w2, n);
-#endif
-  baseline::mixup<double, double>(o, s, t, w1, w2, n);
-}
-
-void mixup_row(uint8_t* o, const uint8_t* s, const uint8_t* t, double w1, double w2, int64_t n, bool avx2) {
-#if defined(FASTSD_MULTI_ISA)
-  if (avx2) return avx2::mixup_u8(o, s, t, static_cast<float>(w1), static_cast<float>(w2), n);
-#endif
-  baseline::mixup_u8(o, s, t, static_cast<float>(w1), static_cast<float>(w2), n);
+  baseline::mixup_pair<T, W>(o1, o2, s, t, c1, c2, d1, d2, n);
 }
 
 // float16 / bfloat16: PyTorch computes each eager op in float32 and rounds its result to the
 // dtype, so the products are rounded to T before the sum, and the sum again.
 template <typename T>
+T blend_reduced(float u, float v, float w1, float w2) {
+  const T a = static_cast<T>(u * w1);
+  const T b = static_cast<T>(v * w2);
+  return static_cast<T>(static_cast<float>(a) + static_cast<float>(b));
+}
+
+template <typename T>
 void mixup_reduced(T* o, const T* s, const T* t, double w1, double w2, int64_t n) {
   const float a1 = static_cast<float>(w1), a2 = static_cast<float>(w2);
+  for (int64_t e = 0; e < n; ++e) o[e] = blend_reduced<T>(s[e], t[e], a1, a2);
+}
+
+template <typename T>
+void mixup_pair_reduced(T* o1, T* o2, const T* s, const T* t, double a1, double a2, double b1, double b2,
+                        int64_t n) {
+  const float c1 = static_cast<float>(a1), c2 = static_cast<float>(a2);
+  const float d1 = static_cast<float>(b1), d2 = static_cast<float>(b2);
   for (int64_t e = 0; e < n; ++e) {
-    const T a = static_cast<T>(static_cast<float>(s[e]) * a1);
-    const T b = static_cast<T>(static_cast<float>(t[e]) * a2);
-    o[e] = static_cast<T>(static_cast<float>(a) + static_cast<float>(b));
+    const float u = s[e], v = t[e];
+    o1[e] = blend_reduced<T>(u, v, c1, c2);
+    o2[e] = blend_reduced<T>(v, u, d1, d2);
   }
 }
 
-void mixup_row(at::Half* o, const at::Half* s, const at::Half* t, double w1, double w2, int64_t n, bool) {
+template <>
+void mixup_row(at::Half* o, const at::Half* s, const at::Half* t, double w1, double w2, int64_t n, cpu::Isa) {
   mixup_reduced(o, s, t, w1, w2, n);
 }
-
+template <>
 void mixup_row(at::BFloat16* o, const at::BFloat16* s, const at::BFloat16* t, double w1, double w2, int64_t n,
-               bool) {
+               cpu::Isa) {
   mixup_reduced(o, s, t, w1, w2, n);
+}
+template <>
+void mixup_pair(at::Half* o1, at::Half* o2, const at::Half* s, const at::Half* t, double a1, double a2, double b1,
+                double b2, int64_t n, cpu::Isa) {
+  mixup_pair_reduced(o1, o2, s, t, a1, a2, b1, b2, n);
+}
+template <>
+void mixup_pair(at::BFloat16* o1, at::BFloat16* o2, const at::BFloat16* s, const at::BFloat16* t, double a1,
+                double a2, double b1, double b2, int64_t n, cpu::Isa) {
+  mixup_pair_reduced(o1, o2, s, t, a1, a2, b1, b2, n);
 }
 
 // Exchanges n elements of a and b (bit patterns, vectorised): a pair of rows whose boxes share their
@@ -127,50 +182,47 @@ void swap_segment(T* a, T* b, int64_t n) {
   }
 }
 
+// Out of place. Work unit: one plane of a pair (i, j = partner[i], partner[j] == i, i < j: timm's
+// flip, any involution) or of a row whose partner is not its partner's partner (or is itself). A
+// pair's two outputs are written chunk by chunk (a few KiB of image rows), both from the same two
+// source chunks, so each source byte comes from memory once: the second output reads it from L1.
+// A pair of MixUp rows is one pass that converts each source element once for both outputs.
 template <typename T>
 void mix_kernel(const T* x, T* out, const int64_t* partner, const int64_t* boxes, const double* w1,
-                const double* w2, const bool* use_box, const MixGeometry& g) {
+                const double* w2, const bool* use_box, const MixGeometry& g, const std::vector<int64_t>& firsts) {
+  constexpr int64_t kChunkBytes = 4096;
   const int64_t pix = g.channels_last ? g.C : 1;     // elements per pixel in an image row
   const int64_t planes = g.channels_last ? 1 : g.C;  // units per sample
   const int64_t row_len = g.W * pix;
   const int64_t plane = g.H * row_len;
   const int64_t sample = g.C * g.H * g.W;
-  const bool avx2 = use_avx2();
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, plane));
+  const int64_t chunk_rows = std::max<int64_t>(1, kChunkBytes / (row_len * static_cast<int64_t>(sizeof(T))));
+  const cpu::Isa isa = cpu::cpu_isa();
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, 2 * plane));
   using U = cpu::Bits<T>;
   const cpu::SelectLoops<U> select = cpu::select_loops<U>();
-  const bool select_rows = row_len * static_cast<int64_t>(sizeof(T)) <= kMaxSelectRowBytes;
-  at::parallel_for(0, g.B * planes, grain, [&](int64_t begin, int64_t end) {
-    std::vector<U> row_mask(select_rows ? row_len : 0);
-    int64_t mask_row = -1;  // the row whose box row_mask holds
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t b = u / planes, p = u % planes;
-      const int64_t offset = p * plane;
-      const T* self = x + b * sample + offset;
-      const T* other = x + partner[b] * sample + offset;
-      T* o = out + b * sample + offset;
-      if (!use_box[b]) {
-        mixup_row(o, self, other, w1[b], w2[b], plane, avx2);
-        continue;
-      }
+  const int64_t row_bytes = row_len * static_cast<int64_t>(sizeof(T));
+  const bool select_rows = row_bytes <= kMaxSelectRowBytes;
+  // a CutMix pair in one select pass, for rows of at least one AVX-512 vector (shorter ones spend
+  // their time in the loop's remainder: 32 px uint8 measured faster by rows, select and memcpy)
+  const bool select_pair = select_rows && row_bytes >= 64;
+  const int64_t units = static_cast<int64_t>(firsts.size()) * planes;
+  at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
+    // the box columns of each output row of a unit, then a mask of none
+    std::vector<U> masks(select_rows ? 3 * row_len : 0);
+    // Image rows [h0, h1) of row b's output plane o, from self (x[b]) and other (x[partner[b]]).
+    auto emit = [&](int64_t b, T* o, const T* self, const T* other, const U* mask, int64_t h0, int64_t h1) {
+      if (!use_box[b]) return mixup_row(o + h0 * row_len, self + h0 * row_len, other + h0 * row_len, w1[b], w2[b],
+                                        (h1 - h0) * row_len, isa);
       const int64_t* box = boxes + 4 * b;
-      const int64_t y0 = box[0], y1 = box[1], x0 = box[2] * pix, x1 = box[3] * pix;
-      if (y0 == y1 || x0 == x1) {
-        std::memcpy(o, self, plane * sizeof(T));
-        continue;
-      }
-      std::memcpy(o, self, y0 * row_len * sizeof(T));  // the rows above the box
-      if (select_rows) {
-        if (mask_row != b) {
-          std::fill(row_mask.begin(), row_mask.end(), U(0));
-          std::fill(row_mask.begin() + x0, row_mask.begin() + x1, U(~U(0)));
-          mask_row = b;
-        }
+      const bool empty = box[0] == box[1] || box[2] == box[3];
+      const int64_t y0 = empty ? h1 : std::clamp(box[0], h0, h1), y1 = empty ? h1 : std::clamp(box[1], h0, h1);
+      const int64_t x0 = box[2] * pix, x1 = box[3] * pix;
+      std::memcpy(o + h0 * row_len, self + h0 * row_len, (y0 - h0) * row_len * sizeof(T));  // above the box
+      if (y0 < y1 && select_rows) {
         const int64_t r = y0 * row_len;
-        auto* uo = reinterpret_cast<U*>(o + r);
-        auto* us = reinterpret_cast<const U*>(self + r);
-        auto* ut = reinterpret_cast<const U*>(other + r);
-        select.take(uo, us, ut, row_mask.data(), row_len, y1 - y0, row_len);  // the box rows
+        select.take(reinterpret_cast<U*>(o + r), reinterpret_cast<const U*>(self + r),
+                    reinterpret_cast<const U*>(other + r), mask, row_len, y1 - y0, row_len);
       } else {
         for (int64_t h = y0; h < y1; ++h) {
           const int64_t r = h * row_len;
@@ -179,7 +231,44 @@ void mix_kernel(const T* x, T* out, const int64_t* partner, const int64_t* boxes
           std::memcpy(o + r + x1, self + r + x1, (row_len - x1) * sizeof(T));
         }
       }
-      std::memcpy(o + y1 * row_len, self + y1 * row_len, (g.H - y1) * row_len * sizeof(T));  // below
+      std::memcpy(o + y1 * row_len, self + y1 * row_len, (h1 - y1) * row_len * sizeof(T));  // below
+    };
+    auto fill_mask = [&](U* mask, int64_t b) {
+      if (!select_rows || !use_box[b]) return;
+      const int64_t* box = boxes + 4 * b;
+      std::fill(mask, mask + row_len, U(0));
+      std::fill(mask + box[2] * pix, mask + box[3] * pix, U(~U(0)));
+    };
+    int64_t mask_unit = -1;  // the pair (first row) whose masks the buffer holds
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t i = firsts[u / planes], j = partner[i], offset = (u % planes) * plane;
+      const bool pair = j != i && partner[j] == i;
+      const T* xi = x + i * sample + offset;
+      const T* xj = x + j * sample + offset;
+      T* oi = out + i * sample + offset;
+      T* oj = out + j * sample + offset;
+      if (mask_unit != i) {
+        fill_mask(masks.data(), i);
+        if (pair) fill_mask(masks.data() + row_len, j);
+        mask_unit = i;
+      }
+      if (pair && !use_box[i] && !use_box[j]) {
+        mixup_pair(oi, oj, xi, xj, w1[i], w2[i], w1[j], w2[j], plane, isa);
+        continue;
+      }
+      if (pair && use_box[i] && use_box[j] && select_pair) {  // a CutMix pair of short rows: one pass
+        const int64_t* bi = boxes + 4 * i;
+        const int64_t* bj = boxes + 4 * j;
+        select.pair(reinterpret_cast<U*>(oi), reinterpret_cast<U*>(oj), reinterpret_cast<const U*>(xi),
+                    reinterpret_cast<const U*>(xj), masks.data(), masks.data() + row_len, masks.data() + 2 * row_len,
+                    bi[0], bi[1], bj[0], bj[1], row_len, g.H, row_len);
+        continue;
+      }
+      for (int64_t h0 = 0; h0 < g.H; h0 += chunk_rows) {
+        const int64_t h1 = std::min(g.H, h0 + chunk_rows);
+        emit(i, oi, xi, xj, masks.data(), h0, h1);
+        if (pair) emit(j, oj, xj, xi, masks.data() + row_len, h0, h1);
+      }
     }
   });
 }
@@ -199,7 +288,7 @@ void mix_inplace_kernel(T* x, const int64_t* partner, const int64_t* boxes, cons
   const int64_t row_len = g.W * pix;
   const int64_t plane = g.H * row_len;
   const int64_t sample = g.C * g.H * g.W;
-  const bool avx2 = use_avx2();
+  const cpu::Isa isa = cpu::cpu_isa();
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, 2 * plane));
   const int64_t units = static_cast<int64_t>(firsts.size()) * planes;
   at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
@@ -219,8 +308,13 @@ void mix_inplace_kernel(T* x, const int64_t* partner, const int64_t* boxes, cons
       auto blend = [&](T* ri, T* rj, int64_t n) {
         for (int64_t o = 0; o < n; o += buf) {
           const int64_t len = std::min(buf, n - o);
-          if (mi) mixup_row(t, ri + o, rj + o, w1[i], w2[i], len, avx2);
-          if (mj && i != j) mixup_row(t2, rj + o, ri + o, w1[j], w2[j], len, avx2);
+          if (mi && mj && i != j) {
+            mixup_pair(t, t2, ri + o, rj + o, w1[i], w2[i], w1[j], w2[j], len, isa);
+          } else if (mi) {
+            mixup_row(t, ri + o, rj + o, w1[i], w2[i], len, isa);
+          } else if (mj && i != j) {
+            mixup_row(t2, rj + o, ri + o, w1[j], w2[j], len, isa);
+          }
           if (mi) std::memcpy(ri + o, t, len * sizeof(T));
           if (mj && i != j) std::memcpy(rj + o, t2, len * sizeof(T));
         }
@@ -260,11 +354,11 @@ void mix_inplace_kernel(T* x, const int64_t* partner, const int64_t* boxes, cons
           T* ri = si + r;
           T* rj = sj + r;
           if (mi) {  // j is a box row in its box
-            mixup_row(t, ri, rj, w1[i], w2[i], row_len, avx2);
+            mixup_row(t, ri, rj, w1[i], w2[i], row_len, isa);
             copy(rj, ri, bj);
             std::memcpy(ri, t, row_len * sizeof(T));
           } else if (mj) {
-            mixup_row(t, rj, ri, w1[j], w2[j], row_len, avx2);
+            mixup_row(t, rj, ri, w1[j], w2[j], row_len, isa);
             copy(ri, rj, bi);
             std::memcpy(rj, t, row_len * sizeof(T));
           } else if (same_columns) {
@@ -332,14 +426,26 @@ MixArgs mix_args(const at::Tensor& x, const at::Tensor& partner, const at::Tenso
   return a;
 }
 
+// The work units' rows: the first row of each pair (i < partner[i], partner[partner[i]] == i) and
+// every row that is in no pair (its own partner, or its partner's partner is another row).
+std::vector<int64_t> pair_firsts(const int64_t* partner, int64_t B) {
+  std::vector<int64_t> firsts;
+  for (int64_t i = 0; i < B; ++i) {
+    if (!(partner[i] < i && partner[partner[i]] == i)) firsts.push_back(i);
+  }
+  return firsts;
+}
+
 at::Tensor mix_cpu(const at::Tensor& x, const at::Tensor& partner, const at::Tensor& boxes, const at::Tensor& lam,
                    const at::Tensor& use_box) {
   const MixArgs a = mix_args(x, partner, boxes, lam, use_box, /*involution=*/false);
   at::Tensor out = cpu::empty(x.sizes(), x.options(), mix_out_format(a.g));
   if (x.numel() == 0) return out;
+  const int64_t* pp = a.partner.data_ptr<int64_t>();
+  const std::vector<int64_t> firsts = pair_firsts(pp, a.g.B);
   AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kByte, x.scalar_type(), "mix_cpu", [&] {
-    mix_kernel<scalar_t>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), a.partner.data_ptr<int64_t>(),
-                         a.boxes.data_ptr<int64_t>(), a.w1.data(), a.w2.data(), a.use_box.data_ptr<bool>(), a.g);
+    mix_kernel<scalar_t>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), pp, a.boxes.data_ptr<int64_t>(),
+                         a.w1.data(), a.w2.data(), a.use_box.data_ptr<bool>(), a.g, firsts);
   });
   return out;
 }
@@ -349,10 +455,7 @@ void mix_inplace_cpu(const at::Tensor& x, const at::Tensor& partner, const at::T
   const MixArgs a = mix_args(x, partner, boxes, lam, use_box, /*involution=*/true);
   if (x.numel() == 0) return;
   const int64_t* pp = a.partner.data_ptr<int64_t>();
-  std::vector<int64_t> firsts;  // the first row of each pair (and rows that are their own partner)
-  for (int64_t i = 0; i < a.g.B; ++i) {
-    if (i <= pp[i]) firsts.push_back(i);
-  }
+  const std::vector<int64_t> firsts = pair_firsts(pp, a.g.B);
   AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kByte, x.scalar_type(), "mix_inplace_cpu", [&] {
     mix_inplace_kernel<scalar_t>(x.data_ptr<scalar_t>(), pp, a.boxes.data_ptr<int64_t>(), a.w1.data(), a.w2.data(),
                                  a.use_box.data_ptr<bool>(), a.g, firsts);

@@ -11,8 +11,10 @@
 // same choice merged); narrow ones take a branch-free bit select (select.h) over the whole cell
 // row, its mask expanded from the cells' bits. A per-run memcpy of 16-byte runs costs more in calls
 // than the select's second read, and that read is made a cache hit by walking the cell rows in the
-// permutation's cycle order (cycle_order). On the select path a unit is several cell rows (a whole
-// small image), so that its fixed costs are paid once an image, not once four image rows.
+// permutation's cycle order (cycle_order). The forward with an involution partner (fastsd's pairs)
+// goes further on the select path: one unit writes both outputs of a pair from one read of both
+// rows (select.h's pair loop). On the select path a unit is several cell rows (a whole small image),
+// so that its fixed costs are paid once an image, not once four image rows.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -29,7 +31,7 @@
 namespace fastsd {
 namespace {
 
-constexpr int64_t kWordBits = 32;  // cells per mask bit word (wider grids expand lane by lane)
+constexpr int64_t kWordBits = 64;  // cells per mask bit word (wider grids expand lane by lane)
 
 // Runs of at least this many bytes (every cell of the call) are copied with memcpy; narrower cells
 // take the vector select, which reads both sources but costs no call per run.
@@ -76,6 +78,39 @@ std::vector<int64_t> cycle_order(const int64_t* src, int64_t B, int64_t gh) {
   return units;
 }
 
+// Bit c of the result: cells[c] != 0, for n <= 64 cells; eight cells at a time (a scalar loop of
+// variable shifts was most of a 32 px call's time).
+inline uint64_t cell_bits(const uint8_t* cells, int64_t n) {
+  constexpr uint64_t kLow7 = 0x7F7F7F7F7F7F7F7Full, kHigh = 0x8080808080808080ull;
+  uint64_t word = 0;
+  for (int64_t c = 0; c < n; c += 8) {
+    uint64_t v = 0;
+    std::memcpy(&v, cells + c, static_cast<size_t>(std::min<int64_t>(8, n - c)));
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    v = __builtin_bswap64(v);  // cell c + k in byte k
+#endif
+    const uint64_t nonzero = ((((v & kLow7) + kLow7) | v) & kHigh) >> 7;  // byte k: 1 where cell c + k != 0
+    word |= ((nonzero * 0x0102040810204080ull) >> 56) << c;  // byte k's bit to bit k
+  }
+  return word;
+}
+
+bool is_involution(const int64_t* src, int64_t B) {
+  for (int64_t b = 0; b < B; ++b) {
+    if (src[src[b]] != b) return false;
+  }
+  return true;
+}
+
+// The work units of an involution's pairs: the first row b <= src[b] of each, each group of cell rows.
+std::vector<int64_t> pair_units(const int64_t* src, int64_t B, int64_t groups) {
+  std::vector<int64_t> units;
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t k = 0; k < groups && b <= src[b]; ++k) units.push_back(b * groups + k);
+  }
+  return units;
+}
+
 template <typename T>
 void cell_select(const T* x, T* out, const int64_t* src, const int64_t* mask_row, const uint8_t* mask,
                  const PatchSwapGeometry& geometry, bool forward) {
@@ -92,15 +127,7 @@ void cell_select(const T* x, T* out, const int64_t* src, const int64_t* mask_row
   std::vector<int64_t> col(gw + 1);
   for (int64_t cw = 0; cw <= gw; ++cw) col[cw] = (cw * W + gw - 1) / gw;
   const bool by_runs = (W / gw) * pix * static_cast<int64_t>(sizeof(T)) >= kMinMemcpyRunBytes;
-  // The cell of each element of a cell row's rows (select path): its mask is its cells' bits,
-  // expanded in one vectorised pass.
-  const int64_t rows_per_unit = (H + gh - 1) / gh;
-  std::vector<uint32_t> cell_of(by_runs ? 0 : rows_per_unit * row_len);
-  for (int64_t cw = 0; cw < gw && !by_runs; ++cw) {
-    for (int64_t r = 0; r < rows_per_unit; ++r) {
-      for (int64_t e = col[cw] * pix; e < col[cw + 1] * pix; ++e) cell_of[r * row_len + e] = static_cast<uint32_t>(cw);
-    }
-  }
+  const int64_t rows_per_unit = (H + gh - 1) / gh;  // image rows per cell row, at most
   // Work unit: a group of consecutive cell rows of sample b, i.e. image rows [h0, h1) (one cell row
   // where cells are copied run by run, up to kSelectUnitElements a plane on the select path). Those
   // rows are contiguous in memory (within a plane in NCHW, within the sample in channels_last), so
@@ -110,11 +137,27 @@ void cell_select(const T* x, T* out, const int64_t* src, const int64_t* mask_row
   const int64_t group =
       by_runs ? 1 : std::max<int64_t>(1, std::min<int64_t>(gh, kSelectUnitElements / (rows_per_unit * row_len)));
   const int64_t groups = (gh + group - 1) / group;
-  const std::vector<int64_t> units = cycle_order(src, B, groups);
-  const int64_t grain =
-      std::max<int64_t>(1, 32768 / std::max<int64_t>(1, group * rows_per_unit * row_len * planes));
+  // The select path's masks are cells' bits expanded in one vectorised pass, by the cell of each
+  // element: of the unit's elements where every cell row has the same image rows and a unit has at
+  // most 64 cells (one bit word for the unit: a 32 px image with an 8 x 8 grid), else of a cell
+  // row's elements (one word per cell row).
+  const bool unit_words = !by_runs && H % gh == 0 && group * gw <= kWordBits;
+  const int64_t table_rows = unit_words ? group * rows_per_unit : rows_per_unit;
+  std::vector<uint32_t> cell_of(by_runs ? 0 : table_rows * row_len);
+  for (int64_t cw = 0; cw < gw && !by_runs; ++cw) {
+    for (int64_t r = 0; r < table_rows; ++r) {
+      const auto cell = static_cast<uint32_t>((r / rows_per_unit) * gw + cw);  // (cw where table_rows is one cell row)
+      for (int64_t e = col[cw] * pix; e < col[cw + 1] * pix; ++e) cell_of[r * row_len + e] = cell;
+    }
+  }
+  // The forward with an involution partner (fastsd's pairs, timm's flip) writes both outputs of a
+  // pair in one unit (pair_units), from one read of both rows; else units in cycle order.
+  const bool pairs = forward && is_involution(src, B);
+  const std::vector<int64_t> units = pairs ? pair_units(src, B, groups) : cycle_order(src, B, groups);
+  const int64_t grain = std::max<int64_t>(
+      1, 32768 / std::max<int64_t>(1, (pairs ? 2 : 1) * group * rows_per_unit * row_len * planes));
 
-  at::parallel_for(0, B * groups, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, static_cast<int64_t>(units.size()), grain, [&](int64_t begin, int64_t end) {
     // (-fno-strict-aliasing: locals, not captured references, keep these in registers.)
     const int64_t ngw = gw, ngh = gh, ngroups = groups, nrow = row_len, nplanes = planes, pstride = plane_stride,
                   npix = pix;
@@ -123,30 +166,68 @@ void cell_select(const T* x, T* out, const int64_t* src, const int64_t* mask_row
     // Select path: keep / take bits of one unit's image rows.
     // (The forward reads take bits only: keep == !take there.)
     const int64_t unit_len = group * rows_per_unit * nrow;
-    std::vector<U> keep_bits(by_runs || forward ? 0 : unit_len);
+    std::vector<U> keep_bits(by_runs || (forward && !pairs) ? 0 : unit_len);  // (pairs: the partner's take)
     std::vector<U> take_bits(by_runs ? 0 : unit_len);
     std::vector<U> keep_cell(ngw), take_cell(ngw);  // grids wider than one bit word
     U* keep_row = keep_bits.data();
     U* take_row = take_bits.data();
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = units[i] / ngroups, ch0 = (units[i] % ngroups) * group;
-      const int64_t ch1 = std::min(ch0 + group, ngh);
+    // Whether the unit's cells of row b all make one choice (k0: keep, t0: take).
+    auto uniform = [&](int64_t b, int64_t ch0, int64_t ch1, bool& k0, bool& t0) {
+      const uint8_t* own_mask = mask + b * ngh * ngw;
+      const uint8_t* other_mask = mask + mask_row[b] * ngh * ngw;
+      k0 = own_mask[ch0 * ngw] == 0;
+      t0 = other_mask[ch0 * ngw] != 0;
+      int differ = 0;  // (no early exit: the compiler vectorises the test over the unit's cells)
+      for (int64_t c = ch0 * ngw; c < ch1 * ngw; ++c) {
+        differ |= ((own_mask[c] == 0) != k0) | ((other_mask[c] != 0) != t0);
+      }
+      return !differ;
+    };
+    // The take (forward) or keep / take (backward) lanes of row b's cell rows [ch0, ch1), from the
+    // cells' bits, cell row by cell row, at take / keep.
+    auto expand = [&](int64_t b, int64_t ch0, int64_t ch1, U* take, U* keep) {
+      const uint8_t* own_mask = mask + b * ngh * ngw;
+      const uint8_t* other_mask = mask + mask_row[b] * ngh * ngw;
+      const uint32_t* cells = cell_of.data();
+      if (unit_words) {
+        const int64_t n = (rows[ch1] - rows[ch0]) * nrow, c0 = ch0 * ngw, nc = (ch1 - ch0) * ngw;
+        loops.expand(take, cells, cell_bits(other_mask + c0, nc), n);
+        if (keep != nullptr) loops.expand(keep, cells, ~cell_bits(own_mask + c0, nc), n);
+        return;
+      }
+      for (int64_t ch = ch0; ch < ch1; ++ch) {
+        const uint8_t* own_cells = own_mask + ch * ngw;
+        const uint8_t* other_cells = other_mask + ch * ngw;
+        const int64_t at = (rows[ch] - rows[ch0]) * nrow, n = (rows[ch + 1] - rows[ch]) * nrow;
+        if (ngw <= kWordBits) {  // bit cw: cell cw takes / keeps (expand reads bits 0 to ngw - 1)
+          loops.expand(take + at, cells, cell_bits(other_cells, ngw), n);
+          if (keep != nullptr) loops.expand(keep + at, cells, ~cell_bits(own_cells, ngw), n);
+        } else {
+          for (int64_t cw = 0; cw < ngw; ++cw) {
+            keep_cell[cw] = own_cells[cw] == 0 ? U(~U(0)) : U(0);
+            take_cell[cw] = other_cells[cw] != 0 ? U(~U(0)) : U(0);
+          }
+          const U* tc = take_cell.data();
+          const U* kc = keep_cell.data();
+          for (int64_t e = 0; e < n; ++e) take[at + e] = tc[cells[e]];
+          for (int64_t e = 0; e < n && keep != nullptr; ++e) keep[at + e] = kc[cells[e]];
+        }
+      }
+    };
+    // Output row b's cell rows [ch0, ch1), from x[b] and x[src[b]].
+    auto unit = [&](int64_t b, int64_t ch0, int64_t ch1) {
       const int64_t block = (rows[ch1] - rows[ch0]) * nrow;  // elements of the unit in one plane
       const uint8_t* own_mask = mask + b * ngh * ngw;
       const uint8_t* other_mask = mask + mask_row[b] * ngh * ngw;
       const int64_t self_base = b * sample + rows[ch0] * nrow;
       const int64_t other_base = src[b] * sample + rows[ch0] * nrow;
-      const bool k0 = own_mask[ch0 * ngw] == 0, t0 = other_mask[ch0 * ngw] != 0;
-      int differ = 0;  // (no early exit: the compiler vectorises the test over the unit's cells)
-      for (int64_t c = ch0 * ngw; c < ch1 * ngw; ++c) {
-        differ |= ((own_mask[c] == 0) != k0) | ((other_mask[c] != 0) != t0);
-      }
-      if (!differ) {  // one choice over the whole unit: one contiguous run per plane
+      bool k0, t0;
+      if (uniform(b, ch0, ch1, k0, t0)) {  // one choice over the whole unit: one contiguous run per plane
         for (int64_t p = 0; p < nplanes; ++p) {
           const int64_t off = p * pstride;
           run(out + self_base + off, x + self_base + off, x + other_base + off, k0, t0, block);
         }
-        continue;
+        return;
       }
       if (by_runs) {  // one cell row (group == 1)
         const uint8_t* own_cells = own_mask + ch0 * ngw;
@@ -168,39 +249,15 @@ void cell_select(const T* x, T* out, const int64_t* src, const int64_t* mask_row
             }
           }
         }
-        continue;
+        return;
       }
-      // The unit's masks, vectorised from the bit words, cell row by cell row.
-      const uint32_t* cells = cell_of.data();
-      for (int64_t ch = ch0; ch < ch1; ++ch) {
-        const uint8_t* own_cells = own_mask + ch * ngw;
-        const uint8_t* other_cells = other_mask + ch * ngw;
-        const int64_t at = (rows[ch] - rows[ch0]) * nrow, n = (rows[ch + 1] - rows[ch]) * nrow;
-        if (ngw <= kWordBits) {
-          uint32_t keep_word = 0, take_word = 0;  // bit cw: cell cw keeps / takes
-          for (int64_t cw = 0; cw < ngw; ++cw) {
-            keep_word |= static_cast<uint32_t>(own_cells[cw] == 0) << cw;
-            take_word |= static_cast<uint32_t>(other_cells[cw] != 0) << cw;
-          }
-          loops.expand(take_row + at, cells, take_word, n);
-          if (!forward) loops.expand(keep_row + at, cells, keep_word, n);
-        } else {
-          for (int64_t cw = 0; cw < ngw; ++cw) {
-            keep_cell[cw] = own_cells[cw] == 0 ? U(~U(0)) : U(0);
-            take_cell[cw] = other_cells[cw] != 0 ? U(~U(0)) : U(0);
-          }
-          const U* tc = take_cell.data();
-          const U* kc = keep_cell.data();
-          for (int64_t e = 0; e < n; ++e) take_row[at + e] = tc[cells[e]];
-          for (int64_t e = 0; e < n && !forward; ++e) keep_row[at + e] = kc[cells[e]];
-        }
-      }
+      expand(b, ch0, ch1, take_row, forward ? nullptr : keep_row);
       auto* o = reinterpret_cast<U*>(out + self_base);
       auto* s = reinterpret_cast<const U*>(x + self_base);
       auto* t = reinterpret_cast<const U*>(x + other_base);
       if (forward) {
         loops.take(o, s, t, take_row, block, nplanes, pstride);
-        continue;
+        return;
       }
       loops.bits(o, s, t, keep_row, take_row, block, nplanes, pstride);
       // cells where both hold (backward only): s + t, not the select's OR
@@ -217,6 +274,26 @@ void cell_select(const T* x, T* out, const int64_t* src, const int64_t* mask_row
           }
         }
       }
+    };
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = units[i] / ngroups, ch0 = (units[i] % ngroups) * group;
+      const int64_t ch1 = std::min(ch0 + group, ngh);
+      const int64_t j = src[b];
+      bool k0, t0;
+      if (!pairs || j == b || by_runs || (uniform(b, ch0, ch1, k0, t0) && uniform(j, ch0, ch1, k0, t0))) {
+        unit(b, ch0, ch1);
+        if (pairs && j != b) unit(j, ch0, ch1);
+        continue;
+      }
+      // A pair on the select path: out[b] = take_b ? x[j] : x[b] and out[j] = take_j ? x[b] : x[j],
+      // both from one read of x[b] and x[j].
+      const int64_t block = (rows[ch1] - rows[ch0]) * nrow;
+      expand(b, ch0, ch1, take_row, nullptr);
+      expand(j, ch0, ch1, keep_row, nullptr);
+      const int64_t bi = b * sample + rows[ch0] * nrow, bj = j * sample + rows[ch0] * nrow;
+      loops.pair(reinterpret_cast<U*>(out + bi), reinterpret_cast<U*>(out + bj), reinterpret_cast<const U*>(x + bi),
+                 reinterpret_cast<const U*>(x + bj), take_row, keep_row, take_row, 0, nplanes, 0, nplanes, block,
+                 nplanes, pstride);
     }
   });
 }

@@ -27,6 +27,9 @@ using Bits = std::conditional_t<sizeof(T) == 1, uint8_t,
 //   take:  o = (s & ~take) | (t & take)        (a copy from one source or the other)
 //   bits:  o = (s & keep) | (t & take)         (either, both (OR; callers fix those up), neither)
 //   expand: m[e] = bit shift[e] of word, widened to all ones or all zeros   (building such masks)
+//   pair:  both outputs of a pair of rows that take box segments from each other (mix's CutMix
+//          pairs): o1 = (s & ~m1) | (t & m1), o2 = (t & ~m2) | (s & m2), one read of s and t;
+//          block c takes mask mk = take_k where c is in [lo_k, hi_k), else none (a copy)
 // (a box's image rows: count = rows, stride = n = row_len; one tiled mask over C planes: stride =
 // the plane size.)
 #define FASTSD_SELECT_LOOPS(ISA, ATTRIBUTES)                                                             \
@@ -46,9 +49,24 @@ using Bits = std::conditional_t<sizeof(T) == 1, uint8_t,
       for (int64_t e = 0; e < n; ++e) o[e] = (s[e] & keep[e]) | (t[e] & take[e]);                       \
     }                                                                                                   \
   }                                                                                                     \
+  template <typename U>                                                                                 \
+  ATTRIBUTES void select_pair(U* __restrict o1, U* __restrict o2, const U* __restrict s,                \
+                              const U* __restrict t, const U* __restrict take1, const U* __restrict take2, \
+                              const U* __restrict none, int64_t lo1, int64_t hi1, int64_t lo2,          \
+                              int64_t hi2, int64_t n, int64_t count, int64_t stride) {                  \
+    for (int64_t c = 0; c < count; ++c, o1 += stride, o2 += stride, s += stride, t += stride) {         \
+      const U* __restrict m1 = lo1 <= c && c < hi1 ? take1 : none;                                      \
+      const U* __restrict m2 = lo2 <= c && c < hi2 ? take2 : none;                                      \
+      for (int64_t e = 0; e < n; ++e) {                                                                 \
+        const U a = s[e], b = t[e];                                                                     \
+        o1[e] = (a & ~m1[e]) | (b & m1[e]);                                                             \
+        o2[e] = (b & ~m2[e]) | (a & m2[e]);                                                             \
+      }                                                                                                 \
+    }                                                                                                   \
+  }                                                                                                     \
   /* a mask of n lanes from the bits of word: lane e is all ones where bit shift[e] is set */           \
   template <typename U>                                                                                 \
-  ATTRIBUTES void expand_bits(U* __restrict m, const uint32_t* __restrict shift, uint32_t word,         \
+  ATTRIBUTES void expand_bits(U* __restrict m, const uint32_t* __restrict shift, uint64_t word,         \
                               int64_t n) {                                                              \
     for (int64_t e = 0; e < n; ++e) m[e] = static_cast<U>(U(0) - U((word >> shift[e]) & 1u));          \
   }                                                                                                     \
@@ -67,7 +85,9 @@ template <typename U>
 struct SelectLoops {
   void (*take)(U*, const U*, const U*, const U*, int64_t, int64_t, int64_t);
   void (*bits)(U*, const U*, const U*, const U*, const U*, int64_t, int64_t, int64_t);
-  void (*expand)(U*, const uint32_t*, uint32_t, int64_t);
+  void (*expand)(U*, const uint32_t*, uint64_t, int64_t);
+  void (*pair)(U*, U*, const U*, const U*, const U*, const U*, const U*, int64_t, int64_t, int64_t, int64_t,
+               int64_t, int64_t, int64_t);
 };
 
 // The loops of the vector path in use (cpu_isa()).
@@ -77,16 +97,16 @@ SelectLoops<U> select_loops() {
   switch (cpu_isa()) {
     case Isa::kAvx512:
       return {&select_isa::avx512::select_take<U>, &select_isa::avx512::select_bits<U>,
-              &select_isa::avx512::expand_bits<U>};
+              &select_isa::avx512::expand_bits<U>, &select_isa::avx512::select_pair<U>};
     case Isa::kAvx2:
       return {&select_isa::avx2::select_take<U>, &select_isa::avx2::select_bits<U>,
-              &select_isa::avx2::expand_bits<U>};
+              &select_isa::avx2::expand_bits<U>, &select_isa::avx2::select_pair<U>};
     default:
       break;
   }
 #endif
   return {&select_isa::baseline::select_take<U>, &select_isa::baseline::select_bits<U>,
-              &select_isa::baseline::expand_bits<U>};
+              &select_isa::baseline::expand_bits<U>, &select_isa::baseline::select_pair<U>};
 }
 
 }  // namespace cpu

@@ -31,7 +31,7 @@
 namespace fastsd {
 namespace {
 
-constexpr int64_t kWordBits = 64;  // cells per mask bit word (wider grids expand lane by lane)
+constexpr int64_t kWordBits = 32;  // cells per mask bit word (wider grids expand lane by lane)
 
 // Runs of at least this many bytes (every cell of the call) are copied with memcpy; narrower cells
 // take the vector select, which reads both sources but costs no call per run.
@@ -137,16 +137,16 @@ void cell_select(const T* x, T* out, const int64_t* src, const int64_t* mask_row
   const int64_t group =
       by_runs ? 1 : std::max<int64_t>(1, std::min<int64_t>(gh, kSelectUnitElements / (rows_per_unit * row_len)));
   const int64_t groups = (gh + group - 1) / group;
-  // The select path's masks are cells' bits expanded in one vectorised pass, by the cell of each
-  // element: of the unit's elements where every cell row has the same image rows and a unit has at
-  // most 64 cells (one bit word for the unit: a 32 px image with an 8 x 8 grid), else of a cell
-  // row's elements (one word per cell row).
-  const bool unit_words = !by_runs && H % gh == 0 && group * gw <= kWordBits;
+  // The select path's masks are cells' bits expanded in vectorised passes, by each element's bit in
+  // a word of the cells of word_rows cell rows: one pass per word where every cell row has the same
+  // image rows (a 32 px image with an 8 x 8 grid: two words of four cell rows), else one per cell row.
+  const int64_t word_rows = std::max<int64_t>(1, kWordBits / gw);
+  const bool unit_words = !by_runs && H % gh == 0 && gw <= kWordBits;
   const int64_t table_rows = unit_words ? group * rows_per_unit : rows_per_unit;
   std::vector<uint32_t> cell_of(by_runs ? 0 : table_rows * row_len);
   for (int64_t cw = 0; cw < gw && !by_runs; ++cw) {
     for (int64_t r = 0; r < table_rows; ++r) {
-      const auto cell = static_cast<uint32_t>((r / rows_per_unit) * gw + cw);  // (cw where table_rows is one cell row)
+      const auto cell = static_cast<uint32_t>((r / rows_per_unit % word_rows) * gw + cw);  // bit of its word
       for (int64_t e = col[cw] * pix; e < col[cw + 1] * pix; ++e) cell_of[r * row_len + e] = cell;
     }
   }
@@ -189,19 +189,22 @@ void cell_select(const T* x, T* out, const int64_t* src, const int64_t* mask_row
       const uint8_t* own_mask = mask + b * ngh * ngw;
       const uint8_t* other_mask = mask + mask_row[b] * ngh * ngw;
       const uint32_t* cells = cell_of.data();
-      if (unit_words) {
-        const int64_t n = (rows[ch1] - rows[ch0]) * nrow, c0 = ch0 * ngw, nc = (ch1 - ch0) * ngw;
-        loops.expand(take, cells, cell_bits(other_mask + c0, nc), n);
-        if (keep != nullptr) loops.expand(keep, cells, ~cell_bits(own_mask + c0, nc), n);
-        return;
+      for (int64_t ch = ch0; unit_words && ch < ch1; ch += word_rows) {
+        const int64_t ce = std::min(ch + word_rows, ch1), nc = (ce - ch) * ngw;
+        const int64_t at = (rows[ch] - rows[ch0]) * nrow, n = (rows[ce] - rows[ch]) * nrow;
+        loops.expand(take + at, cells + at, static_cast<uint32_t>(cell_bits(other_mask + ch * ngw, nc)), n);
+        if (keep != nullptr) {
+          loops.expand(keep + at, cells + at, ~static_cast<uint32_t>(cell_bits(own_mask + ch * ngw, nc)), n);
+        }
       }
+      if (unit_words) return;
       for (int64_t ch = ch0; ch < ch1; ++ch) {
         const uint8_t* own_cells = own_mask + ch * ngw;
         const uint8_t* other_cells = other_mask + ch * ngw;
         const int64_t at = (rows[ch] - rows[ch0]) * nrow, n = (rows[ch + 1] - rows[ch]) * nrow;
         if (ngw <= kWordBits) {  // bit cw: cell cw takes / keeps (expand reads bits 0 to ngw - 1)
-          loops.expand(take + at, cells, cell_bits(other_cells, ngw), n);
-          if (keep != nullptr) loops.expand(keep + at, cells, ~cell_bits(own_cells, ngw), n);
+          loops.expand(take + at, cells, static_cast<uint32_t>(cell_bits(other_cells, ngw)), n);
+          if (keep != nullptr) loops.expand(keep + at, cells, ~static_cast<uint32_t>(cell_bits(own_cells, ngw)), n);
         } else {
           for (int64_t cw = 0; cw < ngw; ++cw) {
             keep_cell[cw] = own_cells[cw] == 0 ? U(~U(0)) : U(0);

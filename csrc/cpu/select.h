@@ -66,7 +66,7 @@ using Bits = std::conditional_t<sizeof(T) == 1, uint8_t,
   }                                                                                                     \
   /* a mask of n lanes from the bits of word: lane e is all ones where bit shift[e] is set */           \
   template <typename U>                                                                                 \
-  ATTRIBUTES void expand_bits(U* __restrict m, const uint32_t* __restrict shift, uint64_t word,         \
+  ATTRIBUTES void expand_bits(U* __restrict m, const uint32_t* __restrict shift, uint32_t word,         \
                               int64_t n) {                                                              \
     for (int64_t e = 0; e < n; ++e) m[e] = static_cast<U>(U(0) - U((word >> shift[e]) & 1u));          \
   }                                                                                                     \
@@ -85,7 +85,7 @@ template <typename U>
 struct SelectLoops {
   void (*take)(U*, const U*, const U*, const U*, int64_t, int64_t, int64_t);
   void (*bits)(U*, const U*, const U*, const U*, const U*, int64_t, int64_t, int64_t);
-  void (*expand)(U*, const uint32_t*, uint64_t, int64_t);
+  void (*expand)(U*, const uint32_t*, uint32_t, int64_t);
   void (*pair)(U*, U*, const U*, const U*, const U*, const U*, const U*, int64_t, int64_t, int64_t, int64_t,
                int64_t, int64_t, int64_t);
 };

@@ -36,12 +36,12 @@ SCRATCH_ENV = TRITON_CACHE_DIR=$(CURDIR)/$(SCRATCH)/triton FASTSD_CACHE_DIR=$(CU
 # The parity checks again on PyTorch's and fastsd's AVX2 paths (ATEN_CPU_CAPABILITY caps both;
 # FASTSD_CPU_CAPABILITY fastsd's alone): their tolerances measure torch's own error, which changes
 # with the vector path, so an AVX-512 machine checks here what an AVX2-only one runs. The compiled
-# backends only (the Triton interpreter does not use either path); fastsd.mix's bit-exact parity
+# backends only (the Triton interpreter does not use either path); fastsd.mix's and patch swap's bit-exact parity
 # catches a vector path that rounds differently (an FMA contraction).
 AVX2 := ATEN_CPU_CAPABILITY=avx2 FASTSD_CPU_CAPABILITY=avx2
 test-avx2: install
 	$(AVX2) $(PY) -m fastsd.selftest
-	$(AVX2) $(call SCRATCH_ENV,_avx2) $(PY) -m pytest -q -ra -k "not triton" tests/test_losses.py tests/test_fuzz.py tests/test_mix.py
+	$(AVX2) $(call SCRATCH_ENV,_avx2) $(PY) -m pytest -q -ra -k "not triton" tests/test_losses.py tests/test_fuzz.py tests/test_mix.py tests/test_patch_swap.py
 
 # The Triton backend is offered from fastsd._backend.TRITON_MIN_VERSION on (torch 2.8 ships 3.4):
 # every spec of every kernel for sm_80 and sm_90, and one spec of each kernel with its integer

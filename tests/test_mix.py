@@ -15,6 +15,7 @@ import fastsd.mix as fm
 from fastsd import _backend
 from fastsd import reference as R
 from fastsd.mix._numpy_rng import RawWords, consumes_word
+from fastsd.mix.op import mix_unchecked
 
 from conftest import NoHostSync
 
@@ -104,14 +105,17 @@ def test_out_of_place_pairs(dtype, channels_last, backend):
     of both rows), rows in longer cycles and rows that are their own partner, in one batch; every
     kind of pair (MixUp/MixUp, CutMix/CutMix, either mixed); rows of under 64 bytes, of 64 to 256
     (one select pass for a CutMix pair) and over 256 (copies by segment, in chunks of image rows)."""
-    # pairs (0, 1) (2, 3) (4, 5) (6, 7); 8 -> 9 -> 10 -> 8; 11 its own partner
-    partner = torch.tensor([1, 0, 3, 2, 5, 4, 7, 6, 9, 10, 8, 11])
-    use_box = torch.tensor([False, False, True, True, True, False, False, True, True, False, True, True])
-    for seed, shape in enumerate([(12, 2, 9, 7), (12, 3, 17, 23), (12, 2, 34, 70)]):
-        x, _, boxes, lam, _ = make_case(shape, dtype, seed, torch.float32, channels_last)
-        boxes[2:4] = torch.tensor([[1, 5, 0, 3], [4, 9, 2, shape[3]]])  # overlapping rows
-        with fastsd.use_backend(backend):
-            out = fm.mix(x, partner, boxes, lam, use_box)
+    # pairs (0, 1) (2, 3) (4, 5) (6, 7); 8 -> 9 -> 10 -> 8; 11 its own partner; 12 -> 0, a partner
+    # that is not a permutation (0's partner is 1: 12 is in no pair)
+    partner = torch.tensor([1, 0, 3, 2, 5, 4, 7, 6, 9, 10, 8, 11, 0])
+    use_box = torch.tensor([False, False, True, True, True, False, False, True, True, False, True, True, True])
+    for seed, shape in enumerate([(13, 2, 9, 7), (13, 3, 17, 23), (13, 2, 34, 70), (13, 1, 70, 20)]):
+        x, _, boxes, lam, _ = make_case(shape, dtype, seed, (torch.float32, torch.float64)[seed % 2], channels_last)
+        H, W = shape[2:]
+        boxes[2:4] = torch.tensor([[1, 5, 0, 3], [4, H, 2, W]])  # overlapping rows
+        boxes[4] = torch.tensor([H // 4, H - 1, 1, W - 1])  # (70 rows: across a chunk of 4 KiB in float64)
+        with fastsd.use_backend(backend):  # unchecked: the public function wants a permutation
+            out = mix_unchecked(x, partner, boxes, lam, use_box)
         assert torch.equal(out, R.mix(x, partner, boxes, lam, use_box)), shape
 
 

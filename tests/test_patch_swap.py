@@ -305,12 +305,15 @@ BIT_EXACT_SHAPES = [
 INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
+@pytest.mark.parametrize("pairs", [False, True], ids=["perm", "involution"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 @pytest.mark.parametrize("dtype", ["float32", "float16", "float64", "uint8"])
 @pytest.mark.parametrize("shape,grid", BIT_EXACT_SHAPES, ids=lambda v: "x".join(map(str, v)))
-def test_cpp_gather_is_bit_exact(shape, grid, dtype, channels_last):
+def test_cpp_gather_is_bit_exact(shape, grid, dtype, channels_last, pairs):
     """Copies move bits: NaN payloads and -0.0 come through the forward, and through the backward's
-    cells with one source (gather with the inverse permutation; zero with none, a sum with both)."""
+    cells with one source (gather with the inverse permutation; zero with none, a sum with both).
+    ``pairs``: partner an involution with a fixed point (the forward writes a pair's two outputs in
+    one pass), each row of a pair under its own mask."""
     if "cpp" not in COMPILED:
         pytest.skip("C++ backend not built")
     dt = DTYPES[dtype]
@@ -322,6 +325,8 @@ def test_cpp_gather_is_bit_exact(shape, grid, dtype, channels_last):
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     partner = torch.randperm(B, generator=gen)
+    if pairs:  # (0, B - 1), (1, B - 2), ...; the middle row its own partner where B is odd
+        partner = torch.arange(B).flip(0)
     mask = torch.rand((B,) + grid, generator=gen) < 0.5
     mask[0, 0] = True  # a uniform cell row of each kind
     mask[1, 0] = False

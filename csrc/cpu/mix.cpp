@@ -33,10 +33,15 @@ constexpr float kRound = 12582912.0f;
 
 // The MixUp loops must round each product before the sum, as torch's eager `x * w1 + y * w2` does:
 // no contraction into FMA, which GCC does by default (-ffp-contract=fast) wherever the target has
-// it, AVX-512F included. tests/test_mix.py checks the loops bit for bit on every vector path.
-#if defined(__GNUC__) && !defined(__clang__)
+// it, AVX-512F included; clang and icx (-ffp-contract=fast) and MSVC can too. tests/test_mix.py
+// checks the loops bit for bit on the widest path of the machine, and `make test-avx2` on AVX2.
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=off")
+#elif defined(_MSC_VER)
+#pragma fp_contract(off)
 #endif
 
 // The rounded result of a blend in the element type: uint8 rounds half to even (timm's np.rint,
@@ -208,8 +213,11 @@ void mix_kernel(const T* x, T* out, const int64_t* partner, const int64_t* boxes
   const bool select_pair = select_rows && row_bytes >= 64;
   const int64_t units = static_cast<int64_t>(firsts.size()) * planes;
   at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
-    // the box columns of each output row of a unit, then a mask of none
+    // the box columns of each output row of a unit, then a mask of none (null over 256-byte rows)
     std::vector<U> masks(select_rows ? 3 * row_len : 0);
+    U* const mask_i = select_rows ? masks.data() : nullptr;
+    U* const mask_j = select_rows ? masks.data() + row_len : nullptr;
+    U* const mask_none = select_rows ? masks.data() + 2 * row_len : nullptr;
     // Image rows [h0, h1) of row b's output plane o, from self (x[b]) and other (x[partner[b]]).
     auto emit = [&](int64_t b, T* o, const T* self, const T* other, const U* mask, int64_t h0, int64_t h1) {
       if (!use_box[b]) return mixup_row(o + h0 * row_len, self + h0 * row_len, other + h0 * row_len, w1[b], w2[b],
@@ -248,8 +256,8 @@ void mix_kernel(const T* x, T* out, const int64_t* partner, const int64_t* boxes
       T* oi = out + i * sample + offset;
       T* oj = out + j * sample + offset;
       if (mask_unit != i) {
-        fill_mask(masks.data(), i);
-        if (pair) fill_mask(masks.data() + row_len, j);
+        fill_mask(mask_i, i);
+        if (pair) fill_mask(mask_j, j);
         mask_unit = i;
       }
       if (pair && !use_box[i] && !use_box[j]) {
@@ -260,14 +268,14 @@ void mix_kernel(const T* x, T* out, const int64_t* partner, const int64_t* boxes
         const int64_t* bi = boxes + 4 * i;
         const int64_t* bj = boxes + 4 * j;
         select.pair(reinterpret_cast<U*>(oi), reinterpret_cast<U*>(oj), reinterpret_cast<const U*>(xi),
-                    reinterpret_cast<const U*>(xj), masks.data(), masks.data() + row_len, masks.data() + 2 * row_len,
+                    reinterpret_cast<const U*>(xj), mask_i, mask_j, mask_none,
                     bi[0], bi[1], bj[0], bj[1], row_len, g.H, row_len);
         continue;
       }
       for (int64_t h0 = 0; h0 < g.H; h0 += chunk_rows) {
         const int64_t h1 = std::min(g.H, h0 + chunk_rows);
-        emit(i, oi, xi, xj, masks.data(), h0, h1);
-        if (pair) emit(j, oj, xj, xi, masks.data() + row_len, h0, h1);
+        emit(i, oi, xi, xj, mask_i, h0, h1);
+        if (pair) emit(j, oj, xj, xi, mask_j, h0, h1);
       }
     }
   });

@@ -289,7 +289,8 @@ void cell_select(const T* x, T* out, const int64_t* src, const int64_t* mask_row
         continue;
       }
       // A pair on the select path: out[b] = take_b ? x[j] : x[b] and out[j] = take_j ? x[b] : x[j],
-      // both from one read of x[b] and x[j].
+      // both from one read of x[b] and x[j]. Every plane is under both masks (blocks [0, nplanes)),
+      // so the loop's mask of none is never read.
       const int64_t block = (rows[ch1] - rows[ch0]) * nrow;
       expand(b, ch0, ch1, take_row, nullptr);
       expand(j, ch0, ch1, keep_row, nullptr);

@@ -3,6 +3,7 @@ reference, gradient, registration, bad input) and the drop-ins against the libra
 (timm's Mixup / FastCollateMixup, torchvision's v2 CutMix / MixUp): same seed, bit-identical images,
 targets and RNG state afterwards.
 """
+import functools
 import importlib.util
 import itertools
 
@@ -416,6 +417,76 @@ def test_torchvision(name, dtype, channels_last):
             got_x, got_t = getattr(fm, name)(alpha=alpha, num_classes=7)(x, lab)
             assert torch.equal(got_x, want_x) and torch.equal(got_t, want_t), (shape, alpha)
             assert torch.equal(torch.get_rng_state(), want_state)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_drop_in_targets_on_every_backend(backend):
+    """The targets and labels are mixed by the fused op (fastsd.mix._rows.mix_rows) on whichever
+    backend runs it: timm's per-row float32 lambda, its per-batch float64 one, multi-label, a float16
+    batch (timm rounds lambda to it: ATen ops), and torchvision's 2-D labels in each float dtype."""
+    tm = pytest.importorskip("timm.data.mixup")
+    from torchvision.transforms import v2
+
+    with fastsd.use_backend(backend):
+        for k, (mode, options) in enumerate(itertools.product(["elem", "batch"], TIMM_OPTIONS[2:4])):
+            x = timm_images((6, 3, 9, 11), torch.float16 if k == 3 else torch.float32, k)
+            target = torch.randint(0, 10, (6,))
+            np.random.seed(k)
+            want = tm.Mixup(num_classes=10, mode=mode, **options)(x.clone(), target)
+            np.random.seed(k)
+            got = fm.Mixup(num_classes=10, mode=mode, **options)(x.clone(), target)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (mode, options)
+        multi = (torch.rand(6, 10, generator=torch.Generator().manual_seed(1)) < 0.3).float()
+        np.random.seed(3)
+        want = tm.Mixup(num_classes=10, mode="pair", multi_label=True)(x.float(), multi)
+        np.random.seed(3)
+        got = fm.Mixup(num_classes=10, mode="pair", multi_label=True)(x.float(), multi)
+        assert torch.equal(got[1], want[1])
+        x = timm_images((5, 3, 8, 9), torch.float32, 5)
+        for name, dtype in itertools.product(["CutMix", "MixUp"], [torch.float32, torch.float16, torch.bfloat16,
+                                                                    torch.float64]):
+            labels = torch.rand(5, 7, generator=torch.Generator().manual_seed(2)).to(dtype)
+            before = labels.clone()
+            torch.manual_seed(4)
+            want = getattr(v2, name)(alpha=0.7, num_classes=7)(x, labels)
+            torch.manual_seed(4)
+            got = getattr(fm, name)(alpha=0.7, num_classes=7)(x, labels)
+            assert got[1].dtype == dtype and torch.equal(got[1], want[1]), (name, dtype)
+            assert torch.equal(labels, before)  # the caller's labels are never mixed in place
+
+
+@pytest.mark.parametrize("name", ["Mixup elem", "Mixup batch", "FastCollateMixup pair", "CutMix", "MixUp"])
+def test_drop_in_targets_in_one_pass_on_the_cpu(name):
+    """On the CPU the drop-ins mix the targets with the fused op (fastsd.mix._rows.mix_rows): after
+    the labels' range check (here its CUDA branch: five ATen ops and an asynchronous assert), the
+    images' pass, the one-hot targets (fill and scatter) and one more pass of the op, where timm and
+    torchvision take four to six ATen ops. (On CUDA they keep the ATen expression: see _rows.)"""
+    from fastsd.bench.launches import count_launches
+
+    cls, _, mode = name.partition(" ")
+    x = torch.randn(8, 3, 16, 16)
+    labels = torch.randint(0, 10, (8,))
+    if cls == "FastCollateMixup":
+        batch = [(img, int(t)) for img, t in zip(x.mul(50).add(128).clamp(0, 255).byte(), labels)]
+        call = functools.partial(fm.FastCollateMixup(num_classes=10, mode=mode), batch)
+    elif cls == "Mixup":
+        call = functools.partial(fm.Mixup(num_classes=10, mode=mode, cutmix_alpha=1.0), x, labels)
+    else:
+        call = functools.partial(getattr(fm, cls)(num_classes=10), x, labels)
+    with fastsd.use_backend("triton" if "triton" in BACKENDS else "cpp"):
+        n = count_launches(call, backward=False)
+    ops = n["ops"]["forward"]
+    if cls in ("CutMix", "MixUp"):  # torchvision's draws, on CPU tensors (reading them back is no GPU sync)
+        ops = [op for op in ops if op not in ("aten._sample_dirichlet", "aten.randint", "aten.sub", "aten.add",
+                                              "aten.clamp")]
+    else:
+        assert n["host_syncs"] == 0, n["ops"]
+    if cls == "FastCollateMixup":
+        ops = [op for op in ops if op != "aten.stack"]  # the collate itself
+    check = ["aten.ge", "aten.lt", "aten.bitwise_and", "aten.all", "aten._assert_async"]  # the labels' range
+    kernel = ops[len(check)]
+    assert ops == check + [kernel, "aten.zeros" if cls in ("CutMix", "MixUp") else "aten.full", "aten.scatter_",
+                           kernel], n["ops"]
 
 
 def test_torchvision_image_type_kept():

@@ -23,7 +23,7 @@ import torch
 
 from .. import _validate as V
 from ._numpy_rng import RawWords, consumes_word
-from .op import mix_unchecked, mix_unchecked_
+from . import _rows
 
 MODES = ("batch", "pair", "elem")
 COLLATE_MODES = MODES + ("half",)
@@ -45,24 +45,29 @@ def check_targets(fn: str, target: torch.Tensor, num_classes: int, multi_label: 
     V.class_indices(fn, "target", target, num_classes)
 
 
+def smoothed_targets(target: torch.Tensor, num_classes: int, smoothing: float = 0.0,
+                     multi_label: bool = False) -> torch.Tensor:
+    """timm's targets before mixing: smoothed one-hot ``[B, num_classes]`` (float32), or for
+    ``multi_label`` the dense targets smoothed towards 0.5."""
+    if multi_label:
+        if target.ndim != 2 or target.shape[1] != num_classes:
+            raise ValueError(f"fastsd.mix.mixup_target: multi-label mixup expects dense targets shaped (batch, "
+                             f"num_classes={num_classes}), got {tuple(target.shape)}")
+        return target.float() * (1.0 - smoothing) + 0.5 * smoothing
+    off_value = smoothing / num_classes
+    on_value = 1.0 - smoothing + off_value
+    return one_hot(target, num_classes, on_value=on_value, off_value=off_value)
+
+
 def mixup_target(target: torch.Tensor, num_classes: int, lam=1.0, smoothing: float = 0.0,
                  multi_label: bool = False, partner: Optional[torch.Tensor] = None,
                  check: bool = True) -> torch.Tensor:
     """timm's ``mixup_target``: ``y * lam + y[partner] * (1 - lam)`` with y the smoothed one-hot
     targets (multi-label: dense targets smoothed towards 0.5); ``lam`` a number or a ``[B, 1]``
     tensor; partner ``flip(0)`` when None. ``check=False``: the caller ran :func:`check_targets`."""
-    fn = "fastsd.mix.mixup_target"
     if check:
-        check_targets(fn, target, num_classes, multi_label)
-    if multi_label:
-        if target.ndim != 2 or target.shape[1] != num_classes:
-            raise ValueError(f"{fn}: multi-label mixup expects dense targets shaped (batch, num_classes="
-                             f"{num_classes}), got {tuple(target.shape)}")
-        y1 = target.float() * (1.0 - smoothing) + 0.5 * smoothing
-    else:
-        off_value = smoothing / num_classes
-        on_value = 1.0 - smoothing + off_value
-        y1 = one_hot(target, num_classes, on_value=on_value, off_value=off_value)
+        check_targets("fastsd.mix.mixup_target", target, num_classes, multi_label)
+    y1 = smoothed_targets(target, num_classes, smoothing, multi_label)
     y2 = y1.flip(0) if partner is None else y1[partner]
     return y1 * lam + y2 * (1.0 - lam)
 
@@ -262,17 +267,32 @@ class Mixup:
     _collating = False
 
     def _mix(self, x: torch.Tensor):
+        """Mix x (in place where it can be, as timm) -> ``(out, lam_target, rows)``: the targets'
+        lambda (a float, or the float32 ``[B]`` array) and the draws on x's device
+        (:class:`fastsd.mix._rows.Rows`), None for a step left unmixed."""
         B = x.shape[0]
         params = self.mix_params(x.shape, B)
         if params is None:
-            return x, 1.0
+            return x, 1.0, None
         lam, use_box, boxes, lam_target = params
-        dev = x.device
-        partner = torch.arange(B - 1, -1, -1, device=dev)  # flip(0): an involution
-        args = (partner, torch.from_numpy(boxes).to(dev), torch.from_numpy(lam).to(dev), torch.from_numpy(use_box).to(dev))
-        if x.requires_grad or not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
-            return mix_unchecked(x, *args), lam_target
-        return mix_unchecked_(x, *args), lam_target
+        r = _rows.rows(x.device, np.arange(B - 1, -1, -1), boxes, lam, use_box, lam, involution=True)  # flip(0)
+        return _rows.mix_images(x, r, inplace=True), lam_target, r
+
+    def _mix_target(self, target: torch.Tensor, lam, r, lam_dtype: torch.dtype) -> torch.Tensor:
+        """timm's ``mixup_target`` of this step, with a per-row lambda as timm passes it: a
+        ``lam_dtype`` tensor. On the CPU by the fused op (:func:`fastsd.mix._rows.mix_rows`, the rows
+        of the images' pass) wherever its weights are timm's: a float lambda (the per-batch modes), or
+        a float32 one; else (CUDA; float16 x in 'elem'/'pair', where timm rounds lambda to it) in ATen
+        ops, as timm."""
+        fused = r is not None and r.fused_labels and target.device == r.lam.device and (
+            isinstance(lam, float) or lam_dtype == torch.float32)
+        if fused:
+            y = smoothed_targets(target, self.num_classes, self.label_smoothing, self.multi_label)
+            if y.dtype in (torch.float32, torch.float64):
+                return _rows.mix_rows(y, r)
+        if not isinstance(lam, float):
+            lam = torch.tensor(lam, device=target.device, dtype=lam_dtype).unsqueeze(1)
+        return mixup_target(target, self.num_classes, lam, self.label_smoothing, self.multi_label, check=False)
 
     def _check_batch(self, fn, batch_size):
         if batch_size % 2:
@@ -287,11 +307,8 @@ class Mixup:
         if len(target) != len(x):
             raise ValueError(f"{fn}: target must have B={len(x)} rows, got {len(target)}")
         check_targets(fn, target, self.num_classes, self.multi_label)  # before x is mixed in place
-        out, lam = self._mix(x)
-        if not isinstance(lam, float):
-            lam = torch.tensor(lam, device=x.device, dtype=x.dtype).unsqueeze(1)
-        return out, mixup_target(target, self.num_classes, lam, self.label_smoothing, self.multi_label,
-                                 check=False)
+        out, lam, r = self._mix(x)
+        return out, self._mix_target(target, lam, r, x.dtype)
 
 
 class FastCollateMixup(Mixup):
@@ -313,10 +330,8 @@ class FastCollateMixup(Mixup):
         x = torch.stack(images)
         target = torch.utils.data.default_collate([b[1] for b in batch])
         check_targets(fn, target, self.num_classes, self.multi_label)
-        out, lam = self._mix(x)
-        if not isinstance(lam, float):
-            lam = torch.tensor(lam).unsqueeze(1)
-        target = mixup_target(target, self.num_classes, lam, self.label_smoothing, self.multi_label, check=False)
+        out, lam, r = self._mix(x)
+        target = self._mix_target(target, lam, r, torch.float32)  # timm: torch.tensor(lam), float32
         if self.mode == "half":
             return out[:batch_size // 2], target[:batch_size // 2]
         return out, target

@@ -18,10 +18,12 @@ from __future__ import annotations
 import math
 from typing import Any, Tuple
 
+import numpy as np
 import torch
 
 from .. import _validate as V
-from .op import mix_unchecked
+from . import _rows
+from .op import MIX_DTYPES
 
 
 def _wrap_like(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -62,27 +64,38 @@ class _BaseMixUpCutMix:
         if labels.ndim == 1 and self.num_classes is None:
             raise ValueError(f"{fn}: num_classes must be passed if the labels are index-based (1D)")
         if labels.ndim == 1:
+            if labels.dtype != torch.int64:  # torchvision's one_hot takes int64 alone
+                raise TypeError(f"{fn}: 1-D labels must be int64 class indices, got {labels.dtype}")
             V.class_indices(fn, "labels", labels, self.num_classes)
         if images.shape[0] != labels.shape[0]:
             raise ValueError(f"{fn}: the batch size of the images does not match the batch size of the labels: "
                              f"{images.shape[0]} != {labels.shape[0]}.")
         return images, labels
 
-    def _mix_labels(self, label: torch.Tensor, lam: float) -> torch.Tensor:
-        if label.ndim == 1:
-            label = torch.nn.functional.one_hot(label, num_classes=self.num_classes)
-        if not label.dtype.is_floating_point:
-            label = label.float()
-        return label.roll(1, 0).mul_(1.0 - lam).add_(label.mul(lam))
-
-    def _mix(self, images, lam, use_box: bool, box=(0, 0, 0, 0)):
+    def _mix(self, images, labels, lam: float, label_lam: float, use_box: bool, box=(0, 0, 0, 0)):
+        """Images and labels of one call: the images' pass and the labels' (torchvision's
+        ``label.roll(1, 0).mul_(1 - lam).add_(label.mul(lam))``; on the CPU the same sum by the fused
+        op with every row a MixUp row, :func:`fastsd.mix._rows.mix_rows`)."""
         B = images.shape[0]
-        dev = images.device
-        partner = torch.arange(-1, B - 1, device=dev) % max(B, 1)  # roll(1, 0): row i takes row i - 1
-        out = mix_unchecked(images, partner, torch.tensor([box], dtype=torch.int64, device=dev).expand(B, 4),
-                            torch.full((B,), lam, dtype=torch.float64, device=dev),
-                            torch.full((B,), use_box, dtype=torch.bool, device=dev))
-        return _wrap_like(out, images)
+        r = _rows.rows(images.device, (np.arange(B) - 1) % max(B, 1),  # roll(1, 0): row i takes row i - 1
+                       np.tile(np.asarray(box, dtype=np.int64), (B, 1)), np.full(B, lam), np.full(B, use_box),
+                       np.full(B, label_lam), involution=B <= 2)
+        out = _wrap_like(_rows.mix_images(images, r, inplace=False), images)
+        if labels.ndim == 1:  # one_hot(labels).float(), without the int64 one-hot
+            y = torch.zeros(B, self.num_classes, device=labels.device, dtype=torch.float32).scatter_(
+                1, labels.view(-1, 1), 1.0)
+        else:
+            y = labels if labels.dtype.is_floating_point else labels.float()
+        if (not r.fused_labels or labels.device != images.device or y.dtype not in MIX_DTYPES
+                or y.dtype == torch.uint8):
+            return out, self._mix_labels_aten(y, label_lam)
+        if y is labels:  # the caller's: never mixed in place
+            r = r._replace(involution=False)
+        return out, _rows.mix_rows(y, r)
+
+    @staticmethod
+    def _mix_labels_aten(label: torch.Tensor, lam: float) -> torch.Tensor:
+        return label.roll(1, 0).mul_(1.0 - lam).add_(label.mul(lam))
 
 
 class MixUp(_BaseMixUpCutMix):
@@ -94,7 +107,7 @@ class MixUp(_BaseMixUpCutMix):
         if images.dtype == torch.uint8:
             raise TypeError("fastsd.mix.MixUp: images must be floating point (torchvision's MixUp fails on uint8)")
         lam = float(self._dist.sample(()))
-        return self._mix(images, lam, use_box=False), self._mix_labels(labels, lam)
+        return self._mix(images, labels, lam, lam, use_box=False)
 
 
 class CutMix(_BaseMixUpCutMix):
@@ -115,5 +128,4 @@ class CutMix(_BaseMixUpCutMix):
         x2 = int(torch.clamp(r_x + r_w_half, max=W))
         y2 = int(torch.clamp(r_y + r_h_half, max=H))
         lam_adjusted = float(1.0 - (x2 - x1) * (y2 - y1) / (W * H))
-        out = self._mix(images, 0.0, use_box=True, box=(y1, y2, x1, x2))
-        return out, self._mix_labels(labels, lam_adjusted)
+        return self._mix(images, labels, 0.0, lam_adjusted, use_box=True, box=(y1, y2, x1, x2))

@@ -6,7 +6,8 @@ Each op registers one implementation per backend with :func:`register`. At call 
 * ``FASTSD_BACKEND=<name>`` (or the :func:`use_backend` context manager, which wins over the
   environment) forces one backend; if it cannot run the inputs, :class:`BackendUnavailableError`
   says why.
-* ``auto`` (the default) takes the first backend in :data:`PREFERENCE` that can run the inputs.
+* ``auto`` (the default) takes the first backend in :func:`preference` (:data:`PREFERENCE`, the CUDA
+  C++ kernel first for the ops in :data:`CUDA_FIRST`) that can run the inputs.
 * An op whose only implementation is its aten reference on some backend (the pairing ops have no
   C++ or CUDA kernel; ``scale_grad`` is one torch multiply on CUDA) registers that reference with
   ``stand_in=True``: a backend forced for a whole recipe then runs it where the op has no kernel of
@@ -33,6 +34,21 @@ BACKENDS = ("triton", "cuda", "cpp", "torch")
 # kernels. Triton on CPU tensors (TRITON_INTERPRET=1) is for tests only and is never picked by
 # auto: the interpreter is orders of magnitude slower than the reference.
 PREFERENCE = ("triton", "cuda", "cpp", "torch")
+# Ops whose CUDA C++ kernel auto takes before the Triton one, where both can run. Measured on an H100
+# (docs/gpu/README.md, 2026-11-26, float32): a call there is host-bound, and Triton 3.6's Python
+# launcher costs about 45 us a launch more than a C++ op, so the C++ kernels were faster at every
+# size benched: patch_swap 0.16-0.19 ms a call against 0.20-0.21 ms (256x3x32x32 to 128x64x56x56),
+# the mix op 26-79 us against 92-117 us (256x3x32x32 and 128x3x224x224, out of place and in place).
+# The backward ops were not timed there and keep PREFERENCE.
+CUDA_FIRST = frozenset({"patch_swap", "mix", "mix_"})
+
+
+def preference(op: str) -> Tuple[str, ...]:
+    """The order auto tries ``op``'s backends in: :data:`PREFERENCE`, the CUDA C++ kernel first for
+    the ops in :data:`CUDA_FIRST`."""
+    if op in CUDA_FIRST:
+        return ("cuda",) + tuple(b for b in PREFERENCE if b != "cuda")
+    return PREFERENCE
 
 _forced: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("fastsd_backend", default=None)
 
@@ -322,7 +338,7 @@ def _auto_candidates(op: str, devices: Tuple[torch.device, ...], interpreting: b
     _load_all()
     on_cpu = all(d.type == "cpu" for d in devices)
     return tuple(
-        name for name in PREFERENCE
+        name for name in preference(op)
         if name in _REGISTRY.get(op, {})
         and not _cached_device_reasons(name, devices, interpreting)
         and not (name == "triton" and on_cpu)
@@ -349,8 +365,8 @@ def clear_caches() -> None:
 
 
 def available(op: str, *tensors: torch.Tensor, **kwargs) -> List[str]:
-    """Backends (in preference order) that can run ``op`` on these inputs."""
-    return [b for b in PREFERENCE if not reasons(op, b, *tensors, **kwargs)]
+    """Backends (in auto's order) that can run ``op`` on these inputs."""
+    return [b for b in preference(op) if not reasons(op, b, *tensors, **kwargs)]
 
 
 _loaded = False

@@ -84,7 +84,7 @@ def main(argv=None):
         print("  build log:\n    " + "\n    ".join(excerpt))
     print("backends per op (available ones marked +):")
     for op, dev, reasons in backend_table():
-        avail = [b for b in _backend.PREFERENCE if not reasons[b]]
+        avail = [b for b in _backend.preference(op) if not reasons[b]]
         print(f"  {op:<28} {dev:<5} available: {', '.join(avail) or 'none'}")
         if not args.short:
             for b in _backend.BACKENDS:

@@ -30,9 +30,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 BACKENDS = ("triton", "cuda", "cpp", "torch")
-# Fastest first. On CUDA tensors the fused Triton kernels come first; on CPU tensors the C++
-# kernels. Triton on CPU tensors (TRITON_INTERPRET=1) is for tests only and is never picked by
-# auto: the interpreter is orders of magnitude slower than the reference.
+# Fastest first. On CUDA tensors the fused Triton kernels come first (except for CUDA_FIRST's ops);
+# on CPU tensors the C++ kernels. Triton on CPU tensors (TRITON_INTERPRET=1) is for tests only and
+# is never picked by auto: the interpreter is orders of magnitude slower than the reference.
 PREFERENCE = ("triton", "cuda", "cpp", "torch")
 # Ops whose CUDA C++ kernel auto takes before the Triton one, where both can run. Measured on an H100
 # (docs/gpu/README.md, 2026-11-26, float32): a call there is host-bound, and Triton 3.6's Python

@@ -8,9 +8,11 @@ Layers, as for :mod:`fastsd.patch_swap`:
   ``torch.ops.fastsd_C.mix`` (csrc/cpu/mix.cpp: a CutMix row is at most three runs per image row,
   copied with memcpy; a MixUp row one vectorised pass), the Triton kernel in ``fastsd.kernels.mix``
   (CUDA tensors: one launch, each element read from one source in a CutMix row; in place, only the
-  mixed pixels move), the CUDA C++ kernels (csrc/cuda/mix.cu: the same op and its backward for GPUs
-  whose torch pins a Triton older than fastsd takes, torch 2.4-2.7; 16-byte vectors, one launch, in
-  place only the vectors that hold mixed pixels) and the reference in :mod:`fastsd.reference.mix`.
+  mixed pixels move), the CUDA C++ kernels (csrc/cuda/mix.cu: the same op and its backward; 16-byte
+  vectors, one launch, in place only the vectors that hold mixed pixels; auto picks them before
+  Triton's for the forward where fastsd._C has them, fastsd._backend.CUDA_FIRST, and they are the GPU
+  backend of torch 2.4-2.7, whose Triton is older than fastsd takes) and the reference in
+  :mod:`fastsd.reference.mix`.
 
 The backward pass (``torch.ops.fastsd.mix_backward``: the Triton or CUDA C++ kernel on CUDA tensors,
 :func:`fastsd.reference.mix_backward` elsewhere) is a gather through the inverse permutation: no

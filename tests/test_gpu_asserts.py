@@ -52,7 +52,7 @@ CUDA_CASES = {
                              "partner must be an involution"),
 }
 # (each set forced through the environment, and the child checks which implementation it got: auto
-# takes the CUDA C++ kernels of mix and patch swap first where fastsd._C has them, fastsd._backend.
+# takes the CUDA C++ kernels of the mix op first where fastsd._C has them, fastsd._backend.
 # CUDA_FIRST, and the Triton ones otherwise; their messages are the same)
 _CHECK_CUDA = """
 import fastsd._backend as _b, fastsd.mix.op as _op

@@ -12,4 +12,6 @@
 TORCH_LIBRARY_FRAGMENT(fastsd_C, m) {
   m.def("patch_swap(Tensor x, Tensor partner, Tensor mask) -> Tensor");
   m.def("patch_swap_backward(Tensor grad, Tensor partner, Tensor mask) -> Tensor");
+  // CUDA only: asserts on the device that `sorted` (partner sorted) is range(B), before the kernel
+  m.def("patch_swap_check(Tensor sorted) -> ()");
 }

@@ -79,7 +79,7 @@ def _patch_swap_run(x, partner, mask, partner_is_involution: bool, need_inverse:
     sorted_partner, inverse_partner = torch.sort(partner)
     if checks_indices:  # the C++ CPU kernel checks as it inverts: a ValueError
         return fn(x, partner, mask), inverse_partner
-    if _asserts_on_device(fn, x):  # the Triton kernel asserts sorted_partner == range(B) on the GPU
+    if _asserts_on_device(fn, x):  # the Triton kernel or the CUDA check kernel asserts sorted_partner == range(B)
         return fn(x, partner, mask, sorted_partner=sorted_partner), inverse_partner
     assert_permutation("fastsd.patch_swap", sorted_partner)
     return fn(x, partner, mask), inverse_partner
@@ -226,9 +226,31 @@ def _patch_swap_backward_torch(grad, partner, mask, inverse_partner):
     return reference.patch_swap_backward(grad, partner, mask)  # the oracle inverts partner itself
 
 
-@_backend.register("patch_swap", "cuda")
 def _patch_swap_ext(x, partner, mask):
     return _ext.ops().patch_swap(x, partner, mask)
+
+
+@_backend.register("patch_swap", "cuda")
+def _patch_swap_cuda(x, partner, mask, sorted_partner=None):
+    if sorted_partner is not None:  # the permutation check: a device-side assert, one launch
+        _ext.ops().patch_swap_check(sorted_partner)
+    return _patch_swap_ext(x, partner, mask)
+
+
+def _cuda_asserts(x: torch.Tensor) -> bool:
+    """The CUDA C++ backend asserts ``sorted_partner == range(B)`` on the GPU by its check kernel
+    (csrc/cuda/patch_swap_kernel.cuh, ``permutation_check_thread``) where fastsd._C has it; an
+    older build leaves the check to the glue's ATen ops."""
+    return V.kernel_asserts(x) and _has_cuda_check()
+
+
+@_backend.cached
+def _has_cuda_check() -> bool:
+    return hasattr(_ext.ops(), "patch_swap_check") and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "fastsd_C::patch_swap_check", torch._C.DispatchKey.CUDA)
+
+
+_patch_swap_cuda.asserts_on_device = _cuda_asserts
 
 
 @_backend.register("patch_swap", "cpp")

@@ -185,12 +185,22 @@ def mix_sass_all(objects):
 @pytest.fixture(scope="module")
 def mix_sass(mix_sass_all):
     """The element kernels (not the value-check kernel, one batch row a thread)."""
-    return {name: ins for name, ins in mix_sass_all.items() if "mix_check_kernel" not in name}
+    return {name: ins for name, ins in mix_sass_all.items() if not _is_check_kernel(name)}
 
 
 @pytest.fixture(scope="module")
-def patch_swap_sass(objects):
+def patch_swap_sass_all(objects):
     return parse_sass(_tool(objects, PATCH_SWAP, "-sass", "-arch", "sm_90"))
+
+
+@pytest.fixture(scope="module")
+def patch_swap_sass(patch_swap_sass_all):
+    """The element kernels (not the value-check kernel, one batch row a thread)."""
+    return {name: ins for name, ins in patch_swap_sass_all.items() if not _is_check_kernel(name)}
+
+
+def _is_check_kernel(name):
+    return "mix_check_kernel" in name or "permutation_check_kernel" in name
 
 
 @needs_nvcc
@@ -222,9 +232,11 @@ def test_mix_kernels_are_all_there(mix_sass):
 
 
 @needs_nvcc
-def test_mix_check_kernel_asserts_on_the_device(mix_sass_all):
+@pytest.mark.parametrize("kernel", ["mix_check_kernel", "permutation_check_kernel"])
+def test_check_kernels_assert_on_the_device(mix_sass_all, patch_swap_sass_all, kernel):
     # the value checks trap whatever NDEBUG says: __assert_fail is called (a device-side assert)
-    (name, instructions), = ((n, i) for n, i in mix_sass_all.items() if "mix_check_kernel" in n)
+    sass = mix_sass_all if kernel == "mix_check_kernel" else patch_swap_sass_all
+    (name, instructions), = ((n, i) for n, i in sass.items() if kernel in n)
     assert any(opcode(i).startswith("CALL.ABS") for _, i in instructions), name
 
 
@@ -297,7 +309,7 @@ def test_no_integer_division_in_kernels(objects, source):
         ops = [opcode(i) for _, i in instructions]
         # (no call at all: CALL.REL is a subroutine, as the 64-bit division's; CALL.ABS, a call into the
         # driver, only in the value-check kernel: its __assertfail)
-        calls = ("CALL.REL",) if "mix_check_kernel" in name else ("CALL",)
+        calls = ("CALL.REL",) if _is_check_kernel(name) else ("CALL",)
         bad = [o for o in ops if o.startswith(("MUFU.RCP",) + calls) or (o.startswith("I2F") and ".RP" in o)]
         if bad:
             divisions[name] = collections.Counter(bad)

@@ -133,6 +133,75 @@ def test_harness_sees_a_wrong_kernel(host_kernel):
     assert not torch.equal(out, _reference(x, partner, ~mask, False))
 
 
+def test_permutation_check_kernel_asserts_where_partner_is_no_permutation(tmp_path_factory):
+    """The cuda backend's check kernel (permutation_check_thread), every thread of a launch: no assert
+    for a permutation, one per row whose sorted value is off otherwise (duplicates, -1, B + 10**6),
+    over more than one block of rows."""
+    check = host_kernels.function(host_kernels.library(tmp_path_factory, "patch_swap_host.cpp"),
+                                  "fastsd_permutation_check_host", [ctypes.c_void_p, ctypes.c_int64],
+                                  restype=ctypes.c_int64)
+
+    def fired(partner):
+        s = torch.sort(partner.long()).values.contiguous()
+        return check(s.data_ptr(), s.numel())
+
+    B = 300
+    g = torch.Generator().manual_seed(5)
+    assert fired(torch.randperm(B, generator=g)) == 0 and fired(torch.arange(B - 1, -1, -1)) == 0
+    assert fired(torch.zeros(0, dtype=torch.long)) == 0
+    dup = torch.arange(B)
+    dup[7] = 8  # sorted: ..., 6, 8, 8, 9, ...: row 7 is off
+    assert fired(dup) == 1
+    minus = torch.arange(B - 1, -1, -1)
+    minus[0] = -1  # sorted: -1, 0, ..., B - 2: every row off
+    assert fired(minus) == B
+    big = torch.arange(B)
+    big[B - 1] = B + 10 ** 6
+    assert fired(big) == 1
+
+
+def test_cuda_backend_checks_the_permutation_with_its_kernel(monkeypatch):
+    # the Python wiring of the cuda backend, on CPU tensors with fastsd._C's ops recorded: a checked call
+    # (eager, autograd, the registered op) sorts partner and runs the check kernel on the sorted values,
+    # then the patch swap kernel, with no ATen compare; a fastsd._C without the check kernel falls back
+    # to the ATen check; an involution from fastsd's own pairing is not checked
+    import importlib
+
+    from fastsd import _backend, _ext, _validate
+
+    ps = importlib.import_module("fastsd.patch_swap")  # the module (fastsd.patch_swap is also the function)
+    calls = []
+
+    class Ops:
+        def patch_swap_check(self, sorted_partner):
+            calls.append(("check", sorted_partner.tolist()))
+
+        def patch_swap(self, x, partner, mask):
+            calls.append(("patch_swap",))
+            return x.clone()
+
+    select = _backend.select
+    monkeypatch.setattr(_ext, "ops", lambda: Ops())
+    monkeypatch.setattr(_validate, "kernel_asserts", lambda *tensors: True)
+    monkeypatch.setattr(ps, "_has_cuda_check", lambda: True)
+    monkeypatch.setattr(_backend, "select", lambda name, *t, **k: ps._patch_swap_cuda if name == "patch_swap"
+                        else select(name, *t, **k))
+    compares = []
+    monkeypatch.setattr(ps, "assert_permutation", lambda *a: compares.append(a))
+    x, mask = torch.randn(4, 3, 8, 8), torch.rand(4, 2, 2) < 0.5
+    partner = torch.tensor([2, 0, 3, 1])
+    fastsd.patch_swap(x, partner, mask)
+    assert calls == [("check", [0, 1, 2, 3]), ("patch_swap",)] and not compares
+    calls.clear()
+    fastsd.patch_swap(x.clone().requires_grad_(), partner, mask)
+    torch.ops.fastsd.patch_swap(x, partner, mask)
+    assert [c[0] for c in calls] == ["check", "patch_swap", "check", "patch_swap"] and not compares
+    calls.clear()
+    monkeypatch.setattr(ps, "_has_cuda_check", lambda: False)  # an older fastsd._C: the ATen check
+    fastsd.patch_swap(x, partner, mask)
+    assert calls == [("patch_swap",)] and len(compares) == 1
+
+
 # --- the same kernels on a GPU (skipped without one, or without the CUDA kernels built) -------------
 
 needs_cuda_kernels = pytest.mark.skipif(

@@ -50,13 +50,17 @@ CUDA_CASES = {
     "cuda mix partner + 10**6": ("fm.mix(x, flip + 10**6, boxes, lam, use_box)", "partner must be a permutation"),
     "cuda mix_ involution": ("fm.mix_(x, torch.tensor([1, 2, 0, 4, 3, 6, 5, 7], device='cuda'), boxes, lam, use_box)",
                              "partner must be an involution"),
+    # patch swap's check kernel (csrc/cuda/patch_swap_kernel.cuh, permutation_check_thread)
+    "cuda patch_swap partner": ("fastsd.patch_swap(x, torch.zeros_like(flip), mask)", "partner must be a permutation"),
+    "cuda patch_swap partner + 10**6": ("fastsd.patch_swap(x, flip + 10**6, mask)", "partner must be a permutation"),
 }
 # (each set forced through the environment, and the child checks which implementation it got: auto
 # takes the CUDA C++ kernels of the mix op first where fastsd._C has them, fastsd._backend.
 # CUDA_FIRST, and the Triton ones otherwise; their messages are the same)
 _CHECK_CUDA = """
-import fastsd._backend as _b, fastsd.mix.op as _op
-_fn = _b.select("{op}", x, flip, boxes, lam, use_box)
+import importlib, fastsd._backend as _b
+_op = importlib.import_module("{module}")
+_fn = _b.select("{op}", {args})
 assert getattr(_fn, "__wrapped__", _fn) is _op.{impl}, _fn
 """
 
@@ -82,9 +86,14 @@ def outcomes():
     cases = {**(CASES if _triton_runs() else {}), **(CUDA_CASES if _has_cuda_kernels() else {})}
     for case, (call, _) in cases.items():
         code = textwrap.dedent(_SETUP)
-        if case in CUDA_CASES:
+        if case in CUDA_CASES and "patch_swap" in case:
+            code += _CHECK_CUDA.format(module="fastsd.patch_swap", op="patch_swap", args="x, flip, mask",
+                                       impl="_patch_swap_cuda")
+        elif case in CUDA_CASES:
             inplace = "fm.mix_(" in call
-            code += _CHECK_CUDA.format(op="mix_" if inplace else "mix", impl="_mix_inplace_cuda" if inplace else "_mix_cuda")
+            code += _CHECK_CUDA.format(module="fastsd.mix.op", op="mix_" if inplace else "mix",
+                                       args="x, flip, boxes, lam, use_box",
+                                       impl="_mix_inplace_cuda" if inplace else "_mix_cuda")
         code += f"\nout = {call}\ntorch.cuda.synchronize()\nprint('SYNCED')\n"
         procs[case] = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                        env={**env, "FASTSD_BACKEND": "cuda" if case in CUDA_CASES else "triton"},

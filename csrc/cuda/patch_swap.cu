@@ -33,7 +33,17 @@ void launch_typed(const Plan& plan, bool backward, cudaStream_t stream) {
   }
 }
 
+__global__ void __launch_bounds__(kThreads) permutation_check_kernel(const PermutationCheck c) {
+  permutation_check_thread(c, Dim3{blockIdx.x, blockIdx.y, blockIdx.z}, Dim3{threadIdx.x, threadIdx.y, threadIdx.z});
+}
+
 }  // namespace
+
+cudaError_t launch_permutation_check(const PermutationCheck& check, cudaStream_t stream) {
+  const unsigned blocks = unsigned((check.B + kThreads - 1) / kThreads);
+  if (blocks > 0) permutation_check_kernel<<<blocks, kThreads, 0, stream>>>(check);
+  return cudaGetLastError();
+}
 
 cudaError_t launch_cell_select(const Plan& plan, Dtype dtype, bool backward, cudaStream_t stream) {
   switch (dtype) {

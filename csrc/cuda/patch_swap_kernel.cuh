@@ -310,9 +310,26 @@ FASTSD_HD void cell_select_thread(const Params& p, Dim3 bid, Dim3 tid, Dim3 gdim
   }
 }
 
+// The public function's value check on the cuda backend (permutation_check_kernel), one batch row a
+// thread, before the patch swap kernel on the same stream: `sorted` (partner sorted) is range(B), so
+// partner is a permutation, as the Triton kernel asserts it (kernels/patch_swap.py, same message).
+// Three launches a checked call (the sort, this, the kernel) where the ATen check took four more.
+struct PermutationCheck {
+  const int64_t* sorted;  // [B]
+  int64_t B;
+};
+
+FASTSD_HD void permutation_check_thread(const PermutationCheck& c, Dim3 bid, Dim3 tid) {
+  const int64_t r = int64_t(bid.x) * kThreads + tid.x;
+  if (r >= c.B) return;
+  FASTSD_DEVICE_ASSERT(c.sorted[r] == r, "fastsd.patch_swap: partner must be a permutation of range(B)");
+}
+
 #ifdef FASTSD_WITH_CUDA
 // patch_swap.cu: launch the kernel of `dtype` and direction on `stream` (the caller sets the device).
 cudaError_t launch_cell_select(const Plan& plan, Dtype dtype, bool backward, cudaStream_t stream);
+// patch_swap.cu: launch permutation_check_kernel (ceil(B / kThreads) blocks) on `stream`.
+cudaError_t launch_permutation_check(const PermutationCheck& check, cudaStream_t stream);
 #endif
 
 }  // namespace cuda_patch_swap

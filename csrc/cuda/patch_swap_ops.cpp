@@ -48,10 +48,25 @@ at::Tensor patch_swap_backward_cuda(const at::Tensor& grad, const at::Tensor& pa
   return launch(grad, partner, mask, /*backward=*/true);
 }
 
+// The public function's permutation check as a device-side assert (permutation_check_kernel, one
+// launch after the caller's sort): no host sync.
+void patch_swap_check_cuda(const at::Tensor& sorted) {
+  TORCH_CHECK(sorted.dim() == 1 && sorted.scalar_type() == at::kLong && sorted.is_cuda(),
+              "fastsd_C.patch_swap_check: sorted must be an int64 [B] CUDA tensor");
+  const int64_t B = sorted.size(0);
+  if (B == 0) return;
+  const c10::cuda::CUDAGuard guard(sorted.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(sorted.device().index()).stream();
+  const at::Tensor s = sorted.contiguous();
+  C10_CUDA_CHECK(cuda_patch_swap::launch_permutation_check(cuda_patch_swap::PermutationCheck{s.data_ptr<int64_t>(), B},
+                                                           stream));
+}
+
 }  // namespace
 }  // namespace fastsd
 
 TORCH_LIBRARY_IMPL(fastsd_C, CUDA, m) {
   m.impl("patch_swap", &fastsd::patch_swap_cuda);
   m.impl("patch_swap_backward", &fastsd::patch_swap_backward_cuda);
+  m.impl("patch_swap_check", &fastsd::patch_swap_check_cuda);
 }

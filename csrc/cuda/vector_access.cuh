@@ -20,6 +20,27 @@
 #define FASTSD_CUDA_ACCESS(ptr, bytes, is_store) true
 #endif
 
+#include <cassert>
+
+// A device-side assert that fires whatever NDEBUG says (as PyTorch's CUDA_KERNEL_ASSERT): the message
+// is printed by the device and the launch's stream reports "device-side assert triggered". The host
+// test build defines it to record the failures.
+#ifndef FASTSD_DEVICE_ASSERT
+#if defined(__CUDA_ARCH__) && defined(_MSC_VER)  // as c10's CUDA_KERNEL_ASSERT on Windows
+#define FASTSD_DEVICE_ASSERT(cond, message)                                                       \
+  do {                                                                                            \
+    if (!(cond)) (void)_wassert(_CRT_WIDE(message), _CRT_WIDE(__FILE__), static_cast<unsigned>(__LINE__)); \
+  } while (0)
+#elif defined(__CUDA_ARCH__)
+#define FASTSD_DEVICE_ASSERT(cond, message) \
+  do {                                       \
+    if (!(cond)) __assert_fail(message, __FILE__, static_cast<unsigned int>(__LINE__), __func__); \
+  } while (0)
+#else
+#define FASTSD_DEVICE_ASSERT(cond, message) ((void)0)
+#endif
+#endif
+
 namespace fastsd {
 namespace cuda_common {
 

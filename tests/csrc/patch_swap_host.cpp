@@ -31,7 +31,14 @@ bool check_access(const void* ptr, size_t bytes, bool is_store) {
 }
 }  // namespace
 
+// The check kernel's device-side asserts: how many threads' asserts fired.
+int64_t g_asserts = 0;
+
 #define FASTSD_CUDA_ACCESS(ptr, bytes, is_store) check_access(ptr, bytes, is_store)
+#define FASTSD_DEVICE_ASSERT(cond, message) \
+  do {                                       \
+    if (!(cond)) ++g_asserts;                \
+  } while (0)
 #include "../../csrc/cuda/patch_swap_kernel.cuh"
 
 namespace {
@@ -87,4 +94,15 @@ extern "C" int fastsd_patch_swap_host(int dtype, int backward, const void* x, vo
                             plan.p.plane_splits, g_errors, not_once};
   for (int k = 0; k < 8; ++k) info[k] = values[k];
   return 0;
+}
+
+// Every thread of a permutation_check_kernel launch over `sorted` (partner sorted, [B]): how many
+// threads' asserts fired.
+extern "C" int64_t fastsd_permutation_check_host(const int64_t* sorted, int64_t B) {
+  g_asserts = 0;
+  const PermutationCheck check{sorted, B};
+  const uint32_t blocks = uint32_t((B + kThreads - 1) / kThreads);
+  for (uint32_t x = 0; x < blocks; ++x)
+    for (uint32_t t = 0; t < kThreads; ++t) permutation_check_thread(check, Dim3{x, 0, 0}, Dim3{t, 0, 0});
+  return g_asserts;
 }

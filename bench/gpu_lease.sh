@@ -51,7 +51,7 @@ step selftest "$L_SELFTEST" $PY -m fastsd.selftest
 # pytest-xdist where present (the device image has it): 541 GPU tests compile their Triton kernels
 # in 74 s on 12 workers of an H100 machine (2026-11-26), several minutes in one process
 xdist=(); $PY -c "import xdist" 2>/dev/null && xdist=(-n "${TEST_WORKERS:-12}" --dist loadfile)
-TAIL=12 step tests "$L_TESTS" $PY -m pytest -q -m gpu -p no:cacheprovider -ra "${xdist[@]}" tests
+TAIL=12 step tests "$L_TESTS" $PY -m pytest -q -m gpu -p no:cacheprovider -ra ${xdist[@]+"${xdist[@]}"} tests
 if [ -f "$STATIC" ]; then static=(--static-model "$STATIC" --skip tests bench); else static=(--skip tests bench static); fi
 TAIL=30 step kernels "$L_KERNELS" $PY -m fastsd.bench.gpu_report "${static[@]}" --json "$OUT/gpu-report.json"
 TAIL=20 step host "$L_HOST" $PY bench/host_overhead.py --registered --device cuda --backends triton,cuda,torch --min-time 0.2

@@ -39,9 +39,11 @@ PREFERENCE = ("triton", "cuda", "cpp", "torch")
 # launcher costs about 45 us a launch more than a C++ op, so the mix op's C++ kernels were faster at
 # every size benched: 26-79 us a call against 92-117 us (256x3x32x32 and 128x3x224x224, out of place
 # and in place), with the same launches (a sort, the check kernel, the kernel). patch_swap's C++
-# kernel was faster too (0.16-0.19 ms a call against 0.20-0.21 ms) but is not listed: its path checks
-# the permutation in four ATen launches (no check kernel), 6 forward where issue 12's budget is 3.
-# The backward ops were not timed there and keep PREFERENCE.
+# kernel was faster too (0.16-0.19 ms a call against 0.20-0.21 ms, its permutation then checked in
+# four ATen launches) but is not listed: with its check kernel since, a checked forward is 3 launches
+# (the sort, the check, the kernel) against Triton's 2 (the check inside the kernel), 4 with the
+# backward where issue 12's budget is 3; a lease should time both. The backward ops were not timed
+# there and keep PREFERENCE.
 CUDA_FIRST = frozenset({"mix", "mix_"})
 
 
@@ -298,7 +300,7 @@ def select(op: str, *tensors: torch.Tensor, **kwargs) -> Callable:
         if impl.reasons is None or not impl.reasons(*tensors, **kwargs):
             return _on_device(impl.fn, devices)
     collected = []
-    for name in PREFERENCE:
+    for name in preference(op):
         why = reasons(op, name, *tensors, **kwargs) or [_NOT_AUTO]
         collected.append(f"  {name}: " + "; ".join(why))
     raise BackendUnavailableError(f"fastsd.{op}: no backend can run these inputs:\n" + "\n".join(collected))

@@ -423,13 +423,14 @@ def test_torchvision(name, dtype, channels_last):
 def test_drop_in_targets_on_every_backend(backend):
     """The targets and labels are mixed by the fused op (fastsd.mix._rows.mix_rows) on whichever
     backend runs it: timm's per-row float32 lambda, its per-batch float64 one, multi-label, a float16
-    batch (timm rounds lambda to it: ATen ops), and torchvision's 2-D labels in each float dtype."""
+    batch per batch (the fused op) and per row (timm rounds lambda to float16: ATen ops), and
+    torchvision's 2-D labels in each float dtype."""
     tm = pytest.importorskip("timm.data.mixup")
     from torchvision.transforms import v2
 
     with fastsd.use_backend(backend):
         for k, (mode, options) in enumerate(itertools.product(["elem", "batch"], TIMM_OPTIONS[2:4])):
-            x = timm_images((6, 3, 9, 11), torch.float16 if k == 3 else torch.float32, k)
+            x = timm_images((6, 3, 9, 11), torch.float16 if k in (1, 3) else torch.float32, k)
             target = torch.randint(0, 10, (6,))
             np.random.seed(k)
             want = tm.Mixup(num_classes=10, mode=mode, **options)(x.clone(), target)
@@ -453,6 +454,63 @@ def test_drop_in_targets_on_every_backend(backend):
             got = getattr(fm, name)(alpha=0.7, num_classes=7)(x, labels)
             assert got[1].dtype == dtype and torch.equal(got[1], want[1]), (name, dtype)
             assert torch.equal(labels, before)  # the caller's labels are never mixed in place
+
+
+def test_cuda_backend_passes_samples_its_int32_indexing_cannot_take(monkeypatch):
+    """auto takes the CUDA C++ mix kernels first (fastsd._backend.CUDA_FIRST): they index a sample in
+    int32, so a sample of 2**31 elements or more is a reason to pass them over (Triton's kernel has
+    a 64-bit variant) rather than an error at the launch. Meta tensors: no memory."""
+    from fastsd.mix import op
+
+    monkeypatch.setattr(op, "_has_cuda_kernel", lambda name: True)
+    B = 2
+    args = (torch.zeros(B, dtype=torch.long), torch.zeros(B, 4, dtype=torch.long), torch.zeros(B),
+            torch.zeros(B, dtype=torch.bool))
+    assert op._cuda_reasons(torch.empty(B, 1, 2 ** 16, 2 ** 15 - 1, device="meta"), *args) == []
+    why = op._cuda_reasons(torch.empty(B, 1, 2 ** 16, 2 ** 15, device="meta"), *args)
+    assert len(why) == 1 and "2**31" in why[0]
+    assert op._cuda_reasons(torch.empty(0, 1, 2 ** 16, 2 ** 15, device="meta"), *args[:0]) != []
+
+
+def test_drop_in_targets_keep_the_libraries_layout_gradients_and_inputs():
+    """Where the fused op would not give what the libraries' expression gives, the drop-ins use the
+    expression (fastsd.mix._rows.fuses): a strided multi-label target keeps its layout, targets and
+    labels that need a gradient get the libraries' gradient (autograd multiplies by lam in float32),
+    and the caller's labels are never mixed in place, also where roll(1, 0) is an involution (B = 2)."""
+    tm = pytest.importorskip("timm.data.mixup")
+    from torchvision.transforms import v2
+
+    x = timm_images((6, 3, 9, 11), torch.float32, 0)
+    g = torch.Generator().manual_seed(3)
+    dense = (torch.rand(10, 6, generator=g) < 0.3).float().t()  # [6, 10], strided
+    for target in (dense, dense.contiguous().requires_grad_()):
+        out = []
+        for lib in (tm, fm):
+            np.random.seed(2)
+            t = target.detach().clone(memory_format=torch.preserve_format).requires_grad_(target.requires_grad)
+            _, y = lib.Mixup(num_classes=10, mode="elem", multi_label=True)(x.clone(), t)
+            grad = torch.autograd.grad(y, t, torch.rand(y.shape, generator=torch.Generator().manual_seed(4)))[0] \
+                if t.requires_grad else None
+            out.append((y, grad))
+        (want, want_grad), (got, got_grad) = out
+        assert torch.equal(got, want) and got.stride() == want.stride()
+        assert (got_grad is None) == (want_grad is None) and (got_grad is None or torch.equal(got_grad, want_grad))
+    for name, dtype in itertools.product(["CutMix", "MixUp"], [torch.float16, torch.bfloat16, torch.float32]):
+        labels = torch.rand(6, 7, generator=g).to(dtype)
+        grads = []
+        for lib in (v2, fm):
+            lab = labels.clone().requires_grad_()
+            torch.manual_seed(5)
+            _, y = getattr(lib, name)(alpha=0.7, num_classes=7)(x, lab)
+            grads.append((y, torch.autograd.grad(y, lab, torch.ones_like(y))[0]))
+        assert torch.equal(grads[1][0], grads[0][0]) and torch.equal(grads[1][1], grads[0][1]), (name, dtype)
+        pair = labels[:2].clone()
+        before = pair.clone()
+        torch.manual_seed(6)
+        _, y = getattr(fm, name)(alpha=0.7, num_classes=7)(x[:2], pair)
+        assert torch.equal(pair, before) and y.data_ptr() != pair.data_ptr(), (name, dtype)
+    with pytest.raises(TypeError, match="int64"):
+        fm.CutMix(num_classes=7)(x, torch.arange(6, dtype=torch.int32))
 
 
 @pytest.mark.parametrize("name", ["Mixup elem", "Mixup batch", "FastCollateMixup pair", "CutMix", "MixUp"])

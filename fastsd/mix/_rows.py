@@ -65,13 +65,22 @@ def mix_images(x: torch.Tensor, r: Rows, inplace: bool) -> torch.Tensor:
     return mix_unchecked(x, r.partner, r.boxes, r.lam, r.use_box)
 
 
+def fuses(r: Optional[Rows], y: torch.Tensor) -> bool:
+    """Whether :func:`mix_rows` gives what the libraries' ATen expression gives for ``y``: on the CPU
+    (``r.fused_labels``), for a contiguous y (the expression keeps a strided y's layout) that needs
+    no gradient (autograd's backward of ``y * lam`` multiplies by lam in float32, the op's in y's
+    dtype: float16/bfloat16 gradients would differ)."""
+    return r is not None and r.fused_labels and y.device == r.partner.device and y.is_contiguous() and (
+        not y.requires_grad)
+
+
 def mix_rows(y: torch.Tensor, r: Rows) -> torch.Tensor:
-    """``y * lam + y[partner] * (1 - lam)`` of a ``[B, K]`` y (targets, labels) with lam = ``r.label_lam``
-    (``r.fused_labels``), by the fused op with every row a MixUp row: bit-identical to that ATen
+    """``y * lam + y[partner] * (1 - lam)`` of a ``[B, K]`` y (targets, labels) with lam = ``r.label_lam``,
+    where :func:`fuses`, by the fused op with every row a MixUp row: bit-identical to that ATen
     expression (``1 - lam`` in lam's dtype, each product and the sum rounded as eager ops round). In
-    place where it can be (an involution partner, y needing no grad): y must be the caller's own."""
+    place for an involution partner: y must then be the caller's own."""
     B, K = y.shape
-    y4 = y.contiguous().view(B, 1, 1, K)
-    if r.involution and not y4.requires_grad:
+    y4 = y.view(B, 1, 1, K)
+    if r.involution:
         return mix_unchecked_(y4, r.partner, r.empty_boxes, r.label_lam, r.no_box).view(B, K)
     return mix_unchecked(y4, r.partner, r.empty_boxes, r.label_lam, r.no_box).view(B, K)

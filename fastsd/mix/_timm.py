@@ -67,7 +67,10 @@ def mixup_target(target: torch.Tensor, num_classes: int, lam=1.0, smoothing: flo
     tensor; partner ``flip(0)`` when None. ``check=False``: the caller ran :func:`check_targets`."""
     if check:
         check_targets("fastsd.mix.mixup_target", target, num_classes, multi_label)
-    y1 = smoothed_targets(target, num_classes, smoothing, multi_label)
+    return _mix_smoothed(smoothed_targets(target, num_classes, smoothing, multi_label), lam, partner)
+
+
+def _mix_smoothed(y1: torch.Tensor, lam, partner: Optional[torch.Tensor] = None) -> torch.Tensor:
     y2 = y1.flip(0) if partner is None else y1[partner]
     return y1 * lam + y2 * (1.0 - lam)
 
@@ -278,21 +281,20 @@ class Mixup:
         r = _rows.rows(x.device, np.arange(B - 1, -1, -1), boxes, lam, use_box, lam, involution=True)  # flip(0)
         return _rows.mix_images(x, r, inplace=True), lam_target, r
 
-    def _mix_target(self, target: torch.Tensor, lam, r, lam_dtype: torch.dtype) -> torch.Tensor:
+    def _mix_target(self, target: torch.Tensor, lam, r, lam_dtype: torch.dtype, lam_device) -> torch.Tensor:
         """timm's ``mixup_target`` of this step, with a per-row lambda as timm passes it: a
-        ``lam_dtype`` tensor. On the CPU by the fused op (:func:`fastsd.mix._rows.mix_rows`, the rows
-        of the images' pass) wherever its weights are timm's: a float lambda (the per-batch modes), or
-        a float32 one; else (CUDA; float16 x in 'elem'/'pair', where timm rounds lambda to it) in ATen
-        ops, as timm."""
-        fused = r is not None and r.fused_labels and target.device == r.lam.device and (
-            isinstance(lam, float) or lam_dtype == torch.float32)
-        if fused:
-            y = smoothed_targets(target, self.num_classes, self.label_smoothing, self.multi_label)
-            if y.dtype in (torch.float32, torch.float64):
-                return _rows.mix_rows(y, r)
+        ``lam_dtype`` tensor on ``lam_device``. On the CPU by the fused op
+        (:func:`fastsd.mix._rows.mix_rows`, the rows of the images' pass) wherever its weights are
+        timm's (a float lambda, the per-batch modes, or a float32 one) and the smoothed targets allow
+        it (:func:`fastsd.mix._rows.fuses`); else (CUDA; float16 x in 'elem'/'pair', where timm rounds
+        lambda to it; targets that need a gradient) in ATen ops, as timm."""
+        y = smoothed_targets(target, self.num_classes, self.label_smoothing, self.multi_label)
+        if (isinstance(lam, float) or lam_dtype == torch.float32) and y.dtype in (torch.float32, torch.float64) \
+                and _rows.fuses(r, y):
+            return _rows.mix_rows(y, r)
         if not isinstance(lam, float):
-            lam = torch.tensor(lam, device=target.device, dtype=lam_dtype).unsqueeze(1)
-        return mixup_target(target, self.num_classes, lam, self.label_smoothing, self.multi_label, check=False)
+            lam = torch.tensor(lam, device=lam_device, dtype=lam_dtype).unsqueeze(1)
+        return _mix_smoothed(y, lam)
 
     def _check_batch(self, fn, batch_size):
         if batch_size % 2:
@@ -308,7 +310,7 @@ class Mixup:
             raise ValueError(f"{fn}: target must have B={len(x)} rows, got {len(target)}")
         check_targets(fn, target, self.num_classes, self.multi_label)  # before x is mixed in place
         out, lam, r = self._mix(x)
-        return out, self._mix_target(target, lam, r, x.dtype)
+        return out, self._mix_target(target, lam, r, x.dtype, x.device)
 
 
 class FastCollateMixup(Mixup):
@@ -331,7 +333,7 @@ class FastCollateMixup(Mixup):
         target = torch.utils.data.default_collate([b[1] for b in batch])
         check_targets(fn, target, self.num_classes, self.multi_label)
         out, lam, r = self._mix(x)
-        target = self._mix_target(target, lam, r, torch.float32)  # timm: torch.tensor(lam), float32
+        target = self._mix_target(target, lam, r, torch.float32, None)  # timm: torch.tensor(lam), float32 on the CPU
         if self.mode == "half":
             return out[:batch_size // 2], target[:batch_size // 2]
         return out, target

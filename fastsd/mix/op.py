@@ -20,6 +20,8 @@ atomics, bitwise deterministic; its own backward is the forward op (both are lin
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import _backend, _eager, _ext
@@ -131,7 +133,7 @@ def mix(x: torch.Tensor, partner: torch.Tensor, boxes: torch.Tensor, lam: torch.
 
     Values (partner a permutation, boxes in range, lam in [0, 1]) are checked on the device without
     a host sync: a ValueError at once on the CPU, an asynchronous device-side assert on CUDA (by the
-    Triton check kernel: a sort of partner and one launch).
+    backend's check kernel, CUDA C++ or Triton: a sort of partner and one launch).
 
     Returns:
         A new tensor with x's dtype, device and layout. Differentiable in x (a gather backward).
@@ -260,10 +262,37 @@ def _cpp_reasons(*tensors, **kwargs):
     return []
 
 
+_INT32_MAX = 2 ** 31 - 1
+
+
 def _cuda_reasons(*tensors, **kwargs):
     if not _has_cuda_kernel("mix_check"):  # a fastsd._C whose CUDA build predates this version's mix kernels
         return ["fastsd._C lacks this version's CUDA mix kernels (built from older sources: rebuild it)"]
+    x = tensors[0] if tensors else None
+    if x is not None and x.dim() == 4 and (x.shape[0] > _INT32_MAX or math.prod(x.shape[1:]) > _INT32_MAX):
+        # csrc/cuda/mix_ops.cpp indexes a sample in int32 (Triton's kernel has a 64-bit variant)
+        return ["the CUDA C++ mix kernels take samples of fewer than 2**31 elements and batches of fewer than "
+                "2**31 samples"]
+    if x is not None and x.is_cuda and not _kernel_image(x.device.index):
+        return [f"fastsd._C has no CUDA mix kernel for this GPU (compute capability "
+                f"{'.'.join(map(str, torch.cuda.get_device_capability(x.device)))}): built for other GPUs"]
     return []
+
+
+@_backend.cached
+def _kernel_image(index: int) -> bool:
+    """Whether fastsd._C's CUDA mix kernels run on GPU ``index``: a build for other GPUs has no image
+    for it (the launch fails with "no kernel image"), which auto must pass over now that it takes
+    these kernels first (fastsd._backend.CUDA_FIRST). One launch of the check kernel on one valid row,
+    once per device and process; no host sync."""
+    dev = torch.device("cuda", index)
+    one = torch.zeros(1, dtype=torch.int64, device=dev)
+    try:
+        _ext.ops().mix_check(one, one, torch.zeros(1, 4, dtype=torch.int64, device=dev),
+                             torch.zeros(1, device=dev), 1, 1, False)
+    except RuntimeError:
+        return False
+    return True
 
 
 @_backend.cached  # a few microseconds a call otherwise, on every select() where Triton is missing

@@ -241,13 +241,15 @@ def _cuda_asserts(x: torch.Tensor) -> bool:
     """The CUDA C++ backend asserts ``sorted_partner == range(B)`` on the GPU by its check kernel
     (csrc/cuda/patch_swap_kernel.cuh, ``permutation_check_thread``) where fastsd._C has it; an
     older build leaves the check to the glue's ATen ops."""
-    return V.kernel_asserts(x) and _has_cuda_check()
+    return V.kernel_asserts(x) and _has_cuda_kernel("patch_swap_check")
 
 
-@_backend.cached
-def _has_cuda_check() -> bool:
-    return hasattr(_ext.ops(), "patch_swap_check") and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "fastsd_C::patch_swap_check", torch._C.DispatchKey.CUDA)
+@_backend.cached  # a few microseconds a call otherwise, on every select() and checked call
+def _has_cuda_kernel(name: str) -> bool:
+    """Whether fastsd._C has this version's CUDA kernel of op ``name`` (an older build lacks the
+    check kernels): also the mix op's test (fastsd.mix.op)."""
+    return hasattr(_ext.ops(), name) and torch._C._dispatch_has_kernel_for_dispatch_key(
+        f"fastsd_C::{name}", torch._C.DispatchKey.CUDA)
 
 
 _patch_swap_cuda.asserts_on_device = _cuda_asserts

@@ -183,7 +183,7 @@ def test_cuda_backend_checks_the_permutation_with_its_kernel(monkeypatch):
     select = _backend.select
     monkeypatch.setattr(_ext, "ops", lambda: Ops())
     monkeypatch.setattr(_validate, "kernel_asserts", lambda *tensors: True)
-    monkeypatch.setattr(ps, "_has_cuda_check", lambda: True)
+    monkeypatch.setattr(ps, "_has_cuda_kernel", lambda name: name == "patch_swap_check")
     monkeypatch.setattr(_backend, "select", lambda name, *t, **k: ps._patch_swap_cuda if name == "patch_swap"
                         else select(name, *t, **k))
     compares = []
@@ -197,7 +197,7 @@ def test_cuda_backend_checks_the_permutation_with_its_kernel(monkeypatch):
     torch.ops.fastsd.patch_swap(x, partner, mask)
     assert [c[0] for c in calls] == ["check", "patch_swap", "check", "patch_swap"] and not compares
     calls.clear()
-    monkeypatch.setattr(ps, "_has_cuda_check", lambda: False)  # an older fastsd._C: the ATen check
+    monkeypatch.setattr(ps, "_has_cuda_kernel", lambda name: False)  # an older fastsd._C: the ATen check
     fastsd.patch_swap(x, partner, mask)
     assert calls == [("patch_swap",)] and len(compares) == 1
 

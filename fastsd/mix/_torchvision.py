@@ -86,7 +86,7 @@ class _BaseMixUpCutMix:
                 1, labels.view(-1, 1), 1.0)
         else:
             y = labels if labels.dtype.is_floating_point else labels.float()
-        if not _rows.fuses(r, y) or y.dtype not in MIX_DTYPES or y.dtype == torch.uint8:
+        if not _rows.fuses(r, y) or y.dtype not in MIX_DTYPES:  # (y is floating: never uint8)
             return out, self._mix_labels_aten(y, label_lam)
         if y is labels:  # the caller's: never mixed in place
             r = r._replace(involution=False)

@@ -27,7 +27,7 @@ import torch
 from .. import _backend, _eager, _ext
 from .. import _validate as V
 from .. import reference
-from ..patch_swap import PATCH_SWAP_DTYPES, assert_permutation
+from ..patch_swap import PATCH_SWAP_DTYPES, _has_cuda_kernel, assert_permutation
 
 MIX_DTYPES = PATCH_SWAP_DTYPES
 LAM_DTYPES = (torch.float32, torch.float64)
@@ -293,12 +293,6 @@ def _kernel_image(index: int) -> bool:
     except RuntimeError:
         return False
     return True
-
-
-@_backend.cached  # a few microseconds a call otherwise, on every select() where Triton is missing
-def _has_cuda_kernel(name: str) -> bool:
-    return hasattr(_ext.ops(), name) and torch._C._dispatch_has_kernel_for_dispatch_key(
-        f"fastsd_C::{name}", torch._C.DispatchKey.CUDA)
 
 
 @_backend.register("mix", "cpp", reasons=_cpp_reasons)

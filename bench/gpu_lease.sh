@@ -13,7 +13,8 @@
 #                  benchmark, its JSON
 # Logs and reports go to $OUT (default bench-results/gpu-lease): 8 files, the most a lease returns (host.log is folded into kernels.log). The static model
 # (python -m fastsd.bench.sass --json FILE, no GPU needed) is read from $STATIC when that file exists.
-# Usage: OUT=dir [STATIC=sass.json] [LIMITS="build selftest tests kernels host bench" seconds] bash bench/gpu_lease.sh
+# Usage: OUT=dir [STATIC=sass.json] [LIMITS="build selftest tests kernels host bench" seconds]
+#        [BENCH_OPS="patch_swap losses icp mix"] bash bench/gpu_lease.sh
 set -u
 OUT=${OUT:-bench-results/gpu-lease}
 mkdir -p "$OUT"
@@ -56,6 +57,6 @@ if [ -f "$STATIC" ]; then static=(--static-model "$STATIC" --skip tests bench); 
 TAIL=30 step kernels "$L_KERNELS" $PY -m fastsd.bench.gpu_report "${static[@]}" --json "$OUT/gpu-report.json"
 TAIL=20 step host "$L_HOST" $PY bench/host_overhead.py --registered --device cuda --backends triton,cuda,torch --min-time 0.2
 { echo "== host"; cat "$OUT/host.log"; } >>"$OUT/kernels.log" && rm -f "$OUT/host.log"
-TAIL=30 step bench "$L_BENCH" $PY -m fastsd.bench --device cuda --quick --ops patch_swap losses icp mix --no-plots \
+TAIL=30 step bench "$L_BENCH" $PY -m fastsd.bench --device cuda --quick --ops ${BENCH_OPS:-patch_swap losses icp mix} --no-plots \
     --json "$OUT/bench.json"
 echo "== summary"; cat "$SUMMARY"

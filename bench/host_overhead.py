@@ -36,7 +36,11 @@ def _before_package(rev: str) -> str:
     put on sys.path."""
     root = tempfile.mkdtemp(prefix="fastsd_before_")
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    tar = subprocess.run(["git", "-C", here, "archive", rev, "fastsd"], check=True, capture_output=True).stdout
+    if os.path.isfile(rev):  # `git archive REV fastsd` made beforehand (a GPU machine's copy has no history)
+        with open(rev, "rb") as f:
+            tar = f.read()
+    else:
+        tar = subprocess.run(["git", "-C", here, "archive", rev, "fastsd"], check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", root], input=tar, check=True)
     pkg = os.path.join(root, "fastsd_before")
     os.rename(os.path.join(root, "fastsd"), pkg)
@@ -77,6 +81,11 @@ def calls(fs, device="cpu"):
     labels4, partner4 = torch.tensor([1, 1, 2, 2], device=device), torch.tensor([1, 0, 3, 2], device=device)
     student = [make(2, 4, 4, 4, grad=True), make(2, 8, 2, 2, grad=True)]
     target = [make(2, 4, 4, 4), make(2, 8, 2, 2)]
+    boxes = torch.tensor([[1, 5, 2, 7], [0, 8, 0, 8]], device=device)
+    lam, use_box = torch.tensor([0.3, 0.7], device=device), torch.tensor([True, False], device=device)
+    xb, yb = make(8, 3, 8, 8), torch.arange(8, device=device) % 4
+    mixup = fs.mix.Mixup(mixup_alpha=1.0, cutmix_alpha=1.0, num_classes=4)
+    cutmix = fs.mix.CutMix(num_classes=4)
     grad = torch.autograd.grad
     return {
         "patch_swap": lambda: fs.patch_swap(x, partner, mask),
@@ -85,6 +94,10 @@ def calls(fs, device="cpu"):
         "pair_kd_loss+bwd": lambda: grad(fs.pair_kd_loss(z, labels4, partner4), z),
         "kd_loss+bwd": lambda: grad(fs.kd_loss(z, t), z),
         "feature_loss+bwd": lambda: grad(fs.feature_alignment_loss(student, target), student),
+        "mix": lambda: fs.mix.mix(x, partner, boxes, lam, use_box),
+        # the drop-ins (timm's batch mode, torchvision's CutMix): their backend is the mix op's
+        "Mixup batch": lambda: mixup(xb, yb),
+        "CutMix": lambda: cutmix(xb, yb),
     }
 
 
@@ -111,7 +124,8 @@ def _never(tensors):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--before", metavar="REV", help="a git revision whose fastsd to time beside this tree's")
+    parser.add_argument("--before", metavar="REV",
+                        help="a git revision whose fastsd to time beside this tree's (or a file of `git archive REV fastsd`)")
     parser.add_argument("--registered", action="store_true",
                         help="also this tree's calls through the registered ops (the eager path off)")
     parser.add_argument("--device", default="cpu")
@@ -148,11 +162,17 @@ def main():
                 print(f"=== {tree} {b} {args.profile}: 2000 calls")
                 pstats.Stats(prof).sort_stats("tottime").print_stats(18)
         return
-    fns = {}
+    fns, missing = {}, set()
     for tree, fs in trees.items():
         for name, fn in calls(fs, device).items():
             for b in backends:
-                fns[(name, b, tree)] = _in_backend(fs, b, fn, tree == "registered")
+                run = _in_backend(fs, b, fn, tree == "registered")
+                try:
+                    run()
+                except fs.BackendUnavailableError:  # e.g. an op without a CUDA C++ kernel
+                    missing.add((name, b))
+                    continue
+                fns[(name, b, tree)] = run
     times = interleave(fns, device, min_time=args.min_time, min_rounds=30, min_sample=2e-3, clock=args.clock)
     cols = list(trees)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, 1 thread, {args.clock} clock"
@@ -163,6 +183,9 @@ def main():
     print("|" + "---|" * (head.count("|") - 1))
     for name in calls(fastsd, device):
         for b in backends:
+            if (name, b) in missing:
+                print(f"| {name} | {b} | " + " | ".join(["-"] * (len(cols) + len(ratios))) + " |")
+                continue
             meds = {}
             cells = []
             for tree in cols:

@@ -35,16 +35,17 @@ BACKENDS = ("triton", "cuda", "cpp", "torch")
 # is never picked by auto: the interpreter is orders of magnitude slower than the reference.
 PREFERENCE = ("triton", "cuda", "cpp", "torch")
 # Ops whose CUDA C++ kernel auto takes before the Triton one, where both can run. Measured on an H100
-# (docs/gpu/README.md, 2026-11-26, float32): a call there is host-bound, and Triton 3.6's Python
-# launcher costs about 45 us a launch more than a C++ op, so the mix op's C++ kernels were faster at
-# every size benched: 26-79 us a call against 92-117 us (256x3x32x32 and 128x3x224x224, out of place
-# and in place), with the same launches (a sort, the check kernel, the kernel). patch_swap's C++
-# kernel was faster too (0.16-0.19 ms a call against 0.20-0.21 ms, its permutation then checked in
-# four ATen launches) but is not listed: with its check kernel since, a checked forward is 3 launches
-# (the sort, the check, the kernel) against Triton's 2 (the check inside the kernel), 4 with the
-# backward where issue 12's budget is 3; a lease should time both. The backward ops were not timed
-# there and keep PREFERENCE.
-CUDA_FIRST = frozenset({"mix", "mix_"})
+# (docs/gpu/README.md, float32), where a call is host-bound and Triton 3.6's Python launcher costs
+# about 45 us a launch more than a C++ op:
+# - the mix op (2026-11-26): 26-79 us a call against 92-117 us (256x3x32x32 and 128x3x224x224, out of
+#   place and in place), with the same launches (a sort, the check kernel, the kernel);
+# - patch_swap's forward (2026-11-27, with its permutation check kernel): 0.091 / 0.094 / 0.127 ms a
+#   call against Triton's 0.151 / 0.124 / 0.195 ms (256x3x32x32 8x8, 64x3x224x224 7x7,
+#   128x64x56x56 7x7), although it launches 3 kernels (the sort, the check, the kernel) where
+#   Triton's launches 2 (the check inside the kernel): issue 12's launch budget, forward + backward,
+#   is counted on the Triton path.
+# The backward ops were not timed there and keep PREFERENCE.
+CUDA_FIRST = frozenset({"mix", "mix_", "patch_swap"})
 
 
 def preference(op: str) -> Tuple[str, ...]:

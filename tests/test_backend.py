@@ -167,12 +167,13 @@ def test_mask_kernel_limits_are_reasons_not_a_silent_fallback():
     assert "noise is torch.float16" in fn(partner, fine.half(), cells=4)[0]
 
 
-def test_auto_takes_the_cuda_mix_kernels_first(monkeypatch):
-    """The mix op: the CUDA C++ kernel before Triton's where both can run (measured on an H100,
-    fastsd._backend.CUDA_FIRST); every other op keeps PREFERENCE (Triton first on CUDA)."""
-    for op in ("mix", "mix_"):
+def test_auto_takes_the_cuda_mix_and_patch_swap_kernels_first(monkeypatch):
+    """The mix op and patch swap's forward: the CUDA C++ kernel before Triton's where both can run
+    (measured on an H100, fastsd._backend.CUDA_FIRST); every other op keeps PREFERENCE (Triton first
+    on CUDA)."""
+    for op in ("mix", "mix_", "patch_swap"):
         assert _backend.preference(op) == ("cuda", "triton", "cpp", "torch")
-    for op in ("patch_swap", "patch_swap_backward", "mix_backward", "kd_loss", "pair_kd_loss"):
+    for op in ("patch_swap_backward", "mix_backward", "kd_loss", "pair_kd_loss", "patch_swap_mask"):
         assert _backend.preference(op) == _backend.PREFERENCE
     monkeypatch.setattr(_backend, "_cached_device_reasons", lambda *a: [])  # every backend runs CUDA tensors
     _backend._auto_candidates.cache_clear()
@@ -180,6 +181,7 @@ def test_auto_takes_the_cuda_mix_kernels_first(monkeypatch):
         cuda = (torch.device("cuda", 0),)
         assert _backend._auto_candidates("mix", cuda, False)[:2] == ("cuda", "triton")
         assert _backend._auto_candidates("mix_", cuda, False)[:2] == ("cuda", "triton")
-        assert _backend._auto_candidates("patch_swap", cuda, False)[:2] == ("triton", "cuda")
+        assert _backend._auto_candidates("patch_swap", cuda, False)[:2] == ("cuda", "triton")
+        assert _backend._auto_candidates("patch_swap_backward", cuda, False)[:2] == ("triton", "cuda")
     finally:
         _backend._auto_candidates.cache_clear()

@@ -47,17 +47,20 @@ def _timm():
     return pytest.importorskip("timm.data")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("mode", ["batch", "pair", "elem"])
 @pytest.mark.parametrize("kwargs", [dict(mixup_alpha=0.8, cutmix_alpha=1.0), dict(cutmix_alpha=1.0),
                                     dict(mixup_alpha=0.8), dict(cutmix_alpha=1.0, cutmix_minmax=(0.2, 0.8),
                                                                 correct_lam=False)])
-def test_mix_matches_timm_on_cuda(mode, kwargs):
+def test_mix_matches_timm_on_cuda(mode, kwargs, dtype):
+    """(float16: timm rounds the per-row lambdas of the targets to x's dtype on the host, fastsd casts
+    the rows' float32 lambdas on the device)"""
     import numpy as np
     import fastsd.mix
 
     timm_data = _timm()
     args = dict(mode=mode, num_classes=10, label_smoothing=0.1, **kwargs)
-    x = torch.randn(16, 3, 32, 24, device=DEV, generator=_cuda_gen(3))
+    x = torch.randn(16, 3, 32, 24, device=DEV, generator=_cuda_gen(3)).to(dtype)
     y = torch.randint(0, 10, (16,), device=DEV, generator=_cuda_gen(4))
     np.random.seed(0)
     want_x, want_y = timm_data.Mixup(**args)(x.clone(), y)
@@ -82,3 +85,26 @@ def test_mix_matches_torchvision_on_cuda(name):
     got = getattr(fastsd.mix, name)(num_classes=5)(x.clone(), y)
     assert got[0].device == x.device
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_drop_ins_never_wait_for_the_gpu():
+    """The drop-ins' per-row arguments reach the GPU through pinned memory without blocking
+    (fastsd.mix._rows.to_device): no call waits for the work queued before it (torch's sync debug
+    mode raises on a synchronising call, e.g. a copy from pageable memory)."""
+    import fastsd.mix as fm
+
+    x = torch.randn(16, 3, 32, 32, device=DEV, generator=_cuda_gen(7))
+    y = torch.randint(0, 10, (16,), device=DEV, generator=_cuda_gen(8))
+    calls = [fm.Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, mode=mode, num_classes=10) for mode in ("batch", "pair", "elem")]
+    calls += [fm.CutMix(num_classes=10), fm.MixUp(num_classes=10)]
+    for call in calls:  # the first call of a batch size makes its partner rows (waited for once)
+        call(x.clone(), y)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for call in calls:
+            for _ in range(4):
+                call(x.clone(), y)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()

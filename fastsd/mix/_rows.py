@@ -12,6 +12,7 @@ they saved.
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -41,16 +42,47 @@ class Rows(NamedTuple):
         return self.no_box is not None
 
 
-def rows(device: torch.device, partner: np.ndarray, boxes: np.ndarray, lam: np.ndarray, use_box: np.ndarray,
-         label_lam: np.ndarray, involution: bool) -> Rows:
-    """The numpy draws of a batch on ``device`` (on the CPU their own memory, no copy); ``label_lam``
-    may be ``lam`` itself."""
-    B = len(partner)
-    arrays = [partner.astype(np.int64, copy=False), boxes.astype(np.int64, copy=False), lam, use_box]
+PARTNERS = {  # the libraries' partners: row i mixed with row partner[i]
+    "flip": lambda B: np.arange(B - 1, -1, -1),  # timm's x.flip(0): an involution
+    "roll": lambda B: (np.arange(B) - 1) % max(B, 1),  # torchvision's x.roll(1, 0)
+}
+
+
+@functools.lru_cache(maxsize=64)
+def partner_rows(kind: str, B: int, device: torch.device) -> torch.Tensor:
+    """``PARTNERS[kind]`` as an int64 [B] tensor on ``device``, made once per batch size and device:
+    on CUDA a host-to-device copy a call less. Read only (no kernel writes a partner). On CUDA the
+    copy is waited for once, so that every stream may read the tensor."""
+    t = torch.from_numpy(PARTNERS[kind](B).astype(np.int64)).to(device)
+    if t.is_cuda:
+        torch.cuda.current_stream(t.device).synchronize()
+    return t
+
+
+def to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A numpy array on ``device``: on the CPU its own memory; else copied through pinned memory
+    without blocking the host. A copy from pageable memory (``torch.from_numpy(a).to(device)``)
+    waits for the device's stream to drain first (cudaMemcpy's rule for pageable memory): in a
+    training step, for the GPU work queued before the call. torch's pinned allocator keeps the
+    staging block until its copy is done."""
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def rows(device: torch.device, partner: str, boxes: np.ndarray, lam: np.ndarray, use_box: np.ndarray,
+         label_lam: np.ndarray) -> Rows:
+    """The numpy draws of a batch on ``device`` (on the CPU their own memory, no copy), with the
+    library's partner ``partner`` ("flip" or "roll", :data:`PARTNERS`); ``label_lam`` may be ``lam``
+    itself."""
+    B = len(lam)
+    arrays = [boxes.astype(np.int64, copy=False), lam, use_box]
     fused = device.type == "cpu"
     if fused:
         arrays += [label_lam, np.zeros(B, dtype=bool), np.zeros((B, 4), dtype=np.int64)]
-    t = [torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in arrays]
+    t = [partner_rows(partner, B, device)] + [to_device(a, device) for a in arrays]
+    involution = partner == "flip" or B <= 2
     if not fused:
         return Rows(*t, None, None, None, involution)
     return Rows(*t[:4], t[2] if label_lam is lam else t[4], t[5], t[6], involution)

@@ -278,7 +278,7 @@ class Mixup:
         if params is None:
             return x, 1.0, None
         lam, use_box, boxes, lam_target = params
-        r = _rows.rows(x.device, np.arange(B - 1, -1, -1), boxes, lam, use_box, lam, involution=True)  # flip(0)
+        r = _rows.rows(x.device, "flip", boxes, lam, use_box, lam)
         return _rows.mix_images(x, r, inplace=True), lam_target, r
 
     def _mix_target(self, target: torch.Tensor, lam, r, lam_dtype: torch.dtype, lam_device) -> torch.Tensor:
@@ -292,8 +292,9 @@ class Mixup:
         if (isinstance(lam, float) or lam_dtype == torch.float32) and y.dtype in (torch.float32, torch.float64) \
                 and _rows.fuses(r, y):
             return _rows.mix_rows(y, r)
-        if not isinstance(lam, float):
-            lam = torch.tensor(lam, device=lam_device, dtype=lam_dtype).unsqueeze(1)
+        if not isinstance(lam, float):  # timm: torch.tensor(lam, device, dtype), a copy the host waits on;
+            # the rows' float32 lambdas are those values on x's device already, and a cast rounds as it does
+            lam = r.lam.to(device=lam_device, dtype=lam_dtype).unsqueeze(1)
         return _mix_smoothed(y, lam)
 
     def _check_batch(self, fn, batch_size):

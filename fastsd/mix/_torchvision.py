@@ -77,9 +77,8 @@ class _BaseMixUpCutMix:
         ``label.roll(1, 0).mul_(1 - lam).add_(label.mul(lam))``; on the CPU the same sum by the fused
         op with every row a MixUp row, :func:`fastsd.mix._rows.mix_rows`)."""
         B = images.shape[0]
-        r = _rows.rows(images.device, (np.arange(B) - 1) % max(B, 1),  # roll(1, 0): row i takes row i - 1
-                       np.tile(np.asarray(box, dtype=np.int64), (B, 1)), np.full(B, lam), np.full(B, use_box),
-                       np.full(B, label_lam), involution=B <= 2)
+        r = _rows.rows(images.device, "roll", np.tile(np.asarray(box, dtype=np.int64), (B, 1)), np.full(B, lam),
+                       np.full(B, use_box), np.full(B, label_lam))
         out = _wrap_like(_rows.mix_images(images, r, inplace=False), images)
         if labels.ndim == 1:  # one_hot(labels).float(), without the int64 one-hot
             y = torch.zeros(B, self.num_classes, device=labels.device, dtype=torch.float32).scatter_(
@@ -117,14 +116,15 @@ class CutMix(_BaseMixUpCutMix):
         images, labels = self._inputs(inputs)
         lam = float(self._dist.sample(()))
         H, W = images.shape[-2:]
-        r_x = torch.randint(W, size=(1,))
-        r_y = torch.randint(H, size=(1,))
+        r_x = int(torch.randint(W, size=(1,)))
+        r_y = int(torch.randint(H, size=(1,)))
         r = 0.5 * math.sqrt(1.0 - lam)
         r_w_half = int(r * W)
         r_h_half = int(r * H)
-        x1 = int(torch.clamp(r_x - r_w_half, min=0))
-        y1 = int(torch.clamp(r_y - r_h_half, min=0))
-        x2 = int(torch.clamp(r_x + r_w_half, max=W))
-        y2 = int(torch.clamp(r_y + r_h_half, max=H))
+        # torchvision clamps one-element int64 tensors: the same integers, without eight CPU ops
+        x1 = max(r_x - r_w_half, 0)
+        y1 = max(r_y - r_h_half, 0)
+        x2 = min(r_x + r_w_half, W)
+        y2 = min(r_y + r_h_half, H)
         lam_adjusted = float(1.0 - (x2 - x1) * (y2 - y1) / (W * H))
         return self._mix(images, labels, 0.0, lam_adjusted, use_box=True, box=(y1, y2, x1, x2))

@@ -89,7 +89,7 @@ def test_mix_matches_torchvision_on_cuda(name):
 
 def test_drop_ins_never_wait_for_the_gpu():
     """The drop-ins' per-row arguments reach the GPU through pinned memory without blocking
-    (fastsd.mix._rows.to_device): no call waits for the work queued before it (torch's sync debug
+    (fastsd.mix._rows._Staging): no call waits for the work queued before it (torch's sync debug
     mode raises on a synchronising call, e.g. a copy from pageable memory)."""
     import fastsd.mix as fm
 

@@ -547,35 +547,62 @@ def test_drop_in_targets_in_one_pass_on_the_cpu(name):
                            kernel], n["ops"]
 
 
-def test_partner_rows_made_once_and_never_written():
+def test_constant_rows_made_once_and_never_written():
     """The libraries' partners (flip for timm, roll for torchvision) are made once per batch size and
-    device (fastsd.mix._rows.partner_rows); no call writes them, in place or not."""
+    device (fastsd.mix._rows.constant_rows); no call writes them, in place or not."""
     from fastsd.mix import _rows
 
-    _rows.partner_rows.cache_clear()
+    _rows.constant_rows.cache_clear()
     for B in (1, 2, 5, 8):
-        assert torch.equal(_rows.partner_rows("flip", B, torch.device("cpu")), torch.arange(B).flip(0))
-        assert torch.equal(_rows.partner_rows("roll", B, torch.device("cpu")), torch.arange(B).roll(1, 0))
-    flip, roll = _rows.partner_rows("flip", 8, torch.device("cpu")), _rows.partner_rows("roll", 8, torch.device("cpu"))
-    assert _rows.partner_rows("flip", 8, torch.device("cpu")) is flip
+        assert torch.equal(_rows.constant_rows("flip", B, torch.device("cpu")), torch.arange(B).flip(0))
+        assert torch.equal(_rows.constant_rows("roll", B, torch.device("cpu")), torch.arange(B).roll(1, 0))
+    flip, roll = _rows.constant_rows("flip", 8, torch.device("cpu")), _rows.constant_rows("roll", 8, torch.device("cpu"))
+    assert _rows.constant_rows("flip", 8, torch.device("cpu")) is flip
     x, labels = torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,))
     for call in (fm.Mixup(num_classes=5, cutmix_alpha=1.0, mode="elem"), fm.Mixup(num_classes=5, mode="batch"),
                  fm.CutMix(num_classes=5), fm.MixUp(num_classes=5)):
         for _ in range(3):
             call(x.clone(), labels)
     assert torch.equal(flip, torch.arange(8).flip(0)) and torch.equal(roll, torch.arange(8).roll(1, 0))
-    assert _rows.partner_rows("flip", 8, torch.device("cpu")) is flip
+    assert _rows.constant_rows("flip", 8, torch.device("cpu")) is flip
 
 
-def test_rows_reach_a_device_through_pinned_memory(monkeypatch):
-    """Off the CPU each draw array is copied through pinned memory with non_blocking=True
-    (fastsd.mix._rows.to_device: a pageable copy waits for the device's queue); on the CPU it is the
-    array's own memory. (The meta device stands in for CUDA; pinning needs a driver, so it is noted.)"""
-    from torch.utils._python_dispatch import TorchDispatchMode
+class _FakeEvent:
+    """torch.cuda.Event for the staging tests: a recorded copy stays in flight until ``finish``."""
+    waited = 0
+
+    def __init__(self):
+        self.ready = True
+
+    def record(self, stream=None):
+        self.ready = False
+
+    def query(self):
+        return self.ready
+
+    def synchronize(self):
+        _FakeEvent.waited += 1
+        self.ready = True
+
+
+def _fake_staging(monkeypatch):
     from fastsd.mix import _rows
 
-    pinned = []
-    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: pinned.append(t) or t)
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+    monkeypatch.setattr(_rows._Staging, "_pinned", staticmethod(lambda n: torch.empty(n, dtype=torch.uint8)))
+    _FakeEvent.waited = 0
+    return _rows
+
+
+def test_draws_reach_a_device_in_one_non_blocking_copy(monkeypatch):
+    """Off the CPU the draw arrays are packed into one pinned block and copied with non_blocking=True
+    (fastsd.mix._rows._Staging: a pageable copy waits for the device's queue), each at a 16-byte
+    offset, read back as the arrays they were; on the CPU they are the arrays' own memory. (Pinned
+    memory and events need a driver: faked; the meta device stands in for CUDA.)"""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    _rows = _fake_staging(monkeypatch)
 
     class Copies(TorchDispatchMode):
         def __init__(self):
@@ -589,17 +616,46 @@ def test_rows_reach_a_device_through_pinned_memory(monkeypatch):
             return func(*args, **kwargs)
 
     a = np.arange(6, dtype=np.int64)
-    assert np.shares_memory(_rows.to_device(a, torch.device("cpu")).numpy(), a) and not pinned
-    _rows.partner_rows.cache_clear()
-    for call in range(2):  # the partner is copied on the first call only (and waited for, fastsd.mix._rows)
-        pinned.clear()
+    assert np.shares_memory(_rows.to_device([a], torch.device("cpu"))[0].numpy(), a)
+    rs = np.random.RandomState(0)
+    arrays = [rs.randint(0, 99, (5, 4)), rs.rand(5).astype(np.float32), rs.rand(5) < 0.5, rs.rand(5),
+              rs.rand(3, 1).astype(np.float32)]
+    staging = _rows._Staging()
+    got = staging.copy(arrays, torch.device("cpu"))  # (a copy to the CPU is the block itself: readable)
+    for t, want in zip(got, arrays):
+        assert t.dtype == torch.from_numpy(want).dtype and torch.equal(t, torch.from_numpy(want))
+        assert (t.data_ptr() - got[0].data_ptr()) % 16 == 0
+    _rows.constant_rows.cache_clear()
+    _rows._STAGING.clear()
+    for call in range(2):  # the partner is made on the first call only (and waited for, fastsd.mix._rows)
         with Copies() as mode:
             r = _rows.rows(torch.device("meta"), "flip", np.zeros((4, 4), dtype=np.int64),
                            np.full(4, 0.5, np.float32), np.ones(4, dtype=bool), np.full(4, 0.5, np.float32))
         assert all(t.device.type == "meta" for t in r[:4]) and r.label_lam is None
-        want = [("cpu", torch.device("meta"), True)] * 3
-        assert len(pinned) == 3 and mode.copies == [("cpu", torch.device("meta"), False)] * (call == 0) + want, \
-            mode.copies
+        assert (r.boxes.shape, r.lam.dtype, r.use_box.dtype) == ((4, 4), torch.float32, torch.bool)
+        assert mode.copies == [("cpu", torch.device("meta"), True)] + \
+            [("cpu", torch.device("meta"), False)] * (call == 0), mode.copies
+        for b in _rows._STAGING[torch.device("meta")].blocks:
+            b.done.ready = True  # the copy done
+
+
+def test_staging_blocks_are_reused_only_when_their_copy_is_done(monkeypatch):
+    _rows = _fake_staging(monkeypatch)
+    staging = _rows._Staging()
+    a = [np.arange(8, dtype=np.int64)]
+    staging.copy(a, torch.device("cpu"))
+    staging.copy(a, torch.device("cpu"))  # the first block's copy still in flight: a second block
+    assert len(staging.blocks) == 2 and _FakeEvent.waited == 0
+    staging.blocks[0].done.ready = True
+    staging.copy(a, torch.device("cpu"))  # the first is free again
+    assert len(staging.blocks) == 2 and not staging.blocks[0].done.ready
+    for _ in range(_rows._Staging.MAX_BLOCKS + 3):
+        staging.copy(a, torch.device("cpu"))
+    # six more blocks, then the oldest waited for, five times
+    assert len(staging.blocks) == _rows._Staging.MAX_BLOCKS and _FakeEvent.waited == 5
+    big = [np.zeros(2 * 4096, dtype=np.uint8)]  # larger than every block: a new one in place of the oldest
+    staging.copy(big, torch.device("cpu"))
+    assert len(staging.blocks) == _rows._Staging.MAX_BLOCKS and max(b.host.numel() for b in staging.blocks) == 8192
 
 
 def test_torchvision_image_type_kept():

@@ -1,32 +1,42 @@
-"""The drop-ins' per-row arguments on the device, and their targets mixed by the fused op on the CPU.
+"""The drop-ins' per-row arguments on the device, and their targets mixed by the fused op.
 
-A sampler's draws (partner, boxes, lambdas, row kinds) are a few numpy arrays a batch; timm and
-torchvision mix the targets with an ATen expression, ``y * lam + y[partner] * (1 - lam)``: four to
-six passes over ``[B, num_classes]``. On the CPU, :func:`mix_rows` makes that one pass of the fused
-op with every row a MixUp row, bit-identical (the op rounds as eager ops round): the drop-ins at
-256 x 3 x 32 x 32 with 1000 classes took 0.8-1.3 ms a call instead of 1.7-3.0 ms (2 cores, one
-thread). On CUDA the drop-ins keep the ATen expression: measured on an H100, the extra launch of the
-op (Triton's Python launcher costs about 45 us a launch there, ATen about 5 us) and packing the draws
-into one host-to-device copy (about 10 us of Python per view) cost more host time than the launches
-they saved.
+A sampler's draws (partner, boxes, lambdas, row kinds) are a few numpy arrays a batch. They reach
+a GPU in one copy from a pinned staging block (:class:`_Staging`), without blocking the host: a copy
+from pageable memory waits for the device's stream to drain first (cudaMemcpy's rule), which in a
+training step means the work queued before the call (on an H100, 2026-11-27, behind 2.5 ms of queued
+work a drop-in call took 2.4 ms of host time with four such copies, 0.6-0.9 ms after). The
+libraries' partners and the targets' constant rows are made once per batch size and device
+(:func:`constant_rows`).
+
+timm and torchvision mix the targets with an ATen expression, ``y * lam + y[partner] * (1 - lam)``:
+four to six passes over ``[B, num_classes]``. :func:`mix_rows` makes that one pass of the fused op
+with every row a MixUp row, bit-identical (the op rounds as eager ops round), where the op's C++
+kernels run it (:func:`fuses_on`): on the CPU (the drop-ins at 256 x 3 x 32 x 32 with 1000 classes
+took 0.8-1.3 ms a call instead of 1.7-3.0 ms, 2 cores, one thread) and on CUDA where the mix op's
+CUDA C++ kernels run (a launch costs about 15 us of host time there). Triton's Python launcher costs
+about 45 us a launch more (H100, Triton 3.6), more than the ATen launches it would save: on the
+Triton backend the targets keep the ATen expression.
 """
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Optional
+import threading
+from typing import Dict, List, NamedTuple, Optional
 
 import numpy as np
 import torch
 
+from .. import _backend
+from . import op
 from .op import mix_unchecked, mix_unchecked_
 
 
 class Rows(NamedTuple):
     """The fused op's per-row arguments on the device: ``partner`` int64 [B], ``boxes`` int64 [B, 4],
-    ``lam`` float32/float64 [B] (the images' MixUp rows), ``use_box`` bool [B]; on the CPU, for the
-    targets (:func:`mix_rows`), ``label_lam`` their lambda, ``no_box`` all False and ``empty_boxes``
-    zeros (the kernels check every box against the shape they mix), else None; ``involution``:
-    partner[partner[i]] == i."""
+    ``lam`` float32/float64 [B] (the images' MixUp rows), ``use_box`` bool [B]; where the targets go
+    through the fused op (:func:`fuses_on`, :func:`mix_rows`), ``label_lam`` their lambda, ``no_box``
+    all False and ``empty_boxes`` zeros (the kernels check every box against the shape they mix), else
+    None; ``involution``: partner[partner[i]] == i."""
 
     partner: torch.Tensor
     boxes: torch.Tensor
@@ -46,46 +56,126 @@ PARTNERS = {  # the libraries' partners: row i mixed with row partner[i]
     "flip": lambda B: np.arange(B - 1, -1, -1),  # timm's x.flip(0): an involution
     "roll": lambda B: (np.arange(B) - 1) % max(B, 1),  # torchvision's x.roll(1, 0)
 }
+CONSTANTS = {  # and the targets' rows (every one a MixUp row)
+    **PARTNERS,
+    "no_box": lambda B: np.zeros(B, dtype=bool),
+    "empty_boxes": lambda B: np.zeros((B, 4), dtype=np.int64),
+}
 
 
 @functools.lru_cache(maxsize=64)
-def partner_rows(kind: str, B: int, device: torch.device) -> torch.Tensor:
-    """``PARTNERS[kind]`` as an int64 [B] tensor on ``device``, made once per batch size and device:
-    on CUDA a host-to-device copy a call less. Read only (no kernel writes a partner). On CUDA the
-    copy is waited for once, so that every stream may read the tensor."""
-    t = torch.from_numpy(PARTNERS[kind](B).astype(np.int64)).to(device)
+def constant_rows(kind: str, B: int, device: torch.device) -> torch.Tensor:
+    """``CONSTANTS[kind]`` of a batch of B on ``device`` (int64, or bool for "no_box"), made once per
+    batch size and device. Read only (no kernel writes them). On CUDA the copy is waited for once,
+    so that every stream may read the tensor."""
+    a = CONSTANTS[kind](B)
+    t = torch.from_numpy(a if a.dtype == bool else a.astype(np.int64)).to(device)
     if t.is_cuda:
         torch.cuda.current_stream(t.device).synchronize()
     return t
 
 
-def to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A numpy array on ``device``: on the CPU its own memory; else copied through pinned memory
-    without blocking the host. A copy from pageable memory (``torch.from_numpy(a).to(device)``)
-    waits for the device's stream to drain first (cudaMemcpy's rule for pageable memory): in a
-    training step, for the GPU work queued before the call. torch's pinned allocator keeps the
-    staging block until its copy is done."""
-    t = torch.from_numpy(np.ascontiguousarray(a))
+def fuses_on(device: torch.device) -> bool:
+    """Whether the targets on ``device`` go through the fused op: on the CPU; on CUDA where the mix
+    op's CUDA C++ kernels run (auto takes them first, fastsd._backend.CUDA_FIRST), not Triton's."""
     if device.type == "cpu":
-        return t
-    return t.pin_memory().to(device, non_blocking=True)
+        return True
+    if device.type != "cuda" or _backend.forced_backend() not in (None, "cuda") or not op._has_cuda_kernel("mix_check"):
+        return False
+    return op._kernel_image(device.index if device.index is not None else torch.cuda.current_device())
+
+
+class _Block(NamedTuple):
+    host: torch.Tensor  # pinned uint8
+    view: np.ndarray  # its memory, for numpy's writes
+    done: "torch.cuda.Event"  # recorded after the copy that last read the block
+
+
+class _Staging:
+    """Pinned host blocks for the draws' one host-to-device copy a call, per device. A block is
+    written again only when the copy that last read it is done (its event); while every block is in
+    flight a new one is made, up to :attr:`MAX_BLOCKS`, then the oldest is waited for."""
+
+    MAX_BLOCKS = 8
+    ALIGN = 16  # each array at a 16-byte offset (the kernels' vector loads; Triton's pointer specialisation)
+
+    def __init__(self):
+        self.blocks: List[_Block] = []
+        self.turn = 0
+        self.lock = threading.Lock()
+
+    def _block(self, nbytes: int) -> _Block:
+        for k in range(len(self.blocks)):
+            i = (self.turn + k) % len(self.blocks)
+            b = self.blocks[i]
+            if b.host.numel() >= nbytes and b.done.query():
+                self.turn = i + 1
+                return b
+        if len(self.blocks) == self.MAX_BLOCKS:
+            i = self.turn % len(self.blocks)
+            self.blocks[i].done.synchronize()
+            if self.blocks[i].host.numel() >= nbytes:
+                self.turn = i + 1
+                return self.blocks[i]
+            self.blocks.pop(i)
+        host = self._pinned(max(nbytes, 4096))
+        b = _Block(host, host.numpy(), torch.cuda.Event())
+        self.blocks.append(b)
+        self.turn = len(self.blocks)
+        return b
+
+    @staticmethod
+    def _pinned(nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+    def copy(self, arrays: List[np.ndarray], device: torch.device) -> List[torch.Tensor]:
+        """The arrays on ``device``, in one non-blocking copy."""
+        offsets, n = [], 0
+        for a in arrays:
+            offsets.append(n)
+            n += -(-a.nbytes // self.ALIGN) * self.ALIGN
+        with self.lock:
+            b = self._block(n)
+            for a, o in zip(arrays, offsets):
+                b.view[o:o + a.nbytes] = a.reshape(-1).view(np.uint8)
+            d = b.host[:n].to(device, non_blocking=True)
+            b.done.record(torch.cuda.current_stream(device))
+        return [d[o:o + a.nbytes].view(_TORCH_DTYPES[a.dtype]).view(a.shape) for a, o in zip(arrays, offsets)]
+
+
+_TORCH_DTYPES = {np.dtype(t): torch.from_numpy(np.zeros(1, dtype=t)).dtype
+                 for t in (np.int64, np.float32, np.float64, bool, np.uint8)}
+_STAGING: Dict[torch.device, _Staging] = {}
+
+
+def to_device(arrays: List[np.ndarray], device: torch.device) -> List[torch.Tensor]:
+    """Numpy arrays on ``device``: on the CPU their own memory; else one copy through pinned memory
+    that the host does not wait for (:class:`_Staging`)."""
+    arrays = [np.ascontiguousarray(a) for a in arrays]
+    if device.type == "cpu":
+        return [torch.from_numpy(a) for a in arrays]
+    staging = _STAGING.get(device)
+    if staging is None:
+        staging = _STAGING.setdefault(device, _Staging())
+    return staging.copy(arrays, device)
 
 
 def rows(device: torch.device, partner: str, boxes: np.ndarray, lam: np.ndarray, use_box: np.ndarray,
          label_lam: np.ndarray) -> Rows:
-    """The numpy draws of a batch on ``device`` (on the CPU their own memory, no copy), with the
-    library's partner ``partner`` ("flip" or "roll", :data:`PARTNERS`); ``label_lam`` may be ``lam``
-    itself."""
+    """The numpy draws of a batch on ``device``, with the library's partner ``partner`` ("flip" or
+    "roll", :data:`PARTNERS`); ``label_lam`` may be ``lam`` itself."""
     B = len(lam)
     arrays = [boxes.astype(np.int64, copy=False), lam, use_box]
-    fused = device.type == "cpu"
-    if fused:
-        arrays += [label_lam, np.zeros(B, dtype=bool), np.zeros((B, 4), dtype=np.int64)]
-    t = [partner_rows(partner, B, device)] + [to_device(a, device) for a in arrays]
+    fused = fuses_on(device)
+    if fused and label_lam is not lam:
+        arrays.append(label_lam)
+    t = to_device(arrays, device)
     involution = partner == "flip" or B <= 2
+    r = Rows(constant_rows(partner, B, device), *t[:3], None, None, None, involution)
     if not fused:
-        return Rows(*t, None, None, None, involution)
-    return Rows(*t[:4], t[2] if label_lam is lam else t[4], t[5], t[6], involution)
+        return r
+    return r._replace(label_lam=t[3] if label_lam is not lam else t[1], no_box=constant_rows("no_box", B, device),
+                      empty_boxes=constant_rows("empty_boxes", B, device))
 
 
 def mix_images(x: torch.Tensor, r: Rows, inplace: bool) -> torch.Tensor:
@@ -98,8 +188,8 @@ def mix_images(x: torch.Tensor, r: Rows, inplace: bool) -> torch.Tensor:
 
 
 def fuses(r: Optional[Rows], y: torch.Tensor) -> bool:
-    """Whether :func:`mix_rows` gives what the libraries' ATen expression gives for ``y``: on the CPU
-    (``r.fused_labels``), for a contiguous y (the expression keeps a strided y's layout) that needs
+    """Whether :func:`mix_rows` gives what the libraries' ATen expression gives for ``y``: where the
+    op's C++ kernels run (``r.fused_labels``, :func:`fuses_on`), for a contiguous y (the expression keeps a strided y's layout) that needs
     no gradient (autograd's backward of ``y * lam`` multiplies by lam in float32, the op's in y's
     dtype: float16/bfloat16 gradients would differ)."""
     return r is not None and r.fused_labels and y.device == r.partner.device and y.is_contiguous() and (

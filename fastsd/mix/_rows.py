@@ -3,8 +3,8 @@
 A sampler's draws (partner, boxes, lambdas, row kinds) are a few numpy arrays a batch. They reach
 a GPU in one copy from a pinned staging block (:class:`_Staging`), without blocking the host: a copy
 from pageable memory waits for the device's stream to drain first (cudaMemcpy's rule), which in a
-training step means the work queued before the call (on an H100, 2026-11-27, behind 2.5 ms of queued
-work a drop-in call took 2.4 ms of host time with four such copies, 0.6-0.9 ms after). The
+training step means the work queued before the call (on an H100, 2026-11-27, behind 2.4 ms of queued
+work a drop-in call took 2.3 ms of host time with three or four such copies, 0.4-0.6 ms now). The
 libraries' partners and the targets' constant rows are made once per batch size and device
 (:func:`constant_rows`).
 

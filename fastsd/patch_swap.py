@@ -24,7 +24,7 @@ nor checked.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -230,7 +230,49 @@ def _patch_swap_ext(x, partner, mask):
     return _ext.ops().patch_swap(x, partner, mask)
 
 
-@_backend.register("patch_swap", "cuda")
+_INT32_MAX = 2 ** 31 - 1
+
+
+def _cuda_reasons(*tensors, **kwargs):
+    """Why the CUDA C++ kernels cannot run these inputs (auto then takes Triton's): a plane or a cell
+    row past their int32 indexing (csrc/cuda/patch_swap_ops.cpp), or a fastsd._C built without an
+    image for this GPU. (patch_swap's forward is in fastsd._backend.CUDA_FIRST.)"""
+    x = tensors[0] if tensors else None
+    mask = tensors[2] if len(tensors) > 2 else None
+    if x is not None and x.dim() == 4:
+        B, C, H, W = x.shape
+        gh, gw = tuple(mask.shape[1:]) if mask is not None and mask.dim() == 3 else (1, 1)
+        row = W * (C if V.memory_format(x) == torch.channels_last else 1)
+        if max(H * row, W * gw, H * gh, B) > _INT32_MAX:
+            return ["the CUDA C++ patch swap kernels take planes (H x W, x C in channels_last) of fewer than "
+                    "2**31 elements"]
+    return _image_reasons(x)
+
+
+def _image_reasons(x) -> List[str]:
+    """A reason where x is on a GPU that fastsd._C's CUDA kernels have no image for (both ops' kernels)."""
+    if x is not None and x.is_cuda and not _kernel_image(x.device.index):
+        return [f"fastsd._C has no CUDA kernel for this GPU (compute capability "
+                f"{'.'.join(map(str, torch.cuda.get_device_capability(x.device)))}): built for other GPUs"]
+    return []
+
+
+@_backend.cached
+def _kernel_image(index: int) -> bool:
+    """Whether fastsd._C's CUDA kernels run on GPU ``index``: a build for other GPUs has no image for
+    it (the launch fails with "no kernel image"), which auto must pass over where it takes these
+    kernels first (fastsd._backend.CUDA_FIRST; every kernel of the build has the same images). One
+    launch of patch swap's kernel on a one-element image, once per device and process; no host sync."""
+    dev = torch.device("cuda", index)
+    try:
+        _ext.ops().patch_swap(torch.zeros(1, 1, 1, 1, device=dev), torch.zeros(1, dtype=torch.int64, device=dev),
+                              torch.zeros(1, 1, 1, dtype=torch.bool, device=dev))
+    except RuntimeError:
+        return False
+    return True
+
+
+@_backend.register("patch_swap", "cuda", reasons=_cuda_reasons)
 def _patch_swap_cuda(x, partner, mask, sorted_partner=None):
     if sorted_partner is not None:  # the permutation check: a device-side assert, one launch
         _ext.ops().patch_swap_check(sorted_partner)
@@ -266,7 +308,7 @@ _patch_swap_cpp.checks_indices = True
 
 
 @_backend.register("patch_swap_backward", "cpp")
-@_backend.register("patch_swap_backward", "cuda")
+@_backend.register("patch_swap_backward", "cuda", reasons=_cuda_reasons)
 def _patch_swap_backward_ext(grad, partner, mask, inverse_partner):
     return _ext.ops().patch_swap_backward(grad, partner, mask)  # inverts partner in C++
 

@@ -552,7 +552,7 @@ def test_constant_rows_made_once_and_never_written():
     device (fastsd.mix._rows.constant_rows); no call writes them, in place or not."""
     from fastsd.mix import _rows
 
-    _rows.constant_rows.cache_clear()
+    _rows._constant_rows.cache_clear()
     for B in (1, 2, 5, 8):
         assert torch.equal(_rows.constant_rows("flip", B, torch.device("cpu")), torch.arange(B).flip(0))
         assert torch.equal(_rows.constant_rows("roll", B, torch.device("cpu")), torch.arange(B).roll(1, 0))
@@ -625,8 +625,13 @@ def test_draws_reach_a_device_in_one_non_blocking_copy(monkeypatch):
     for t, want in zip(got, arrays):
         assert t.dtype == torch.from_numpy(want).dtype and torch.equal(t, torch.from_numpy(want))
         assert (t.data_ptr() - got[0].data_ptr()) % 16 == 0
-    _rows.constant_rows.cache_clear()
+    _rows._constant_rows.cache_clear()
     _rows._STAGING.clear()
+    plain = _rows.rows(torch.device("meta"), "flip", np.zeros((4, 4), dtype=np.int64), np.full(4, 0.5, np.float32),
+                       np.ones(4, dtype=bool), np.full(4, 0.5, np.float32))  # a device other than CUDA: plain copies
+    assert all(t.device.type == "meta" for t in plain[:4]) and not _rows._STAGING
+    monkeypatch.setattr(_rows, "_staged", lambda device: device.type in ("cuda", "meta"))
+    _rows._constant_rows.cache_clear()
     for call in range(2):  # the partner is made on the first call only (and waited for, fastsd.mix._rows)
         with Copies() as mode:
             r = _rows.rows(torch.device("meta"), "flip", np.zeros((4, 4), dtype=np.int64),
@@ -656,6 +661,49 @@ def test_staging_blocks_are_reused_only_when_their_copy_is_done(monkeypatch):
     big = [np.zeros(2 * 4096, dtype=np.uint8)]  # larger than every block: a new one in place of the oldest
     staging.copy(big, torch.device("cpu"))
     assert len(staging.blocks) == _rows._Staging.MAX_BLOCKS and max(b.host.numel() for b in staging.blocks) == 8192
+
+
+def test_constant_rows_made_under_inference_mode_serve_a_training_call():
+    from fastsd.mix import _rows
+
+    _rows._constant_rows.cache_clear()
+    x, labels = torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))
+    with torch.inference_mode():
+        fm.MixUp(num_classes=5)(x, labels)
+    assert not _rows.constant_rows("roll", 4, torch.device("cpu")).is_inference()
+    xg = x.clone().requires_grad_()
+    out, _ = fm.MixUp(num_classes=5)(xg, labels)
+    out.sum().backward()
+    assert xg.grad is not None
+
+
+def test_targets_leave_the_fused_op_where_its_cuda_kernels_cannot_run(monkeypatch):
+    """fastsd.mix._rows.fuses_on: on CUDA the targets go through the fused op only where the mix op's
+    CUDA C++ kernels run; a fastsd._C that failed to load (or was built without CUDA), a forced
+    Triton backend, or a GPU the build has no image for keeps the ATen expression, without an error.
+    A bare "cuda" device is the current one."""
+    from fastsd import _backend, _ext
+    from fastsd.mix import _rows
+
+    cuda0 = torch.device("cuda", 0)
+    monkeypatch.setattr(_ext, "has_cuda", lambda: False)
+    monkeypatch.setattr(_ext, "ops", lambda: (_ for _ in ()).throw(RuntimeError("fastsd._C is not available")))
+    _backend.clear_caches()
+    try:
+        assert _rows.fuses_on(cuda0) is False
+        assert _rows.fuses_on(torch.device("cpu")) is True and _rows.fuses_on(torch.device("meta")) is False
+        monkeypatch.setattr(_ext, "has_cuda", lambda: True)
+        monkeypatch.setattr(_rows.op, "_has_cuda_kernel", lambda name: True)
+        images = []
+        monkeypatch.setattr(_rows.op, "_kernel_image", lambda index: images.append(index) or index == 0)
+        assert _rows.fuses_on(cuda0) is True and _rows.fuses_on(torch.device("cuda", 1)) is False
+        with fastsd.use_backend("triton"):
+            assert _rows.fuses_on(cuda0) is False
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+        assert _rows._indexed(torch.device("cuda")) == torch.device("cuda", 1)
+        assert _rows.fuses_on(torch.device("cuda")) is False and images == [0, 1, 1]
+    finally:
+        _backend.clear_caches()
 
 
 def test_torchvision_image_type_kept():

@@ -346,3 +346,25 @@ def test_cpp_gather_is_bit_exact(shape, grid, dtype, channels_last, pairs):
     both = (keep & take).expand_as(gi)
     xc = x.contiguous()  # (a sum's NaN payload is the hardware's choice)
     torch.testing.assert_close(grad_x.contiguous()[both], (xc + xc[q])[both], rtol=0, atol=0, equal_nan=True)
+
+
+def test_cuda_backend_passes_planes_its_int32_indexing_cannot_take():
+    """auto takes patch swap's CUDA C++ forward first (fastsd._backend.CUDA_FIRST): it indexes a plane
+    (and a cell row, H x gh and W x gw) in int32, so a larger one is a reason to pass it over (Triton's
+    kernel has a 64-bit variant) rather than an error at the launch. Meta tensors: no memory."""
+    import importlib
+
+    ps = importlib.import_module("fastsd.patch_swap")  # (fastsd.patch_swap is also the function)
+
+    partner, mask = torch.zeros(2, dtype=torch.long), torch.zeros(2, 2, 2, dtype=torch.bool)
+    assert ps._cuda_reasons(torch.empty(2, 3, 2 ** 15, 2 ** 16 - 1, device="meta"), partner, mask) == []
+    why = ps._cuda_reasons(torch.empty(2, 1, 2 ** 15, 2 ** 16, device="meta"), partner, mask)
+    assert len(why) == 1 and "2**31" in why[0]
+    cl = torch.empty(2, 3, 2 ** 15, 2 ** 15, device="meta").to(memory_format=torch.channels_last)
+    assert ps._cuda_reasons(cl, partner, mask) != []  # H x W x C in channels_last
+    assert ps._cuda_reasons(torch.empty(2, 3, 2 ** 15, 2 ** 15, device="meta"), partner, mask) == []
+    row = torch.empty(2, 1, 1, 2 ** 16, device="meta")  # a small plane, a long cell row: W x gw
+    assert ps._cuda_reasons(row, partner, torch.zeros(2, 1, 2 ** 15 - 1, dtype=torch.bool, device="meta")) == []
+    assert ps._cuda_reasons(row, partner, torch.zeros(2, 1, 2 ** 15, dtype=torch.bool, device="meta")) != []
+    col = torch.empty(2, 1, 2 ** 16, 1, device="meta")  # H x gh
+    assert ps._cuda_reasons(col, partner, torch.zeros(2, 2 ** 15, 1, dtype=torch.bool, device="meta")) != []

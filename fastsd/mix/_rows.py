@@ -26,7 +26,7 @@ from typing import Dict, List, NamedTuple, Optional
 import numpy as np
 import torch
 
-from .. import _backend
+from .. import _backend, _ext
 from . import op
 from .op import mix_unchecked, mix_unchecked_
 
@@ -63,14 +63,26 @@ CONSTANTS = {  # and the targets' rows (every one a MixUp row)
 }
 
 
-@functools.lru_cache(maxsize=64)
+def _indexed(device: torch.device) -> torch.device:
+    """``device`` with its index (the current CUDA device for a bare "cuda"): one cache key a device."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def constant_rows(kind: str, B: int, device: torch.device) -> torch.Tensor:
     """``CONSTANTS[kind]`` of a batch of B on ``device`` (int64, or bool for "no_box"), made once per
-    batch size and device. Read only (no kernel writes them). On CUDA the copy is waited for once,
-    so that every stream may read the tensor."""
+    batch size and device (a few batch sizes a run; never evicted, so never freed while a stream may
+    read them). Read only (no kernel writes them)."""
+    return _constant_rows(kind, B, _indexed(device))
+
+
+@functools.lru_cache(maxsize=None)
+def _constant_rows(kind: str, B: int, device: torch.device) -> torch.Tensor:
     a = CONSTANTS[kind](B)
-    t = torch.from_numpy(a if a.dtype == bool else a.astype(np.int64)).to(device)
-    if t.is_cuda:
+    with torch.inference_mode(False):  # made under inference_mode, it could not be saved for a backward later
+        t = torch.from_numpy(a if a.dtype == bool else a.astype(np.int64)).to(device)
+    if t.is_cuda:  # waited for once, so that every stream may read it
         torch.cuda.current_stream(t.device).synchronize()
     return t
 
@@ -80,9 +92,10 @@ def fuses_on(device: torch.device) -> bool:
     op's CUDA C++ kernels run (auto takes them first, fastsd._backend.CUDA_FIRST), not Triton's."""
     if device.type == "cpu":
         return True
-    if device.type != "cuda" or _backend.forced_backend() not in (None, "cuda") or not op._has_cuda_kernel("mix_check"):
+    if device.type != "cuda" or _backend.forced_backend() not in (None, "cuda") or not _ext.has_cuda() \
+            or not op._has_cuda_kernel("mix_check"):
         return False
-    return op._kernel_image(device.index if device.index is not None else torch.cuda.current_device())
+    return op._kernel_image(_indexed(device).index)
 
 
 class _Block(NamedTuple):
@@ -148,12 +161,19 @@ _TORCH_DTYPES = {np.dtype(t): torch.from_numpy(np.zeros(1, dtype=t)).dtype
 _STAGING: Dict[torch.device, _Staging] = {}
 
 
+def _staged(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
 def to_device(arrays: List[np.ndarray], device: torch.device) -> List[torch.Tensor]:
-    """Numpy arrays on ``device``: on the CPU their own memory; else one copy through pinned memory
-    that the host does not wait for (:class:`_Staging`)."""
+    """Numpy arrays on ``device``: on the CPU their own memory; on CUDA one copy through pinned
+    memory that the host does not wait for (:class:`_Staging`); elsewhere a copy each."""
     arrays = [np.ascontiguousarray(a) for a in arrays]
     if device.type == "cpu":
         return [torch.from_numpy(a) for a in arrays]
+    if not _staged(device):
+        return [torch.from_numpy(a).to(device) for a in arrays]
+    device = _indexed(device)
     staging = _STAGING.get(device)
     if staging is None:
         staging = _STAGING.setdefault(device, _Staging())

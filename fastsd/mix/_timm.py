@@ -283,11 +283,12 @@ class Mixup:
 
     def _mix_target(self, target: torch.Tensor, lam, r, lam_dtype: torch.dtype, lam_device) -> torch.Tensor:
         """timm's ``mixup_target`` of this step, with a per-row lambda as timm passes it: a
-        ``lam_dtype`` tensor on ``lam_device``. On the CPU by the fused op
-        (:func:`fastsd.mix._rows.mix_rows`, the rows of the images' pass) wherever its weights are
-        timm's (a float lambda, the per-batch modes, or a float32 one) and the smoothed targets allow
-        it (:func:`fastsd.mix._rows.fuses`); else (CUDA; float16 x in 'elem'/'pair', where timm rounds
-        lambda to it; targets that need a gradient) in ATen ops, as timm."""
+        ``lam_dtype`` tensor on ``lam_device``. By the fused op (:func:`fastsd.mix._rows.mix_rows`, the
+        rows of the images' pass) where its C++ kernels run (the CPU; CUDA on the cuda backend,
+        :func:`fastsd.mix._rows.fuses_on`), its weights are timm's (a float lambda, the per-batch modes,
+        or a float32 one) and the smoothed targets allow it (:func:`fastsd.mix._rows.fuses`); else
+        (Triton's backend; float16 x in 'elem'/'pair', where timm rounds lambda to it; targets that need
+        a gradient) in ATen ops, as timm."""
         y = smoothed_targets(target, self.num_classes, self.label_smoothing, self.multi_label)
         if (isinstance(lam, float) or lam_dtype == torch.float32) and y.dtype in (torch.float32, torch.float64) \
                 and _rows.fuses(r, y):

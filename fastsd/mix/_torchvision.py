@@ -74,8 +74,9 @@ class _BaseMixUpCutMix:
 
     def _mix(self, images, labels, lam: float, label_lam: float, use_box: bool, box=(0, 0, 0, 0)):
         """Images and labels of one call: the images' pass and the labels' (torchvision's
-        ``label.roll(1, 0).mul_(1 - lam).add_(label.mul(lam))``; on the CPU the same sum by the fused
-        op with every row a MixUp row, :func:`fastsd.mix._rows.mix_rows`)."""
+        ``label.roll(1, 0).mul_(1 - lam).add_(label.mul(lam))``; where the op's C++ kernels run, on
+        the CPU and on CUDA's cuda backend, the same sum by the fused op with every row a MixUp row,
+        :func:`fastsd.mix._rows.mix_rows`)."""
         B = images.shape[0]
         r = _rows.rows(images.device, "roll", np.tile(np.asarray(box, dtype=np.int64), (B, 1)), np.full(B, lam),
                        np.full(B, use_box), np.full(B, label_lam))

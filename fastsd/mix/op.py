@@ -27,7 +27,8 @@ import torch
 from .. import _backend, _eager, _ext
 from .. import _validate as V
 from .. import reference
-from ..patch_swap import PATCH_SWAP_DTYPES, _has_cuda_kernel, assert_permutation
+from ..patch_swap import _INT32_MAX, PATCH_SWAP_DTYPES, _has_cuda_kernel, _image_reasons, _kernel_image, \
+    assert_permutation
 
 MIX_DTYPES = PATCH_SWAP_DTYPES
 LAM_DTYPES = (torch.float32, torch.float64)
@@ -262,8 +263,6 @@ def _cpp_reasons(*tensors, **kwargs):
     return []
 
 
-_INT32_MAX = 2 ** 31 - 1
-
 
 def _cuda_reasons(*tensors, **kwargs):
     if not _has_cuda_kernel("mix_check"):  # a fastsd._C whose CUDA build predates this version's mix kernels
@@ -273,26 +272,7 @@ def _cuda_reasons(*tensors, **kwargs):
         # csrc/cuda/mix_ops.cpp indexes a sample in int32 (Triton's kernel has a 64-bit variant)
         return ["the CUDA C++ mix kernels take samples of fewer than 2**31 elements and batches of fewer than "
                 "2**31 samples"]
-    if x is not None and x.is_cuda and not _kernel_image(x.device.index):
-        return [f"fastsd._C has no CUDA mix kernel for this GPU (compute capability "
-                f"{'.'.join(map(str, torch.cuda.get_device_capability(x.device)))}): built for other GPUs"]
-    return []
-
-
-@_backend.cached
-def _kernel_image(index: int) -> bool:
-    """Whether fastsd._C's CUDA mix kernels run on GPU ``index``: a build for other GPUs has no image
-    for it (the launch fails with "no kernel image"), which auto must pass over now that it takes
-    these kernels first (fastsd._backend.CUDA_FIRST). One launch of the check kernel on one valid row,
-    once per device and process; no host sync."""
-    dev = torch.device("cuda", index)
-    one = torch.zeros(1, dtype=torch.int64, device=dev)
-    try:
-        _ext.ops().mix_check(one, one, torch.zeros(1, 4, dtype=torch.int64, device=dev),
-                             torch.zeros(1, device=dev), 1, 1, False)
-    except RuntimeError:
-        return False
-    return True
+    return _image_reasons(x)
 
 
 @_backend.register("mix", "cpp", reasons=_cpp_reasons)

@@ -60,6 +60,21 @@ _hypothesis_examples_from_the_strategies_only()
 CPU_BACKENDS = [b for b in ("triton", "cpp", "torch") if not _backend.reasons("patch_swap", b, torch.empty(0))]
 
 
+# The slowest files first (a serial run on this 2-core machine, 2026-11-27: test_aot 192 s,
+# test_mix_triton 138, test_fuzz 131, test_losses 107, test_cuda_compile 67, test_sass 94, test_mix 94).
+# Under pytest-xdist (make test) the workers take files in this order, round-robin, so the long ones
+# start first instead of ending the run alone; test_sass comes two files after test_aot on the other
+# worker, so that it mostly reads the Triton cache test_aot's compiles fill rather than compiling
+# the same kernels beside them. The other files keep their order.
+SLOWEST_FIRST = ("test_aot.py", "test_mix_triton.py", "test_fuzz.py", "test_losses.py", "test_cuda_compile.py",
+                 "test_sass.py", "test_mix.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOWEST_FIRST)))  # stable
+
+
 def pytest_report_header(config):
     return [f"fastsd backends runnable on CPU tensors here: {CPU_BACKENDS}",
             f"fastsd._C: {fastsd._ext.load_error() or 'loaded'}"]

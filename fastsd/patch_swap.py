@@ -288,9 +288,10 @@ def _cuda_asserts(x: torch.Tensor) -> bool:
 
 @_backend.cached  # a few microseconds a call otherwise, on every select() and checked call
 def _has_cuda_kernel(name: str) -> bool:
-    """Whether fastsd._C has this version's CUDA kernel of op ``name`` (an older build lacks the
-    check kernels): also the mix op's test (fastsd.mix.op)."""
-    return hasattr(_ext.ops(), name) and torch._C._dispatch_has_kernel_for_dispatch_key(
+    """Whether fastsd._C has this version's CUDA kernel of op ``name`` (False where it failed to load
+    or was built without CUDA; an older build lacks the check kernels): also the mix op's test
+    (fastsd.mix.op, fastsd.mix._rows)."""
+    return _ext.has_cuda() and hasattr(_ext.ops(), name) and torch._C._dispatch_has_kernel_for_dispatch_key(
         f"fastsd_C::{name}", torch._C.DispatchKey.CUDA)
 
 

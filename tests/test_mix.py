@@ -693,9 +693,9 @@ def test_targets_leave_the_fused_op_where_its_cuda_kernels_cannot_run(monkeypatc
         assert _rows.fuses_on(cuda0) is False
         assert _rows.fuses_on(torch.device("cpu")) is True and _rows.fuses_on(torch.device("meta")) is False
         monkeypatch.setattr(_ext, "has_cuda", lambda: True)
-        monkeypatch.setattr(_rows.op, "_has_cuda_kernel", lambda name: True)
+        monkeypatch.setattr(_rows, "_has_cuda_kernel", lambda name: True)
         images = []
-        monkeypatch.setattr(_rows.op, "_kernel_image", lambda index: images.append(index) or index == 0)
+        monkeypatch.setattr(_rows, "_kernel_image", lambda index: images.append(index) or index == 0)
         assert _rows.fuses_on(cuda0) is True and _rows.fuses_on(torch.device("cuda", 1)) is False
         with fastsd.use_backend("triton"):
             assert _rows.fuses_on(cuda0) is False

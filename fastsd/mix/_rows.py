@@ -26,8 +26,8 @@ from typing import Dict, List, NamedTuple, Optional
 import numpy as np
 import torch
 
-from .. import _backend, _ext
-from . import op
+from .. import _backend
+from ..patch_swap import _has_cuda_kernel, _kernel_image
 from .op import mix_unchecked, mix_unchecked_
 
 
@@ -92,10 +92,9 @@ def fuses_on(device: torch.device) -> bool:
     op's CUDA C++ kernels run (auto takes them first, fastsd._backend.CUDA_FIRST), not Triton's."""
     if device.type == "cpu":
         return True
-    if device.type != "cuda" or _backend.forced_backend() not in (None, "cuda") or not _ext.has_cuda() \
-            or not op._has_cuda_kernel("mix_check"):
+    if device.type != "cuda" or _backend.forced_backend() not in (None, "cuda") or not _has_cuda_kernel("mix_check"):
         return False
-    return op._kernel_image(_indexed(device).index)
+    return _kernel_image(_indexed(device).index)
 
 
 class _Block(NamedTuple):
@@ -209,9 +208,9 @@ def mix_images(x: torch.Tensor, r: Rows, inplace: bool) -> torch.Tensor:
 
 def fuses(r: Optional[Rows], y: torch.Tensor) -> bool:
     """Whether :func:`mix_rows` gives what the libraries' ATen expression gives for ``y``: where the
-    op's C++ kernels run (``r.fused_labels``, :func:`fuses_on`), for a contiguous y (the expression keeps a strided y's layout) that needs
-    no gradient (autograd's backward of ``y * lam`` multiplies by lam in float32, the op's in y's
-    dtype: float16/bfloat16 gradients would differ)."""
+    op's C++ kernels run (``r.fused_labels``, :func:`fuses_on`), for a contiguous y (the expression
+    keeps a strided y's layout) that needs no gradient (autograd's backward of ``y * lam`` multiplies
+    by lam in float32, the op's in y's dtype: float16/bfloat16 gradients would differ)."""
     return r is not None and r.fused_labels and y.device == r.partner.device and y.is_contiguous() and (
         not y.requires_grad)
 

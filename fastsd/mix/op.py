@@ -27,8 +27,7 @@ import torch
 from .. import _backend, _eager, _ext
 from .. import _validate as V
 from .. import reference
-from ..patch_swap import _INT32_MAX, PATCH_SWAP_DTYPES, _has_cuda_kernel, _image_reasons, _kernel_image, \
-    assert_permutation
+from ..patch_swap import _INT32_MAX, PATCH_SWAP_DTYPES, _has_cuda_kernel, _image_reasons, assert_permutation
 
 MIX_DTYPES = PATCH_SWAP_DTYPES
 LAM_DTYPES = (torch.float32, torch.float64)

@@ -1,7 +1,8 @@
 """Ahead-of-time compilation of every Triton kernel for sm_80 and sm_90, without a GPU.
 
 Each ``AOT_SPECS`` entry of each fastsd.kernels module (see tests/triton_tools.py) is compiled to
-PTX and cubin. This catches what the interpreter lets through: type errors in lowering,
+PTX and cubin for sm_90; for sm_80 one spec of each kernel for each set of element types and each
+1-element-chunk path (triton_tools.per_dtype_specs; FASTSD_AOT_ARCHS=80:all,90:all for all of them). This catches what the interpreter lets through: type errors in lowering,
 non-power-of-2 blocks, unsupported ops. All specs compile in one batch (two worker subprocesses,
 TRITON_INTERPRET unset), on the first test that asks; the rest read the per-process cache.
 """
@@ -10,7 +11,7 @@ import pytest
 import triton_tools
 
 SPECS = triton_tools.all_aot_specs()
-PAIRS = [(s["name"], arch) for s in SPECS for arch in triton_tools.ARCHS]
+PAIRS = triton_tools.aot_pairs()
 
 
 REPRESENTATIVE = [s["name"] for s in triton_tools.representative_specs()]

@@ -184,8 +184,11 @@ def test_gradient(backend):
     (want,) = torch.autograd.grad(R.mix(x, partner, boxes, lam, use_box), x, g)
     torch.testing.assert_close(gx, want, rtol=1e-12, atol=1e-12)
     x, *rest = make_case((4, 2, 4, 3), torch.float64, 4, torch.float64)
+    # Under the interpreter the full Jacobian (a backward per output element) took 30 s; the op is
+    # linear in x, so a random projection of it (fast_mode) checks as much, and the exact gradient
+    # is compared with the reference's above.
     with fastsd.use_backend(backend):
-        torch.autograd.gradcheck(lambda t: fm.mix(t, *rest), (x.requires_grad_(),))
+        torch.autograd.gradcheck(lambda t: fm.mix(t, *rest), (x.requires_grad_(),), fast_mode=backend == "triton")
 
 
 def test_registration():

@@ -56,10 +56,22 @@ try:
 except ImportError:  # pragma: no cover - not POSIX: no lock, each process compiles what it lacks
     fcntl = None
 
-# The archs test_aot compiles every spec for: sm_80 and sm_90, or those FASTSD_AOT_ARCHS names
-# ("90": make test-triton-oldest, where what is checked is the oldest release's language, not its
-# per-arch lowering, which the pinned Triton checks for both).
-ARCHS = tuple(int(a) for a in os.environ.get("FASTSD_AOT_ARCHS", "80,90").split(","))
+# What test_aot compiles, arch by arch: every spec ("all") or :func:`per_dtype_specs` ("dtypes").
+# ``make test``: sm_90 every spec (its SASS is read too, tests/test_sass.py), sm_80 a spec per kernel
+# and element types; under the oldest Triton (make test-triton-oldest) "90:dtypes". Set
+# FASTSD_AOT_ARCHS=80:all,90:all for the whole matrix.
+def _aot_plan(text: str) -> Dict[int, str]:
+    plan = {}
+    for item in text.split(","):
+        arch, _, which = item.strip().partition(":")
+        if not arch.isdigit() or which not in ("", "all", "dtypes"):
+            raise ValueError(f"FASTSD_AOT_ARCHS: expected items like 90 or 80:dtypes or 90:all, got {item!r}")
+        plan[int(arch)] = which or "all"
+    return plan
+
+
+AOT_PLAN = _aot_plan(os.environ.get("FASTSD_AOT_ARCHS", "80:dtypes,90:all"))
+ARCHS = tuple(sorted(AOT_PLAN))
 AOT_WORKERS = int(os.environ.get("FASTSD_AOT_WORKERS", "1"))
 
 
@@ -85,6 +97,38 @@ def all_aot_specs() -> List[dict]:
     if repeated:
         raise ValueError(f"AOT spec names must be unique; repeated: {repeated}")
     return specs
+
+
+def per_dtype_specs() -> List[dict]:
+    """The first spec of each @triton.jit kernel for each set of element types of its pointer
+    arguments, and of each its first spec of 1-element chunks (VEC or CHUNK 1: code of its own):
+    what ``make test`` compiles for sm_80, and under the oldest Triton. Two archs' lowerings, or two
+    releases', differ in what each element type becomes (bf16 and fp16 arithmetic, conversions),
+    not in the block shapes and layout flags that tell one spec of a kernel from another, which
+    reach the lowering as the same operations."""
+    picked = {}
+    for spec in all_aot_specs():
+        ptrs = tuple(sorted({t for t in _flat(spec["signature"].values()) if t.startswith("*")}))
+        narrow = 1 in (_constexprs(spec).get("VEC"), _constexprs(spec).get("CHUNK"))
+        picked.setdefault((id(spec["fn"]), ptrs, narrow), spec)
+    return list(picked.values())
+
+
+def aot_pairs() -> List[Tuple[str, int]]:
+    """The (spec name, arch) pairs test_aot compiles (:data:`AOT_PLAN`)."""
+    few = {s["name"] for s in per_dtype_specs()}
+    return [(s["name"], arch) for s in all_aot_specs() for arch in ARCHS if AOT_PLAN[arch] == "all" or s["name"] in few]
+
+
+def _flat(types) -> List[str]:
+    """The types of a signature, tuple arguments' element by element."""
+    return [u for t in types for u in (_flat(t) if isinstance(t, (tuple, list)) else [t]) if isinstance(u, str)]
+
+
+def _constexprs(spec: dict) -> dict:
+    """A spec's constexprs by argument name (specs give them by name or by ``(index,)``)."""
+    names = list(spec["signature"])
+    return {(names[k[0]] if isinstance(k, tuple) else k): v for k, v in (spec.get("constexprs") or {}).items()}
 
 
 ONES = ":ones"  # suffix of a spec name: the spec with every integer argument equal to 1

@@ -54,11 +54,11 @@ test-avx2: install
 	$(AVX2) $(call SCRATCH_ENV,_avx2) $(PY) -m pytest -q -ra $(XDIST) -k "not ($(AVX2_SKIP))" tests/test_losses.py tests/test_fuzz.py tests/test_mix.py tests/test_patch_swap.py
 
 # The Triton backend is offered from fastsd._backend.TRITON_MIN_VERSION on (torch 2.8 ships 3.4):
-# for sm_90, one spec of each kernel for each set of element types and each 1-element-chunk path
-# (tests/triton_tools.py, per_dtype_specs: what a release's lowering tells apart), and one spec of
-# each kernel with its integer arguments equal to 1 (constexprs under the JIT), compiled by that
-# release, installed beside the pinned one for the run (0.65 GB) and removed after it. The pinned
-# Triton compiles every spec for sm_90 in the suite (and reads its SASS).
+# for sm_90, the specs that between them show every element type and every code-path constexpr of
+# each kernel (tests/triton_tools.py, code_path_specs), and one spec of each kernel with its integer
+# arguments equal to 1 (constexprs under the JIT), compiled by that release, installed beside the
+# pinned one for the run (0.65 GB) and removed after it. The pinned Triton compiles every spec for
+# sm_90 in the suite (and reads its SASS).
 # Skipped, saying so, where the disk has less than OLDEST_MIN_MB free.
 TRITON_OLDEST := $(SCRATCH)/triton-oldest
 OLDEST_MIN_MB := 1500
@@ -73,7 +73,7 @@ triton-oldest-run:
 	$(PIP) install $(PIP_FLAGS) --no-deps --target $(TRITON_OLDEST) \
 	    "triton==$$($(PY) -c 'from fastsd._backend import TRITON_OLDEST_TESTED as v; print(v)')"
 	PYTHONPATH=$(TRITON_OLDEST) $(PY) -c "import triton, fastsd._backend as b; assert triton.__version__ == b.TRITON_OLDEST_TESTED, triton.__version__; print('triton', triton.__version__)"
-	PYTHONPATH=$(TRITON_OLDEST) FASTSD_AOT_ARCHS=90:dtypes $(call SCRATCH_ENV,_oldest) $(PY) -m pytest -q -ra -p no:cacheprovider tests/test_aot.py
+	PYTHONPATH=$(TRITON_OLDEST) FASTSD_AOT_ARCHS=90:paths $(call SCRATCH_ENV,_oldest) $(PY) -m pytest -q -ra -p no:cacheprovider tests/test_aot.py
 	rm -rf $(TRITON_OLDEST) $(SCRATCH)/triton
 
 bench: install

@@ -91,7 +91,8 @@ def cxx_flags(environ, os_name):
     Python's own CFLAGS, which come first, carry ``-g`` on most Linux builds: debug info for
     torch's templates made each object 20 to 60 times larger and its compile 2.5 times slower (here,
     csrc/cpu/scale_grad.cpp: 50 s of CPU with it, 18 s without). ``-g0`` after them drops it;
-    ``FASTSD_DEBUG_INFO=1`` keeps it (a debugger or a profiler reading line numbers)."""
+    ``FASTSD_DEBUG_INFO=1`` keeps it (a debugger or a profiler reading line numbers; ``build_ext
+    --debug`` alone does not, its ``-g`` comes before this one)."""
     flag = environ.get("FASTSD_DEBUG_INFO", "")
     if flag not in ("", "0", "1"):
         raise SystemExit(f"FASTSD_DEBUG_INFO must be 0 or 1, got {flag!r}")

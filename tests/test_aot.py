@@ -1,10 +1,12 @@
 """Ahead-of-time compilation of every Triton kernel for sm_80 and sm_90, without a GPU.
 
 Each ``AOT_SPECS`` entry of each fastsd.kernels module (see tests/triton_tools.py) is compiled to
-PTX and cubin for sm_90; for sm_80 one spec of each kernel for each set of element types and each
-1-element-chunk path (triton_tools.per_dtype_specs; FASTSD_AOT_ARCHS=80:all,90:all for all of them). This catches what the interpreter lets through: type errors in lowering,
-non-power-of-2 blocks, unsupported ops. All specs compile in one batch (two worker subprocesses,
-TRITON_INTERPRET unset), on the first test that asks; the rest read the per-process cache.
+PTX and cubin for sm_90; for sm_80 the specs that between them show every element type and every
+code-path constexpr of each kernel (triton_tools.code_path_specs; FASTSD_AOT_ARCHS=80:all,90:all for
+all of them). This catches what the interpreter lets through: type errors in lowering,
+non-power-of-2 blocks, unsupported ops. The specs of an arch compile in one batch (two worker
+subprocesses, TRITON_INTERPRET unset), on the first test that asks; the rest read the per-process
+cache.
 """
 import pytest
 
@@ -53,3 +55,17 @@ def test_representative_compiles(representatives, name):
     result = representatives[(name, 90)]
     assert result.error is None, f"{name} does not compile for sm_90: {result.error}"
     assert ".entry" in result.ptx
+
+
+def test_code_path_specs_cover_every_code_path():
+    """What sm_80 and the oldest Triton compile shows, for each kernel, every element type of each
+    pointer argument and every code-path constexpr value that any of its specs has."""
+    def paths(specs):
+        return {(s["fn"].fn.__name__, p) for s in specs for p in triton_tools._code_paths(s)}
+
+    chosen = triton_tools.code_path_specs()
+    assert paths(chosen) == paths(SPECS)
+    assert len(chosen) < len(SPECS)
+    # the cover sees what picks code: mix's uint8 data beside its uint8 box flags, the gradient
+    assert ("mix_kernel", ("ptr", "x_ptr", "*u8")) in paths(chosen)
+    assert any(p[0] == "COMPUTE_GRAD" and p[1] is True for _, p in paths(chosen))

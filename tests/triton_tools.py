@@ -56,21 +56,21 @@ try:
 except ImportError:  # pragma: no cover - not POSIX: no lock, each process compiles what it lacks
     fcntl = None
 
-# What test_aot compiles, arch by arch: every spec ("all") or :func:`per_dtype_specs` ("dtypes").
-# ``make test``: sm_90 every spec (its SASS is read too, tests/test_sass.py), sm_80 a spec per kernel
-# and element types; under the oldest Triton (make test-triton-oldest) "90:dtypes". Set
-# FASTSD_AOT_ARCHS=80:all,90:all for the whole matrix.
+# What test_aot compiles, arch by arch: every spec ("all") or :func:`code_path_specs` ("paths").
+# ``make test``: sm_90 every spec (its SASS is read too, tests/test_sass.py), sm_80 the code paths;
+# under the oldest Triton (make test-triton-oldest) "90:paths". FASTSD_AOT_ARCHS=80:all,90:all
+# compiles the whole matrix.
 def _aot_plan(text: str) -> Dict[int, str]:
     plan = {}
     for item in text.split(","):
         arch, _, which = item.strip().partition(":")
-        if not arch.isdigit() or which not in ("", "all", "dtypes"):
-            raise ValueError(f"FASTSD_AOT_ARCHS: expected items like 90 or 80:dtypes or 90:all, got {item!r}")
+        if not arch.isdigit() or which not in ("", "all", "paths"):
+            raise ValueError(f"FASTSD_AOT_ARCHS: expected items like 90, 80:paths or 90:all, got {item!r}")
         plan[int(arch)] = which or "all"
     return plan
 
 
-AOT_PLAN = _aot_plan(os.environ.get("FASTSD_AOT_ARCHS", "80:dtypes,90:all"))
+AOT_PLAN = _aot_plan(os.environ.get("FASTSD_AOT_ARCHS", "80:paths,90:all"))
 ARCHS = tuple(sorted(AOT_PLAN))
 AOT_WORKERS = int(os.environ.get("FASTSD_AOT_WORKERS", "1"))
 
@@ -99,30 +99,59 @@ def all_aot_specs() -> List[dict]:
     return specs
 
 
-def per_dtype_specs() -> List[dict]:
-    """The first spec of each @triton.jit kernel for each set of element types of its pointer
-    arguments, and of each its first spec of 1-element chunks (VEC or CHUNK 1: code of its own):
-    what ``make test`` compiles for sm_80, and under the oldest Triton. Two archs' lowerings, or two
-    releases', differ in what each element type becomes (bf16 and fp16 arithmetic, conversions),
-    not in the block shapes and layout flags that tell one spec of a kernel from another, which
-    reach the lowering as the same operations."""
-    picked = {}
+# Constexprs and options that set a spec's block shape, not which code it runs (left out of
+# :func:`code_path_specs`' cover); VEC / CHUNK / GROUP count as 1 or more than 1.
+_SHAPE_PARAMS = {"ALIGN", "BLOCK", "BLOCK_C", "BLOCK_N", "BLOCK_S", "COUNT_BLOCK", "SP", "TAIL", "TI", "TJ",
+                 "NUM_LAYERS", "num_warps", "maxnreg"}
+_WIDTH_PARAMS = {"VEC", "CHUNK", "GROUP"}
+
+
+def _code_paths(spec: dict) -> set:
+    """What a spec's compiled code depends on beside its block shape: the element type of each
+    pointer argument, and the value of each other constexpr and compile option."""
+    out = {("ptr", name, t) for name, t in _flat_items(spec["signature"].items()) if t.startswith("*")}
+    for name, value in list(_constexprs(spec).items()) + list((spec.get("options") or {}).items()):
+        if name in _SHAPE_PARAMS:
+            continue
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        if name in _WIDTH_PARAMS:
+            values = {min(int(v), 2) for v in values}  # 1, or more than 1
+        out.update((name, v) for v in set(values))
+    return out
+
+
+def code_path_specs() -> List[dict]:
+    """Specs of each @triton.jit kernel that between them show every element type of each pointer
+    argument and every value of each constexpr or option that picks code rather than a block shape
+    (backward, in place, channels_last, int64 indices, 1-element chunks, the gradient, the checks,
+    ...), chosen in order, a spec where it shows something its kernel's earlier ones did not: what
+    ``make test`` compiles for sm_80 and under the oldest Triton. What tells an arch's lowering from
+    another's, or a release's, is in those; the block shapes that tell the remaining specs apart
+    reach it as the same operations on other sizes. tests/test_aot.py checks the cover."""
+    seen, picked = set(), []
     for spec in all_aot_specs():
-        ptrs = tuple(sorted({t for t in _flat(spec["signature"].values()) if t.startswith("*")}))
-        narrow = 1 in (_constexprs(spec).get("VEC"), _constexprs(spec).get("CHUNK"))
-        picked.setdefault((id(spec["fn"]), ptrs, narrow), spec)
-    return list(picked.values())
+        new = {(id(spec["fn"]), path) for path in _code_paths(spec)} - seen
+        if new:
+            seen |= new
+            picked.append(spec)
+    return picked
 
 
 def aot_pairs() -> List[Tuple[str, int]]:
     """The (spec name, arch) pairs test_aot compiles (:data:`AOT_PLAN`)."""
-    few = {s["name"] for s in per_dtype_specs()}
+    few = {s["name"] for s in code_path_specs()}
     return [(s["name"], arch) for s in all_aot_specs() for arch in ARCHS if AOT_PLAN[arch] == "all" or s["name"] in few]
 
 
-def _flat(types) -> List[str]:
-    """The types of a signature, tuple arguments' element by element."""
-    return [u for t in types for u in (_flat(t) if isinstance(t, (tuple, list)) else [t]) if isinstance(u, str)]
+def _flat_items(items) -> List[Tuple[str, str]]:
+    """(name, type) of a signature's arguments, a tuple argument's element by element (name.i)."""
+    out = []
+    for name, t in items:
+        if isinstance(t, (tuple, list)):
+            out += _flat_items((f"{name}.{i}", u) for i, u in enumerate(t))
+        elif isinstance(t, str):
+            out.append((name, t))
+    return out
 
 
 def _constexprs(spec: dict) -> dict:
@@ -252,22 +281,30 @@ _AOT_CACHE: Dict[Tuple[str, int], AOTResult] = {}
 def compile_lock(arch: int):
     """Held by a process while it compiles kernels for sm_<arch>, on a file beside triton's disk cache.
 
-    ``make test`` runs the files on pytest-xdist workers with that cache cold, and eight files compile
-    sm_90 kernels (test_aot all of them, test_sass all of them again to read their SASS, the others
-    a few each for their PTX checks). Without the lock each worker compiled its own copy of what the
-    other was compiling at the same moment; with it the second waits, then reads the first one's
-    results from the cache (~5 ms a kernel)."""
-    if fcntl is None:  # pragma: no cover
-        yield
-        return
-    cache = os.environ.get("TRITON_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".triton", "cache")
-    os.makedirs(cache, exist_ok=True)
-    with open(os.path.join(cache, f"fastsd-aot-sm_{arch}.lock"), "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    ``make test`` runs the files on pytest-xdist workers with that cache cold, and nine files compile
+    sm_90 kernels (test_aot, test_sass and test_int64_offsets every spec, test_loss_kernels every
+    loss spec, the others a few). Without the lock a worker compiled its own copy of what the other
+    was compiling at the same moment; with it the second waits, then reads the first one's results
+    from the cache (~5 ms a kernel). Where the lock cannot be taken (no fcntl, a read-only or
+    network file system), each process compiles what it lacks, as before."""
+    cache = os.environ.get("TRITON_CACHE_DIR") or os.path.join(
+        os.environ.get("TRITON_HOME") or os.path.expanduser("~"), ".triton", "cache")
+    f = None
+    if fcntl is not None:
         try:
-            yield
-        finally:
+            os.makedirs(cache, exist_ok=True)
+            f = open(os.path.join(cache, f"fastsd-aot-sm_{arch}.lock"), "a")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError:
+            if f is not None:
+                f.close()
+            f = None
+    try:
+        yield
+    finally:
+        if f is not None:
             fcntl.flock(f, fcntl.LOCK_UN)
+            f.close()
 
 
 def aot_compile_all(pairs: Iterable[Tuple[str, int]]) -> Dict[Tuple[str, int], AOTResult]:

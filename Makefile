@@ -33,8 +33,8 @@ test: install
 SCRATCH := $(VENV)/test-scratch
 # The suite on pytest-xdist workers, one per core up to four (each holds torch and Triton, about 1
 # GB), a test file to a worker (module fixtures, such as the AOT compiles, run once), the slowest
-# files first (tests/conftest.py): 16.7 min in a fresh clone on this 2-core machine, 21 min in one
-# process (2026-11-27, before the reordering).
+# files first (tests/conftest.py): 15-16 min in a fresh clone on this 2-core machine, 21 min in one
+# process (2026-11-27).
 TEST_WORKERS := $(shell n=$$(nproc 2>/dev/null || echo 1); [ "$$n" -gt 4 ] && n=4; echo $$n)
 XDIST := -n $(TEST_WORKERS) --dist loadfile
 AOT_WORKERS := $(shell [ "$$(nproc 2>/dev/null || echo 1)" -ge 2 ] && echo 2 || echo 1)

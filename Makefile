@@ -11,6 +11,10 @@ PINS   := torch==2.14.1 torchvision==0.29.1 triton==3.8.0 numpy==2.4.6 pytest==9
 # --no-compile: no .pyc of the ~11k modules installed (a minute of CPU here); Python writes those
 # of the modules it imports, on first import.
 PIP_FLAGS := --disable-pip-version-check -q --no-cache-dir --no-compile
+# ...which needs Python allowed to write them: where PYTHONDONTWRITEBYTECODE is set (as in this
+# machine's environment), every process, each test's subprocesses and pytest's assertion rewriting
+# included, would compile torch and the rest from source again (3 s more a torch import here).
+unexport PYTHONDONTWRITEBYTECODE
 DEPS_STAMP := $(VENV)/.fastsd-deps
 EXT_STAMP  := $(VENV)/.fastsd-ext
 CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp) \
@@ -47,9 +51,19 @@ SCRATCH_ENV = TRITON_CACHE_DIR=$(CURDIR)/$(SCRATCH)/triton FASTSD_CACHE_DIR=$(CU
 # backends only (the Triton interpreter does not use either path); fastsd.mix's and patch swap's bit-exact parity
 # catches a vector path that rounds differently (an FMA contraction). Not the tests that start
 # processes of their own with their own caps or none (what the suite ran already, again).
+# Where neither PyTorch nor fastsd has a path wider than AVX2 on this CPU, the suite ran on those
+# paths already, and the rerun is skipped, saying so.
 AVX2 := ATEN_CPU_CAPABILITY=avx2 FASTSD_CPU_CAPABILITY=avx2
 AVX2_SKIP := triton or instruction_sets or capability_bad_value or per_vector_isa or import_is_light
+WIDER_THAN_AVX2 := import sys, torch, fastsd._ext as e; \
+    ours = e.ops().cpu_capability()[1] if e.load_error() is None else ""; \
+    sys.exit(0 if torch.backends.cpu.get_cpu_capability() == "AVX512" or ours == "avx512" else 1)
 test-avx2: install
+	@if $(PY) -c '$(WIDER_THAN_AVX2)'; then $(MAKE) --no-print-directory avx2-run; else \
+	    echo "test-avx2: SKIPPED: this CPU has no vector path wider than AVX2 (PyTorch's or fastsd's): the suite ran on the AVX2 paths"; fi
+
+.PHONY: avx2-run
+avx2-run:
 	$(AVX2) $(PY) -m fastsd.selftest
 	$(AVX2) $(call SCRATCH_ENV,_avx2) $(PY) -m pytest -q -ra $(XDIST) -k "not ($(AVX2_SKIP))" tests/test_losses.py tests/test_fuzz.py tests/test_mix.py tests/test_patch_swap.py
 

@@ -180,13 +180,8 @@ def representative_specs() -> List[dict]:
 def _one_element_chunks(spec: dict) -> bool:
     """A spec of 1-element chunks (VEC or CHUNK 1, on 32-bit indices): lines or cells no wider
     vector divides, which some kernels take through code of their own."""
-    names = list(spec["signature"])
-    consts = spec.get("constexprs") or {}
-
-    def const(name):
-        return consts.get((names.index(name),)) if name in names else None
-
-    return not const("BIG") and 1 in (const("VEC"), const("CHUNK"))
+    consts = _constexprs(spec)
+    return not consts.get("BIG") and 1 in (consts.get("VEC"), consts.get("CHUNK"))
 
 
 def ones_variant(spec: dict) -> dict:

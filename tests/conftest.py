@@ -35,7 +35,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import fastsd  # noqa: E402
-from fastsd import _backend  # noqa: E402
+from fastsd import _backend, _ext  # noqa: E402
 
 
 def _hypothesis_examples_from_the_strategies_only():
@@ -58,6 +58,7 @@ _hypothesis_examples_from_the_strategies_only()
 
 # Backends that can run on this machine's CPU tensors (triton through the interpreter).
 CPU_BACKENDS = [b for b in ("triton", "cpp", "torch") if not _backend.reasons("patch_swap", b, torch.empty(0))]
+needs_cpp = pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason=f"fastsd._C: {_ext.load_error()}")
 
 
 # The slowest files first (a serial run on this 2-core machine, 2026-11-27: test_aot 192 s,

@@ -18,9 +18,8 @@ import torch
 import fastsd
 from fastsd import _backend, _ext
 
-from conftest import CPU_BACKENDS
+from conftest import CPU_BACKENDS, needs_cpp
 
-needs_cpp = pytest.mark.skipif(bool(_ext.load_error()), reason=f"fastsd._C: {_ext.load_error()}")
 HUGE = 2 << 20
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 

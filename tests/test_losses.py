@@ -20,7 +20,7 @@ from fastsd import reference as R
 from fastsd.losses import _KIND_CODE  # noqa: F401  (the C++ kind codes follow FEATURE_KINDS)
 from fastsd.selftest import feature_conditioning, kd_conditioning, pair_kd_conditioning, parity_bound
 
-from conftest import CPU_BACKENDS, NoHostSync
+from conftest import CPU_BACKENDS, NoHostSync, needs_cpp
 
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -293,8 +293,6 @@ def test_cosine_reference_matches_torch():
 # float lanes); these cases reach the paths the shapes above do not: float rows of whole vectors
 # (no staging copy), several summation blocks, cosine tasks of whole samples and runs that cross
 # samples.
-
-needs_cpp = pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="fastsd._C not built")
 
 
 @needs_cpp

@@ -37,15 +37,15 @@ test: install
 SCRATCH := $(VENV)/test-scratch
 # The suite on pytest-xdist workers, one per core up to four (each holds torch and Triton, about 1
 # GB), a test file to a worker (module fixtures, such as the AOT compiles, run once), the slowest
-# files first (tests/conftest.py): 15-16 min in a fresh clone on this 2-core machine, 21 min in one
-# process (2026-11-27).
+# files first (tests/conftest.py's order; --no-loadscope-reorder, or xdist orders files by their
+# number of tests): 13.5 min in a fresh clone on this 2-core machine (2026-11-27).
 # Each worker gets its share of the cores as torch's intra-op threads (OMP_NUM_THREADS; one here):
 # with torch's default, a thread per core in every worker, the workers' OpenMP threads spin-wait
 # for each other's (tests/test_reliability.py: 73 s of CPU in 45 s, against 33 s in 26 s with one
 # thread each). tests/test_threads.py runs the C++ kernels' splits over threads explicitly.
 TEST_WORKERS := $(shell n=$$(nproc 2>/dev/null || echo 1); [ "$$n" -gt 4 ] && n=4; echo $$n)
 TEST_THREADS := $(shell n=$$(nproc 2>/dev/null || echo 1); t=$$((n / $(TEST_WORKERS))); [ "$$t" -lt 1 ] && t=1; echo $$t)
-XDIST := -n $(TEST_WORKERS) --dist loadfile
+XDIST := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 AOT_WORKERS := $(shell [ "$$(nproc 2>/dev/null || echo 1)" -ge 2 ] && echo 2 || echo 1)
 SCRATCH_ENV = TRITON_CACHE_DIR=$(CURDIR)/$(SCRATCH)/triton FASTSD_CACHE_DIR=$(CURDIR)/$(SCRATCH)/fastsd \
               TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/$(SCRATCH)/inductor$(1) FASTSD_AOT_WORKERS=$(AOT_WORKERS) \

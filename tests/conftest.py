@@ -61,14 +61,19 @@ CPU_BACKENDS = [b for b in ("triton", "cpp", "torch") if not _backend.reasons("p
 needs_cpp = pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason=f"fastsd._C: {_ext.load_error()}")
 
 
-# The slowest files first (a serial run on this 2-core machine, 2026-11-27: test_aot 192 s,
-# test_mix_triton 138, test_fuzz 131, test_losses 107, test_cuda_compile 67, test_sass 94, test_mix 94).
-# Under pytest-xdist (make test) the workers take files in this order, round-robin, so the long ones
-# start first instead of ending the run alone; test_sass comes two files after test_aot on the other
-# worker, so that it mostly reads the Triton cache test_aot's compiles fill rather than compiling
-# the same kernels beside them. The other files keep their order.
-SLOWEST_FIRST = ("test_aot.py", "test_mix_triton.py", "test_fuzz.py", "test_losses.py", "test_cuda_compile.py",
-                 "test_sass.py", "test_mix.py")
+# The slowest files first, by their time in a run of the suite on two pytest-xdist workers here
+# (2026-11-27, seconds: test_fuzz 262, test_losses 241, test_aot 209, test_sass 157,
+# test_patch_swap_triton 156, test_mix_triton 140, test_reliability 100, test_cuda_compile 81,
+# test_mix 76, test_gpu_report 71, test_recipes 64, then under 45). The Makefile's pytest-xdist run
+# hands whole files to the workers in this order (--dist loadfile --no-loadscope-reorder: xdist
+# otherwise orders files by their number of tests, which put test_patch_swap_triton,
+# test_reliability and test_recipes last), so the long ones start first instead of ending the run
+# alone. test_aot comes first and test_sass fourth: test_sass then starts on a worker after test_aot
+# is done, and reads the Triton cache its compiles filled instead of waiting on their lock. The
+# other files keep their order.
+SLOWEST_FIRST = ("test_aot.py", "test_fuzz.py", "test_losses.py", "test_sass.py", "test_patch_swap_triton.py",
+                 "test_mix_triton.py", "test_reliability.py", "test_cuda_compile.py", "test_mix.py",
+                 "test_gpu_report.py", "test_recipes.py", "test_loss_kernels.py", "test_ddp.py")
 
 
 def pytest_collection_modifyitems(session, config, items):

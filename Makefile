@@ -39,17 +39,18 @@ SCRATCH := $(VENV)/test-scratch
 # GB), a test file to a worker (module fixtures, such as the AOT compiles, run once), the slowest
 # files first (tests/conftest.py's order; --no-loadscope-reorder, or xdist orders files by their
 # number of tests): 13.5 min in a fresh clone on this 2-core machine (2026-11-27).
-# Each worker gets its share of the cores as torch's intra-op threads (OMP_NUM_THREADS; one here):
-# with torch's default, a thread per core in every worker, the workers' OpenMP threads spin-wait
-# for each other's (tests/test_reliability.py: 73 s of CPU in 45 s, against 33 s in 26 s with one
-# thread each). tests/test_threads.py runs the C++ kernels' splits over threads explicitly.
+# Each worker gets its share of the cores as torch's intra-op threads (OMP_NUM_THREADS unless you
+# set it; one here): with torch's default, a thread per core in every worker, the workers' OpenMP
+# threads spin-wait for each other's (tests/test_reliability.py alone on two workers here: 73 s of
+# CPU in 45 s with the default, 33 s in 26 s with one thread each). tests/test_threads.py and the
+# thread tests of test_losses and test_reliability split the C++ kernels' work over threads.
 TEST_WORKERS := $(shell n=$$(nproc 2>/dev/null || echo 1); [ "$$n" -gt 4 ] && n=4; echo $$n)
 TEST_THREADS := $(shell n=$$(nproc 2>/dev/null || echo 1); t=$$((n / $(TEST_WORKERS))); [ "$$t" -lt 1 ] && t=1; echo $$t)
 XDIST := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 AOT_WORKERS := $(shell [ "$$(nproc 2>/dev/null || echo 1)" -ge 2 ] && echo 2 || echo 1)
 SCRATCH_ENV = TRITON_CACHE_DIR=$(CURDIR)/$(SCRATCH)/triton FASTSD_CACHE_DIR=$(CURDIR)/$(SCRATCH)/fastsd \
               TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/$(SCRATCH)/inductor$(1) FASTSD_AOT_WORKERS=$(AOT_WORKERS) \
-              OMP_NUM_THREADS=$(TEST_THREADS)
+              OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(TEST_THREADS)}
 
 # The parity checks again on PyTorch's and fastsd's AVX2 paths (ATEN_CPU_CAPABILITY caps both;
 # FASTSD_CPU_CAPABILITY fastsd's alone): their tolerances measure torch's own error, which changes
@@ -57,19 +58,24 @@ SCRATCH_ENV = TRITON_CACHE_DIR=$(CURDIR)/$(SCRATCH)/triton FASTSD_CACHE_DIR=$(CU
 # backends only (the Triton interpreter does not use either path); fastsd.mix's and patch swap's bit-exact parity
 # catches a vector path that rounds differently (an FMA contraction). Not the tests that start
 # processes of their own with their own caps or none (what the suite ran already, again).
-# Where neither PyTorch nor fastsd has a path wider than AVX2 on this CPU, the suite ran on those
-# paths already, and the rerun is skipped, saying so.
+# Where the suite ran on the AVX2 paths already (PyTorch's and fastsd's in use are AVX2: a CPU with
+# nothing wider), the rerun would run the same paths again: skipped, saying so. The probe prints
+# "same" or "other"; anything else (it failed) stops make test.
 AVX2 := ATEN_CPU_CAPABILITY=avx2 FASTSD_CPU_CAPABILITY=avx2
 AVX2_SKIP := triton or instruction_sets or capability_bad_value or per_vector_isa or import_is_light
-WIDER_THAN_AVX2 := import sys, torch, fastsd._ext as e; \
-    ours = e.ops().cpu_capability()[1] if e.load_error() is None else ""; \
-    sys.exit(0 if torch.backends.cpu.get_cpu_capability() == "AVX512" or ours == "avx512" else 1)
+AVX2_PROBE := import torch, fastsd._ext as e; \
+    ours = e.ops().cpu_capability()[0] if e.load_error() is None else "avx2"; \
+    print("same" if torch.backends.cpu.get_cpu_capability() == "AVX2" and ours == "avx2" else "other")
 test-avx2: install
-	@if $(PY) -c '$(WIDER_THAN_AVX2)'; then $(MAKE) --no-print-directory avx2-run; else \
-	    echo "test-avx2: SKIPPED: this CPU has no vector path wider than AVX2 (PyTorch's or fastsd's): the suite ran on the AVX2 paths"; fi
+	@paths=$$($(PY) -c '$(AVX2_PROBE)') || exit 1; \
+	case "$$paths" in \
+	    same) echo "test-avx2: SKIPPED: the suite ran on PyTorch's and fastsd's AVX2 paths already (nothing wider in use on this CPU)";; \
+	    other) $(MAKE) --no-print-directory avx2-run;; \
+	    *) echo "test-avx2: the probe of the vector paths in use printed '$$paths'"; exit 1;; \
+	esac
 
 .PHONY: avx2-run
-avx2-run:
+avx2-run: install
 	$(AVX2) $(PY) -m fastsd.selftest
 	$(AVX2) $(call SCRATCH_ENV,_avx2) $(PY) -m pytest -q -ra $(XDIST) -k "not ($(AVX2_SKIP))" tests/test_losses.py tests/test_fuzz.py tests/test_mix.py tests/test_patch_swap.py
 

@@ -62,16 +62,17 @@ needs_cpp = pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason=f"fastsd._C: {_
 
 
 # The slowest files first, by their time in a run of the suite on two pytest-xdist workers here
-# (2026-11-27, seconds: test_fuzz 262, test_losses 241, test_aot 209, test_sass 157,
-# test_patch_swap_triton 156, test_mix_triton 140, test_reliability 100, test_cuda_compile 81,
-# test_mix 76, test_gpu_report 71, test_recipes 64, then under 45). The Makefile's pytest-xdist run
+# (2026-11-27, before each worker had one intra-op thread; seconds of the files' tests: test_fuzz
+# 262, test_losses 241, test_aot 209, test_sass 157, test_patch_swap_triton 156, test_mix_triton 140,
+# test_reliability 100, test_cuda_compile 81, test_mix 76, test_gpu_report 71, test_recipes 64, then
+# under 45). The Makefile's pytest-xdist run
 # hands whole files to the workers in this order (--dist loadfile --no-loadscope-reorder: xdist
 # otherwise orders files by their number of tests, which put test_patch_swap_triton,
 # test_reliability and test_recipes last), so the long ones start first instead of ending the run
-# alone. test_aot comes first and test_sass fourth: test_sass then starts on a worker after test_aot
-# is done, and reads the Triton cache its compiles filled instead of waiting on their lock. The
-# other files keep their order.
-SLOWEST_FIRST = ("test_aot.py", "test_fuzz.py", "test_losses.py", "test_sass.py", "test_patch_swap_triton.py",
+# alone. test_aot comes first and test_sass fifth: with up to four workers (the Makefile's most),
+# test_sass then starts on a worker once another file is done, mostly after test_aot, and reads the
+# Triton cache its compiles filled instead of waiting on their lock. The other files keep their order.
+SLOWEST_FIRST = ("test_aot.py", "test_fuzz.py", "test_losses.py", "test_patch_swap_triton.py", "test_sass.py",
                  "test_mix_triton.py", "test_reliability.py", "test_cuda_compile.py", "test_mix.py",
                  "test_gpu_report.py", "test_recipes.py", "test_loss_kernels.py", "test_ddp.py")
 

@@ -349,14 +349,15 @@ def test_cpp_results_do_not_depend_on_thread_count():
     def run():
         out = []
         with fastsd.use_backend("cpp"):
-            for dtype in (torch.float32, torch.bfloat16):
+            for dtype in (torch.float32, torch.bfloat16, torch.float64):  # float64: the scalar loops
                 z = logits.to(dtype).requires_grad_()
                 loss = fastsd.pair_kd_loss(z, labels, partner) + fastsd.kd_loss(z, z.detach().flip(0))
                 out += [loss, *torch.autograd.grad(loss, z)]
-            for kind in ("mse", "cosine"):
-                xs = [x.clone().requires_grad_() for x in s]
-                loss = fastsd.feature_alignment_loss(xs, t, kind=kind)
-                out += [loss, *torch.autograd.grad(loss, xs)]
+            for dtype in (torch.float32, torch.float64):
+                for kind in ("mse", "l1", "smooth_l1", "cosine"):
+                    xs = [x.to(dtype).clone().requires_grad_() for x in s]
+                    loss = fastsd.feature_alignment_loss(xs, [y.to(dtype) for y in t], kind=kind)
+                    out += [loss, *torch.autograd.grad(loss, xs)]
         return out
 
     try:

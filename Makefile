@@ -44,10 +44,11 @@ SCRATCH := $(VENV)/test-scratch
 # threads spin-wait for each other's (tests/test_reliability.py alone on two workers here: 73 s of
 # CPU in 45 s with the default, 33 s in 26 s with one thread each). tests/test_threads.py and the
 # thread tests of test_losses and test_reliability split the C++ kernels' work over threads.
-TEST_WORKERS := $(shell n=$$(nproc 2>/dev/null || echo 1); [ "$$n" -gt 4 ] && n=4; echo $$n)
-TEST_THREADS := $(shell n=$$(nproc 2>/dev/null || echo 1); t=$$((n / $(TEST_WORKERS))); [ "$$t" -lt 1 ] && t=1; echo $$t)
+NPROC := $(shell nproc 2>/dev/null || echo 1)
+TEST_WORKERS := $(shell [ $(NPROC) -gt 4 ] && echo 4 || echo $(NPROC))
+TEST_THREADS := $(shell t=$$(($(NPROC) / $(TEST_WORKERS))); [ $$t -lt 1 ] && t=1; echo $$t)
 XDIST := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
-AOT_WORKERS := $(shell [ "$$(nproc 2>/dev/null || echo 1)" -ge 2 ] && echo 2 || echo 1)
+AOT_WORKERS := $(shell [ $(NPROC) -ge 2 ] && echo 2 || echo 1)
 SCRATCH_ENV = TRITON_CACHE_DIR=$(CURDIR)/$(SCRATCH)/triton FASTSD_CACHE_DIR=$(CURDIR)/$(SCRATCH)/fastsd \
               TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/$(SCRATCH)/inductor$(1) FASTSD_AOT_WORKERS=$(AOT_WORKERS) \
               OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(TEST_THREADS)}

@@ -3,6 +3,7 @@
 TRITON_INTERPRET must be set before any @triton.jit decorator runs, so it is set here, before
 fastsd (or fastsd.kernels) is imported by any test module.
 """
+import contextlib
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -59,6 +60,17 @@ _hypothesis_examples_from_the_strategies_only()
 # Backends that can run on this machine's CPU tensors (triton through the interpreter).
 CPU_BACKENDS = [b for b in ("triton", "cpp", "torch") if not _backend.reasons("patch_swap", b, torch.empty(0))]
 needs_cpp = pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason=f"fastsd._C: {_ext.load_error()}")
+
+
+@contextlib.contextmanager
+def torch_threads(n):
+    """torch's intra-op threads set to n inside the block, restored after."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 # The slowest files first, by their time in a run of the suite on two pytest-xdist workers here

@@ -20,7 +20,7 @@ from fastsd import reference as R
 from fastsd.losses import _KIND_CODE  # noqa: F401  (the C++ kind codes follow FEATURE_KINDS)
 from fastsd.selftest import feature_conditioning, kd_conditioning, pair_kd_conditioning, parity_bound
 
-from conftest import CPU_BACKENDS, NoHostSync, needs_cpp
+from conftest import CPU_BACKENDS, NoHostSync, needs_cpp, torch_threads
 
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -360,13 +360,10 @@ def test_cpp_results_do_not_depend_on_thread_count():
                     out += [loss, *torch.autograd.grad(loss, xs)]
         return out
 
-    try:
-        torch.set_num_threads(1)
+    with torch_threads(1):
         one = run()
-        torch.set_num_threads(max(threads, 3))
+    with torch_threads(max(threads, 3)):
         many = run()
-    finally:
-        torch.set_num_threads(threads)
     for a, b in zip(one, many):
         assert torch.equal(a, b)
 

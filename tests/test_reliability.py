@@ -17,7 +17,7 @@ import fastsd
 from fastsd import reference as R
 from fastsd.bench.cases import PATCH_SWAP_PARITY
 
-from conftest import CPU_BACKENDS
+from conftest import CPU_BACKENDS, torch_threads
 
 COMPILED = [b for b in CPU_BACKENDS if b != "triton"]
 
@@ -44,14 +44,10 @@ def test_bitwise_deterministic_across_threads_and_calls(backend):
     x, partner, mask = PATCH_SWAP_PARITY[0].make(torch.float32)
     perm = torch.randperm(x.shape[0])
     g = torch.randn(x.shape)
-    threads = torch.get_num_threads()
     results = []
-    try:
-        for n in (1, 2, 1, 2):
-            torch.set_num_threads(n)
+    for n in (1, 2, 1, 2):
+        with torch_threads(n):
             results.append(_swap_and_grad(backend, x, perm, mask, g))
-    finally:
-        torch.set_num_threads(threads)
     for out, grad in results[1:]:
         assert torch.equal(out, results[0][0]) and torch.equal(grad, results[0][1])
 
@@ -191,14 +187,10 @@ def _losses_and_grads(backend, logits, labels, partner, s, t):
 @pytest.mark.parametrize("backend", COMPILED)
 def test_losses_bitwise_deterministic_across_threads_and_calls(backend):
     inputs = _loss_inputs()
-    threads = torch.get_num_threads()
     results = []
-    try:
-        for n in (1, 2, 1, 2):
-            torch.set_num_threads(n)
+    for n in (1, 2, 1, 2):
+        with torch_threads(n):
             results.append(_losses_and_grads(backend, *inputs))
-    finally:
-        torch.set_num_threads(threads)
     for run in results[1:]:
         for a, b in zip(run, results[0]):
             assert torch.equal(a, b)
@@ -242,14 +234,10 @@ def test_icp_refiner_bitwise_deterministic_across_threads_and_calls(method):
     x, y = torch.randn(64, 3, 32, 32, generator=g), torch.randint(0, 3, (64,), generator=g)
     refiner = fastsd.ICPRefiner(model, steps=3, step_size=0.05, method=method, clamp=(-2.0, 2.0))
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    threads = torch.get_num_threads()
-    try:
-        results = []
-        for n in (1, 2, 1, 2):
-            torch.set_num_threads(n)
+    results = []
+    for n in (1, 2, 1, 2):
+        with torch_threads(n):
             results.append(_refine_and_distill(model, refiner, ["0", "1"], x, y, state))
-    finally:
-        torch.set_num_threads(threads)
     assert not torch.equal(results[0][0], x)
     for run in results[1:]:
         for a, b in zip(run, results[0]):
@@ -263,14 +251,10 @@ def test_icp_refiner_bitwise_deterministic_across_calls_conv_model():
     x, y = torch.randn(7, 3, 6, 6, generator=g), torch.randint(0, 5, (7,), generator=g)
     refiner = fastsd.ICPRefiner(model, steps=3, step_size=0.05, method="ademamix")
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    threads = torch.get_num_threads()
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
+    for n in (1, 2):
+        with torch_threads(n):
             a, b = (_refine_and_distill(model, refiner, ["0", "4"], x, y, state) for _ in range(2))
             assert all(torch.equal(u, v) for u, v in zip(a, b))
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_losses_and_refiner_under_deterministic_algorithms():

@@ -6,36 +6,25 @@ the same check in test_losses.py (test_cpp_results_do_not_depend_on_thread_count
 
 `make test` gives each pytest-xdist worker its share of the cores as intra-op threads (the Makefile's
 OMP_NUM_THREADS; one where there are as many workers as cores), so the other tests mostly run these
-kernels in one piece; these tests and the two above set the thread count themselves."""
-import contextlib
-
+kernels in one piece; these tests and the thread tests of test_losses and test_reliability set the
+thread count themselves (conftest.torch_threads)."""
 import pytest
 import torch
 
 import fastsd
 from fastsd.mix import op as mix_op
 
-from conftest import needs_cpp
+from conftest import needs_cpp, torch_threads
 
 pytestmark = needs_cpp
 THREADS = 4  # more than this machine's cores is fine: the work is split all the same
-
-
-@contextlib.contextmanager
-def threads(n):
-    saved = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
 
 
 def assert_same_at_one_and_many(fn):
     """fn()'s tensors, with the C++ backend, at 1 thread and at THREADS threads: equal bit for bit."""
     out = []
     for n in (1, THREADS):
-        with threads(n), fastsd.use_backend("cpp"):
+        with torch_threads(n), fastsd.use_backend("cpp"):
             assert torch.get_num_threads() == n
             out.append(fn())
     one, many = out

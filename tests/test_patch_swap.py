@@ -293,10 +293,12 @@ def test_helpers_bad_input(call, exc, word):
 
 
 # Every path of the C++ CPU gather: narrow cells (bit select, mask from the cells' bit word), grids
-# wider than one bit word (32 cells), wide cells (memcpy per run), uniform cell rows (one block),
-# cells that do not divide the image; NCHW and channels_last.
+# wider than one bit word (32 cells), wide cells (a copy per run), uniform cell rows (one block),
+# cells that do not divide the image, images of several units (64 x 64: two of 8 cell rows); NCHW
+# and channels_last.
 BIT_EXACT_SHAPES = [
     ((6, 3, 32, 32), (8, 8)),
+    ((4, 2, 64, 64), (16, 16)),
     ((4, 2, 9, 40), (3, 40)),
     ((4, 2, 8, 70), (2, 35)),
     ((4, 3, 6, 96), (3, 2)),
@@ -305,7 +307,7 @@ BIT_EXACT_SHAPES = [
 INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-@pytest.mark.parametrize("pairs", [False, True], ids=["perm", "involution"])
+@pytest.mark.parametrize("pairs", [False, True, "shared"], ids=["perm", "involution", "shared"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 @pytest.mark.parametrize("dtype", ["float32", "float16", "float64", "uint8"])
 @pytest.mark.parametrize("shape,grid", BIT_EXACT_SHAPES, ids=lambda v: "x".join(map(str, v)))
@@ -313,7 +315,8 @@ def test_cpp_gather_is_bit_exact(shape, grid, dtype, channels_last, pairs):
     """Copies move bits: NaN payloads and -0.0 come through the forward, and through the backward's
     cells with one source (gather with the inverse permutation; zero with none, a sum with both).
     ``pairs``: partner an involution with a fixed point (the forward writes a pair's two outputs in
-    one pass), each row of a pair under its own mask."""
+    one pass), each row of a pair under its own mask; "shared": the pairs' rows under the same mask
+    (patch_swap_mask's, the swap loop) but for one cell of one pair, in its last cell row."""
     if "cpp" not in COMPILED:
         pytest.skip("C++ backend not built")
     dt = DTYPES[dtype]
@@ -330,6 +333,9 @@ def test_cpp_gather_is_bit_exact(shape, grid, dtype, channels_last, pairs):
     mask = torch.rand((B,) + grid, generator=gen) < 0.5
     mask[0, 0] = True  # a uniform cell row of each kind
     mask[1, 0] = False
+    if pairs == "shared":
+        mask = mask[torch.minimum(torch.arange(B), partner)]
+        mask[B - 1, -1, 0] = ~mask[0, -1, 0]  # (0, B - 1) differ in one cell of their last unit
     m = R.upsample_mask(mask, H, W)[:, None]
     xi = x.contiguous().view(itype)
     out = torch.ops.fastsd_C.patch_swap(x, partner, mask)

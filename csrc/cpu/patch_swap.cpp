@@ -7,14 +7,15 @@
 // backward: src = mask_row = q, the inverse permutation of partner.
 // Within a row, the pixels of one cell are a contiguous run (W / gw pixels in NCHW, times C in
 // channels_last). A cell row with one choice throughout is one contiguous block per plane (one
-// memcpy); wide cells (>= kMinMemcpyRunBytes) are memcpy'd run by run (neighbouring cells with the
+// copy); wide cells (>= kMinMemcpyRunBytes) are copied run by run (neighbouring cells with the
 // same choice merged); narrow ones take a branch-free bit select (select.h) over the whole cell
-// row, its mask expanded from the cells' bits. A per-run memcpy of 16-byte runs costs more in calls
-// than the select's second read, and that read is made a cache hit by walking the cell rows in the
-// permutation's cycle order (cycle_order). The forward with an involution partner (fastsd's pairs)
-// goes further on the select path: one unit writes both outputs of a pair from one read of both
-// rows (select.h's pair loop). On the select path a unit is several cell rows (a whole small image),
-// so that its fixed costs are paid once an image, not once four image rows.
+// row, its mask expanded from the cells' bits. (Copies are select.h's copy loop, not memcpy: see
+// there.) A call per run of 16-byte runs costs more than the select's second read, and that read
+// is made a cache hit by walking the cell rows in the permutation's cycle order (cycle_order). The
+// forward with an involution partner (fastsd's pairs) goes further on the select path: one unit
+// writes both outputs of a pair from one read of both rows (select.h's pair loop, or its swap loop
+// where the pair's cells are the same). On the select path a unit is several cell rows (a whole
+// small image), so that its fixed costs are paid once an image, not once four image rows.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -33,8 +34,8 @@ namespace {
 
 constexpr int64_t kWordBits = 32;  // cells per mask bit word (wider grids expand lane by lane)
 
-// Runs of at least this many bytes (every cell of the call) are copied with memcpy; narrower cells
-// take the vector select, which reads both sources but costs no call per run.
+// Runs of at least this many bytes (every cell of the call) are copied run by run (a call each);
+// narrower cells take the vector select, which reads both sources but costs no call per run.
 constexpr int64_t kMinMemcpyRunBytes = 128;
 
 // On the select path a work unit takes consecutive cell rows up to about this many elements a plane
@@ -42,14 +43,16 @@ constexpr int64_t kMinMemcpyRunBytes = 128;
 // calls, the uniformity test) then amortise over a whole small image rather than four image rows.
 constexpr int64_t kSelectUnitElements = 2048;
 
+// A run of n elements: a copy from self or other (select.h's copy loop, not memcpy: see there), their
+// sum (the backward, where a cell both keeps and takes), or zeros.
 template <typename T>
-inline void run(T* o, const T* self, const T* other, bool keep, bool take, int64_t n) {
+inline void run(const cpu::SelectLoops<cpu::Bits<T>>& loops, T* o, const T* self, const T* other, bool keep,
+                bool take, int64_t n) {
+  using U = cpu::Bits<T>;
   if (keep && take) {
     for (int64_t k = 0; k < n; ++k) o[k] = self[k] + other[k];
-  } else if (keep) {
-    std::memcpy(o, self, n * sizeof(T));
-  } else if (take) {
-    std::memcpy(o, other, n * sizeof(T));
+  } else if (keep || take) {
+    loops.copy(reinterpret_cast<U*>(o), reinterpret_cast<const U*>(keep ? self : other), U(~U(0)), n);
   } else {
     std::memset(o, 0, n * sizeof(T));  // all-zero bits are 0 in every supported dtype
   }
@@ -228,7 +231,7 @@ void cell_select(const T* x, T* out, const int64_t* src, const int64_t* mask_row
       if (uniform(b, ch0, ch1, k0, t0)) {  // one choice over the whole unit: one contiguous run per plane
         for (int64_t p = 0; p < nplanes; ++p) {
           const int64_t off = p * pstride;
-          run(out + self_base + off, x + self_base + off, x + other_base + off, k0, t0, block);
+          run(loops, out + self_base + off, x + self_base + off, x + other_base + off, k0, t0, block);
         }
         return;
       }
@@ -247,7 +250,7 @@ void cell_select(const T* x, T* out, const int64_t* src, const int64_t* mask_row
               int64_t stop = cw + 1;
               while (stop < ngw && (own_cells[stop] == 0) == k && (other_cells[stop] != 0) == t) ++stop;
               const int64_t a = r + cols[cw] * npix, n = (cols[stop] - cols[cw]) * npix;
-              run(o + a, self + a, other + a, k, t, n);
+              run(loops, o + a, self + a, other + a, k, t, n);
               cw = stop;
             }
           }
@@ -289,12 +292,19 @@ void cell_select(const T* x, T* out, const int64_t* src, const int64_t* mask_row
         continue;
       }
       // A pair on the select path: out[b] = take_b ? x[j] : x[b] and out[j] = take_j ? x[b] : x[j],
-      // both from one read of x[b] and x[j]. Every plane is under both masks (blocks [0, nplanes)),
-      // so the loop's mask of none is never read.
+      // both from one read of x[b] and x[j]. Where the pair's cells are the same (patch_swap_mask
+      // draws one mask a pair), one mask: the swap loop. Else the pair loop, each row under its own;
+      // every plane is under both masks (blocks [0, nplanes)), so its mask of none is never read.
       const int64_t block = (rows[ch1] - rows[ch0]) * nrow;
-      expand(b, ch0, ch1, take_row, nullptr);
-      expand(j, ch0, ch1, keep_row, nullptr);
       const int64_t bi = b * sample + rows[ch0] * nrow, bj = j * sample + rows[ch0] * nrow;
+      expand(b, ch0, ch1, take_row, nullptr);
+      const int64_t cells = (ch1 - ch0) * ngw;
+      if (std::memcmp(mask + b * ngh * ngw + ch0 * ngw, mask + j * ngh * ngw + ch0 * ngw, cells) == 0) {
+        loops.swap(reinterpret_cast<U*>(out + bi), reinterpret_cast<U*>(out + bj), reinterpret_cast<const U*>(x + bi),
+                   reinterpret_cast<const U*>(x + bj), take_row, block, nplanes, pstride);
+        continue;
+      }
+      expand(j, ch0, ch1, keep_row, nullptr);
       loops.pair(reinterpret_cast<U*>(out + bi), reinterpret_cast<U*>(out + bj), reinterpret_cast<const U*>(x + bi),
                  reinterpret_cast<const U*>(x + bj), take_row, keep_row, take_row, 0, nplanes, 0, nplanes, block,
                  nplanes, pstride);

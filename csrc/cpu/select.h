@@ -30,6 +30,12 @@ using Bits = std::conditional_t<sizeof(T) == 1, uint8_t,
 //   pair:  both outputs of a pair of rows that take box segments from each other (mix's CutMix
 //          pairs): o1 = (s & ~m1) | (t & m1), o2 = (t & ~m2) | (s & m2), one read of s and t;
 //          block c takes mask mk = take_k where c is in [lo_k, hi_k), else none (a copy)
+//   swap:  both outputs of a pair of rows under one mask (patch swap's pairs, whose cells are the
+//          same): d = (s ^ t) & take, o1 = s ^ d, o2 = t ^ d; one mask read, not two
+//   copy:  o = s & ones, with ones all ones: a copy. It is a loop, not memcpy, because glibc's
+//          memmove measured 1.5x slower than this loop on the 4 KiB blocks of patch swap's uniform
+//          cell rows (an AMD EPYC, glibc 2.36, perf samples over the same bytes); ones is an
+//          argument so that the compiler cannot see a copy and call memcpy after all
 // (a box's image rows: count = rows, stride = n = row_len; one tiled mask over C planes: stride =
 // the plane size.)
 #define FASTSD_SELECT_LOOPS(ISA, ATTRIBUTES)                                                             \
@@ -64,6 +70,22 @@ using Bits = std::conditional_t<sizeof(T) == 1, uint8_t,
       }                                                                                                 \
     }                                                                                                   \
   }                                                                                                     \
+  template <typename U>                                                                                 \
+  ATTRIBUTES void select_swap(U* __restrict o1, U* __restrict o2, const U* __restrict s,                \
+                              const U* __restrict t, const U* __restrict take, int64_t n, int64_t count, \
+                              int64_t stride) {                                                         \
+    for (int64_t c = 0; c < count; ++c, o1 += stride, o2 += stride, s += stride, t += stride) {         \
+      for (int64_t e = 0; e < n; ++e) {                                                                 \
+        const U a = s[e], b = t[e], d = (a ^ b) & take[e];                                              \
+        o1[e] = a ^ d;                                                                                  \
+        o2[e] = b ^ d;                                                                                  \
+      }                                                                                                 \
+    }                                                                                                   \
+  }                                                                                                     \
+  template <typename U>                                                                                 \
+  ATTRIBUTES void select_copy(U* __restrict o, const U* __restrict s, U ones, int64_t n) {              \
+    for (int64_t e = 0; e < n; ++e) o[e] = s[e] & ones;                                                 \
+  }                                                                                                     \
   /* a mask of n lanes from the bits of word: lane e is all ones where bit shift[e] is set */           \
   template <typename U>                                                                                 \
   ATTRIBUTES void expand_bits(U* __restrict m, const uint32_t* __restrict shift, uint32_t word,         \
@@ -88,26 +110,29 @@ struct SelectLoops {
   void (*expand)(U*, const uint32_t*, uint32_t, int64_t);
   void (*pair)(U*, U*, const U*, const U*, const U*, const U*, const U*, int64_t, int64_t, int64_t, int64_t,
                int64_t, int64_t, int64_t);
+  void (*copy)(U*, const U*, U, int64_t);
+  void (*swap)(U*, U*, const U*, const U*, const U*, int64_t, int64_t, int64_t);
 };
 
 // The loops of the vector path in use (cpu_isa()).
+#define FASTSD_SELECT_TABLE(ISA)                                                                           \
+  {&select_isa::ISA::select_take<U>, &select_isa::ISA::select_bits<U>, &select_isa::ISA::expand_bits<U>, \
+   &select_isa::ISA::select_pair<U>, &select_isa::ISA::select_copy<U>, &select_isa::ISA::select_swap<U>}
 template <typename U>
 SelectLoops<U> select_loops() {
 #if defined(FASTSD_MULTI_ISA)
   switch (cpu_isa()) {
     case Isa::kAvx512:
-      return {&select_isa::avx512::select_take<U>, &select_isa::avx512::select_bits<U>,
-              &select_isa::avx512::expand_bits<U>, &select_isa::avx512::select_pair<U>};
+      return FASTSD_SELECT_TABLE(avx512);
     case Isa::kAvx2:
-      return {&select_isa::avx2::select_take<U>, &select_isa::avx2::select_bits<U>,
-              &select_isa::avx2::expand_bits<U>, &select_isa::avx2::select_pair<U>};
+      return FASTSD_SELECT_TABLE(avx2);
     default:
       break;
   }
 #endif
-  return {&select_isa::baseline::select_take<U>, &select_isa::baseline::select_bits<U>,
-              &select_isa::baseline::expand_bits<U>, &select_isa::baseline::select_pair<U>};
+  return FASTSD_SELECT_TABLE(baseline);
 }
+#undef FASTSD_SELECT_TABLE
 
 }  // namespace cpu
 }  // namespace fastsd

@@ -49,13 +49,16 @@ def _patch_swap(backend: str, device: str) -> Tuple[float, float]:
         for dtype in DTYPES.values():
             x, partner, mask = case.make(dtype, device)
             perm = torch.randperm(x.shape[0], device=device)
+            own = torch.rand(mask.shape, device=device) < 0.5  # a pair's rows each under its own mask
             with _backend.use_backend(backend):
-                out = patch_swap(x, partner, mask)
+                out = patch_swap(x, partner, mask)  # patch_swap_mask's: one mask a pair
+                out_own = patch_swap(x, partner, own)
                 if dtype.is_floating_point:
                     xr = x.clone().requires_grad_()
                     g = torch.randn(x.shape, device=device).to(dtype)
                     patch_swap(xr, perm, mask).backward(g)
             worst = max(worst, _err(out, reference.patch_swap(x, partner, mask)))
+            worst = max(worst, _err(out_own, reference.patch_swap(x, partner, own)))
             if dtype.is_floating_point:
                 worst = max(worst, _err(xr.grad, reference.patch_swap_backward(g, perm, mask)))
     return worst, 0.0  # a gather: bit-exact

@@ -294,15 +294,15 @@ def test_helpers_bad_input(call, exc, word):
 
 # Every path of the C++ CPU gather: narrow cells (bit select, mask from the cells' bit word), grids
 # wider than one bit word (32 cells), wide cells (a copy per run), uniform cell rows (one block),
-# cells that do not divide the image, images of several units (64 x 64: two of 8 cell rows); NCHW
-# and channels_last.
+# cells that do not divide the image, images of several units (64 x 64: two of 8 cell rows in NCHW,
+# four of 4 in channels_last), an odd batch (the middle row its own partner); NCHW and channels_last.
 BIT_EXACT_SHAPES = [
     ((6, 3, 32, 32), (8, 8)),
     ((4, 2, 64, 64), (16, 16)),
     ((4, 2, 9, 40), (3, 40)),
     ((4, 2, 8, 70), (2, 35)),
     ((4, 3, 6, 96), (3, 2)),
-    ((4, 3, 7, 33), (3, 5)),
+    ((5, 3, 7, 33), (3, 5)),
 ]
 INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -316,7 +316,9 @@ def test_cpp_gather_is_bit_exact(shape, grid, dtype, channels_last, pairs):
     cells with one source (gather with the inverse permutation; zero with none, a sum with both).
     ``pairs``: partner an involution with a fixed point (the forward writes a pair's two outputs in
     one pass), each row of a pair under its own mask; "shared": the pairs' rows under the same mask
-    (patch_swap_mask's, the swap loop) but for one cell of one pair, in its last cell row."""
+    (patch_swap_mask's, the swap loop) but for one cell of one pair, in its last cell row, and the
+    same cells in other bytes for another pair (a uint8 mask of 0 / 1 against one of 0 / 2: the pair
+    loop)."""
     if "cpp" not in COMPILED:
         pytest.skip("C++ backend not built")
     dt = DTYPES[dtype]
@@ -336,7 +338,9 @@ def test_cpp_gather_is_bit_exact(shape, grid, dtype, channels_last, pairs):
     if pairs == "shared":
         mask = mask[torch.minimum(torch.arange(B), partner)]
         mask[B - 1, -1, 0] = ~mask[0, -1, 0]  # (0, B - 1) differ in one cell of their last unit
-    m = R.upsample_mask(mask, H, W)[:, None]
+        mask = mask.to(torch.uint8)
+        mask[B - 2] *= 2  # (1, B - 2): the same cells, other bytes
+    m = R.upsample_mask(mask != 0, H, W)[:, None]
     xi = x.contiguous().view(itype)
     out = torch.ops.fastsd_C.patch_swap(x, partner, mask)
     assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)

@@ -7,15 +7,16 @@
 // backward: src = mask_row = q, the inverse permutation of partner.
 // Within a row, the pixels of one cell are a contiguous run (W / gw pixels in NCHW, times C in
 // channels_last). A cell row with one choice throughout is one contiguous block per plane (one
-// copy); wide cells (>= kMinMemcpyRunBytes) are copied run by run (neighbouring cells with the
+// copy); wide cells (>= kMinCopyRunBytes) are copied run by run (neighbouring cells with the
 // same choice merged); narrow ones take a branch-free bit select (select.h) over the whole cell
 // row, its mask expanded from the cells' bits. (Copies are select.h's copy loop, not memcpy: see
 // there.) A call per run of 16-byte runs costs more than the select's second read, and that read
 // is made a cache hit by walking the cell rows in the permutation's cycle order (cycle_order). The
 // forward with an involution partner (fastsd's pairs) goes further on the select path: one unit
 // writes both outputs of a pair from one read of both rows (select.h's pair loop, or its swap loop
-// where the pair's cells are the same). On the select path a unit is several cell rows (a whole
-// small image), so that its fixed costs are paid once an image, not once four image rows.
+// where the pair's cells are the same, which the backward takes too). On the select path a unit
+// is several cell rows (a whole small image), so that its fixed costs are paid once an image, not
+// once four image rows.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -36,7 +37,7 @@ constexpr int64_t kWordBits = 32;  // cells per mask bit word (wider grids expan
 
 // Runs of at least this many bytes (every cell of the call) are copied run by run (a call each);
 // narrower cells take the vector select, which reads both sources but costs no call per run.
-constexpr int64_t kMinMemcpyRunBytes = 128;
+constexpr int64_t kMinCopyRunBytes = 128;
 
 // On the select path a work unit takes consecutive cell rows up to about this many elements a plane
 // (a 32 x 32 image: all 8 cell rows of 4 px, 1024 elements): per-unit costs (the bit words, the
@@ -129,7 +130,7 @@ void cell_select(const T* x, T* out, const int64_t* src, const int64_t* mask_row
   // First column of each cell along w: the run of cell cw is [col[cw], col[cw + 1]).
   std::vector<int64_t> col(gw + 1);
   for (int64_t cw = 0; cw <= gw; ++cw) col[cw] = (cw * W + gw - 1) / gw;
-  const bool by_runs = (W / gw) * pix * static_cast<int64_t>(sizeof(T)) >= kMinMemcpyRunBytes;
+  const bool by_runs = (W / gw) * pix * static_cast<int64_t>(sizeof(T)) >= kMinCopyRunBytes;
   const int64_t rows_per_unit = (H + gh - 1) / gh;  // image rows per cell row, at most
   // Work unit: a group of consecutive cell rows of sample b, i.e. image rows [h0, h1) (one cell row
   // where cells are copied run by run, up to kSelectUnitElements a plane on the select path). Those
@@ -153,9 +154,10 @@ void cell_select(const T* x, T* out, const int64_t* src, const int64_t* mask_row
       for (int64_t e = col[cw] * pix; e < col[cw + 1] * pix; ++e) cell_of[r * row_len + e] = cell;
     }
   }
-  // The forward with an involution partner (fastsd's pairs, timm's flip) writes both outputs of a
-  // pair in one unit (pair_units), from one read of both rows; else units in cycle order.
-  const bool pairs = forward && is_involution(src, B);
+  // An involution partner (fastsd's pairs, timm's flip; the backward's src is then partner too):
+  // both rows of a pair in one unit (pair_units), whose outputs the forward, and the backward where
+  // the pair's cells are the same, write from one read of both rows; else units in cycle order.
+  const bool pairs = is_involution(src, B);
   const std::vector<int64_t> units = pairs ? pair_units(src, B, groups) : cycle_order(src, B, groups);
   const int64_t grain = std::max<int64_t>(
       1, 32768 / std::max<int64_t>(1, (pairs ? 2 : 1) * group * rows_per_unit * row_len * planes));
@@ -293,15 +295,22 @@ void cell_select(const T* x, T* out, const int64_t* src, const int64_t* mask_row
       }
       // A pair on the select path: out[b] = take_b ? x[j] : x[b] and out[j] = take_j ? x[b] : x[j],
       // both from one read of x[b] and x[j]. Where the pair's cells are the same (patch_swap_mask
-      // draws one mask a pair), one mask: the swap loop. Else the pair loop, each row under its own;
-      // every plane is under both masks (blocks [0, nplanes)), so its mask of none is never read.
+      // draws one mask a pair), one mask: the swap loop; in the backward too, as keep = !take there
+      // (take_b = mask[j] = mask[b]). Else the forward's pair loop, each row under its own mask (every
+      // plane is under both, blocks [0, nplanes): its mask of none is never read), or the backward's
+      // units one row at a time (a cell may keep and take, or neither).
       const int64_t block = (rows[ch1] - rows[ch0]) * nrow;
       const int64_t bi = b * sample + rows[ch0] * nrow, bj = j * sample + rows[ch0] * nrow;
       expand(b, ch0, ch1, take_row, nullptr);
-      const int64_t cells = (ch1 - ch0) * ngw;
-      if (std::memcmp(mask + b * ngh * ngw + ch0 * ngw, mask + j * ngh * ngw + ch0 * ngw, cells) == 0) {
+      const int64_t ncells = (ch1 - ch0) * ngw;
+      if (std::memcmp(mask + (b * ngh + ch0) * ngw, mask + (j * ngh + ch0) * ngw, ncells) == 0) {
         loops.swap(reinterpret_cast<U*>(out + bi), reinterpret_cast<U*>(out + bj), reinterpret_cast<const U*>(x + bi),
                    reinterpret_cast<const U*>(x + bj), take_row, block, nplanes, pstride);
+        continue;
+      }
+      if (!forward) {
+        unit(b, ch0, ch1);
+        unit(j, ch0, ch1);
         continue;
       }
       expand(j, ch0, ch1, keep_row, nullptr);

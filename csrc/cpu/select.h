@@ -1,4 +1,5 @@
-// Bit-exact selects between two sources under a lane mask, one copy per vector path.
+// Bit-exact selects between two sources under a lane mask, and a plain copy, one version per
+// vector path.
 //
 // Used where an image row mixes two sources in short segments (mix's CutMix box rows, patch
 // swap's small cells): a branch-free select over whole rows costs less than a memcpy call per
@@ -33,11 +34,20 @@ using Bits = std::conditional_t<sizeof(T) == 1, uint8_t,
 //   swap:  both outputs of a pair of rows under one mask (patch swap's pairs, whose cells are the
 //          same): d = (s ^ t) & take, o1 = s ^ d, o2 = t ^ d; one mask read, not two
 //   copy:  o = s & ones, with ones all ones: a copy. It is a loop, not memcpy, because glibc's
-//          memmove measured 1.5x slower than this loop on the 4 KiB blocks of patch swap's uniform
-//          cell rows (an AMD EPYC, glibc 2.36, perf samples over the same bytes); ones is an
-//          argument so that the compiler cannot see a copy and call memcpy after all
+//          memmove took 1.5x this loop's perf samples over the same bytes, patch swap's 4 KiB
+//          blocks of uniform cell rows (an AMD EPYC, glibc 2.36; its `rep movsb` path, and with
+//          glibc.cpu.x86_rep_movsb_threshold raised its vector loop alike: the cause is not
+//          known, so re-measure on other CPUs and C libraries). An empty asm makes ones opaque,
+//          so that no compiler folds s & ones into s and the loop back into a memcpy call
 // (a box's image rows: count = rows, stride = n = row_len; one tiled mask over C planes: stride =
 // the plane size.)
+// The compiler may not assume anything about v's value from here on (select_copy's ones).
+#if defined(__GNUC__) || defined(__clang__)
+#define FASTSD_OPAQUE(v) __asm__("" : "+r"(v))
+#else
+#define FASTSD_OPAQUE(v) ((void)0)
+#endif
+
 #define FASTSD_SELECT_LOOPS(ISA, ATTRIBUTES)                                                             \
   namespace ISA {                                                                                       \
   template <typename U>                                                                                 \
@@ -84,6 +94,7 @@ using Bits = std::conditional_t<sizeof(T) == 1, uint8_t,
   }                                                                                                     \
   template <typename U>                                                                                 \
   ATTRIBUTES void select_copy(U* __restrict o, const U* __restrict s, U ones, int64_t n) {              \
+    FASTSD_OPAQUE(ones);                                                                                \
     for (int64_t e = 0; e < n; ++e) o[e] = s[e] & ones;                                                 \
   }                                                                                                     \
   /* a mask of n lanes from the bits of word: lane e is all ones where bit shift[e] is set */           \
@@ -114,25 +125,28 @@ struct SelectLoops {
   void (*swap)(U*, U*, const U*, const U*, const U*, int64_t, int64_t, int64_t);
 };
 
-// The loops of the vector path in use (cpu_isa()).
-#define FASTSD_SELECT_TABLE(ISA)                                                                           \
+// One vector path's loops, in SelectLoops' order.
+#define FASTSD_SELECT_TABLE(ISA, U)                                                                          \
   {&select_isa::ISA::select_take<U>, &select_isa::ISA::select_bits<U>, &select_isa::ISA::expand_bits<U>, \
    &select_isa::ISA::select_pair<U>, &select_isa::ISA::select_copy<U>, &select_isa::ISA::select_swap<U>}
+
+// The loops of the vector path in use (cpu_isa()).
 template <typename U>
 SelectLoops<U> select_loops() {
 #if defined(FASTSD_MULTI_ISA)
   switch (cpu_isa()) {
     case Isa::kAvx512:
-      return FASTSD_SELECT_TABLE(avx512);
+      return FASTSD_SELECT_TABLE(avx512, U);
     case Isa::kAvx2:
-      return FASTSD_SELECT_TABLE(avx2);
+      return FASTSD_SELECT_TABLE(avx2, U);
     default:
       break;
   }
 #endif
-  return FASTSD_SELECT_TABLE(baseline);
+  return FASTSD_SELECT_TABLE(baseline, U);
 }
 #undef FASTSD_SELECT_TABLE
+#undef FASTSD_OPAQUE
 
 }  // namespace cpu
 }  // namespace fastsd

@@ -25,7 +25,8 @@ export CUDA_HOME ?= /usr/local/cuda
 test: install
 	$(PY) -m fastsd.selftest
 	$(MAKE) --no-print-directory test-triton-oldest
-	$(SCRATCH_ENV) $(PY) -m pytest -q -ra $(XDIST) tests
+	$(SCRATCH_ENV) $(PY) -m pytest -q -ra $(XDIST) -m "not serial" tests
+	$(SCRATCH_ENV) $(PY) -m pytest -q -ra -m serial $(SERIAL_TESTS)
 	$(MAKE) --no-print-directory test-avx2
 	rm -rf $(SCRATCH)
 
@@ -48,6 +49,11 @@ NPROC := $(shell nproc 2>/dev/null || echo 1)
 TEST_WORKERS := $(shell [ $(NPROC) -gt 4 ] && echo 4 || echo $(NPROC))
 TEST_THREADS := $(shell t=$$(($(NPROC) / $(TEST_WORKERS))); [ $$t -lt 1 ] && t=1; echo $$t)
 XDIST := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+# Tests marked serial time the machine under a load they make themselves (a burst of processes on
+# one CPU): another pytest-xdist worker beside them is a load they do not know of, which biased the
+# bench method's self-check past its bound in one CI run (3.48 for a true 3, 2026-11-27). They run
+# after the parallel suite, alone; their files are listed here.
+SERIAL_TESTS := tests/test_bench_method.py
 AOT_WORKERS := $(shell [ $(NPROC) -ge 2 ] && echo 2 || echo 1)
 SCRATCH_ENV = TRITON_CACHE_DIR=$(CURDIR)/$(SCRATCH)/triton FASTSD_CACHE_DIR=$(CURDIR)/$(SCRATCH)/fastsd \
               TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/$(SCRATCH)/inductor$(1) FASTSD_AOT_WORKERS=$(AOT_WORKERS) \

@@ -21,7 +21,9 @@ import torch
 
 from fastsd.bench.core import cpu_load, interleave, measure, paired_ratio
 
-pytestmark = pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU affinity (Linux)")
+# serial: no other test beside it (make test runs it after the parallel suite; the Makefile's SERIAL_TESTS)
+pytestmark = [pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU affinity (Linux)"),
+              pytest.mark.serial]
 
 BURST = 3  # CPU-bound processes beside the timed thread on its CPU
 ROUNDS = 16

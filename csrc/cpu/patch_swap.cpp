@@ -301,16 +301,17 @@ void cell_select(const T* x, T* out, const int64_t* src, const int64_t* mask_row
       // units one row at a time (a cell may keep and take, or neither).
       const int64_t block = (rows[ch1] - rows[ch0]) * nrow;
       const int64_t bi = b * sample + rows[ch0] * nrow, bj = j * sample + rows[ch0] * nrow;
-      expand(b, ch0, ch1, take_row, nullptr);
       const int64_t ncells = (ch1 - ch0) * ngw;
-      if (std::memcmp(mask + (b * ngh + ch0) * ngw, mask + (j * ngh + ch0) * ngw, ncells) == 0) {
-        loops.swap(reinterpret_cast<U*>(out + bi), reinterpret_cast<U*>(out + bj), reinterpret_cast<const U*>(x + bi),
-                   reinterpret_cast<const U*>(x + bj), take_row, block, nplanes, pstride);
-        continue;
-      }
-      if (!forward) {
+      const bool same_cells = std::memcmp(mask + (b * ngh + ch0) * ngw, mask + (j * ngh + ch0) * ngw, ncells) == 0;
+      if (!same_cells && !forward) {
         unit(b, ch0, ch1);
         unit(j, ch0, ch1);
+        continue;
+      }
+      expand(b, ch0, ch1, take_row, nullptr);
+      if (same_cells) {
+        loops.swap(reinterpret_cast<U*>(out + bi), reinterpret_cast<U*>(out + bj), reinterpret_cast<const U*>(x + bi),
+                   reinterpret_cast<const U*>(x + bj), take_row, block, nplanes, pstride);
         continue;
       }
       expand(j, ch0, ch1, keep_row, nullptr);

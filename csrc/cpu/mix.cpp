@@ -9,6 +9,8 @@
 // * MixUp rows: one elementwise pass `s * w1 + t * w2`, compiled without FMA contraction (it would
 //   round once where PyTorch's eager mul and add round twice) and vectorised per instruction set
 //   (AVX-512, AVX2, baseline); a MixUp pair converts each source element once for both outputs.
+// * A pair of short rows (64 to 256 bytes) is one pass over both sources whatever its kinds: a CutMix
+//   pair a select of each, a CutMix row and a MixUp row the select and the blend side by side.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -77,6 +79,24 @@ inline uint8_t finish<uint8_t, float>(float v) {
       const W p = u * a1, q = v * a2, r = v * b1, z = u * b2;                                            \
       o1[e] = finish<T, W>(p + q);                                                                       \
       o2[e] = finish<T, W>(r + z);                                                                       \
+    }                                                                                                    \
+  }                                                                                                      \
+  template <typename T, typename W, typename U>                                                          \
+  ATTRIBUTES void cut_mixup_pair(T* __restrict oc, T* __restrict om, const T* __restrict s,              \
+                                 const T* __restrict t, const U* __restrict take, const U* __restrict none, \
+                                 int64_t lo, int64_t hi, W w1, W w2, int64_t n, int64_t count,           \
+                                 int64_t stride) {                                                       \
+    for (int64_t c = 0; c < count; ++c, oc += stride, om += stride, s += stride, t += stride) {          \
+      const U* __restrict m = lo <= c && c < hi ? take : none;                                           \
+      const U* __restrict su = reinterpret_cast<const U*>(s);                                            \
+      const U* __restrict tu = reinterpret_cast<const U*>(t);                                            \
+      U* __restrict ou = reinterpret_cast<U*>(oc);                                                       \
+      for (int64_t e = 0; e < n; ++e) {                                                                  \
+        ou[e] = (su[e] & ~m[e]) | (tu[e] & m[e]);                                                        \
+        const W a = static_cast<W>(t[e]) * w1;                                                           \
+        const W b = static_cast<W>(s[e]) * w2;                                                           \
+        om[e] = finish<T, W>(a + b);                                                                     \
+      }                                                                                                  \
     }                                                                                                    \
   }                                                                                                      \
   }
@@ -172,6 +192,39 @@ void mixup_pair(at::BFloat16* o1, at::BFloat16* o2, const at::BFloat16* s, const
   mixup_pair_reduced(o1, o2, s, t, a1, a2, b1, b2, n);
 }
 
+// A pair of one CutMix row and one MixUp row (s = x[cut row], t = x[mixup row]) in one pass over both
+// sources, count blocks of n elements stride apart (the image rows of a plane): the CutMix output is
+// the select of t's bits where take is set (block c in [lo, hi), the box's image rows; else none, a
+// copy of s), the MixUp output t * w1 + s * w2. On the vector path in use; float16 / bfloat16 blend
+// as blend_reduced, an element at a time.
+template <typename T>
+void cut_mixup_pair(T* oc, T* om, const T* s, const T* t, const cpu::Bits<T>* take, const cpu::Bits<T>* none,
+                    int64_t lo, int64_t hi, double w1, double w2, int64_t n, int64_t count, int64_t stride,
+                    cpu::Isa isa) {
+  using U = cpu::Bits<T>;
+  if constexpr (std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16>) {
+    const float a = static_cast<float>(w1), b = static_cast<float>(w2);
+    for (int64_t c = 0; c < count; ++c, oc += stride, om += stride, s += stride, t += stride) {
+      const U* m = lo <= c && c < hi ? take : none;
+      for (int64_t e = 0; e < n; ++e) {
+        reinterpret_cast<U*>(oc)[e] = m[e] ? reinterpret_cast<const U*>(t)[e] : reinterpret_cast<const U*>(s)[e];
+        om[e] = blend_reduced<T>(t[e], s[e], a, b);
+      }
+    }
+  } else {
+    using W = Compute<T>;
+    const W a = static_cast<W>(w1), b = static_cast<W>(w2);
+#if defined(FASTSD_MULTI_ISA)
+    auto loop = &baseline::cut_mixup_pair<T, W, U>;
+    if (isa == cpu::Isa::kAvx512) loop = &avx512::cut_mixup_pair<T, W, U>;
+    if (isa == cpu::Isa::kAvx2) loop = &avx2::cut_mixup_pair<T, W, U>;
+#else
+    auto loop = &baseline::cut_mixup_pair<T, W, U>;
+#endif
+    loop(oc, om, s, t, take, none, lo, hi, a, b, n, count, stride);
+  }
+}
+
 // Exchanges n elements of a and b (bit patterns, vectorised): a pair of rows whose boxes share their
 // columns, as in timm's 'batch' mode, swaps its box segments in one pass rather than three memcpy
 // calls through a buffer.
@@ -208,8 +261,9 @@ void mix_kernel(const T* x, T* out, const int64_t* partner, const int64_t* boxes
   const cpu::SelectLoops<U> select = cpu::select_loops<U>();
   const int64_t row_bytes = row_len * static_cast<int64_t>(sizeof(T));
   const bool select_rows = row_bytes <= kMaxSelectRowBytes;
-  // a CutMix pair in one select pass, for rows of at least one AVX-512 vector (shorter ones spend
-  // their time in the loop's remainder: 32 px uint8 measured faster by rows, select and memcpy)
+  // a CutMix pair, or a CutMix row and a MixUp row, in one pass, for rows of at least one AVX-512
+  // vector (shorter ones spend their time in the loop's remainder: 32 px uint8 measured faster by
+  // rows, select and memcpy)
   const bool select_pair = select_rows && row_bytes >= 64;
   const int64_t units = static_cast<int64_t>(firsts.size()) * planes;
   at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
@@ -262,6 +316,14 @@ void mix_kernel(const T* x, T* out, const int64_t* partner, const int64_t* boxes
       }
       if (pair && !use_box[i] && !use_box[j]) {
         mixup_pair(oi, oj, xi, xj, w1[i], w2[i], w1[j], w2[j], plane, isa);
+        continue;
+      }
+      if (pair && use_box[i] != use_box[j] && select_pair) {  // a CutMix row and a MixUp row: one pass
+        const bool cut_i = use_box[i];
+        const int64_t* box = boxes + 4 * (cut_i ? i : j);
+        const int64_t m = cut_i ? j : i;
+        cut_mixup_pair(cut_i ? oi : oj, cut_i ? oj : oi, cut_i ? xi : xj, cut_i ? xj : xi, cut_i ? mask_i : mask_j,
+                       mask_none, box[0], box[1], w1[m], w2[m], row_len, g.H, row_len, isa);
         continue;
       }
       if (pair && use_box[i] && use_box[j] && select_pair) {  // a CutMix pair of short rows: one pass

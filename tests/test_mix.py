@@ -120,6 +120,30 @@ def test_out_of_place_pairs(dtype, channels_last, backend):
         assert torch.equal(out, R.mix(x, partner, boxes, lam, use_box)), shape
 
 
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="fastsd._C is not built")
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_out_of_place_mixed_pairs_under_every_box(dtype, channels_last):
+    """The C++ kernel's one pass over a pair of one CutMix row and one MixUp row (rows of 64 to 256
+    bytes), the CutMix row first or second, its box full, without rows, without columns, of whole
+    image rows, the last pixel, or inside the image. The shapes give every dtype and layout such
+    rows: (10, 8) float64 NCHW and float32 / float64 channels_last, (9, 40) float32 and 16-bit NCHW
+    and 16-bit / uint8 channels_last, (7, 100) uint8 NCHW. (The Triton kernel has no pair path out
+    of place: a program is one row's, as in test_out_of_place_pairs.)"""
+    backend = "cpp"
+    for seed, shape in enumerate([(24, 3, 10, 8), (24, 2, 9, 40), (24, 1, 7, 100)]):
+        x, _, _, lam, _ = make_case(shape, dtype, seed, (torch.float32, torch.float64)[seed % 2], channels_last)
+        H, W = shape[2:]
+        partner = torch.arange(24).view(12, 2).flip(1).reshape(-1)  # pairs (0, 1), (2, 3), ...
+        kinds = [[0, H, 0, W], [2, 2, 0, W], [0, H, 3, 3], [1, H - 1, 0, W], [H - 1, H, W - 1, W],
+                 [1, H - 1, 1, W - 1]]
+        boxes = torch.tensor([box for box in kinds + kinds for _ in range(2)])  # both rows of a pair
+        use_box = torch.tensor([True, False] * 6 + [False, True] * 6)  # the CutMix row first, then second
+        with fastsd.use_backend(backend):
+            out = mix_unchecked(x, partner, boxes, lam, use_box)
+        assert torch.equal(out, R.mix(x, partner, boxes, lam, use_box)), shape
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

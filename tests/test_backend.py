@@ -185,3 +185,50 @@ def test_auto_takes_the_cuda_mix_and_patch_swap_kernels_first(monkeypatch):
         assert _backend._auto_candidates("patch_swap_backward", cuda, False)[:2] == ("triton", "cuda")
     finally:
         _backend._auto_candidates.cache_clear()
+
+
+def test_a_choice_that_depends_on_nothing_but_the_devices_is_kept_and_checked(monkeypatch):
+    """select() keeps the choice of a backend that wins whatever the tensors (its devices' reasons
+    pass, it has no op-specific reasons), per op, forced backend, interpreter switch and devices; a
+    swapped Impl, a forced backend, an environment variable or other devices are seen at once, and a
+    choice that depended on the tensors' own properties is made again every call."""
+    first, second, ref = (lambda *a: "first"), (lambda *a: "second"), (lambda *a: "ref")
+    only_floats = lambda x: [] if x.is_floating_point() else ["floating point only"]  # noqa: E731
+    monkeypatch.setitem(_backend._REGISTRY, "kept", {"cpp": _backend.Impl(first), "torch": _backend.Impl(ref)})
+    monkeypatch.setitem(_backend._REGISTRY, "by_dtype",
+                        {"cpp": _backend.Impl(first, only_floats), "torch": _backend.Impl(ref)})
+    _backend.clear_caches()
+    x, i = torch.zeros(2), torch.zeros(2, dtype=torch.long)
+    key = ("kept", None, _backend.triton_interpreting(), (x.device,))
+    if _ext.load_error() is not None:
+        pytest.skip("fastsd._C is not available: auto takes the torch backend")
+    assert _backend.select("kept", x) is first and key in _backend._SELECTED
+    assert _backend.select("kept", x) is first
+    monkeypatch.setitem(_backend._REGISTRY["kept"], "cpp", _backend.Impl(second))  # swapped in place
+    assert _backend.select("kept", x) is second
+    with _backend.use_backend("torch"):
+        assert _backend.select("kept", x) is ref
+    monkeypatch.setenv("FASTSD_BACKEND", "torch")
+    assert _backend.select("kept", x) is ref
+    monkeypatch.delenv("FASTSD_BACKEND")
+    assert _backend.select("kept", x) is second
+    with pytest.raises(fastsd.BackendUnavailableError):  # other devices, another key
+        with _backend.use_backend("cpp"):
+            _backend.select("kept", x.to("meta"))
+    # the first candidate's reasons look at the tensor: never kept
+    assert _backend.select("by_dtype", x) is first and _backend.select("by_dtype", i) is ref
+    assert _backend.select("by_dtype", x) is first
+    assert not any(k[0] == "by_dtype" for k in _backend._SELECTED)
+    _backend.register("kept_too", "torch")(ref)  # any registration forgets every kept choice
+    try:
+        assert not _backend._SELECTED
+    finally:
+        del _backend._REGISTRY["kept_too"]
+        _backend.clear_caches()
+
+
+def test_devices_of_mixed_inputs_in_order():
+    meta = torch.zeros(1, device="meta")
+    assert _backend._devices((X, 3, P)) == (X.device,)
+    assert _backend._devices((X, meta, P, meta)) == (X.device, meta.device)
+    assert _backend._devices((1, None)) == ()

@@ -262,6 +262,9 @@ def _cpp_reasons(*tensors, **kwargs):
     return []
 
 
+_cpp_reasons.process_only = True  # the extension's kernels, never the tensors (_backend.Impl)
+
+
 
 def _cuda_reasons(*tensors, **kwargs):
     if not _has_cuda_kernel("mix_check"):  # a fastsd._C whose CUDA build predates this version's mix kernels

@@ -327,3 +327,24 @@ def test_a_run_states_its_threads_and_clock_and_keeps_the_readme_report_beside_i
     assert kept["environment"]["clock"] == "cpu" and kept["environment"]["torch_threads"] == 1
     assert kept["rows"] == json.loads((tmp_path / "r.json").read_text())["rows"]
     assert "--compare docs/bench/bench-cpu.json" in readme.read_text()
+
+
+@pytest.mark.skipif(bool(__import__("fastsd._ext", fromlist=["load_error"]).load_error()), reason="no fastsd._C")
+def test_overhead_times_clone_kernel_and_public_call_of_both_cases():
+    """python -m fastsd.bench.overhead: both 32 px cases, each with the clone, the C++ op alone and
+    the public call in the same rounds, and the Python layer as their difference (tiny here)."""
+    import torch
+
+    from fastsd.bench import overhead
+
+    threads = torch.get_num_threads()
+    rows = overhead.measure(shape=(4, 3, 8, 8), min_time=0.01, min_sample=0.0)
+    assert torch.get_num_threads() == threads
+    assert [r["case"].split()[0] for r in rows] == ["patch_swap", "mix"]
+    for r in rows:
+        assert set(r["ms"]) == {"clone", "kernel", "public"} and r["rounds"] >= 5
+        assert r["python_us"] == pytest.approx((r["ms"]["public"] - r["ms"]["kernel"]) * 1e3)
+        for median, lo, hi in r["clone_over"].values():
+            assert 0 < lo <= median <= hi
+    table = overhead.format_rows(rows)
+    assert "patch_swap 4x3x8x8 grid 8x8" in table and "mix 4x3x8x8 op out of place" in table

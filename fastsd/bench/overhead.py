@@ -1,0 +1,107 @@
+"""``python -m fastsd.bench.overhead``: how much of a public call is the C++ kernel, and how much the
+Python layer around it, at the 32 px cases whose targets are against ``x.clone()``.
+
+Per case three callables take turns in the bench's own rounds (:func:`fastsd.bench.core.interleave`,
+one torch thread, CPU clock, 20 ms samples of back-to-back calls): ``x.clone()``, the C++ op alone
+(``fastsd._ext.ops()``, no validation, no backend choice, no autograd or eager glue) and the public
+call under ``use_backend("cpp")``, as the bench times it. It prints each median, each one's
+clone/time ratio with its bootstrap 95 % interval (the targets: patch swap >= 0.67, mix's op out of
+place >= 0.77), and the Python layer: the public call's median less the kernel's.
+
+The cases are the bench's own: ``PATCH_SWAP_BENCH[0]`` (256x3x32x32, 8x8 grid) and mix's
+``256x3x32x32 op out of place`` (timm 'elem' switch draws, flip partner).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from .. import _backend, _ext
+from . import core
+
+
+def _cases(shape: Tuple[int, int, int, int]) -> List[Tuple[str, Callable[[], Dict[str, Callable[[], object]]]]]:
+    """(name, make) per case; make() builds the inputs and returns the three callables."""
+
+    def patch_swap():
+        import fastsd
+        from .cases import PatchSwapCase
+
+        x, partner, mask = PatchSwapCase(f"{'x'.join(map(str, shape))} grid 8x8", shape, (8, 8)).make()
+        kernel = _ext.ops().patch_swap
+
+        def public():
+            with _backend.use_backend("cpp"):
+                return fastsd.patch_swap(x, partner, mask)
+
+        return {"clone": lambda: x.clone(), "kernel": lambda: kernel(x, partner, mask), "public": public}
+
+    def mix():
+        from ..mix.op import mix_unchecked
+        from .mix import _op_cases
+
+        case = next(c for c in _op_cases("op", shape, torch.float32, "cpu", 1) if c.case.endswith("out of place"))
+        inputs = case.setup()
+        kernel = _ext.ops().mix
+
+        def public():
+            with _backend.use_backend("cpp"):
+                return mix_unchecked(*inputs)
+
+        return {"clone": lambda: inputs[0].clone(), "kernel": lambda: kernel(*inputs), "public": public}
+
+    size = "x".join(map(str, shape))
+    return [(f"patch_swap {size} grid 8x8", patch_swap), (f"mix {size} op out of place", mix)]
+
+
+def measure(shape=(256, 3, 32, 32), min_time: float = 0.25, min_sample: float = 0.02) -> List[dict]:
+    """One row per case: medians (ms), clone/time ratios with their intervals, the Python layer (us)."""
+    rows = []
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the bench on the CPU: one thread, on the process's CPU time
+    try:
+        for name, make in _cases(shape):
+            fns = make()
+            if not torch.equal(fns["kernel"](), fns["public"]()):  # the same work, or the difference means nothing
+                raise RuntimeError(f"{name}: the C++ op and the public call disagree")
+            times = core.interleave(fns, torch.device("cpu"), min_time=min_time, min_sample=min_sample,
+                                    clock="cpu")
+            med = {k: statistics.median(v) for k, v in times.items()}
+            rows.append({
+                "case": name, "rounds": len(times["clone"]),
+                "ms": {k: v * 1e3 for k, v in med.items()},
+                "clone_over": {k: core.paired_ratio(times["clone"], times[k]) for k in ("kernel", "public")},
+                "python_us": (med["public"] - med["kernel"]) * 1e6,
+            })
+    finally:
+        torch.set_num_threads(saved)
+    return rows
+
+
+def format_rows(rows: List[dict]) -> str:
+    lines = ["case | rounds | clone ms | kernel ms | public ms | clone/kernel | clone/public | Python layer us"]
+    for r in rows:
+        k, p = r["clone_over"]["kernel"], r["clone_over"]["public"]
+        lines.append(f"{r['case']} | {r['rounds']} | {r['ms']['clone']:.4f} | {r['ms']['kernel']:.4f} | "
+                     f"{r['ms']['public']:.4f} | {k[0]:.2f} ({k[1]:.2f}-{k[2]:.2f}) | "
+                     f"{p[0]:.2f} ({p[1]:.2f}-{p[2]:.2f}) | {r['python_us']:.0f}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastsd.bench.overhead", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--min-time", type=float, default=0.25, help="seconds of timed calls per callable, at least")
+    args = parser.parse_args(argv)
+    err = _ext.load_error()
+    if err:
+        print(f"fastsd.bench.overhead: the C++ extension is not available ({err})")
+        return 1
+    print(format_rows(measure(min_time=args.min_time)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -62,11 +62,12 @@ class BackendUnavailableError(RuntimeError):
     """No backend (or not the forced one) can run the given inputs."""
 
 
-@dataclass
+@dataclass(frozen=True)  # select() keeps choices by Impl identity (_SELECTED): replaced, never changed
 class Impl:
     fn: Callable
     # Extra, op-specific reasons (e.g. dtypes the kernel lacks); returns [] when it can run. Reasons
-    # that look at the process only (which kernels fastsd._C has), never at the tensors, say so with
+    # that look at the process only, never at the arguments (tensors, numbers or kwargs), and only
+    # through a cached() lookup (which kernels fastsd._C has: clear_caches() forgets it), say so with
     # an attribute `process_only = True`: select() may then keep its choice (_SELECTED).
     reasons: Optional[Callable[..., List[str]]] = None
     # aten ops that run on every device: what a forced backend without a kernel for the op runs

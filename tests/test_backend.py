@@ -185,6 +185,7 @@ def test_auto_takes_the_cuda_mix_and_patch_swap_kernels_first(monkeypatch):
         assert _backend._auto_candidates("patch_swap_backward", cuda, False)[:2] == ("triton", "cuda")
     finally:
         _backend._auto_candidates.cache_clear()
+        _backend._SELECTED.clear()  # (clear_caches() would clear the lambda above)
 
 
 def test_a_choice_that_depends_on_nothing_but_the_devices_is_kept_and_checked(monkeypatch):

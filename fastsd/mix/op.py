@@ -256,13 +256,18 @@ def _mix(x, partner, boxes, lam, use_box, check: bool) -> torch.Tensor:
 _backend.register("mix", "torch")(reference.mix)
 
 
+@_backend.cached
+def _cpp_has_mix() -> bool:
+    return hasattr(_ext.ops(), "mix")  # False: a fastsd._C built before the mix kernel
+
+
 def _cpp_reasons(*tensors, **kwargs):
-    if not hasattr(_ext.ops(), "mix"):  # a fastsd._C built before the mix kernel
+    if not _cpp_has_mix():
         return ["fastsd._C has no mix kernel (built from older sources: rebuild it)"]
     return []
 
 
-_cpp_reasons.process_only = True  # the extension's kernels, never the tensors (_backend.Impl)
+_cpp_reasons.process_only = True  # the extension's kernels (cached), never the arguments (_backend.Impl)
 
 
 

@@ -334,7 +334,7 @@ def select(op: str, *tensors: torch.Tensor, **kwargs) -> Callable:
 
 def _selected(key: Optional[tuple], name: str, impl: Impl, devices: Tuple[torch.device, ...]) -> Callable:
     """impl's callable on these devices, kept in _SELECTED under key where the choice depended on
-    nothing else (key given, and impl has no op-specific reasons)."""
+    nothing else (key given, and impl's reasons are none or process-only)."""
     fn = _on_device(impl.fn, devices)
     if key is not None and (impl.reasons is None or getattr(impl.reasons, "process_only", False)):
         _SELECTED[key] = (name, impl, fn)

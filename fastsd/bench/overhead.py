@@ -14,6 +14,7 @@ The cases are the bench's own: ``PATCH_SWAP_BENCH[0]`` (256x3x32x32, 8x8 grid) a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -21,16 +22,17 @@ import torch
 
 from .. import _backend, _ext
 from . import core
+from .cases import PATCH_SWAP_BENCH
 
 
 def _cases(shape: Tuple[int, int, int, int]) -> List[Tuple[str, Callable[[], Dict[str, Callable[[], object]]]]]:
     """(name, make) per case; make() builds the inputs and returns the three callables."""
+    swap_case = dataclasses.replace(PATCH_SWAP_BENCH[0], shape=shape)  # the bench's grid and classes
 
     def patch_swap():
         import fastsd
-        from .cases import PatchSwapCase
 
-        x, partner, mask = PatchSwapCase(f"{'x'.join(map(str, shape))} grid 8x8", shape, (8, 8)).make()
+        x, partner, mask = swap_case.make()
         kernel = _ext.ops().patch_swap
 
         def public():
@@ -54,7 +56,8 @@ def _cases(shape: Tuple[int, int, int, int]) -> List[Tuple[str, Callable[[], Dic
         return {"clone": lambda: inputs[0].clone(), "kernel": lambda: kernel(*inputs), "public": public}
 
     size = "x".join(map(str, shape))
-    return [(f"patch_swap {size} grid 8x8", patch_swap), (f"mix {size} op out of place", mix)]
+    gh, gw = swap_case.grid
+    return [(f"patch_swap {size} grid {gh}x{gw}", patch_swap), (f"mix {size} op out of place", mix)]
 
 
 def measure(shape=(256, 3, 32, 32), min_time: float = 0.25, min_sample: float = 0.02) -> List[dict]:

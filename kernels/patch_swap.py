@@ -36,6 +36,13 @@ chosen per word, the one word the change splits takes a half of each; the sum of
 the two halves of a word separately), where a select per 16-bit element costs a register unpack
 and repack each.
 
+Cells narrower than a chunk, or whose boundaries leave only 1-element chunks (1-3 px in fp32, 4-7 px
+cells of 16-bit and uint8 forward chunks of 4: ``EACH``, :func:`_each`): 16-byte chunks in which
+each element finds its own cell (its cell column by one multiply-shift, its mask byte from L1), so
+the data still moves in 16-byte accesses; the forward of 1- and 2-byte elements selects 32-bit
+words with bit masks. The launcher takes it where a line holds a 16-byte chunk (so that a chunk
+crosses at most one line end) and, for those words, samples start on 4-byte boundaries.
+
 No integer division on the GPU: every ``a // d`` and ``a * n // d`` (the sample of a program, the
 line of an element, its row and column, the row and column of its cell, the end of a cell) is
 ``(a * m) >> s``, one 32 x 32 -> 64-bit multiply and a shift, with m and s computed by the
@@ -205,6 +212,82 @@ def _cell(e, L, H, W, C, gh, gw, m_line, s_line, m_sub, s_sub, m_cell_row, s_cel
     return line, h, cell_row, cell_col
 
 
+@triton.jit
+def _each_cell(j, row0, row1, gw, m_sub, s_sub, m_cell_col, s_cell_col, CHANNELS_LAST: tl.constexpr):
+    """The mask cell of the elements at ``j`` from the start of their chunk's first line (j < L + 16),
+    given that line's first cell (row0) and the next line's first cell less gw (row1): past L an
+    element is in the next line, and its cell column comes out exactly gw more than there (w * gw // W
+    is gw more for w + W; the launcher's constants are exact up to W + 16 and L + 16)."""
+    if CHANNELS_LAST:
+        col = _frac(_frac(j, m_sub, s_sub), m_cell_col, s_cell_col)  # (j // C) * gw // W
+    else:
+        col = _frac(j, m_cell_col, s_cell_col)
+    return col + tl.where(col >= gw, row1, row0)
+
+
+@triton.jit
+def _each(x_b, x_s, out_b, row_b, row_s, e, sample_numel, L, H, gw, m_line, s_line, m_sub, s_sub,
+          m_cell_row, s_cell_row, m_cell_col, s_cell_col, CHUNK: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+          BACKWARD: tl.constexpr):
+    """The EACH variant of :func:`cell_select_kernel`: chunks of CHUNK elements (16 bytes) at ``e``
+    whose elements each find their own cell, for cells narrower than a chunk or whose boundaries
+    are off its alignment. The cell rows of a chunk's line and of the next (the launcher checks
+    L >= CHUNK, so a chunk crosses at most one line end) are computed once a chunk; per element: its
+    cell column (one multiply-shift, two in channels_last), its mask byte (an L1 hit) and its side.
+    A source is read, a whole chunk in one vector load, only where some element of the chunk takes
+    it (an in-thread reduction), so a chunk within one cell moves what the other variants move.
+    The forward of 1- and 2-byte elements selects 32-bit words with bit masks (built from the
+    elements' flags), where a select an element costs an unpack and a repack (the launcher checks
+    that samples start on 4-byte boundaries)."""
+    ITEMSIZE: tl.constexpr = x_b.dtype.element_ty.primitive_bitwidth // 8
+    line, h = _line(e, L, H, m_line, s_line, m_sub, s_sub, CHANNELS_LAST, False)
+    # Every element's cell is inside the mask row, past the sample's end too (its data accesses
+    # are masked off): so the mask bytes load unmasked (no predicate, no default value a byte).
+    if CHANNELS_LAST:
+        h = tl.minimum(h, H - 1)  # rows past the sample's last one
+        h1 = tl.minimum(h + 1, H - 1)
+    else:
+        h1 = tl.where(h + 1 == H, 0, h + 1)  # the next channel's first row
+    row0 = (_frac(h, m_cell_row, s_cell_row) * gw)[:, None]
+    row1 = (_frac(h1, m_cell_row, s_cell_row) * gw - gw)[:, None]
+    j0 = (e - line * L)[:, None]
+    if ITEMSIZE < 4 and not BACKWARD:
+        PER: tl.constexpr = 4 // ITEMSIZE  # elements a word
+        kw = tl.arange(0, CHUNK // PER)[None, :]
+        words = (e * ITEMSIZE >> 2)[:, None] + kw
+        valid = words < (sample_numel * ITEMSIZE >> 2)
+        keep_bits = tl.zeros(words.shape, tl.uint32)
+        for i in tl.static_range(PER):
+            cell = _each_cell(j0 + kw * PER + i, row0, row1, gw, m_sub, s_sub, m_cell_col, s_cell_col,
+                              CHANNELS_LAST)
+            field = ((1 << (8 * ITEMSIZE)) - 1) << (8 * ITEMSIZE * i)
+            keep_bits |= tl.where(tl.load(row_b + cell) == 0, field, 0).to(tl.uint32)
+        any_keep = tl.max(keep_bits, axis=1) != 0
+        any_take = tl.min(keep_bits, axis=1) != 0xFFFFFFFF
+        s = tl.load(x_b.to(tl.pointer_type(tl.uint32)) + words, mask=valid & any_keep[:, None])
+        t = tl.load(x_s.to(tl.pointer_type(tl.uint32)) + words, mask=valid & any_take[:, None])
+        tl.store(out_b.to(tl.pointer_type(tl.uint32)) + words, (s & keep_bits) | (t & (keep_bits ^ 0xFFFFFFFF)), mask=valid)
+    else:
+        k = tl.arange(0, CHUNK)[None, :]
+        cell = _each_cell(j0 + k, row0, row1, gw, m_sub, s_sub, m_cell_col, s_cell_col, CHANNELS_LAST)
+        offs = e[:, None] + k
+        valid = offs < sample_numel
+        keep = tl.load(row_b + cell) == 0
+        if BACKWARD:
+            take = tl.load(row_s + cell) != 0
+        else:  # the sample's own mask row: keep where its cell is off, else take the partner's
+            take = ~keep
+        any_keep = tl.max(keep.to(tl.int32), axis=1) != 0
+        any_take = tl.max(take.to(tl.int32), axis=1) != 0
+        s = tl.load(x_b + offs, mask=valid & any_keep[:, None])
+        t = tl.load(x_s + offs, mask=valid & any_take[:, None])
+        if BACKWARD:
+            out = _select(keep, take, s, t, _add(s, t))
+        else:
+            out = tl.where(keep, s, t)
+        tl.store(out_b + offs, out, mask=valid)
+
+
 @triton.jit(do_not_specialize=_SHAPE_ARGS + _FRAC_ARGS)
 def cell_select_kernel(
     x_ptr,  # [B, C, H, W] input (x forward, grad backward), NCHW or channels_last contiguous
@@ -234,6 +317,7 @@ def cell_select_kernel(
     BLOCK: tl.constexpr,  # elements a program
     CHUNK: tl.constexpr,  # elements a chunk; no chunk straddles two cells unless MIXED
     MIXED: tl.constexpr,  # chunks may hold one cell change (every cell is >= CHUNK elements wide)
+    EACH: tl.constexpr,  # chunks may hold any number of cell changes: each element its own cell
     CHANNELS_LAST: tl.constexpr,
     BACKWARD: tl.constexpr,
     BIG: tl.constexpr,  # sample_numel + BLOCK > 2**31: int64 indices and plain divisions
@@ -269,136 +353,141 @@ def cell_select_kernel(
     b_offset = _offset(b, sample_numel, BIG)
 
     e = first + tl.arange(0, GROUPS) * CHUNK  # first element of each chunk
-    in_sample = e < sample_numel
-    line, h, cell_row, cell_col = _cell(e, L, H, W, C, gh, gw, m_line, s_line, m_sub, s_sub,
-                                        m_cell_row, s_cell_row, m_cell_col, s_cell_col,
-                                        CHANNELS_LAST, BIG)
-    cell = cell_row * gw + cell_col
-    k = tl.arange(0, VEC)
-    if MIXED:
-        # Where the first element's cell run ends (its cell column's end, the line's end at the last
-        # column) and the cell after it: elements from `change` on belong to that one.
-        nxt = cell_col + 1
-        if BIG:
-            col_end = nxt * col_div + (nxt * col_mod + gw - 1) // gw
-        else:
-            col_end = nxt * col_div + _frac(nxt * col_mod + gw - 1, m_col_start, s_col_start)
-        line_end = nxt == gw
-        if CHANNELS_LAST:
-            h1 = h + 1  # inside the sample wherever the change is
-            change = line * L + col_end * C - e
-        else:
-            h1 = tl.where(h + 1 == H, 0, h + 1)  # the next channel's first row
-            change = line * L + col_end - e
-        if BIG:
-            row1 = h1 * gh // H
-        else:
-            row1 = _frac(h1, m_cell_row, s_cell_row)
-        cell1 = tl.where(line_end, row1, cell_row) * gw + tl.where(line_end, 0, nxt)
-        has_change = in_sample & (change < tl.minimum(sample_numel - e, CHUNK))
-
-    if HALVES:
-        keep = tl.load(row_b + cell, mask=in_sample, other=1) == 0
-        take = tl.load(row_s + cell, mask=in_sample, other=0) != 0
-        keep1 = tl.load(row_b + cell1, mask=has_change, other=1) == 0
-        take1 = tl.load(row_s + cell1, mask=has_change, other=0) != 0
-        WORDS_A_VEC: tl.constexpr = VEC // 2
-        sample_words = sample_numel >> 1
-        # The samples as 32-bit words (the launcher checks that they start on 4-byte boundaries).
-        x_b = (x_ptr + b_offset).to(tl.pointer_type(tl.int32))
-        x_s = (x_ptr + _offset(src, sample_numel, BIG)).to(tl.pointer_type(tl.int32))
-        out_b = (out_ptr + b_offset).to(tl.pointer_type(tl.int32))
-        kw = tl.arange(0, WORDS_A_VEC)
-        for v in tl.static_range(CHUNK // VEC):
-            j = v * WORDS_A_VEC + kw  # the word in the chunk: elements 2j (low half) and 2j + 1
-            words = (e >> 1)[:, None] + j[None, :]
-            wvalid = words < sample_words
-            s = tl.load(x_b + words, mask=wvalid & (keep | keep1)[:, None], other=0)
-            t = tl.load(x_s + words, mask=wvalid & (take | take1)[:, None], other=0)
-            # The halves of each word before the change (no change in the chunk: change >= CHUNK).
-            c = change[:, None]
-            sums = _add_halves(s, t, x_ptr.dtype.element_ty)
-            side0 = _select(keep[:, None], take[:, None], s, t, sums)
-            side1 = _select(keep1[:, None], take1[:, None], s, t, sums)
-            # Each half takes its side of the change: the whole word, or the low half before it.
-            out = tl.where(c > 2 * j[None, :] + 1, side0,
-                           tl.where(c > 2 * j[None, :], (side0 & 0xFFFF) | (side1 & -65536), side1))
-            tl.store(out_b + words, out, mask=wvalid)
-    elif BACKWARD:
-        keep = tl.load(row_b + cell, mask=in_sample, other=1) == 0
-        take = tl.load(row_s + cell, mask=in_sample, other=0) != 0
-        x_s = x_ptr + _offset(src, sample_numel, BIG)
+    if EACH:
+        _each(x_ptr + b_offset, x_ptr + _offset(src, sample_numel, BIG), out_ptr + b_offset, row_b, row_s, e,
+              sample_numel, L, H, gw, m_line, s_line, m_sub, s_sub, m_cell_row, s_cell_row, m_cell_col,
+              s_cell_col, CHUNK, CHANNELS_LAST, BACKWARD)
+    else:
+        in_sample = e < sample_numel
+        line, h, cell_row, cell_col = _cell(e, L, H, W, C, gh, gw, m_line, s_line, m_sub, s_sub,
+                                            m_cell_row, s_cell_row, m_cell_col, s_cell_col,
+                                            CHANNELS_LAST, BIG)
+        cell = cell_row * gw + cell_col
+        k = tl.arange(0, VEC)
         if MIXED:
+            # Where the first element's cell run ends (its cell column's end, the line's end at the last
+            # column) and the cell after it: elements from `change` on belong to that one.
+            nxt = cell_col + 1
+            if BIG:
+                col_end = nxt * col_div + (nxt * col_mod + gw - 1) // gw
+            else:
+                col_end = nxt * col_div + _frac(nxt * col_mod + gw - 1, m_col_start, s_col_start)
+            line_end = nxt == gw
+            if CHANNELS_LAST:
+                h1 = h + 1  # inside the sample wherever the change is
+                change = line * L + col_end * C - e
+            else:
+                h1 = tl.where(h + 1 == H, 0, h + 1)  # the next channel's first row
+                change = line * L + col_end - e
+            if BIG:
+                row1 = h1 * gh // H
+            else:
+                row1 = _frac(h1, m_cell_row, s_cell_row)
+            cell1 = tl.where(line_end, row1, cell_row) * gw + tl.where(line_end, 0, nxt)
+            has_change = in_sample & (change < tl.minimum(sample_numel - e, CHUNK))
+
+        if HALVES:
+            keep = tl.load(row_b + cell, mask=in_sample, other=1) == 0
+            take = tl.load(row_s + cell, mask=in_sample, other=0) != 0
             keep1 = tl.load(row_b + cell1, mask=has_change, other=1) == 0
             take1 = tl.load(row_s + cell1, mask=has_change, other=0) != 0
-            any_keep, any_take = keep | keep1, take | take1
-        else:
-            any_keep, any_take = keep, take
-        for v in tl.static_range(CHUNK // VEC):
-            offs = e[:, None] + (v * VEC + k)[None, :]
-            valid = offs < sample_numel
-            if MIXED:
-                keep_v, take_v, any_keep_v, any_take_v = keep[:, None], take[:, None], any_keep[:, None], any_take[:, None]
-            else:
-                # Both flags in one integer: where the data's layout differs from the cell math's
-                # (VEC 1), one layout conversion instead of one a flag.
-                flags = (tl.where(keep, 1, 0) | tl.where(take, 2, 0))[:, None]
-                keep_v, take_v = (flags & 1) != 0, (flags & 2) != 0
-                any_keep_v, any_take_v = keep_v, take_v
-            s = tl.load(x_ptr + b_offset + offs, mask=valid & any_keep_v, other=0)
-            t = tl.load(x_s + offs, mask=valid & any_take_v, other=0)
-            both = _add(s, t)
-            out = _select(keep_v, take_v, s, t, both)
-            if MIXED:
-                # Each side of the change selects by its cell's flags, then each element its side.
-                in_last = (v * VEC + k)[None, :] >= change[:, None]
-                out = tl.where(in_last, _select(keep1[:, None], take1[:, None], s, t, both), out)
-            tl.store(out_ptr + b_offset + offs, out, mask=valid)
-    else:
-        take = tl.load(row_b + cell, mask=in_sample, other=0) != 0
-        # One source a chunk: its sample is chosen, then loaded (one load, no select of values).
-        if VEC == 1 and ITEMSIZE > 1:
-            # A select of the two samples' offsets (computed once) is cheaper than a multiply a chunk,
-            # but hides their alignment from the vector loads wider chunks need (and costs uint8,
-            # 16 chunks a thread, more registers than it saves: fastsd.bench.sass).
-            first_source = x_ptr + tl.where(take, _offset(src, sample_numel, BIG), b_offset)
-        else:
-            first_source = x_ptr + _offset(tl.where(take, src, b), sample_numel, BIG)
-        if MIXED:
-            switch = has_change & ((tl.load(row_b + cell1, mask=has_change, other=0) != 0) != take)
-            other_source = x_ptr + _offset(tl.where(take, b, src), sample_numel, BIG)
-        if WORDS:
-            WORDS_A_VEC: tl.constexpr = VEC * ITEMSIZE // 4
-            sample_words = (sample_numel * ITEMSIZE) >> 2
+            WORDS_A_VEC: tl.constexpr = VEC // 2
+            sample_words = sample_numel >> 1
             # The samples as 32-bit words (the launcher checks that they start on 4-byte boundaries).
-            first_words = first_source.to(tl.pointer_type(tl.int32))
-            other_words = other_source.to(tl.pointer_type(tl.int32))
-            # Bits of the chunk before the change, which come from the first source.
-            kept = 8 * tl.where(switch, change * ITEMSIZE, CHUNK * ITEMSIZE)
+            x_b = (x_ptr + b_offset).to(tl.pointer_type(tl.int32))
+            x_s = (x_ptr + _offset(src, sample_numel, BIG)).to(tl.pointer_type(tl.int32))
+            out_b = (out_ptr + b_offset).to(tl.pointer_type(tl.int32))
             kw = tl.arange(0, WORDS_A_VEC)
             for v in tl.static_range(CHUNK // VEC):
-                words = ((e * ITEMSIZE) >> 2)[:, None] + (v * WORDS_A_VEC + kw)[None, :]
+                j = v * WORDS_A_VEC + kw  # the word in the chunk: elements 2j (low half) and 2j + 1
+                words = (e >> 1)[:, None] + j[None, :]
                 wvalid = words < sample_words
-                a = tl.load(first_words[:, None] + words, mask=wvalid)
-                z = tl.load(other_words[:, None] + words, mask=wvalid & switch[:, None], other=0)
-                # The low `kept` bits as a mask, built per pair of words as a 64-bit value (both
-                # words of a pair compute the same expression, kw being a constant in every
-                # register) of which each takes its half.
-                bits = kept[:, None] - 64 * ((v * WORDS_A_VEC + kw[None, :]) // 2)
-                one = tl.full(bits.shape, 1, tl.int64)
-                pair = tl.where(bits >= 64, -1, tl.where(bits <= 0, 0, (one << tl.minimum(tl.maximum(bits, 0), 63)) - 1))
-                low = tl.where(kw[None, :] % 2 == 0, pair, pair >> 32).to(tl.int32)
-                tl.store((out_ptr + b_offset).to(tl.pointer_type(tl.int32)) + words, (a & low) | (z & ~low), mask=wvalid)
-        else:
+                s = tl.load(x_b + words, mask=wvalid & (keep | keep1)[:, None], other=0)
+                t = tl.load(x_s + words, mask=wvalid & (take | take1)[:, None], other=0)
+                # The halves of each word before the change (no change in the chunk: change >= CHUNK).
+                c = change[:, None]
+                sums = _add_halves(s, t, x_ptr.dtype.element_ty)
+                side0 = _select(keep[:, None], take[:, None], s, t, sums)
+                side1 = _select(keep1[:, None], take1[:, None], s, t, sums)
+                # Each half takes its side of the change: the whole word, or the low half before it.
+                out = tl.where(c > 2 * j[None, :] + 1, side0,
+                               tl.where(c > 2 * j[None, :], (side0 & 0xFFFF) | (side1 & -65536), side1))
+                tl.store(out_b + words, out, mask=wvalid)
+        elif BACKWARD:
+            keep = tl.load(row_b + cell, mask=in_sample, other=1) == 0
+            take = tl.load(row_s + cell, mask=in_sample, other=0) != 0
+            x_s = x_ptr + _offset(src, sample_numel, BIG)
+            if MIXED:
+                keep1 = tl.load(row_b + cell1, mask=has_change, other=1) == 0
+                take1 = tl.load(row_s + cell1, mask=has_change, other=0) != 0
+                any_keep, any_take = keep | keep1, take | take1
+            else:
+                any_keep, any_take = keep, take
             for v in tl.static_range(CHUNK // VEC):
                 offs = e[:, None] + (v * VEC + k)[None, :]
                 valid = offs < sample_numel
-                out = tl.load(first_source[:, None] + offs, mask=valid)
                 if MIXED:
-                    z = tl.load(other_source[:, None] + offs, mask=valid & switch[:, None])
+                    keep_v, take_v, any_keep_v, any_take_v = keep[:, None], take[:, None], any_keep[:, None], any_take[:, None]
+                else:
+                    # Both flags in one integer: where the data's layout differs from the cell math's
+                    # (VEC 1), one layout conversion instead of one a flag.
+                    flags = (tl.where(keep, 1, 0) | tl.where(take, 2, 0))[:, None]
+                    keep_v, take_v = (flags & 1) != 0, (flags & 2) != 0
+                    any_keep_v, any_take_v = keep_v, take_v
+                s = tl.load(x_ptr + b_offset + offs, mask=valid & any_keep_v, other=0)
+                t = tl.load(x_s + offs, mask=valid & any_take_v, other=0)
+                both = _add(s, t)
+                out = _select(keep_v, take_v, s, t, both)
+                if MIXED:
+                    # Each side of the change selects by its cell's flags, then each element its side.
                     in_last = (v * VEC + k)[None, :] >= change[:, None]
-                    out = tl.where(switch[:, None] & in_last, z, out)
+                    out = tl.where(in_last, _select(keep1[:, None], take1[:, None], s, t, both), out)
                 tl.store(out_ptr + b_offset + offs, out, mask=valid)
+        else:
+            take = tl.load(row_b + cell, mask=in_sample, other=0) != 0
+            # One source a chunk: its sample is chosen, then loaded (one load, no select of values).
+            if VEC == 1 and ITEMSIZE > 1:
+                # A select of the two samples' offsets (computed once) is cheaper than a multiply a chunk,
+                # but hides their alignment from the vector loads wider chunks need (and costs uint8,
+                # 16 chunks a thread, more registers than it saves: fastsd.bench.sass).
+                first_source = x_ptr + tl.where(take, _offset(src, sample_numel, BIG), b_offset)
+            else:
+                first_source = x_ptr + _offset(tl.where(take, src, b), sample_numel, BIG)
+            if MIXED:
+                switch = has_change & ((tl.load(row_b + cell1, mask=has_change, other=0) != 0) != take)
+                other_source = x_ptr + _offset(tl.where(take, b, src), sample_numel, BIG)
+            if WORDS:
+                WORDS_A_VEC: tl.constexpr = VEC * ITEMSIZE // 4
+                sample_words = (sample_numel * ITEMSIZE) >> 2
+                # The samples as 32-bit words (the launcher checks that they start on 4-byte boundaries).
+                first_words = first_source.to(tl.pointer_type(tl.int32))
+                other_words = other_source.to(tl.pointer_type(tl.int32))
+                # Bits of the chunk before the change, which come from the first source.
+                kept = 8 * tl.where(switch, change * ITEMSIZE, CHUNK * ITEMSIZE)
+                kw = tl.arange(0, WORDS_A_VEC)
+                for v in tl.static_range(CHUNK // VEC):
+                    words = ((e * ITEMSIZE) >> 2)[:, None] + (v * WORDS_A_VEC + kw)[None, :]
+                    wvalid = words < sample_words
+                    a = tl.load(first_words[:, None] + words, mask=wvalid)
+                    z = tl.load(other_words[:, None] + words, mask=wvalid & switch[:, None], other=0)
+                    # The low `kept` bits as a mask, built per pair of words as a 64-bit value (both
+                    # words of a pair compute the same expression, kw being a constant in every
+                    # register) of which each takes its half.
+                    bits = kept[:, None] - 64 * ((v * WORDS_A_VEC + kw[None, :]) // 2)
+                    one = tl.full(bits.shape, 1, tl.int64)
+                    pair = tl.where(bits >= 64, -1, tl.where(bits <= 0, 0, (one << tl.minimum(tl.maximum(bits, 0), 63)) - 1))
+                    low = tl.where(kw[None, :] % 2 == 0, pair, pair >> 32).to(tl.int32)
+                    tl.store((out_ptr + b_offset).to(tl.pointer_type(tl.int32)) + words, (a & low) | (z & ~low), mask=wvalid)
+            else:
+                for v in tl.static_range(CHUNK // VEC):
+                    offs = e[:, None] + (v * VEC + k)[None, :]
+                    valid = offs < sample_numel
+                    out = tl.load(first_source[:, None] + offs, mask=valid)
+                    if MIXED:
+                        z = tl.load(other_source[:, None] + offs, mask=valid & switch[:, None])
+                        in_last = (v * VEC + k)[None, :] >= change[:, None]
+                        out = tl.where(switch[:, None] & in_last, z, out)
+                    tl.store(out_ptr + b_offset + offs, out, mask=valid)
 
 
 # --- launch configuration ------------------------------------------------------------------------
@@ -482,18 +571,28 @@ def _chunk(W: int, gw: int, unit: int, widest: int):
     return vec, False
 
 
-def _config(x: torch.Tensor, gw: int, channels_last: bool, backward: bool):
-    """The launcher's (CHUNK, MIXED) for x (see :func:`_chunk`)."""
+def _config(x: torch.Tensor, gw: int, channels_last: bool, backward: bool, big: bool = False):
+    """The launcher's (CHUNK, MIXED, EACH) for x (see :func:`_chunk` and :func:`_each`); no EACH in
+    the ``big`` variant (int64 indices and plain divisions)."""
     W, itemsize = x.shape[3], x.element_size()
     unit = x.shape[1] if channels_last else 1
-    chunk, mixed = _chunk(W, gw, unit, _vec_sizes(x.dtype)[-1])
-    # A MIXED chunk of 1- or 2-byte elements is merged a 32-bit word at a time (the forward's WORDS,
-    # the backward's HALVES): every sample must start on a 4-byte boundary (the output is a fresh
-    # allocation).
+    widest = _vec_sizes(x.dtype)[-1]
+    chunk, mixed = _chunk(W, gw, unit, widest)
+    # Words of 1- and 2-byte elements (the forward's WORDS and EACH, the backward's HALVES) need
+    # every sample to start on a 4-byte boundary (the output is a fresh allocation).
+    aligned = not (x[0].numel() * itemsize % 4 or x.data_ptr() % 4)
+    # EACH (16-byte chunks, a cell per element) where the others would take 1-element chunks, and
+    # for the forward's 4-element MIXED chunks of 1- and 2-byte elements: fewer instructions for
+    # the bytes (fastsd.bench.sass: e.g. fp32 backward 64-65 % -> 48-50 % of the issue budget,
+    # fp16 forward 85-89 % and 66-68 % -> 56-63 %, uint8 forward 170 % and 110-113 % -> 97-111 %),
+    # where a chunk crosses at most one line end (L >= 16 bytes) and words can be aligned.
+    each = (not mixed and chunk == 1) or (mixed and not backward and chunk == 4 and itemsize < 4)
+    if each and not big and W * unit >= widest and (aligned or itemsize >= 4 or backward):
+        return widest, False, True
     words = mixed and itemsize < 4 and chunk * itemsize >= 4
-    if words and (x[0].numel() * itemsize % 4 or x.data_ptr() % 4):
-        return _vec(W, gw, unit, _vec_sizes(x.dtype)[-1]), False
-    return chunk, mixed
+    if words and not aligned:
+        return _vec(W, gw, unit, widest), False, False
+    return chunk, mixed, False
 
 
 @functools.lru_cache(maxsize=1024)
@@ -504,8 +603,10 @@ def _geometry(B: int, C: int, H: int, W: int, gh: int, gw: int, channels_last: b
     programs = triton.cdiv(sample_numel, block)
     # (n, d, largest a) of pid // programs, e // L, e // (H * W) or j // C, h * gh // H, w * gw // W
     # and (k * col_mod + gw - 1) // gw.
-    fracs = [(1, programs, B * programs), (1, L, sample_numel + block), (1, C, L) if channels_last else (1, H * W, sample_numel + block),
-             (gh, H, H), (gw, W, W), (1, gw, gw * (gw + 1))]
+    # (j // C and w * gw // W up to 16 past a line's end: the EACH variant's element in the next line)
+    fracs = [(1, programs, B * programs), (1, L, sample_numel + block),
+             (1, C, L + _VECTOR_BYTES) if channels_last else (1, H * W, sample_numel + block),
+             (gh, H, H), (gw, W, W + _VECTOR_BYTES), (1, gw, gw * (gw + 1))]
     constants = [_frac_constants(*f) for f in fracs]
     big = sample_numel + block > _INT32 or None in constants
     words = [v for c in constants for v in (c or (0, 0))]
@@ -524,15 +625,15 @@ def _launch(x: torch.Tensor, src: torch.Tensor, mask: torch.Tensor, backward: bo
     if mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)
     channels_last = fmt == torch.channels_last
-    chunk, mixed = _config(x, gw, channels_last, backward)
     block = _gpu_block(x.dtype)
     if x.device.type == "cpu":  # only under TRITON_INTERPRET=1: few, large programs run fastest
         block = max(block, min(triton.next_power_of_2(sample_numel), _INTERPRETER_MAX_BLOCK))
     programs, big, args = _geometry(B, C, H, W, gh, gw, channels_last, block)
+    chunk, mixed, each = _config(x, gw, channels_last, backward, big)
     check = sorted_partner is not None
     cell_select_kernel[(B * programs,)](
         x, out, src, mask, sorted_partner if check else src, sample_numel, B if check else -B, *args,
-        BLOCK=block, CHUNK=chunk, MIXED=mixed, CHANNELS_LAST=channels_last, BACKWARD=backward, BIG=big,
+        BLOCK=block, CHUNK=chunk, MIXED=mixed, EACH=each, CHANNELS_LAST=channels_last, BACKWARD=backward, BIG=big,
         num_warps=NUM_WARPS, **_OPTIONS,
     )
     return out
@@ -564,7 +665,8 @@ def patch_swap_backward(grad: torch.Tensor, partner: torch.Tensor, mask: torch.T
 # --- ahead-of-time compilation specs (tests/test_aot.py, fastsd.bench.sass) ----------------------------
 
 
-def _spec(dtype: torch.dtype, backward: bool, channels_last: bool, chunk: int, mixed: bool, big: bool = False):
+def _spec(dtype: torch.dtype, backward: bool, channels_last: bool, chunk: int, mixed: bool, big: bool = False,
+          each: bool = False):
     ty = _TL_DTYPES[dtype]
     direction = "backward" if backward else "forward"
     layout = "channels_last" if channels_last else "nchw"
@@ -572,16 +674,17 @@ def _spec(dtype: torch.dtype, backward: bool, channels_last: bool, chunk: int, m
                  "sample_numel": "i64" if big else "i32"}
     signature.update({a: "i32" for a in _SHAPE_ARGS})
     signature.update({a: "u32" if a.startswith("m_") else "i32" for a in _FRAC_ARGS})
-    signature.update({a: "constexpr" for a in ("BLOCK", "CHUNK", "MIXED", "CHANNELS_LAST", "BACKWARD", "BIG")})
+    signature.update({a: "constexpr" for a in ("BLOCK", "CHUNK", "MIXED", "EACH", "CHANNELS_LAST", "BACKWARD", "BIG")})
     # What the JIT specialises on for typical images: 16-byte aligned tensors and C*H*W % 16 == 0
     # (e.g. 3 x 32 x 32, 3 x 224 x 224); the other integers are never specialised (_SHAPE_ARGS, _FRAC_ARGS).
     aligned = ("x_ptr", "out_ptr", "src_ptr", "mask_ptr", "sorted_ptr", "sample_numel")
     block = _gpu_block(dtype)
     return {
-        "name": f"patch_swap_{direction}_{ty}_{layout}_{'mixed' if mixed else 'vec'}{chunk}{'_big' if big else ''}",
+        "name": f"patch_swap_{direction}_{ty}_{layout}_{'each' if each else 'mixed' if mixed else 'vec'}{chunk}"
+                f"{'_big' if big else ''}",
         "fn": cell_select_kernel,
         "signature": signature,
-        "constexprs": {"BLOCK": block, "CHUNK": chunk, "MIXED": mixed, "CHANNELS_LAST": channels_last,
+        "constexprs": {"BLOCK": block, "CHUNK": chunk, "MIXED": mixed, "EACH": each, "CHANNELS_LAST": channels_last,
                        "BACKWARD": backward, "BIG": big},
         "attrs": {(list(signature).index(a),): [["tt.divisibility", 16]] for a in aligned},
         "options": {"num_warps": NUM_WARPS, **_OPTIONS},
@@ -606,6 +709,9 @@ def _aot_specs():
                     if chunk >= _MIXED_MIN[_vec_sizes(dtype)[-1]]:
                         specs.append(_spec(dtype, backward, channels_last, chunk, mixed=True))
                 specs.append(_spec(dtype, backward, channels_last, 2 * _vec_sizes(dtype)[-1], mixed=True))
+                # EACH where 1-element chunks would be (none in channels_last float64: see above)
+                if not (channels_last and _MIXED_MIN[_vec_sizes(dtype)[-1]] <= 2):
+                    specs.append(_spec(dtype, backward, channels_last, _vec_sizes(dtype)[-1], mixed=False, each=True))
     # A sample of 2**31 elements or more (one huge image): int64 indices.
     for backward in (False, True):
         specs.append(_spec(torch.float32, backward, False, 4, mixed=True, big=True))

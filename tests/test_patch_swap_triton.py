@@ -43,6 +43,12 @@ SHAPES = [
     (2, 5, 4, 3, 2, 3),
     (2, 2, 2, 67, 2, 2),
     (2, 3, 4, 13, 2, 2),
+    # EACH (16-byte chunks, a cell per element) for 1-3 px cells in NCHW rows of 16 bytes or more;
+    # lines shorter than a 16-byte chunk keep 1-element and MIXED chunks (W = 1, 5; C*W = 3, 5).
+    (2, 1, 2, 20, 2, 7),
+    (2, 2, 4, 5, 2, 1),
+    (2, 5, 4, 1, 2, 1),
+    (2, 3, 4, 1, 2, 1),
 ]
 SHAPE_IDS = ["x".join(map(str, s[:4])) + f"-g{s[4]}x{s[5]}" for s in SHAPES]
 _BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
@@ -108,14 +114,14 @@ def test_backward_matches_reference(shape, dtype, layout):
 
 
 def test_shapes_cover_every_spec():
-    # Every (dtype, layout, direction, CHUNK, MIXED) of the AOT specs is run by the parity tests, and
+    # Every (dtype, layout, direction, CHUNK, MIXED, EACH) of the AOT specs is run by the parity tests, and
     # every one the launcher picks for an aligned sample (C*H*W % 16 == 0, the JIT variant the specs
     # compile) is an AOT spec, so fastsd.bench.sass reads the code a GPU runs.
     specs = set()
     for spec in kernels.AOT_SPECS:
         c = spec["constexprs"]
         if not c["BIG"]:
-            specs.add((c["CHANNELS_LAST"], c["BACKWARD"], c["CHUNK"], c["MIXED"], spec["signature"]["x_ptr"]))
+            specs.add((c["CHANNELS_LAST"], c["BACKWARD"], c["CHUNK"], c["MIXED"], c["EACH"], spec["signature"]["x_ptr"]))
     used, aligned = set(), set()
     for shape in SHAPES:
         for dtype in DTYPES:
@@ -322,12 +328,12 @@ TRAFFIC_CASES = [(4, 3, 32, 32, 8, 8, torch.float32), (4, 3, 32, 32, 8, 8, torch
 
 
 def _straddling_bytes(x, mask, backward):
-    """Bytes a launch may read beyond the elements it needs: where MIXED, a chunk that holds a cell
-    change reads the whole chunk from each source it needs anywhere in it (one vector load each; the
-    extra bytes lie in the 32-byte sectors the needed ones come from, so DRAM traffic does not grow)."""
+    """Bytes a launch may read beyond the elements it needs: where MIXED or EACH, a chunk that holds a
+    cell change reads the whole chunk from each source it needs anywhere in it (one vector load each;
+    the extra bytes lie in the 32-byte sectors the needed ones come from, so DRAM traffic does not grow)."""
     channels_last = _validate.memory_format(x) == torch.channels_last
-    chunk, mixed = kernels._config(x, mask.shape[2], channels_last, backward)
-    if not mixed:
+    chunk, mixed, each = kernels._config(x, mask.shape[2], channels_last, backward)
+    if not (mixed or each):
         return 0
     B, C, H, W = x.shape
     gh, gw = mask.shape[1:]

@@ -28,6 +28,8 @@ _PATCH_SWAP_16_BYTES = r"patch_swap_\w+_(fp32_\w+_(vec|mixed)4|(fp16|bf16)_\w+_(
 BUDGETS = [
     (r"patch_swap_\w+_big", {}, "samples of 2**31 elements or more: int64 indices and divisions, never the common path"),
     (_PATCH_SWAP_16_BYTES, WIDE, "memory-bound, 16-byte chunks"),
+    (r"patch_swap_\w+_each\d+", MEMORY, "memory-bound, 16-byte chunks with a mask byte an element (cells narrower "
+     "than a chunk): the data in 128-bit accesses, the mask bytes in 8-bit ones"),
     (r"patch_swap_\w+", MEMORY, "memory-bound, chunks narrower than 16 bytes (the cells allow no wider)"),
     (r"mix_check_\w+", {}, "the public functions' value checks: a few loads and compares a batch row, not memory-bound"),
     (r"mix_\w+_huge", {}, "samples of 2**31 elements or more: int64 indices and divisions, never the common path"),
@@ -62,7 +64,9 @@ KNOWN_OVER_BUDGET = {
 # with its own cell math and mask bytes). Issue share, python -m fastsd.bench.sass: fp32 backward vec1
 # 64-65 %; fp16/bf16 forward vec1 85-89 %, backward vec1 125 %, backward vec2 66-67 %, forward mixed4
 # 66 %, backward mixed4 78-79 %; uint8 forward vec1 170-171 %, vec2 87-88 %, mixed4 110-113 %,
-# mixed8 63-64 %.
+# mixed8 63-64 %. Since EACH, the launcher takes vec1 (and the forward's 16-bit and uint8 mixed4)
+# only for lines shorter than 16 bytes (W < 4 fp32 NCHW, C*W < 8 fp16 channels_last, ...), for
+# 1- and 2-byte forward samples off 4-byte alignment, and in the int64 variant.
 PATCH_SWAP_OVER_BUDGET = {
     "patch_swap_backward_fp32_nchw_vec1", "patch_swap_backward_fp32_channels_last_vec1",
     "patch_swap_forward_fp16_nchw_vec1", "patch_swap_forward_fp16_channels_last_vec1",
@@ -79,6 +83,16 @@ PATCH_SWAP_OVER_BUDGET = {
     "patch_swap_forward_u8_nchw_vec2", "patch_swap_forward_u8_channels_last_vec2",
     "patch_swap_forward_u8_nchw_mixed4", "patch_swap_forward_u8_channels_last_mixed4",
     "patch_swap_forward_u8_nchw_mixed8", "patch_swap_forward_u8_channels_last_mixed8",
+    # EACH (kernels/patch_swap.py, _each), which the launcher takes for the 1-element chunks above
+    # (and the forward's 16-bit and uint8 mixed4) wherever a line holds a 16-byte chunk: a mask byte,
+    # a cell column and a flag an element. fp32 and fp64 meet the budget (fp32 forward 38-40 %,
+    # backward 45-48 %); fp16/bf16 forward 54-61 % (words selected with bit masks), backward 73-86 %
+    # (the sum where both sides are selected, in fp32 an element); uint8 forward 93-106 %.
+    "patch_swap_forward_fp16_nchw_each8", "patch_swap_forward_fp16_channels_last_each8",
+    "patch_swap_forward_bf16_nchw_each8", "patch_swap_forward_bf16_channels_last_each8",
+    "patch_swap_backward_fp16_nchw_each8", "patch_swap_backward_fp16_channels_last_each8",
+    "patch_swap_backward_bf16_nchw_each8", "patch_swap_backward_bf16_channels_last_each8",
+    "patch_swap_forward_u8_nchw_each16", "patch_swap_forward_u8_channels_last_each16",
 }
 
 # Mix specs over the issue budget (kernels/mix.py), their shares of the data bytes a thread moves

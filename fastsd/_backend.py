@@ -98,16 +98,26 @@ def ops() -> List[str]:
     return sorted(_REGISTRY)
 
 
-@contextlib.contextmanager
-def use_backend(name: Optional[str]):
-    """Force ``name`` (or ``None``/``"auto"`` for automatic choice) inside the block."""
-    if name is not None and name != "auto" and name not in BACKENDS:
-        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {name!r}")
-    token = _forced.set(None if name == "auto" else name)
-    try:
-        yield
-    finally:
-        _forced.reset(token)
+class use_backend(contextlib.ContextDecorator):
+    """Force ``name`` (or ``None``/``"auto"`` for automatic choice) inside the block (a ``with``
+    statement, or as a decorator). A class rather than a generator-based context manager: building,
+    entering and leaving it takes about half the time (1.0-1.8 us against 1.9-3.5 us, timeit,
+    alternating), paid around every call that fastsd.bench times (each backend's call inside one)."""
+
+    __slots__ = ("_name", "_tokens")
+
+    def __init__(self, name: Optional[str]):
+        if name is not None and name != "auto" and name not in BACKENDS:
+            raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {name!r}")
+        self._name = None if name == "auto" else name
+        self._tokens = []  # one per active entry: the same object may be entered again inside itself
+
+    def __enter__(self):
+        self._tokens.append(_forced.set(self._name))
+
+    def __exit__(self, *exc):
+        _forced.reset(self._tokens.pop())
+        return False
 
 
 def forced_backend() -> Optional[str]:

@@ -46,6 +46,27 @@ def test_use_backend_validates_and_restores():
     assert _backend.forced_backend() is None
 
 
+def test_use_backend_reentered_raised_through_and_as_a_decorator():
+    force_torch = fastsd.use_backend("torch")
+    with force_torch:
+        with fastsd.use_backend("cpp"):
+            with force_torch:  # the same object inside itself
+                assert _backend.forced_backend() == "torch"
+            assert _backend.forced_backend() == "cpp"
+        assert _backend.forced_backend() == "torch"
+    assert _backend.forced_backend() is None
+    with pytest.raises(KeyError):
+        with fastsd.use_backend("cpp"):
+            raise KeyError("not swallowed")
+    assert _backend.forced_backend() is None
+
+    @fastsd.use_backend("cpp")
+    def forced():
+        return _backend.forced_backend()
+
+    assert forced() == "cpp" and _backend.forced_backend() is None
+
+
 def test_error_lists_every_backend_when_none_can_run(monkeypatch):
     monkeypatch.setitem(_backend._REGISTRY, "only_cuda", {"cuda": _backend.Impl(lambda *a: None)})
     with pytest.raises(fastsd.BackendUnavailableError) as err:

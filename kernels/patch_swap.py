@@ -213,6 +213,17 @@ def _cell(e, L, H, W, C, gh, gw, m_line, s_line, m_sub, s_sub, m_cell_row, s_cel
 
 
 @triton.jit
+def _words_of(n, ITEMSIZE: tl.constexpr):
+    """n elements of ITEMSIZE (1 or 2) bytes in 32-bit words, n * ITEMSIZE // 4 where that is exact
+    (the word paths' samples and chunks start on 4-byte boundaries), as a shift: the product would
+    overflow int32 from 2**30 2-byte elements, which the int32 variant takes up to 2**31."""
+    if ITEMSIZE == 1:
+        return n >> 2
+    else:
+        return n >> 1
+
+
+@triton.jit
 def _each_cell(j, row0, row1, gw, m_sub, s_sub, m_cell_col, s_cell_col, CHANNELS_LAST: tl.constexpr):
     """The mask cell of the elements at ``j`` from the start of their chunk's first line (j < L + 16),
     given that line's first cell (row0) and the next line's first cell less gw (row1): past L an
@@ -254,8 +265,8 @@ def _each(x_b, x_s, out_b, row_b, row_s, e, sample_numel, L, H, gw, m_line, s_li
     if ITEMSIZE < 4 and not BACKWARD:
         PER: tl.constexpr = 4 // ITEMSIZE  # elements a word
         kw = tl.arange(0, CHUNK // PER)[None, :]
-        words = (e * ITEMSIZE >> 2)[:, None] + kw
-        valid = words < (sample_numel * ITEMSIZE >> 2)
+        words = _words_of(e, ITEMSIZE)[:, None] + kw
+        valid = words < _words_of(sample_numel, ITEMSIZE)
         keep_bits = tl.zeros(words.shape, tl.uint32)
         for i in tl.static_range(PER):
             cell = _each_cell(j0 + kw * PER + i, row0, row1, gw, m_sub, s_sub, m_cell_col, s_cell_col,
@@ -458,7 +469,7 @@ def cell_select_kernel(
                 other_source = x_ptr + _offset(tl.where(take, b, src), sample_numel, BIG)
             if WORDS:
                 WORDS_A_VEC: tl.constexpr = VEC * ITEMSIZE // 4
-                sample_words = (sample_numel * ITEMSIZE) >> 2
+                sample_words = _words_of(sample_numel, ITEMSIZE)
                 # The samples as 32-bit words (the launcher checks that they start on 4-byte boundaries).
                 first_words = first_source.to(tl.pointer_type(tl.int32))
                 other_words = other_source.to(tl.pointer_type(tl.int32))
@@ -466,7 +477,7 @@ def cell_select_kernel(
                 kept = 8 * tl.where(switch, change * ITEMSIZE, CHUNK * ITEMSIZE)
                 kw = tl.arange(0, WORDS_A_VEC)
                 for v in tl.static_range(CHUNK // VEC):
-                    words = ((e * ITEMSIZE) >> 2)[:, None] + (v * WORDS_A_VEC + kw)[None, :]
+                    words = _words_of(e, ITEMSIZE)[:, None] + (v * WORDS_A_VEC + kw)[None, :]
                     wvalid = words < sample_words
                     a = tl.load(first_words[:, None] + words, mask=wvalid)
                     z = tl.load(other_words[:, None] + words, mask=wvalid & switch[:, None], other=0)

@@ -5,6 +5,8 @@ import re
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import fastsd
 from conftest import backward_tolerance
@@ -421,3 +423,43 @@ def test_wide_groups_use_16_byte_accesses(compiled_sm90, name):
     vector = r"\.v(?:4\.b32|2\.b64)\b"
     assert re.search(r"ld\.global" + vector, result.ptx), "x loads are not 16-byte vectors"
     assert re.search(r"st\.global" + vector, result.ptx), "the store is not a 16-byte vector"
+
+
+@triton.jit
+def _words_of_kernel(n_ptr, out_ptr, ITEMSIZE: tl.constexpr, N: tl.constexpr):
+    i = tl.arange(0, N)
+    tl.store(out_ptr + i, kernels._words_of(tl.load(n_ptr + i), ITEMSIZE))
+
+
+def test_word_indices_hold_up_to_2_31_elements():
+    # The word paths (EACH and MIXED forwards of 1- and 2-byte elements) index samples of up to
+    # 2**31 - BLOCK elements in int32, their words too: n * itemsize // 4 without the product,
+    # which overflows from 2**30 2-byte elements (a cold review found the write then wild).
+    n = torch.tensor([0, 4, 8, 2**30 - 4, 2**30, 2**30 + 8, 2**31 - 2**16, 2**31 - 4], dtype=torch.int32)
+    for itemsize in (1, 2):
+        out = torch.empty_like(n)
+        _words_of_kernel[(1,)](n, out, ITEMSIZE=itemsize, N=n.numel())
+        assert out.tolist() == [v * itemsize // 4 for v in n.tolist()], itemsize
+
+
+@pytest.mark.parametrize("shape, layout", [((1, 3, 4, 21, 4, 7), "nchw"), ((1, 1, 1, 40, 1, 13), "nchw"),
+                                           ((1, 3, 4, 7, 4, 7), "channels_last")],
+                         ids=["3x4x21-nchw", "1x1x40-nchw", "3x4x7-channels_last"])
+def test_each_reads_no_mask_byte_outside_the_rows(shape, layout):
+    # EACH loads the mask bytes unmasked, past the sample's end too (its last program's tail, a
+    # chunk's next line): every cell it computes must lie in the sample's own mask row (the clamps
+    # of h in channels_last, the wrap of h in NCHW). With one sample, a byte outside the row is
+    # outside the mask tensor: counted as "other" (or as x's or out's, which read nothing else).
+    for dtype in (torch.float32, torch.float16, torch.uint8):
+        x, partner, mask = _make(shape, dtype, layout, specials=False)
+        channels_last = _validate.memory_format(x) == torch.channels_last
+        for backward in (False, True) if dtype.is_floating_point else (False,):
+            assert kernels._config(x, shape[5], channels_last, backward)[2], (dtype, backward)  # EACH
+            fn = kernels.patch_swap_backward if backward else kernels.patch_swap
+            kwargs = {"inverse_partner": partner} if backward else {}
+            out, traffic = triton_tools.count_traffic(fn, x, partner, mask, tensors={"x": x, "partner": partner, "mask": mask},
+                                                      **kwargs)
+            expected = (reference.patch_swap_backward if backward else reference.patch_swap)(x, partner, mask)
+            assert torch.equal(_bits(out), _bits(expected))
+            assert traffic["other"] == {"load": 0, "store": 0}, traffic
+            assert traffic["out"]["load"] == 0 and traffic["x"]["load"] <= 2 * x.nbytes, traffic

@@ -63,8 +63,9 @@ KNOWN_OVER_BUDGET = {
 # boundaries are not aligned (1-7 px cells: 1-, 2-, 4- or 8-byte chunks, 4-16 of them a thread, each
 # with its own cell math and mask bytes). Issue share, python -m fastsd.bench.sass: fp32 backward vec1
 # 64-65 %; fp16/bf16 forward vec1 85-89 %, backward vec1 125 %, backward vec2 66-67 %, forward mixed4
-# 66 %, backward mixed4 78-79 %; uint8 forward vec1 170-171 %, vec2 87-88 %, mixed4 110-113 %,
-# mixed8 63-64 %. Since EACH, the launcher takes vec1 (and the forward's 16-bit and uint8 mixed4)
+# 66-67 %, backward mixed4 78-79 %; uint8 forward vec1 170-171 %, vec2 87-88 %, mixed4 115-117 %,
+# mixed8 66-67 % (re-read on 2026-11-27 from the unchanged source; this comment had 110-113 % and
+# 63-64 %). Since EACH, the launcher takes vec1 (and the forward's 16-bit and uint8 mixed4)
 # only for lines shorter than 16 bytes (W < 4 fp32 NCHW, C*W < 8 fp16 channels_last, ...), for
 # 1- and 2-byte forward samples off 4-byte alignment, and in the int64 variant.
 PATCH_SWAP_OVER_BUDGET = {
@@ -86,7 +87,7 @@ PATCH_SWAP_OVER_BUDGET = {
     # EACH (kernels/patch_swap.py, _each), which the launcher takes for the 1-element chunks above
     # (and the forward's 16-bit and uint8 mixed4) wherever a line holds a 16-byte chunk: a mask byte,
     # a cell column and a flag an element. fp32 and fp64 meet the budget (fp32 forward 38-40 %,
-    # backward 45-48 %); fp16/bf16 forward 54-61 % (words selected with bit masks), backward 73-86 %
+    # backward 45-48 %); fp16/bf16 forward 53-60 % (words selected with bit masks), backward 73-86 %
     # (the sum where both sides are selected, in fp32 an element); uint8 forward 93-106 %.
     "patch_swap_forward_fp16_nchw_each8", "patch_swap_forward_fp16_channels_last_each8",
     "patch_swap_forward_bf16_nchw_each8", "patch_swap_forward_bf16_channels_last_each8",

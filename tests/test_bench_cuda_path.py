@@ -134,6 +134,8 @@ def fake_cuda(monkeypatch):
 def test_cuda_run_of_the_runner(fake_cuda, monkeypatch, tmp_path, capsys):
     # Small cases: the Triton rows run under the interpreter.
     monkeypatch.setattr(patch_swap_bench, "PATCH_SWAP_BENCH", [PatchSwapCase("8x3x16x16", (8, 3, 16, 16), (4, 4))])
+    # and the CUDA-only case (cells of 2-3 px: the Triton kernel's EACH variant), as small
+    monkeypatch.setattr(patch_swap_bench, "PATCH_SWAP_GPU_BENCH", [PatchSwapCase("8x3x16x16 grid 6x6", (8, 3, 16, 16), (6, 6))])
     monkeypatch.setattr(icp_bench, "ICP_BENCH", [icp_bench.ICPCase("small_cnn_b4_k5", icp_bench.SmallCNN, batch=4)])
     monkeypatch.setattr(losses_bench, "benches", lambda device, dtype, quick: [
         losses_bench.pair_kd_bench(8, 10, device, dtype),
@@ -167,6 +169,7 @@ def test_cuda_run_of_the_runner(fake_cuda, monkeypatch, tmp_path, capsys):
     assert all(r["rounds"] in (5, 6) for r in report["rows"])
     assert FakeEvent.made >= 2 * sum(r["rounds"] for r in report["rows"])
     assert {r["impl"] for r in report["rows"] if r["op"] == "patch_swap"} >= {"copy", "triton"}
+    assert {r["case"] for r in report["rows"] if r["op"] == "patch_swap"} == {"8x3x16x16", "8x3x16x16 grid 6x6"}
 
     # The CUDA-graph row: captured once, then replayed; the same refinement as eager.
     graph = rows["icp", "graph"]

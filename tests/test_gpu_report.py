@@ -32,6 +32,7 @@ STATIC = [
 @pytest.fixture
 def small_cases(monkeypatch):
     monkeypatch.setattr(patch_swap_bench, "PATCH_SWAP_BENCH", [PatchSwapCase("8x3x16x16", (8, 3, 16, 16), (4, 4))])
+    monkeypatch.setattr(patch_swap_bench, "PATCH_SWAP_GPU_BENCH", [PatchSwapCase("8x3x16x16 grid 6x6", (8, 3, 16, 16), (6, 6))])
     monkeypatch.setattr(icp_bench, "ICP_BENCH", [icp_bench.ICPCase("small_cnn_b4_k5", icp_bench.SmallCNN, batch=4)])
     monkeypatch.setattr(losses_bench, "benches", lambda device, dtype, quick: [
         losses_bench.pair_kd_bench(8, 10, device, dtype),
@@ -55,8 +56,13 @@ def test_gpu_report_through_the_fake_cuda_layer(fake_cuda, small_cases, monkeypa
     assert {(r["op"], r["impl"]) for r in report["bench"]["rows"]} >= {("patch_swap", "triton"),
                                                                        ("pair_kd_loss", "triton")}
 
-    cases = {c["op"]: c for c in report["kernels"]}
+    cases = {c["op"]: c for c in report["kernels"] if c["case"] != "8x3x16x16 grid 6x6"}
     assert set(cases) == {"patch_swap", "pair_kd_loss", "feature_alignment_loss"}
+    # The CUDA-only narrow-cell case is timed too, and its launch is the EACH variant (the 4x4
+    # grid's is not): the report's constants say which variant each row timed.
+    narrow = next(c for c in report["kernels"] if c["case"] == "8x3x16x16 grid 6x6")
+    assert narrow["kernels"][0]["constexprs"]["EACH"] is True
+    assert cases["patch_swap"]["kernels"][0]["constexprs"]["EACH"] is False
     swap = {k["kernel"]: k for k in cases["patch_swap"]["kernels"]}
     k = swap["cell_select_kernel"]
     assert k["launches_per_call"] == 1

@@ -63,6 +63,14 @@ PATCH_SWAP_BENCH = [
     PatchSwapCase("128x64x56x56 grid 7x7", (128, 64, 56, 56), (7, 7), classes=10),
 ]
 
+# CUDA runs only (python -m fastsd.bench --device cuda, make gpu-report): the 32 px batch in cells of
+# 2-3 px, which the Triton kernel takes in its EACH variant (a cell an element in 16-byte chunks),
+# timed beside the 8x8 grid's whole 16-byte chunks. Not in the CPU run, whose README table it would
+# change.
+PATCH_SWAP_GPU_BENCH = [
+    PatchSwapCase("256x3x32x32 grid 11x11", (256, 3, 32, 32), (11, 11), classes=10),
+]
+
 DTYPES = {
     "float32": torch.float32,
     "float16": torch.float16,

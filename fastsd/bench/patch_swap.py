@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .. import _backend, reference
 from ..patch_swap import patch_swap
-from .cases import PATCH_SWAP_BENCH, PatchSwapCase
+from .cases import PATCH_SWAP_BENCH, PATCH_SWAP_GPU_BENCH, PatchSwapCase
 from .core import COPY, Bench, timed_backends
 
 TARGETS = {"eager_where": 2.0, "clone": 1 / 1.5}
@@ -86,4 +86,6 @@ def bench_case(case: PatchSwapCase, device, dtype) -> Bench:
 
 
 def benches(device="cpu", dtype=torch.float32, quick=True) -> List[Bench]:
-    return [bench_case(c, device, dtype) for c in PATCH_SWAP_BENCH]
+    """The cases of PATCH_SWAP_BENCH, and on CUDA those of PATCH_SWAP_GPU_BENCH too."""
+    cases = PATCH_SWAP_BENCH + (PATCH_SWAP_GPU_BENCH if torch.device(device).type == "cuda" else [])
+    return [bench_case(c, device, dtype) for c in cases]

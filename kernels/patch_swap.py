@@ -403,7 +403,7 @@ def cell_select_kernel(
             keep1 = tl.load(row_b + cell1, mask=has_change, other=1) == 0
             take1 = tl.load(row_s + cell1, mask=has_change, other=0) != 0
             WORDS_A_VEC: tl.constexpr = VEC // 2
-            sample_words = sample_numel >> 1
+            sample_words = _words_of(sample_numel, ITEMSIZE)
             # The samples as 32-bit words (the launcher checks that they start on 4-byte boundaries).
             x_b = (x_ptr + b_offset).to(tl.pointer_type(tl.int32))
             x_s = (x_ptr + _offset(src, sample_numel, BIG)).to(tl.pointer_type(tl.int32))
@@ -411,7 +411,7 @@ def cell_select_kernel(
             kw = tl.arange(0, WORDS_A_VEC)
             for v in tl.static_range(CHUNK // VEC):
                 j = v * WORDS_A_VEC + kw  # the word in the chunk: elements 2j (low half) and 2j + 1
-                words = (e >> 1)[:, None] + j[None, :]
+                words = _words_of(e, ITEMSIZE)[:, None] + j[None, :]
                 wvalid = words < sample_words
                 s = tl.load(x_b + words, mask=wvalid & (keep | keep1)[:, None], other=0)
                 t = tl.load(x_s + words, mask=wvalid & (take | take1)[:, None], other=0)
@@ -590,15 +590,16 @@ def _config(x: torch.Tensor, gw: int, channels_last: bool, backward: bool, big: 
     widest = _vec_sizes(x.dtype)[-1]
     chunk, mixed = _chunk(W, gw, unit, widest)
     # Words of 1- and 2-byte elements (the forward's WORDS and EACH, the backward's HALVES) need
-    # every sample to start on a 4-byte boundary (the output is a fresh allocation).
-    aligned = not (x[0].numel() * itemsize % 4 or x.data_ptr() % 4)
+    # every sample to start on a 4-byte boundary (the output is a fresh allocation). From the shape
+    # and the pointer: no tensor is made on the launch path.
+    aligned = itemsize >= 4 or not (x.shape[1] * x.shape[2] * W * itemsize % 4 or x.data_ptr() % 4)
     # EACH (16-byte chunks, a cell per element) where the others would take 1-element chunks, and
     # for the forward's 4-element MIXED chunks of 1- and 2-byte elements: fewer instructions for
-    # the bytes (fastsd.bench.sass: e.g. fp32 backward 64-65 % -> 48-50 % of the issue budget,
-    # fp16 forward 85-89 % and 66-68 % -> 56-63 %, uint8 forward 170 % and 110-113 % -> 97-111 %),
+    # the bytes (fastsd.bench.sass: e.g. fp32 backward 64-65 % -> 45-48 % of the issue budget,
+    # fp16 forward 85-89 % and 66-67 % -> 53-60 %, uint8 forward 170 % and 115-117 % -> 93-106 %),
     # where a chunk crosses at most one line end (L >= 16 bytes) and words can be aligned.
     each = (not mixed and chunk == 1) or (mixed and not backward and chunk == 4 and itemsize < 4)
-    if each and not big and W * unit >= widest and (aligned or itemsize >= 4 or backward):
+    if each and not big and W * unit >= widest and (aligned or backward):
         return widest, False, True
     words = mixed and itemsize < 4 and chunk * itemsize >= 4
     if words and not aligned:

@@ -44,7 +44,8 @@ def test_gpu_report_through_the_fake_cuda_layer(fake_cuda, small_cases, monkeypa
     monkeypatch.setattr(gpu_report, "static_model", lambda module=None: {"entries": STATIC})
     out = tmp_path / "gpu-report.json"
     status = gpu_report.main(["--json", str(out), "--tests", str(Path(__file__).parent / "test_icp.py"), "--suites", "patch_swap", "losses",
-                              "--repeats", "3", "--bench-args", "--ops", "patch_swap", "losses", "--no-traffic"])
+                              "--repeats", "3", "--bench-args", "--ops", "patch_swap", "losses", "--no-traffic",
+                              "--rounds", "3", "--min-time", "0"])  # rows, not timings: the fewest rounds
     report = json.loads(out.read_text())
     text = capsys.readouterr().out
     assert status == 0, report

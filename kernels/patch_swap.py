@@ -41,7 +41,8 @@ cells of 16-bit and uint8 forward chunks of 4: ``EACH``, :func:`_each`): 16-byte
 each element finds its own cell (its cell column by one multiply-shift, its mask byte from L1), so
 the data still moves in 16-byte accesses; the forward of 1- and 2-byte elements selects 32-bit
 words with bit masks. The launcher takes it where a line holds a 16-byte chunk (so that a chunk
-crosses at most one line end) and, for those words, samples start on 4-byte boundaries.
+crosses at most one line end) and, for those words, samples start on 4-byte boundaries; ``EACH = 2``
+where lines are whole chunks, so that no chunk crosses one (no per-element test of it).
 
 No integer division on the GPU: every ``a // d`` and ``a * n // d`` (the sample of a program, the
 line of an element, its row and column, the row and column of its cell, the end of a cell) is
@@ -224,27 +225,33 @@ def _words_of(n, ITEMSIZE: tl.constexpr):
 
 
 @triton.jit
-def _each_cell(j, row0, row1, gw, m_sub, s_sub, m_cell_col, s_cell_col, CHANNELS_LAST: tl.constexpr):
+def _each_cell(j, row0, row1, gw, m_sub, s_sub, m_cell_col, s_cell_col, CHANNELS_LAST: tl.constexpr,
+               CROSSES: tl.constexpr):
     """The mask cell of the elements at ``j`` from the start of their chunk's first line (j < L + 16),
     given that line's first cell (row0) and the next line's first cell less gw (row1): past L an
     element is in the next line, and its cell column comes out exactly gw more than there (w * gw // W
-    is gw more for w + W; the launcher's constants are exact up to W + 16 and L + 16)."""
+    is gw more for w + W; the launcher's constants are exact up to W + 16 and L + 16). Where no chunk
+    crosses a line end (``CROSSES`` false: lines of whole chunks), j < L and row0 is every element's."""
     if CHANNELS_LAST:
         col = _frac(_frac(j, m_sub, s_sub), m_cell_col, s_cell_col)  # (j // C) * gw // W
     else:
         col = _frac(j, m_cell_col, s_cell_col)
-    return col + tl.where(col >= gw, row1, row0)
+    if CROSSES:
+        return col + tl.where(col >= gw, row1, row0)
+    else:
+        return col + row0
 
 
 @triton.jit
 def _each(x_b, x_s, out_b, row_b, row_s, e, sample_numel, L, H, gw, m_line, s_line, m_sub, s_sub,
           m_cell_row, s_cell_row, m_cell_col, s_cell_col, CHUNK: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-          BACKWARD: tl.constexpr):
+          BACKWARD: tl.constexpr, CROSSES: tl.constexpr):
     """The EACH variant of :func:`cell_select_kernel`: chunks of CHUNK elements (16 bytes) at ``e``
     whose elements each find their own cell, for cells narrower than a chunk or whose boundaries
     are off its alignment. The cell rows of a chunk's line and of the next (the launcher checks
-    L >= CHUNK, so a chunk crosses at most one line end) are computed once a chunk; per element: its
-    cell column (one multiply-shift, two in channels_last), its mask byte (an L1 hit) and its side.
+    L >= CHUNK, so a chunk crosses at most one line end; none where ``CROSSES`` is false, L a multiple
+    of CHUNK) are computed once a chunk; per element: its cell column (one multiply-shift, two in
+    channels_last), its mask byte (an L1 hit) and its side.
     A source is read, a whole chunk in one vector load, only where some element of the chunk takes
     it (an in-thread reduction), so a chunk within one cell moves what the other variants move.
     The forward of 1- and 2-byte elements selects 32-bit words with bit masks (built from the
@@ -270,7 +277,7 @@ def _each(x_b, x_s, out_b, row_b, row_s, e, sample_numel, L, H, gw, m_line, s_li
         keep_bits = tl.zeros(words.shape, tl.uint32)
         for i in tl.static_range(PER):
             cell = _each_cell(j0 + kw * PER + i, row0, row1, gw, m_sub, s_sub, m_cell_col, s_cell_col,
-                              CHANNELS_LAST)
+                              CHANNELS_LAST, CROSSES)
             field = ((1 << (8 * ITEMSIZE)) - 1) << (8 * ITEMSIZE * i)
             keep_bits |= tl.where(tl.load(row_b + cell) == 0, field, 0).to(tl.uint32)
         any_keep = tl.max(keep_bits, axis=1) != 0
@@ -280,7 +287,7 @@ def _each(x_b, x_s, out_b, row_b, row_s, e, sample_numel, L, H, gw, m_line, s_li
         tl.store(out_b.to(tl.pointer_type(tl.uint32)) + words, (s & keep_bits) | (t & (keep_bits ^ 0xFFFFFFFF)), mask=valid)
     else:
         k = tl.arange(0, CHUNK)[None, :]
-        cell = _each_cell(j0 + k, row0, row1, gw, m_sub, s_sub, m_cell_col, s_cell_col, CHANNELS_LAST)
+        cell = _each_cell(j0 + k, row0, row1, gw, m_sub, s_sub, m_cell_col, s_cell_col, CHANNELS_LAST, CROSSES)
         offs = e[:, None] + k
         valid = offs < sample_numel
         keep = tl.load(row_b + cell) == 0
@@ -328,7 +335,8 @@ def cell_select_kernel(
     BLOCK: tl.constexpr,  # elements a program
     CHUNK: tl.constexpr,  # elements a chunk; no chunk straddles two cells unless MIXED
     MIXED: tl.constexpr,  # chunks may hold one cell change (every cell is >= CHUNK elements wide)
-    EACH: tl.constexpr,  # chunks may hold any number of cell changes: each element its own cell
+    EACH: tl.constexpr,  # chunks may hold any number of cell changes: each element its own cell (1: a
+    # chunk may cross a line end, 2: lines are whole chunks)
     CHANNELS_LAST: tl.constexpr,
     BACKWARD: tl.constexpr,
     BIG: tl.constexpr,  # sample_numel + BLOCK > 2**31: int64 indices and plain divisions
@@ -367,7 +375,7 @@ def cell_select_kernel(
     if EACH:
         _each(x_ptr + b_offset, x_ptr + _offset(src, sample_numel, BIG), out_ptr + b_offset, row_b, row_s, e,
               sample_numel, L, H, gw, m_line, s_line, m_sub, s_sub, m_cell_row, s_cell_row, m_cell_col,
-              s_cell_col, CHUNK, CHANNELS_LAST, BACKWARD)
+              s_cell_col, CHUNK, CHANNELS_LAST, BACKWARD, EACH == 1)
     else:
         in_sample = e < sample_numel
         line, h, cell_row, cell_col = _cell(e, L, H, W, C, gh, gw, m_line, s_line, m_sub, s_sub,
@@ -583,8 +591,8 @@ def _chunk(W: int, gw: int, unit: int, widest: int):
 
 
 def _config(x: torch.Tensor, gw: int, channels_last: bool, backward: bool, big: bool = False):
-    """The launcher's (CHUNK, MIXED, EACH) for x (see :func:`_chunk` and :func:`_each`); no EACH in
-    the ``big`` variant (int64 indices and plain divisions)."""
+    """The launcher's (CHUNK, MIXED, EACH) for x (see :func:`_chunk` and :func:`_each`; EACH is 0, 1
+    or 2); no EACH in the ``big`` variant (int64 indices and plain divisions)."""
     W, itemsize = x.shape[3], x.element_size()
     unit = x.shape[1] if channels_last else 1
     widest = _vec_sizes(x.dtype)[-1]
@@ -598,13 +606,16 @@ def _config(x: torch.Tensor, gw: int, channels_last: bool, backward: bool, big: 
     # the bytes (fastsd.bench.sass: e.g. fp32 backward 64-65 % -> 45-48 % of the issue budget,
     # fp16 forward 85-89 % and 66-67 % -> 53-60 %, uint8 forward 170 % and 115-117 % -> 93-106 %),
     # where a chunk crosses at most one line end (L >= 16 bytes) and words can be aligned.
+    # EACH is 2 where the lines are whole chunks (L a multiple of the chunk: every image 16 bytes
+    # wide, 224 px in fp16 or uint8 included), and a chunk crosses no line end (no per-element test
+    # of it: fp16 forward 53 % -> 46 %, uint8 93 % -> 69 %, fp32 backward 45 % -> 39 %); else 1.
     each = (not mixed and chunk == 1) or (mixed and not backward and chunk == 4 and itemsize < 4)
     if each and not big and W * unit >= widest and (aligned or backward):
-        return widest, False, True
+        return widest, False, 2 if W * unit % widest == 0 else 1
     words = mixed and itemsize < 4 and chunk * itemsize >= 4
     if words and not aligned:
-        return _vec(W, gw, unit, widest), False, False
-    return chunk, mixed, False
+        return _vec(W, gw, unit, widest), False, 0
+    return chunk, mixed, 0
 
 
 @functools.lru_cache(maxsize=1024)
@@ -678,7 +689,7 @@ def patch_swap_backward(grad: torch.Tensor, partner: torch.Tensor, mask: torch.T
 
 
 def _spec(dtype: torch.dtype, backward: bool, channels_last: bool, chunk: int, mixed: bool, big: bool = False,
-          each: bool = False):
+          each: int = 0):
     ty = _TL_DTYPES[dtype]
     direction = "backward" if backward else "forward"
     layout = "channels_last" if channels_last else "nchw"
@@ -693,7 +704,7 @@ def _spec(dtype: torch.dtype, backward: bool, channels_last: bool, chunk: int, m
     block = _gpu_block(dtype)
     return {
         "name": f"patch_swap_{direction}_{ty}_{layout}_{'each' if each else 'mixed' if mixed else 'vec'}{chunk}"
-                f"{'_big' if big else ''}",
+                f"{'_lines' if each == 2 else ''}{'_big' if big else ''}",
         "fn": cell_select_kernel,
         "signature": signature,
         "constexprs": {"BLOCK": block, "CHUNK": chunk, "MIXED": mixed, "EACH": each, "CHANNELS_LAST": channels_last,
@@ -723,7 +734,9 @@ def _aot_specs():
                 specs.append(_spec(dtype, backward, channels_last, 2 * _vec_sizes(dtype)[-1], mixed=True))
                 # EACH where 1-element chunks would be (none in channels_last float64: see above)
                 if not (channels_last and _MIXED_MIN[_vec_sizes(dtype)[-1]] <= 2):
-                    specs.append(_spec(dtype, backward, channels_last, _vec_sizes(dtype)[-1], mixed=False, each=True))
+                    for each in (1, 2):  # chunks that may cross a line end, and lines of whole chunks
+                        specs.append(_spec(dtype, backward, channels_last, _vec_sizes(dtype)[-1], mixed=False,
+                                           each=each))
     # A sample of 2**31 elements or more (one huge image): int64 indices.
     for backward in (False, True):
         specs.append(_spec(torch.float32, backward, False, 4, mixed=True, big=True))

@@ -62,8 +62,8 @@ def test_gpu_report_through_the_fake_cuda_layer(fake_cuda, small_cases, monkeypa
     # The CUDA-only narrow-cell case is timed too, and its launch is the EACH variant (the 4x4
     # grid's is not): the report's constants say which variant each row timed.
     narrow = next(c for c in report["kernels"] if c["case"] == "8x3x16x16 grid 6x6")
-    assert narrow["kernels"][0]["constexprs"]["EACH"] is True
-    assert cases["patch_swap"]["kernels"][0]["constexprs"]["EACH"] is False
+    assert narrow["kernels"][0]["constexprs"]["EACH"] == 2  # lines of 16 fp32: whole 16-byte chunks
+    assert cases["patch_swap"]["kernels"][0]["constexprs"]["EACH"] == 0
     swap = {k["kernel"]: k for k in cases["patch_swap"]["kernels"]}
     k = swap["cell_select_kernel"]
     assert k["launches_per_call"] == 1

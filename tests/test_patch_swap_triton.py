@@ -51,6 +51,11 @@ SHAPES = [
     (2, 2, 4, 5, 2, 1),
     (2, 5, 4, 1, 2, 1),
     (2, 3, 4, 1, 2, 1),
+    # EACH = 2 (lines of whole 16-byte chunks: W = 32 and 16 NCHW, C*W = 48 channels_last) and 1
+    # (chunks across line ends: channels_last 1-pixel cells in lines of C*W = 15).
+    (2, 3, 2, 5, 2, 5),
+    (2, 1, 3, 32, 2, 7),
+    (2, 3, 2, 16, 2, 7),
 ]
 SHAPE_IDS = ["x".join(map(str, s[:4])) + f"-g{s[4]}x{s[5]}" for s in SHAPES]
 _BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
@@ -463,3 +468,34 @@ def test_each_reads_no_mask_byte_outside_the_rows(shape, layout):
             assert torch.equal(_bits(out), _bits(expected))
             assert traffic["other"] == {"load": 0, "store": 0}, traffic
             assert traffic["out"]["load"] == 0 and traffic["x"]["load"] <= 2 * x.nbytes, traffic
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.uint8], ids=lambda d: str(d).replace("torch.", ""))
+def test_each_finds_the_cell_of_every_element(dtype):
+    # Both EACH variants (1: a chunk may cross a line end, 2: lines of whole chunks), with a mask
+    # that differs between any two neighbouring cells (a checkerboard, shifted a sample): an element
+    # given the cell of a neighbouring row or column (the next line's row taken as the cell row
+    # below, a crossing missed) changes the result. The random masks of the other tests leave such
+    # a mistake a fair chance of going unseen with few cells.
+    seen = set()
+    for shape, layout in [((2, 3, 6, 20, 3, 7), "nchw"), ((2, 3, 6, 32, 3, 7), "nchw"), ((2, 2, 4, 5, 2, 1), "nchw"),
+                          ((2, 3, 6, 5, 3, 5), "channels_last"), ((2, 3, 4, 16, 2, 7), "channels_last")]:
+        x, _, _ = _make(shape, dtype, layout, specials=False)
+        B, _, _, _, gh, gw = shape
+        r, c = torch.arange(gh)[:, None], torch.arange(gw)[None, :]
+        mask = torch.stack([(r + c + b) % 2 == 1 for b in range(B)])
+        partner = torch.arange(B).flip(0)
+        channels_last = _validate.memory_format(x) == torch.channels_last
+        for backward in (False, True) if dtype.is_floating_point else (False,):
+            each = kernels._config(x, gw, channels_last, backward)[2]
+            if not each:
+                continue
+            seen.add(each)
+            if backward:
+                out = kernels.patch_swap_backward(x, partner, mask)
+                expected = reference.patch_swap_backward(x, partner, mask)
+            else:
+                out = kernels.patch_swap(x, partner, mask)
+                expected = reference.patch_swap(x, partner, mask)
+            assert torch.equal(_bits(out), _bits(expected)), (shape, layout, backward, each)
+    assert seen == {1, 2}, seen

@@ -606,9 +606,10 @@ def _config(x: torch.Tensor, gw: int, channels_last: bool, backward: bool, big: 
     # the bytes (fastsd.bench.sass: e.g. fp32 backward 64-65 % -> 45-48 % of the issue budget,
     # fp16 forward 85-89 % and 66-67 % -> 53-60 %, uint8 forward 170 % and 115-117 % -> 93-106 %),
     # where a chunk crosses at most one line end (L >= 16 bytes) and words can be aligned.
-    # EACH is 2 where the lines are whole chunks (L a multiple of the chunk: every image 16 bytes
-    # wide, 224 px in fp16 or uint8 included), and a chunk crosses no line end (no per-element test
-    # of it: fp16 forward 53 % -> 46 %, uint8 93 % -> 69 %, fp32 backward 45 % -> 39 %); else 1.
+    # EACH is 2 where a line is a whole number of 16-byte chunks (L a multiple of the chunk: 224 and
+    # 32 px in every dtype), so that no chunk crosses a line end (chunks start at multiples of the
+    # chunk in a sample) and no element tests for one: fp16 forward 53 % -> 46 %, uint8 93 % -> 69 %,
+    # fp32 backward 45 % -> 39 %; else 1.
     each = (not mixed and chunk == 1) or (mixed and not backward and chunk == 4 and itemsize < 4)
     if each and not big and W * unit >= widest and (aligned or backward):
         return widest, False, 2 if W * unit % widest == 0 else 1

@@ -263,11 +263,15 @@ def _each(x_b, x_s, out_b, row_b, row_s, e, sample_numel, L, H, gw, m_line, s_li
     # are masked off): so the mask bytes load unmasked (no predicate, no default value a byte).
     if CHANNELS_LAST:
         h = tl.minimum(h, H - 1)  # rows past the sample's last one
-        h1 = tl.minimum(h + 1, H - 1)
-    else:
-        h1 = tl.where(h + 1 == H, 0, h + 1)  # the next channel's first row
     row0 = (_frac(h, m_cell_row, s_cell_row) * gw)[:, None]
-    row1 = (_frac(h1, m_cell_row, s_cell_row) * gw - gw)[:, None]
+    if CROSSES:  # the next line's first cell, less gw
+        if CHANNELS_LAST:
+            h1 = tl.minimum(h + 1, H - 1)
+        else:
+            h1 = tl.where(h + 1 == H, 0, h + 1)  # the next channel's first row
+        row1 = (_frac(h1, m_cell_row, s_cell_row) * gw - gw)[:, None]
+    else:
+        row1 = row0  # no chunk reaches the next line (_each_cell does not read it)
     j0 = (e - line * L)[:, None]
     if ITEMSIZE < 4 and not BACKWARD:
         PER: tl.constexpr = 4 // ITEMSIZE  # elements a word

@@ -493,11 +493,7 @@ def test_each_finds_the_cell_of_every_element(dtype):
             if not each:
                 continue
             seen.add(each)
-            if backward:
-                out = kernels.patch_swap_backward(x, partner, mask)
-                expected = reference.patch_swap_backward(x, partner, mask)
-            else:
-                out = kernels.patch_swap(x, partner, mask)
-                expected = reference.patch_swap(x, partner, mask)
+            out = (kernels.patch_swap_backward if backward else kernels.patch_swap)(x, partner, mask)
+            expected = (reference.patch_swap_backward if backward else reference.patch_swap)(x, partner, mask)
             assert torch.equal(_bits(out), _bits(expected)), (shape, layout, backward, each)
     assert seen == {1, 2}, seen

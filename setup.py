@@ -2,7 +2,8 @@
 
 ``fastsd._C`` is built from csrc/ with torch.utils.cpp_extension and ninja:
 
-* the CPU kernels (csrc/*.cpp, csrc/cpu/*.cpp) always;
+* the CPU kernels (csrc/*.cpp, csrc/cpu/*.cpp) always, the small sources through csrc/unity.cpp
+  (:func:`translation_units`);
 * the CUDA kernels (csrc/cuda/*.cu, *.cpp) when ``FASTSD_BUILD_CUDA=1``, or when a GPU is present
   (``FASTSD_BUILD_CUDA=0`` turns them off). With no ``TORCH_CUDA_ARCH_LIST`` and no GPU to take the
   architectures from, they are built for :data:`DEFAULT_CUDA_ARCHS` (those this nvcc and torch know).
@@ -157,6 +158,24 @@ def cuda_arch_list(environ, gpu_visible, nvcc_known=None, torch_knows=lambda arc
     return arches, f"{arches} (the default with no GPU visible; set TORCH_CUDA_ARCH_LIST to choose)"
 
 
+_INCLUDED_SOURCE = re.compile(r'^[ \t]*#[ \t]*include[ \t]+"([^"]+\.(?:cpp|cu))"', re.M)
+
+
+def translation_units(sources):
+    """``sources`` less those that another of them #includes, which the compiler meets through that
+    one: csrc/unity.cpp (csrc/cuda/unity.cpp) compiles the small sources as one translation unit, whose
+    compile time is torch's headers, read once instead of once a file. A source that includes itself
+    (csrc/cpu/losses.cpp, once an instruction set) stays its own unit."""
+    included = set()
+    for source in sources:
+        with open(source) as f:
+            text = f.read()
+        here = os.path.dirname(source)
+        included.update(os.path.normpath(os.path.join(here, name)) for name in _INCLUDED_SOURCE.findall(text)
+                        if os.path.normpath(os.path.join(here, name)) != os.path.normpath(source))
+    return [s for s in sources if os.path.normpath(s) not in included]
+
+
 def build_with_fallback(build, with_cuda, torch_version, arch_note=""):
     """Build the extension, with CUDA kernels first when asked; on failure, again with CPU kernels only.
 
@@ -201,8 +220,8 @@ def extension():
     gpu_visible = torch.cuda.is_available()
     with_cuda = flag == "1" or (flag == "" and gpu_visible and CUDA_HOME is not None)
 
-    cpu_sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
+    cpu_sources = translation_units(sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp")))
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + translation_units(sorted(glob.glob("csrc/cuda/*.cpp")))
     # No -std flag: cpp_extension picks the C++ standard this torch needs (C++17 or C++20).
     cxx = cxx_flags(os.environ, os.name)
 

@@ -8,6 +8,8 @@ non-power-of-2 blocks, unsupported ops. The specs of an arch compile in one batc
 subprocesses, TRITON_INTERPRET unset), on the first test that asks; the rest read the per-process
 cache.
 """
+import re
+
 import pytest
 
 import triton_tools
@@ -40,6 +42,16 @@ def test_aot_compiles(compiled, name, arch):
     assert result.error is None, f"{name} does not compile for sm_{arch}: {result.error}"
     assert result.cubin, f"{name}: empty cubin for sm_{arch}"
     assert ".entry" in result.ptx and f".target sm_{arch}" in result.ptx, f"{name}: unexpected PTX for sm_{arch}"
+
+
+def test_no_kernel_uses_atomics(compiled):
+    """Every backward and every loss is a gather or a fixed-order sum (deterministic, bit for bit run
+    to run on a GPU): no Triton kernel compiles an atomic. The interpreter cannot show it, since it
+    runs the programs one after another."""
+    read = [r for r in compiled.values() if r.error is None]
+    assert read and all(r.ttir for r in read)
+    used = sorted({r.name for r in read if re.search(r"\btt\.atomic_\w+", r.ttir)})
+    assert not used, f"kernels with atomics: {used}"
 
 
 @pytest.fixture(scope="module")

@@ -104,20 +104,29 @@ def test_examples_do_not_depend_on_loaded_modules(tmp_path):
         sys.modules.pop(name, None)
 
 
-def test_inductor_cache_is_per_vector_isa():
+def test_inductor_cache_is_per_vector_isa(monkeypatch):
     """Under ATEN_CPU_CAPABILITY the tests compile into their own inductor cache (conftest): torch's
-    cache serves graphs generated for another vector width (issue 11's forced-AVX2 run segfaulted)."""
+    cache serves graphs generated for another vector width (issue 11's forced-AVX2 run segfaulted).
+    conftest sets it on import, before torch is imported (a fresh process, capped); the cases where
+    it leaves the variable alone run in this one."""
     import subprocess
+
+    import conftest
 
     code = "import os, conftest; print(os.environ.get('TORCHINDUCTOR_CACHE_DIR'))"
     env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "ATEN_CPU_CAPABILITY")}
-    dirs = []
-    for cap in (None, "avx2"):
-        r = subprocess.run([sys.executable, "-c", code], env=dict(env, **({"ATEN_CPU_CAPABILITY": cap} if cap else {})),
-                           cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr
-        dirs.append(r.stdout.split()[-1])
-    assert dirs[0] == "None" and dirs[1].endswith("_isa_avx2"), dirs
+    r = subprocess.run([sys.executable, "-c", code], env=dict(env, ATEN_CPU_CAPABILITY="avx2"),
+                       cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[-1].endswith("_isa_avx2"), r.stdout
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    conftest._inductor_cache_per_vector_isa()  # no cap: torch's default cache
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/a/cache/of/the/user/s")
+    conftest._inductor_cache_per_vector_isa()  # a cache the user set is theirs
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/a/cache/of/the/user/s"
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -166,6 +175,7 @@ def test_pairs_and_masks_properties(labels, seed, grid, ratio, prob):
 from fastsd.selftest import feature_conditioning, kd_conditioning, pair_kd_conditioning  # noqa: E402
 from test_losses import DTYPES as LOSS_DTYPES, assert_within  # noqa: E402
 from test_icp import assert_updated_x_close  # noqa: E402
+from exact_zero import equal_rows_are_exactly_zero  # noqa: E402
 
 LOSS_EXAMPLES = {b: EXAMPLES if b != "triton" else max(10, EXAMPLES // 8) for b in CPU_BACKENDS}
 BATCHES = st.one_of(st.sampled_from([1, 2, 3, 5, 7, 11, 13, 31, 37]), st.integers(1, 48))
@@ -554,29 +564,6 @@ def test_icp_update_matches_reference(backend):
     run()
 
 
-def _equal_rows_are_exactly_zero(backend, dtypes):
-    """kd_loss of a row against itself and pair_kd_loss of a pair of equal rows (CE off, both teacher
-    modes): loss and gradient exactly 0, for K = 1..100 and several T (a few of each on the interpreter).
-    Equal rows must go through the same arithmetic on both sides (the C++ kernels once rounded a
-    product on one side only, where the compiler contracted the other into an FMA: ~1e-8)."""
-    g = torch.Generator().manual_seed(0)
-    for K in (range(1, 101) if backend != "triton" else (1, 2, 3, 17, 100)):
-        for T in ((1.0, 0.5, 4.0, 20.0, 7.3) if backend != "triton" else (0.5, 20.0, 7.3)):
-            for dtype in dtypes:
-                s = (torch.randn(2, K, generator=g) * 3).to(dtype)
-                with fastsd.use_backend(backend):
-                    z = s.clone().requires_grad_()
-                    loss = fastsd.kd_loss(z, s, temperature=T)
-                    (gz,) = torch.autograd.grad(loss, z)
-                    assert loss.item() == 0.0 and not gz.any(), ("kd_loss", K, T, dtype, loss.item())
-                    for teacher in ("confident", "symmetric"):
-                        zp = s[[0, 0, 1, 1]].clone().requires_grad_()
-                        loss = fastsd.pair_kd_loss(zp, torch.zeros(4, dtype=torch.long), torch.tensor([1, 0, 3, 2]),
-                                                   temperature=T, ce_weight=0.0, teacher=teacher)
-                        (gp,) = torch.autograd.grad(loss, zp)
-                        assert loss.item() == 0.0 and not gp.any(), ("pair_kd_loss", teacher, K, T, dtype, loss.item())
-
-
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_kl_of_equal_rows_is_exactly_zero(backend):
     s = torch.tensor([[0.1541, -0.0293]])
@@ -588,21 +575,4 @@ def test_kl_of_equal_rows_is_exactly_zero(backend):
         kd_pair = fastsd.pair_kd_loss(pair, torch.tensor([0, 0]), torch.tensor([1, 0]), temperature=20.0,
                                       ce_weight=0.0)
     assert loss.item() == 0.0 and not z.grad.any() and kd_pair.item() == 0.0
-    _equal_rows_are_exactly_zero(backend, tuple(LOSS_DTYPES) + ((torch.float64,) if backend != "triton" else ()))
-
-
-@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="fastsd._C not built")
-@pytest.mark.parametrize("capability", ["default", "avx2"])
-def test_kl_of_equal_rows_is_exactly_zero_cpp_instruction_sets(capability):
-    """The same on the C++ kernels compiled for narrower instruction sets (ATen's capability picks
-    them; the in-process test above runs the widest one), in a fresh process."""
-    import subprocess
-    import sys
-
-    code = ("import sys; sys.path.insert(0, {!r}); import torch\n"
-            "from test_fuzz import _equal_rows_are_exactly_zero\n"
-            "_equal_rows_are_exactly_zero('cpp', (torch.float32, torch.float16, torch.bfloat16, torch.float64))\n"
-            ).format(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr
+    equal_rows_are_exactly_zero(backend, tuple(LOSS_DTYPES) + ((torch.float64,) if backend != "triton" else ()))

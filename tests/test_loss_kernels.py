@@ -260,9 +260,7 @@ def test_split_rows_match_the_reference(teacher):
     got, got_g = _pair_run(logits.float(), labels, partner, go, backend="triton", **kw)
     assert_within("loss", got, same, ref)
     assert_within("grad", got_g, same_g, ref_g)
-    assert got_g[5].abs().max() == 0  # the ignored row
-    got2, got2_g = _pair_run(logits.float(), labels, partner, go, backend="triton", **kw)
-    assert torch.equal(got, got2) and torch.equal(got_g, got2_g)  # deterministic: no atomics
+    assert got_g[5].abs().max() == 0  # the ignored row (no kernel has atomics: test_aot)
 
 
 # --- float64 (issue 11 section 2) ---------------------------------------------------------------------

@@ -412,23 +412,30 @@ def _capped_env(variable=None, value=None):
 def test_cpp_narrower_instruction_sets(variable, capability):
     """A cap on the vector path (ATen's, which lowers PyTorch's kernels too, or fastsd's own) picks
     fastsd's narrower kernels (csrc/cpu/capability.h): `python -m fastsd.info` reports the path, and
-    the selftest's parity checks of the C++ ops pass on it, in a fresh process."""
+    the selftest's parity checks of the C++ ops pass on it, and the KL of equal rows is exactly zero
+    on it (tests/exact_zero.py; the in-process test of test_fuzz runs the widest path), in a fresh
+    process."""
     import subprocess
     import sys
 
-    code = ("import torch, fastsd._C; from fastsd import info; from fastsd.selftest import CHECKS\n"
+    code = ("import sys, torch, fastsd._C; from fastsd import info; from fastsd.selftest import CHECKS\n"
             "print('capability', *torch.ops.fastsd_C.cpu_capability())\n"
             "info.main(['--short'])\n"
             "for op in ('patch_swap', 'pair_kd_loss', 'kd_loss', 'feature_alignment_loss'):\n"
             "    err, tol = CHECKS[op]('cpp', 'cpu')\n"
             "    print(op, err, tol)\n"
-            "    assert err <= tol, op\n")
+            "    assert err <= tol, op\n"
+            f"sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n"
+            "from exact_zero import equal_rows_are_exactly_zero\n"
+            "equal_rows_are_exactly_zero('cpp', (torch.float32, torch.float16, torch.bfloat16, torch.float64))\n"
+            "print('equal rows: exactly zero')\n")
     r = subprocess.run([sys.executable, "-c", code], env=_capped_env(variable, capability), capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     in_use, cpu = r.stdout.split("capability ", 1)[1].split()[:2]
     assert in_use == ISAS[min(ISAS.index(capability), ISAS.index(cpu))], r.stdout
     assert f"CPU vector path: {in_use} (this CPU: {cpu}" in r.stdout and f"{variable}={capability}" in r.stdout
+    assert "equal rows: exactly zero" in r.stdout
 
 
 @needs_cpp

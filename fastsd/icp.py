@@ -235,8 +235,12 @@ _PASS = threading.local()
 
 class _TracedPass:
     """The pass under torch.compile (Dynamo traces attribute writes on a plain object, not on a
-    ``threading.local``; compiled code runs in the calling thread)."""
-    kind: Optional[str] = None
+    ``threading.local``; compiled code runs in the calling thread). ``kind`` is set on the instance
+    from the start: a compiled step guards on what the object holds, and a first call that left an
+    attribute behind where there was none made the second step compile again."""
+
+    def __init__(self):
+        self.kind: Optional[str] = None
 
 
 _TRACED_PASS = _TracedPass()

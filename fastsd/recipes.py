@@ -205,12 +205,16 @@ class ICPDistillation:
     def __call__(self, x: torch.Tensor, y: torch.Tensor, progress: Optional[float] = None) -> dict:
         fn = "fastsd.recipes.ICPDistillation"
         progress = _check_progress(fn, progress)
-        if progress is None:
-            if self.total_steps is None:
-                raise ValueError(f"{fn}: progress (the fraction of training done, in [0, 1]) is required unless "
-                                 f"the recipe was built with total_steps=")
-            progress = min(1.0, self.calls / self.total_steps)
-        self.calls += 1
+        if self.total_steps is not None:  # the recipe keeps the schedule: it counts its calls
+            if progress is None:
+                progress = min(1.0, self.calls / self.total_steps)
+            self.calls += 1
+        elif progress is None:
+            raise ValueError(f"{fn}: progress (the fraction of training done, in [0, 1]) is required unless "
+                             f"the recipe was built with total_steps=")
+        # Without total_steps nothing reads the count, and none is kept: under torch.compile a count
+        # read on every call is a value the graph is specialised on, so the second step compiled the
+        # whole step again (tests/test_recipes.py compiles with error_on_recompile).
         return self.distiller(x, y, progress)
 
 

@@ -190,8 +190,10 @@ def _compiled_vs_eager(make_recipe, steps=2, backend="inductor"):
         step = _train_step(recipe, params, lr=0.1)
         x, y = batch(12)
         torch._dynamo.reset()
-        # fallback_random: compiled RNG == eager RNG; trace_autograd_ops: backward() in the graph
-        with inductor_config.patch(fallback_random=True), torch._dynamo.config.patch(trace_autograd_ops=True):
+        # fallback_random: compiled RNG == eager RNG; trace_autograd_ops: backward() in the graph;
+        # error_on_recompile: the steps after the first run the first one's graph
+        with inductor_config.patch(fallback_random=True), \
+                torch._dynamo.config.patch(trace_autograd_ops=True, error_on_recompile=True):
             if compiled:
                 step = torch.compile(step, fullgraph=True, backend=backend)
             torch.manual_seed(1)

@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import textwrap
 
 import pytest
@@ -239,3 +240,20 @@ def test_cxx_flags_drop_debug_info_unless_asked():
     assert setup_py.cxx_flags({}, "nt") == ["/O2", "/openmp"]
     with pytest.raises(SystemExit, match="FASTSD_DEBUG_INFO must be 0 or 1"):
         setup_py.cxx_flags({"FASTSD_DEBUG_INFO": "yes"}, "posix")
+
+
+# --- the source distribution ------------------------------------------------------------------------
+
+
+def test_sdist_carries_every_source_the_extension_is_built_from(tmp_path):
+    """setuptools puts only the extension's listed sources in an sdist: not the headers, the CUDA
+    sources of a CUDA build, or what csrc/unity.cpp includes (MANIFEST.in adds csrc whole)."""
+    proc = subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path), "sdist",
+                           "--dist-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (archive,) = tmp_path.glob("fastsd-*.tar.gz")
+    with tarfile.open(archive) as tar:
+        shipped = {name.split("/", 1)[1] for name in tar.getnames() if "/csrc/" in name and not name.endswith("/")}
+    sources = {os.path.relpath(os.path.join(d, f), ROOT) for d, _, files in os.walk(os.path.join(ROOT, "csrc"))
+               for f in files if f.endswith((".cpp", ".h", ".cu", ".cuh"))}
+    assert "csrc/cpu/alloc.h" in sources and sources <= shipped, sorted(sources - shipped)

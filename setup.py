@@ -161,18 +161,26 @@ def cuda_arch_list(environ, gpu_visible, nvcc_known=None, torch_knows=lambda arc
 _INCLUDED_SOURCE = re.compile(r'^[ \t]*#[ \t]*include[ \t]+"([^"]+\.(?:cpp|cu))"', re.M)
 
 
-def translation_units(sources):
-    """``sources`` less those that another of them #includes, which the compiler meets through that
-    one: csrc/unity.cpp (csrc/cuda/unity.cpp) compiles the small sources as one translation unit, whose
-    compile time is torch's headers, read once instead of once a file. A source that includes itself
-    (csrc/cpu/losses.cpp, once an instruction set) stays its own unit."""
+def included_sources(sources):
+    """The sources that another of ``sources`` #includes (normalised paths). A source that includes
+    itself (csrc/cpu/losses.cpp, once an instruction set) is not among them."""
     included = set()
     for source in sources:
         with open(source) as f:
             text = f.read()
-        here = os.path.dirname(source)
-        included.update(os.path.normpath(os.path.join(here, name)) for name in _INCLUDED_SOURCE.findall(text)
-                        if os.path.normpath(os.path.join(here, name)) != os.path.normpath(source))
+        for name in _INCLUDED_SOURCE.findall(text):
+            path = os.path.normpath(os.path.join(os.path.dirname(source), name))
+            if path != os.path.normpath(source):
+                included.add(path)
+    return included
+
+
+def translation_units(sources):
+    """``sources`` less :func:`included_sources`, which the compiler meets through the source that
+    includes them: csrc/unity.cpp (csrc/cuda/unity.cpp) compiles the small sources as one translation
+    unit, whose compile time is torch's headers, read once instead of once a file. The extension lists
+    the included ones as ``depends``, so that editing one alone rebuilds it."""
+    included = included_sources(sources)
     return [s for s in sources if os.path.normpath(s) not in included]
 
 
@@ -220,8 +228,9 @@ def extension():
     gpu_visible = torch.cuda.is_available()
     with_cuda = flag == "1" or (flag == "" and gpu_visible and CUDA_HOME is not None)
 
-    cpu_sources = translation_units(sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp")))
-    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + translation_units(sorted(glob.glob("csrc/cuda/*.cpp")))
+    all_cpu = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    all_cuda = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
+    cpu_sources, cuda_sources = translation_units(all_cpu), translation_units(all_cuda)
     # No -std flag: cpp_extension picks the C++ standard this torch needs (C++17 or C++20).
     cxx = cxx_flags(os.environ, os.name)
 
@@ -230,6 +239,7 @@ def extension():
         kwargs = dict(
             name="fastsd._C",
             sources=cpu_sources + (cuda_sources if cuda else []),
+            depends=sorted(included_sources(all_cpu + (all_cuda if cuda else []))),
             extra_compile_args={"cxx": cxx, **({"nvcc": ["-O3"]} if cuda else {})},
             extra_link_args=["-fopenmp"] if os.name != "nt" else [],
             define_macros=[("FASTSD_WITH_CUDA", "1")] if cuda else [],

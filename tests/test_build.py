@@ -5,6 +5,7 @@ csrc/ with cpp_extension's compile step replaced by a fake that records what it 
 (and calls cpp_extension's own architecture choice, which is what raised IndexError with no GPU and
 no TORCH_CUDA_ARCH_LIST), so they take seconds, not the minutes of a real build.
 """
+import glob
 import importlib.util
 import json
 import os
@@ -257,3 +258,17 @@ def test_sdist_carries_every_source_the_extension_is_built_from(tmp_path):
     sources = {os.path.relpath(os.path.join(d, f), ROOT) for d, _, files in os.walk(os.path.join(ROOT, "csrc"))
                for f in files if f.endswith((".cpp", ".h", ".cu", ".cuh"))}
     assert "csrc/cpu/alloc.h" in sources and sources <= shipped, sorted(sources - shipped)
+
+
+def test_translation_units_of_the_tree():
+    """csrc/unity.cpp and csrc/cuda/unity.cpp compile the small sources; losses.cpp, which includes
+    itself, stays a unit; the included sources are the extension's depends (a rebuild when one changes)."""
+    cpu = sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp"))) + sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    cuda = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
+    rel = lambda paths: [os.path.relpath(p, ROOT) for p in paths]  # noqa: E731
+    assert rel(setup_py.translation_units(cpu)) == ["csrc/unity.cpp", "csrc/cpu/losses.cpp", "csrc/cpu/mix.cpp",
+                                                   "csrc/cpu/patch_swap.cpp"]
+    assert rel(setup_py.translation_units(cuda)) == ["csrc/cuda/unity.cpp"]
+    included = set(rel(setup_py.included_sources(cpu + cuda)))
+    assert included | set(rel(setup_py.translation_units(cpu + cuda))) == set(rel(cpu + cuda))
+    assert "csrc/cpu/alloc.cpp" in included and "csrc/cpu/losses.cpp" not in included

@@ -248,9 +248,14 @@ def test_cxx_flags_drop_debug_info_unless_asked():
 
 def test_sdist_carries_every_source_the_extension_is_built_from(tmp_path):
     """setuptools puts only the extension's listed sources in an sdist: not the headers, the CUDA
-    sources of a CUDA build, or what csrc/unity.cpp includes (MANIFEST.in adds csrc whole)."""
+    sources of a CUDA build, or what csrc/unity.cpp includes (MANIFEST.in adds csrc whole). Built
+    from a copy of the tree: sdist makes its release folder in the current directory, where another
+    test (pytest-xdist) would see it."""
+    tree = tmp_path / "tree"
+    shutil.copytree(ROOT, tree, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", "__pycache__", "*.so", ".pytest_cache", ".benchmarks", ".hypothesis"))
     proc = subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path), "sdist",
-                           "--dist-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           "--dist-dir", str(tmp_path)], cwd=tree, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (archive,) = tmp_path.glob("fastsd-*.tar.gz")
     with tarfile.open(archive) as tar:

@@ -21,7 +21,7 @@ namespace {
 
 using cuda_mix::Direction;
 
-void launch(const at::Tensor& x, const at::Tensor& out, const at::Tensor& partner, const at::Tensor& boxes,
+void run_mix(const at::Tensor& x, const at::Tensor& out, const at::Tensor& partner, const at::Tensor& boxes,
             const at::Tensor& lam, const at::Tensor& use_box, const MixGeometry& g, Direction direction) {
   const bool inplace = direction == Direction::kInPlace;
   const char* op = inplace                                ? "fastsd_C.mix_"
@@ -54,7 +54,7 @@ at::Tensor mix_cuda(const at::Tensor& x, const at::Tensor& partner, const at::Te
                     const at::Tensor& use_box) {
   const MixGeometry g = mix_geometry(x, partner, boxes, lam, use_box, "fastsd_C.mix");
   at::Tensor out = at::empty(x.sizes(), x.options().memory_format(mix_out_format(g)));
-  if (x.numel() != 0) launch(x, out, partner, boxes, lam, use_box, g, Direction::kForward);
+  if (x.numel() != 0) run_mix(x, out, partner, boxes, lam, use_box, g, Direction::kForward);
   return out;
 }
 
@@ -62,14 +62,14 @@ at::Tensor mix_backward_cuda(const at::Tensor& grad, const at::Tensor& partner, 
                              const at::Tensor& lam, const at::Tensor& use_box) {
   const MixGeometry g = mix_geometry(grad, partner, boxes, lam, use_box, "fastsd_C.mix_backward");
   at::Tensor out = at::empty(grad.sizes(), grad.options().memory_format(mix_out_format(g)));
-  if (grad.numel() != 0) launch(grad, out, partner, boxes, lam, use_box, g, Direction::kBackward);
+  if (grad.numel() != 0) run_mix(grad, out, partner, boxes, lam, use_box, g, Direction::kBackward);
   return out;
 }
 
 void mix_inplace_cuda(const at::Tensor& x, const at::Tensor& partner, const at::Tensor& boxes, const at::Tensor& lam,
                       const at::Tensor& use_box) {
   const MixGeometry g = mix_geometry(x, partner, boxes, lam, use_box, "fastsd_C.mix_");
-  if (x.numel() != 0) launch(x, x, partner, boxes, lam, use_box, g, Direction::kInPlace);
+  if (x.numel() != 0) run_mix(x, x, partner, boxes, lam, use_box, g, Direction::kInPlace);
 }
 
 // The public functions' value checks as device-side asserts (mix_check_kernel): no host sync.

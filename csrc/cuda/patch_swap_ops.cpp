@@ -16,7 +16,7 @@
 namespace fastsd {
 namespace {
 
-at::Tensor launch(const at::Tensor& x, const at::Tensor& partner, const at::Tensor& mask, bool backward) {
+at::Tensor run_patch_swap(const at::Tensor& x, const at::Tensor& partner, const at::Tensor& mask, bool backward) {
   const PatchSwapGeometry g = patch_swap_geometry(x, partner, mask);
   TORCH_CHECK(x.is_cuda() && partner.device() == x.device() && mask.device() == x.device(),
               "fastsd_C.patch_swap (CUDA): all tensors must be on the same CUDA device");
@@ -41,11 +41,11 @@ at::Tensor launch(const at::Tensor& x, const at::Tensor& partner, const at::Tens
 }
 
 at::Tensor patch_swap_cuda(const at::Tensor& x, const at::Tensor& partner, const at::Tensor& mask) {
-  return launch(x, partner, mask, /*backward=*/false);
+  return run_patch_swap(x, partner, mask, /*backward=*/false);
 }
 
 at::Tensor patch_swap_backward_cuda(const at::Tensor& grad, const at::Tensor& partner, const at::Tensor& mask) {
-  return launch(grad, partner, mask, /*backward=*/true);
+  return run_patch_swap(grad, partner, mask, /*backward=*/true);
 }
 
 // The public function's permutation check as a device-side assert (permutation_check_kernel, one

@@ -139,6 +139,7 @@ def class_indices(fn: str, name: str, t: torch.Tensor, num_classes: int) -> None
     message = f"{name} must be class indices in [0, num_classes={num_classes})"
     if t.device.type == "cpu" and not kernel_asserts(t):  # (fastsd.bench.launches counts the CUDA branch)
         lo, hi = torch.aminmax(t)
+        lo, hi = lo.item(), hi.item()  # Python numbers: a 0-d tensor's compare makes a tensor (3-4 us)
         if lo < 0 or hi >= num_classes:
             raise ValueError(f"{fn}: {message}, got values in [{int(lo)}, {int(hi)}]")
     else:

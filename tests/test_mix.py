@@ -362,7 +362,7 @@ TIMM_OPTIONS = [
     dict(mixup_alpha=0.0, cutmix_minmax=(0.2, 0.8)),
     dict(mixup_alpha=0.5, cutmix_minmax=(0.3, 0.9), label_smoothing=0.0),
 ]
-TIMM_SHAPES = [(8, 3, 17, 23), (2, 3, 32, 32), (6, 1, 7, 40)]
+TIMM_SHAPES = [(8, 3, 17, 23), (2, 3, 32, 24), (6, 1, 7, 40), (4, 3, 16, 16)]  # B = 2: one box (a scalar draw) on a non-square image
 
 
 def timm_images(shape, dtype, seed, channels_last=False):
@@ -444,6 +444,26 @@ def test_torchvision(name, dtype, channels_last):
             got_x, got_t = getattr(fm, name)(alpha=alpha, num_classes=7)(x, lab)
             assert torch.equal(got_x, want_x) and torch.equal(got_t, want_t), (shape, alpha)
             assert torch.equal(torch.get_rng_state(), want_state)
+
+
+def test_beta_draw_is_torchs():
+    """The torchvision drop-ins draw lambda by the op Beta.sample runs (fastsd.mix._torchvision._beta_sample):
+    the same values and generator state as ``float(dist.sample(()))`` (and torch's own path for
+    another shape of Beta)."""
+    from fastsd.mix import _torchvision as tv
+
+    for alpha in (0.2, 1.0, 3.5):
+        d = torch.distributions.Beta(torch.tensor([alpha]), torch.tensor([alpha]))
+        torch.manual_seed(int(alpha * 10))
+        want = [float(d.sample(())) for _ in range(4)]
+        state = torch.get_rng_state()
+        torch.manual_seed(int(alpha * 10))
+        assert [tv._beta_sample(d) for _ in range(4)] == want
+        assert torch.equal(torch.get_rng_state(), state)
+    # another shape of Beta than torchvision's: torch's own path
+    scalar = torch.distributions.Beta(torch.tensor(3.5), torch.tensor(3.5))
+    torch.manual_seed(35)
+    assert tv._beta_sample(scalar) == want[0]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

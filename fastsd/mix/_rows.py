@@ -190,11 +190,10 @@ def rows(device: torch.device, partner: str, boxes: np.ndarray, lam: np.ndarray,
         arrays.append(label_lam)
     t = to_device(arrays, device)
     involution = partner == "flip" or B <= 2
-    r = Rows(constant_rows(partner, B, device), *t[:3], None, None, None, involution)
     if not fused:
-        return r
-    return r._replace(label_lam=t[3] if label_lam is not lam else t[1], no_box=constant_rows("no_box", B, device),
-                      empty_boxes=constant_rows("empty_boxes", B, device))
+        return Rows(constant_rows(partner, B, device), *t[:3], None, None, None, involution)
+    return Rows(constant_rows(partner, B, device), *t[:3], t[3] if label_lam is not lam else t[1],
+                constant_rows("no_box", B, device), constant_rows("empty_boxes", B, device), involution)
 
 
 def mix_images(x: torch.Tensor, r: Rows, inplace: bool) -> torch.Tensor:

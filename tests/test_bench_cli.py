@@ -348,3 +348,21 @@ def test_overhead_times_clone_kernel_and_public_call_of_both_cases():
             assert 0 < lo <= median <= hi
     table = overhead.format_rows(rows)
     assert "patch_swap 4x3x8x8 grid 8x8" in table and "mix 4x3x8x8 op out of place" in table
+
+
+@pytest.mark.skipif(bool(__import__("fastsd._ext", fromlist=["load_error"]).load_error()), reason="no fastsd._C")
+def test_overhead_times_each_drop_in_against_its_library():
+    """python -m fastsd.bench.overhead's second table: each drop-in and its library's own call in the
+    same rounds, on a host-bound batch, and the library's time over fastsd's."""
+    pytest.importorskip("timm")
+    from fastsd.bench import overhead
+
+    rows = overhead.measure_drop_ins(shape=(4, 3, 6, 6), num_classes=5, min_time=0.01, min_sample=0.0)
+    assert [r["case"] for r in rows] == ["timm Mixup batch switch", "timm Mixup elem switch", "torchvision CutMix",
+                                         "torchvision MixUp"]
+    for r in rows:
+        assert set(r["us"]) == {"library", "fastsd"} and r["rounds"] >= 5
+        median, lo, hi = r["library_over_fastsd"]
+        assert 0 < lo <= median <= hi
+    table = overhead.format_drop_in_rows(rows, shape=(4, 3, 6, 6))
+    assert table.startswith("drop-in at 4x3x6x6 (host time)") and "torchvision MixUp |" in table

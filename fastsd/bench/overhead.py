@@ -10,6 +10,14 @@ place >= 0.77), and the Python layer: the public call's median less the kernel's
 
 The cases are the bench's own: ``PATCH_SWAP_BENCH[0]`` (256x3x32x32, 8x8 grid) and mix's
 ``256x3x32x32 op out of place`` (timm 'elem' switch draws, flip partner).
+
+Then the drop-ins' host time (:func:`measure_drop_ins`): on a GPU a drop-in call is host-bound (the
+H100 runs in docs/gpu: 0.4-0.7 ms of host work a call, against 26-79 us of kernel), and that is where
+it lost to timm's 'batch' mode and torchvision's one-box CutMix/MixUp. On a batch of 8x3x8x8 with 10
+classes the CPU's pixels cost nothing either, so the same rounds give the Python and ATen host work
+of each drop-in against its library's (timm's and torchvision's own calls, draws and targets
+included; timm's mix their input in place, as fastsd's Mixup does): the library's time over
+fastsd's, >= 1 where fastsd's call costs the host less.
 """
 from __future__ import annotations
 
@@ -84,6 +92,72 @@ def measure(shape=(256, 3, 32, 32), min_time: float = 0.25, min_sample: float = 
     return rows
 
 
+def _drop_in_cases(shape: Tuple[int, int, int, int], num_classes: int):
+    """(name, make) per drop-in case whose library is installed; make() returns {"library", "fastsd"}."""
+    import importlib
+
+    from .. import mix as fm
+
+    def installed(name):
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            return None
+
+    def inputs():
+        g = torch.Generator().manual_seed(0)
+        return torch.rand(shape, generator=g), torch.randint(0, num_classes, (shape[0],), generator=g)
+
+    cases = []
+    tm, tv = installed("timm.data.mixup"), installed("torchvision.transforms.v2")
+    if tm is not None:
+        for mode in ("batch", "elem"):
+            kw = dict(mixup_alpha=0.8, cutmix_alpha=1.0, mode=mode, num_classes=num_classes)
+
+            def make(kw=kw):
+                (x, y), (x2, _) = inputs(), inputs()  # each mixes its own batch in place
+                lib, ours = tm.Mixup(**kw), fm.Mixup(**kw)
+                return {"library": lambda: lib(x, y), "fastsd": lambda: ours(x2, y)}
+            cases.append((f"timm Mixup {mode} switch", make))
+    if tv is not None:
+        for name in ("CutMix", "MixUp"):
+            def make(name=name):
+                x, y = inputs()
+                lib, ours = getattr(tv, name)(num_classes=num_classes), getattr(fm, name)(num_classes=num_classes)
+                return {"library": lambda: lib(x, y), "fastsd": lambda: ours(x, y)}
+            cases.append((f"torchvision {name}", make))
+    return cases
+
+
+def measure_drop_ins(shape=(8, 3, 8, 8), num_classes: int = 10, min_time: float = 0.25,
+                     min_sample: float = 0.02) -> List[dict]:
+    """One row per drop-in: medians (us) of the library's call and fastsd's, taking turns in the
+    bench's rounds (one torch thread, CPU clock), and the library's time over fastsd's with its
+    bootstrap 95 % interval."""
+    rows = []
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for name, make in _drop_in_cases(shape, num_classes):
+            times = core.interleave(make(), torch.device("cpu"), min_time=min_time, min_sample=min_sample, clock="cpu")
+            rows.append({"case": name, "rounds": len(times["fastsd"]),
+                         "us": {k: statistics.median(v) * 1e6 for k, v in times.items()},
+                         "library_over_fastsd": core.paired_ratio(times["library"], times["fastsd"])})
+    finally:
+        torch.set_num_threads(saved)
+    return rows
+
+
+def format_drop_in_rows(rows: List[dict], shape=(8, 3, 8, 8)) -> str:
+    size = "x".join(map(str, shape))
+    lines = [f"drop-in at {size} (host time) | rounds | library us | fastsd us | library/fastsd"]
+    for r in rows:
+        m, lo, hi = r["library_over_fastsd"]
+        lines.append(f"{r['case']} | {r['rounds']} | {r['us']['library']:.1f} | {r['us']['fastsd']:.1f} | "
+                     f"{m:.2f} ({lo:.2f}-{hi:.2f})")
+    return "\n".join(lines)
+
+
 def format_rows(rows: List[dict]) -> str:
     lines = ["case | rounds | clone ms | kernel ms | public ms | clone/kernel | clone/public | Python layer us"]
     for r in rows:
@@ -103,6 +177,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"fastsd.bench.overhead: the C++ extension is not available ({err})")
         return 1
     print(format_rows(measure(min_time=args.min_time)))
+    print()
+    print(format_drop_in_rows(measure_drop_ins(min_time=args.min_time)))
     return 0
 
 

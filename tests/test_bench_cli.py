@@ -6,6 +6,7 @@ import logging
 import time
 
 import pytest
+import torch
 
 from fastsd.bench import report as R
 from fastsd.bench.__main__ import _notes_aside, main, write_readme
@@ -350,19 +351,39 @@ def test_overhead_times_clone_kernel_and_public_call_of_both_cases():
     assert "patch_swap 4x3x8x8 grid 8x8" in table and "mix 4x3x8x8 op out of place" in table
 
 
-@pytest.mark.skipif(bool(__import__("fastsd._ext", fromlist=["load_error"]).load_error()), reason="no fastsd._C")
-def test_overhead_times_each_drop_in_against_its_library():
+def test_overhead_times_each_drop_in_against_its_library(monkeypatch):
     """python -m fastsd.bench.overhead's second table: each drop-in and its library's own call in the
-    same rounds, on a host-bound batch, and the library's time over fastsd's."""
-    pytest.importorskip("timm")
+    same rounds, on a host-bound batch, and the library's time over fastsd's. Each library call is
+    made 2 ms of CPU time slower here, so a row whose callables were swapped (or that timed one of
+    them twice) shows a ratio below 1; the thread count and the global RNGs are left as they were."""
+    import numpy as np
+
+    timm_mixup = pytest.importorskip("timm.data.mixup")
+    from torchvision.transforms import v2
+
     from fastsd.bench import overhead
 
+    def slowed(call):
+        def spin_then_call(*args, **kwargs):
+            end = time.process_time() + 0.002
+            while time.process_time() < end:
+                pass
+            return call(*args, **kwargs)
+        return spin_then_call
+
+    monkeypatch.setattr(timm_mixup.Mixup, "__call__", slowed(timm_mixup.Mixup.__call__))
+    for name in ("CutMix", "MixUp"):
+        monkeypatch.setattr(getattr(v2, name), "forward", slowed(getattr(v2, name).forward))
+    threads, torch_rng, numpy_rng = torch.get_num_threads(), torch.get_rng_state(), np.random.get_state()
     rows = overhead.measure_drop_ins(shape=(4, 3, 6, 6), num_classes=5, min_time=0.01, min_sample=0.0)
+    assert torch.get_num_threads() == threads and torch.equal(torch.get_rng_state(), torch_rng)
+    assert np.random.get_state()[1].tolist() == numpy_rng[1].tolist()
     assert [r["case"] for r in rows] == ["timm Mixup batch switch", "timm Mixup elem switch", "torchvision CutMix",
                                          "torchvision MixUp"]
     for r in rows:
-        assert set(r["us"]) == {"library", "fastsd"} and r["rounds"] >= 5
+        assert set(r["us"]) == {"library", "fastsd"} and r["rounds"] >= 5 and r["shape"] == (4, 3, 6, 6)
         median, lo, hi = r["library_over_fastsd"]
         assert 0 < lo <= median <= hi
-    table = overhead.format_drop_in_rows(rows, shape=(4, 3, 6, 6))
-    assert table.startswith("drop-in at 4x3x6x6 (host time)") and "torchvision MixUp |" in table
+        assert r["us"]["library"] > 2000 and median > 1, r
+    table = overhead.format_drop_in_rows(rows)
+    assert table.startswith("drop-in (host time) | shape |") and "torchvision MixUp | 4x3x6x6 |" in table

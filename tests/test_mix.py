@@ -465,6 +465,14 @@ def test_beta_draw_is_torchs():
     torch.manual_seed(35)
     assert tv._beta_sample(scalar) == want[0]
 
+    # a subclass of Beta may sample otherwise: its own sample() is what is called
+    class Half(torch.distributions.Beta):
+        def sample(self, sample_shape=torch.Size()):
+            return super().sample(sample_shape) / 2
+
+    torch.manual_seed(35)
+    assert tv._beta_sample(Half(torch.tensor([3.5]), torch.tensor([3.5]))) == want[0] / 2
+
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_drop_in_targets_on_every_backend(backend):

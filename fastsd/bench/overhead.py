@@ -99,9 +99,13 @@ def _drop_in_cases(shape: Tuple[int, int, int, int], num_classes: int):
     from .. import mix as fm
 
     def installed(name):
+        # a library that is missing, or installed but broken, leaves its rows out (and says so)
         try:
             return importlib.import_module(name)
         except ImportError:
+            return None
+        except Exception as e:  # noqa: BLE001 - e.g. a torchvision built for another torch
+            print(f"fastsd.bench.overhead: {name} does not import ({type(e).__name__}: {e}); its rows are left out")
             return None
 
     def inputs():
@@ -133,27 +137,32 @@ def measure_drop_ins(shape=(8, 3, 8, 8), num_classes: int = 10, min_time: float 
                      min_sample: float = 0.02) -> List[dict]:
     """One row per drop-in: medians (us) of the library's call and fastsd's, taking turns in the
     bench's rounds (one torch thread, CPU clock), and the library's time over fastsd's with its
-    bootstrap 95 % interval."""
+    bootstrap 95 % interval. The global RNGs the drop-ins draw from (torch's and numpy's) are left as
+    they were."""
+    import numpy as np
+
     rows = []
     saved = torch.get_num_threads()
+    rng_states = torch.get_rng_state(), np.random.get_state()
     torch.set_num_threads(1)
     try:
         for name, make in _drop_in_cases(shape, num_classes):
             times = core.interleave(make(), torch.device("cpu"), min_time=min_time, min_sample=min_sample, clock="cpu")
-            rows.append({"case": name, "rounds": len(times["fastsd"]),
+            rows.append({"case": name, "shape": tuple(shape), "rounds": len(times["fastsd"]),
                          "us": {k: statistics.median(v) * 1e6 for k, v in times.items()},
                          "library_over_fastsd": core.paired_ratio(times["library"], times["fastsd"])})
     finally:
         torch.set_num_threads(saved)
+        torch.set_rng_state(rng_states[0])
+        np.random.set_state(rng_states[1])
     return rows
 
 
-def format_drop_in_rows(rows: List[dict], shape=(8, 3, 8, 8)) -> str:
-    size = "x".join(map(str, shape))
-    lines = [f"drop-in at {size} (host time) | rounds | library us | fastsd us | library/fastsd"]
+def format_drop_in_rows(rows: List[dict]) -> str:
+    lines = ["drop-in (host time) | shape | rounds | library us | fastsd us | library/fastsd"]
     for r in rows:
         m, lo, hi = r["library_over_fastsd"]
-        lines.append(f"{r['case']} | {r['rounds']} | {r['us']['library']:.1f} | {r['us']['fastsd']:.1f} | "
+        lines.append(f"{r['case']} | {'x'.join(map(str, r['shape']))} | {r['rounds']} | {r['us']['library']:.1f} | {r['us']['fastsd']:.1f} | "
                      f"{m:.2f} ({lo:.2f}-{hi:.2f})")
     return "\n".join(lines)
 

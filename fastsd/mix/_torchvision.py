@@ -40,11 +40,12 @@ def _beta_sample(dist: "torch.distributions.Beta") -> float:
     """``float(dist.sample(()))`` of a one-element Beta: the op its sample runs,
     ``torch._sample_dirichlet`` of the Beta's Dirichlet concentration, then element 0, the same draw
     from the same generator without the distributions' Python layers (an autograd Function, the shape
-    checks, an expand): about 15 us a call instead of 47 on the CPU. torch's own path where that
-    structure is not there."""
+    checks, an expand): about 15 us a call instead of 47 on the CPU. torch's own path for a subclass
+    of Beta (which may sample otherwise) or where that structure is not there."""
     concentration = getattr(getattr(dist, "_dirichlet", None), "concentration", None)
     sample = getattr(torch, "_sample_dirichlet", None)
-    if sample is None or not isinstance(concentration, torch.Tensor) or concentration.shape != (1, 2):
+    if (type(dist) is not torch.distributions.Beta or sample is None or not isinstance(concentration, torch.Tensor)
+            or concentration.shape != (1, 2)):
         return float(dist.sample(()))
     with torch.no_grad():
         return sample(concentration)[0, 0].item()

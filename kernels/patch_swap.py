@@ -38,9 +38,9 @@ and repack each.
 
 Cells narrower than a chunk, or whose boundaries leave only 1-element chunks (1-3 px in fp32, 4-7 px
 cells of 16-bit and uint8 forward chunks of 4: ``EACH``, :func:`_each`): 16-byte chunks in which
-each element finds its own cell (its cell column by one multiply-shift, its mask byte from L1), so
-the data still moves in 16-byte accesses; the forward of 1- and 2-byte elements selects 32-bit
-words with bit masks. The launcher takes it where a line holds a 16-byte chunk (so that a chunk
+each element finds its own cell (its cell column by a multiply-add and a shift, its mask byte from
+L1), so the data still moves in 16-byte accesses; the forward of 1- and 2-byte elements selects
+32-bit words with bit masks. The launcher takes it where a line holds a 16-byte chunk (so that a chunk
 crosses at most one line end) and, for those words, samples start on 4-byte boundaries; ``EACH = 2``
 where lines are whole chunks, so that no chunk crosses one (no per-element test of it).
 
@@ -225,17 +225,27 @@ def _words_of(n, ITEMSIZE: tl.constexpr):
 
 
 @triton.jit
-def _each_cell(j, row0, row1, gw, m_sub, s_sub, m_cell_col, s_cell_col, CHANNELS_LAST: tl.constexpr,
+def _frac_at(a0, k, m, s):
+    """_frac(a0 + k, m, s) for a0 + k in _frac's range, as a0 * m + k * m: where k is a constant
+    offset (the element's place in its chunk) the product a0 * m is shared by the chunk's elements,
+    and each element's is one multiply-add (32 x 32 + 64 -> 64 bits) and the shift."""
+    base = tl.cast(tl.cast(a0, tl.uint32), tl.uint64) * tl.cast(m, tl.uint64)
+    return ((base + tl.cast(k, tl.uint64) * tl.cast(m, tl.uint64)) >> tl.cast(s, tl.uint64)).to(tl.int32)
+
+
+@triton.jit
+def _each_cell(j0, k, row0, row1, gw, m_sub, s_sub, m_cell_col, s_cell_col, CHANNELS_LAST: tl.constexpr,
                CROSSES: tl.constexpr):
-    """The mask cell of the elements at ``j`` from the start of their chunk's first line (j < L + 16),
-    given that line's first cell (row0) and the next line's first cell less gw (row1): past L an
-    element is in the next line, and its cell column comes out exactly gw more than there (w * gw // W
-    is gw more for w + W; the launcher's constants are exact up to W + 16 and L + 16). Where no chunk
-    crosses a line end (``CROSSES`` false: lines of whole chunks), j < L and row0 is every element's."""
+    """The mask cell of the elements at ``j0 + k`` from the start of their chunk's first line
+    (j0 + k < L + 16; k the element's constant place in its chunk), given that line's first cell
+    (row0) and the next line's first cell less gw (row1): past L an element is in the next line, and
+    its cell column comes out exactly gw more than there (w * gw // W is gw more for w + W; the
+    launcher's constants are exact up to W + 16 and L + 16). Where no chunk crosses a line end
+    (``CROSSES`` false: lines of whole chunks), j0 + k < L and row0 is every element's."""
     if CHANNELS_LAST:
-        col = _frac(_frac(j, m_sub, s_sub), m_cell_col, s_cell_col)  # (j // C) * gw // W
+        col = _frac(_frac_at(j0, k, m_sub, s_sub), m_cell_col, s_cell_col)  # (j // C) * gw // W
     else:
-        col = _frac(j, m_cell_col, s_cell_col)
+        col = _frac_at(j0, k, m_cell_col, s_cell_col)
     if CROSSES:
         return col + tl.where(col >= gw, row1, row0)
     else:
@@ -250,13 +260,14 @@ def _each(x_b, x_s, out_b, row_b, row_s, e, sample_numel, L, H, gw, m_line, s_li
     whose elements each find their own cell, for cells narrower than a chunk or whose boundaries
     are off its alignment. The cell rows of a chunk's line and of the next (the launcher checks
     L >= CHUNK, so a chunk crosses at most one line end; none where ``CROSSES`` is false, L a multiple
-    of CHUNK) are computed once a chunk; per element: its cell column (one multiply-shift, two in
-    channels_last), its mask byte (an L1 hit) and its side.
+    of CHUNK) are computed once a chunk; per element: its cell column (a multiply-add and a shift,
+    :func:`_frac_at`; one more multiply-shift in channels_last), its mask byte (an L1 hit) and its
+    side.
     A source is read, a whole chunk in one vector load, only where some element of the chunk takes
     it (an in-thread reduction), so a chunk within one cell moves what the other variants move.
     The forward of 1- and 2-byte elements selects 32-bit words with bit masks (built from the
-    elements' flags), where a select an element costs an unpack and a repack (the launcher checks
-    that samples start on 4-byte boundaries)."""
+    elements' mask bytes, which the launcher makes 0 or 1), where a select an element costs an
+    unpack and a repack (the launcher checks that samples start on 4-byte boundaries)."""
     ITEMSIZE: tl.constexpr = x_b.dtype.element_ty.primitive_bitwidth // 8
     line, h = _line(e, L, H, m_line, s_line, m_sub, s_sub, CHANNELS_LAST, False)
     # Every element's cell is inside the mask row, past the sample's end too (its data accesses
@@ -278,20 +289,23 @@ def _each(x_b, x_s, out_b, row_b, row_s, e, sample_numel, L, H, gw, m_line, s_li
         kw = tl.arange(0, CHUNK // PER)[None, :]
         words = _words_of(e, ITEMSIZE)[:, None] + kw
         valid = words < _words_of(sample_numel, ITEMSIZE)
-        keep_bits = tl.zeros(words.shape, tl.uint32)
+        # The bits of each word that come from the partner: a mask byte is 0 or 1 (the launcher's
+        # bool mask), so each element's bits are its byte times its field, one multiply-add a byte
+        # (a compare and a select, which is what LLVM makes of min(byte, 1) * field, cost one more).
+        take_bits = tl.zeros(words.shape, tl.uint32)
         for i in tl.static_range(PER):
-            cell = _each_cell(j0 + kw * PER + i, row0, row1, gw, m_sub, s_sub, m_cell_col, s_cell_col,
+            cell = _each_cell(j0, kw * PER + i, row0, row1, gw, m_sub, s_sub, m_cell_col, s_cell_col,
                               CHANNELS_LAST, CROSSES)
             field = ((1 << (8 * ITEMSIZE)) - 1) << (8 * ITEMSIZE * i)
-            keep_bits |= tl.where(tl.load(row_b + cell) == 0, field, 0).to(tl.uint32)
-        any_keep = tl.max(keep_bits, axis=1) != 0
-        any_take = tl.min(keep_bits, axis=1) != 0xFFFFFFFF
+            take_bits += tl.load(row_b + cell).to(tl.uint32) * field
+        any_take = tl.max(take_bits, axis=1) != 0
+        any_keep = tl.min(take_bits, axis=1) != 0xFFFFFFFF
         s = tl.load(x_b.to(tl.pointer_type(tl.uint32)) + words, mask=valid & any_keep[:, None])
         t = tl.load(x_s.to(tl.pointer_type(tl.uint32)) + words, mask=valid & any_take[:, None])
-        tl.store(out_b.to(tl.pointer_type(tl.uint32)) + words, (s & keep_bits) | (t & (keep_bits ^ 0xFFFFFFFF)), mask=valid)
+        tl.store(out_b.to(tl.pointer_type(tl.uint32)) + words, (t & take_bits) | (s & (take_bits ^ 0xFFFFFFFF)), mask=valid)
     else:
         k = tl.arange(0, CHUNK)[None, :]
-        cell = _each_cell(j0 + k, row0, row1, gw, m_sub, s_sub, m_cell_col, s_cell_col, CHANNELS_LAST, CROSSES)
+        cell = _each_cell(j0, k, row0, row1, gw, m_sub, s_sub, m_cell_col, s_cell_col, CHANNELS_LAST, CROSSES)
         offs = e[:, None] + k
         valid = offs < sample_numel
         keep = tl.load(row_b + cell) == 0
@@ -650,8 +664,11 @@ def _launch(x: torch.Tensor, src: torch.Tensor, mask: torch.Tensor, backward: bo
         return out
     gh, gw = mask.shape[1], mask.shape[2]
     src, mask = src.contiguous(), mask.contiguous()  # no-ops for the validated inputs
-    if mask.dtype == torch.bool:
-        mask = mask.view(torch.uint8)
+    if mask.dtype != torch.bool:
+        # nonzero bytes as 1: the EACH words take a mask byte as 0 or 1 (a bool mask, the common one,
+        # is that already: no op)
+        mask = mask != 0
+    mask = mask.view(torch.uint8)
     channels_last = fmt == torch.channels_last
     block = _gpu_block(x.dtype)
     if x.device.type == "cpu":  # only under TRITON_INTERPRET=1: few, large programs run fastest

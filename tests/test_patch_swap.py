@@ -104,6 +104,40 @@ def test_non_contiguous_inputs(backend):
     torch.testing.assert_close(xr.grad, R.patch_swap_backward(g, partner, mask))
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", ["float16", "uint8", "float32"])
+@pytest.mark.parametrize("shape, grid, partner, channels_last", [
+    # Triton's EACH chunks (16 bytes, a cell an element), float16 and uint8: lines of whole chunks
+    # and chunks across line ends (kernels.patch_swap._config)
+    ((4, 2, 6, 24), (3, 8), [1, 0, 3, 2], False),
+    ((3, 2, 5, 27), (2, 9), [2, 0, 1], False),
+    ((4, 3, 6, 8), (3, 8), [1, 0, 3, 2], True),
+    ((3, 3, 4, 16), (2, 16), [2, 0, 1], True),
+])
+def test_uint8_mask_swaps_where_its_byte_is_nonzero(backend, dtype, shape, grid, partner, channels_last):
+    """A uint8 mask swaps every cell whose byte is nonzero (SPEC 3), 2, 127, 128 and 255 as 1: the
+    output and gradient of its bool mask, the mask unchanged (the Triton launcher turns it into 0/1
+    bytes, which the kernel's word selects multiply by their bit fields)."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.rand(shape, generator=g) * 200).to(DTYPES[dtype])
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    partner = torch.tensor(partner)
+    values = torch.tensor([0, 1, 2, 127, 128, 255], dtype=torch.uint8)
+    mask = values[torch.randint(0, len(values), (shape[0], *grid), generator=g)]
+    mask0 = mask.clone()
+    as_bool = mask != 0
+    xr = x.detach().clone().requires_grad_(x.is_floating_point())
+    with fastsd.use_backend(backend):
+        out = fastsd.patch_swap(xr, partner, mask)
+        if x.is_floating_point():
+            grad = torch.rand(shape, generator=g).to(x.dtype)
+            out.backward(grad)
+    assert torch.equal(out, R.patch_swap(x, partner, as_bool)) and torch.equal(mask, mask0)
+    if x.is_floating_point():
+        assert torch.equal(xr.grad, R.patch_swap_backward(grad, partner, as_bool))
+
+
 @pytest.mark.parametrize("backend", COMPILED)
 def test_gradcheck_float64(backend):
     x = torch.randn(4, 2, 5, 7, dtype=torch.float64, requires_grad=True)

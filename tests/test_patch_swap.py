@@ -108,11 +108,12 @@ def test_non_contiguous_inputs(backend):
 @pytest.mark.parametrize("dtype", ["float16", "uint8", "float32"])
 @pytest.mark.parametrize("shape, grid, partner, channels_last", [
     # Triton's EACH chunks (16 bytes, a cell an element), float16 and uint8: lines of whole chunks
-    # and chunks across line ends (kernels.patch_swap._config)
+    # and chunks across line ends (kernels.patch_swap.launch_config)
     ((4, 2, 6, 24), (3, 8), [1, 0, 3, 2], False),
     ((3, 2, 5, 27), (2, 9), [2, 0, 1], False),
-    ((4, 3, 6, 8), (3, 8), [1, 0, 3, 2], True),
+    ((4, 3, 6, 8), (3, 8), [1, 0, 3, 2], True),  # run as NCHW on lines of W * C
     ((3, 3, 4, 16), (2, 16), [2, 0, 1], True),
+    ((2, 3, 3, 12), (2, 7), [1, 0], True),  # channels_last EACH (W % gw != 0)
 ])
 def test_uint8_mask_swaps_where_its_byte_is_nonzero(backend, dtype, shape, grid, partner, channels_last):
     """A uint8 mask swaps every cell whose byte is nonzero (SPEC 3), 2, 127, 128 and 255 as 1: the

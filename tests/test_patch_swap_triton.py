@@ -52,10 +52,15 @@ SHAPES = [
     (2, 5, 4, 1, 2, 1),
     (2, 3, 4, 1, 2, 1),
     # EACH = 2 (lines of whole 16-byte chunks: W = 32 and 16 NCHW, C*W = 48 channels_last) and 1
-    # (chunks across line ends: channels_last 1-pixel cells in lines of C*W = 15).
+    # (chunks across line ends: channels_last 1-pixel cells in lines of C*W = 15, run as NCHW).
     (2, 3, 2, 5, 2, 5),
     (2, 1, 3, 32, 2, 7),
     (2, 3, 2, 16, 2, 7),
+    # channels_last EACH where W % gw != 0 (where it divides W, the launcher runs channels_last EACH
+    # as NCHW EACH on lines of W * C: kernels.patch_swap._plan): lines of whole chunks and not.
+    (2, 3, 3, 12, 2, 7),
+    (2, 3, 3, 5, 2, 3),
+    (2, 3, 3, 8, 2, 5),
 ]
 SHAPE_IDS = ["x".join(map(str, s[:4])) + f"-g{s[4]}x{s[5]}" for s in SHAPES]
 _BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
@@ -137,10 +142,9 @@ def test_shapes_cover_every_spec():
                 x, _, _ = _make(shape, dtype, layout, specials=False)
                 if x.numel() <= 1:
                     continue
-                channels_last = _validate.memory_format(x) == torch.channels_last
                 for backward in (False, True) if dtype.is_floating_point else (False,):
-                    key = (channels_last, backward, *kernels._config(x, shape[5], channels_last, backward),
-                           f"*{kernels._TL_DTYPES[dtype]}")
+                    channels_last, *config = kernels.launch_config(x, shape[4], shape[5], backward)
+                    key = (channels_last, backward, *config, f"*{kernels._TL_DTYPES[dtype]}")
                     used.add(key)
                     if x[0].numel() % 16 == 0:
                         aligned.add(key)
@@ -270,7 +274,7 @@ def test_misaligned_sample_falls_back_to_whole_chunks():
     # storage takes chunks that never straddle a cell instead, with the same result.
     base, partner, mask = _make((2, 2, 2, 50, 2, 3), torch.uint8, "nchw")
     x = torch.empty(base.numel() + 1, dtype=torch.uint8)[1:].view(base.shape).copy_(base)
-    assert kernels._config(base, 3, False, False)[1] and not kernels._config(x, 3, False, False)[1]
+    assert kernels.launch_config(base, 2, 3, False)[2] and not kernels.launch_config(x, 2, 3, False)[2]
     assert torch.equal(kernels.patch_swap(x, partner, mask), reference.patch_swap(base, partner, mask))
 
 
@@ -279,7 +283,7 @@ def test_misaligned_gradient_falls_back_to_whole_chunks():
     # gradient one element into its storage takes chunks that never straddle a cell instead.
     base, partner, mask = _make((2, 2, 2, 50, 2, 3), torch.float16, "nchw", specials=False)
     grad = torch.empty(base.numel() + 1, dtype=base.dtype)[1:].view(base.shape).copy_(base)
-    assert kernels._config(base, 3, False, True)[1] and not kernels._config(grad, 3, False, True)[1]
+    assert kernels.launch_config(base, 2, 3, True)[2] and not kernels.launch_config(grad, 2, 3, True)[2]
     torch.testing.assert_close(kernels.patch_swap_backward(grad, partner, mask),
                                reference.patch_swap_backward(base, partner, mask), rtol=0, atol=0)
 
@@ -339,12 +343,12 @@ def _straddling_bytes(x, mask, backward):
     """Bytes a launch may read beyond the elements it needs: where MIXED or EACH, a chunk that holds a
     cell change reads the whole chunk from each source it needs anywhere in it (one vector load each;
     the extra bytes lie in the 32-byte sectors the needed ones come from, so DRAM traffic does not grow)."""
-    channels_last = _validate.memory_format(x) == torch.channels_last
-    chunk, mixed, each = kernels._config(x, mask.shape[2], channels_last, backward)
-    if not (mixed or each):
-        return 0
     B, C, H, W = x.shape
     gh, gw = mask.shape[1:]
+    _, chunk, mixed, each = kernels.launch_config(x, gh, gw, backward)
+    if not (mixed or each):
+        return 0
+    channels_last = _validate.memory_format(x) == torch.channels_last  # the cells of x's own layout
     cell = (torch.arange(H)[:, None] * gh // H) * gw + torch.arange(W)[None, :] * gw // W
     flat = (cell[:, :, None].expand(H, W, C) if channels_last else cell.expand(C, H, W)).reshape(-1)
     flat = torch.cat([flat, flat[-1:].expand(-flat.numel() % chunk)])  # the sample's last chunk
@@ -459,9 +463,8 @@ def test_each_reads_no_mask_byte_outside_the_rows(shape, layout):
     # outside the mask tensor: counted as "other" (or as x's or out's, which read nothing else).
     for dtype in (torch.float32, torch.float16, torch.uint8):
         x, partner, mask = _make(shape, dtype, layout, specials=False)
-        channels_last = _validate.memory_format(x) == torch.channels_last
         for backward in (False, True) if dtype.is_floating_point else (False,):
-            assert kernels._config(x, shape[5], channels_last, backward)[2], (dtype, backward)  # EACH
+            assert kernels.launch_config(x, shape[4], shape[5], backward)[3], (dtype, backward)  # EACH
             fn = kernels.patch_swap_backward if backward else kernels.patch_swap
             kwargs = {"inverse_partner": partner} if backward else {}
             out, traffic = triton_tools.count_traffic(fn, x, partner, mask, tensors={"x": x, "partner": partner, "mask": mask},
@@ -487,9 +490,8 @@ def test_each_finds_the_cell_of_every_element(dtype):
         r, c = torch.arange(gh)[:, None], torch.arange(gw)[None, :]
         mask = torch.stack([(r + c + b) % 2 == 1 for b in range(B)])
         partner = torch.arange(B).flip(0)
-        channels_last = _validate.memory_format(x) == torch.channels_last
         for backward in (False, True) if dtype.is_floating_point else (False,):
-            each = kernels._config(x, gw, channels_last, backward)[2]
+            each = kernels.launch_config(x, gh, gw, backward)[3]
             if not each:
                 continue
             seen.add(each)

@@ -56,11 +56,14 @@ def timm_rows(x, partner, boxes, lam, use_box):
             y0, y1, x0, x1 = boxes[i].tolist()
             out[i][:, y0:y1, x0:x1] = x[j][:, y0:y1, x0:x1]
             continue
-        lm = np.float32(lam[i]) if lam.dtype == torch.float32 else float(lam[i])
+        # 1 - lam in lam's dtype (numpy float32 arithmetic; NumPy 1 would make 1 - np.float32 a float64,
+        # which the timm drop-in follows by passing the op a float64 lambda: test_timm_mixup)
+        lm, rest = (np.float32(lam[i]), np.float32(1) - np.float32(lam[i])) if lam.dtype == torch.float32 else (
+            float(lam[i]), 1 - float(lam[i]))
         if x.dtype == torch.uint8:
-            out[i] = torch.round(x[i].float() * lm + x[j].float() * (1 - lm)).byte()
+            out[i] = torch.round(x[i].float() * lm + x[j].float() * rest).byte()
         else:
-            out[i] = x[i] * lm + x[j] * (1 - lm)
+            out[i] = x[i] * lm + x[j] * rest
     return out
 
 
@@ -376,7 +379,9 @@ def timm_images(shape, dtype, seed, channels_last=False):
 def test_timm_mixup(mode, options):
     tm = pytest.importorskip("timm.data.mixup")
     for k, (shape, seed) in enumerate(itertools.product(TIMM_SHAPES, range(3))):
-        x = timm_images(shape, torch.float16 if k == 4 else torch.float32, seed, channels_last=k % 3 == 1)
+        # float64 images: timm's 1 - lam is a float64 scalar in NumPy 1, a float32 one in NumPy 2
+        dtype = {4: torch.float16, 7: torch.float64}.get(k, torch.float32)
+        x = timm_images(shape, dtype, seed, channels_last=k % 3 == 1)
         target = torch.randint(0, 10, (shape[0],))
         np.random.seed(seed)
         want_x, want_t = tm.Mixup(num_classes=10, mode=mode, **options)(x.clone(), target.clone())
@@ -444,6 +449,27 @@ def test_torchvision(name, dtype, channels_last):
             got_x, got_t = getattr(fm, name)(alpha=alpha, num_classes=7)(x, lab)
             assert torch.equal(got_x, want_x) and torch.equal(got_t, want_t), (shape, alpha)
             assert torch.equal(torch.get_rng_state(), want_state)
+
+
+def test_elem_boxes_follow_numpy_scalar_promotion():
+    """timm draws an 'elem' row's box with ``rand_bbox(shape, lam_batch[i])``, a numpy float32 scalar,
+    whose promotion differs by NumPy version (``1 - np.float32`` is float32 in NumPy 2, float64 in
+    NumPy 1); fastsd's vectorised draw computes each step in the dtype the scalar step takes. On
+    lambdas where the two dtypes cut different sizes (224: 201 vs 200 rows for the first), the boxes
+    equal timm's own calls, with the installed NumPy (a NumPy 1 CI tells the two apart)."""
+    tm = pytest.importorskip("timm.data.mixup")
+    from fastsd.mix import _timm
+
+    lam = np.array([0.1948143094778061, 0.3030731976032257, 0.1624482423067093, 0.41522493958473206,
+                    0.24385641515254974, 0.5], dtype=np.float32)
+    for shape in ((2, 3, 224, 224), (2, 3, 17, 23)):
+        np.random.seed(7)
+        want = [tm.rand_bbox(shape, lam[i]) for i in range(len(lam))]
+        state = np.random.get_state()
+        np.random.seed(7)
+        got = _timm.draw_boxes(shape, lam, None)
+        assert got.tolist() == [[yl, yh, xl, xh] for yl, yh, xl, xh in want], shape
+        assert np.random.get_state()[1].tolist() == state[1].tolist()
 
 
 def test_beta_draw_is_torchs():

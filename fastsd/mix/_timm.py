@@ -77,15 +77,29 @@ def _mix_smoothed(y1: torch.Tensor, lam, partner: Optional[torch.Tensor] = None)
 
 # --- timm's draws ---------------------------------------------------------------------------------
 
+# NumPy 1's scalar promotion: 1 - np.float32(x) is a float64 scalar (NEP 50 made it float32 in NumPy 2).
+_REST_OF_FLOAT32_IS_FLOAT64 = (1 - np.float32(0.5)).dtype == np.float64
+
 
 def rand_bbox_lengths(img_shape, lam):
-    """The cut sizes of timm's ``rand_bbox`` (``lam`` a numpy float32 array, or one number)."""
-    ratio = np.sqrt(1 - lam)
+    """The cut sizes of timm's ``rand_bbox`` (``lam`` a numpy float32 array, or one number).
+
+    timm draws a box per element with numpy scalars (``lam_batch[i]``), whose promotion differs by
+    NumPy version: ``1 - np.float32`` is float32 in NumPy 2 and float64 in NumPy 1. An array keeps
+    its dtype in both, so each step of an array's computation takes the dtype the same step takes
+    on its first element (converting to a wider float is exact; the values do not change it)."""
     img_h, img_w = img_shape[-2:]
-    cut_h, cut_w = img_h * ratio, img_w * ratio
-    if isinstance(cut_h, np.ndarray):
-        return cut_h.astype(np.int64), cut_w.astype(np.int64)
-    return int(cut_h), int(cut_w)
+    if not isinstance(lam, np.ndarray):
+        ratio = np.sqrt(1 - lam)
+        return int(img_h * ratio), int(img_w * ratio)
+    if lam.size == 0:
+        return np.zeros(lam.shape, np.int64), np.zeros(lam.shape, np.int64)
+    one_minus = 1 - lam.astype((1 - lam.flat[0]).dtype)
+    ratio = np.sqrt(one_minus.astype(np.sqrt(one_minus.flat[0]).dtype))
+    probe = ratio.flat[0]
+    cut_h = img_h * ratio.astype((img_h * probe).dtype)
+    cut_w = img_w * ratio.astype((img_w * probe).dtype)
+    return cut_h.astype(np.int64), cut_w.astype(np.int64)
 
 
 def _clip_box(img_shape, cy, cx, cut_h, cut_w, lower=np.maximum, upper=np.minimum):
@@ -284,7 +298,14 @@ class Mixup:
         if params is None:
             return x, 1.0, None
         lam, use_box, boxes, lam_target = params
-        r = _rows.rows(x.device, "flip", boxes, lam, use_box, lam)
+        image_lam = lam
+        if x.dtype == torch.float64 and lam.dtype == np.float32 and _REST_OF_FLOAT32_IS_FLOAT64:
+            # timm blends a row with ``x[i] * lam + x[j] * (1 - lam)``, lam a numpy float32 scalar:
+            # in NumPy 1, 1 - lam is a float64 scalar (exact), which a float64 image takes as it is
+            # (in NumPy 2 a float32, rounded, as the op's 1 - lam in lam's dtype); lam itself is the
+            # same number in float64
+            image_lam = lam.astype(np.float64)
+        r = _rows.rows(x.device, "flip", boxes, image_lam, use_box, lam)
         return _rows.mix_images(x, r, inplace=True), lam_target, r
 
     def _mix_target(self, target: torch.Tensor, lam, r, lam_dtype: torch.dtype, lam_device) -> torch.Tensor:

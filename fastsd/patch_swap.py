@@ -174,7 +174,8 @@ def patch_swap(x: torch.Tensor, partner: torch.Tensor, mask: torch.Tensor) -> to
             non-permutation raises ValueError at once; on CUDA it triggers an asynchronous
             device-side assert, like PyTorch's own index checks.
         mask: bool or uint8 ``[B, gh, gw]`` with ``1 <= gh <= H`` and ``1 <= gw <= W``
-            (nonzero means swap).
+            (nonzero means swap; a bool mask's bytes are 0 or 1, as PyTorch requires of every
+            bool tensor: one made by viewing other bytes as bool is not a valid mask).
 
     Returns:
         A new tensor with x's dtype and device, channels_last when x is channels_last-contiguous,

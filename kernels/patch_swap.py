@@ -292,9 +292,10 @@ def _each(x_b, x_s, out_b, row_b, row_s, e, sample_numel, L, H, gw, m_line, s_li
         kw = tl.arange(0, CHUNK // PER)[None, :]
         words = _words_of(e, ITEMSIZE)[:, None] + kw
         valid = words < _words_of(sample_numel, ITEMSIZE)
-        # The bits of each word that come from the partner: a mask byte is 0 or 1 (the launcher's
-        # bool mask), so each element's bits are its byte times its field, one multiply-add a byte
-        # (a compare and a select, which is what LLVM makes of min(byte, 1) * field, cost one more).
+        # The bits of each word that come from the partner: a mask byte is 0 or 1 (a bool mask; the
+        # launcher converts a uint8 one), so each element's bits are its byte times its field, one
+        # multiply-add a byte (a compare and a select, which is what LLVM makes of min(byte, 1) *
+        # field, cost one more).
         take_bits = tl.zeros(words.shape, tl.uint32)
         for i in tl.static_range(PER):
             cell = _each_cell(j0, kw * PER + i, row0, row1, gw, m_sub, s_sub, m_cell_col, s_cell_col,
@@ -332,7 +333,7 @@ def cell_select_kernel(
     x_ptr,  # [B, C, H, W] input (x forward, grad backward), NCHW or channels_last contiguous
     out_ptr,  # same shape, dtype and layout as x
     src_ptr,  # int64 [B]: the sample whose `take` cells are read (partner forward, q backward)
-    mask_ptr,  # uint8 [B, gh, gw], nonzero = swap
+    mask_ptr,  # uint8 [B, gh, gw], nonzero = swap (0 or 1 where the EACH forward of 1- and 2-byte elements reads it)
     sorted_ptr,  # int64 [B]: partner sorted, asserted to be range(B) where check > 0 (forward only)
     sample_numel,  # C * H * W
     check,  # B where the forward asserts that partner is a permutation (sorted_ptr), else -B
@@ -659,9 +660,8 @@ def _geometry(B: int, C: int, H: int, W: int, gh: int, gw: int, channels_last: b
 
 
 def _plan(x: torch.Tensor, gh: int, gw: int, backward: bool):
-    """What the launcher runs for x (non-empty) and a (gh, gw) grid: (x as the kernel reads it, its
-    CHANNELS_LAST, BLOCK, programs a sample, BIG, the kernel's shape and _frac arguments, CHUNK,
-    MIXED, EACH)."""
+    """What the launcher runs for x (non-empty) and a (gh, gw) grid: (CHANNELS_LAST, BLOCK, programs
+    a sample, BIG, the kernel's shape and _frac arguments, CHUNK, MIXED, EACH). Host integers only."""
     B, C, H, W = x.shape
     channels_last = _validate.memory_format(x) == torch.channels_last
     block = _gpu_block(x.dtype)
@@ -671,24 +671,24 @@ def _plan(x: torch.Tensor, gh: int, gw: int, backward: bool):
     config = _config(x, gw, channels_last, backward, big)
     if channels_last and config[2] and W % gw == 0:
         # EACH on cells of equal whole column counts (full-resolution box masks, gw = W): the
-        # channels_last image is, byte for byte, an NCHW image of one channel W * C wide with the
-        # same grid (element w * C + c is in cell column (w * C + c) * gw // (W * C) = w // (W // gw)),
-        # whose EACH variant finds an element's cell column with one multiply-shift instead of two
+        # channels_last image is, byte for byte, an NCHW image [B, 1, H, W * C] with the same grid
+        # (element w * C + c is in cell column (w * C + c) * gw // (W * C) = w // (W // gw)), whose
+        # EACH variant finds an element's cell column with one multiply-shift instead of two
         # (fastsd.bench.sass: fp16 forward 54 % -> 47 % of the issue budget, backward 82 % -> 74 %,
-        # uint8 98 % -> 84 %). The same boundaries, so the same chunks; not where the wider line would
-        # need the int64 variant. (The other variants cost the same in either layout.)
+        # uint8 98 % -> 84 %). The same cell boundaries in a line of the same length: the same
+        # CHUNK, MIXED and EACH. The kernel reads x and writes out through its shape arguments only,
+        # so the tensors stay as they are. Not where the longer line would need the int64 variant.
+        # (The other variants cost the same in either layout.)
         as_nchw = _geometry(B, 1, H, W * C, gh, gw, False, block)
         if not as_nchw[1]:
-            x = x.permute(0, 2, 3, 1).view(B, 1, H, W * C)
             (programs, big, args), channels_last = as_nchw, False
-            config = _config(x, gw, channels_last, backward, big)
-    return (x, channels_last, block, programs, big, args, *config)
+    return (channels_last, block, programs, big, args, *config)
 
 
 def launch_config(x: torch.Tensor, gh: int, gw: int, backward: bool):
     """(CHANNELS_LAST, CHUNK, MIXED, EACH) of the variant the launcher runs for x (non-empty) and a
     (gh, gw) grid (tests: which variant a shape takes)."""
-    _, channels_last, *_, chunk, mixed, each = _plan(x, gh, gw, backward)
+    channels_last, *_, chunk, mixed, each = _plan(x, gh, gw, backward)
     return channels_last, chunk, mixed, each
 
 
@@ -701,16 +701,16 @@ def _launch(x: torch.Tensor, src: torch.Tensor, mask: torch.Tensor, backward: bo
         return out
     gh, gw = mask.shape[1], mask.shape[2]
     src, mask = src.contiguous(), mask.contiguous()  # no-ops for the validated inputs
-    if mask.dtype != torch.bool:
-        # nonzero bytes as 1: the EACH words take a mask byte as 0 or 1 (a bool mask, the common one,
-        # is that already: no op)
+    channels_last, block, programs, big, args, chunk, mixed, each = _plan(x, gh, gw, backward)
+    if mask.dtype != torch.bool and each and not backward and x.element_size() < 4:
+        # The EACH words of 1- and 2-byte elements multiply a mask byte by its bit field: a uint8
+        # mask's nonzero bytes as 1 (one op, for these launches only; a bool mask's bytes are 0 or 1,
+        # as every PyTorch bool tensor's must be). Every other path compares the byte with 0.
         mask = mask != 0
     mask = mask.view(torch.uint8)
-    x_k, channels_last, block, programs, big, args, chunk, mixed, each = _plan(x, gh, gw, backward)
-    out_k = out if x_k is x else out.permute(0, 2, 3, 1).view(x_k.shape)
     check = sorted_partner is not None
     cell_select_kernel[(B * programs,)](
-        x_k, out_k, src, mask, sorted_partner if check else src, sample_numel, B if check else -B, *args,
+        x, out, src, mask, sorted_partner if check else src, sample_numel, B if check else -B, *args,
         BLOCK=block, CHUNK=chunk, MIXED=mixed, EACH=each, CHANNELS_LAST=channels_last, BACKWARD=backward, BIG=big,
         num_warps=NUM_WARPS, **_OPTIONS,
     )

@@ -43,6 +43,7 @@ def _inputs():
         x=torch.randn(B, 3, 16, 16, generator=g, requires_grad=True),
         partner=torch.tensor([1, 0, 3, 2, 5, 4, 7, 6]),
         mask=torch.rand(B, 4, 4, generator=g) < 0.5,
+        mask_u8=(torch.rand(B, 4, 4, generator=g) < 0.5).to(torch.uint8) * 3,
         labels=torch.tensor([1, 1, 2, 2, 3, 3, 0, 0]),
         logits=torch.randn(B, 10, generator=g, requires_grad=True),
         teacher=torch.randn(B, 10, generator=g),
@@ -57,6 +58,9 @@ def _inputs():
 
 CALLS = {
     "patch_swap": lambda a: fastsd.patch_swap(a["x"], a["partner"], a["mask"]),
+    # a uint8 mask: no conversion where the kernel compares its bytes with 0 (every path but the
+    # EACH words of 1- and 2-byte elements: test_uint8_mask_converted_only_for_each_words)
+    "patch_swap_uint8_mask": lambda a: fastsd.patch_swap(a["x"], a["partner"], a["mask_u8"]),
     "intra_class_patch_swap": lambda a: fastsd.intra_class_patch_swap(
         a["x"], a["labels"], patch_size=4, generator=torch.Generator().manual_seed(0)),
     "pair_kd_loss": lambda a: fastsd.pair_kd_loss(a["logits"], a["labels"], a["partner"]),
@@ -66,7 +70,7 @@ CALLS = {
 }
 
 # Launches per call on CUDA, forward + backward (issue 12; before it: 8, 52, 21, 4 and 3).
-BUDGET = {"patch_swap": 3, "intra_class_patch_swap": 8, "pair_kd_loss": 4, "kd_loss": 3, "feature_alignment_loss": 3,
+BUDGET = {"patch_swap": 3, "patch_swap_uint8_mask": 3, "intra_class_patch_swap": 8, "pair_kd_loss": 4, "kd_loss": 3, "feature_alignment_loss": 3,
           # the value checks (a sort and the check kernel's device-side asserts) and the mix kernel;
           # backward: a sort (the inverse permutation) and the gather kernel (before: 24 + 2, the
           # value checks in ATen ops)
@@ -100,6 +104,20 @@ def test_eager_path_launches_what_the_registered_op_launches(name, monkeypatch):
     monkeypatch.setattr(_eager, "eager", lambda tensors: False)
     registered = _count(name)
     assert eager["ops"] == registered["ops"] and eager["host_syncs"] == registered["host_syncs"] == 0
+
+
+def test_uint8_mask_converted_only_for_each_words():
+    """The Triton launcher makes a uint8 mask 0/1 (``mask != 0``, one launch) only where its kernel
+    multiplies mask bytes by bit fields: the EACH forward of 1- and 2-byte elements (here float16 in
+    3-px cells); its backward, and float32 (test_launch_budget), compare the bytes with 0."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 2, 6, 24, generator=g).half().requires_grad_()
+    partner, mask = torch.tensor([1, 0, 3, 2]), torch.rand(4, 3, 8, generator=g) < 0.5
+    assert _kernels("patch_swap").launch_config(x, 3, 8, False)[3]  # EACH
+    with fastsd.use_backend("triton"):
+        n = {m.dtype: count_launches(lambda m=m: fastsd.patch_swap(x, partner, m)) for m in (mask, mask.to(torch.uint8))}
+    assert n[torch.uint8]["forward"] == n[torch.bool]["forward"] + 1, n
+    assert n[torch.uint8]["backward"] == n[torch.bool]["backward"], n
 
 
 # --- the glue's CUDA side: the launcher arguments of issue 12, faked -------------------------------

@@ -92,7 +92,8 @@ def _bits(t):
 def test_forward_matches_reference(shape, dtype, layout):
     x, partner, mask = _make(shape, dtype, layout)
     x_before = x.clone()
-    # A uint8 mask is the bool one's bytes to the kernel (the launcher views bool as uint8): once a shape.
+    # A uint8 mask of 0/1 bytes runs as the bool one (other nonzero bytes: test_patch_swap.py's
+    # test_uint8_mask_swaps_where_its_byte_is_nonzero): once a shape.
     for m in (mask, mask.to(torch.uint8)) if dtype == torch.float32 and layout == "nchw" else (mask,):
         with fastsd.use_backend("triton"):
             out = fastsd.patch_swap(x, partner, m)
@@ -150,6 +151,19 @@ def test_shapes_cover_every_spec():
                         aligned.add(key)
     assert specs <= used, sorted(specs - used)
     assert aligned <= specs, sorted(aligned - specs)
+
+
+def test_channels_last_each_runs_as_nchw_unless_that_needs_int64():
+    # kernels.patch_swap._plan: channels_last EACH with cells that divide W runs as NCHW [B, 1, H, W * C]
+    # (a full-resolution mask here) unless the longer line's constants need the int64 variant,
+    # where it stays channels_last (W * C * gw past 32 bits); beyond, channels_last's own need it.
+    for W, expected in ((27000, (False, 2)), (46000, (True, 2)), (47000, (True, 0))):
+        x = torch.empty(1, 3, 1, W).contiguous(memory_format=torch.channels_last)
+        channels_last, _, _, each = kernels.launch_config(x, 1, W, False)
+        assert (channels_last, each) == expected, W
+    x, partner, mask = _make((2, 3, 2, 9, 2, 9), torch.float16, "channels_last")
+    assert kernels.launch_config(x, 2, 9, False)[0] is False  # as NCHW
+    assert torch.equal(_bits(kernels.patch_swap(x, partner, mask)), _bits(reference.patch_swap(x, partner, mask)))
 
 
 @pytest.mark.parametrize("n, d, a_max", [(1, 1, 2**31 - 1), (1, 3, 2**31 - 1), (1, 2**31 - 1, 2**31 - 1), (7, 7, 1000),

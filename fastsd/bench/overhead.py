@@ -162,8 +162,8 @@ def format_drop_in_rows(rows: List[dict]) -> str:
     lines = ["drop-in (host time) | shape | rounds | library us | fastsd us | library/fastsd"]
     for r in rows:
         m, lo, hi = r["library_over_fastsd"]
-        lines.append(f"{r['case']} | {'x'.join(map(str, r['shape']))} | {r['rounds']} | {r['us']['library']:.1f} | {r['us']['fastsd']:.1f} | "
-                     f"{m:.2f} ({lo:.2f}-{hi:.2f})")
+        lines.append(f"{r['case']} | {'x'.join(map(str, r['shape']))} | {r['rounds']} | {r['us']['library']:.1f} | "
+                     f"{r['us']['fastsd']:.1f} | {m:.2f} ({lo:.2f}-{hi:.2f})")
     return "\n".join(lines)
 
 

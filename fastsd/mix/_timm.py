@@ -84,22 +84,17 @@ _REST_OF_FLOAT32_IS_FLOAT64 = (1 - np.float32(0.5)).dtype == np.float64
 def rand_bbox_lengths(img_shape, lam):
     """The cut sizes of timm's ``rand_bbox`` (``lam`` a numpy float32 array, or one number).
 
-    timm draws a box per element with numpy scalars (``lam_batch[i]``), whose promotion differs by
-    NumPy version: ``1 - np.float32`` is float32 in NumPy 2 and float64 in NumPy 1. An array keeps
-    its dtype in both, so each step of an array's computation takes the dtype the same step takes
-    on its first element (converting to a wider float is exact; the values do not change it)."""
+    timm draws a box per element with numpy scalars (``lam_batch[i]``): in NumPy 1, ``1 - np.float32``
+    is a float64 scalar, and every later step with it; in NumPy 2 it stays float32. An array keeps
+    its dtype in both, so in NumPy 1 a float32 array is widened first (exactly)."""
+    if isinstance(lam, np.ndarray) and _REST_OF_FLOAT32_IS_FLOAT64:
+        lam = lam.astype(np.float64)
+    ratio = np.sqrt(1 - lam)
     img_h, img_w = img_shape[-2:]
-    if not isinstance(lam, np.ndarray):
-        ratio = np.sqrt(1 - lam)
-        return int(img_h * ratio), int(img_w * ratio)
-    if lam.size == 0:
-        return np.zeros(lam.shape, np.int64), np.zeros(lam.shape, np.int64)
-    one_minus = 1 - lam.astype((1 - lam.flat[0]).dtype)
-    ratio = np.sqrt(one_minus.astype(np.sqrt(one_minus.flat[0]).dtype))
-    probe = ratio.flat[0]
-    cut_h = img_h * ratio.astype((img_h * probe).dtype)
-    cut_w = img_w * ratio.astype((img_w * probe).dtype)
-    return cut_h.astype(np.int64), cut_w.astype(np.int64)
+    cut_h, cut_w = img_h * ratio, img_w * ratio
+    if isinstance(cut_h, np.ndarray):
+        return cut_h.astype(np.int64), cut_w.astype(np.int64)
+    return int(cut_h), int(cut_w)
 
 
 def _clip_box(img_shape, cy, cx, cut_h, cut_w, lower=np.maximum, upper=np.minimum):

@@ -403,14 +403,13 @@ _SASS_SCRIPT = r"""
 import json, sys
 from fastsd.bench import sass
 from fastsd.kernels import mix
-out = {}
+compiled = {}
 for name, fusion in json.loads(sys.argv[1]):
     spec = next(s for s in mix.AOT_SPECS if s["name"] == name)
     spec = {**spec, "options": {**spec["options"], "enable_fp_fusion": fusion}}
-    compiled = sass.compile_spec(spec)
-    text = sass.disassemble(compiled.cubin)["sass"]
-    out[f"{name}:{fusion}"] = {"ptx": compiled.ptx, "sass": text}
-json.dump(out, sys.stdout)
+    compiled[f"{name}:{fusion}"] = sass.compile_spec(spec)
+texts = sass.disassemble_many([c.cubin for c in compiled.values()])  # one nvdisasm run
+json.dump({key: {"ptx": c.ptx, "sass": t["sass"]} for (key, c), t in zip(compiled.items(), texts)}, sys.stdout)
 """
 
 

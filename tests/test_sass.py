@@ -2,13 +2,15 @@
 
 Every ``AOT_SPECS`` entry of every fastsd.kernels module is compiled for sm_90 once a session (in a
 subprocess, since the tests run the kernels under TRITON_INTERPRET=1; ~10 s with triton's and the
-disassembly's disk caches warm, a few minutes cold) and read with nvdisasm / cuobjdump.
+disassembly's disk caches warm, ~20 s with the disassembly's cold, a few minutes with triton's cold)
+and read with nvdisasm (one run for all the kernels) / cuobjdump.
 :data:`BUDGETS` is the one table of what each spec must meet (first matching row); the issue model
 and how the instruction stream is counted are in fastsd/bench/sass.py. A spec that does not yet
 meet its budget is listed in :data:`KNOWN_OVER_BUDGET` (losses, ICP), :data:`PATCH_SWAP_OVER_BUDGET` or
 :data:`MIX_OVER_BUDGET` and checked as a strict expected failure, so it fails here the day it passes (then delete it).
 """
 import re
+import subprocess
 
 import pytest
 import triton_tools
@@ -276,3 +278,54 @@ def test_a_kernel_over_budget_is_reported():
     row = {"spill": 2, "occupancy": 0.125, "regs": 168, "smem": 0, "issue": 0.9, "instr": 576, "bytes": 64,
            "path": "straight", "ediv": 3, "div64": 1, "div64_calls": 1, "w128": 0.25, "ld": {32: 8}, "st": {32: 2}}
     assert len(violations(row, budget("icp_update_adam_fp32_clamp"))) == 6
+
+
+# --- the batched disassembly ------------------------------------------------------------------------
+
+_CODE_LINE = re.compile(r"^\s*(/\*[0-9a-f]+\*/|\.type\s+\S+,@function|\.other\s+\S+,@\"STO_CUDA_ENTRY|\.L_x_\d+:|[^\s.]\S*:$)")
+
+
+def _code_lines(text):
+    """Instruction, label and function lines of the code sections, the end-of-section label left out."""
+    lines = [line.strip() for line in text.split("//--------------------- SYMBOLS")[0].splitlines()
+             if _CODE_LINE.match(line) and not line.startswith(".text.")]
+    while lines and lines[-1].startswith(".L_x_"):
+        lines.pop()
+    return lines
+
+
+def test_batched_disassembly_is_each_cubin_s_own(monkeypatch, tmp_path):
+    """disassemble_many reads the code of several cubins in one raw-mode nvdisasm run; each one's
+    text is what ``nvdisasm -c`` prints for that cubin alone: the same instructions at the same
+    addresses, the same branch, call, return, BSSY, LEPC and WARPSYNC targets and labels, the same
+    functions. The later kernels start past the others' code (the rebasing) and between them have
+    subroutine calls and returns, convergence barriers, LEPC and WARPSYNC.COLLECTIVE targets."""
+    names = ["pair_counts_fp32_256x1000_checked", "icp_update_adam_fp32_noclamp", "mix_forward_fp32_nchw_huge"]
+    compiled = triton_tools.aot_compile_all([(name, sass.ARCH) for name in names])
+    cubins = [compiled[(name, sass.ARCH)].cubin for name in names]
+    monkeypatch.setenv("FASTSD_CACHE_DIR", str(tmp_path / "cache"))  # nothing cached
+    runs = []
+    run = subprocess.run
+
+    def counted(cmd, **kwargs):
+        runs.append(cmd)
+        return run(cmd, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(sass.subprocess, "run", counted)
+        batched = sass.disassemble_many(cubins)
+    assert [cmd[1:3] for cmd in runs if "nvdisasm" in cmd[0]] == [["-b", "SM90a"]]  # one raw-mode run
+    for name, cubin, got in zip(names, cubins, batched):
+        path = tmp_path / "k.cubin"
+        path.write_bytes(cubin)
+        alone = subprocess.run([sass.tool("nvdisasm"), "-c", "-ndf", str(path)], capture_output=True, text=True,
+                               check=True).stdout
+        insns, labels = sass.parse_sass(got["sass"])
+        assert (insns, labels) == sass.parse_sass(alone), name
+        assert labels and any(i.base == "CALL" or i.base == "LEPC" for i in insns), name
+        assert _code_lines(got["sass"]) == _code_lines(alone), name
+    runs.clear()
+    with monkeypatch.context() as m:
+        m.setattr(sass.subprocess, "run", counted)
+        assert sass.disassemble(cubins[1]) == batched[1]
+    assert not runs  # from the disk cache

@@ -50,7 +50,12 @@ How the per-thread instruction stream is counted (static, from the SASS control-
 Under ``TRITON_INTERPRET=1`` the kernels cannot be compiled in this process, so :func:`report` runs
 ``python -m fastsd.bench.sass --json -`` in a subprocess without it. Results are cached per process,
 and the disassembly of a cubin on disk (``$FASTSD_CACHE_DIR``, default ``~/.cache/fastsd``, under
-``sass/``; nvdisasm takes ~0.3 s a kernel, triton's own cache makes recompiling cheap).
+``sass/``; triton's own cache makes recompiling cheap). nvdisasm spends ~0.5 s starting up, whatever
+it reads, then ~2 s a MiB of code: so the report compiles every spec first, and the code sections of
+all the kernels not in that cache go through raw-mode nvdisasm together (``-b SM90a``, up to 2 MiB a
+run: the whole report's 3.4 MiB in two runs, in parallel), whose text is split per kernel and
+rewritten as ``nvdisasm -c`` prints one cubin (:func:`disassemble_many`): ~10 s for every spec, where
+an ``nvdisasm -c`` run a cubin took ~200 s of CPU.
 """
 from __future__ import annotations
 
@@ -64,6 +69,7 @@ import math
 import os
 import pkgutil
 import re
+import struct
 import subprocess
 import sys
 import tempfile
@@ -71,8 +77,8 @@ import zlib
 from typing import Dict, Iterable, List, Optional
 
 ARCH = 90
-# Bump when the parsing below changes what is read from a cached disassembly (the cache holds text).
-_CACHE_VERSION = 1
+# Bump when the cached disassembly (text) changes form or the parsing below reads something else from it.
+_CACHE_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,34 +174,196 @@ def _cache_dir() -> str:
 
 
 def disassemble(cubin: bytes) -> Dict[str, str]:
-    """``{"sass": nvdisasm -c text, "resources": cuobjdump --dump-resource-usage text}`` of a cubin,
-    cached on disk by the cubin's hash."""
-    key = hashlib.sha256(cubin + f"v{_CACHE_VERSION}".encode()).hexdigest()
-    path = os.path.join(_cache_dir(), key[:2], key + ".json.z")
-    try:
-        with open(path, "rb") as f:
-            return json.loads(zlib.decompress(f.read()))
-    except (OSError, ValueError, zlib.error):
-        pass
+    """``{"sass": SASS text, "resources": cuobjdump --dump-resource-usage text}`` of a cubin (see
+    :func:`disassemble_many`)."""
+    return disassemble_many([cubin])[0]
+
+
+def disassemble_many(cubins: List[bytes]) -> List[Dict[str, str]]:
+    """:func:`disassemble` of each cubin, cached on disk by the cubin's hash; the SASS of the cache
+    misses comes from one ``nvdisasm`` run over all their code (a few for much code, :func:`_sass_of`)."""
+    results: List[Optional[Dict[str, str]]] = [None] * len(cubins)
+    misses: Dict[str, tuple] = {}  # cache path -> (cubin, indices)
+    for i, cubin in enumerate(cubins):
+        key = hashlib.sha256(cubin + f"v{_CACHE_VERSION}".encode()).hexdigest()
+        path = os.path.join(_cache_dir(), key[:2], key + ".json.z")
+        try:
+            with open(path, "rb") as f:
+                results[i] = json.loads(zlib.decompress(f.read()))
+            continue
+        except (OSError, ValueError, zlib.error):
+            pass
+        misses.setdefault(path, (cubin, []))[1].append(i)
+    if not misses:
+        return results
     with tempfile.TemporaryDirectory(prefix="fastsd_sass_") as tmp:
-        cubin_path = os.path.join(tmp, "k.cubin")
-        with open(cubin_path, "wb") as f:
-            f.write(cubin)
-        # -ndf: no dataflow analysis (3x faster; branch targets are printed as labels all the same).
-        sass = subprocess.run([tool("nvdisasm"), "-c", "-ndf", cubin_path], capture_output=True, text=True,
-                              check=True).stdout
-        resources = subprocess.run([tool("cuobjdump"), "--dump-resource-usage", cubin_path], capture_output=True,
-                                   text=True, check=True).stdout
-    result = {"sass": sass, "resources": resources}
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp_path = f"{path}.{os.getpid()}.tmp"
-        with open(tmp_path, "wb") as f:
-            f.write(zlib.compress(json.dumps(result).encode(), 6))
-        os.replace(tmp_path, path)
-    except OSError:
-        pass  # a read-only home: no disk cache
-    return result
+        files = []
+        for n, (cubin, _) in enumerate(misses.values()):
+            files.append(os.path.join(tmp, f"k{n}.cubin"))
+            with open(files[-1], "wb") as f:
+                f.write(cubin)
+        texts = _sass_of([cubin for cubin, _ in misses.values()], files, tmp)
+        for (path, (_, indices)), cubin_path, sass in zip(misses.items(), files, texts):
+            resources = subprocess.run([tool("cuobjdump"), "--dump-resource-usage", cubin_path], capture_output=True,
+                                       text=True, check=True).stdout
+            result = {"sass": sass, "resources": resources}
+            for i in indices:
+                results[i] = result
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                tmp_path = f"{path}.{os.getpid()}.tmp"
+                with open(tmp_path, "wb") as f:
+                    f.write(zlib.compress(json.dumps(result).encode(), 6))
+                os.replace(tmp_path, path)
+            except OSError:
+                pass  # a read-only home: no disk cache
+    return results
+
+
+# nvdisasm spends ~0.5 s of CPU starting up whatever it reads, ~2 s a MiB of code after that: the
+# code goes to it in batches of about this size, two at a time.
+_BATCH_BYTES = 2 << 20
+
+
+def _sass_of(cubins: List[bytes], files: List[str], tmp: str) -> List[str]:
+    """The SASS text of each cubin (``files`` holds them on disk) in ``nvdisasm -c`` form, as far as
+    :func:`parse_sass` reads it: the entry kernel's code section of every cubin, concatenated, goes
+    through one raw-mode ``nvdisasm -b SM<xy>`` run (per architecture and batch), whose output is
+    split and rewritten per kernel (:meth:`_CodeSection.text`). A cubin that is not read that way is
+    disassembled alone (``nvdisasm -c``)."""
+    texts: List[Optional[str]] = [None] * len(cubins)
+    by_arch: Dict[str, list] = {}
+    for n, cubin in enumerate(cubins):
+        try:
+            code = _CodeSection.of(cubin)
+        except (ValueError, IndexError, struct.error):
+            continue  # disassembled alone below
+        by_arch.setdefault(code.arch, []).append((n, code))
+    batches = []
+    for arch, codes in by_arch.items():
+        size = sum(len(code.data) for _, code in codes)
+        parts = max(1, math.ceil(size / _BATCH_BYTES))
+        for p in range(parts):
+            batches.append((arch, codes[p * len(codes) // parts:(p + 1) * len(codes) // parts]))
+
+    def raw(b, batch):
+        arch, codes = batch
+        path = os.path.join(tmp, f"batch{b}.bin")
+        with open(path, "wb") as f:
+            f.write(b"".join(code.data for _, code in codes))
+        # -ndf: no dataflow analysis (faster; the branch targets are printed all the same).
+        out = subprocess.run([tool("nvdisasm"), "-b", arch, "-ndf", path], capture_output=True, text=True,
+                             check=True).stdout
+        lines: Dict[int, str] = {}
+        for line in out.splitlines():
+            m = _RAW_LINE.match(line)
+            if m:
+                lines[int(m.group(1), 16)] = m.group(2)
+        start = 0
+        for n, code in codes:
+            try:
+                texts[n] = code.text(lines, start)
+            except ValueError:
+                pass  # disassembled alone below
+            start += len(code.data)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        list(pool.map(raw, range(len(batches)), batches))
+    for n, text in enumerate(texts):
+        if text is None:
+            texts[n] = subprocess.run([tool("nvdisasm"), "-c", "-ndf", files[n]], capture_output=True, text=True,
+                                      check=True).stdout
+    return texts
+
+
+_RAW_LINE = re.compile(r"^\s*/\*([0-9a-f]+)\*/(.*)$")
+# Instructions whose last operand is a code address (branch, call, return, convergence-barrier and
+# warp-sync targets, LEPC's): raw mode prints it as an address, -c as a label or function name.
+_ADDRESS_OPERAND = re.compile(r"^(\s*(?:@!?U?P(?:T|\d+)\s+)?(?:BRA|BSSY|CALL\.REL|RET\.REL|LEPC|WARPSYNC\.COLLECTIVE)"
+                              r"\b[^;]*?)(0x[0-9a-f]+)(\s*;.*)$")
+_STO_CUDA_ENTRY = 0x10
+
+
+@dataclasses.dataclass
+class _CodeSection:
+    """The code section of a cubin's entry kernel (Triton's cubins hold one, its subroutines at its
+    end): nvdisasm's ``-b`` name of the cubin's architecture, the bytes and the functions in it."""
+
+    arch: str
+    name: str
+    data: bytes
+    functions: Dict[int, tuple]  # offset -> (name, entry)
+
+    @classmethod
+    def of(cls, cubin: bytes) -> "_CodeSection":
+        """Read from the ELF (64-bit little-endian) section headers and symbol table."""
+        if cubin[:6] != b"\x7fELF\x02\x01":
+            raise ValueError("not a 64-bit little-endian ELF file")
+        (flags,) = struct.unpack_from("<I", cubin, 48)
+        # e_flags: ABI version 7 has the SM in bits 0-7 and sm_XYa in bit 11, version 8 (CUDA 13's
+        # Blackwell cubins) the SM in bits 8-15 and sm_XYa in bit 3.
+        sm, accelerated = ((flags >> 8) & 0xFF, flags & 0x8) if cubin[8] >= 8 else (flags & 0xFF, flags & 0x800)
+        (shoff,) = struct.unpack_from("<Q", cubin, 40)
+        shentsize, shnum, shstrndx = struct.unpack_from("<HHH", cubin, 58)
+        # (name, type, flags, addr, offset, size, link, info, addralign, entsize)
+        sections = [struct.unpack_from("<IIQQQQIIQQ", cubin, shoff + i * shentsize) for i in range(shnum)]
+
+        def string(table: int, offset: int) -> str:
+            start = sections[table][4] + offset
+            return cubin[start:cubin.index(b"\0", start)].decode()
+
+        functions = []  # (name, st_other, section, offset)
+        for section in sections:
+            if section[1] == 2:  # SHT_SYMTAB
+                for at in range(section[4], section[4] + section[5], 24):
+                    name, info, other, index, value, _ = struct.unpack_from("<IBBHQQ", cubin, at)
+                    if info & 0xF == 2:  # STT_FUNC
+                        functions.append((string(section[6], name), other, index, value))
+        entries = [f for f in functions if f[1] & _STO_CUDA_ENTRY]
+        if len(entries) != 1:
+            raise ValueError(f"{len(entries)} entry functions")
+        index = entries[0][2]
+        _, _, _, _, offset, size, *_ = sections[index]
+        if size % 16:
+            raise ValueError("code size not a whole number of instructions")
+        return cls(f"SM{sm}{'a' if accelerated else ''}", string(shstrndx, sections[index][0]),
+                   cubin[offset:offset + size],
+                   {value: (name, bool(other & _STO_CUDA_ENTRY)) for name, other, i, value in functions if i == index})
+
+    def text(self, lines: Dict[int, str], start: int) -> str:
+        """This section's part of a raw disassembly (instruction text by address; this section at
+        ``start``) as ``nvdisasm -c`` prints it: addresses in the section, function and entry lines,
+        a ``.L_x_N`` label (numbered in the order of the first reference, like nvdisasm's) before
+        each target instruction that does not start a function, targets in backticks."""
+        body, labels = [], {}
+        for addr in range(0, len(self.data), 16):
+            line = lines.get(start + addr)
+            if line is None:
+                raise ValueError(f"no instruction at {addr:#x}")
+            m = _ADDRESS_OPERAND.match(line)
+            if m:
+                # PC-relative in the encoding: printed as an address in the raw binary
+                target = int(m.group(2), 16) - start
+                if not 0 <= target < len(self.data):
+                    raise ValueError(f"target {target:#x} outside the section")
+                if target in self.functions:
+                    name = self.functions[target][0]
+                else:
+                    name = labels.setdefault(target, f".L_x_{len(labels)}")
+                line = f"{m.group(1)}`({name}){m.group(3)}"
+            body.append((addr, line))
+        out = [f"\t.section\t{self.name},\"ax\",@progbits"]
+        for addr, line in body:
+            if addr in self.functions:
+                name, entry = self.functions[addr]
+                out.append(f"        .type           {name},@function")
+                if entry:
+                    out.append(f"        .other          {name},@\"STO_CUDA_ENTRY STV_DEFAULT\"")
+                out.append(f"{name}:")
+            if addr in labels:
+                out.append(f"{labels[addr]}:")
+            out.append(f"        /*{addr:04x}*/{line}")
+        return "\n".join(out) + "\n"
 
 
 # --- SASS: instructions, control flow, paths -------------------------------------------------------------
@@ -487,19 +655,16 @@ def _rows_here(names: Optional[Iterable[str]], arch: int) -> List[dict]:
         wanted = set(names)
         specs = [s for s in specs if s["name"] in wanted]
     todo = [s for s in specs if (s["name"], arch) not in _ROWS]
-    # Compile here (triton is not thread-safe), disassemble in two threads (subprocesses) meanwhile.
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        jobs = []
-        for spec in todo:
-            try:
-                compiled = compile_spec(spec, arch)
-            except Exception as exc:  # reported per spec, so one failure does not hide the others
-                _ROWS[(spec["name"], arch)] = {"name": spec["name"], "module": spec["module"],
-                                               "error": f"{exc.__class__.__name__}: {exc}"}
-                continue
-            jobs.append((spec, compiled, pool.submit(disassemble, compiled.cubin)))
-        for spec, compiled, job in jobs:
-            _ROWS[(spec["name"], arch)] = analyze(spec, compiled, job.result())
+    jobs = []
+    for spec in todo:
+        try:
+            jobs.append((spec, compile_spec(spec, arch)))
+        except Exception as exc:  # reported per spec, so one failure does not hide the others
+            _ROWS[(spec["name"], arch)] = {"name": spec["name"], "module": spec["module"],
+                                           "error": f"{exc.__class__.__name__}: {exc}"}
+    # Then the SASS of them all at once (one nvdisasm run reads every kernel not in the disk cache).
+    for (spec, compiled), sass in zip(jobs, disassemble_many([compiled.cubin for _, compiled in jobs])):
+        _ROWS[(spec["name"], arch)] = analyze(spec, compiled, sass)
     return [_ROWS[(s["name"], arch)] for s in specs]
 
 

@@ -45,7 +45,11 @@ crosses at most one line end) and, for those words, samples start on 4-byte boun
 where lines are whole chunks, so that no chunk crosses one (no per-element test of it). A
 channels_last image whose cells are W // gw columns each (full-resolution box masks) runs its EACH
 chunks as an NCHW image of one channel W * C wide: the same cells, one multiply-shift an element
-fewer (:func:`_plan`).
+fewer (:func:`_plan`). Where an NCHW line's cells are all one power-of-two width of at most 4 bytes
+(``CELL``: 1-2 px cells of 16-bit images, 1-4 px of uint8, full-resolution masks on lines of whole
+chunks; :func:`_cell_width`), an element's cell is its chunk's first one plus a constant, so the
+mask is read once a cell (one vector load a chunk where no chunk crosses a line end) and no element
+computes a cell column.
 
 No integer division on the GPU: every ``a // d`` and ``a * n // d`` (the sample of a program, the
 line of an element, its row and column, the row and column of its cell, the end of a cell) is
@@ -256,9 +260,36 @@ def _each_cell(j0, k, row0, row1, gw, m_sub, s_sub, m_cell_col, s_cell_col, CHAN
 
 
 @triton.jit
-def _each(x_b, x_s, out_b, row_b, row_s, e, sample_numel, L, H, gw, m_line, s_line, m_sub, s_sub,
+def _chunk_cells(mask_ptr, row_offset, row0, first, NCELLS: tl.constexpr):
+    """The NCELLS mask bytes of a chunk's cells (the CELL variant on lines of whole chunks), in one
+    load: they are consecutive in the mask row, and the launcher's shapes make their offset a
+    multiple of NCELLS (gw = L // CELL and a chunk's first cell column are), which lets the load be
+    one vector access wherever the mask's pointer is aligned."""
+    offset = tl.multiple_of(row_offset + (row0 + first).to(tl.int64), (NCELLS, NCELLS))
+    return tl.load(mask_ptr + offset + tl.arange(0, NCELLS)[None, :])
+
+
+@triton.jit
+def _cell_byte(mask_ptr, row_offset, chunk_bytes, n: tl.constexpr, first, row0, row1, gw,
+               NCELLS: tl.constexpr, CROSSES: tl.constexpr):
+    """The mask byte of the n-th cell of chunks whose first cell column is ``first`` (CELL variant),
+    [GROUPS, 1]: its own load where a chunk may cross a line end (cell columns past gw are the
+    next line's, as in :func:`_each_cell`), else taken from the chunk's bytes (:func:`_chunk_cells`;
+    an in-thread pick, a register move)."""
+    if CROSSES:
+        c = first + n
+        # (a cell index is >= 0: as uint32 its 64-bit address takes no sign extension; fp16 backward
+        # 317 -> 309 instructions)
+        return tl.load(mask_ptr + row_offset + (c + tl.where(c >= gw, row1, row0)).to(tl.uint32))
+    else:
+        kn = tl.arange(0, NCELLS)[None, :]
+        return tl.sum(tl.where(kn == n, chunk_bytes, 0), axis=1)[:, None]
+
+
+@triton.jit
+def _each(x_b, x_s, out_b, mask_ptr, mask_b, mask_s, e, sample_numel, L, H, gw, m_line, s_line, m_sub, s_sub,
           m_cell_row, s_cell_row, m_cell_col, s_cell_col, CHUNK: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-          BACKWARD: tl.constexpr, CROSSES: tl.constexpr):
+          BACKWARD: tl.constexpr, CROSSES: tl.constexpr, CELL: tl.constexpr):
     """The EACH variant of :func:`cell_select_kernel`: chunks of CHUNK elements (16 bytes) at ``e``
     whose elements each find their own cell, for cells narrower than a chunk or whose boundaries
     are off its alignment. The cell rows of a chunk's line and of the next (the launcher checks
@@ -270,8 +301,16 @@ def _each(x_b, x_s, out_b, row_b, row_s, e, sample_numel, L, H, gw, m_line, s_li
     it (an in-thread reduction), so a chunk within one cell moves what the other variants move.
     The forward of 1- and 2-byte elements selects 32-bit words with bit masks (built from the
     elements' mask bytes, which the launcher makes 0 or 1), where a select an element costs an
-    unpack and a repack (the launcher checks that samples start on 4-byte boundaries)."""
+    unpack and a repack (the launcher checks that samples start on 4-byte boundaries).
+
+    ``CELL`` (NCHW lines of gw cells of CELL elements each, CELL a power of two below CHUNK: 1-2 px
+    cells of 16-bit images, 1-4 px of uint8, full-resolution masks among them): a chunk holds
+    CHUNK // CELL whole cells, which element k's is a constant (k // CELL), so the mask is read once a
+    cell instead of once an element (one vector load a chunk on lines of whole chunks) and no
+    element computes a cell column."""
     ITEMSIZE: tl.constexpr = x_b.dtype.element_ty.primitive_bitwidth // 8
+    row_b = mask_ptr + mask_b
+    row_s = mask_ptr + mask_s
     line, h = _line(e, L, H, m_line, s_line, m_sub, s_sub, CHANNELS_LAST, False)
     # Every element's cell is inside the mask row, past the sample's end too (its data accesses
     # are masked off): so the mask bytes load unmasked (no predicate, no default value a byte).
@@ -287,6 +326,15 @@ def _each(x_b, x_s, out_b, row_b, row_s, e, sample_numel, L, H, gw, m_line, s_li
     else:
         row1 = row0  # no chunk reaches the next line (_each_cell does not read it)
     j0 = (e - line * L)[:, None]
+    if CELL:
+        NCELLS: tl.constexpr = CHUNK // CELL
+        first = j0 // CELL  # the chunk's first cell column: j0 is a multiple of CELL, as L and e are
+        cells_b = first  # (read only on lines of whole chunks)
+        cells_s = first
+        if not CROSSES:
+            cells_b = _chunk_cells(mask_ptr, mask_b, row0, first, NCELLS)
+            if BACKWARD:
+                cells_s = _chunk_cells(mask_ptr, mask_s, row0, first, NCELLS)
     if ITEMSIZE < 4 and not BACKWARD:
         PER: tl.constexpr = 4 // ITEMSIZE  # elements a word
         kw = tl.arange(0, CHUNK // PER)[None, :]
@@ -297,11 +345,19 @@ def _each(x_b, x_s, out_b, row_b, row_s, e, sample_numel, L, H, gw, m_line, s_li
         # multiply-add a byte (a compare and a select, which is what LLVM makes of min(byte, 1) *
         # field, cost one more).
         take_bits = tl.zeros(words.shape, tl.uint32)
-        for i in tl.static_range(PER):
-            cell = _each_cell(j0, kw * PER + i, row0, row1, gw, m_sub, s_sub, m_cell_col, s_cell_col,
-                              CHANNELS_LAST, CROSSES)
-            field = ((1 << (8 * ITEMSIZE)) - 1) << (8 * ITEMSIZE * i)
-            take_bits += tl.load(row_b + cell).to(tl.uint32) * field
+        if CELL:
+            for n in tl.static_range(NCELLS):  # a cell's byte times the bits of its elements in each word
+                field = tl.zeros(words.shape, tl.uint32)
+                for i in tl.static_range(PER):
+                    field += tl.where((kw * PER + i) // CELL == n, ((1 << (8 * ITEMSIZE)) - 1) << (8 * ITEMSIZE * i), 0).to(tl.uint32)
+                byte = _cell_byte(mask_ptr, mask_b, cells_b, n, first, row0, row1, gw, NCELLS, CROSSES)
+                take_bits += byte.to(tl.uint32) * field
+        else:
+            for i in tl.static_range(PER):
+                cell = _each_cell(j0, kw * PER + i, row0, row1, gw, m_sub, s_sub, m_cell_col, s_cell_col,
+                                  CHANNELS_LAST, CROSSES)
+                field = ((1 << (8 * ITEMSIZE)) - 1) << (8 * ITEMSIZE * i)
+                take_bits += tl.load(row_b + cell).to(tl.uint32) * field
         any_take = tl.max(take_bits, axis=1) != 0
         any_keep = tl.min(take_bits, axis=1) != 0xFFFFFFFF
         s = tl.load(x_b.to(tl.pointer_type(tl.uint32)) + words, mask=valid & any_keep[:, None])
@@ -309,13 +365,23 @@ def _each(x_b, x_s, out_b, row_b, row_s, e, sample_numel, L, H, gw, m_line, s_li
         tl.store(out_b.to(tl.pointer_type(tl.uint32)) + words, (t & take_bits) | (s & (take_bits ^ 0xFFFFFFFF)), mask=valid)
     else:
         k = tl.arange(0, CHUNK)[None, :]
-        cell = _each_cell(j0, k, row0, row1, gw, m_sub, s_sub, m_cell_col, s_cell_col, CHANNELS_LAST, CROSSES)
         offs = e[:, None] + k
         valid = offs < sample_numel
-        keep = tl.load(row_b + cell) == 0
-        if BACKWARD:
-            take = tl.load(row_s + cell) != 0
-        else:  # the sample's own mask row: keep where its cell is off, else take the partner's
+        if CELL:  # each element's flags from its cell's (k // CELL is a constant a register)
+            keep = tl.zeros(offs.shape, tl.int1)
+            take = tl.zeros(offs.shape, tl.int1)
+            for n in tl.static_range(NCELLS):
+                byte = _cell_byte(mask_ptr, mask_b, cells_b, n, first, row0, row1, gw, NCELLS, CROSSES)
+                keep = tl.where(k // CELL == n, byte == 0, keep)
+                if BACKWARD:
+                    byte = _cell_byte(mask_ptr, mask_s, cells_s, n, first, row0, row1, gw, NCELLS, CROSSES)
+                    take = tl.where(k // CELL == n, byte != 0, take)
+        else:
+            cell = _each_cell(j0, k, row0, row1, gw, m_sub, s_sub, m_cell_col, s_cell_col, CHANNELS_LAST, CROSSES)
+            keep = tl.load(row_b + cell) == 0
+            if BACKWARD:
+                take = tl.load(row_s + cell) != 0
+        if not BACKWARD:  # the sample's own mask row: keep where its cell is off, else take the partner's
             take = ~keep
         any_keep = tl.max(keep.to(tl.int32), axis=1) != 0
         any_take = tl.max(take.to(tl.int32), axis=1) != 0
@@ -359,6 +425,7 @@ def cell_select_kernel(
     MIXED: tl.constexpr,  # chunks may hold one cell change (every cell is >= CHUNK elements wide)
     EACH: tl.constexpr,  # chunks may hold any number of cell changes: each element its own cell (1: a
     # chunk may cross a line end, 2: lines are whole chunks)
+    CELL: tl.constexpr,  # EACH on NCHW lines of gw cells of CELL elements each (a power of two < CHUNK), else 0
     CHANNELS_LAST: tl.constexpr,
     BACKWARD: tl.constexpr,
     BIG: tl.constexpr,  # sample_numel + BLOCK > 2**31: int64 indices and plain divisions
@@ -389,15 +456,17 @@ def cell_select_kernel(
         samples = tl.abs(tl.cast(check, tl.int32))
         src = tl.minimum(src.to(tl.uint32), (samples - 1).to(tl.uint32)).to(tl.int32)
     cells = gh * gw
-    row_b = mask_ptr + b.to(tl.int64) * cells
-    row_s = mask_ptr + src.to(tl.int64) * cells
+    mask_b = b.to(tl.int64) * cells
+    mask_s = src.to(tl.int64) * cells
+    row_b = mask_ptr + mask_b
+    row_s = mask_ptr + mask_s
     b_offset = _offset(b, sample_numel, BIG)
 
     e = first + tl.arange(0, GROUPS) * CHUNK  # first element of each chunk
     if EACH:
-        _each(x_ptr + b_offset, x_ptr + _offset(src, sample_numel, BIG), out_ptr + b_offset, row_b, row_s, e,
-              sample_numel, L, H, gw, m_line, s_line, m_sub, s_sub, m_cell_row, s_cell_row, m_cell_col,
-              s_cell_col, CHUNK, CHANNELS_LAST, BACKWARD, EACH == 1)
+        _each(x_ptr + b_offset, x_ptr + _offset(src, sample_numel, BIG), out_ptr + b_offset, mask_ptr, mask_b,
+              mask_s, e, sample_numel, L, H, gw, m_line, s_line, m_sub, s_sub, m_cell_row, s_cell_row, m_cell_col,
+              s_cell_col, CHUNK, CHANNELS_LAST, BACKWARD, EACH == 1, CELL)
     else:
         in_sample = e < sample_numel
         line, h, cell_row, cell_col = _cell(e, L, H, W, C, gh, gw, m_line, s_line, m_sub, s_sub,
@@ -612,9 +681,26 @@ def _chunk(W: int, gw: int, unit: int, widest: int):
     return vec, False
 
 
+def _cell_width(L: int, gw: int, itemsize: int, each: int) -> int:
+    """CELL for EACH on NCHW lines of L elements in gw cells (0: each element finds its cell): the
+    cells' width where they are all one power of two of at most 4 bytes in a 1- or 2-byte dtype
+    (fastsd.bench.sass, the EACH variant against the one the cells' alignment gives otherwise, issue
+    share: uint8 forward 1 px 61 % -> 39 %, 2 px vec2 88 % -> 29-43 %, 4 px vec4 48 % -> 31-38 %;
+    fp16/bf16 backward 1 px 64-67 % -> 46-48 %, 2 px vec2 66 % -> 38-50 %; fp32, fp64 and wider cells
+    were within the budget already). Not for 1-element cells where a chunk may cross a line end (the
+    cell bytes then load one by one: 84 % -> 73 % for uint8)."""
+    if itemsize > 2 or L % gw:
+        return 0
+    width = L // gw
+    if width & (width - 1) or width * itemsize > 4 or (width == 1 and each != 2):
+        return 0
+    return width
+
+
 def _config(x: torch.Tensor, gw: int, channels_last: bool, backward: bool, big: bool = False):
-    """The launcher's (CHUNK, MIXED, EACH) for x (see :func:`_chunk` and :func:`_each`; EACH is 0, 1
-    or 2); no EACH in the ``big`` variant (int64 indices and plain divisions)."""
+    """The launcher's (CHUNK, MIXED, EACH, CELL) for x (see :func:`_chunk`, :func:`_each` and
+    :func:`_cell_width`; EACH is 0, 1 or 2); no EACH in the ``big`` variant (int64 indices and plain
+    divisions)."""
     W, itemsize = x.shape[3], x.element_size()
     unit = x.shape[1] if channels_last else 1
     widest = _vec_sizes(x.dtype)[-1]
@@ -633,12 +719,15 @@ def _config(x: torch.Tensor, gw: int, channels_last: bool, backward: bool, big: 
     # chunk in a sample) and no element tests for one: fp16 forward 53 % -> 46 %, uint8 93 % -> 69 %,
     # fp32 backward 45 % -> 39 %; else 1.
     each = (not mixed and chunk == 1) or (mixed and not backward and chunk == 4 and itemsize < 4)
-    if each and not big and W * unit >= widest and (aligned or backward):
-        return widest, False, 2 if W * unit % widest == 0 else 1
+    lines = 2 if W * unit % widest == 0 else 1
+    # (channels_last: the cells of the NCHW lines of W * C that _plan runs it as, where gw divides W)
+    cell = _cell_width(W * unit, gw, itemsize, lines) if W % gw == 0 else 0
+    if (each or cell) and not big and W * unit >= widest and (aligned or backward):
+        return widest, False, lines, cell
     words = mixed and itemsize < 4 and chunk * itemsize >= 4
     if words and not aligned:
-        return _vec(W, gw, unit, widest), False, 0
-    return chunk, mixed, 0
+        return _vec(W, gw, unit, widest), False, 0, 0
+    return chunk, mixed, 0, 0
 
 
 @functools.lru_cache(maxsize=1024)
@@ -682,14 +771,16 @@ def _plan(x: torch.Tensor, gh: int, gw: int, backward: bool):
         as_nchw = _geometry(B, 1, H, W * C, gh, gw, False, block)
         if not as_nchw[1]:
             (programs, big, args), channels_last = as_nchw, False
+        else:
+            config = (*config[:3], 0)  # CELL runs NCHW lines only (any cells: each element its own)
     return (channels_last, block, programs, big, args, *config)
 
 
 def launch_config(x: torch.Tensor, gh: int, gw: int, backward: bool):
-    """(CHANNELS_LAST, CHUNK, MIXED, EACH) of the variant the launcher runs for x (non-empty) and a
-    (gh, gw) grid (tests: which variant a shape takes)."""
-    channels_last, *_, chunk, mixed, each = _plan(x, gh, gw, backward)
-    return channels_last, chunk, mixed, each
+    """(CHANNELS_LAST, CHUNK, MIXED, EACH, CELL) of the variant the launcher runs for x (non-empty)
+    and a (gh, gw) grid (tests: which variant a shape takes)."""
+    channels_last, *_, chunk, mixed, each, cell = _plan(x, gh, gw, backward)
+    return channels_last, chunk, mixed, each, cell
 
 
 def _launch(x: torch.Tensor, src: torch.Tensor, mask: torch.Tensor, backward: bool, sorted_partner=None) -> torch.Tensor:
@@ -701,7 +792,7 @@ def _launch(x: torch.Tensor, src: torch.Tensor, mask: torch.Tensor, backward: bo
         return out
     gh, gw = mask.shape[1], mask.shape[2]
     src, mask = src.contiguous(), mask.contiguous()  # no-ops for the validated inputs
-    channels_last, block, programs, big, args, chunk, mixed, each = _plan(x, gh, gw, backward)
+    channels_last, block, programs, big, args, chunk, mixed, each, cell = _plan(x, gh, gw, backward)
     if mask.dtype != torch.bool and each and not backward and x.element_size() < 4:
         # The EACH words of 1- and 2-byte elements multiply a mask byte by its bit field: a uint8
         # mask's nonzero bytes as 1 (one op, for these launches only; a bool mask's bytes are 0 or 1,
@@ -711,7 +802,8 @@ def _launch(x: torch.Tensor, src: torch.Tensor, mask: torch.Tensor, backward: bo
     check = sorted_partner is not None
     cell_select_kernel[(B * programs,)](
         x, out, src, mask, sorted_partner if check else src, sample_numel, B if check else -B, *args,
-        BLOCK=block, CHUNK=chunk, MIXED=mixed, EACH=each, CHANNELS_LAST=channels_last, BACKWARD=backward, BIG=big,
+        BLOCK=block, CHUNK=chunk, MIXED=mixed, EACH=each, CELL=cell, CHANNELS_LAST=channels_last, BACKWARD=backward,
+        BIG=big,
         num_warps=NUM_WARPS, **_OPTIONS,
     )
     return out
@@ -744,7 +836,7 @@ def patch_swap_backward(grad: torch.Tensor, partner: torch.Tensor, mask: torch.T
 
 
 def _spec(dtype: torch.dtype, backward: bool, channels_last: bool, chunk: int, mixed: bool, big: bool = False,
-          each: int = 0):
+          each: int = 0, cell: int = 0):
     ty = _TL_DTYPES[dtype]
     direction = "backward" if backward else "forward"
     layout = "channels_last" if channels_last else "nchw"
@@ -752,18 +844,19 @@ def _spec(dtype: torch.dtype, backward: bool, channels_last: bool, chunk: int, m
                  "sample_numel": "i64" if big else "i32"}
     signature.update({a: "i32" for a in _SHAPE_ARGS})
     signature.update({a: "u32" if a.startswith("m_") else "i32" for a in _FRAC_ARGS})
-    signature.update({a: "constexpr" for a in ("BLOCK", "CHUNK", "MIXED", "EACH", "CHANNELS_LAST", "BACKWARD", "BIG")})
+    signature.update({a: "constexpr" for a in ("BLOCK", "CHUNK", "MIXED", "EACH", "CELL", "CHANNELS_LAST", "BACKWARD",
+                                               "BIG")})
     # What the JIT specialises on for typical images: 16-byte aligned tensors and C*H*W % 16 == 0
     # (e.g. 3 x 32 x 32, 3 x 224 x 224); the other integers are never specialised (_SHAPE_ARGS, _FRAC_ARGS).
     aligned = ("x_ptr", "out_ptr", "src_ptr", "mask_ptr", "sorted_ptr", "sample_numel")
     block = _gpu_block(dtype)
     return {
         "name": f"patch_swap_{direction}_{ty}_{layout}_{'each' if each else 'mixed' if mixed else 'vec'}{chunk}"
-                f"{'_lines' if each == 2 else ''}{'_big' if big else ''}",
+                f"{'_lines' if each == 2 else ''}{f'_cell{cell}' if cell else ''}{'_big' if big else ''}",
         "fn": cell_select_kernel,
         "signature": signature,
-        "constexprs": {"BLOCK": block, "CHUNK": chunk, "MIXED": mixed, "EACH": each, "CHANNELS_LAST": channels_last,
-                       "BACKWARD": backward, "BIG": big},
+        "constexprs": {"BLOCK": block, "CHUNK": chunk, "MIXED": mixed, "EACH": each, "CELL": cell,
+                       "CHANNELS_LAST": channels_last, "BACKWARD": backward, "BIG": big},
         "attrs": {(list(signature).index(a),): [["tt.divisibility", 16]] for a in aligned},
         "options": {"num_warps": NUM_WARPS, **_OPTIONS},
         # A thread reads and writes _BYTES_PER_THREAD each (one source an element; fastsd.bench.sass,
@@ -790,8 +883,11 @@ def _aot_specs():
                 # EACH where 1-element chunks would be (none in channels_last float64: see above)
                 if not (channels_last and _MIXED_MIN[_vec_sizes(dtype)[-1]] <= 2):
                     for each in (1, 2):  # chunks that may cross a line end, and lines of whole chunks
-                        specs.append(_spec(dtype, backward, channels_last, _vec_sizes(dtype)[-1], mixed=False,
-                                           each=each))
+                        widest = _vec_sizes(dtype)[-1]
+                        specs.append(_spec(dtype, backward, channels_last, widest, mixed=False, each=each))
+                        # and on NCHW lines of power-of-two cells (_cell_width)
+                        for cell in () if channels_last else sorted({_cell_width(w, 1, dtype.itemsize, each) for w in (1, 2, 4)} - {0}):
+                            specs.append(_spec(dtype, backward, False, widest, mixed=False, each=each, cell=cell))
     # A sample of 2**31 elements or more (one huge image): int64 indices.
     for backward in (False, True):
         specs.append(_spec(torch.float32, backward, False, 4, mixed=True, big=True))

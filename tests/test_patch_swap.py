@@ -114,6 +114,8 @@ def test_non_contiguous_inputs(backend):
     ((4, 3, 6, 8), (3, 8), [1, 0, 3, 2], True),  # run as NCHW on lines of W * C
     ((3, 3, 4, 16), (2, 16), [2, 0, 1], True),
     ((2, 3, 3, 12), (2, 7), [1, 0], True),  # channels_last EACH (W % gw != 0)
+    ((4, 2, 6, 16), (3, 8), [1, 0, 3, 2], False),  # EACH with CELL (2-px cells, lines of whole chunks)
+    ((3, 2, 5, 20), (2, 5), [2, 0, 1], False),  # uint8 4-px cells across line ends
 ])
 def test_uint8_mask_swaps_where_its_byte_is_nonzero(backend, dtype, shape, grid, partner, channels_last):
     """A uint8 mask swaps every cell whose byte is nonzero (SPEC 3), 2, 127, 128 and 255 as 1: the

@@ -61,6 +61,16 @@ SHAPES = [
     (2, 3, 3, 12, 2, 7),
     (2, 3, 3, 5, 2, 3),
     (2, 3, 3, 8, 2, 5),
+    # EACH with CELL (NCHW cells of one power-of-two width, at most 4 bytes, in 1- and 2-byte
+    # dtypes): 2-px cells on lines of whole chunks (fp16, uint8), 1-px (uint8), and across line ends
+    # (2-px cells, uint8 4-px); the narrow vectors those shapes took before, now for 6- and 12-px
+    # cells (fp16 VEC 2, uint8 VEC 4).
+    (2, 2, 3, 16, 3, 8),
+    (2, 2, 3, 16, 3, 16),
+    (2, 3, 2, 20, 2, 10),
+    (2, 2, 3, 20, 3, 5),
+    (2, 2, 3, 12, 3, 2),
+    (2, 2, 3, 24, 3, 2),
 ]
 SHAPE_IDS = ["x".join(map(str, s[:4])) + f"-g{s[4]}x{s[5]}" for s in SHAPES]
 _BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
@@ -128,14 +138,15 @@ def test_backward_matches_reference(shape, dtype, layout):
 
 
 def test_shapes_cover_every_spec():
-    # Every (dtype, layout, direction, CHUNK, MIXED, EACH) of the AOT specs is run by the parity tests, and
+    # Every (dtype, layout, direction, CHUNK, MIXED, EACH, CELL) of the AOT specs is run by the parity tests, and
     # every one the launcher picks for an aligned sample (C*H*W % 16 == 0, the JIT variant the specs
     # compile) is an AOT spec, so fastsd.bench.sass reads the code a GPU runs.
     specs = set()
     for spec in kernels.AOT_SPECS:
         c = spec["constexprs"]
         if not c["BIG"]:
-            specs.add((c["CHANNELS_LAST"], c["BACKWARD"], c["CHUNK"], c["MIXED"], c["EACH"], spec["signature"]["x_ptr"]))
+            specs.add((c["CHANNELS_LAST"], c["BACKWARD"], c["CHUNK"], c["MIXED"], c["EACH"], c["CELL"],
+                       spec["signature"]["x_ptr"]))
     used, aligned = set(), set()
     for shape in SHAPES:
         for dtype in DTYPES:
@@ -159,7 +170,7 @@ def test_channels_last_each_runs_as_nchw_unless_that_needs_int64():
     # where it stays channels_last (W * C * gw past 32 bits); beyond, channels_last's own need it.
     for W, expected in ((27000, (False, 2)), (46000, (True, 2)), (47000, (True, 0))):
         x = torch.empty(1, 3, 1, W).contiguous(memory_format=torch.channels_last)
-        channels_last, _, _, each = kernels.launch_config(x, 1, W, False)
+        channels_last, _, _, each, _ = kernels.launch_config(x, 1, W, False)
         assert (channels_last, each) == expected, W
     x, partner, mask = _make((2, 3, 2, 9, 2, 9), torch.float16, "channels_last")
     assert kernels.launch_config(x, 2, 9, False)[0] is False  # as NCHW
@@ -359,7 +370,7 @@ def _straddling_bytes(x, mask, backward):
     the extra bytes lie in the 32-byte sectors the needed ones come from, so DRAM traffic does not grow)."""
     B, C, H, W = x.shape
     gh, gw = mask.shape[1:]
-    _, chunk, mixed, each = kernels.launch_config(x, gh, gw, backward)
+    _, chunk, mixed, each, _ = kernels.launch_config(x, gh, gw, backward)
     if not (mixed or each):
         return 0
     channels_last = _validate.memory_format(x) == torch.channels_last  # the cells of x's own layout
@@ -479,14 +490,20 @@ def test_each_reads_no_mask_byte_outside_the_rows(shape, layout):
         x, partner, mask = _make(shape, dtype, layout, specials=False)
         for backward in (False, True) if dtype.is_floating_point else (False,):
             assert kernels.launch_config(x, shape[4], shape[5], backward)[3], (dtype, backward)  # EACH
-            fn = kernels.patch_swap_backward if backward else kernels.patch_swap
-            kwargs = {"inverse_partner": partner} if backward else {}
-            out, traffic = triton_tools.count_traffic(fn, x, partner, mask, tensors={"x": x, "partner": partner, "mask": mask},
-                                                      **kwargs)
-            expected = (reference.patch_swap_backward if backward else reference.patch_swap)(x, partner, mask)
-            assert torch.equal(_bits(out), _bits(expected))
-            assert traffic["other"] == {"load": 0, "store": 0}, traffic
-            assert traffic["out"]["load"] == 0 and traffic["x"]["load"] <= 2 * x.nbytes, traffic
+            _assert_reads_inside_the_tensors(x, partner, mask, backward)
+
+
+def _assert_reads_inside_the_tensors(x, partner, mask, backward):
+    """The launch's result, and its loads and stores counted: none outside x, partner, mask and out,
+    out never read, x read at most twice."""
+    fn = kernels.patch_swap_backward if backward else kernels.patch_swap
+    kwargs = {"inverse_partner": partner} if backward else {}
+    out, traffic = triton_tools.count_traffic(fn, x, partner, mask, tensors={"x": x, "partner": partner, "mask": mask},
+                                              **kwargs)
+    expected = (reference.patch_swap_backward if backward else reference.patch_swap)(x, partner, mask)
+    assert torch.equal(_bits(out), _bits(expected))
+    assert traffic["other"] == {"load": 0, "store": 0}, traffic
+    assert traffic["out"]["load"] == 0 and traffic["x"]["load"] <= 2 * x.nbytes, traffic
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.uint8], ids=lambda d: str(d).replace("torch.", ""))
@@ -496,20 +513,60 @@ def test_each_finds_the_cell_of_every_element(dtype):
     # given the cell of a neighbouring row or column (the next line's row taken as the cell row
     # below, a crossing missed) changes the result. The random masks of the other tests leave such
     # a mistake a fair chance of going unseen with few cells.
+    cases = [((2, 3, 6, 20, 3, 7), "nchw"), ((2, 3, 6, 32, 3, 7), "nchw"), ((2, 2, 4, 5, 2, 1), "nchw"),
+             ((2, 3, 6, 5, 3, 5), "channels_last"), ((2, 3, 4, 16, 2, 7), "channels_last")]
+    seen = _checkerboards(dtype, cases, lambda config: config[3])  # EACH
+    assert seen == {1, 2}, seen
+
+
+def _checkerboards(dtype, cases, variant):
+    """Each (shape, layout) of ``cases`` with checkerboard masks, shifted a sample, forward and (floats)
+    backward, where ``variant(launch_config)`` is truthy: equal to the reference, bit for bit. Returns
+    the variants seen."""
     seen = set()
-    for shape, layout in [((2, 3, 6, 20, 3, 7), "nchw"), ((2, 3, 6, 32, 3, 7), "nchw"), ((2, 2, 4, 5, 2, 1), "nchw"),
-                          ((2, 3, 6, 5, 3, 5), "channels_last"), ((2, 3, 4, 16, 2, 7), "channels_last")]:
+    for shape, layout in cases:
         x, _, _ = _make(shape, dtype, layout, specials=False)
         B, _, _, _, gh, gw = shape
         r, c = torch.arange(gh)[:, None], torch.arange(gw)[None, :]
         mask = torch.stack([(r + c + b) % 2 == 1 for b in range(B)])
         partner = torch.arange(B).flip(0)
         for backward in (False, True) if dtype.is_floating_point else (False,):
-            each = kernels.launch_config(x, gh, gw, backward)[3]
-            if not each:
+            which = variant(kernels.launch_config(x, gh, gw, backward))
+            if not which:
                 continue
-            seen.add(each)
+            seen.add(which)
             out = (kernels.patch_swap_backward if backward else kernels.patch_swap)(x, partner, mask)
             expected = (reference.patch_swap_backward if backward else reference.patch_swap)(x, partner, mask)
-            assert torch.equal(_bits(out), _bits(expected)), (shape, layout, backward, each)
-    assert seen == {1, 2}, seen
+            assert torch.equal(_bits(out), _bits(expected)), (shape, layout, backward, which)
+    return seen
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.uint8], ids=lambda d: str(d).replace("torch.", ""))
+def test_cell_variant_finds_the_cell_of_every_element(dtype):
+    # EACH with CELL (kernels.patch_swap._cell_width: cells of one power-of-two width): an element's
+    # cell is its chunk's first cell plus its constant place (k // CELL), its byte picked from one
+    # vector load of the chunk's cell bytes on lines of whole chunks, loaded per cell across line ends.
+    # Checkerboard masks, shifted a sample: an element given a neighbouring cell, or a byte of the
+    # wrong place in the chunk, changes the result. channels_last with 2 channels runs as NCHW lines
+    # of 2-element cells (1-px cells, W * C wide).
+    cases = [((2, 2, 3, 16, 3, 16), "nchw"), ((2, 2, 3, 16, 3, 8), "nchw"), ((2, 3, 2, 20, 2, 10), "nchw"),
+             ((2, 2, 3, 20, 3, 5), "nchw"), ((2, 2, 4, 32, 4, 8), "nchw"), ((2, 2, 3, 8, 3, 8), "channels_last"),
+             ((2, 2, 3, 10, 3, 10), "channels_last")]
+    seen = _checkerboards(dtype, cases, lambda config: config[3:] if config[4] else None)  # (EACH, CELL)
+    # (EACH, CELL): lines of whole chunks (2) or not (1); 1-px cells only on lines of whole chunks
+    assert seen == ({(2, 1), (2, 2), (1, 2)} if dtype.itemsize == 2 else {(2, 1), (2, 2), (1, 2), (1, 4), (2, 4)}), seen
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 4, 16, 4, 16), (1, 1, 3, 40, 3, 20), (1, 2, 2, 20, 2, 5)],
+                         ids=["3x4x16-g4x16", "1x3x40-g3x20", "2x2x20-g2x5"])
+def test_cell_variant_reads_no_mask_byte_outside_the_rows(shape):
+    # As test_each_reads_no_mask_byte_outside_the_rows, for CELL: the chunk's cell bytes in one load
+    # at a line's end, and the cells of a chunk that crosses a line end or the sample's end.
+    ran = 0
+    for dtype in (torch.float16, torch.uint8):
+        x, partner, mask = _make(shape, dtype, "nchw", specials=False)
+        for backward in (False, True) if dtype.is_floating_point else (False,):
+            if kernels.launch_config(x, shape[4], shape[5], backward)[4]:  # CELL
+                ran += 1
+                _assert_reads_inside_the_tensors(x, partner, mask, backward)
+    assert ran, "no CELL launch"

@@ -30,7 +30,7 @@ _PATCH_SWAP_16_BYTES = r"patch_swap_\w+_(fp32_\w+_(vec|mixed)4|(fp16|bf16)_\w+_(
 BUDGETS = [
     (r"patch_swap_\w+_big", {}, "samples of 2**31 elements or more: int64 indices and divisions, never the common path"),
     (_PATCH_SWAP_16_BYTES, WIDE, "memory-bound, 16-byte chunks"),
-    (r"patch_swap_\w+_each\d+(_lines)?", MEMORY, "memory-bound, 16-byte chunks with a mask byte an element (cells narrower "
+    (r"patch_swap_\w+_each\d+(_lines)?(_cell\d)?", MEMORY, "memory-bound, 16-byte chunks with a mask byte an element (cells narrower "
      "than a chunk): the data in 128-bit accesses, the mask bytes in 8-bit ones"),
     (r"patch_swap_\w+", MEMORY, "memory-bound, chunks narrower than 16 bytes (the cells allow no wider)"),
     (r"mix_check_\w+", {}, "the public functions' value checks: a few loads and compares a batch row, not memory-bound"),
@@ -69,7 +69,9 @@ KNOWN_OVER_BUDGET = {
 # mixed8 66-67 % (re-read on 2026-11-27 from the unchanged source; this comment had 110-113 % and
 # 63-64 %). Since EACH, the launcher takes vec1 (and the forward's 16-bit and uint8 mixed4)
 # only for lines shorter than 16 bytes (W < 4 fp32 NCHW, C*W < 8 fp16 channels_last, ...), for
-# 1- and 2-byte forward samples off 4-byte alignment, and in the int64 variant.
+# 1- and 2-byte forward samples off 4-byte alignment, and in the int64 variant. Since CELL (below),
+# 16-bit vec2 and uint8 vec2 take cells whose boundaries are even but whose width is not a power of
+# two (6 px, uneven cells), not NCHW cells of 2 px, which the CELL variant runs.
 PATCH_SWAP_OVER_BUDGET = {
     "patch_swap_backward_fp32_nchw_vec1", "patch_swap_backward_fp32_channels_last_vec1",
     "patch_swap_forward_fp16_nchw_vec1", "patch_swap_forward_fp16_channels_last_vec1",
@@ -92,7 +94,12 @@ PATCH_SWAP_OVER_BUDGET = {
     # fp32 and fp64 meet the budget (fp32 forward 37-40 %, backward 43-46 %), and so does the
     # fp16/bf16 NCHW forward, 47 % (words selected with bit masks: a multiply-add a mask byte);
     # these do not: fp16/bf16 channels_last forward 54 %, backward 72-82 % (the sum where both sides
-    # are selected, in fp32 an element); uint8 forward 84-98 %.
+    # are selected, in fp32 an element); uint8 forward 84-98 %. Where NCHW cells are all one
+    # power-of-two width of at most 4 bytes (1-2 px in 16 bits, 1-4 px in uint8; 1 px, the
+    # full-resolution masks, on lines of whole chunks only), the launcher runs EACH with CELL
+    # instead (kernels.patch_swap._cell_width: a cell's mask byte read once, no cell column an
+    # element), and every CELL spec meets the budget: fp16/bf16 forward 28-38 %, backward 38-50 %,
+    # uint8 forward 29-45 %.
     "patch_swap_forward_fp16_channels_last_each8", "patch_swap_forward_bf16_channels_last_each8",
     "patch_swap_backward_fp16_nchw_each8", "patch_swap_backward_fp16_channels_last_each8",
     "patch_swap_backward_bf16_nchw_each8", "patch_swap_backward_bf16_channels_last_each8",

@@ -697,7 +697,7 @@ def _cell_width(L: int, gw: int, itemsize: int, each: int) -> int:
     return width
 
 
-def _config(x: torch.Tensor, gw: int, channels_last: bool, backward: bool, big: bool = False):
+def _config(x: torch.Tensor, gw: int, channels_last: bool, backward: bool, big: bool = False, cells: bool = True):
     """The launcher's (CHUNK, MIXED, EACH, CELL) for x (see :func:`_chunk`, :func:`_each` and
     :func:`_cell_width`; EACH is 0, 1 or 2); no EACH in the ``big`` variant (int64 indices and plain
     divisions)."""
@@ -721,7 +721,7 @@ def _config(x: torch.Tensor, gw: int, channels_last: bool, backward: bool, big: 
     each = (not mixed and chunk == 1) or (mixed and not backward and chunk == 4 and itemsize < 4)
     lines = 2 if W * unit % widest == 0 else 1
     # (channels_last: the cells of the NCHW lines of W * C that _plan runs it as, where gw divides W)
-    cell = _cell_width(W * unit, gw, itemsize, lines) if W % gw == 0 else 0
+    cell = _cell_width(W * unit, gw, itemsize, lines) if cells and W % gw == 0 else 0
     if (each or cell) and not big and W * unit >= widest and (aligned or backward):
         return widest, False, lines, cell
     words = mixed and itemsize < 4 and chunk * itemsize >= 4
@@ -772,7 +772,8 @@ def _plan(x: torch.Tensor, gh: int, gw: int, backward: bool):
         if not as_nchw[1]:
             (programs, big, args), channels_last = as_nchw, False
         else:
-            config = (*config[:3], 0)  # CELL runs NCHW lines only (any cells: each element its own)
+            # CELL runs NCHW lines only: the choice without it (EACH, or the vectors it replaced)
+            config = _config(x, gw, channels_last, backward, big, cells=False)
     return (channels_last, block, programs, big, args, *config)
 
 

@@ -174,6 +174,11 @@ def test_channels_last_each_runs_as_nchw_unless_that_needs_int64():
         assert (channels_last, each) == expected, W
     x, partner, mask = _make((2, 3, 2, 9, 2, 9), torch.float16, "channels_last")
     assert kernels.launch_config(x, 2, 9, False)[0] is False  # as NCHW
+    # 4 uint8 channels, 1-px cells: CELL on the view (4-element cells); where the view is refused, the
+    # 4-element vectors these cells take without CELL, not channels_last EACH (a cold review's find)
+    for W, expected in ((1000, (False, 16, False, 2, 4)), (23184, (True, 4, False, 0, 0))):
+        wide = torch.empty(1, 4, 1, W, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+        assert kernels.launch_config(wide, 1, W, False) == expected, W
     assert torch.equal(_bits(kernels.patch_swap(x, partner, mask)), _bits(reference.patch_swap(x, partner, mask)))
 
 

@@ -11,8 +11,15 @@
    GB/s and share of the device's theoretical bandwidth that make.
 4. **Static model**: ``python -m fastsd.bench.sass --json`` in a subprocess (compiled-code costs from
    ptxas/cuobjdump, no GPU needed), its JSON on stdout: a list of entries (or ``{"kernels": [...]}``),
-   each with a ``name`` and any predicted fields. An entry sits next to the measured kernel whose
-   ``@triton.jit`` function it compiles: ``entry["kernel"]`` is that function's ``__name__``.
+   each named by its AOT spec. Each timed launch's compiled variant (the JIT's own binder on its
+   arguments: signature, constexprs, divisibility attributes, options) finds its ``AOT_SPECS`` entry
+   (:func:`match_spec`; "less aligned" where the spec was compiled knowing less alignment than the
+   launch has, "no AOT spec" where none is that variant), and beside the measured time goes that
+   spec's registers, occupancy and issue share and the model's time (:func:`predict`: the longer of
+   the bytes at the device's bandwidth and the instructions its element path issues, scaled from the
+   H100 model by the device's SMs and clock; no launch latency or tail, so a lower bound) with the
+   measured time over it. ``tests/test_gpu_report.py`` checks that every launch of the GPU benchmark's
+   patch swap and mix cases is exactly an AOT spec.
 5. **Launches** per call of each case's Triton call (:func:`fastsd.bench.launches.count_launches`).
 
 Everything goes to one JSON file (``--json``, default ``bench-results/gpu-report.json``); a table of
@@ -27,7 +34,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -35,7 +44,7 @@ import sys
 import tempfile
 import traceback
 import xml.etree.ElementTree as ET
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils._pytree import tree_flatten
@@ -117,37 +126,95 @@ def _arg_bytes(args, kwargs) -> int:
 HIDE_LAUNCH_CYCLES = 1_000_000
 
 
+def spec_key(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """What identifies a compiled variant of a kernel (JSON-able): ``base``, its function's name,
+    signature, constexprs and options, and ``attrs``, its divisibility attributes (as fastsd.kernels._aot
+    keys its specs; constexprs by name, whether a spec names them or gives their path)."""
+    fn = getattr(spec["fn"], "fn", spec["fn"])  # the Python function of a JITFunction or an interpreted one
+    names = list(inspect.signature(fn).parameters)
+    constexprs = {names[k[0]] if isinstance(k, tuple) and len(k) == 1 and isinstance(k[0], int) else k: v
+                  for k, v in (spec.get("constexprs") or {}).items()}
+    base = (fn.__name__, spec["signature"], sorted(constexprs.items(), key=repr),
+            sorted((spec.get("options") or {}).items()))
+    return {"base": repr(base), "attrs": sorted(repr(a) for a in (spec.get("attrs") or {}).items())}
+
+
+def variant_of(kernel, args: tuple, kwargs: dict) -> Optional[Dict[str, Any]]:
+    """The :func:`spec_key` of what the Triton JIT compiles for ``kernel[grid](*args, **kwargs)`` on
+    sm_90 (fastsd.kernels._aot.launch_spec: the JIT's own binder), or None where it cannot tell."""
+    try:
+        from ..kernels._aot import launch_spec
+
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}  # run()'s own, not the kernel's
+        return spec_key(launch_spec("launch", kernel, args, kwargs))
+    except Exception:  # noqa: BLE001 - an older Triton's binder, an unknown kernel object: no variant
+        return None
+
+
+def match_spec(variant: Optional[Dict[str, Any]], index: Dict[str, List[tuple]]) -> Tuple[Optional[str], Optional[bool]]:
+    """(AOT spec name, exact) for a launch's variant: the spec compiled with the same function,
+    signature, constexprs and options and the most of the launch's divisibility attributes, none it
+    lacks; ``exact`` when it has them all (else it was compiled knowing less alignment than the launch
+    has). (None, None) where no spec is such a variant."""
+    if not variant:
+        return None, None
+    have = set(variant["attrs"])
+    fits = [(len(attrs), name) for attrs, name in index.get(variant["base"], []) if attrs <= have]
+    if not fits:
+        return None, None
+    n, name = max(fits)
+    return name, n == len(have)
+
+
+def aot_index() -> Dict[str, List[tuple]]:
+    """``base`` of :func:`spec_key` -> [(divisibility attributes, spec name)] of every ``AOT_SPECS``
+    entry of fastsd.kernels (what the static model compiles), or {} where they cannot be built."""
+    try:
+        from .sass import kernel_specs
+
+        index: Dict[str, List[tuple]] = {}
+        for spec in kernel_specs():
+            key = spec_key(spec)
+            index.setdefault(key["base"], []).append((frozenset(key["attrs"]), spec["name"]))
+        return index
+    except Exception:  # noqa: BLE001 - no Triton: no specs, and the rows say so
+        return {}
+
+
 class KernelTimer:
     """A hook for :func:`fastsd.bench.launches.on_triton_launch`: a CUDA event pair around each launch,
-    recorded behind a spin of the stream so that the host's launch overhead is not in the pair."""
+    recorded behind a spin of the stream so that the host's launch overhead is not in the pair. Each
+    launch's compiled variant (:func:`variant_of`) is found before the start event, while the stream spins."""
 
     def __init__(self):
-        self.launches: List[tuple] = []  # (kernel, start event, end event, bytes)
-        self.constexprs: Dict[str, Dict[str, Any]] = {}  # kernel -> its first launch's constants
+        self.launches: List[tuple] = []  # (kernel, variant's JSON, start event, end event, bytes)
+        self.constexprs: Dict[tuple, Dict[str, Any]] = {}  # (kernel, variant's JSON) -> its launches' constants
 
     def __call__(self, name, args, kwargs, launch):
+        variant = json.dumps(variant_of(getattr(launch, "kernel", None), args, kwargs), sort_keys=True)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda._sleep(HIDE_LAUNCH_CYCLES)
         start.record()
         out = launch()
         end.record()
-        self.launches.append((name, start, end, _arg_bytes(args, kwargs)))
-        self.constexprs.setdefault(name, {k: v for k, v in kwargs.items()
-                                          if k.isupper() and isinstance(v, (bool, int, float, str))})
+        self.launches.append((name, variant, start, end, _arg_bytes(args, kwargs)))
+        self.constexprs.setdefault((name, variant), {k: v for k, v in kwargs.items()
+                                                     if k.isupper() and isinstance(v, (bool, int, float, str))})
         return out
 
     def rows(self, calls: int, peak_gbps: Optional[float]) -> List[Dict[str, Any]]:
-        """One row per kernel (after a synchronize): launches per call, median time and bytes per launch."""
-        by_kernel: Dict[str, List[tuple]] = {}
-        for name, start, end, nbytes in self.launches:
+        """One row per kernel and compiled variant (after a synchronize): launches per call, median
+        time and bytes per launch."""
+        by_kernel: Dict[tuple, List[tuple]] = {}
+        for name, variant, start, end, nbytes in self.launches:
             end.synchronize()
-            by_kernel.setdefault(name, []).append((start.elapsed_time(end) / 1e3, nbytes))
+            by_kernel.setdefault((name, variant), []).append((start.elapsed_time(end) / 1e3, nbytes))
         rows = []
-        for name, runs in by_kernel.items():
+        for (name, variant), runs in by_kernel.items():
             seconds = statistics.median(t for t, _ in runs)
             nbytes = int(statistics.median(b for _, b in runs))
             gbps = nbytes / seconds / 1e9 if seconds > 0 else None
-            rows.append({"kernel": name, "constexprs": self.constexprs.get(name, {}),
+            rows.append({"kernel": name, "variant": json.loads(variant), "constexprs": self.constexprs[(name, variant)],
                          "launches_per_call": len(runs) / calls, "median_us": seconds * 1e6,
                          "bytes_per_launch": nbytes, "gbps": gbps,
                          "pct_peak": 100 * gbps / peak_gbps if gbps and peak_gbps else None})
@@ -223,46 +290,75 @@ def _static_entries(result: Dict[str, Any], text: str) -> Dict[str, Any]:
     return result
 
 
-def join(kernel_cases: List[Dict[str, Any]], static: Dict[str, Any]) -> None:
-    """Put beside each measured kernel the static entries that compile its jit function."""
-    by_kernel: Dict[str, List[dict]] = {}
-    for entry in static.get("entries", []):
-        if entry.get("kernel"):
-            by_kernel.setdefault(entry["kernel"], []).append(entry)
+def device_machine(peak_gbps: Optional[float] = None):
+    """The static model's machine (fastsd.bench.sass.Machine) for the current CUDA device: its SMs,
+    clock and ``peak_gbps``, each from the device where it says (else the model's H100 figure)."""
+    import dataclasses
+
+    from .sass import H100
+
+    props = torch.cuda.get_device_properties(torch.device("cuda"))
+    sms = getattr(props, "multi_processor_count", None)
+    khz = getattr(props, "clock_rate", None)
+    return dataclasses.replace(H100, name=getattr(props, "name", H100.name),
+                               bandwidth=peak_gbps * 1e9 if peak_gbps else H100.bandwidth,
+                               sms=sms or H100.sms, clock=khz * 1e3 if khz else H100.clock)
+
+
+def predict(entry: Dict[str, Any], nbytes: int, machine) -> Optional[Dict[str, Any]]:
+    """The static model's time for a launch of ``entry``'s variant moving ``nbytes``: the longer of
+    the bytes at the machine's bandwidth and the instructions its element path issues for them
+    (``entry["issue"]``: a share of an H100's issue slots per byte; scaled by SMs x schedulers x clock).
+    A lower bound: no launch latency, tail or occupancy."""
+    from .sass import H100
+
+    issue = entry.get("issue")
+    if not isinstance(issue, (int, float)) or not math.isfinite(issue) or nbytes <= 0:
+        return None
+    memory = nbytes / machine.bandwidth
+    rate = machine.sms * machine.schedulers * machine.clock
+    issued = issue * nbytes / H100.bandwidth * (H100.sms * H100.schedulers * H100.clock) / rate
+    return {"us": max(memory, issued) * 1e6, "bound": "issue" if issued > memory else "memory",
+            "memory_us": memory * 1e6, "issue_us": issued * 1e6}
+
+
+def join(kernel_cases: List[Dict[str, Any]], static: Dict[str, Any], index: Optional[Dict[str, List[tuple]]] = None,
+         machine=None) -> None:
+    """Put beside each measured kernel the AOT spec its launch compiled (``spec``: None where the
+    variant is no ``AOT_SPECS`` entry, a gap in what the AOT check and the static model read), that
+    spec's static model row (``static``) and its prediction (``model``, :func:`predict` on
+    ``machine``)."""
+    index = aot_index() if index is None else index
+    entries = {e["name"]: e for e in static.get("entries", [])}
     for case in kernel_cases:
         for k in case.get("kernels", []):
-            k["static"] = _variants(by_kernel.get(k["kernel"], []), k.get("constexprs") or {})
-
-
-def _variants(entries: List[dict], launched: Dict[str, Any]) -> List[dict]:
-    """The entries compiled with the constants the launch used (those both name agree); all of them
-    where none does (a launch without keyword constants, or a spec set that misses the variant)."""
-    same = [e for e in entries
-            if all(launched[key] == value for key, value in (e.get("constexprs") or {}).items() if key in launched)
-            and any(key in launched for key in (e.get("constexprs") or {}))]
-    return same or entries
-
-
-def _predicted(entry: dict) -> str:
-    fields = [f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()
-              if k not in ("name", "kernel") and isinstance(v, (int, float, str))][:4]
-    return f"{entry['name']} ({', '.join(fields)})" if fields else entry["name"]
+            k["spec"], k["spec_exact"] = match_spec(k.get("variant"), index)
+            k["static"] = entries.get(k["spec"])
+            k["model"] = (predict(k["static"], k.get("bytes_per_launch", 0), machine)
+                          if k["static"] and machine is not None else None)
 
 
 def format_kernels(kernel_cases: List[Dict[str, Any]]) -> str:
-    head = ["op", "case", "kernel", "launches", "us/launch", "MB/launch", "GB/s", "% peak", "static model"]
+    head = ["op", "case", "kernel", "launches", "us/launch", "MB/launch", "GB/s", "% peak", "spec (AOT)",
+            "regs", "occ", "issue", "model us", "x model"]
     lines = []
     for case in kernel_cases:
         if "error" in case:
-            lines.append([case["op"], case["case"], "-", "-", "-", "-", "-", "-", case["error"][:60]])
+            lines.append([case["op"], case["case"], "-", "-", "-", "-", "-", "-", case["error"][:60]] + ["-"] * 5)
             continue
         for k in case["kernels"]:
-            static = k.get("static") or []
+            entry, model = k.get("static") or {}, k.get("model")
             lines.append([
                 case["op"], case["case"], k["kernel"], f"{k['launches_per_call']:g}", f"{k['median_us']:.1f}",
                 f"{k['bytes_per_launch'] / 2**20:.2f}", f"{k['gbps']:.0f}" if k["gbps"] else "-",
                 f"{k['pct_peak']:.0f}%" if k["pct_peak"] else "-",
-                "; ".join(_predicted(e) for e in static[:2]) + (f" (+{len(static) - 2})" if len(static) > 2 else ""),
+                (k["spec"] + ("" if k.get("spec_exact") else " (less aligned)")) if k.get("spec")
+                else ("(no AOT spec)" if k.get("variant") else "(variant unknown)"),
+                str(entry.get("regs", "-")),
+                f"{entry['occupancy']:.0%}" if isinstance(entry.get("occupancy"), (int, float)) else "-",
+                f"{entry['issue']:.0%}" if isinstance(entry.get("issue"), (int, float)) else "-",
+                f"{model['us']:.1f} {model['bound']}" if model else "-",
+                f"{k['median_us'] / model['us']:.1f}" if model and model["us"] > 0 else "-",
             ])
     widths = [max([len(h)] + [len(line[i]) for line in lines]) for i, h in enumerate(head)]
     fmt = "  ".join("{:<%d}" % w for w in widths)
@@ -309,9 +405,13 @@ def main(argv=None) -> int:
             report["bench"] = _error(exc)
     report["kernels"] = kernels(args.suites, getattr(torch, args.dtype), args.repeats, peak)
     report["static_model"] = {"skipped": "--skip"} if "static" in args.skip else static_model(args.static_model)
-    join(report["kernels"], report["static_model"])
-    print("\nPer Triton kernel: median time per launch (CUDA events around each launch), bytes of its tensor")
-    print("arguments, GB/s; beside it, the static model's entries for the same jit function:")
+    machine = device_machine(peak)
+    join(report["kernels"], report["static_model"], machine=machine)
+    report["model_machine"] = machine.describe()
+    print("\nPer Triton kernel and compiled variant: median time per launch (CUDA events around each launch),")
+    print("bytes of its tensor arguments, GB/s; beside it the AOT spec the launch compiled and the static")
+    print("model's registers, occupancy, issue share and time (the longer of the bytes at the device's")
+    print(f"bandwidth and the issued instructions; no launch latency or tail) on {machine.name}:")
     print(format_kernels(report["kernels"]))
     if "error" in report["static_model"]:
         print(f"(static model: {report['static_model']['error'].splitlines()[-1] if report['static_model']['error'] else ''})")

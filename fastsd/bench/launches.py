@@ -45,6 +45,7 @@ as in eager; :func:`compiled_kernels` reads the kernels off the code Inductor ge
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 from typing import Any, Callable, Dict, List, Optional
 
@@ -127,7 +128,9 @@ def _triton_launchers():
 def on_triton_launch(hook: Callable[[str, tuple, dict, Callable[[], Any]], Any]):
     """Inside the block every Triton launch (not a ``warmup``, which only compiles) calls
     ``hook(kernel_name, args, kwargs, launch)`` instead, where ``launch()`` launches and returns the
-    launcher's result; the hook returns it. Hooks nest (the innermost runs first)."""
+    launcher's result; the hook returns it. ``launch.kernel`` is the launched kernel (the JIT's
+    ``JITFunction``, or the interpreter's function), for what its arguments make of it
+    (:func:`fastsd.bench.gpu_report.variant_of`). Hooks nest (the innermost runs first)."""
     saved = []
     for cls in _triton_launchers():
         original = cls.__dict__["run"]
@@ -136,8 +139,9 @@ def on_triton_launch(hook: Callable[[str, tuple, dict, Callable[[], Any]], Any])
             if kwargs.get("warmup", False):
                 return _original(self, *args, **kwargs)
             fn = getattr(self, "fn", None)
-            return hook(getattr(fn, "__name__", type(self).__name__), args, kwargs,
-                        lambda: _original(self, *args, **kwargs))
+            launch = functools.partial(_original, self, *args, **kwargs)
+            launch.kernel = self
+            return hook(getattr(fn, "__name__", type(self).__name__), args, kwargs, launch)
 
         saved.append((cls, original))
         cls.run = run

@@ -328,7 +328,9 @@ def _each(x_b, x_s, out_b, mask_ptr, mask_b, mask_s, e, sample_numel, L, H, gw, 
     j0 = (e - line * L)[:, None]
     if CELL:
         NCELLS: tl.constexpr = CHUNK // CELL
-        first = j0 // CELL  # the chunk's first cell column: j0 is a multiple of CELL, as L and e are
+        # the chunk's first cell column: j0 is a multiple of CELL, as L and e are, and not negative (an
+        # unsigned division by a power of two is a shift; a signed one corrects negative values first)
+        first = (j0.to(tl.uint32) // CELL).to(tl.int32)
         cells_b = first  # (read only on lines of whole chunks)
         cells_s = first
         if not CROSSES:
@@ -685,8 +687,8 @@ def _cell_width(L: int, gw: int, itemsize: int, each: int) -> int:
     """CELL for EACH on NCHW lines of L elements in gw cells (0: each element finds its cell): the
     cells' width where they are all one power of two of at most 4 bytes in a 1- or 2-byte dtype
     (fastsd.bench.sass, the EACH variant against the one the cells' alignment gives otherwise, issue
-    share: uint8 forward 1 px 61 % -> 39 %, 2 px vec2 88 % -> 29-43 %, 4 px vec4 48 % -> 31-38 %;
-    fp16/bf16 backward 1 px 64-67 % -> 46-48 %, 2 px vec2 66 % -> 38-50 %; fp32, fp64 and wider cells
+    share: uint8 forward 1 px 61 % -> 38 %, 2 px vec2 88 % -> 28-44 %, 4 px vec4 48 % -> 29-37 %;
+    fp16/bf16 backward 1 px 64-67 % -> 45-47 %, 2 px vec2 66 % -> 38-48 %; fp32, fp64 and wider cells
     were within the budget already). Not for 1-element cells where a chunk may cross a line end (the
     cell bytes then load one by one: 84 % -> 73 % for uint8)."""
     if itemsize > 2 or L % gw:

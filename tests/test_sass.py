@@ -98,8 +98,8 @@ PATCH_SWAP_OVER_BUDGET = {
     # power-of-two width of at most 4 bytes (1-2 px in 16 bits, 1-4 px in uint8; 1 px, the
     # full-resolution masks, on lines of whole chunks only), the launcher runs EACH with CELL
     # instead (kernels.patch_swap._cell_width: a cell's mask byte read once, no cell column an
-    # element), and every CELL spec meets the budget: fp16/bf16 forward 28-38 %, backward 38-50 %,
-    # uint8 forward 29-45 %.
+    # element), and every CELL spec meets the budget: fp16/bf16 forward 28-37 %, backward 38-48 %,
+    # uint8 forward 28-44 %.
     "patch_swap_forward_fp16_channels_last_each8", "patch_swap_forward_bf16_channels_last_each8",
     "patch_swap_backward_fp16_nchw_each8", "patch_swap_backward_fp16_channels_last_each8",
     "patch_swap_backward_bf16_nchw_each8", "patch_swap_backward_bf16_channels_last_each8",

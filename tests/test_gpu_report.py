@@ -226,3 +226,22 @@ def test_every_gpu_bench_launch_is_an_aot_spec():
                 missing.append(f"{what}: {spec or 'no spec'}")
     assert not missing, missing
     assert found >= 80
+
+
+def test_a_variant_or_specs_not_found_say_why(fake_cuda, monkeypatch):
+    """A launch whose variant the binder cannot give (here: no kernel object, as from an older
+    Triton's launcher) is timed still, its row saying why; AOT specs that cannot be built are
+    reported by join, and every row's spec is None."""
+    timer = gpu_report.KernelTimer()
+    assert timer("k", (torch.zeros(4),), {"BLOCK": 4}, lambda: "launched") == "launched"
+    (row,) = timer.rows(1, None)
+    assert row["variant"] is None and row["variant_error"] and row["constexprs"] == {"BLOCK": 4}
+
+    def broken():
+        raise RuntimeError("no specs here")
+
+    monkeypatch.setattr(gpu_report, "aot_index", broken)
+    cases = [{"op": "o", "case": "c", "kernels": [row]}]
+    assert gpu_report.join(cases, {"entries": STATIC}) == "AOT specs: RuntimeError: no specs here"
+    assert row["spec"] is None and row["static"] is None and row["model"] is None
+    assert "(variant unknown)" in gpu_report.format_kernels(cases)

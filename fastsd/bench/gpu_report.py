@@ -139,16 +139,15 @@ def spec_key(spec: Dict[str, Any]) -> Dict[str, Any]:
     return {"base": repr(base), "attrs": sorted(repr(a) for a in (spec.get("attrs") or {}).items())}
 
 
-def variant_of(kernel, args: tuple, kwargs: dict) -> Optional[Dict[str, Any]]:
+def variant_of(kernel, args: tuple, kwargs: dict) -> Dict[str, Any]:
     """The :func:`spec_key` of what the Triton JIT compiles for ``kernel[grid](*args, **kwargs)`` on
-    sm_90 (fastsd.kernels._aot.launch_spec: the JIT's own binder), or None where it cannot tell."""
-    try:
-        from ..kernels._aot import launch_spec
+    sm_90 (fastsd.kernels._aot.launch_spec: the JIT's own binder; about 1 ms of host time a call).
+    Options the JIT takes from elsewhere (``TRITON_DEBUG=1``) are not seen: fastsd's launchers pass
+    theirs (``debug``) explicitly."""
+    from ..kernels._aot import launch_spec
 
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}  # run()'s own, not the kernel's
-        return spec_key(launch_spec("launch", kernel, args, kwargs))
-    except Exception:  # noqa: BLE001 - an older Triton's binder, an unknown kernel object: no variant
-        return None
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}  # run()'s own, not the kernel's
+    return spec_key(launch_spec("launch", kernel, args, kwargs))
 
 
 def match_spec(variant: Optional[Dict[str, Any]], index: Dict[str, List[tuple]]) -> Tuple[Optional[str], Optional[bool]]:
@@ -168,35 +167,39 @@ def match_spec(variant: Optional[Dict[str, Any]], index: Dict[str, List[tuple]])
 
 def aot_index() -> Dict[str, List[tuple]]:
     """``base`` of :func:`spec_key` -> [(divisibility attributes, spec name)] of every ``AOT_SPECS``
-    entry of fastsd.kernels (what the static model compiles), or {} where they cannot be built."""
-    try:
-        from .sass import kernel_specs
+    entry of fastsd.kernels (what the static model compiles)."""
+    from .sass import kernel_specs
 
-        index: Dict[str, List[tuple]] = {}
-        for spec in kernel_specs():
-            key = spec_key(spec)
-            index.setdefault(key["base"], []).append((frozenset(key["attrs"]), spec["name"]))
-        return index
-    except Exception:  # noqa: BLE001 - no Triton: no specs, and the rows say so
-        return {}
+    index: Dict[str, List[tuple]] = {}
+    for spec in kernel_specs():
+        key = spec_key(spec)
+        index.setdefault(key["base"], []).append((frozenset(key["attrs"]), spec["name"]))
+    return index
 
 
 class KernelTimer:
     """A hook for :func:`fastsd.bench.launches.on_triton_launch`: a CUDA event pair around each launch,
     recorded behind a spin of the stream so that the host's launch overhead is not in the pair. Each
-    launch's compiled variant (:func:`variant_of`) is found before the start event, while the stream spins."""
+    launch's compiled variant (:func:`variant_of`) is found after the end event is recorded, outside
+    the timed pair (its ~1 ms of host time would outlast the spin); where it cannot be (an older
+    Triton's binder), the rows say why (``variant_error``)."""
 
     def __init__(self):
         self.launches: List[tuple] = []  # (kernel, variant's JSON, start event, end event, bytes)
         self.constexprs: Dict[tuple, Dict[str, Any]] = {}  # (kernel, variant's JSON) -> its launches' constants
+        self.variant_error: Optional[str] = None  # the first reason a launch's variant was not found
 
     def __call__(self, name, args, kwargs, launch):
-        variant = json.dumps(variant_of(getattr(launch, "kernel", None), args, kwargs), sort_keys=True)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda._sleep(HIDE_LAUNCH_CYCLES)
         start.record()
         out = launch()
         end.record()
+        try:
+            variant = json.dumps(variant_of(getattr(launch, "kernel", None), args, kwargs), sort_keys=True)
+        except Exception as exc:  # noqa: BLE001 - e.g. an older Triton's binder: the row says so
+            variant = "null"
+            self.variant_error = self.variant_error or f"{type(exc).__name__}: {exc}"
         self.launches.append((name, variant, start, end, _arg_bytes(args, kwargs)))
         self.constexprs.setdefault((name, variant), {k: v for k, v in kwargs.items()
                                                      if k.isupper() and isinstance(v, (bool, int, float, str))})
@@ -214,7 +217,9 @@ class KernelTimer:
             seconds = statistics.median(t for t, _ in runs)
             nbytes = int(statistics.median(b for _, b in runs))
             gbps = nbytes / seconds / 1e9 if seconds > 0 else None
-            rows.append({"kernel": name, "variant": json.loads(variant), "constexprs": self.constexprs[(name, variant)],
+            rows.append({"kernel": name, "variant": json.loads(variant),
+                         **({"variant_error": self.variant_error} if variant == "null" else {}),
+                         "constexprs": self.constexprs[(name, variant)],
                          "launches_per_call": len(runs) / calls, "median_us": seconds * 1e6,
                          "bytes_per_launch": nbytes, "gbps": gbps,
                          "pct_peak": 100 * gbps / peak_gbps if gbps and peak_gbps else None})
@@ -323,12 +328,17 @@ def predict(entry: Dict[str, Any], nbytes: int, machine) -> Optional[Dict[str, A
 
 
 def join(kernel_cases: List[Dict[str, Any]], static: Dict[str, Any], index: Optional[Dict[str, List[tuple]]] = None,
-         machine=None) -> None:
+         machine=None) -> Optional[str]:
     """Put beside each measured kernel the AOT spec its launch compiled (``spec``: None where the
     variant is no ``AOT_SPECS`` entry, a gap in what the AOT check and the static model read), that
     spec's static model row (``static``) and its prediction (``model``, :func:`predict` on
-    ``machine``)."""
-    index = aot_index() if index is None else index
+    ``machine``). Returns why the AOT specs could not be read, if they could not (else None)."""
+    error = None
+    if index is None:
+        try:
+            index = aot_index()
+        except Exception as exc:  # noqa: BLE001 - reported, and every row's spec is None
+            index, error = {}, f"AOT specs: {type(exc).__name__}: {exc}"
     entries = {e["name"]: e for e in static.get("entries", [])}
     for case in kernel_cases:
         for k in case.get("kernels", []):
@@ -336,6 +346,7 @@ def join(kernel_cases: List[Dict[str, Any]], static: Dict[str, Any], index: Opti
             k["static"] = entries.get(k["spec"])
             k["model"] = (predict(k["static"], k.get("bytes_per_launch", 0), machine)
                           if k["static"] and machine is not None else None)
+    return error
 
 
 def format_kernels(kernel_cases: List[Dict[str, Any]]) -> str:
@@ -354,7 +365,7 @@ def format_kernels(kernel_cases: List[Dict[str, Any]]) -> str:
                 f"{k['pct_peak']:.0f}%" if k["pct_peak"] else "-",
                 (k["spec"] + ("" if k.get("spec_exact") else " (less aligned)")) if k.get("spec")
                 else ("(no AOT spec)" if k.get("variant") else "(variant unknown)"),
-                str(entry.get("regs", "-")),
+                str(entry["regs"]) if entry.get("regs") is not None else "-",
                 f"{entry['occupancy']:.0%}" if isinstance(entry.get("occupancy"), (int, float)) else "-",
                 f"{entry['issue']:.0%}" if isinstance(entry.get("issue"), (int, float)) else "-",
                 f"{model['us']:.1f} {model['bound']}" if model else "-",
@@ -406,7 +417,9 @@ def main(argv=None) -> int:
     report["kernels"] = kernels(args.suites, getattr(torch, args.dtype), args.repeats, peak)
     report["static_model"] = {"skipped": "--skip"} if "static" in args.skip else static_model(args.static_model)
     machine = device_machine(peak)
-    join(report["kernels"], report["static_model"], machine=machine)
+    specs_error = join(report["kernels"], report["static_model"], machine=machine)
+    if specs_error:
+        report["aot_specs_error"] = specs_error
     report["model_machine"] = machine.describe()
     print("\nPer Triton kernel and compiled variant: median time per launch (CUDA events around each launch),")
     print("bytes of its tensor arguments, GB/s; beside it the AOT spec the launch compiled and the static")
@@ -415,6 +428,10 @@ def main(argv=None) -> int:
     print(format_kernels(report["kernels"]))
     if "error" in report["static_model"]:
         print(f"(static model: {report['static_model']['error'].splitlines()[-1] if report['static_model']['error'] else ''})")
+    if specs_error:
+        print(f"({specs_error})")
+    for why in sorted({k["variant_error"] for c in report["kernels"] for k in c.get("kernels", []) if "variant_error" in k}):
+        print(f"(variant unknown: {why})")
 
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as f:
@@ -422,7 +439,7 @@ def main(argv=None) -> int:
     print(f"\nGPU report: {args.json}")
     ok = (report["gpu_tests"].get("ok", False) and "error" not in report["bench"]
           and report["bench"].get("returncode", 1) == 0 and "error" not in report["static_model"]
-          and not any("error" in c for c in report["kernels"]))
+          and not specs_error and not any("error" in c for c in report["kernels"]))
     return 0 if ok else 1
 
 

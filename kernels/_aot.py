@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import sys
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -48,6 +49,20 @@ def launch_spec(name: str, kernel, args: tuple, kwargs: dict) -> dict:
         signature, constexprs, attrs = _pack_args(jit, backend, rest, bound, specialization)
     return {"name": name, "fn": kernel, "signature": signature, "constexprs": constexprs,
             "attrs": {k: v for k, v in attrs.items() if v}, "options": options}
+
+
+def variant_key(spec: dict) -> dict:
+    """What identifies a spec's compiled variant (JSON-able): ``base``, its function's name,
+    signature, constexprs (by name, whether the spec names them or gives their path) and options, and
+    ``attrs``, its divisibility attributes. Two specs compile the same code where both are equal
+    (:func:`specs_from_launches` keeps one of them; fastsd.bench.gpu_report finds a launch's spec)."""
+    fn = getattr(spec["fn"], "fn", spec["fn"])  # the Python function of a JITFunction or an interpreted one
+    names = list(inspect.signature(fn).parameters)
+    constexprs = {names[k[0]] if isinstance(k, tuple) and len(k) == 1 and isinstance(k[0], int) else k: v
+                  for k, v in (spec.get("constexprs") or {}).items()}
+    base = (fn.__name__, spec["signature"], sorted(constexprs.items(), key=repr),
+            sorted((spec.get("options") or {}).items()))
+    return {"base": repr(base), "attrs": sorted(repr(a) for a in (spec.get("attrs") or {}).items())}
 
 
 def _pack_args(jit, backend, kwargs, bound, specialization):
@@ -103,8 +118,8 @@ def specs_from_launches(module, names: Dict[str, str], cases: Iterable[Tuple[str
             thunk()
         for kname, kernel, _grid, args, kwargs in launches:
             spec = launch_spec(f"{names[kname]}_{tag}", kernel, args, kwargs)
-            key = repr((kname, spec["signature"], spec["constexprs"], spec["attrs"], spec["options"]))
-            specs.setdefault(key, spec)
+            key = variant_key(spec)
+            specs.setdefault(key["base"] + repr(key["attrs"]), spec)
     return list(specs.values())
 
 

@@ -220,7 +220,7 @@ def test_every_gpu_bench_launch_is_an_aot_spec():
             thunk()
         assert launches, what
         for _name, kernel, _grid, args, kwargs in launches:
-            spec, exact = gpu_report.match_spec(gpu_report.spec_key(_aot.launch_spec("l", kernel, args, kwargs)), index)
+            spec, exact = gpu_report.match_spec(_aot.variant_key(_aot.launch_spec("l", kernel, args, kwargs)), index)
             found += 1
             if not exact:
                 missing.append(f"{what}: {spec or 'no spec'}")

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import inspect
 import json
 import math
 import os
@@ -126,28 +125,15 @@ def _arg_bytes(args, kwargs) -> int:
 HIDE_LAUNCH_CYCLES = 1_000_000
 
 
-def spec_key(spec: Dict[str, Any]) -> Dict[str, Any]:
-    """What identifies a compiled variant of a kernel (JSON-able): ``base``, its function's name,
-    signature, constexprs and options, and ``attrs``, its divisibility attributes (as fastsd.kernels._aot
-    keys its specs; constexprs by name, whether a spec names them or gives their path)."""
-    fn = getattr(spec["fn"], "fn", spec["fn"])  # the Python function of a JITFunction or an interpreted one
-    names = list(inspect.signature(fn).parameters)
-    constexprs = {names[k[0]] if isinstance(k, tuple) and len(k) == 1 and isinstance(k[0], int) else k: v
-                  for k, v in (spec.get("constexprs") or {}).items()}
-    base = (fn.__name__, spec["signature"], sorted(constexprs.items(), key=repr),
-            sorted((spec.get("options") or {}).items()))
-    return {"base": repr(base), "attrs": sorted(repr(a) for a in (spec.get("attrs") or {}).items())}
-
-
 def variant_of(kernel, args: tuple, kwargs: dict) -> Dict[str, Any]:
-    """The :func:`spec_key` of what the Triton JIT compiles for ``kernel[grid](*args, **kwargs)`` on
+    """The key (fastsd.kernels._aot.variant_key) of what the Triton JIT compiles for ``kernel[grid](*args, **kwargs)`` on
     sm_90 (fastsd.kernels._aot.launch_spec: the JIT's own binder; about 1 ms of host time a call).
     Options the JIT takes from elsewhere (``TRITON_DEBUG=1``) are not seen: fastsd's launchers pass
     theirs (``debug``) explicitly."""
-    from ..kernels._aot import launch_spec
+    from ..kernels._aot import launch_spec, variant_key
 
     kwargs = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}  # run()'s own, not the kernel's
-    return spec_key(launch_spec("launch", kernel, args, kwargs))
+    return variant_key(launch_spec("launch", kernel, args, kwargs))
 
 
 def match_spec(variant: Optional[Dict[str, Any]], index: Dict[str, List[tuple]]) -> Tuple[Optional[str], Optional[bool]]:
@@ -166,13 +152,14 @@ def match_spec(variant: Optional[Dict[str, Any]], index: Dict[str, List[tuple]])
 
 
 def aot_index() -> Dict[str, List[tuple]]:
-    """``base`` of :func:`spec_key` -> [(divisibility attributes, spec name)] of every ``AOT_SPECS``
-    entry of fastsd.kernels (what the static model compiles)."""
+    """``base`` of fastsd.kernels._aot.variant_key -> [(divisibility attributes, spec name)] of every
+    ``AOT_SPECS`` entry of fastsd.kernels (what the static model compiles)."""
+    from ..kernels._aot import variant_key
     from .sass import kernel_specs
 
     index: Dict[str, List[tuple]] = {}
     for spec in kernel_specs():
-        key = spec_key(spec)
+        key = variant_key(spec)
         index.setdefault(key["base"], []).append((frozenset(key["attrs"]), spec["name"]))
     return index
 
